@@ -27,6 +27,6 @@ def corpus_records() -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL checkpoint (real architecture, local tokenizer, real template)."""
-    from thyme.dev.tiny_checkpoint import write_tiny_checkpoint
+    from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", arch="qwen2_5_vl", seed=0)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from thyme.agent import Agent, AgentConfig, Task, Trajectory, detect_repetition
+from thyme.agent import Agent, AgentConfig, Task, Trajectory
+from thyme.agent.loop import detect_repetition
 from thyme.backends.base import Backend, Generation
 from thyme.backends.replay import ReplayBackend
 

@@ -17,7 +17,7 @@ from PIL import Image
 from thyme.agent import AgentConfig
 from thyme.backends.base import Backend, Generation, truncate_at_stop
 from thyme.errors import ThymeError
-from thyme.evaluate.commands import main as eval_main
+from thyme.cli import main as eval_main
 from thyme.evaluate.runner import EvalConfig, read_predictions, run_eval
 
 from .conftest import CORPUS, REPO, needs_corpus
@@ -27,7 +27,7 @@ SAMPLES = CORPUS / "benchmarks" / "samples"
 ANN = CORPUS / "benchmarks" / "annotations"
 TRAJ = CORPUS / "thyme" / "trajectories.jsonl"
 ENV = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-EVAL = [sys.executable, "-m", "thyme.evaluate.commands", "eval"]
+EVAL = [sys.executable, "-m", "thyme.cli", "eval"]
 
 
 def lines(path) -> list[dict]:
@@ -350,9 +350,8 @@ def test_report_gets_every_row_and_its_failure_never_costs_the_metrics(tmp_path,
         got.update(items=items, out=out_html, title=title)
         Path(out_html).write_text("<html></html>")
 
-    monkeypatch.setitem(sys.modules, "thyme.report", types.SimpleNamespace(write_report=write_report))
     script = measuring_script({(64, 48): "A", (80, 40): "C"})
-    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o")), backend_factory=lambda: Scripted(script))
+    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o")), backend_factory=lambda: Scripted(script), report_writer=write_report)
     assert res.report_path == tmp_path / "o" / "report.html" and res.report_path.is_file()
     items = got["items"]
     assert [i["id"] for i in items] == ["0", "1", "2", "3"] and [i["correct"] for i in items] == [True, False, True, False]
@@ -363,8 +362,7 @@ def test_report_gets_every_row_and_its_failure_never_costs_the_metrics(tmp_path,
     def broken(items, out_html, title=None):
         raise RuntimeError("chromium went away")
 
-    monkeypatch.setitem(sys.modules, "thyme.report", types.SimpleNamespace(write_report=broken))
-    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o2")), backend_factory=lambda: Scripted(script))
+    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o2")), backend_factory=lambda: Scripted(script), report_writer=broken)
     assert "chromium went away" in res.report_error and (tmp_path / "o2" / "metrics.json").is_file()
     assert len(read_predictions(tmp_path / "o2" / "predictions.jsonl")) == 4
 
@@ -412,7 +410,7 @@ def test_argument_errors(tmp_path, capsys, monkeypatch, argv, message):
 def test_base_url_against_a_real_server_process_with_a_continued_tool_call(tmp_path, tiny_checkpoint):
     """`thyme eval --base-url` through the openai backend and the project's vLLM-like test server
     (hf underneath): a prefilled crop runs in the sandbox, then the server continues the message."""
-    server_mod = pytest.importorskip("thyme.dev.openai_server")
+    server_mod = pytest.importorskip("thyme.testing.openai_server")
     pytest.importorskip("thyme.backends.openai")
     crop = "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\npath = '/mnt/data/temp_processed_images/c.png'\nimg.crop((0, 0, 200, 150)).save(path)\nprint(path)\n```\n</code>"
     cfg = tmp_path / "eval.yaml"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from thyme.backends.base import GenerationRequest
 from thyme.backends.hf import HFBackend, QWEN_IMAGE_PLACEHOLDER, capture_vision_inputs, vision_tower
-from thyme.dev.tiny_checkpoint import write_tiny_checkpoint
+from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 from thyme.errors import ImageError, ModelLoadError
 
 from .conftest import CORPUS

@@ -18,7 +18,7 @@ from .conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    return subprocess.run([sys.executable, "-m", "thyme.data.commands", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "thyme.cli", "data", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

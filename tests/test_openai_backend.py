@@ -1,6 +1,6 @@
 """The ``openai`` backend against real server processes on 127.0.0.1 (tiny checkpoint, CPU).
 
-Two servers: our test server (``thyme.dev.openai_server serve``: vLLM's request fields over
+Two servers: our test server (``thyme.testing.openai_server serve``: vLLM's request fields over
 the hf backend, with failure injection) and ``transformers serve`` (a third-party server that
 answers single-turn chat requests with images and refuses the continuation fields).
 """
@@ -31,7 +31,7 @@ from thyme.backends.openai import (
     normalise_base_url,
     smart_resize,
 )
-from thyme.dev.openai_server import start_server
+from thyme.testing.openai_server import start_server
 from thyme.errors import ImageError, ThymeError
 
 from .conftest import CORPUS

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from thyme.agent import AgentConfig
-from thyme.replay import replay
+from thyme.agent.replay import replay
 from thyme.sandbox import Sandbox
 
 from .conftest import CORPUS, REPO, corpus_records, needs_corpus

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageStat
 
-from thyme import report_commands
+from thyme.cli import report as report_commands
 from thyme.agent import Trajectory, Turn
 from thyme.report import ReportError, ReportItem, answers_agree, crop_regions, load_items, parse_crop_fix, write_report
 
@@ -197,7 +197,7 @@ def _body(dom: str) -> dict[str, str]:
 def corpus_report(tmp_path_factory):
     if not HAVE_CORPUS:
         pytest.skip(f"real corpus not found at {CORPUS}")
-    from thyme.replay import replay
+    from thyme.agent.replay import replay
     from thyme.sandbox import Sandbox
 
     d = tmp_path_factory.mktemp("corpus-report")

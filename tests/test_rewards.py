@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from thyme.judge import JudgeClient, JudgeConfig, JudgeError, JudgeRequestError, parse_verdict
-from thyme.rewards import (
+from thyme.scoring.judge import JudgeClient, JudgeConfig, JudgeError, JudgeRequestError, parse_verdict
+from thyme.train.rewards import (
     RewardConfig,
     RewardInput,
     RewardScore,

@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from thyme.evaluate.benchmarks import load_rows
-from thyme.evaluate.commands import main as eval_main
+from thyme.cli import main as eval_main
 from thyme.evaluate.scoring import extract_option
 
 from .conftest import CORPUS, REPO, needs_corpus
@@ -223,14 +223,11 @@ def test_eval_score_clear_errors(tmp_path, capsys):
 
 @needs_corpus
 def test_thyme_eval_score_command_line(tmp_path):
-    """The command as a user types it (through thyme.cli once wired, else the module's own entry)."""
+    """The command as a user types it."""
     rows = load_rows("hrbench4k", ANN / "hrbench_4k.jsonl")[:8]
     f = _write(tmp_path / "p.jsonl", [{"question_id": r.question_id, "prediction": r.answer} for r in rows])
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     cmd = [sys.executable, "-m", "thyme.cli"]
-    probe = subprocess.run([*cmd, "eval", "score", "--help"], capture_output=True, text=True, env=env)
-    if probe.returncode != 0:
-        cmd = [sys.executable, "-m", "thyme.evaluate.commands"]
     p = subprocess.run([*cmd, "eval", "score", "--benchmark", "hrbench4k", "--data", str(ANN / "hrbench_4k.jsonl"), "--predictions", str(f), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)

@@ -180,7 +180,7 @@ def test_convert_verify_stage1_stage2_and_run_end_to_end(tiny_checkpoint, tmp_pa
 
     # stage 2 (math annealing) from stage 1, through the command line and the shipped config
     p = run_module(
-        "thyme.train.commands", "sft", "--config", str(CONFIGS / "sft_stage2_math.yaml"),
+        "thyme.cli", "train", "sft", "--config", str(CONFIGS / "sft_stage2_math.yaml"),
         "--model", str(tmp_path / "stage1"), "--train-file", str(kept), "--output-dir", str(tmp_path / "stage2"),
         "--max-steps", "2", "--json",
         *[f"--set={kv}" for kv in ("max_pixels=12544", "effective_batch_size=2", "gradient_checkpointing=false",

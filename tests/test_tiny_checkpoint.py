@@ -12,14 +12,13 @@ import pytest
 from PIL import Image
 
 from thyme.backends.processors import load_processor, pixel_budget, torchvision_available, without_video
-from thyme.dev.tiny_checkpoint import (
+from thyme.testing.tiny_checkpoint import (
     ARCHS,
     CHAT_TEMPLATES,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN3_VL_CHAT_TEMPLATE,
     QWEN3_VL_TEMPLATE_SHA256,
     QWEN_SPECIAL_TOKENS,
-    main,
     write_tiny_checkpoint,
 )
 from thyme.errors import ModelLoadError
@@ -217,7 +216,9 @@ def test_unknown_arch():
 
 
 def test_cli_entry(tmp_path, capsys):
-    assert main([str(tmp_path / "c"), "--arch", "qwen2_vl"]) == 0
+    from thyme.cli import main
+
+    assert main(["dev", "tiny-checkpoint", str(tmp_path / "c"), "--arch", "qwen2_vl"]) == 0
     assert "qwen2_vl" in capsys.readouterr().out
     assert (tmp_path / "c" / "model.safetensors").is_file()
 

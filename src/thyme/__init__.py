@@ -9,7 +9,7 @@ Layout (each module one job, imports only flow downwards):
 - :mod:`thyme.sandbox`   isolated execution of model code (warm pool, sessions, repairs)
 - :mod:`thyme.backends`  turn messages into the next assistant segment (hf, replay)
 - :mod:`thyme.agent`     the multi-turn loop and the ``Trajectory`` record
-- :mod:`thyme.replay`    re-executing recorded Thyme trajectories
+- :mod:`thyme.agent.replay`    re-executing recorded Thyme trajectories
 - :mod:`thyme.cli`       the ``thyme`` command
 """
 

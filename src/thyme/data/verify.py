@@ -1,7 +1,7 @@
 """``thyme data verify``: the paper's sandbox execution filtering (Sec. 3.1), on ``thyme replay``.
 
 Every record's code blocks run again in the sandbox, in order, one session per record
-(:func:`thyme.replay.replay`, backend ``replay``). A record is **kept** when every block's
+(:func:`thyme.agent.replay.replay`, backend ``replay``). A record is **kept** when every block's
 regenerated output matches what the record says the sandbox returned:
 
 - an output with images: the same number of images, of the same sizes;
@@ -27,7 +27,6 @@ already in either file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -36,11 +35,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import protocol
+from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
 
 _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][\w.]*(Error|Exception)\b|Error:)")
-_NUM_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
 @dataclass
@@ -160,25 +159,6 @@ def expected_outputs(rec: SFTRecord) -> list[Expected]:
     return out
 
 
-def texts_match(expected: str, got: str, rel_tol: float = 1e-6) -> bool:
-    """Printed texts equal up to white space, numbers equal within ``rel_tol``."""
-    a_nums = _NUM_RE.findall(expected)
-    b_nums = _NUM_RE.findall(got)
-    a_rest = " ".join(_NUM_RE.sub("#", expected).split())
-    b_rest = " ".join(_NUM_RE.sub("#", got).split())
-    if a_rest != b_rest or len(a_nums) != len(b_nums):
-        return False
-    for x, y in zip(a_nums, b_nums):
-        if x == y:
-            continue
-        try:
-            if not math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=0.0):
-                return False
-        except ValueError:
-            return False
-    return True
-
-
 def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, rel_tol: float = 1e-6) -> dict[str, Any] | None:
     """Compare each block's regenerated execution with its expectation.
 
@@ -268,7 +248,7 @@ def verify(
         RecordError / ThymeError: the records file cannot be read.
     """
     from ..agent import AgentConfig
-    from ..replay import replay
+    from ..agent.replay import replay
 
     cfg = config or VerifyConfig()
     records_path = Path(records_path)

@@ -6,7 +6,7 @@
 - :mod:`thyme.evaluate.scoring`     option extraction (VLMEvalKit / MME-RealWorld rules), optional judge
 - :mod:`thyme.evaluate.metrics`     ``metrics.json``: overall, per category, per benchmark, provenance
 - :mod:`thyme.evaluate.runner`      generation loop: predictions as they finish, resume, shards
-- :mod:`thyme.evaluate.commands`    ``thyme eval`` and ``thyme eval score``
+- :mod:`thyme.cli.eval`    ``thyme eval`` and ``thyme eval score``
 """
 
 from .benchmarks import BENCHMARKS, BenchmarkSpec, Row, get_benchmark, load_rows

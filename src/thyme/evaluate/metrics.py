@@ -65,7 +65,7 @@ def score_predictions(
         rows: the benchmark's rows (the data file).
         predictions: ``{row key: prediction row}``; a prediction row has ``prediction`` (the
             answer text or ``None``) and optionally ``error``.
-        judge: a :class:`thyme.judge.JudgeClient` asked about unparsed answers (``None``: off).
+        judge: a :class:`thyme.scoring.judge.JudgeClient` asked about unparsed answers (``None``: off).
 
     Returns:
         ``([(row, prediction row, Score)...] in data order, counts)`` with counts
@@ -88,7 +88,7 @@ def score_predictions(
     if judge is not None:
         todo = [(r, p, s) for r, p, s in scored if s.unparsed and p.get("prediction")]
         if todo:
-            from ..judge import JudgeError
+            from ..scoring.judge import JudgeError
 
             prompts = [judge_prompt(r, str(p.get("prediction"))) for r, p, _ in todo]
             allowed = sorted({k for r, _, _ in todo for k in r.options} | {"Z"})

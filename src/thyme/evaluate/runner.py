@@ -365,6 +365,7 @@ def run_eval(
     judge: Any = None,
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    report_writer: Callable[..., Any] | None = None,
 ) -> EvalResult:
     """Run (or resume) an evaluation; see the module docstring.
 
@@ -376,9 +377,12 @@ def run_eval(
         sandbox_config: a :class:`thyme.sandbox.SandboxConfig` (default settings when ``None``).
         backend_factory: builds the backend when there is something to generate (not used with
             ``cfg.replay``); called at most once.
-        judge: a :class:`thyme.judge.JudgeClient` for unparsed answers (``None``: off).
+        judge: a :class:`thyme.scoring.judge.JudgeClient` for unparsed answers (``None``: off).
         settings: extra provenance (e.g. the model flags) stored in ``metrics.json``.
         log: where progress lines go (default: standard error).
+        report_writer: ``write_report(items, path, title=...)`` (the cli passes
+            :func:`thyme.report.write_report`; evaluation sits below the report and never
+            imports it); ``None`` writes no ``report.html``.
 
     Returns:
         :class:`EvalResult`.
@@ -516,7 +520,7 @@ def run_eval(
         if cfg.num_shards > 1 and not _all_shards_complete(out, cfg):
             log(f"shard {cfg.shard} of {cfg.num_shards} done; the last shard to finish merges the predictions and writes metrics.json")
             return result
-        return finalise(cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, _locked=True)
+        return finalise(cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, report_writer=report_writer, _locked=True)
 
 
 @contextlib.contextmanager
@@ -584,6 +588,7 @@ def finalise(
     join_info: dict[str, Any] | None = None,
     result: EvalResult | None = None,
     log: Callable[[str], None] | None = None,
+    report_writer: Callable[..., Any] | None = None,
     _locked: bool = False,
 ) -> EvalResult:
     """Merge the run folder's predictions, write ``predictions.jsonl`` (data order),
@@ -602,10 +607,8 @@ def finalise(
         _atomic_write(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1) + "\n")
     result.metrics = metrics
     log(f"{spec.title}: overall {metrics['overall']:.4f} over {metrics['counts']['rows']} question(s); metrics written to {out / 'metrics.json'}")
-    if cfg.report:
+    if cfg.report and report_writer is not None:
         try:
-            from ..report import write_report
-
             items = []
             for r in selected:
                 p = preds.get(r.key)
@@ -624,7 +627,7 @@ def finalise(
                     }
                 )
             path = out / "report.html"
-            write_report(items, path, title=f"{spec.title}: {metrics['overall']:.1%} ({metrics['counts']['correct']}/{metrics['counts']['rows']})")
+            report_writer(items, path, title=f"{spec.title}: {metrics['overall']:.1%} ({metrics['counts']['correct']}/{metrics['counts']['rows']})")
             result.report_path = path
         except Exception as e:  # the report is a view: predictions and metrics are already safe
             result.report_error = f"{type(e).__name__}: {e}"

@@ -1,105 +1,21 @@
-"""Scoring one prediction against a benchmark row: option extraction as each benchmark's standard.
+"""Scoring one prediction against a benchmark row, by the benchmark's rule set.
 
-The prediction is the model's final answer (the first ``<answer>...</answer>``, ``\\boxed{}``
-unwrapped: what the reference's Thyme wrapper hands VLMEvalKit). A prediction that contains
-``<answer>`` tags is cut to the first answer first.
-
-V* Bench and HR-Bench: VLMEvalKit's ``ImageMCQDataset`` with exact matching (``can_infer``):
-
-1. refusals ("Cannot determine the answer", ...) count as the non-option ``Z``;
-2. ``can_infer_option``: the characters ``.()[],:;!*#{}`` become spaces and the text is split on
-   white space; when exactly one token is an option letter of this question and its first
-   occurrence is among the last four tokens, that letter is the answer ("A", "(A)", "A.",
-   "The answer is A", "**A**"; not "A man stands in front of the shop"); when no token is an
-   option letter and one is ``Z``, ``Z``;
-3. ``can_infer_text``: when the prediction is not more than twice as long as all option texts
-   together and exactly one option's text occurs in it (case-insensitive), that option.
-
-MME-RealWorld (its own ``extract_characters_regex``, used by its evaluation script and by
-VLMEvalKit's ``MMERealWorld``): remove "The best answer is", "The correct answer is", "The
-answer is", "The answer", "The best option is", "The correct option is", "Best answer:",
-"Best option:"; more than 10 words without a capital A-E means no answer; else the first
-capital A-E anywhere; else the option whose ``(X) text`` contains the prediction
-(case-insensitive). Two defects of the original are fixed (and tested): two pairs of its
-prefixes were glued together by a missing comma, so "Best option: A" read as ``B``; and an
-empty prediction matched option A through the containment test.
-
-A prediction from which no option can be read is *unparsed*: wrong, unless the optional judge
-(off by default, :func:`judge_prompt`) maps it to an option.
+The rules themselves live in :mod:`thyme.scoring` (``vlmevalkit`` for V* Bench and HR-Bench,
+``mme`` for MME-RealWorld; see :mod:`thyme.scoring.options` for both standards). The
+prediction is the model's final answer; a prediction that contains ``<answer>`` tags is cut to
+the first answer first. A prediction from which no option can be read is *unparsed*: wrong,
+unless the optional judge (off by default, :func:`judge_prompt`) maps it to an option.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..rewards import REJECT_PHRASES, can_infer_option, can_infer_text
+from ..scoring.answers import answer_part
+from ..scoring.options import Extraction, mme_extract, vlmevalkit_extract
+from ..scoring.rules import score_answer
 from .benchmarks import BenchmarkSpec, Row, get_benchmark
-
-#: MME-RealWorld's answer prefixes (with the missing commas of the original restored).
-MME_PREFIXES = (
-    "The best answer is",
-    "The correct answer is",
-    "The answer is",
-    "The answer",
-    "The best option is",
-    "The correct option is",
-    "Best answer:",
-    "Best option:",
-)
-
-
-@dataclass
-class Extraction:
-    """What was read out of a prediction.
-
-    Attributes:
-        letter: the option letter, ``"Z"`` for an explicit non-option, or ``None`` (unparsed).
-        rule: which rule decided: ``"option"`` (a lone letter), ``"text"`` (an option's text),
-            ``"refusal"``, ``"letter"`` / ``"choice-text"`` (MME-RealWorld), ``"judge"``, or
-            ``"none"``.
-    """
-
-    letter: str | None
-    rule: str
-
-
-def _answer_part(prediction: str) -> str:
-    i = prediction.find("<answer>")
-    if i >= 0:
-        j = prediction.find("</answer>", i)
-        return prediction[i + len("<answer>"): j if j >= 0 else len(prediction)].strip()
-    return prediction
-
-
-def vlmevalkit_extract(prediction: str, options: dict[str, str]) -> Extraction:
-    """VLMEvalKit's ``can_infer`` (V* Bench, HR-Bench)."""
-    letter = can_infer_option(prediction, list(options))
-    if letter is not None:
-        return Extraction(letter, "refusal" if letter == "Z" and any(p in prediction for p in REJECT_PHRASES) else "option")
-    letter = can_infer_text(prediction, options)
-    if letter is not None:
-        return Extraction(letter, "text")
-    return Extraction(None, "none")
-
-
-def mme_extract(prediction: str, options: dict[str, str]) -> Extraction:
-    """MME-RealWorld's ``extract_characters_regex`` (see the module docstring)."""
-    s = prediction.strip()
-    for prefix in MME_PREFIXES:
-        s = s.replace(prefix, "")
-    if len(s.split()) > 10 and not re.search("[ABCDE]", s):
-        return Extraction(None, "none")
-    m = re.search("[ABCDE]", s)
-    if m is not None:
-        return Extraction(m.group(0), "letter")
-    s = s.strip().lower()
-    if s:
-        for letter, text in options.items():
-            if s in f"({letter}) {text}".lower():
-                return Extraction(letter, "choice-text")
-    return Extraction(None, "none")
 
 
 def extract_option(prediction: str | None, options: dict[str, str], benchmark: str | BenchmarkSpec) -> Extraction:
@@ -116,7 +32,7 @@ def extract_option(prediction: str | None, options: dict[str, str], benchmark: s
     spec = benchmark if isinstance(benchmark, BenchmarkSpec) else get_benchmark(benchmark)
     if prediction is None:
         return Extraction(None, "none")
-    pred = _answer_part(str(prediction))
+    pred = answer_part(str(prediction))
     if not pred.strip():
         return Extraction(None, "none")
     if spec.scorer == "mme":
@@ -150,8 +66,9 @@ def score_prediction(row: Row, prediction: str | None, benchmark: str | Benchmar
     """Score one prediction for ``row``; a sample that failed (``error``) is wrong."""
     if error:
         return Score(row.key, None, False, "error", False)
-    ex = extract_option(prediction, row.options, benchmark)
-    return Score(row.key, ex.letter, ex.letter is not None and ex.letter == row.answer, ex.rule, ex.letter is None)
+    spec = benchmark if isinstance(benchmark, BenchmarkSpec) else get_benchmark(benchmark)
+    v = score_answer(prediction, row.answer, options=row.options, rule_set=spec.scorer)
+    return Score(row.key, v.extracted, v.correct, v.rule, v.unparsed)
 
 
 def judge_prompt(row: Row, prediction: str) -> str:

@@ -9,7 +9,7 @@ and padding-free off (TRL refuses them for vision data), batches grouped by moda
 processing class beside the weights), so ``thyme run --model <output_dir>`` loads the result.
 
 Single process: ``thyme train sft --config configs/sft_stage1.yaml``. Several GPUs / nodes:
-``accelerate launch --config_file configs/accelerate_zero2.yaml -m thyme.train.commands
+``accelerate launch --config_file configs/accelerate_zero2.yaml -m thyme.cli train
 --config configs/sft_stage1.yaml`` (ZeRO-3: ``accelerate_zero3.yaml``); the world size enters
 the gradient-accumulation steps (see :mod:`thyme.train.sft_config`).
 """

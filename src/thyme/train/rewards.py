@@ -14,7 +14,7 @@
   A judge that fails (server down, no valid JSON after retries) makes the reward *invalid*
   (``value=None``), never a silent 0 (the reference's defect); a server that refuses the
   request (4xx other than 429: wrong model name, URL or key) raises
-  :class:`thyme.judge.JudgeRequestError`.
+  :class:`thyme.scoring.judge.JudgeRequestError`.
 - **Consistency** (:func:`consistency_reward`): only when the result is correct, a judge reads
   the last 500 characters of the reasoning (sandbox outputs and tags removed) and says whether
   they reach the answer given (``{"consistent": 0|1}``). Without a judge it is skipped (the
@@ -29,70 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from . import protocol
-
-#: "The answer is"-style prefixes removed before comparing (case-insensitive, at the start).
-ANSWER_PREFIXES = (
-    "the final answer is",
-    "the best answer is",
-    "the correct answer is",
-    "the answer is",
-    "the best option is",
-    "the correct option is",
-    "best answer:",
-    "best option:",
-    "final answer:",
-    "answer:",
-)
-
-#: VLMEvalKit's refusal strings: the prediction is the non-option ``Z``.
-REJECT_PHRASES = (
-    "Sorry, I can't help with images of people yet.",
-    "I can't process this file.",
-    "I'm sorry, but without the image provided",
-    "Cannot determine the answer",
-)
-_SPLIT_CHARS = ".()[],:;!*#{}"
-
-
-def can_infer_option(prediction: str, letters: list[str]) -> str | None:
-    """VLMEvalKit's ``can_infer_option``: the prediction's lone option letter, or ``None``.
-
-    Refusals ("Cannot determine the answer"...) give ``"Z"``. The characters ``.()[],:;!*#{}``
-    become spaces and the text is split on white space; when exactly one token is one of
-    ``letters`` and its first occurrence is among the last four tokens, that letter; when no
-    token is a letter and one is ``Z``, ``"Z"``. Shared by :mod:`thyme.evaluate.scoring`
-    (V*, HR-Bench) and the result reward.
-    """
-    for phrase in REJECT_PHRASES:
-        if phrase in prediction:
-            return "Z"
-    text = prediction
-    for c in _SPLIT_CHARS:
-        text = text.replace(c, " ")
-    tokens = [t.strip() for t in text.split()]
-    hits = [c for c in letters if c in tokens]
-    if len(hits) == 1:
-        # near the end only: a leading "A" is more often an article than an answer
-        return hits[0] if tokens.index(hits[0]) > len(tokens) - 5 else None
-    if not hits and "Z" in tokens:
-        return "Z"
-    return None
-
-
-def can_infer_text(prediction: str, options: dict[str, str]) -> str | None:
-    """VLMEvalKit's ``can_infer_text``: the option whose text (case-insensitive) is the only one
-    occurring in the prediction, unless the prediction is over twice as long as all option texts."""
-    low = prediction.lower()
-    if len(low) > 2 * sum(len(str(v)) for v in options.values()):
-        return None
-    cands = [k for k, v in options.items() if str(v).lower() in low]
-    return cands[0] if len(cands) == 1 else None
-
+from ..scoring.answers import final_answer
+from ..scoring.mathequiv import in_main_thread
+from ..scoring.rules import score_answer
 
 _FORMAT_RE = re.compile(r"^(?:(?!</think>).)*</think>\s<answer>(?:(?!</answer>).)*</answer>\s*\Z", re.S)
 
@@ -193,113 +135,18 @@ def format_reward(completion: str) -> float:
 # --------------------------------------------------------------------------- result rules
 
 
-def final_answer(completion: str) -> str | None:
-    """The first ``<answer>`` of ``completion`` (``\\boxed{}`` unwrapped), prefixes removed;
-    a completion without answer tags is taken as the answer itself when it has no ``<think>``."""
-    ans = protocol.extract_answer(completion)
-    if ans is None:
-        if "<think>" in completion or "<answer>" in completion:
-            return None
-        ans = completion.strip()
-    return strip_prefixes(ans)
-
-
-def strip_prefixes(answer: str) -> str:
-    """Remove a leading "The answer is"-style prefix (case-insensitive) and outer white space."""
-    s = answer.strip()
-    low = s.lower()
-    for p in ANSWER_PREFIXES:
-        if low.startswith(p):
-            return s[len(p):].lstrip(" :\t\n").strip()
-    return s
-
-
-#: An answer that starts with its option: "A", "(A) ...", "A. ...", "A: ...", "A) ...".
-_LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:\s*[.:)]|\s*$))")
-
-
-def _option_letter(answer: str, gt: str, options: dict[str, str]) -> str | None:
-    if options:
-        letters = list(options)
-    else:  # letters up to E or up to the reference's, whichever is further
-        last = max("E", gt.upper())
-        letters = [chr(c) for c in range(ord("A"), ord(last) + 1)]
-    lead = _LEADING_LETTER.match(answer)  # Thyme's trained answer style: "C. S QT 911"
-    if lead and (lead.group(1) or lead.group(2)) in letters:
-        return lead.group(1) or lead.group(2)
-    letter = can_infer_option(answer, letters)
-    if letter is None and options:
-        letter = can_infer_text(answer, dict(options))
-    return letter
-
-
-_LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\^\{?\\circ\}?|\\%|%|\$")
-
-
-def normalise_answer(s: str) -> str:
-    """A light normal form for string comparison: ``$``, ``\\text{}``, ``\\left``/``\\right``,
-    spacing commands, degree signs and outer punctuation removed; ``dfrac``/``tfrac`` -> ``frac``;
-    lower case; white space dropped."""
-    s = protocol.unwrap_boxed(s.strip())
-    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}", r"\1", s)
-    s = _LATEX_NOISE.sub("", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.strip().strip(".").strip()
-    return re.sub(r"\s+", "", s).lower()
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def math_equivalent(answer: str, gt: str) -> bool | None:
-    """math-verify's verdict on ``answer`` against ``gt``; ``None`` when it cannot tell (no
-    parsable expression) or when not in the main thread (its timeouts use ``signal.alarm``)."""
-    if not _in_main_thread():
-        return None
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # pragma: no cover - math-verify is a dependency of the eval extra
-        return None
-
-    def wrap(x: str) -> str:
-        return x if "$" in x or "\\boxed" in x else f"${x}$"
-
-    try:
-        g = parse(wrap(gt))
-        a = parse(wrap(answer))
-        if not g or not a:
-            return None
-        return bool(verify(g, a))
-    except Exception:
-        return None
-
-
 def result_rules(answer: str | None, answer_gt: str, options: dict[str, str] | None = None, *, use_math_verify: bool = True) -> RewardScore | None:
-    """The rule checks of the result reward.
+    """The rule checks of the result reward: :mod:`thyme.scoring.rules`' ``thyme`` rule set.
 
     Returns:
         A decided :class:`RewardScore` (1.0 by any rule; 0.0 when there is no answer or when
         the reference is an option letter and the answer names another option), or ``None``
         when no rule decides (a judge may).
     """
-    options = dict(options or {})
-    if answer is None or not answer.strip():
-        return RewardScore(0.0, True, "no_answer", "no <answer> in the completion")
-    gt = str(answer_gt).strip()
-    gt_letter = re.fullmatch(r"\(?([A-Za-z])\)?\.?", gt)
-    if gt_letter and (options or len(gt) <= 3):
-        letter = _option_letter(answer, gt_letter.group(1).upper(), options)
-        if letter is not None:
-            ok = letter == gt_letter.group(1).upper()
-            return RewardScore(1.0 if ok else 0.0, True, "option", f"answer names option {letter}, reference {gt_letter.group(1).upper()}")
-    if normalise_answer(answer) == normalise_answer(gt):
-        return RewardScore(1.0, True, "string", "equal after normalisation")
-    if use_math_verify:
-        eq = math_equivalent(answer, gt)
-        if eq:
-            return RewardScore(1.0, True, "math_verify", "equivalent expressions")
-    return None
+    v = score_answer(answer, answer_gt, options=options, rule_set="thyme", use_math_verify=use_math_verify)
+    if v is None:
+        return None
+    return RewardScore(1.0 if v.correct else 0.0, True, v.rule, v.detail)
 
 
 # --------------------------------------------------------------------------- judge prompts
@@ -356,7 +203,7 @@ async def aresult_reward(completion: str, answer_gt: str, *, question: str = "",
         return decided
     if judge is None or not cfg.judge_result:
         return RewardScore(0.0, True, "rules", "no rule matched and no judge configured")
-    from .judge import JudgeError, JudgeRequestError
+    from ..scoring.judge import JudgeError, JudgeRequestError
 
     try:
         v = await judge.ajudge(result_judge_prompt(question, answer or "", answer_gt), "correct", [0, 1])
@@ -375,7 +222,7 @@ def result_reward(completion: str, answer_gt: str, *, question: str = "", option
         answer_gt: the reference answer.
         question: given to the judge.
         options: ``{letter: text}`` for multiple choice.
-        judge: a :class:`thyme.judge.JudgeClient`, or ``None`` for rules only.
+        judge: a :class:`thyme.scoring.judge.JudgeClient`, or ``None`` for rules only.
         config: :class:`RewardConfig`.
 
     Returns:
@@ -396,7 +243,7 @@ async def aconsistency_reward(completion: str, *, question: str = "", judge: Any
     answer = final_answer(completion)
     if answer is None:
         return RewardScore(0.0, True, "no_answer", "no <answer> in the completion")
-    from .judge import JudgeError, JudgeRequestError
+    from ..scoring.judge import JudgeError, JudgeRequestError
 
     try:
         v = await judge.ajudge(consistency_judge_prompt(question, reasoning_tail(completion, cfg.consistency_tail_chars), answer), "consistent", [0, 1])
@@ -436,7 +283,7 @@ async def acompute_rewards(items: Sequence[RewardInput], *, judge: Any = None, c
     because a running event loop may not be in the main thread)."""
     cfg = config or RewardConfig()
     if rules is None:
-        rules = [result_rules(final_answer(it.completion), it.answer_gt, it.options, use_math_verify=cfg.use_math_verify and _in_main_thread()) for it in items]
+        rules = [result_rules(final_answer(it.completion), it.answer_gt, it.options, use_math_verify=cfg.use_math_verify and in_main_thread()) for it in items]
     sem = asyncio.Semaphore(max(1, getattr(getattr(judge, "config", None), "concurrency", 16)))
 
     async def one(it: RewardInput, rule: RewardScore | None) -> RewardBreakdown:

@@ -2,7 +2,7 @@
 
 Wiring (in :mod:`thyme.cli`)::
 
-    from .evaluate import commands as eval_commands
+    
     eval_commands.add_parser(sub)          # in build_parser(), sub = parser.add_subparsers(...)
     COMMANDS["eval"] = eval_commands.run   # run(args) -> exit status
 
@@ -113,7 +113,7 @@ def _yaml(args: argparse.Namespace, sections: set[str]) -> dict[str, Any]:
 
 def _judge(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
     from ..config import merge
-    from ..judge import JudgeClient, JudgeConfig
+    from ..scoring.judge import JudgeClient, JudgeConfig
 
     cfg = merge(JudgeConfig(), yaml_cfg.get("judge"), source="config section 'judge'")
     cfg = merge(
@@ -128,7 +128,7 @@ def _judge(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
 
 def _eval_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
     from ..config import merge
-    from .runner import EvalConfig
+    from ..evaluate.runner import EvalConfig
 
     cfg = merge(EvalConfig(), yaml_cfg.get("eval"), source="config section 'eval'")
     flags = {
@@ -209,6 +209,12 @@ def hf_backend_factory(model: str, model_kw: dict[str, Any]):
 # --------------------------------------------------------------------------- commands
 
 
+def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
+    from ..report import write_report
+
+    return write_report(items, path, title=title)
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point for ``thyme eval`` / ``thyme eval score``; returns the exit status.
 
@@ -221,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .runner import format_metrics, rescore
+    from ..evaluate.runner import format_metrics, rescore
 
     yaml_cfg = _yaml(args, {"judge"})
     metrics = rescore(args.benchmark, args.data, args.predictions, judge=_judge(args, yaml_cfg))
@@ -236,7 +242,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import format_metrics, run_eval
+    from ..evaluate.runner import format_metrics, run_eval
 
     yaml_cfg = _yaml(args, {"eval", "agent", "sandbox", "model", "judge"})
     cfg = _eval_config(args, yaml_cfg)
@@ -266,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=settings,
+        report_writer=_report_writer,
     )
     print(f"ran {result.ran} question(s), {result.skipped} already done; predictions in {result.predictions_path}", file=sys.stderr)
     if result.metrics is not None:
@@ -274,14 +281,3 @@ def _run(args: argparse.Namespace) -> int:
         if result.report_path:
             print(f"report: {result.report_path}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m thyme.evaluate.commands eval ...``), the same as ``thyme eval ...``."""
-    from ..cli import standalone
-
-    return standalone(sys.modules[__name__], "eval", argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Also runnable as a module, which is how ``accelerate launch`` starts it on every process::
 
-    accelerate launch --config_file configs/accelerate_zero2.yaml -m thyme.train.commands \\
+    accelerate launch --config_file configs/accelerate_zero2.yaml -m thyme.cli train \\
         sft --config configs/sft_stage1.yaml
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ..errors import ThymeError
@@ -36,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed ``thyme train ...`` command; returns the exit status."""
     if args.train_command != "sft":
         raise ThymeError(f"unknown train command {args.train_command!r}")
-    from .sft import train_sft
-    from .sft_config import load_sft_config, parse_set
+    from ..train.sft import train_sft
+    from ..train.sft_config import load_sft_config, parse_set
 
     overrides = parse_set(args.set)
     for key, value in (("model", args.model), ("train_files", args.train_file), ("output_dir", args.output_dir),
@@ -52,14 +51,3 @@ def run(args: argparse.Namespace) -> int:
         for k, v in result.items():
             print(f"{k:>28}: {v}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m thyme.train.commands sft --config ...``)."""
-    from ..cli import standalone
-
-    return standalone(sys.modules[__name__], "train", argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

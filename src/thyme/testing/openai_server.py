@@ -2,7 +2,7 @@
 
 Two servers, both bound to the loopback interface only:
 
-``python -m thyme.dev.openai_server serve MODEL [--port 0] [--port-file F] [--served-model-name NAME]``
+``thyme dev serve MODEL [--port 0] [--port-file F] [--served-model-name NAME]``
     Our test server: FastAPI + uvicorn (they come with ``transformers[serving]``) over the
     ``hf`` backend. It implements exactly the vLLM request fields :mod:`thyme.backends.openai`
     sends, with vLLM's semantics:
@@ -32,7 +32,7 @@ Two servers, both bound to the loopback interface only:
     into one ``HFBackend.generate`` call, as vLLM batches; a failing batch is retried request
     by request so one bad request never fails the others.
 
-``python -m thyme.dev.openai_server transformers MODEL --port N``
+``thyme dev transformers-serve MODEL --port N``
     ``transformers serve MODEL`` on 127.0.0.1 (a real third-party server). Without torchvision
     its processor loading fails for Qwen VL checkpoints (the video processor needs torchvision);
     this launcher then makes it load the processor with :func:`thyme.backends.processors.load_processor`
@@ -43,7 +43,6 @@ Two servers, both bound to the loopback interface only:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -264,7 +263,7 @@ def parse_completion(body: Any, served: str) -> ParsedRequest:
 
 def _vllm_style_backend(model: str, seed: int | None = None):
     """An ``HFBackend`` whose prompts are rendered as vLLM renders chat requests."""
-    from thyme.backends.hf import HFBackend, _Prepared
+    from ..backends.hf import HFBackend, _Prepared
 
     class VLLMStyleBackend(HFBackend):
         def render_prompt(self, request):  # noqa: D401 - see module docstring
@@ -313,7 +312,7 @@ class Generator:
         self.thread.start()
 
     def submit(self, parsed: ParsedRequest) -> asyncio.Future:
-        from thyme.backends.base import GenerationRequest
+        from ..backends.base import GenerationRequest
 
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -546,7 +545,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 0, port_file: str 
 def run_transformers_serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, extra: list[str] | None = None) -> None:
     """``transformers serve MODEL --host HOST --port PORT [extra...]`` (blocks; module docstring)."""
     _check_loopback(host)
-    from thyme.backends.processors import load_processor, torchvision_available
+    from ..backends.processors import load_processor, torchvision_available
 
     if not torchvision_available():
         from transformers.cli.serving import model_manager
@@ -644,7 +643,7 @@ def start_server(
     child_env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     child_env.setdefault("TOKENIZERS_PARALLELISM", "false")
     child_env.update(env or {})
-    cmd = [sys.executable, "-m", "thyme.dev.openai_server"]
+    cmd = [sys.executable, "-m", "thyme.cli", "dev"]
     port_file = None
     if kind == "thyme":
         port_file = log_dir / f"port-{uuid.uuid4().hex[:8]}"
@@ -654,7 +653,7 @@ def start_server(
         port = None
     elif kind == "transformers":
         port = free_port(host)
-        cmd += ["transformers", model, "--host", host, "--port", str(port)]
+        cmd += ["transformers-serve", model, "--host", host, "--port", str(port)]
     else:
         raise ValueError(f"unknown server kind {kind!r} (thyme or transformers)")
     cmd += list(extra_args or [])
@@ -682,38 +681,3 @@ def start_server(
     except BaseException:
         handle.stop(timeout=5)
         raise
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m thyme.dev.openai_server", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="our vLLM-compatible test server over the hf backend")
-    s.add_argument("model", help="checkpoint folder or hub id")
-    s.add_argument("--host", default="127.0.0.1", choices=list(LOOPBACK))
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
-    s.add_argument("--port-file", default=None, help="write the bound port here once listening")
-    s.add_argument("--served-model-name", default=None, help="the model name requests use (default: MODEL)")
-    s.add_argument("--max-batch", type=int, default=8)
-    s.add_argument("--batch-wait-ms", type=float, default=10.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t = sub.add_parser("transformers", help="`transformers serve` on loopback (works without torchvision)")
-    t.add_argument("model")
-    t.add_argument("--host", default="127.0.0.1", choices=list(LOOPBACK))
-    t.add_argument("--port", type=int, default=8000)
-    args, extra = p.parse_known_args(argv)
-    if args.cmd == "serve":
-        if extra:
-            p.error(f"unrecognized arguments: {' '.join(extra)}")
-        serve(args.model, host=args.host, port=args.port, port_file=args.port_file, served_model_name=args.served_model_name,
-              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, seed=args.seed, threads=args.threads)
-    else:
-        run_transformers_serve(args.model, host=args.host, port=args.port, extra=extra)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

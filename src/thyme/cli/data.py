@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .convert import ConvertConfig, convert, format_summary
+    from ..data.convert import ConvertConfig, convert, format_summary
 
     cfg = ConvertConfig(
         split=args.split, subset=args.subset, revision=args.revision, images_dir=args.images_dir,
@@ -97,7 +97,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     from ..config import merge
     from ..sandbox import Sandbox, SandboxConfig
-    from .verify import VerifyConfig, format_summary, verify
+    from ..data.verify import VerifyConfig, format_summary, verify
 
     records = Path(args.records)
     if not records.is_file():
@@ -127,8 +127,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _show_masks(args: argparse.Namespace) -> int:
     from ..backends.processors import load_processor
-    from .masks import MaskConfig, encode_record, prepare_processor, show_masks
-    from .records import read_record
+    from ..data.masks import MaskConfig, encode_record, prepare_processor, show_masks
+    from ..data.records import read_record
 
     mask = MaskConfig()
     if args.config:
@@ -147,14 +147,3 @@ def _show_masks(args: argparse.Namespace) -> int:
     sample = encode_record(rec, processor, mask)
     print(show_masks(sample, as_json=args.json))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m thyme.data.commands convert ...``), same flags as ``thyme data``."""
-    from ..cli import standalone
-
-    return standalone(sys.modules[__name__], "data", argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

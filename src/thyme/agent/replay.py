@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import protocol
-from .agent import Agent, AgentConfig, Task, Trajectory
-from .backends.replay import ReplayBackend
-from .errors import RecordError
-from .jsonl import iter_jsonl
+from .. import protocol
+from ..backends.replay import ReplayBackend
+from ..errors import RecordError
+from ..jsonl import iter_jsonl
+from .loop import Agent, AgentConfig, Task
+from .trajectory import Trajectory
 
 
 @dataclass

@@ -724,23 +724,3 @@ def _patch_json(path: Path, updates: dict[str, Any]) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(updates)
     _write_json(path, data)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m thyme.dev.tiny_checkpoint DIR [--arch qwen2_5_vl] [--seed 0]``: write one, print its path."""
-    import argparse
-    import time
-
-    ap = argparse.ArgumentParser(prog="thyme dev tiny-checkpoint", description="Write a tiny random checkpoint of a Qwen VL architecture.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="qwen2_5_vl", choices=ARCHS)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    path = write_tiny_checkpoint(args.out_dir, arch=args.arch, seed=args.seed)
-    print(f"{path} ({args.arch}, {time.perf_counter() - t0:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

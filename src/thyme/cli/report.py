@@ -1,12 +1,7 @@
 """``thyme report INPUT --out report.html``: the HTML trajectory report (see :mod:`thyme.report`).
 
 INPUT is a trajectory JSON (``thyme run --out``), a results JSONL (``thyme replay --out``), an
-eval ``predictions.jsonl``, or an eval output folder. Wiring (in :mod:`thyme.cli`)::
-
-    from . import report_commands
-    report_commands.add_parser(sub)          # in build_parser()
-    ...
-    if args.command == "report": return report_commands.run(args)
+eval ``predictions.jsonl``, or an eval output folder.
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         thyme.report.ReportError: the input cannot be read (a ThymeError: the CLI prints it, exit 2).
     """
-    from .report import MAX_IMAGE_SIDE, ReportError, load_items, write_report
+    from ..report import MAX_IMAGE_SIDE, ReportError, load_items, write_report
 
     src = Path(args.input)
     items = load_items(src, records=args.records)

@@ -1,6 +1,6 @@
 """A small LLM-judge client for any OpenAI-compatible chat-completions server.
 
-Used by :mod:`thyme.rewards` (result and consistency judges, paper Sec. 3.3) and by
+Used by :mod:`thyme.train.rewards` (result and consistency judges, paper Sec. 3.3) and by
 :mod:`thyme.evaluate.scoring` (mapping unparseable benchmark answers to an option). The judge
 answers one JSON object with a single key; we ask for it three ways at once: the prompt says
 so, the request sets ``response_format`` (``json_schema`` by default: vLLM and SGLang then
@@ -36,8 +36,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .backends.openai import retry_delay
-from .errors import ThymeError
+from ..http import retry_delay
+from ..errors import ThymeError
 
 
 class JudgeError(ThymeError):

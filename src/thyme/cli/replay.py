@@ -1,0 +1,71 @@
+"""``thyme replay``: re-execute recorded Thyme trajectories in the sandbox (:mod:`thyme.agent.replay`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ThymeError
+from .entry import add_config_flag, add_sandbox_flags, agent_config, load_sections, sandbox_config
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``thyme replay`` on the ``thyme`` sub-command parser; returns the new parser."""
+    p = subparsers.add_parser("replay", help="re-execute recorded Thyme trajectories in the sandbox")
+    p.add_argument("records", help="JSONL of Thyme records (image, question, response)")
+    p.add_argument("--images-root", default=None, help="folder the records' relative image paths start from (default: the records file's folder)")
+    p.add_argument("--out", default=None, help="results JSONL, written as records finish; rerun to resume")
+    p.add_argument("--json", action="store_true", help="print the totals as one JSON line at the end")
+    p.add_argument("--batch-size", type=int, default=8, help="records replayed together")
+    add_sandbox_flags(p)
+    add_config_flag(p)
+
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..agent.replay import count_records, format_row, replay
+    from ..sandbox import Sandbox
+
+    yaml_cfg = load_sections(args, {"agent", "sandbox"})
+    records = Path(args.records)
+    if not records.is_file():
+        raise ThymeError(f"records file not found: {records}", "pass a JSONL file of Thyme records")
+    images_root = args.images_root if args.images_root is not None else str(records.parent)
+    if not Path(images_root).is_dir():
+        raise ThymeError(f"--images-root is not a folder: {images_root}")
+    total = count_records(records)
+    bar = tqdm(total=total, desc="replay", unit="record", file=sys.stderr, disable=None)
+    last = [0]
+
+    def progress(n: int) -> None:
+        bar.update(n - last[0])
+        last[0] = n
+
+    with Sandbox(sandbox_config(args, yaml_cfg)) as sandbox:
+        summary = replay(
+            records,
+            sandbox=sandbox,
+            images_root=images_root,
+            out_path=args.out,
+            config=agent_config(args, yaml_cfg),
+            batch_size=args.batch_size,
+            progress=progress,
+            on_row=None if args.json else (lambda row: bar.write(format_row(row), file=sys.stdout)),
+        )
+    bar.close()
+    d = summary.to_dict()
+    if not args.json:
+        for k, v in d.items():
+            if k != "failures":
+                print(f"{k:>14}: {v}")
+        if args.out:
+            print(f"results written to {args.out}")
+    else:
+        print(json.dumps(d, ensure_ascii=False))
+    return 0

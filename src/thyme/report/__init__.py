@@ -1,0 +1,14 @@
+"""The trajectory report: one self-contained HTML file for one trajectory or a whole run.
+
+- :mod:`thyme.report.items`   report items from run / replay / eval outputs
+- :mod:`thyme.report.crops`   crop regions read from the code, for the input image
+- :mod:`thyme.report.render`  the page (jinja2 template, embedded images, highlighted code)
+
+Above data / evaluate / train; below the cli. Must not import the cli.
+"""
+
+from .crops import CropRegion, crop_regions, parse_crop_fix
+from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, answers_agree, load_items, to_item
+from .render import write_report
+
+__all__ = ["MAX_IMAGE_SIDE", "CropRegion", "ReportError", "ReportItem", "answers_agree", "crop_regions", "load_items", "parse_crop_fix", "to_item", "write_report"]

@@ -1,0 +1,312 @@
+"""The trajectory report: one self-contained HTML file for one trajectory or a whole run.
+
+For every trajectory: the question, the input image with the regions the code cropped drawn on
+it, each round's reasoning, its code (highlighted, repaired lines marked) with the sandbox's
+repairs, the printed output or error and the output images, then the answer, the ground truth
+and whether it is correct. Above them an index (one row per trajectory) with filters on
+correctness, tool use and category, and a text search, applied in the page by a little inline
+script. Images are embedded as data URLs, sized down with PIL (``max_image_side``), so the file
+can be mailed or archived alone.
+
+Model text is untrusted: everything is HTML-escaped (jinja2 autoescape; pygments escapes the
+code it highlights), and the page carries a Content-Security-Policy that allows no script but
+its own (by hash), images only from data URLs, and no network access at all, so a slip in the
+escaping still could not run injected script.
+
+Inputs (:func:`load_items`): a trajectory JSON written by :meth:`thyme.agent.Trajectory.save`;
+a JSONL of rows holding a ``trajectory`` (``thyme replay --out`` results, eval
+``predictions.jsonl``); or a folder holding ``predictions.jsonl`` (an eval output folder).
+Row fields read when present (all optional): ``correct`` (bool; also ``hit``, or a numeric
+``score`` > 0.5), ``category`` (else ``benchmark``), ``benchmark``, ``question_id``, ``id``,
+``answer_gt`` / ``gt_answer`` / ``ground_truth`` (the reference answer; in a row that has a
+``prediction``, also ``answer``, the benchmark annotations' name), ``prediction`` (the answer
+as scored; else the trajectory's ``answer``), ``question``, ``error``,
+``answer_match`` / ``recorded_answer`` (replays: shown as "matches the record", not as
+correctness). Without an explicit ``correct`` but with a reference answer, correctness is
+decided by a conservative rule: equal after trimming and case folding, or the same option
+letter (the reference is one letter A-Z and the answer is that letter alone or followed by
+``.``, ``)``, ``:`` or a space, or written ``(X)``). Benchmark scoring proper lives in
+:mod:`thyme.evaluate`; pass its verdict as ``correct``.
+
+Crop regions (:func:`crop_regions`): read from the code with a best-effort evaluation of its
+literal arithmetic (``x1, y1, x2, y2 = 1250, 1030, 1360, 1070``; ``w, h = img.size``;
+``img.crop((x1, y1, x2, y2))``; ``image[y1:y2, x1:x2]``) on images opened from the input
+(``Image.open`` / ``cv2.imread`` / ``np.array`` of those; paths under the Thyme output folder
+are outputs, not the input), then corrected with the sandbox's own records: a ``crop_clamped``
+/ ``crop_min_side`` :class:`~thyme.sandbox.Fix` says ``crop box (l, t, r, b) -> (l', t', r', b')
+on a WxH image`` (or ``crop [y0:y1, x0:x1] -> [...]`` for array slices); on an image of the
+input's size the repaired box is what was really cropped. The report draws the region really
+cropped (solid) and, when a repair changed it, the box the code asked for (dashed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import ThymeError
+
+from .crops import crop_regions
+from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, to_item
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass
+class Embedded:
+    """An image ready for the page: ``url`` (data URL or ``None`` when unreadable), sizes."""
+
+    url: str | None
+    size: tuple[int, int] | None
+    shown: tuple[int, int] | None
+    path: str
+    problem: str | None = None
+
+
+class _Embedder:
+    def __init__(self, max_side: int, quality: int = 85):
+        self.max_side = max_side
+        self.quality = quality
+        self.cache: dict[str, Embedded] = {}
+
+    def __call__(self, path: str) -> Embedded:
+        hit = self.cache.get(path)
+        if hit is None:
+            hit = self.cache[path] = self._embed(path)
+        return hit
+
+    def _embed(self, path: str) -> Embedded:
+        from PIL import Image
+
+        from ..imageio import open_image
+
+        try:
+            im = open_image(path)
+        except ThymeError as e:
+            return Embedded(None, None, None, path, e.message)
+        size = im.size
+        try:
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            im = im.convert("RGBA" if has_alpha else "RGB")
+            if max(size) > self.max_side:
+                im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            if has_alpha:
+                im.save(buf, format="PNG", optimize=True)
+                mime = "image/png"
+            else:
+                im.save(buf, format="JPEG", quality=self.quality)
+                mime = "image/jpeg"
+        except Exception as e:  # a truncated file, an exotic mode
+            return Embedded(None, size, None, path, f"{type(e).__name__}: {e}")
+        url = f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return Embedded(url, size, im.size, path)
+
+
+# --------------------------------------------------------------------------- code highlighting
+
+
+def highlight_code(code: str, marked_lines: Iterable[int] = ()) -> str:
+    """HTML of ``code`` with line numbers and the ``marked_lines`` (1-based) highlighted.
+
+    pygments (``PythonLexer``, ``HtmlFormatter`` with CSS classes) when installed, else plain
+    escaped text with line numbers. The result is safe HTML: every character of ``code`` is
+    escaped.
+    """
+    marked = sorted({int(n) for n in marked_lines if isinstance(n, int) and n > 0})
+    try:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+
+        fmt = HtmlFormatter(linenos="inline", hl_lines=marked, cssclass="code", wrapcode=True)
+        return highlight(code, PythonLexer(stripnl=False, ensurenl=False), fmt)
+    except ImportError:
+        lines = []
+        for i, line in enumerate(code.split("\n"), 1):
+            cls = ' class="hll"' if i in marked else ""
+            lines.append(f'<span{cls}><span class="linenos">{i:>3}</span>{html.escape(line)}</span>')
+        return '<div class="code"><pre><code>' + "\n".join(lines) + "</code></pre></div>"
+
+
+def code_css() -> str:
+    """CSS of the highlighter's classes (empty without pygments)."""
+    try:
+        from pygments.formatters import HtmlFormatter
+
+        return HtmlFormatter(style="friendly", cssclass="code").get_style_defs(".code")
+    except ImportError:
+        return ""
+
+
+# --------------------------------------------------------------------------- page model
+
+
+def _split_text(text: str) -> tuple[str, str | None, str]:
+    """(before ``<code>``, the code block's raw text, after ``</code>``) of a segment."""
+    i = text.find("<code>")
+    if i < 0:
+        return text, None, ""
+    j = text.find("</code>", i)
+    if j < 0:
+        return text[:i], text[i + 6:], ""
+    return text[:i], text[i + 6: j], text[j + 7:]
+
+
+def _round_view(t: Any, index: int, prefill: str, embed: _Embedder) -> dict[str, Any]:
+    text = prefill if getattr(t, "finish_reason", "") == "prefill" else (t.text or "")
+    before, raw_code, after = _split_text(text)
+    ex = t.execution or None
+    fixes = list((ex or {}).get("fixes") or [])
+    code = t.code if t.code is not None else (raw_code.strip("\n") if raw_code is not None else None)
+    outputs = []
+    if ex:
+        for p in ex.get("images") or []:
+            outputs.append(embed(p))
+    err = None
+    if ex and ex.get("error"):
+        e = ex["error"]
+        if isinstance(e, dict):
+            err = (e.get("traceback") or "").rstrip() or f"{e.get('type')}: {e.get('message')}"
+        else:
+            err = str(e)
+    return {
+        "label": "prefill" if getattr(t, "finish_reason", "") == "prefill" else f"round {index + 1}",
+        "reasoning": before,
+        "after": after,
+        "code_html": highlight_code(code, [f.get("line") for f in fixes]) if code is not None else None,
+        "fixes": fixes,
+        "executed": ex is not None,
+        "ok": bool(ex and ex.get("ok")),
+        "timed_out": bool(ex and ex.get("timed_out")),
+        "duration": (ex or {}).get("duration_s"),
+        "stdout": ((ex or {}).get("stdout") or "").rstrip(),
+        "error": err,
+        "outputs": outputs,
+        "finish": f"{t.finish_reason} / {t.end}",
+        "discarded": [d.get("text", "") for d in (t.discarded or [])],
+    }
+
+
+def _item_view(i: int, item: ReportItem, embed: _Embedder) -> dict[str, Any]:
+    from ..imageio import image_size
+
+    t = item.trajectory
+    rounds, inputs, regions = [], [], []
+    tool = False
+    stop_reason = None
+    if t is not None:
+        stop_reason = t.stop_reason
+        tool = bool(t.tool_used)
+        size = None
+        if t.images:
+            try:
+                size = image_size(t.images[0])
+            except ThymeError:
+                size = None
+        for k, turn in enumerate([x for x in t.turns]):
+            if turn.code is not None and turn.execution is not None:
+                for r in crop_regions(turn.code, size, (turn.execution or {}).get("fixes") or []):
+                    regions.append({"box": r.box, "requested": r.requested, "line": r.line, "source": r.source, "round": k + 1})
+        n = 0
+        for turn in t.turns:
+            rounds.append(_round_view(turn, n if turn.finish_reason != "prefill" else -1, t.prefill, embed))
+            if turn.finish_reason != "prefill":
+                n += 1
+        for j, p in enumerate(t.images):
+            inputs.append({"img": embed(p), "regions": regions if j == 0 else []})
+    correct = "unknown" if item.correct is None else ("correct" if item.correct else "wrong")
+    for k, r in enumerate(regions, 1):
+        r["n"] = k
+    return {
+        "i": i,
+        "anchor": f"t{i}",
+        "item": item,
+        "correct": correct,
+        "tool": "yes" if tool else "no",
+        "category": item.category or "(none)",
+        "rounds": rounds,
+        "n_rounds": sum(1 for r in rounds if r["label"] != "prefill"),
+        "inputs": inputs,
+        "regions": regions,
+        "stop_reason": stop_reason,
+        "search": " ".join(x for x in (item.id, item.question[:300], item.category or "", item.benchmark or "") if x).lower(),
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: resources.files("thyme").joinpath("report", "assets", name).read_text(encoding="utf-8")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["px"] = lambda v: "?" if not v else f"{v[0]}x{v[1]}"
+    return env.get_template("report.html.j2")
+
+
+def write_report(
+    items: Iterable[Any],
+    out_html: str | os.PathLike,
+    *,
+    title: str | None = None,
+    max_image_side: int = MAX_IMAGE_SIDE,
+    jpeg_quality: int = 85,
+) -> Path:
+    """Write the self-contained HTML report of ``items``.
+
+    Args:
+        items: :class:`ReportItem`, :class:`~thyme.agent.Trajectory`, trajectory dicts or result
+            rows (see :func:`to_item`), in display order.
+        out_html: the file to write (its folder is created).
+        title: page title (default ``"Thyme trajectories"`` or the single trajectory's id).
+        max_image_side: longest side, in pixels, of embedded images (larger ones are sized
+            down with PIL, keeping the aspect ratio; crop regions stay in original pixels).
+        jpeg_quality: JPEG quality of embedded images (images with transparency are PNG).
+
+    Returns:
+        The written file's path. The page size is about 100-200 KB per embedded image at the
+        default side.
+
+    Raises:
+        ReportError: an item cannot be shown (neither trajectory nor row).
+    """
+    if int(max_image_side) < 16:
+        raise ReportError(f"max_image_side must be at least 16 pixels, got {max_image_side}")
+    embed = _Embedder(int(max_image_side), int(jpeg_quality))
+    views = [_item_view(i, to_item(it, index=i), embed) for i, it in enumerate(items)]
+    if title is None:
+        title = f"Thyme trajectory {views[0]['item'].id}" if len(views) == 1 else "Thyme trajectories"
+    counts = {
+        "total": len(views),
+        "correct": sum(1 for v in views if v["correct"] == "correct"),
+        "wrong": sum(1 for v in views if v["correct"] == "wrong"),
+        "unknown": sum(1 for v in views if v["correct"] == "unknown"),
+        "tool": sum(1 for v in views if v["tool"] == "yes"),
+    }
+    categories = sorted({v["category"] for v in views})
+    script = resources.files("thyme").joinpath("report", "assets", "report.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    page = _template().render(
+        title=title, views=views, counts=counts, categories=categories, script=script, csp=csp, code_css=code_css(),
+    )
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
