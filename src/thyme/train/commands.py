@@ -29,11 +29,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir")
     q.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     q.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    from .rl.cli_rl import add_rl_parser  # thyme train rl (GRPO-ATS)
+    add_rl_parser(sub)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``thyme train ...`` command; returns the exit status."""
+    if args.train_command == "rl":
+        from .rl.cli_rl import run_rl
+        return run_rl(args)
     if args.train_command != "sft":
         raise ThymeError(f"unknown train command {args.train_command!r}")
     from .sft import train_sft
