@@ -62,6 +62,8 @@ class AgentConfig:
         show_traceback: show the model-code traceback instead of ``Type: message (line n)``.
         feedback_separator: text between ``</code>`` and ``<sandbox_output>`` (``"\\n"`` as in
             the released Thyme records; ``""`` as the reference's evaluation).
+        ats: adaptive temperature sampling (GRPO-ATS, paper Sec. 3.3): greedy inside open
+            ``<code>`` blocks, ``temperature`` elsewhere (backends that support it: ``hf``).
     """
 
     max_rounds: int = 5
@@ -82,22 +84,17 @@ class AgentConfig:
     max_output_chars: int = 4096
     show_traceback: bool = False
     feedback_separator: str = "\n"
+    ats: bool = False
 
 
 def detect_repetition(text: str, window: int = 1000, fraction: float = 0.3) -> bool:
-    """Whether the end of ``text`` loops: its last ``fraction * window`` characters already
-    occur earlier inside the last ``window + that`` characters.
+    """Whether ``text`` loops, by the rolling-hash detector over its characters
+    (:func:`thyme.backends.repetition.text_loops`: a span of 64 characters seen 3 times in a
+    ``window`` of characters; ``fraction`` is kept for configuration compatibility and unused).
+    Replaces the reference's substring count (paper: Rabin-Karp rolling hash)."""
+    from ..backends.repetition import RepetitionRule, text_loops
 
-    The reference checks after each round whether a substring of at least 30% of the last
-    1000 characters repeats; this is the same test anchored at the end (a loop always ends
-    the text), in linear time.
-    """
-    n = int(window * fraction)
-    if n <= 0 or len(text) < 2 * n:
-        return False
-    tail = text[-n:]
-    recent = text[-(window + n):-1]
-    return recent.find(tail) != -1 and recent.find(tail) < len(recent) - n + 1
+    return text_loops(text[-(window * 2):], RepetitionRule(64, 3, max(window, 192)))
 
 
 @dataclass
@@ -255,6 +252,7 @@ class Agent:
             seed=None if cfg.seed is None else cfg.seed + s.index,
             key=s.traj.id,
             round=rnd,
+            ats=cfg.ats,
         )
 
     def _round(self, rnd: int, active: list[_State], on_event: EventCallback | None) -> None:
@@ -367,7 +365,7 @@ class Agent:
                 self._finish(s, "token_cap")
         else:
             generated = "".join(x.text for x in s.traj.turns)
-            if detect_repetition(generated, cfg.repetition_window, cfg.repetition_fraction):
+            if t.finish_reason == "repetition" or detect_repetition(generated, cfg.repetition_window, cfg.repetition_fraction):
                 self._finish(s, "repetition")
             elif t.end == "length":
                 self._finish(s, "token_cap" if s.tokens >= cfg.max_total_tokens else "length")

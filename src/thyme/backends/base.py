@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 #: ``{"type": "text", "text": str}`` or ``{"type": "image", "image": str}`` (a file path).
 Part = dict[str, Any]
 
-FinishReason = Literal["stop", "eos", "length"]
+FinishReason = Literal["stop", "eos", "length", "repetition"]
 
 
 @dataclass
@@ -33,6 +33,8 @@ class GenerationRequest:
         temperature: 0 means greedy (the reference's evaluation decoding).
         key: identifies the trajectory (the replay backend uses it to find the record).
         round: 0-based generation round within the trajectory.
+        ats: adaptive temperature sampling (GRPO-ATS): tokens inside an open ``<code>`` block are
+            chosen greedily, the others at ``temperature`` (backends that cannot do it ignore it).
     """
 
     messages: list[dict[str, Any]]
@@ -46,6 +48,7 @@ class GenerationRequest:
     seed: int | None = None
     key: Any = None
     round: int = 0
+    ats: bool = False
 
 
 @dataclass
@@ -54,7 +57,8 @@ class Generation:
 
     Attributes:
         text: the new text, ending with the matched stop string when ``finish_reason == "stop"``.
-        finish_reason: ``"stop"`` (a stop string), ``"eos"`` (end of turn), ``"length"`` (token cap).
+        finish_reason: ``"stop"`` (a stop string), ``"eos"`` (end of turn), ``"length"`` (token cap),
+            ``"repetition"`` (the generated ids loop: :mod:`thyme.backends.repetition`).
         stop: the stop string that ended it, if any.
         num_tokens: tokens generated (0 for replay).
         prompt_tokens: tokens in the prompt, images included (0 when unknown).

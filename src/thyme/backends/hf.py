@@ -17,6 +17,11 @@ Stop strings go through transformers' ``StopStringCriteria`` (per row) and the d
 then cut right after the first stop (:func:`thyme.backends.base.truncate_at_stop`), because a
 stop can end inside a token (``</code>`` inside ``>\\n``). ``<|image_pad|>`` / ``<|video_pad|>``
 are suppressed: a sampled placeholder would make the next round's prompt invalid.
+
+A rolling-hash loop detector (:mod:`thyme.backends.repetition`) is a stopping criterion: a
+row whose generated ids loop ends with ``finish_reason="repetition"``. ``request.ats`` with
+``temperature > 0`` adds :class:`thyme.backends.ats.GreedyInsideCode` (greedy inside open
+``<code>`` blocks, GRPO-ATS).
 """
 
 from __future__ import annotations
@@ -325,7 +330,7 @@ class HFBackend(Backend):
     def _decoding_key(self, r: GenerationRequest) -> tuple:
         stops = tuple(r.stop or ())
         if r.temperature and r.temperature > 0:
-            return ("sample", float(r.temperature), float(r.top_p), int(r.top_k or 0), float(r.repetition_penalty), self._seed_for(r), stops)
+            return ("sample", float(r.temperature), float(r.top_p), int(r.top_k or 0), float(r.repetition_penalty), self._seed_for(r), stops, bool(r.ats))
         return ("greedy", float(r.repetition_penalty), stops)
 
     def _generation_config(self, r: GenerationRequest, max_new_tokens: int) -> Any:
@@ -380,7 +385,15 @@ class HFBackend(Backend):
         streamer = None
         if stream is not None:
             streamer = _BatchStreamer(self.tokenizer, indices, [list(r.stop or ()) for r in reqs], limits, self.eos_token_ids, stream)
-        criteria = StoppingCriteriaList([_RowLimit(prompt_len, limits)]) if min(limits) < max_new else None
+        from .ats import GreedyInsideCode, code_open_after
+        from .repetition import RepetitionStoppingCriteria, sequence_loops
+
+        repetition = RepetitionStoppingCriteria(prompt_len, len(reqs))
+        criteria = StoppingCriteriaList(([_RowLimit(prompt_len, limits)] if min(limits) < max_new else []) + [repetition])
+        processors = None
+        if gc.do_sample and reqs[0].ats:  # greedy inside open <code> blocks (GRPO-ATS)
+            opened = [code_open_after("".join(p.get("text", "") for p in r.assistant_parts if p.get("type") == "text")) for r in reqs]
+            processors = [GreedyInsideCode(self.tokenizer, prompt_len, opened)]
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
@@ -388,12 +401,15 @@ class HFBackend(Backend):
                 tokenizer=self.tokenizer,
                 streamer=streamer,
                 stopping_criteria=criteria,
+                logits_processor=processors,
             )
         sequences = out.sequences if hasattr(out, "sequences") else out
         new = sequences[:, prompt_len:].tolist()
         results = []
         for row, (r, toks, limit) in enumerate(zip(reqs, new, limits)):
             g = self._finish_row(toks[:limit], list(r.stop or ()))
+            if repetition.flags[row] and g.finish_reason == "length" and sequence_loops([t for t in toks[:limit] if t != self.pad_token_id]):
+                g.finish_reason = "repetition"
             g.prompt_tokens = int(prompt_tokens[row])
             results.append(g)
             if streamer is not None:

@@ -65,6 +65,7 @@ def agent_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
             ("on_error", "on_error"),
             ("shown_path", "shown_path"),
             ("prefill", "prefill"),
+            ("ats", "ats"),
         ]
     }
     return merge(cfg, flags, source="flags")

@@ -31,6 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shown-path", default=None, help="image path shown to the model ({name}, {path} allowed; default: the real path)")
     p.add_argument("--prefill", default=None, help="text the assistant message starts with (a code segment ending in </code> is run first)")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
+    p.add_argument("--ats", action="store_true", default=None, help="GRPO-ATS decoding: greedy inside <code> blocks, --temperature elsewhere")
+    p.add_argument("--num-samples", type=int, default=1, help="trajectories of this question (sample i uses seed + i); --out keeps them all as OUT-i.json")
     add_sandbox_flags(p)
     add_config_flag(p)
 
@@ -70,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     with backend, Sandbox(sandbox_config(args, yaml_cfg)) as sandbox, Agent(backend, sandbox, agent_cfg) as agent:
         if agent_cfg.prefill and not args.quiet:
             sys.stdout.write(agent_cfg.prefill)
+        n = max(1, int(getattr(args, "num_samples", 1) or 1))
+        if n > 1:
+            return _run_samples(args, agent, backend, n)
         traj = agent.run(args.question, [os.path.abspath(p) for p in args.image], on_event=on_event)
         traj.meta["model"] = backend.describe()
         if args.out:
@@ -84,3 +89,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"answer: {traj.answer}" if traj.answer is not None else "answer: (none)")
     return 0
+
+
+def _run_samples(args: argparse.Namespace, agent: Any, backend: Any, n: int) -> int:
+    """``thyme run --num-samples N``: N trajectories of one question in one batch (pass@k,
+    best-of-N); ``--out X.json`` writes ``X-0.json`` ... ``X-{N-1}.json``; one answer line each."""
+    from pathlib import Path
+
+    from ..agent import Task
+
+    images = [os.path.abspath(p) for p in args.image]
+    trajs = agent.run_batch([Task(args.question, images, id=f"sample-{i}") for i in range(n)])
+    status = 0
+    for i, traj in enumerate(trajs):
+        traj.meta["model"] = backend.describe()
+        traj.meta["sample"] = i
+        if args.out:
+            out = Path(args.out)
+            traj.save(out.with_name(f"{out.stem}-{i}{out.suffix or '.json'}"))
+        if traj.stop_reason == "error":
+            print(f"sample {i}: error: {traj.error}", file=sys.stderr)
+            status = 1
+        print(f"answer[{i}]: {traj.answer}" if traj.answer is not None else f"answer[{i}]: (none)")
+    return status

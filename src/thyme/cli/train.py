@@ -1,4 +1,4 @@
-"""``thyme train sft`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
+"""``thyme train sft`` and ``thyme train rl`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
 
 Also runnable as a module, which is how ``accelerate launch`` starts it on every process::
 
@@ -15,36 +15,53 @@ from typing import Any
 from ..errors import ThymeError
 
 
+#: ``thyme train STAGE``: help, example config, what ``--train-file`` holds.
+STAGES = {
+    "sft": ("supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)",
+            "configs/sft_stage1.yaml, configs/sft_stage2_math.yaml", "JSONL of SFT records"),
+    "rl": ("GRPO-ATS reinforcement learning with sandbox rollouts (TRL GRPOTrainer)",
+           "configs/rl_grpo_ats.yaml", "JSONL of RL records or benchmark rows"),
+}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``thyme train sft`` on an argparse subparsers object."""
-    p = subparsers.add_parser("train", help="training: SFT (stage 1, math annealing)")
+    """Register ``thyme train sft`` and ``thyme train rl`` on an argparse subparsers object."""
+    p = subparsers.add_parser("train", help="training: SFT (stage 1, math annealing), RL (GRPO-ATS)")
     sub = p.add_subparsers(dest="train_command", required=True)
-    q = sub.add_parser("sft", help="supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)")
-    q.add_argument("--config", default=None, help="YAML config (configs/sft_stage1.yaml, configs/sft_stage2_math.yaml)")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value), repeatable: --set learning_rate=2e-5")
-    q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")
-    q.add_argument("--train-file", action="append", default=None, help="JSONL of SFT records (repeatable; replaces the config's train_files)")
-    q.add_argument("--output-dir", default=None, help="where checkpoints and the final model go")
-    q.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir")
-    q.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    q.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    for stage, (help_text, configs, files) in STAGES.items():
+        q = sub.add_parser(stage, help=help_text)
+        q.add_argument("--config", default=None, help=f"YAML config ({configs})")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value), repeatable: --set learning_rate=2e-5")
+        q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")
+        q.add_argument("--train-file", action="append", default=None, help=f"{files} (repeatable; replaces the config's train_files)")
+        q.add_argument("--output-dir", default=None, help="where checkpoints and the final model go")
+        q.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir")
+        q.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+        q.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed ``thyme train ...`` command; returns the exit status."""
-    if args.train_command != "sft":
-        raise ThymeError(f"unknown train command {args.train_command!r}")
-    from ..train.sft import train_sft
-    from ..train.sft_config import load_sft_config, parse_set
+    """Run a parsed ``thyme train sft|rl`` command; returns the exit status."""
+    from ..train.sft_config import parse_set
 
+    if args.train_command not in STAGES:
+        raise ThymeError(f"unknown train command {args.train_command!r}")
     overrides = parse_set(args.set)
     for key, value in (("model", args.model), ("train_files", args.train_file), ("output_dir", args.output_dir),
                        ("resume_from_checkpoint", args.resume), ("max_steps", args.max_steps)):
         if value is not None:
             overrides[key] = value
-    cfg = load_sft_config(args.config, overrides)
-    result = train_sft(cfg)
+    if args.train_command == "rl":
+        from ..train.rl.config import load_rl_config
+        from ..train.rl.run import train_rl
+
+        result = train_rl(load_rl_config(args.config, overrides))
+    else:
+        from ..train.sft import train_sft
+        from ..train.sft_config import load_sft_config
+
+        result = train_sft(load_sft_config(args.config, overrides))
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

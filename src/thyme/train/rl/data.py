@@ -1,0 +1,165 @@
+"""RL prompts: RL records and benchmark rows, wrapped in the Thyme prompt.
+
+Two row forms are read from JSONL (detected per row):
+
+- **RL records** (``Kwai-Keye/Thyme-RL`` as ``thyme data convert`` writes them): ``messages``
+  (a system turn and a user turn ``"<image>\\n<filled Thyme user prompt>"``), ``images``,
+  ``solution`` (the reference answer), ``question``. The system text and the user text are kept
+  byte for byte; the ``<image>`` placeholders become image parts (vision tokens), as training saw.
+- **Benchmark rows** (V*, HR-Bench, MME-RealWorld JSONL: ``question``, ``options``, ``answer``,
+  ``image``): the multiple-choice text of :func:`thyme.evaluate.prompts.build_question` inside the
+  Thyme user prompt (:func:`thyme.protocol.build_messages`, image path and size), exactly as
+  ``thyme eval`` asks it.
+
+:class:`RLPrompt` is what a rollout needs; :func:`to_dataset_rows` turns prompts into TRL
+dataset rows (``prompt``: the question text, for TRL's logs; ``thyme``: the prompt as JSON; no
+``image``/``images`` column, so TRL never rebuilds prompts from dataset images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from ... import protocol
+from ...errors import ThymeError
+from ...imageio import image_size
+
+
+@dataclass
+class RLPrompt:
+    """One question to roll out.
+
+    Attributes:
+        id: row id (``id`` / ``question_id`` / ``file:line``).
+        messages: ``[system, user]`` content lists, images as ``{"type": "image", "image": path}``.
+        images: input image paths (absolute), in the order of the image parts.
+        solution: the reference answer (a letter for multiple choice).
+        question: the question as the judge sees it (options included).
+        options: ``{letter: text}`` for multiple choice (else empty).
+    """
+
+    id: str
+    messages: list[dict[str, Any]]
+    images: list[str]
+    solution: str
+    question: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s: str) -> "RLPrompt":
+        return cls(**json.loads(s))
+
+
+def _resolve(p: str, root: Path) -> str:
+    q = Path(os.path.expanduser(str(p)))
+    return str(q if q.is_absolute() else (root / q).resolve())
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+
+
+def from_rl_record(row: dict[str, Any], rid: str, root: Path) -> RLPrompt:
+    """An RL record -> :class:`RLPrompt` (see the module docstring).
+
+    Raises:
+        ThymeError: no user turn, no solution, or placeholder / image count mismatch.
+    """
+    images = [_resolve(p, root) for p in (row.get("images") or row.get("image") or [])]
+    if isinstance(row.get("images"), str):
+        images = [_resolve(row["images"], root)]
+    system = next((m for m in row["messages"] if m.get("role") == "system"), None)
+    user = next((m for m in row["messages"] if m.get("role") == "user"), None)
+    if user is None:
+        raise ThymeError(f"RL record {rid}: no user message")
+    text = _text(user.get("content"))
+    n_ph = text.count(protocol.IMAGE_PLACEHOLDER)
+    if n_ph and n_ph != len(images):
+        raise ThymeError(f"RL record {rid}: {n_ph} <image> placeholders but {len(images)} images")
+    for _ in range(n_ph):
+        text = text.replace(protocol.IMAGE_PLACEHOLDER, "", 1)
+    text = text.lstrip("\n") if n_ph else text
+    solution = row.get("solution", row.get("answer", row.get("answer_gt")))
+    if solution is None:
+        raise ThymeError(f"RL record {rid}: no solution")
+    content = [protocol.image_part(p) for p in images] + [protocol.text_part(text)]
+    msgs = [{"role": "system", "content": [protocol.text_part(_text(system["content"]) if system else protocol.SYSTEM_PROMPT)]},
+            {"role": "user", "content": content}]
+    question = row.get("question") or text
+    return RLPrompt(rid, msgs, images, str(solution), protocol.strip_question_placeholder(str(question)), {})
+
+
+def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: str | None = None) -> RLPrompt:
+    """A benchmark row (question, options, answer, image) -> :class:`RLPrompt` in the Thyme prompt."""
+    from ...evaluate.benchmarks import parse_options
+    from ...evaluate.prompts import build_question
+
+    options = parse_options(row.get("options")) if row.get("options") is not None else {}
+    question = build_question(SimpleNamespace(hint=row.get("hint"), question=str(row["question"]), options=options))
+    img = row.get("image")
+    images = [_resolve(img, root)] if isinstance(img, str) and img else []
+    shown = [shown_path.replace("{name}", os.path.basename(p)).replace("{path}", p) if shown_path else p for p in images]
+    sizes = []
+    for p in images:
+        try:
+            sizes.append(image_size(p))
+        except Exception:
+            sizes.append(None)
+    msgs = protocol.build_messages(question, images, shown_paths=shown, image_sizes=sizes)
+    return RLPrompt(rid, msgs, images, str(row.get("answer", "")).strip(), question, options)
+
+
+def load_prompts(files: list[str], *, images_root: str | None = None, shown_path: str | None = None) -> list[RLPrompt]:
+    """Read every row of ``files`` (JSONL): RL records or benchmark rows.
+
+    Raises:
+        ThymeError: a missing file, a malformed line (naming file and line), an unknown row form.
+    """
+    from ...jsonl import iter_jsonl
+
+    out: list[RLPrompt] = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ThymeError(f"train file not found: {f}", "pass JSONL of RL records or benchmark rows")
+        root = Path(images_root) if images_root else path.parent
+        for line, row in iter_jsonl(path):
+            rid = str(row.get("id", row.get("question_id", f"{path.name}:{line}")))
+            if isinstance(row.get("messages"), list):
+                out.append(from_rl_record(row, rid, root))
+            elif "question" in row and ("answer" in row or "solution" in row):
+                out.append(from_benchmark_row(row, rid, root, shown_path))
+            else:
+                raise ThymeError(f"{f}:{line}: unknown row form (keys {sorted(row)})", "expected RL records (messages, images, solution) or benchmark rows (question, options, answer, image)")
+    if not out:
+        raise ThymeError(f"no rows in {files}")
+    return out
+
+
+def to_dataset_rows(prompts: list[RLPrompt]) -> dict[str, list[Any]]:
+    """Columns for ``datasets.Dataset.from_dict``: ``prompt`` (question text), ``thyme`` (JSON)."""
+    return {"prompt": [p.question for p in prompts], "thyme": [p.to_json() for p in prompts]}
+
+
+def rl_record(question: str, image: str, solution: str, *, rid: str | None = None) -> dict[str, Any]:
+    """An RL record in the released schema for ``question`` about ``image`` (tests, examples)."""
+    try:
+        size = image_size(image)
+    except Exception:
+        size = None
+    user = protocol.IMAGE_PLACEHOLDER + "\n" + protocol.user_prompt_text(question, image, size)[len(protocol.IMAGE_PLACEHOLDER):].lstrip("\n")
+    rec = {"messages": [{"role": "system", "content": protocol.SYSTEM_PROMPT}, {"role": "user", "content": user}],
+           "images": [image], "solution": solution, "question": question}
+    if rid is not None:
+        rec["id"] = rid
+    return rec
