@@ -113,7 +113,8 @@ def test_eval_score_hrbench_cycles_fsp_fcp_without_images(tmp_path):
     preds, expect = [], {}
     for i, r in enumerate(rows):
         if i % 97 == 13:
-            continue  # never predicted
+            expect[r.key] = False  # never predicted: counted wrong, listed as missing
+            continue
         wrong = next(k for k in r.options if k != r.answer)
         kind = i % 6
         p = {"question_id": r.question_id, "prediction": [f"({r.answer})", f"{r.answer}. {r.options[r.answer]}", "Cannot determine the answer", f"The answer is {wrong}", "no idea", "x"][kind]}
@@ -126,7 +127,8 @@ def test_eval_score_hrbench_cycles_fsp_fcp_without_images(tmp_path):
     assert rc == 0
     m = json.loads(out)
     n = len(expect)
-    assert m["counts"]["rows"] == n and m["counts"]["missing"] == 800 - n
+    never = [r.key for i, r in enumerate(rows) if i % 97 == 13]
+    assert n == 800 and m["counts"]["rows"] == 800 and m["counts"]["missing"] == len(never) == 9 and m["missing"] == never
     assert m["counts"]["correct"] == sum(expect.values())
     assert m["overall"] == pytest.approx(sum(expect.values()) / n)
     assert m["counts"]["failed"] == sum(1 for p in preds if p.get("error"))
@@ -205,7 +207,9 @@ def test_eval_score_judge_maps_unparsed_answers_only(tmp_path):
     prompts = [q["body"]["messages"][0]["content"] for q in s.requests]
     assert not any(f"({rows[0].answer})" in p.split("Model answer:")[1] for p in prompts)  # parsed answers never go to the judge
     assert m["counts"]["unparsed"] == 2 and m["counts"]["judged"] == 1 and m["counts"]["judge_invalid"] == 1
-    assert m["counts"]["correct"] == 2 and m["overall"] == pytest.approx(2 / 3, abs=1e-6)
+    # every data row counts: 188 never predicted are wrong, so 2 correct of 191
+    assert m["counts"]["correct"] == 2 and m["counts"]["rows"] == 191 and m["counts"]["missing"] == 188
+    assert m["overall"] == pytest.approx(2 / 191, abs=1e-6)
     assert m["provenance"]["judge"]["model"] == "j"
     assert sum(1 for p in prompts if "hmm" in p) == 3  # the failing verdict was retried (max_retries 2 from the YAML)
 
@@ -228,7 +232,9 @@ def test_thyme_eval_score_command_line(tmp_path):
     f = _write(tmp_path / "p.jsonl", [{"question_id": r.question_id, "prediction": r.answer} for r in rows])
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     cmd = [sys.executable, "-m", "thyme.cli"]
-    p = subprocess.run([*cmd, "eval", "score", "--benchmark", "hrbench4k", "--data", str(ANN / "hrbench_4k.jsonl"), "--predictions", str(f), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    data = tmp_path / "hrbench_first8.jsonl"  # every data row counts in `overall`: score against these 8
+    data.write_text("".join((ANN / "hrbench_4k.jsonl").read_text().splitlines(keepends=True)[:8]))
+    p = subprocess.run([*cmd, "eval", "score", "--benchmark", "hrbench4k", "--data", str(data), "--predictions", str(f), "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)
     assert m["overall"] == 1.0 and m["counts"]["rows"] == 8 and list(m)[:3] == ["overall", "per_category", "counts"]

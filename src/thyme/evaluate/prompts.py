@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from .benchmarks import Row
+from .data import Row
 
 MCQ_INSTRUCTION = "Please select the correct answer from the options above."
 MCQ_INSTRUCTION_CN = "请直接回答选项字母。"

@@ -46,10 +46,8 @@ from typing import Any, Callable
 from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..errors import ThymeError
-from .benchmarks import BenchmarkSpec, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
+from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
 from .metrics import base_provenance, compute_metrics, file_fingerprint
-from .prompts import build_question
-from .scoring import score_prediction
 
 
 @dataclass
@@ -241,7 +239,7 @@ def absolute_trajectory(d: dict[str, Any], out: str | os.PathLike) -> dict[str, 
 # --------------------------------------------------------------------------- replay join
 
 
-def load_replay_records(path: str | os.PathLike, spec: BenchmarkSpec) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+def load_replay_records(path: str | os.PathLike, spec: Benchmark) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
     """Records of ``path`` that belong to ``spec``, keyed by question id.
 
     Returns:
@@ -321,10 +319,10 @@ def _check_config(cfg: EvalConfig) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def prediction_row(spec: BenchmarkSpec, row: Row, traj: Trajectory, out: Path, *, shard: int | None = None, record: ReplayRecord | None = None) -> dict[str, Any]:
+def prediction_row(spec: Benchmark, row: Row, traj: Trajectory, out: Path, *, shard: int | None = None, record: ReplayRecord | None = None) -> dict[str, Any]:
     """The ``predictions.jsonl`` line of one finished trajectory."""
     error = traj.error if traj.stop_reason == "error" else None
-    score = score_prediction(row, traj.answer, spec, error=error)
+    score = spec.score(row, traj.answer, error=error)
     d: dict[str, Any] = {
         "question_id": row.question_id,
         "key": row.key,
@@ -347,7 +345,7 @@ def prediction_row(spec: BenchmarkSpec, row: Row, traj: Trajectory, out: Path, *
         d["shard"] = shard
     if record is not None:
         d["record_id"] = record.id
-        d["prompt_matches_record"] = build_question(row) == record.question
+        d["prompt_matches_record"] = spec.question(row) == record.question
     return d
 
 
@@ -479,7 +477,7 @@ def run_eval(
                 def run_group(batch: list[Row]) -> tuple[list[Row], list[Trajectory]]:
                     tasks = []
                     for r in batch:
-                        question = records[r.key].question if records is not None else build_question(r)
+                        question = records[r.key].question if records is not None else spec.question(r)
                         tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
                     try:
                         return batch, agent.run_batch(tasks)
@@ -580,7 +578,7 @@ def _all_shards_complete(out: Path, cfg: EvalConfig) -> bool:
 
 def finalise(
     cfg: EvalConfig,
-    spec: BenchmarkSpec,
+    spec: Benchmark,
     rows: list[Row],
     selected: list[Row],
     *,
@@ -614,7 +612,7 @@ def finalise(
                 p = preds.get(r.key)
                 if p is None:
                     continue
-                traj = p.get("trajectory") or _failed_trajectory(r.key, p.get("question") or build_question(r), [], RuntimeError(p.get("error") or "no trajectory")).to_dict()
+                traj = p.get("trajectory") or _failed_trajectory(r.key, p.get("question") or spec.question(r), [], RuntimeError(p.get("error") or "no trajectory")).to_dict()
                 items.append(
                     {
                         "id": r.key,

@@ -42,6 +42,7 @@ class ReportItem:
         ground_truth: the reference answer.
         prediction: the answer as scored (default the trajectory's answer).
         error: why the sample failed, if it did.
+        options: ``{letter: text}`` of a multiple-choice row (read by its benchmark's rule set).
         extra: more ``label -> value`` facts shown under the answer (strings).
     """
 
@@ -54,6 +55,7 @@ class ReportItem:
     ground_truth: str | None = None
     prediction: str | None = None
     error: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -100,8 +102,22 @@ def to_item(obj: Any, *, base_dir: str | os.PathLike | None = None, index: int =
     item.id = item.id or f"item-{index + 1}"
     item.category = item.category or item.benchmark
     if item.correct is None and item.ground_truth is not None and item.prediction is not None:
-        item.correct = answers_agree(item.prediction, item.ground_truth)
+        item.correct = _judge(item)
     return item
+
+
+def _judge(item: ReportItem) -> bool:
+    """Correctness of a row that carries no verdict: its benchmark's own rule set when the row
+    names a benchmark and carries its options (the rule the metric uses, so the report never
+    marks correct what the metric scored wrong), else the conservative :func:`answers_agree`
+    (an option rule cannot read letters it was not given)."""
+    from ..evaluate.benchmarks import find_benchmark
+
+    spec = find_benchmark(item.benchmark) if item.benchmark and item.options else None
+    if spec is not None:
+        v = score_answer(item.prediction, item.ground_truth, options=item.options, rule_set=spec.rule_set)
+        return bool(v and v.correct)
+    return answers_agree(item.prediction, item.ground_truth)
 
 
 def _item_from_row(row: dict[str, Any], base_dir: str | os.PathLike | None) -> ReportItem:
@@ -144,6 +160,7 @@ def _item_from_row(row: dict[str, Any], base_dir: str | os.PathLike | None) -> R
         ground_truth=_str(gt) if gt is not None else None,
         prediction=_str(row.get("prediction")) if row.get("prediction") is not None else None,
         error=_str(row.get("error")) if row.get("error") else None,
+        options={str(k): _str(v) for k, v in row["options"].items()} if isinstance(row.get("options"), dict) else {},
         extra=extra,
     )
 

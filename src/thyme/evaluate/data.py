@@ -1,10 +1,7 @@
-"""Benchmarks: names, the forms their data is distributed in, and their images.
+"""Benchmark data: the forms it is distributed in, its rows, and their images.
 
-Names (``--benchmark``): ``vstar`` (V* Bench, 191 questions, categories ``direct_attributes`` /
-``relative_position``), ``hrbench4k`` / ``hrbench8k`` (HR-Bench, 200 questions each asked four
-times with the options rotated, categories ``single`` (FSP) / ``cross`` (FCP)),
-``mme-realworld`` / ``mme-realworld-lite`` (options A-E, tasks Perception / Reasoning, sub-tasks
-such as ``Remote Sensing``).
+The benchmarks themselves (names, prompts, scoring, aggregation) are the registry in
+:mod:`thyme.evaluate.benchmarks`; this module only reads their files.
 
 Data forms (``--data``), detected from the file's extension and keys:
 
@@ -56,87 +53,6 @@ class BenchmarkDataError(ThymeError):
 
 class MissingImagesError(ThymeError):
     """Rows whose images cannot be found (the message lists them and where we looked)."""
-
-
-# --------------------------------------------------------------------------- names
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """A benchmark we score.
-
-    Attributes:
-        name: the ``--benchmark`` name.
-        title: human-readable name.
-        scorer: option-extraction rule set: ``"vlmevalkit"`` (``can_infer``: a lone option
-            letter, else the option's text; V* and HR-Bench through VLMEvalKit's
-            ``ImageMCQDataset``) or ``"mme"`` (MME-RealWorld's ``extract_characters_regex``:
-            the first capital A-E after removing "The answer is"-style prefixes, else the
-            option whose text contains the prediction).
-        aliases: other spellings accepted on the command line and in records' ``benchmark``
-            fields (VLMEvalKit dataset names included).
-        cycles: HR-Bench: rows are option rotations of a question; accuracy is averaged over
-            the rotation cycles.
-        categories: the benchmark's categories, for display order (others are appended).
-    """
-
-    name: str
-    title: str
-    scorer: str
-    aliases: tuple[str, ...] = ()
-    cycles: bool = False
-    categories: tuple[str, ...] = ()
-
-
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    s.name: s
-    for s in [
-        BenchmarkSpec("vstar", "V* Bench", "vlmevalkit", ("vstarbench", "vstar_bench", "v*", "v*bench"), categories=("direct_attributes", "relative_position")),
-        BenchmarkSpec("hrbench4k", "HR-Bench 4K", "vlmevalkit", ("hrbench_4k", "hr_bench_4k", "hr-bench-4k", "hrbench4k"), cycles=True, categories=("single", "cross")),
-        BenchmarkSpec("hrbench8k", "HR-Bench 8K", "vlmevalkit", ("hrbench_8k", "hr_bench_8k", "hr-bench-8k", "hrbench8k"), cycles=True, categories=("single", "cross")),
-        BenchmarkSpec(
-            "mme-realworld",
-            "MME-RealWorld",
-            "mme",
-            ("mme_realworld", "mmerealworld"),
-            categories=("Monitoring", "Autonomous_Driving", "OCR with Complex Context", "Diagram and Table", "Remote Sensing"),
-        ),
-        BenchmarkSpec(
-            "mme-realworld-lite",
-            "MME-RealWorld-Lite",
-            "mme",
-            ("mme_realworld_lite", "mmerealworldlite", "mme-realworld-lite"),
-            categories=("Monitoring", "Autonomous_Driving", "OCR with Complex Context", "Diagram and Table", "Remote Sensing"),
-        ),
-    ]
-}
-
-
-def _norm_name(s: str) -> str:
-    return re.sub(r"[\s_\-]+", "", str(s).strip().lower())
-
-
-def find_benchmark(name: Any) -> BenchmarkSpec | None:
-    """The spec whose name or alias matches ``name`` (case, ``-``, ``_`` and spaces ignored)."""
-    if name is None:
-        return None
-    key = _norm_name(name)
-    for spec in BENCHMARKS.values():
-        if key == _norm_name(spec.name) or key in {_norm_name(a) for a in spec.aliases}:
-            return spec
-    return None
-
-
-def get_benchmark(name: str) -> BenchmarkSpec:
-    """Look up a benchmark by name or alias.
-
-    Raises:
-        BenchmarkDataError: unknown name (the message lists the known ones).
-    """
-    spec = find_benchmark(name)
-    if spec is None:
-        raise BenchmarkDataError(f"unknown benchmark {name!r}", f"known benchmarks: {', '.join(BENCHMARKS)}")
-    return spec
 
 
 # --------------------------------------------------------------------------- rows
@@ -312,7 +228,7 @@ def _letter(v: Any, options: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(benchmark: str | BenchmarkSpec, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None) -> list[Row]:
+def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None) -> list[Row]:
     """Read every row of a benchmark data file (any form listed in the module docstring).
 
     Images are not read: file images get their resolved path in :attr:`Row.image` (existence
@@ -320,7 +236,8 @@ def load_rows(benchmark: str | BenchmarkSpec, data: str | os.PathLike, *, images
     :func:`materialise_images`.
 
     Args:
-        benchmark: name or spec (decides MME / HR-Bench field handling).
+        benchmark: the :class:`thyme.evaluate.benchmarks.Benchmark` (its :meth:`finish_row` adds
+            the benchmark's own fields; :func:`thyme.evaluate.benchmarks.load_rows` takes a name).
         data: the data file.
         images_root: folder relative image paths start from (default: the data file's folder).
 
@@ -331,7 +248,7 @@ def load_rows(benchmark: str | BenchmarkSpec, data: str | os.PathLike, *, images
         BenchmarkDataError: the file is missing or unreadable, or a row lacks its question,
             options or answer (the message names the file and the row).
     """
-    spec = benchmark if isinstance(benchmark, BenchmarkSpec) else get_benchmark(benchmark)
+    spec = benchmark
     path = Path(data)
     if not path.is_file():
         raise BenchmarkDataError(f"benchmark data file not found: {path}", "pass --data pointing at a .tsv, .jsonl, .json or .parquet file")
@@ -438,7 +355,8 @@ def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
             yield rec
 
 
-def _first(obj: dict[str, Any], *keys: str) -> Any:
+def first_field(obj: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` that ``obj`` holds with a value (empty and NaN values skipped)."""
     for k in keys:
         if k in obj:
             v = _clean(obj[k])
@@ -447,15 +365,15 @@ def _first(obj: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def _row_from_object(obj: dict[str, Any], spec: BenchmarkSpec, i: int, source: str, path: Path, root: Path) -> Row:
+def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: Path, root: Path) -> Row:
     where = f"{path}: row {i + 1}"
-    qid = _first(obj, "question_id", "Question_id", "index", "id", "qid")
+    qid = first_field(obj, "question_id", "Question_id", "index", "id", "qid")
     if qid is None:
         qid = i
-    question = _first(obj, "question", "Text")
+    question = first_field(obj, "question", "Text")
     instruction = None
     options: dict[str, str] = {}
-    if question is None and _first(obj, "text") is not None:  # V* Bench official
+    if question is None and first_field(obj, "text") is not None:  # V* Bench official
         question, options, instruction = _split_question_and_options(str(obj["text"]))
     if question is None:
         raise BenchmarkDataError(f"{where}: no question (looked for 'question', 'Text', 'text')", "is this a benchmark file of the form thyme reads?")
@@ -464,36 +382,24 @@ def _row_from_object(obj: dict[str, Any], spec: BenchmarkSpec, i: int, source: s
         if letter_cols:
             options = {k: str(v).strip() for k, v in letter_cols.items()}
         else:
-            options = parse_options(_first(obj, "options", "Answer choices", "multi-choice options", "choices"))
+            options = parse_options(first_field(obj, "options", "Answer choices", "multi-choice options", "choices"))
     if not options:
         raise BenchmarkDataError(f"{where}: no options (looked for columns A, B, ... and 'options', 'Answer choices', 'multi-choice options')")
-    answer = _letter(_first(obj, "answer", "Ground truth", "label", "gt_answer"), options)
+    answer = _letter(first_field(obj, "answer", "Ground truth", "label", "gt_answer"), options)
     if answer is None:
         raise BenchmarkDataError(f"{where}: no answer (looked for 'answer', 'Ground truth', 'label')")
-    category = _first(obj, "category", "Subtask")
-    task = _first(obj, "Task", "task")
-    l2 = _first(obj, "l2-category", "l2_category")
-    if "Subtask" in obj and _first(obj, "Category") is not None:  # MME-RealWorld official JSON
-        category = _first(obj, "Subtask")
-        l2 = _first(obj, "Category")
-    if spec.scorer == "mme":
-        category, task, l2 = _mme_fields(qid, category, task, l2)
-    cycle = None
-    if spec.cycles:
-        cyc = _first(obj, "cycle_category", "cycle")
-        if cyc is not None:
-            cycle = str(cyc)
-        else:
-            try:
-                cycle = str(int(str(qid)) % 4)  # corpus: consecutive rotations
-            except ValueError:
-                cycle = None
-    image_value = _first(obj, "image", "Image", "image_path")
+    category = first_field(obj, "category", "Subtask")
+    task = first_field(obj, "Task", "task")
+    l2 = first_field(obj, "l2-category", "l2_category")
+    if "Subtask" in obj and first_field(obj, "Category") is not None:  # MME-RealWorld official JSON
+        category = first_field(obj, "Subtask")
+        l2 = first_field(obj, "Category")
+    image_value = first_field(obj, "image", "Image", "image_path")
     image_ref, image_path, image_name = _image_of(image_value, root)
     extra = {k: v for k, v in obj.items() if k in ("note", "Dataset", "source", "bbox", "target_object") and _clean(v) is not None}
     if instruction:
         extra["instruction"] = instruction
-    return Row(
+    row = Row(
         question_id=qid,
         question=str(question),
         options=options,
@@ -503,37 +409,12 @@ def _row_from_object(obj: dict[str, Any], spec: BenchmarkSpec, i: int, source: s
         image=image_path,
         image_ref=image_ref,
         image_name=image_name,
-        hint=None if _first(obj, "hint") is None else str(_first(obj, "hint")),
+        hint=None if first_field(obj, "hint") is None else str(first_field(obj, "hint")),
         task=task,
         l2_category=None if l2 is None else str(l2),
-        cycle=cycle,
         extra=extra,
     )
-
-
-def _mme_fields(qid: Any, category: Any, task: Any, l2: Any) -> tuple[str | None, str | None, str | None]:
-    """MME-RealWorld's task / sub-task / category from whichever fields the form carries.
-
-    VLMEvalKit's TSV writes ``category`` as ``Task/Subtask``; the corpus JSONL keeps the
-    sub-task in ``category`` and the task (in varying case) as the question id's prefix
-    (``perception/ocr_cc/license/0384``), whose middle part is the finer category.
-    """
-    cat = None if category is None else str(category)
-    if cat and "/" in cat and cat.split("/")[0].strip().lower() in _MME_TASKS:
-        task = task or cat.split("/")[0]
-        cat = cat.split("/", 1)[1]
-    parts = str(qid).split("/")
-    if task is None and len(parts) >= 2 and parts[0].strip().lower() in _MME_TASKS:
-        task = parts[0]
-        if l2 is None and len(parts) >= 4:
-            l2 = "/".join(parts[2:-1])
-    if task is not None:
-        task = _MME_TASKS.get(str(task).strip().lower(), str(task).strip().capitalize())
-    return cat, task, l2
-
-
-#: MME-RealWorld task prefixes as they occur (the Lite re-packaging also writes ``reason/``).
-_MME_TASKS = {"perception": "Perception", "reasoning": "Reasoning", "reason": "Reasoning"}
+    return spec.finish_row(row, obj)
 
 
 def _looks_base64(s: str) -> bool:
