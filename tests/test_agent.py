@@ -15,7 +15,7 @@ from PIL import Image
 
 from thyme.agent import Agent, AgentConfig, Task, Trajectory
 from thyme.agent.loop import detect_repetition
-from thyme.backends.base import Backend, Generation
+from thyme.backends.base import Backend, BatchGenerationError, Generation
 from thyme.backends.replay import ReplayBackend
 
 CODE = "<think>look<code>\n```python\nprint(1)\n```\n</code>"
@@ -186,14 +186,6 @@ def test_trajectory_round_trips_through_json_with_relative_images(tmp_path, imag
     assert Path(back.output_images()[0]).parent == tmp_path / "runs" / "traj_images"
 
 
-class PartlyFailing(Exception):
-    """Like OpenAIBatchError: per-request errors and generations, by position."""
-
-    def __init__(self, errors, generations):
-        super().__init__("1 of 2 requests failed")
-        self.errors, self.generations = errors, generations
-
-
 class OneBadRequest(Backend):
     def generate(self, requests, stream=None):
         gens = [Generation("<answer>A</answer>", "stop") for _ in requests]
@@ -202,7 +194,7 @@ class OneBadRequest(Backend):
             if r.key == "bad":
                 errors[i], gens[i] = RuntimeError("HTTP 400: context too long"), None
         if any(errors):
-            raise PartlyFailing(errors, gens)
+            raise BatchGenerationError(gens, errors)
         return gens
 
 
@@ -211,3 +203,27 @@ def test_a_failed_request_fails_only_its_trajectory(tmp_path, image):
         good, bad = agent.run_batch([Task("Q", [image], id="good"), Task("Q", [image], id="bad")])
     assert (good.stop_reason, good.answer) == ("answer", "A")
     assert bad.stop_reason == "error" and "context too long" in bad.error
+
+
+class WholeBatchFails(Backend):
+    def generate(self, requests, stream=None):
+        raise RuntimeError("server down")
+
+
+def test_a_failed_batch_fails_every_trajectory_with_the_backends_traceback(tmp_path, image):
+    with Agent(WholeBatchFails(), FakeSandbox(tmp_path)) as agent:
+        trajs = agent.run_batch([Task("Q", [image], id="a"), Task("Q", [image], id="b")])
+    assert [t.stop_reason for t in trajs] == ["error", "error"]
+    assert all("RuntimeError: server down" in t.error and "in generate" in t.error for t in trajs)
+
+
+def test_backends_declare_capabilities_instead_of_names():
+    from thyme.backends.base import Capabilities
+    from thyme.backends.hf import HFBackend
+    from thyme.backends.openai import OpenAIBackend, OpenAIBatchError
+    from thyme.backends.replay import ReplayBackend
+
+    assert OpenAIBackend.capabilities.independent_requests and not HFBackend.capabilities.independent_requests
+    assert HFBackend.capabilities.ats and not OpenAIBackend.capabilities.ats
+    assert ReplayBackend.capabilities == Capabilities()
+    assert issubclass(OpenAIBatchError, BatchGenerationError)

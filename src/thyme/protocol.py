@@ -27,7 +27,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
+
+if TYPE_CHECKING:  # typing only: the protocol imports nothing of the sandbox at run time
+    from .sandbox.result import ExecResult
 
 CODE_START = "<code>"
 CODE_END = "</code>"
@@ -361,7 +364,7 @@ def format_error(error: Any, *, show_traceback: bool = False) -> str:
     return f"{typ}: {msg}" + (f" (line {line})" if line else "")
 
 
-def feedback_parts(result: Any, cfg: FeedbackConfig | None = None) -> list[Part]:
+def feedback_parts(result: ExecResult, cfg: FeedbackConfig | None = None) -> list[Part]:
     """The sandbox feedback appended after ``</code>``, as content parts.
 
     ``cfg.separator`` + ``<sandbox_output>`` + one image part per produced image, or else the
@@ -371,28 +374,27 @@ def feedback_parts(result: Any, cfg: FeedbackConfig | None = None) -> list[Part]
     a sentence tells the model that earlier variables are gone.
 
     Args:
-        result: a :class:`thyme.sandbox.ExecResult` (or anything with ``ok``, ``stdout``,
-            ``error``, ``images``, ``timed_out``, ``state_lost``).
+        result: the :class:`thyme.sandbox.ExecResult` of the code (image paths as the caller
+            keeps them).
     """
     cfg = cfg or FeedbackConfig()
     parts: list[Part] = []
-    images = list(getattr(result, "images", []) or [])
-    if images and getattr(result, "ok", True):
-        parts = [image_part(p) for p in images]
+    if result.images and result.ok:
+        parts = [image_part(p) for p in result.images]
         body = None
-    elif getattr(result, "ok", True):
-        body = (getattr(result, "stdout", "") or "").strip("\n").rstrip()
+    elif result.ok:
+        body = (result.stdout or "").strip("\n").rstrip()
     else:
         pieces = []
-        out = (getattr(result, "stdout", "") or "").rstrip()
+        out = (result.stdout or "").rstrip()
         if out:
             pieces.append(out)
-        if getattr(result, "timed_out", False):
+        if result.timed_out:
             pieces.append("Error: the code did not finish within the time limit and was stopped.")
         else:
-            pieces.append(format_error(getattr(result, "error", None), show_traceback=cfg.show_traceback))
+            pieces.append(format_error(result.error, show_traceback=cfg.show_traceback))
         body = "\n".join(p for p in pieces if p)
-    if getattr(result, "state_lost", False):
+    if result.state_lost:
         note = "(The sandbox was restarted: variables, imports and functions from earlier code are gone.)"
         body = (body + "\n" + note) if body else note
     if body is not None:

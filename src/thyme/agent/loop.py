@@ -21,14 +21,15 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .. import protocol
-from ..backends.base import Backend, Generation, GenerationRequest
+from ..backends.base import Backend, BatchGenerationError, Generation, GenerationRequest
 from ..errors import ThymeError
 from ..imageio import image_size
+from ..sandbox.interface import SandboxProtocol, SessionProtocol
 from .trajectory import Trajectory, Turn
 
 
@@ -115,7 +116,7 @@ EventCallback = Callable[[int, str, Any], None]
 class _State:
     """Mutable per-trajectory state inside :meth:`Agent.run_batch`."""
 
-    def __init__(self, index: int, traj: Trajectory, messages: list[dict[str, Any]], session: Any, out_dir: Path):
+    def __init__(self, index: int, traj: Trajectory, messages: list[dict[str, Any]], session: SessionProtocol | None, out_dir: Path):
         self.index = index
         self.traj = traj
         self.messages = messages
@@ -133,14 +134,13 @@ class Agent:
 
     Args:
         backend: generates segments (:class:`thyme.backends.base.Backend`).
-        sandbox: a :class:`thyme.sandbox.Sandbox` (or anything with ``session(images=...,
-            shown_paths=...)`` returning a context manager with ``run(code)``).
+        sandbox: a :class:`thyme.sandbox.Sandbox`, or any :class:`~thyme.sandbox.interface.SandboxProtocol`.
         config: loop settings.
         artifacts_dir: where output images are copied as they are produced (one folder per
             trajectory); default a temporary folder removed by :meth:`close`.
     """
 
-    def __init__(self, backend: Backend, sandbox: Any, config: AgentConfig | None = None, *, artifacts_dir: str | os.PathLike | None = None):
+    def __init__(self, backend: Backend, sandbox: SandboxProtocol, config: AgentConfig | None = None, *, artifacts_dir: str | os.PathLike | None = None):
         self.backend = backend
         self.sandbox = sandbox
         self.config = config or AgentConfig()
@@ -267,16 +267,19 @@ class Agent:
                 gens = self.backend.generate(requests, stream=stream)
                 if len(gens) != len(requests):
                     raise RuntimeError(f"backend returned {len(gens)} generations for {len(requests)} requests")
-            except Exception as e:
-                # A backend may report per-request failures (``errors`` / ``generations`` by
-                # position, e.g. OpenAIBatchError): only the failed trajectories fail.
-                errors, partial = getattr(e, "errors", None), getattr(e, "generations", None)
-                if not (isinstance(errors, list) and isinstance(partial, list) and len(errors) == len(partial) == len(pending)):
+            except BatchGenerationError as e:  # only the failed requests' trajectories fail
+                errors, partial = e.errors, e.generations
+                if len(errors) != len(pending) or len(partial) != len(pending):
                     errors, partial = [e] * len(pending), [None] * len(pending)
+            except Exception as e:  # the whole batch failed
+                errors, partial = [e] * len(pending), [None] * len(pending)
+            else:
+                errors, partial = None, None
+            if errors is not None:
                 kept = []
                 for s, err, g in zip(pending, errors, partial):
                     if err is not None or g is None:
-                        self._fail(s, err or e)
+                        self._fail(s, err or RuntimeError("the backend returned no generation"))
                     else:
                         kept.append((s, g))
                 if not kept:
@@ -330,19 +333,16 @@ class Agent:
         except Exception as e:
             self._fail(s, e)
             return
-        s.traj.timings["execute_s"] = round(s.traj.timings["execute_s"] + float(getattr(result, "duration_s", 0.0)), 4)
+        s.traj.timings["execute_s"] = round(s.traj.timings["execute_s"] + result.duration_s, 4)
         # keep the images: the session folder disappears with the session
-        kept = [self._keep_image(s, p) for p in result.images]
-        record = result.to_dict()
-        record["images"] = kept
-        t.execution = record
-        shown = _ResultView(record)
-        if len(kept) and s.n_images + len(kept) > self.config.max_images:
+        kept = replace(result, images=[self._keep_image(s, p) for p in result.images])
+        t.execution = kept.to_dict()
+        if kept.images and s.n_images + len(kept.images) > self.config.max_images:
             t.feedback = []
             self._finish(s, "image_cap")
             return
-        s.n_images += len(kept)
-        t.feedback = protocol.feedback_parts(shown, self.feedback_config)
+        s.n_images += len(kept.images)
+        t.feedback = protocol.feedback_parts(kept, self.feedback_config)
 
     def _keep_image(self, s: _State, path: str) -> str:
         s.out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,16 +379,10 @@ class Agent:
             s.traj.stop_reason = reason
 
     def _fail(self, s: _State, e: BaseException) -> None:
-        s.traj.error = str(e) if isinstance(e, ThymeError) else f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=5))
+        s.traj.error = str(e) if isinstance(e, ThymeError) else f"{type(e).__name__}: {e}\n{tb}"
         s.done = False
         self._finish(s, "error")
-
-
-class _ResultView:
-    """Attribute access over an ``ExecResult.to_dict()`` (for :func:`protocol.feedback_parts`)."""
-
-    def __init__(self, d: dict[str, Any]):
-        self.__dict__.update(d)
 
 
 def _safe_name(s: str) -> str:

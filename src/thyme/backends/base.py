@@ -2,14 +2,20 @@
 
 A backend knows the protocol's stop strings but nothing of the sandbox. The agent loop
 (:mod:`thyme.agent`) calls :meth:`Backend.generate` once per round for a batch of
-trajectories, each request carrying the whole conversation so far.
+trajectories, each request carrying the whole conversation so far. What a backend can do is
+declared in :class:`Capabilities` (callers read flags, never a backend's name); a batch in
+which only some requests failed raises :class:`BatchGenerationError`.
+
+Must not import the sandbox, the agent or anything above the backends floor.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
+
+from ..errors import ThymeError
 
 #: One part of a chat message's content, in the Hugging Face content-list format:
 #: ``{"type": "text", "text": str}`` or ``{"type": "image", "image": str}`` (a file path).
@@ -75,14 +81,59 @@ class Generation:
 StreamCallback = Callable[[int, str], None]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; callers decide by these flags, never by the backend's name.
+
+    Attributes:
+        independent_requests: each request is served on its own as it comes (a server with
+            continuous batching): callers may submit trajectories independently rather than
+            in lockstep rounds (``thyme eval --schedule auto``).
+        ats: greedy-inside-``<code>`` decoding in one pass (:attr:`GenerationRequest.ats`);
+            without it the flag is ignored.
+        streaming: the ``stream`` callback of :meth:`Backend.generate` receives text deltas.
+    """
+
+    independent_requests: bool = False
+    ats: bool = False
+    streaming: bool = False
+
+
+class BatchGenerationError(ThymeError):
+    """Some requests of a batch failed; the others completed.
+
+    Attributes:
+        generations: one entry per request: the :class:`Generation`, or ``None`` where it failed.
+        errors: one entry per request: the exception, or ``None`` where it succeeded.
+    """
+
+    def __init__(self, generations: list["Generation | None"], errors: list[BaseException | None]):
+        if len(generations) != len(errors):
+            raise ValueError(f"{len(generations)} generations for {len(errors)} errors")
+        self.generations = generations
+        self.errors = errors
+        failed = [e for e in errors if e is not None]
+        first = failed[0] if failed else RuntimeError("no request failed")
+        hint = first.hint if isinstance(first, ThymeError) else None
+        first_msg = first.message if isinstance(first, ThymeError) else f"{type(first).__name__}: {first}"
+        super().__init__(f"{len(failed)} of {len(errors)} requests failed; first: {first_msg}", hint)
+
+
 class Backend(abc.ABC):
     """Turns a batch of :class:`GenerationRequest` into one :class:`Generation` each."""
 
     name: str = "backend"
+    #: What this backend can do (see :class:`Capabilities`).
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest], stream: StreamCallback | None = None) -> list[Generation]:
-        """Generate the next segment of every request (same order as ``requests``)."""
+        """Generate the next segment of every request (same order as ``requests``).
+
+        Raises:
+            BatchGenerationError: some requests failed (the others' generations are in it).
+            Exception: the whole batch failed (every request's trajectory fails).
+        """
 
     def describe(self) -> dict[str, Any]:
         """Provenance: model id, revision, dtype... (stored in trajectories and metrics)."""

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from ..errors import ImageError, ModelLoadError
 from ..imageio import open_image
-from .base import Backend, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
+from .base import Backend, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 from .processors import check_model_source, hub_kwargs, load_error, load_processor, pixel_budget
 
 #: The Qwen VL image placeholder, as the Qwen2-VL / Qwen2.5-VL / Qwen3-VL chat templates render
@@ -133,6 +133,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    capabilities = Capabilities(independent_requests=False, ats=True, streaming=True)
 
     def __init__(
         self,

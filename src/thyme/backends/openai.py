@@ -145,7 +145,7 @@ from typing import Any, Literal
 
 from ..errors import ImageError, ThymeError
 from ..http import normalise_base_url, retry_delay
-from .base import Backend, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
+from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
 _CONTINUATIONS = ("vllm", "sglang", "completions", "none")
@@ -261,22 +261,9 @@ class OpenAIServerError(ThymeError):
         self.attempts = attempts
 
 
-class OpenAIBatchError(ThymeError):
-    """Some requests of a batch failed; the others completed.
-
-    Attributes:
-        generations: one entry per request: the :class:`Generation`, or ``None`` where it failed.
-        errors: one entry per request: the exception, or ``None`` where it succeeded.
-    """
-
-    def __init__(self, generations: list[Generation | None], errors: list[BaseException | None]):
-        self.generations = generations
-        self.errors = errors
-        failed = [e for e in errors if e is not None]
-        first = failed[0]
-        hint = first.hint if isinstance(first, ThymeError) else None
-        first_msg = first.message if isinstance(first, ThymeError) else f"{type(first).__name__}: {first}"
-        super().__init__(f"{len(failed)} of {len(errors)} requests failed; first: {first_msg}", hint)
+class OpenAIBatchError(BatchGenerationError):
+    """Some requests of a batch to the server failed; the others completed (see
+    :class:`~thyme.backends.base.BatchGenerationError`)."""
 
 
 # --------------------------------------------------------------------------- images
@@ -503,6 +490,7 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
+    capabilities = Capabilities(independent_requests=True, streaming=False)
 
     def __init__(self, base_url: str | None = None, model: str | None = None, *, config: OpenAIConfig | None = None, **overrides: Any):
         cfg = config or OpenAIConfig()

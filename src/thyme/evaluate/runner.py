@@ -466,7 +466,8 @@ def run_eval(
         _repair_tail(pred_path)
         bar = tqdm(total=len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q", file=sys.stderr, disable=None, dynamic_ncols=True)
         tally = {"correct": sum(1 for r in mine if done.get(r.key, {}).get("correct")), "finished": skipped}
-        independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and getattr(backend, "name", "") == "openai")
+        caps = getattr(backend, "capabilities", None)
+        independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
         if independent:  # every trajectory on its own: a slow or failing request holds up no other
             groups, workers = [[r] for r in todo], cfg.concurrency
         else:  # lockstep rounds over batches of `concurrency` (one generate call per round)
