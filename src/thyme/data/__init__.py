@@ -4,4 +4,7 @@
 - :mod:`thyme.data.verify` (``thyme data verify``): the paper's sandbox execution filtering;
 - :mod:`thyme.data.masks` (``thyme data show-masks``): token-level loss masks from character spans;
 - :mod:`thyme.data.records`: the SFT record structure (inputs, recorded outputs, output spans).
+
+Floor 4 (beside evaluate and train): uses the agent (replay) and the backends' processors;
+must not import evaluate, train, report or cli.
 """
