@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Literal
 
+from .constants import MAX_OUTPUT_CHARS
+
 CODE_START = "<code>"
 CODE_END = "</code>"
 ANSWER_START = "<answer>"
@@ -341,7 +343,7 @@ class FeedbackConfig:
             train/inference mismatch.
     """
 
-    max_output_chars: int = 4096
+    max_output_chars: int = MAX_OUTPUT_CHARS
     show_traceback: bool = False
     separator: str = "\n"
 

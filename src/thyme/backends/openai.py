@@ -143,6 +143,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..config import setting
 from ..errors import ImageError, ThymeError
 from ..http import normalise_base_url, retry_delay
 from .base import Backend, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
@@ -162,57 +163,36 @@ QWEN_MAX_PIXELS = 12845056
 
 @dataclass
 class OpenAIConfig:
-    """Settings of :class:`OpenAIBackend` (YAML section ``model`` / CLI flags of ``thyme eval``).
+    """Settings of :class:`OpenAIBackend` (YAML section ``model`` of ``thyme eval --base-url``;
+    the API key also from ``OPENAI_API_KEY``). Each field's meaning, default and source:
+    ``thyme eval --help``."""
 
-    Attributes:
-        base_url: the server's OpenAI API root, e.g. ``http://127.0.0.1:8000/v1`` (a URL without
-            a path gets ``/v1`` appended).
-        model: the served model name (vLLM ``--served-model-name``, default the model path/id).
-        api_key: sent as ``Authorization: Bearer <api_key>``; ``None`` sends ``EMPTY`` (vLLM and
-            SGLang accept anything unless started with ``--api-key``). Never written to
-            provenance.
-        concurrency: requests in flight at most (the server batches them).
-        min_pixels / max_pixels: per-image pixel budget applied before upload (default
-            Qwen2.5-VL's processor budget, so the model sees what the ``hf`` backend's default
-            processor gives it).
-        resize_factor: both image sides become multiples of this (patch x merge: 28 for
-            Qwen2/2.5-VL, 32 for Qwen3-VL).
-        image_format: ``"auto"``, ``"jpeg"`` or ``"png"`` (see the module docstring).
-        jpeg_quality: JPEG quality of re-encoded images (1-100).
-        timeout_s: seconds one HTTP request may take (a 2048-token round on a loaded server can
-            take minutes); connecting is limited to ``min(10, timeout_s)``.
-        max_retries: retries of a request after HTTP 429 / 5xx / a timeout / a connection error.
-        backoff_s: first retry delay in seconds (doubles per retry, plus up to 25% jitter).
-        max_backoff_s: cap on one retry delay (and on an honoured ``Retry-After``).
-        continuation: how the assistant message is continued after a sandbox output:
-            ``"vllm"``, ``"sglang"``, ``"completions"`` or ``"none"`` (module docstring).
-        send_stop: send the stop strings to the server (they are always applied here too).
-            False for servers whose stop support is broken (``transformers serve`` 5.23 with
-            vision models).
-        extra_body: JSON fields merged last into every request body.
-        tokenizer: hub id or folder whose chat template renders prompts for
-            ``continuation="completions"`` (default: ``model`` when it is a local folder).
-        image_cache_mb: size of the encoded-image cache (data URLs), in MiB.
-    """
-
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""
-    api_key: str | None = None
-    concurrency: int = 16
-    min_pixels: int = QWEN_MIN_PIXELS
-    max_pixels: int = QWEN_MAX_PIXELS
-    resize_factor: int = 28
-    image_format: str = "auto"
-    jpeg_quality: int = 95
-    timeout_s: float = 600.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    continuation: str = "vllm"
-    send_stop: bool = True
-    extra_body: dict[str, Any] | None = None
-    tokenizer: str | None = None
-    image_cache_mb: int = 512
+    base_url: str = setting("http://127.0.0.1:8000/v1", help="the server's OpenAI API root (a URL without a path gets /v1 appended)", source="vLLM's default port")
+    model: str = setting("", help="the served model name (vLLM --served-model-name, default the model path/id)", source="required", show_default="none")
+    api_key: str | None = setting(
+        None, help="sent as 'Authorization: Bearer <key>'; none sends EMPTY (vLLM and SGLang accept anything unless started with --api-key); never written to provenance", source="OpenAI API"
+    )
+    concurrency: int = setting(16, help="requests in flight at most (the server batches them)", source="ours")
+    min_pixels: int = setting(QWEN_MIN_PIXELS, help="per-image pixel budget applied before upload, lower bound", source="Qwen2.5-VL processor")
+    max_pixels: int = setting(
+        QWEN_MAX_PIXELS, help="per-image pixel budget applied before upload, upper bound (so the model sees what the hf backend's default processor gives it)", source="Qwen2.5-VL processor"
+    )
+    resize_factor: int = setting(28, help="both image sides become multiples of this (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)", source="Qwen2.5-VL")
+    image_format: Literal["auto", "jpeg", "png"] = setting("auto", help="how images are uploaded (see thyme.backends.openai)", source="ours")
+    jpeg_quality: int = setting(95, help="JPEG quality of re-encoded images (1-100)", source="ours")
+    timeout_s: float = setting(600.0, help="seconds one HTTP request may take (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)", source="ours")
+    max_retries: int = setting(5, help="retries of a request after HTTP 408/409/425/429/5xx, a timeout or a connection error", source="ours")
+    backoff_s: float = setting(1.0, help="first retry delay in seconds (doubles per retry, plus up to 25% jitter)", source="ours")
+    max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After)", source="ours")
+    continuation: Literal["vllm", "sglang", "completions", "none"] = setting(
+        "vllm", help="how the assistant message is continued after a sandbox output (see thyme.backends.openai)", source="ours"
+    )
+    send_stop: bool = setting(
+        True, help="send the stop strings to the server (they are always applied here too); off for servers whose stop support is broken (transformers serve 5.23 with vision models)", source="ours"
+    )
+    extra_body: dict[str, Any] | None = setting(None, help="JSON fields merged last into every request body", source="ours")
+    tokenizer: str | None = setting(None, help="hub id or folder whose chat template renders prompts for continuation 'completions'", source="ours", show_default="model when it is a local folder")
+    image_cache_mb: int = setting(512, help="size of the encoded-image cache (data URLs), in MiB", source="ours")
 
     def check(self) -> None:
         """Raise :class:`ThymeError` naming the first bad setting."""

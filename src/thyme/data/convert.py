@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..constants import OUTPUT_DIR_ALIAS
 from ..errors import RecordError, ThymeError
 
 #: File extensions treated as image paths inside text.
@@ -55,7 +56,7 @@ PATH_RE = re.compile(r"""[^\s"'`()\[\]{}<>,;=*]+\.(?:""" + "|".join(IMAGE_EXTENS
 #: also show ``User Image Path: "..."``).
 USER_PATH_RE = re.compile(r'(User Image Path:?\**:?\s*")([^"\n]*)(")')
 #: The model's output folder convention; the sandbox maps it, so it is never "unresolved".
-OUTPUT_ALIAS = "/mnt/data/temp_processed_images"
+OUTPUT_ALIAS = OUTPUT_DIR_ALIAS
 _MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"GIF8": ".gif", b"BM": ".bmp", b"RIFF": ".webp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
 
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..constants import OUTPUT_DIR_MARKER
 from ..errors import ThymeError
 from ..scoring.rules import score_answer
 
 #: Default longest side (pixels) of embedded images.
 MAX_IMAGE_SIDE = 1024
-OUTPUT_DIR_MARKER = "temp_processed_images"
 
 
 class ReportError(ThymeError):

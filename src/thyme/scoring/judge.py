@@ -34,8 +34,9 @@ import contextvars
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
+from ..config import setting
 from ..http import retry_delay
 from ..errors import ThymeError
 
@@ -50,35 +51,24 @@ class JudgeRequestError(JudgeError):
 
 @dataclass
 class JudgeConfig:
-    """Where the judge is and how hard to try.
+    """Where the judge is and how hard to try (YAML section ``judge``, flags ``--judge-*``; the
+    key also from ``THYME_JUDGE_API_KEY``). Each field's meaning, default and source:
+    ``thyme eval --help``."""
 
-    Attributes:
-        base_url: the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:8000/v1``.
-        model: the served model name (the paper: Qwen2.5-VL-72B-Instruct, text only).
-        api_key: sent as ``Authorization: Bearer``; ``None`` sends none.
-        timeout_s: seconds per HTTP request.
-        max_retries: retries of one request on 429 / 5xx / timeouts / connection errors.
-        backoff_s: first retry delay in seconds, doubled each retry (plus up to 10% jitter).
-        max_backoff_s: cap on one retry delay, in seconds.
-        parse_retries: extra requests when the reply is not the JSON asked for.
-        temperature: sampling temperature (0: greedy).
-        max_tokens: generated tokens per verdict.
-        concurrency: requests in flight at once in the batch helpers.
-        response_format: ``"json_schema"`` (constrained decoding), ``"json_object"`` or ``"none"``.
-    """
-
-    base_url: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    parse_retries: int = 2
-    temperature: float = 0.0
-    max_tokens: int = 64
-    concurrency: int = 16
-    response_format: str = "json_schema"
+    base_url: str | None = setting(None, help="OpenAI-compatible server of the judge, e.g. http://127.0.0.1:8001/v1 (no judge without it)", source="ours")
+    model: str | None = setting(None, help="served model name of the judge", source="paper: Qwen2.5-VL-72B-Instruct, text only")
+    api_key: str | None = setting(None, help="sent as 'Authorization: Bearer'; none sends none", source="OpenAI API")
+    timeout_s: float = setting(60.0, help="seconds per HTTP request", source="ours")
+    max_retries: int = setting(4, help="retries of one request on HTTP 408/409/425/429/5xx, timeouts and connection errors", source="ours")
+    backoff_s: float = setting(1.0, help="first retry delay in seconds, doubled each retry (plus up to 25% jitter)", source="ours")
+    max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After), in seconds", source="ours")
+    parse_retries: int = setting(2, help="extra requests when the reply is not the JSON asked for", source="ours")
+    temperature: float = setting(0.0, help="sampling temperature (0: greedy)", source="ours")
+    max_tokens: int = setting(64, help="generated tokens per verdict", source="ours")
+    concurrency: int = setting(16, help="requests in flight at once in the batch helpers", source="ours")
+    response_format: Literal["json_schema", "json_object", "none"] = setting(
+        "json_schema", help="how the JSON reply is constrained: json_schema (constrained decoding), json_object or none", source="ours"
+    )
 
 
 @dataclass
