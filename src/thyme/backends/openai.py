@@ -120,7 +120,7 @@ Requests run on one background asyncio event loop (one ``httpx.AsyncClient``, co
 reused) under a semaphore of ``concurrency`` requests in flight. :meth:`OpenAIBackend.generate`
 is synchronous for the agent loop but runs the whole batch concurrently;
 :meth:`OpenAIBackend.agenerate` is the same for asyncio callers. ``generate`` may be called from
-several threads at once (one trajectory per thread): all calls share the one limit. HTTP 429, 5xx, timeouts and
+several threads at once (one trajectory per thread): all calls share the one limit. HTTP 408, 409, 425, 429, 5xx, timeouts and
 connection errors are retried ``max_retries`` times with exponential backoff (``backoff_s`` x 2^k,
 capped at ``max_backoff_s``, with jitter; a ``Retry-After`` header is honoured up to that cap).
 Any other 4xx is not retried: :class:`OpenAIServerError` (a :class:`~thyme.errors.ThymeError`)
@@ -145,7 +145,7 @@ from typing import Any, Literal
 
 from ..config import setting
 from ..errors import ImageError, ThymeError
-from ..http import normalise_base_url, retry_delay
+from ..http import Retryable, is_retryable_status, normalise_base_url, retrying
 from .base import Backend, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -824,54 +824,64 @@ class OpenAIBackend(Backend):
 
         cfg = self.config
         url = cfg.base_url + path
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt(n: int) -> dict[str, Any]:
             with self._stats_lock:
                 self.stats["requests"] += 1
                 self.stats["upload_bytes"] += len(payload)
-            retry_after = None
             try:
                 r = await client.post(url, content=payload)
             except httpx.TimeoutException as e:
-                err = OpenAIServerError(
+                raise Retryable(OpenAIServerError(
                     f"request to {url} timed out after {cfg.timeout_s:g} s ({type(e).__name__})",
                     "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load",
-                    url=url, retryable=True, attempts=attempt,
-                )
+                    url=url, retryable=True, attempts=n,
+                )) from None
             except httpx.TransportError as e:
-                err = OpenAIServerError(
+                raise Retryable(OpenAIServerError(
                     f"cannot reach {url}: {type(e).__name__}: {e}",
                     "is the server running and is --base-url right (scheme, host, port, /v1)?",
-                    url=url, retryable=True, attempts=attempt,
-                )
-            else:
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        raise OpenAIServerError(f"{url} answered HTTP 200 with a body that is not JSON: {_excerpt(r.text)!r}", url=url, status=200, body=_excerpt(r.text), attempts=attempt) from None
-                err = self._http_error(url, r, attempt)
-                retry_after = r.headers.get("retry-after")
-            if not err.retryable or attempt > cfg.max_retries or self._closed:
-                with self._stats_lock:
-                    self.stats["failed"] += 1
-                if err.retryable and attempt > 1:
-                    err = OpenAIServerError(f"{err.message} (gave up after {attempt} attempts)", err.hint, url=err.url, status=err.status, body=err.body, retryable=True, attempts=attempt)
-                raise err
-            delay = retry_delay(attempt, cfg.backoff_s, cfg.max_backoff_s, retry_after)
+                    url=url, retryable=True, attempts=n,
+                )) from None
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    self._count_failed()
+                    raise OpenAIServerError(f"{url} answered HTTP 200 with a body that is not JSON: {_excerpt(r.text)!r}", url=url, status=200, body=_excerpt(r.text), attempts=n) from None
+            err = self._http_error(url, r, n)
+            if err.retryable:
+                raise Retryable(err, r.headers.get("retry-after"))
+            self._count_failed()
+            raise err
+
+        def give_up(err: BaseException, attempts: int) -> BaseException:
+            self._count_failed()
+            if isinstance(err, OpenAIServerError) and attempts > 1:
+                return OpenAIServerError(f"{err.message} (gave up after {attempts} attempts)", err.hint, url=err.url, status=err.status, body=err.body, retryable=True, attempts=attempts)
+            return err
+
+        def on_retry(_n: int) -> None:
             with self._stats_lock:
                 self.stats["retries"] += 1
-            await asyncio.sleep(delay)
+
+        return await retrying(
+            attempt, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s,
+            give_up=give_up, on_retry=on_retry, stop_early=lambda: self._closed,
+        )
+
+    def _count_failed(self) -> None:
+        with self._stats_lock:
+            self.stats["failed"] += 1
 
     def _http_error(self, url: str, r: Any, attempt: int) -> OpenAIServerError:
         status = int(r.status_code)
         body = _excerpt(r.text)
-        retryable = status == 429 or status >= 500
+        retryable = is_retryable_status(status)
         msg = f"{url} answered HTTP {status}: {body}"
         hint = None
         low = body.lower()
-        if status == 429:
+        if status in (408, 409, 425, 429):
             hint = "the server is overloaded or rate-limited: lower --concurrency or raise max_retries"
         elif status >= 500:
             hint = "a server-side failure: see the server's log"

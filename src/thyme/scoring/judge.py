@@ -10,7 +10,7 @@ reply is parsed leniently (code fences and text around the object are ignored).
 Failure handling (the reference silently scored a failed judge call 0; here a failure is an
 error the caller reports as *invalid*):
 
-- HTTP 429, 5xx, timeouts and connection errors are retried with exponential backoff
+- HTTP 408, 409, 425, 429, 5xx, timeouts and connection errors are retried with exponential backoff
   (``Retry-After`` honoured), at most ``max_retries`` times;
 - any other 4xx raises :class:`JudgeRequestError` at once with the server's message (a wrong
   model name or URL does not get better by retrying);
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
 from ..config import setting
-from ..http import retry_delay
+from ..http import Retryable, is_retryable_status, retrying
 from ..errors import ThymeError
 
 
@@ -46,7 +46,7 @@ class JudgeError(ThymeError):
 
 
 class JudgeRequestError(JudgeError):
-    """The judge server refused the request (a 4xx other than 429): wrong model, URL or key."""
+    """The judge server refused the request (a 4xx other than 408, 409, 425 and 429): wrong model, URL or key."""
 
 
 @dataclass
@@ -87,7 +87,6 @@ class Verdict:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_RETRY_STATUS = {408, 409, 425, 429}
 #: The HTTP client of the current :meth:`JudgeClient.connection` (shared by its tasks).
 _CLIENT: contextvars.ContextVar[Any] = contextvars.ContextVar("thyme_judge_client", default=None)
 
@@ -207,36 +206,34 @@ class JudgeClient:
         return h
 
     async def _post(self, client: Any, body: dict[str, Any]) -> tuple[str, int]:
-        """POST with retries; returns ``(reply text, attempts)``."""
+        """POST with retries (:func:`thyme.http.retrying`); returns ``(reply text, attempts)``."""
         import httpx
 
         c = self.config
-        attempt = 0
-        while True:
-            attempt += 1
-            retry_after = None
+
+        async def attempt(n: int) -> tuple[str, int]:
             try:
                 resp = await client.post(self.url, json=body, headers=self._headers(), timeout=c.timeout_s)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if resp.status_code == 200:
-                    try:
-                        data = resp.json()
-                        return str(data["choices"][0]["message"]["content"] or ""), attempt
-                    except (ValueError, KeyError, IndexError, TypeError) as e:
-                        raise JudgeError(f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}): {resp.text[:300]}") from None
-                if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
-                    last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                    retry_after = resp.headers.get("retry-after")
-                else:
-                    raise JudgeRequestError(
-                        f"judge server {c.base_url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}",
-                        f"check --judge-model (sent {c.model!r}), the URL and the key; servers that reject response_format need --judge-response-format none",
-                    )
-            if attempt > c.max_retries:
-                raise JudgeError(f"judge server {c.base_url} failed after {attempt} attempt(s): {last}", "is the judge server up and not overloaded?")
-            await asyncio.sleep(retry_delay(attempt, c.backoff_s, c.max_backoff_s, retry_after))
+                raise Retryable(JudgeError(f"{type(e).__name__}: {e}")) from None
+            if resp.status_code == 200:
+                try:
+                    data = resp.json()
+                    return str(data["choices"][0]["message"]["content"] or ""), n
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise JudgeError(f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}): {resp.text[:300]}") from None
+            if is_retryable_status(resp.status_code):
+                raise Retryable(JudgeError(f"HTTP {resp.status_code}: {resp.text[:300]}"), resp.headers.get("retry-after"))
+            raise JudgeRequestError(
+                f"judge server {c.base_url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}",
+                f"check --judge-model (sent {c.model!r}), the URL and the key; servers that reject response_format need --judge-response-format none",
+            )
+
+        def give_up(err: BaseException, attempts: int) -> BaseException:
+            last = err.message if isinstance(err, ThymeError) else str(err)
+            return JudgeError(f"judge server {c.base_url} failed after {attempts} attempt(s): {last}", "is the judge server up and not overloaded?")
+
+        return await retrying(attempt, max_retries=c.max_retries, backoff_s=c.backoff_s, max_backoff_s=c.max_backoff_s, give_up=give_up)
 
     @contextlib.asynccontextmanager
     async def connection(self):
