@@ -184,6 +184,12 @@ def help_text(f: dataclasses.Field) -> str:
     return f"{text} ({extra})" if text else f"({extra})"
 
 
+def describe(cls: type, names: typing.Iterable[str] | None = None) -> str:
+    """One line per field: ``name: help (default X; source)`` (for an ``--help`` epilog)."""
+    fields = _fields(cls)
+    return "\n".join(f"  {n}: {help_text(fields[n])}" for n in (names if names is not None else fields))
+
+
 def add_fields(
     parser: Any,
     cls: type,

@@ -19,7 +19,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``thyme train sft`` on an argparse subparsers object."""
     p = subparsers.add_parser("train", help="training: SFT (stage 1, math annealing)")
     sub = p.add_subparsers(dest="train_command", required=True)
-    q = sub.add_parser("sft", help="supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)")
+    from ..config import describe
+    from ..train.sft_config import SFTRunConfig
+
+    q = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (YAML keys of --config, or --set KEY=VALUE):\n" + describe(SFTRunConfig),
+    )
     q.add_argument("--config", default=None, help="YAML config (configs/sft_stage1.yaml, configs/sft_stage2_math.yaml)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value), repeatable: --set learning_rate=2e-5")
     q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")
