@@ -134,8 +134,17 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # unresolvable forward references: fall back to the raw annotations
-        return {f.name: f.type for f in dataclasses.fields(cls)}
+    except Exception:  # the defining module is not importable as such: builtins and typing names
+        import builtins
+
+        names = {**vars(typing), **vars(builtins)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            try:
+                out[f.name] = eval(f.type, names) if isinstance(f.type, str) else f.type  # noqa: S307 - our own annotations
+            except Exception:
+                out[f.name] = Any
+        return out
 
 
 def _unwrap_optional(tp: Any) -> Any:
