@@ -6,11 +6,15 @@ CORPUS ?= ../shared/corpus
 
 .PHONY: venv demo test clean
 
-$(BIN)/thyme: pyproject.toml
+# constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
+# The extras the test suite needs: eval, train, testing (dev servers) and dev (pytest).
+EXTRAS ?= dev,eval,train,testing
+
+$(BIN)/thyme: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,eval,train]'
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(BIN)/thyme
 
 venv: $(BIN)/thyme

@@ -381,7 +381,9 @@ def test_base_url_builds_the_openai_backend_with_the_run_settings(tmp_path, monk
         def describe(self):
             return {"backend": "openai", "model": made["model"], "base_url": made["base_url"]}
 
-    monkeypatch.setitem(sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend))
+    from thyme.backends.openai import OpenAIConfig  # the flags and the model section's keys come from it
+
+    monkeypatch.setitem(sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend, OpenAIConfig=OpenAIConfig))
     rc = eval_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--base-url", "http://127.0.0.1:9/v1", "--model", "thyme-7b", "--api-key", "k", "--out", str(tmp_path / "o"), "--concurrency", "3", "--max-pixels", "2408448", "--no-report"])
     assert rc == 0
     assert made == {"base_url": "http://127.0.0.1:9/v1", "model": "thyme-7b", "api_key": "k", "concurrency": 3, "max_pixels": 2408448, "min_pixels": None}

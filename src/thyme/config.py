@@ -9,13 +9,26 @@ dataclass, e.g.::
     model:   {max_pixels: 2408448, dtype: bfloat16}
 
 Unknown sections or keys are errors (a typo must not silently fall back to a default).
+
+One source of truth: every field of a config dataclass is declared with :func:`setting`, which
+puts its default, its help text and its source (paper / reference / ours) into the field's
+metadata. :func:`add_fields` generates the command-line flags (and their ``--help`` texts) from
+it, YAML keys are the field names, and :func:`build` applies defaults <- YAML section <- given
+flags. No default is written twice.
+
+This module must not import argparse: it receives the parser (or group) from :mod:`thyme.cli`,
+the only package that builds parsers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, TypeVar
+import sys
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -69,3 +82,250 @@ def merge(instance: T, values: dict[str, Any] | None, *, source: str) -> T:
             f"known settings: {sorted(fields)}",
         )
     return dataclasses.replace(instance, **{k: v for k, v in values.items() if v is not None})  # type: ignore[type-var]
+
+
+# --------------------------------------------------------------------------- fields with metadata
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def setting(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    source: str | None = None,
+    flag: str | None = None,
+    default_factory: Any = _MISSING,
+    metavar: str | None = None,
+    show_default: str | None = None,
+) -> Any:
+    """A dataclass field carrying its default, its help text and its source.
+
+    Args:
+        default: the default value (or ``default_factory`` for mutable ones).
+        help: what the setting does, one sentence or two (the ``--help`` text, no default in it).
+        source: where the default comes from: ``"paper"``, ``"reference"``, ``"ours"``, or a
+            short citation (``"reference eval: 2048"``).
+        flag: the command-line flag when it is not ``--`` + the field name with dashes
+            (e.g. ``"--timeout"`` for ``timeout_s``): flag names users type never change.
+        metavar: the placeholder shown in ``--help``.
+        show_default: how the default reads in ``--help`` when its value says little
+            (``"os.cpu_count()"``, ``"the processor's"``).
+    """
+    metadata = {"help": help, "source": source, "flag": flag, "metavar": metavar, "show_default": show_default}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a dataclass field (``default_factory`` called); MISSING when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # the defining module is not importable as such: builtins and typing names
+        import builtins
+
+        names = {**vars(typing), **vars(builtins)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            try:
+                out[f.name] = eval(f.type, names) if isinstance(f.type, str) else f.type  # noqa: S307 - our own annotations
+            except Exception:
+                out[f.name] = Any
+        return out
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
+    """The command-line flag of field ``f`` (``--`` + prefix + name with dashes, or its ``flag``)."""
+    own = f.metadata.get("flag")
+    if own:
+        return own if not prefix else "--" + prefix + own.lstrip("-")
+    return "--" + prefix + f.name.replace("_", "-")
+
+
+def _dest(f: dataclasses.Field, prefix: str = "") -> str:
+    return flag_name(f, prefix).lstrip("-").replace("-", "_")
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """``help (default X; source)`` for field ``f``, from its metadata."""
+    md = f.metadata
+    text = md.get("help") or ""
+    shown = md.get("show_default")
+    if shown is None:
+        d = field_default(f)
+        if d is dataclasses.MISSING:
+            shown = "required"
+        elif d is None:
+            shown = "none"
+        elif isinstance(d, bool):
+            shown = "on" if d else "off"
+        elif isinstance(d, str):
+            shown = repr(d)
+        elif isinstance(d, (dict, list, tuple)) and not d:
+            shown = "none"
+        else:
+            shown = str(d)
+    extra = f"default {shown}"
+    if md.get("source"):
+        extra += f"; {md['source']}"
+    return f"{text} ({extra})" if text else f"({extra})"
+
+
+def describe(cls: type, names: typing.Iterable[str] | None = None) -> str:
+    """One line per field: ``name: help (default X; source)`` (for an ``--help`` epilog)."""
+    fields = _fields(cls)
+    return "\n".join(f"  {n}: {help_text(fields[n])}" for n in (names if names is not None else fields))
+
+
+def add_fields(
+    parser: Any,
+    cls: type,
+    names: typing.Iterable[str] | None = None,
+    *,
+    prefix: str = "",
+    exclude: typing.Iterable[str] = (),
+    help_prefix: str = "",
+) -> list[str]:
+    """Add flags for fields of dataclass ``cls`` to an argparse parser or argument group.
+
+    Each flag gets its type from the annotation (``Literal`` gives the choices, ``bool`` gives
+    ``--x/--no-x``, a dict is read as JSON, a tuple/list takes several values), ``default=None``
+    (so only flags given on the command line override the YAML file and the defaults) and the
+    help text ``help (default X; source)``.
+
+    Args:
+        parser: an ``argparse.ArgumentParser`` or argument group (built by :mod:`thyme.cli`).
+        cls: the config dataclass.
+        names: fields to add, in this order (default: every field that has help metadata).
+        prefix: put before every flag name (``"judge-"``: ``--judge-base-url``).
+        exclude: fields not to add.
+        help_prefix: put before every help text.
+
+    Returns:
+        The names of the fields added.
+    """
+    # The parser is the cli's (this module never imports argparse): its own module has the actions.
+    boolean_action = getattr(sys.modules[type(parser).__module__], "BooleanOptionalAction")
+    fields = _fields(cls)
+    hints = _hints(cls)
+    skip = set(exclude)
+    chosen = list(names) if names is not None else [n for n, f in fields.items() if f.metadata.get("help")]
+    added = []
+    for name in chosen:
+        if name in skip:
+            continue
+        if name not in fields:
+            raise KeyError(f"{cls.__name__} has no field {name!r}")
+        f = fields[name]
+        tp = _unwrap_optional(hints.get(name, f.type))
+        kw: dict[str, Any] = {"default": None, "dest": _dest(f, prefix), "help": (help_prefix + help_text(f)).replace("%", "%%")}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kw["action"] = boolean_action
+            kw.pop("metavar", None)
+        elif origin is Literal:
+            choices = list(typing.get_args(tp))
+            kw["choices"] = choices
+            kw["type"] = type(choices[0])
+        elif origin in (tuple, list) or tp in (tuple, list):
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            kw["nargs"] = "+"
+            if args and args[0] in (int, float, str):
+                kw["type"] = args[0]
+        elif origin is dict or tp is dict:
+            kw["type"] = json.loads
+            kw.setdefault("metavar", "JSON")
+        elif tp in (int, float, str):
+            kw["type"] = tp
+        # anything else (Any, unions): taken as text
+        parser.add_argument(flag_name(f, prefix), **kw)
+        added.append(name)
+    return added
+
+
+def flag_values(cls: type, args: Any, names: typing.Iterable[str] | None = None, *, prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` given as flags in the argparse namespace ``args`` (``None``: not given)."""
+    fields = _fields(cls)
+    out: dict[str, Any] = {}
+    for name in names if names is not None else fields:
+        f = fields[name]
+        v = getattr(args, _dest(f, prefix), None)
+        if v is not None:
+            if isinstance(v, list) and typing.get_origin(_unwrap_optional(_hints(cls).get(name, f.type))) is tuple:
+                v = tuple(v)
+            out[name] = v
+    return out
+
+
+def check_keys(cls: type, values: dict[str, Any] | None, *, source: str) -> None:
+    """Raise :class:`ThymeError` naming every key of ``values`` that is not a field of ``cls``
+    and listing the known ones."""
+    if not values:
+        return
+    if not isinstance(values, dict):
+        raise ThymeError(f"{source}: must be a mapping of settings, got {type(values).__name__}", f"known settings: {sorted(_fields(cls))}")
+    known = set(_fields(cls))
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ThymeError(f"{source}: unknown setting(s) {unknown} for {cls.__name__}", f"known settings: {sorted(known)}")
+
+
+def build(
+    cls: type[T],
+    section: dict[str, Any] | None = None,
+    args: Any = None,
+    *,
+    names: typing.Iterable[str] | None = None,
+    prefix: str = "",
+    section_name: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> T:
+    """Build ``cls`` from its defaults <- a YAML ``section`` <- the flags given in ``args``.
+
+    Args:
+        section: the YAML section (field names as keys).
+        args: an argparse namespace from a parser :func:`add_fields` filled (or ``None``).
+        names: the fields to read from ``args`` (default: all of them that are there).
+        prefix: the flag prefix :func:`add_fields` used.
+        section_name: the section's name, for error messages.
+        extra: values applied last (e.g. from the environment), ``None`` values skipped.
+
+    Raises:
+        ThymeError: a key of the section is not a field (named, with the known ones), or the
+            dataclass refuses a value.
+    """
+    where = f"config section '{section_name}'" if section_name else f"{cls.__name__} settings"
+    check_keys(cls, section, source=where)
+    values = {k: v for k, v in (section or {}).items() if v is not None}
+    if args is not None:
+        values.update(flag_values(cls, args, names, prefix=prefix))
+    values.update({k: v for k, v in (extra or {}).items() if v is not None})
+    check_keys(cls, values, source=where)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ThymeError(f"{where}: {e}") from None

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 if TYPE_CHECKING:  # typing only: the protocol imports nothing of the sandbox at run time
     from .sandbox.result import ExecResult
 
+from .constants import MAX_OUTPUT_CHARS
+
 CODE_START = "<code>"
 CODE_END = "</code>"
 ANSWER_START = "<answer>"
@@ -344,7 +346,7 @@ class FeedbackConfig:
             train/inference mismatch.
     """
 
-    max_output_chars: int = 4096
+    max_output_chars: int = MAX_OUTPUT_CHARS
     show_traceback: bool = False
     separator: str = "\n"
 

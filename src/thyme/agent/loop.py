@@ -27,6 +27,8 @@ from typing import Any, Callable, Literal
 
 from .. import protocol
 from ..backends.base import Backend, BatchGenerationError, Generation, GenerationRequest
+from ..config import setting
+from ..constants import MAX_NEW_TOKENS, MAX_OUTPUT_CHARS, MAX_ROUNDS
 from ..errors import ThymeError
 from ..imageio import image_size
 from ..sandbox.interface import SandboxProtocol, SessionProtocol
@@ -35,67 +37,52 @@ from .trajectory import Trajectory, Turn
 
 @dataclass
 class AgentConfig:
-    """Settings of the multi-turn loop. Defaults follow the reference's evaluation.
+    """Settings of the multi-turn loop (YAML section ``agent``). Defaults follow the reference's
+    evaluation; each field's meaning, default and source: ``thyme run --help`` (or
+    :func:`thyme.config.help_text` on ``dataclasses.fields(AgentConfig)``)."""
 
-    Attributes:
-        max_rounds: generation rounds per trajectory (reference: up to 5).
-        max_new_tokens: tokens per generation round (reference: 2048).
-        max_total_tokens: cap on generated tokens over all rounds of a trajectory.
-        max_images: cap on images in the conversation, input included (reference RL errors
-            out above 6).
-        temperature: 0 is greedy (reference evaluation decoding).
-        top_p, top_k, repetition_penalty: sampling settings when ``temperature > 0``.
-        seed: base seed; trajectory ``i`` of a batch uses ``seed + i``.
-        on_error: ``"show"`` (the error goes back to the model, as the reference's RL) or
-            ``"regenerate"`` (hide it and generate the segment again, the reference's
-            evaluation; with greedy decoding the retry repeats itself).
-        max_regenerations: retries per round when ``on_error == "regenerate"``; the error is
-            shown after the last one.
-        shown_path: the image path shown to the model in the user prompt and bound to
-            ``image_path`` in the sandbox; ``None`` shows the real path (reference). A string
-            may use ``{name}`` (the file name) and ``{path}``.
-        prefill: text the assistant message starts with (e.g. ``"<think>"``, or a whole code
-            segment ending in ``</code>`` to force a tool call).
-        repetition_window: characters of recent generated text checked for loops.
-        repetition_fraction: a repeated run this long (fraction of the window) is a loop
-            (reference: 30% of the last 1000 characters).
-        max_output_chars: printed sandbox text shown to the model, at most.
-        show_traceback: show the model-code traceback instead of ``Type: message (line n)``.
-        feedback_separator: text between ``</code>`` and ``<sandbox_output>`` (``"\\n"`` as in
-            the released Thyme records; ``""`` as the reference's evaluation).
-        ats: adaptive temperature sampling (GRPO-ATS, paper Sec. 3.3): greedy inside open
-            ``<code>`` blocks, ``temperature`` elsewhere (backends that support it: ``hf``).
-    """
-
-    max_rounds: int = 5
-    max_new_tokens: int = 2048
-    max_total_tokens: int = 10240
-    max_images: int = 6
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    on_error: Literal["show", "regenerate"] = "show"
-    max_regenerations: int = 2
-    shown_path: str | None = None
-    prefill: str = ""
-    repetition_window: int = 1000
-    repetition_fraction: float = 0.3
-    max_output_chars: int = 4096
-    show_traceback: bool = False
-    feedback_separator: str = "\n"
-    ats: bool = False
+    max_rounds: int = setting(MAX_ROUNDS, help="generation rounds per trajectory", source="reference eval: up to 5")
+    max_new_tokens: int = setting(MAX_NEW_TOKENS, help="tokens per generation round", source="reference eval")
+    max_total_tokens: int = setting(10240, help="cap on generated tokens over all rounds of a trajectory", source="ours")
+    max_images: int = setting(6, help="cap on images in the conversation, input included", source="reference RL errors out above 6")
+    temperature: float = setting(0.0, help="sampling temperature; 0 is greedy", source="reference eval decoding")
+    top_p: float = setting(1.0, help="nucleus sampling when temperature > 0", source="ours")
+    top_k: int = setting(0, help="top-k sampling when temperature > 0 (0: off)", source="ours")
+    repetition_penalty: float = setting(1.0, help="repetition penalty when temperature > 0", source="ours")
+    seed: int | None = setting(None, help="base seed; trajectory i of a batch uses seed + i", source="ours")
+    on_error: Literal["show", "regenerate"] = setting(
+        "show",
+        help="'show': a failed execution's error goes back to the model (as the reference's RL); "
+        "'regenerate': hide it and generate the segment again (the reference's evaluation; with greedy decoding the retry repeats itself)",
+        source="reference RL",
+    )
+    max_regenerations: int = setting(2, help="retries per round when on_error is 'regenerate'; the error is shown after the last one", source="ours")
+    shown_path: str | None = setting(
+        None,
+        help="the image path shown to the model in the user prompt and bound to image_path in the sandbox; "
+        "none shows the real path; may use {name} (the file name) and {path}",
+        source="reference: the real path",
+    )
+    prefill: str = setting("", help="text the assistant message starts with (e.g. '<think>', or a whole code segment ending in </code>, which is run first, to force a tool call)", source="ours")
+    repetition_window: int = setting(1000, help="characters of recent generated text checked for loops", source="reference: the last 1000 characters")
+    repetition_span: int = setting(64, help="characters of a run that, seen repetition_repeats times within the window, is a loop", source="ours (paper: Rabin-Karp rolling hash)")
+    repetition_repeats: int = setting(3, help="occurrences of one run within the window that make a loop (thyme.backends.repetition)", source="ours (paper: Rabin-Karp rolling hash)")
+    max_output_chars: int = setting(MAX_OUTPUT_CHARS, help="printed sandbox text shown to the model, at most, in characters", source="reference")
+    show_traceback: bool = setting(False, help="show the model code's traceback instead of 'Type: message (line n)'", source="ours")
+    feedback_separator: str = setting(
+        "\n", help="text between </code> and <sandbox_output> ('\\n' as in the released Thyme records; '' as the reference's evaluation)", source="Thyme SFT records"
+    )
+    ats: bool = setting(False, help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)", source="paper Sec. 3.3")
 
 
-def detect_repetition(text: str, window: int = 1000, fraction: float = 0.3) -> bool:
-    """Whether ``text`` loops, by the rolling-hash detector over its characters
-    (:func:`thyme.backends.repetition.text_loops`: a span of 64 characters seen 3 times in a
-    ``window`` of characters; ``fraction`` is kept for configuration compatibility and unused).
-    Replaces the reference's substring count (paper: Rabin-Karp rolling hash)."""
+def detect_repetition(text: str, window: int = 1000, span: int = 64, repeats: int = 3) -> bool:
+    """Whether the end of ``text`` loops: a run of ``span`` characters seen ``repeats`` times in
+    the last ``window`` characters, by the rolling-hash detector
+    (:func:`thyme.backends.repetition.text_loops`; paper: Rabin-Karp rolling hash). Replaces the
+    reference's brute-force substring count over the last 1000 characters."""
     from ..backends.repetition import RepetitionRule, text_loops
 
-    return text_loops(text[-(window * 2):], RepetitionRule(64, 3, max(window, 192)))
+    return text_loops(text[-(window * 2):], RepetitionRule(span, repeats, max(window, span * repeats)))
 
 
 @dataclass
@@ -365,7 +352,7 @@ class Agent:
                 self._finish(s, "token_cap")
         else:
             generated = "".join(x.text for x in s.traj.turns)
-            if t.finish_reason == "repetition" or detect_repetition(generated, cfg.repetition_window, cfg.repetition_fraction):
+            if t.finish_reason == "repetition" or detect_repetition(generated, cfg.repetition_window, cfg.repetition_span, cfg.repetition_repeats):
                 self._finish(s, "repetition")
             elif t.end == "length":
                 self._finish(s, "token_cap" if s.tokens >= cfg.max_total_tokens else "length")

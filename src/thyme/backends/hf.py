@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ..config import setting
 from ..errors import ImageError, ModelLoadError
 from ..imageio import open_image
 from .base import Backend, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
@@ -101,6 +102,22 @@ def capture_vision_inputs(model: Any) -> Iterator[list[dict[str, Any]]]:
 
 
 # --------------------------------------------------------------------------- backend
+
+
+@dataclass
+class HFConfig:
+    """Loading settings of :class:`HFBackend` (YAML section ``model`` of ``thyme run`` and
+    ``thyme eval --model``); each field's meaning, default and source: ``thyme run --help``.
+    ``HFBackend(model, **dataclasses.asdict(cfg))`` or :meth:`HFBackend.from_config`."""
+
+    revision: str | None = setting(None, help="model revision on the hub (branch, tag or commit)", source="hub", show_default="the main branch")
+    dtype: str = setting("auto", help="auto (the checkpoint's, e.g. bfloat16), bfloat16, float16 or float32", source="transformers")
+    device_map: str | None = setting(None, help="passed to from_pretrained, e.g. auto, cuda:0, cpu", source="ours", show_default="auto with a CUDA GPU and accelerate, else the CPU")
+    attn_implementation: str | None = setting(None, help="e.g. sdpa, flash_attention_2, eager", source="transformers", show_default="transformers' choice")
+    min_pixels: int | None = setting(None, help="per-image pixel budget, lower bound", source="processor", show_default="the processor's")
+    max_pixels: int | None = setting(None, help="per-image pixel budget, upper bound", source="processor", show_default="the processor's")
+    seed: int | None = setting(None, help="default sampling seed for requests without one (each sampling call seeds torch with seed + round)", source="ours", show_default="torch's global RNG")
+    trust_remote_code: bool = setting(False, help="run the checkpoint's own modelling code (forwarded to transformers)", source="transformers")
 
 
 @dataclass
@@ -200,6 +217,13 @@ class HFBackend(Backend):
         self._special_strings = _special_token_strings(tok)
 
     # ------------------------------------------------------------------ provenance
+
+    @classmethod
+    def from_config(cls, model: str | os.PathLike, config: HFConfig) -> "HFBackend":
+        """Load ``model`` with the settings of an :class:`HFConfig`."""
+        import dataclasses
+
+        return cls(model, **dataclasses.asdict(config))
 
     def describe(self) -> dict[str, Any]:
         """Provenance: model id, requested revision and resolved commit (hub), dtype, device, pixel budget."""

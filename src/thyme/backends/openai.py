@@ -120,7 +120,7 @@ Requests run on one background asyncio event loop (one ``httpx.AsyncClient``, co
 reused) under a semaphore of ``concurrency`` requests in flight. :meth:`OpenAIBackend.generate`
 is synchronous for the agent loop but runs the whole batch concurrently;
 :meth:`OpenAIBackend.agenerate` is the same for asyncio callers. ``generate`` may be called from
-several threads at once (one trajectory per thread): all calls share the one limit. HTTP 429, 5xx, timeouts and
+several threads at once (one trajectory per thread): all calls share the one limit. HTTP 408, 409, 425, 429, 5xx, timeouts and
 connection errors are retried ``max_retries`` times with exponential backoff (``backoff_s`` x 2^k,
 capped at ``max_backoff_s``, with jitter; a ``Retry-After`` header is honoured up to that cap).
 Any other 4xx is not retried: :class:`OpenAIServerError` (a :class:`~thyme.errors.ThymeError`)
@@ -143,8 +143,9 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..config import setting
 from ..errors import ImageError, ThymeError
-from ..http import normalise_base_url, retry_delay
+from ..http import Retryable, is_retryable_status, normalise_base_url, retrying
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -162,57 +163,36 @@ QWEN_MAX_PIXELS = 12845056
 
 @dataclass
 class OpenAIConfig:
-    """Settings of :class:`OpenAIBackend` (YAML section ``model`` / CLI flags of ``thyme eval``).
+    """Settings of :class:`OpenAIBackend` (YAML section ``model`` of ``thyme eval --base-url``;
+    the API key also from ``OPENAI_API_KEY``). Each field's meaning, default and source:
+    ``thyme eval --help``."""
 
-    Attributes:
-        base_url: the server's OpenAI API root, e.g. ``http://127.0.0.1:8000/v1`` (a URL without
-            a path gets ``/v1`` appended).
-        model: the served model name (vLLM ``--served-model-name``, default the model path/id).
-        api_key: sent as ``Authorization: Bearer <api_key>``; ``None`` sends ``EMPTY`` (vLLM and
-            SGLang accept anything unless started with ``--api-key``). Never written to
-            provenance.
-        concurrency: requests in flight at most (the server batches them).
-        min_pixels / max_pixels: per-image pixel budget applied before upload (default
-            Qwen2.5-VL's processor budget, so the model sees what the ``hf`` backend's default
-            processor gives it).
-        resize_factor: both image sides become multiples of this (patch x merge: 28 for
-            Qwen2/2.5-VL, 32 for Qwen3-VL).
-        image_format: ``"auto"``, ``"jpeg"`` or ``"png"`` (see the module docstring).
-        jpeg_quality: JPEG quality of re-encoded images (1-100).
-        timeout_s: seconds one HTTP request may take (a 2048-token round on a loaded server can
-            take minutes); connecting is limited to ``min(10, timeout_s)``.
-        max_retries: retries of a request after HTTP 429 / 5xx / a timeout / a connection error.
-        backoff_s: first retry delay in seconds (doubles per retry, plus up to 25% jitter).
-        max_backoff_s: cap on one retry delay (and on an honoured ``Retry-After``).
-        continuation: how the assistant message is continued after a sandbox output:
-            ``"vllm"``, ``"sglang"``, ``"completions"`` or ``"none"`` (module docstring).
-        send_stop: send the stop strings to the server (they are always applied here too).
-            False for servers whose stop support is broken (``transformers serve`` 5.23 with
-            vision models).
-        extra_body: JSON fields merged last into every request body.
-        tokenizer: hub id or folder whose chat template renders prompts for
-            ``continuation="completions"`` (default: ``model`` when it is a local folder).
-        image_cache_mb: size of the encoded-image cache (data URLs), in MiB.
-    """
-
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""
-    api_key: str | None = None
-    concurrency: int = 16
-    min_pixels: int = QWEN_MIN_PIXELS
-    max_pixels: int = QWEN_MAX_PIXELS
-    resize_factor: int = 28
-    image_format: str = "auto"
-    jpeg_quality: int = 95
-    timeout_s: float = 600.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    continuation: str = "vllm"
-    send_stop: bool = True
-    extra_body: dict[str, Any] | None = None
-    tokenizer: str | None = None
-    image_cache_mb: int = 512
+    base_url: str = setting("http://127.0.0.1:8000/v1", help="the server's OpenAI API root (a URL without a path gets /v1 appended)", source="vLLM's default port")
+    model: str = setting("", help="the served model name (vLLM --served-model-name, default the model path/id)", source="required", show_default="none")
+    api_key: str | None = setting(
+        None, help="sent as 'Authorization: Bearer <key>'; none sends EMPTY (vLLM and SGLang accept anything unless started with --api-key); never written to provenance", source="OpenAI API"
+    )
+    concurrency: int = setting(16, help="requests in flight at most (the server batches them)", source="ours")
+    min_pixels: int = setting(QWEN_MIN_PIXELS, help="per-image pixel budget applied before upload, lower bound", source="Qwen2.5-VL processor")
+    max_pixels: int = setting(
+        QWEN_MAX_PIXELS, help="per-image pixel budget applied before upload, upper bound (so the model sees what the hf backend's default processor gives it)", source="Qwen2.5-VL processor"
+    )
+    resize_factor: int = setting(28, help="both image sides become multiples of this (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)", source="Qwen2.5-VL")
+    image_format: Literal["auto", "jpeg", "png"] = setting("auto", help="how images are uploaded (see thyme.backends.openai)", source="ours")
+    jpeg_quality: int = setting(95, help="JPEG quality of re-encoded images (1-100)", source="ours")
+    timeout_s: float = setting(600.0, help="seconds one HTTP request may take (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)", source="ours")
+    max_retries: int = setting(5, help="retries of a request after HTTP 408/409/425/429/5xx, a timeout or a connection error", source="ours")
+    backoff_s: float = setting(1.0, help="first retry delay in seconds (doubles per retry, plus up to 25% jitter)", source="ours")
+    max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After)", source="ours")
+    continuation: Literal["vllm", "sglang", "completions", "none"] = setting(
+        "vllm", help="how the assistant message is continued after a sandbox output (see thyme.backends.openai)", source="ours"
+    )
+    send_stop: bool = setting(
+        True, help="send the stop strings to the server (they are always applied here too); off for servers whose stop support is broken (transformers serve 5.23 with vision models)", source="ours"
+    )
+    extra_body: dict[str, Any] | None = setting(None, help="JSON fields merged last into every request body", source="ours")
+    tokenizer: str | None = setting(None, help="hub id or folder whose chat template renders prompts for continuation 'completions'", source="ours", show_default="model when it is a local folder")
+    image_cache_mb: int = setting(512, help="size of the encoded-image cache (data URLs), in MiB", source="ours")
 
     def check(self) -> None:
         """Raise :class:`ThymeError` naming the first bad setting."""
@@ -832,54 +812,64 @@ class OpenAIBackend(Backend):
 
         cfg = self.config
         url = cfg.base_url + path
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt(n: int) -> dict[str, Any]:
             with self._stats_lock:
                 self.stats["requests"] += 1
                 self.stats["upload_bytes"] += len(payload)
-            retry_after = None
             try:
                 r = await client.post(url, content=payload)
             except httpx.TimeoutException as e:
-                err = OpenAIServerError(
+                raise Retryable(OpenAIServerError(
                     f"request to {url} timed out after {cfg.timeout_s:g} s ({type(e).__name__})",
                     "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load",
-                    url=url, retryable=True, attempts=attempt,
-                )
+                    url=url, retryable=True, attempts=n,
+                )) from None
             except httpx.TransportError as e:
-                err = OpenAIServerError(
+                raise Retryable(OpenAIServerError(
                     f"cannot reach {url}: {type(e).__name__}: {e}",
                     "is the server running and is --base-url right (scheme, host, port, /v1)?",
-                    url=url, retryable=True, attempts=attempt,
-                )
-            else:
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        raise OpenAIServerError(f"{url} answered HTTP 200 with a body that is not JSON: {_excerpt(r.text)!r}", url=url, status=200, body=_excerpt(r.text), attempts=attempt) from None
-                err = self._http_error(url, r, attempt)
-                retry_after = r.headers.get("retry-after")
-            if not err.retryable or attempt > cfg.max_retries or self._closed:
-                with self._stats_lock:
-                    self.stats["failed"] += 1
-                if err.retryable and attempt > 1:
-                    err = OpenAIServerError(f"{err.message} (gave up after {attempt} attempts)", err.hint, url=err.url, status=err.status, body=err.body, retryable=True, attempts=attempt)
-                raise err
-            delay = retry_delay(attempt, cfg.backoff_s, cfg.max_backoff_s, retry_after)
+                    url=url, retryable=True, attempts=n,
+                )) from None
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    self._count_failed()
+                    raise OpenAIServerError(f"{url} answered HTTP 200 with a body that is not JSON: {_excerpt(r.text)!r}", url=url, status=200, body=_excerpt(r.text), attempts=n) from None
+            err = self._http_error(url, r, n)
+            if err.retryable:
+                raise Retryable(err, r.headers.get("retry-after"))
+            self._count_failed()
+            raise err
+
+        def give_up(err: BaseException, attempts: int) -> BaseException:
+            self._count_failed()
+            if isinstance(err, OpenAIServerError) and attempts > 1:
+                return OpenAIServerError(f"{err.message} (gave up after {attempts} attempts)", err.hint, url=err.url, status=err.status, body=err.body, retryable=True, attempts=attempts)
+            return err
+
+        def on_retry(_n: int) -> None:
             with self._stats_lock:
                 self.stats["retries"] += 1
-            await asyncio.sleep(delay)
+
+        return await retrying(
+            attempt, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s,
+            give_up=give_up, on_retry=on_retry, stop_early=lambda: self._closed,
+        )
+
+    def _count_failed(self) -> None:
+        with self._stats_lock:
+            self.stats["failed"] += 1
 
     def _http_error(self, url: str, r: Any, attempt: int) -> OpenAIServerError:
         status = int(r.status_code)
         body = _excerpt(r.text)
-        retryable = status == 429 or status >= 500
+        retryable = is_retryable_status(status)
         msg = f"{url} answered HTTP {status}: {body}"
         hint = None
         low = body.lower()
-        if status == 429:
+        if status in (408, 409, 425, 429):
             hint = "the server is overloaded or rate-limited: lower --concurrency or raise max_retries"
         elif status >= 500:
             hint = "a server-side failure: see the server's log"

@@ -12,25 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
+from .entry import add_sandbox_flags, sandbox_config
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``thyme data {convert,verify,show-masks}`` on an argparse subparsers object."""
+    from ..config import add_fields
+    from ..data.convert import ConvertConfig
+    from ..data.masks import MaskConfig
+    from ..data.verify import VerifyConfig
+
     p = subparsers.add_parser("data", help="SFT data: convert released datasets, execution filtering, loss masks")
     sub = p.add_subparsers(dest="data_command", required=True)
 
     q = sub.add_parser("convert", help="released Thyme datasets (hub id or parquet / JSONL files) to local JSONL + images")
     q.add_argument("source", help="hub id (Kwai-Keye/Thyme-SFT, Kwai-Keye/Thyme-RL) or a parquet / JSON / JSONL file or folder")
     q.add_argument("--out", required=True, help="records JSONL to write (appended; a rerun resumes)")
-    q.add_argument("--split", default=None, help="split to convert, e.g. wo_thinking_thyme_single_round, 2round, computation (default: all)")
-    q.add_argument("--subset", default=None, help="dataset configuration name, if the dataset has several")
-    q.add_argument("--revision", default=None, help="hub revision")
-    q.add_argument("--images-dir", default=None, help="where image files go (default: <out stem>_images beside --out)")
-    q.add_argument("--images-root", default=None, help="folder relative image paths of the source start from")
-    q.add_argument("--workers", type=int, default=8, help="threads writing images (default 8)")
-    q.add_argument("--chunk-size", type=int, default=64, help="rows written per chunk (default 64)")
-    q.add_argument("--limit", type=int, default=None, help="stop after this many rows per split")
-    q.add_argument("--id-prefix", default=None, help="prefix of generated record ids (default: the split name)")
+    add_fields(q, ConvertConfig)
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
     q = sub.add_parser("verify", help="re-execute every record's code; keep records whose outputs match (execution filtering)")
@@ -38,11 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--kept", default=None, help="kept records (default: <stem>.kept.jsonl beside the input)")
     q.add_argument("--rejected", default=None, help="rejected records with the reason (default: <stem>.rejected.jsonl)")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
-    q.add_argument("--batch-size", type=int, default=8, help="records replayed together (default 8)")
-    q.add_argument("--timeout", type=float, default=None, help="seconds per code execution (default 10)")
-    q.add_argument("--min-crop-side", type=int, default=None, help="grow crops below this many pixels per side (reference: 64; 0 disables)")
-    q.add_argument("--float-rel-tol", type=float, default=None, help="relative tolerance for numbers in printed text (default 1e-6)")
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+    add_fields(q, VerifyConfig)
+    add_sandbox_flags(q)
 
     q = sub.add_parser("show-masks", help="print the text a record trains on (the loss-mask spans)")
     q.add_argument("records", help="JSONL of Thyme SFT records")
@@ -51,8 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print a JSON list of the trained spans' texts")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
     q.add_argument("--config", default=None, help="SFT config YAML whose mask settings to use (last_round_only, max_pixels, min_pixels, system_prompt)")
-    q.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget (default 3211264, stage 1)")
-    q.add_argument("--min-pixels", type=int, default=None)
+    add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
     return p
 
@@ -72,12 +67,10 @@ def run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..config import build
     from ..data.convert import ConvertConfig, convert, format_summary
 
-    cfg = ConvertConfig(
-        split=args.split, subset=args.subset, revision=args.revision, images_dir=args.images_dir,
-        images_root=args.images_root, workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, id_prefix=args.id_prefix,
-    )
+    cfg = build(ConvertConfig, None, args)
     bar = tqdm(desc="convert", unit="row", file=sys.stderr, disable=None)
 
     def progress(n: int, total: int | None) -> None:
@@ -95,9 +88,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..config import merge
-    from ..sandbox import Sandbox, SandboxConfig
+    from ..config import build
     from ..data.verify import VerifyConfig, format_summary, verify
+    from ..sandbox import Sandbox
 
     records = Path(args.records)
     if not records.is_file():
@@ -105,10 +98,8 @@ def _verify(args: argparse.Namespace) -> int:
     stem = records.with_suffix("")
     kept = args.kept or f"{stem}.kept.jsonl"
     rejected = args.rejected or f"{stem}.rejected.jsonl"
-    cfg = VerifyConfig(batch_size=args.batch_size)
-    if args.float_rel_tol is not None:
-        cfg.float_rel_tol = args.float_rel_tol
-    sb_cfg = merge(SandboxConfig(), {"timeout_s": args.timeout, "min_crop_side": args.min_crop_side}, source="flags")
+    cfg = build(VerifyConfig, None, args)
+    sb_cfg = sandbox_config(args, {})
     with open(records, encoding="utf-8") as f:
         total = sum(1 for line in f if line.strip())
     bar = tqdm(total=total, desc="verify", unit="record", file=sys.stderr, disable=None)

@@ -1,13 +1,18 @@
-"""The leaf every command module shares: YAML sections, config building, and the error guard.
+"""The leaf every command module shares: YAML sections, flags generated from the configs, the error guard.
 
-Imports nothing of :mod:`thyme.cli` (so no command module imports another) and only the
-config helpers and errors of the ground floor at import time; the configs of the floors below
-are imported lazily by the functions that build them.
+Flags, their ``--help`` texts and YAML keys all come from the config dataclasses' field
+metadata (:func:`thyme.config.setting`, :func:`thyme.config.add_fields`); this module only
+chooses which fields each command exposes. Configuration is defaults <- ``--config`` YAML
+section <- given flags (:func:`thyme.config.build`).
+
+Imports nothing of :mod:`thyme.cli` (so no command module imports another); the configs of
+the floors below are imported by the functions that need them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
@@ -15,11 +20,25 @@ from ..errors import ThymeError
 
 #: Sections of the one YAML file ``run``, ``replay`` and ``eval`` accept (``thyme CMD --config``).
 RUNTIME_SECTIONS = ("agent", "sandbox", "model")
+#: Every section any command knows: a command ignores (with a note) the ones it does not use.
+ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge")
+
+#: Environment variable holding the OpenAI-compatible server's key (``--api-key`` / YAML win).
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+#: Environment variable holding the judge server's key (``--judge-api-key`` / YAML win).
+JUDGE_KEY_ENV = "THYME_JUDGE_API_KEY"
+
+#: Agent fields exposed as flags (``--max-new-tokens``...); the rest are YAML-only.
+AGENT_FLAGS = ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "prefill", "ats")
+#: Sandbox fields exposed as flags (``--timeout``, ``--min-crop-side``).
+SANDBOX_FLAGS = ("timeout_s", "min_crop_side")
+#: Loading settings of the hf backend exposed as flags (``seed`` is the agent's flag, shared).
+HF_FLAGS = ("revision", "dtype", "device_map", "attn_implementation", "min_pixels", "max_pixels")
 
 
-def add_config_flag(p: argparse.ArgumentParser) -> None:
-    """``--config FILE.yaml``: sections agent / sandbox / model (flags override it)."""
-    p.add_argument("--config", default=None, help="YAML file with sections agent/sandbox/model (flags override it)")
+def add_config_flag(p: argparse.ArgumentParser, sections: str = "agent/sandbox/model") -> None:
+    """``--config FILE.yaml``: the YAML sections (flags override it)."""
+    p.add_argument("--config", default=None, help=f"YAML file with sections {sections} (keys: the long flag names with underscores; flags override it)")
 
 
 def load_sections(args: argparse.Namespace, used: set[str], *, known: set[str] | None = None) -> dict[str, Any]:
@@ -35,46 +54,87 @@ def load_sections(args: argparse.Namespace, used: set[str], *, known: set[str] |
 
     path = getattr(args, "config", None)
     data = load_yaml(path)
-    known = set(known or ()) | set(RUNTIME_SECTIONS) | set(used)
+    known = set(known or ()) | set(ALL_SECTIONS) | set(used)
     check_sections(data, known, str(path))
     for name in sorted(set(data) - set(used)):
         print(f"note: {path}: section '{name}' is not used by this command; ignored", file=sys.stderr)
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise ThymeError(f"{path}: section '{name}' must be a mapping of settings, got {type(section).__name__}")
     return {k: v for k, v in data.items() if k in used}
 
 
-def sandbox_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
-    from ..config import merge
-    from ..sandbox import SandboxConfig
+# --------------------------------------------------------------------------- flags
 
-    cfg = merge(SandboxConfig(), yaml_cfg.get("sandbox"), source="config section 'sandbox'")
-    return merge(cfg, {"timeout_s": args.timeout, "min_crop_side": args.min_crop_side}, source="flags")
+
+def add_agent_flags(p: Any, names: tuple[str, ...] = AGENT_FLAGS, *, title: str | None = "agent") -> None:
+    """The agent's flags (generated from :class:`thyme.agent.AgentConfig`)."""
+    from ..agent import AgentConfig
+    from ..config import add_fields
+
+    add_fields(p.add_argument_group(title) if title else p, AgentConfig, names)
+
+
+def add_sandbox_flags(p: Any) -> None:
+    """``--timeout``, ``--min-crop-side`` (generated from :class:`thyme.sandbox.SandboxConfig`)."""
+    from ..config import add_fields
+    from ..sandbox.config import SandboxConfig
+
+    add_fields(p.add_argument_group("sandbox"), SandboxConfig, SANDBOX_FLAGS)
+
+
+def add_hf_flags(p: Any, names: tuple[str, ...] = HF_FLAGS, *, title: str = "model (transformers backend)") -> None:
+    """The hf backend's loading flags (generated from :class:`thyme.backends.hf.HFConfig`)."""
+    from ..backends.hf import HFConfig
+    from ..config import add_fields
+
+    add_fields(p.add_argument_group(title), HFConfig, names)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def sandbox_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
+    """:class:`SandboxConfig` from defaults <- section ``sandbox`` <- flags."""
+    from ..config import build
+    from ..sandbox.config import SandboxConfig
+
+    return build(SandboxConfig, yaml_cfg.get("sandbox"), args, names=SANDBOX_FLAGS, section_name="sandbox")
 
 
 def agent_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
+    """:class:`AgentConfig` from defaults <- section ``agent`` <- flags."""
     from ..agent import AgentConfig
-    from ..config import merge
+    from ..config import build
 
-    cfg = merge(AgentConfig(), yaml_cfg.get("agent"), source="config section 'agent'")
-    flags = {
-        k: getattr(args, a, None)
-        for k, a in [
-            ("max_new_tokens", "max_new_tokens"),
-            ("max_rounds", "max_rounds"),
-            ("temperature", "temperature"),
-            ("seed", "seed"),
-            ("on_error", "on_error"),
-            ("shown_path", "shown_path"),
-            ("prefill", "prefill"),
-            ("ats", "ats"),
-        ]
-    }
-    return merge(cfg, flags, source="flags")
+    return build(AgentConfig, yaml_cfg.get("agent"), args, names=AGENT_FLAGS, section_name="agent")
 
 
-def add_sandbox_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sandbox")
-    g.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per code execution (default 10)")
-    g.add_argument("--min-crop-side", type=int, default=None, help="grow crops below this many pixels per side (reference: 64; 0 disables)")
+def hf_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
+    """:class:`HFConfig` from defaults <- section ``model`` <- flags (``--seed`` included)."""
+    from ..backends.hf import HFConfig
+    from ..config import build
+
+    return build(HFConfig, yaml_cfg.get("model"), args, names=(*HF_FLAGS, "seed"), section_name="model")
+
+
+def given_values(cls: type, section: dict[str, Any] | None, args: argparse.Namespace, names: tuple[str, ...], *, section_name: str) -> dict[str, Any]:
+    """The settings of ``cls`` given in a YAML section or as flags (flags win), keys checked.
+
+    Raises:
+        ThymeError: a key of the section is not a field of ``cls`` (named, with the known ones).
+    """
+    from ..config import check_keys, flag_values
+
+    check_keys(cls, section, source=f"config section '{section_name}'")
+    values = {k: v for k, v in (section or {}).items() if v is not None}
+    values.update(flag_values(cls, args, names))
+    return values
+
+
+def env_key(name: str) -> str | None:
+    """An API key from the environment variable ``name`` (empty counts as unset)."""
+    return os.environ.get(name) or None
 
 
 def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

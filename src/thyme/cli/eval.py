@@ -22,26 +22,55 @@ evaluation settings), then ``--config FILE.yaml`` (sections ``eval``, ``agent``,
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
+from .entry import (
+    HF_FLAGS,
+    JUDGE_KEY_ENV,
+    OPENAI_KEY_ENV,
+    add_agent_flags,
+    add_config_flag,
+    add_hf_flags,
+    add_sandbox_flags,
+    agent_config,
+    env_key,
+    given_values,
+    load_sections,
+    sandbox_config,
+)
+
+
+#: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
+JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")
+#: EvalConfig fields exposed as flags (all of them).
+EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report")
+#: OpenAIConfig fields exposed as flags for ``--base-url`` (pixel budget: the model group's flags).
+OPENAI_FLAGS = ("continuation", "send_stop", "image_format", "timeout_s", "max_retries", "extra_body", "tokenizer")
+#: Model flags that only the transformers backend reads (an error with ``--base-url``).
+HF_ONLY_FLAGS = ("revision", "dtype", "device_map", "attn_implementation")
 
 
 def _add_judge_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("judge (only for answers no rule can read; off unless --judge-base-url is given)")
-    g.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server of the judge, e.g. http://127.0.0.1:8001/v1")
-    g.add_argument("--judge-model", default=None, help="served model name of the judge")
-    g.add_argument("--judge-api-key", default=None, help="bearer key for the judge server")
-    g.add_argument("--judge-response-format", default=None, choices=["json_schema", "json_object", "none"], help="how the JSON reply is constrained (default json_schema)")
+    from ..config import add_fields
+    from ..scoring.judge import JudgeConfig
+
+    g = p.add_argument_group(
+        "judge (only for answers no rule can read; off unless --judge-base-url is given)",
+        f"the key: --judge-api-key, the judge section's api_key, or the environment variable {JUDGE_KEY_ENV} (keeps it out of ps)",
+    )
+    add_fields(g, JudgeConfig, JUDGE_FLAGS, prefix="judge-")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` (with its ``score`` sub-command) on the ``thyme`` sub-parsers."""
+    from ..backends.openai import OpenAIConfig
+    from ..config import add_fields
+    from ..evaluate.runner import EvalConfig
+
     p = subparsers.add_parser(
         "eval",
         usage="thyme eval --benchmark NAME --data PATH [--images-root DIR]\n"
@@ -52,39 +81,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run a benchmark through the Thyme agent: predictions.jsonl as questions finish, then metrics.json and report.html. "
         "Rerun with the same --out to resume. `thyme eval score ...` re-scores saved predictions.",
     )
-    p.add_argument("--benchmark", default=None, help="vstar, hrbench4k, hrbench8k, mme-realworld, mme-realworld-lite")
-    p.add_argument("--data", default=None, help="benchmark file: VLMEvalKit .tsv, official .json/.jsonl/.parquet, or the corpus's normalised .jsonl")
-    p.add_argument("--images-root", default=None, help="folder the data's relative image names start from (default: the data file's folder)")
+    add_fields(p, EvalConfig, EVAL_FLAGS)
     src = p.add_argument_group("what answers (one of)")
     src.add_argument("--model", default=None, help="hub id or local checkpoint (transformers backend); with --base-url: the served model name")
-    src.add_argument("--base-url", default=None, help="OpenAI-compatible server (vLLM, SGLang...), e.g. http://127.0.0.1:8000/v1")
-    src.add_argument("--api-key", default=None, help="bearer key for --base-url")
-    src.add_argument("--replay", default=None, help="Thyme records (JSONL with response, benchmark, question_id) to play back")
-    p.add_argument("--out", default=None, help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only (after the --replay join)")
-    p.add_argument("--concurrency", type=int, default=None, help="trajectories in flight at once (default 8)")
-    p.add_argument("--num-shards", type=int, default=None, help="processes sharing the run (one per GPU); each gets --shard I")
-    p.add_argument("--shard", type=int, default=None, help="this process's shard, 0 <= I < N")
-    p.add_argument("--no-report", action="store_true", help="skip report.html")
-    p.add_argument("--no-retry-failed", action="store_true", help="on resume, keep earlier failed questions instead of running them again")
-    m = p.add_argument_group("model (transformers backend; pixel budget also for --base-url)")
-    m.add_argument("--revision", default=None)
-    m.add_argument("--dtype", default=None, help="auto, bfloat16, float16, float32")
-    m.add_argument("--device-map", default=None)
-    m.add_argument("--attn-implementation", default=None)
-    m.add_argument("--min-pixels", type=int, default=None, help="per-image pixel budget, lower bound (default: the processor's)")
-    m.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget, upper bound (default: the processor's)")
-    a = p.add_argument_group("agent (defaults: the reference's evaluation)")
-    a.add_argument("--max-new-tokens", type=int, default=None, help="tokens per round (2048)")
-    a.add_argument("--max-rounds", type=int, default=None, help="generation rounds (5)")
-    a.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
-    a.add_argument("--seed", type=int, default=None)
-    a.add_argument("--on-error", choices=["show", "regenerate"], default=None, help="show failed code's error to the model (default) or regenerate (the reference's evaluation)")
-    a.add_argument("--shown-path", default=None, help="image path shown to the model ({name}, {path}; default the real path)")
-    s = p.add_argument_group("sandbox")
-    s.add_argument("--timeout", type=float, default=None, help="seconds per code execution (10)")
-    s.add_argument("--min-crop-side", type=int, default=None, help="grow crops below this many pixels (64; 0 disables)")
-    p.add_argument("--config", default=None, help="YAML with sections eval/agent/sandbox/model/judge (flags override it)")
+    add_fields(src, OpenAIConfig, ("base_url",), help_prefix="with --model NAME: ")
+    add_fields(src, OpenAIConfig, ("api_key",), help_prefix=f"for --base-url; else the model section's api_key, else ${OPENAI_KEY_ENV}: ")
+    add_fields(src, EvalConfig, ("replay",))
+    add_hf_flags(p, title="model (transformers backend; pixel budget also for --base-url; YAML section model)")
+    add_fields(p.add_argument_group("OpenAI-compatible server (--base-url; YAML section model takes every field)"), OpenAIConfig, OPENAI_FLAGS, exclude=())
+    add_agent_flags(p, ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "ats"), title="agent (defaults: the reference's evaluation)")
+    add_sandbox_flags(p)
+    add_config_flag(p, "eval/agent/sandbox/model/judge")
     _add_judge_flags(p)
 
     sub = p.add_subparsers(dest="eval_command", title="sub-command", metavar="score")
@@ -95,7 +102,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     q.add_argument("--images-root", default=None, help=argparse.SUPPRESS)
     q.add_argument("--out", default=None, help="also write the metrics JSON to this file")
-    q.add_argument("--config", default=None, help="YAML with a judge section")
+    add_config_flag(q, "judge (others are ignored)")
     _add_judge_flags(q)
     return p
 
@@ -103,94 +110,61 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- config
 
 
-def _yaml(args: argparse.Namespace, sections: set[str]) -> dict[str, Any]:
-    from ..config import check_sections, load_yaml
-
-    data = load_yaml(getattr(args, "config", None))
-    check_sections(data, sections, str(args.config))
-    return data
-
-
 def _judge(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
-    from ..config import merge
+    from ..config import build
     from ..scoring.judge import JudgeClient, JudgeConfig
 
-    cfg = merge(JudgeConfig(), yaml_cfg.get("judge"), source="config section 'judge'")
-    cfg = merge(
-        cfg,
-        {"base_url": args.judge_base_url, "model": args.judge_model, "api_key": args.judge_api_key, "response_format": args.judge_response_format},
-        source="flags",
-    )
+    section = dict(yaml_cfg.get("judge") or {})
+    cfg = build(JudgeConfig, section, args, names=JUDGE_FLAGS, prefix="judge-", section_name="judge")
+    if not cfg.api_key:
+        cfg.api_key = env_key(JUDGE_KEY_ENV)
     if not cfg.base_url:
         return None
     return JudgeClient(cfg)
 
 
 def _eval_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
-    from ..config import merge
+    from ..config import build
     from ..evaluate.runner import EvalConfig
 
-    cfg = merge(EvalConfig(), yaml_cfg.get("eval"), source="config section 'eval'")
-    flags = {
-        "benchmark": args.benchmark,
-        "data": args.data,
-        "out": args.out,
-        "images_root": args.images_root,
-        "replay": args.replay,
-        "limit": args.limit,
-        "concurrency": args.concurrency,
-        "num_shards": args.num_shards,
-        "shard": args.shard,
-        "retry_failed": False if args.no_retry_failed else None,
-        "report": False if args.no_report else None,
-    }
-    return merge(cfg, flags, source="flags")
+    return build(EvalConfig, yaml_cfg.get("eval"), args, names=(*EVAL_FLAGS, "replay"), section_name="eval")
 
 
-def _agent_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
-    from ..agent import AgentConfig
-    from ..config import merge
+def _model_kwargs(args: argparse.Namespace, yaml_cfg: dict[str, Any], *, openai: bool) -> dict[str, Any]:
+    """The model section and the model flags given (flags win), checked against the backend's config.
 
-    cfg = merge(AgentConfig(), yaml_cfg.get("agent"), source="config section 'agent'")
-    flags = {k: getattr(args, k) for k in ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path")}
-    return merge(cfg, flags, source="flags")
+    Raises:
+        ThymeError: a key the backend does not know (named, with the known ones), or a
+            transformers-only flag with ``--base-url``.
+    """
+    section = yaml_cfg.get("model")
+    if not openai:
+        from ..backends.hf import HFConfig
 
-
-def _sandbox_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
-    from ..config import merge
-    from ..sandbox import SandboxConfig
-
-    cfg = merge(SandboxConfig(), yaml_cfg.get("sandbox"), source="config section 'sandbox'")
-    return merge(cfg, {"timeout_s": args.timeout, "min_crop_side": args.min_crop_side}, source="flags")
-
-
-def _model_kwargs(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(yaml_cfg.get("model") or {})
-    for k in ("revision", "dtype", "device_map", "attn_implementation", "min_pixels", "max_pixels", "seed"):
-        v = getattr(args, k, None)
-        if v is not None:
-            kw[k] = v
-    return kw
+        return given_values(HFConfig, section, args, (*HF_FLAGS, "seed"), section_name="model")
+    given = [f"--{k.replace('_', '-')}" for k in HF_ONLY_FLAGS if getattr(args, k, None) is not None]
+    if given:
+        raise ThymeError(f"{', '.join(given)} only apply to the transformers backend (--model without --base-url)", "the server loads the model; drop these flags")
+    try:
+        from ..backends.openai import OpenAIConfig
+    except ImportError:  # the eval extra is missing: the factory says so
+        return {k: v for k, v in {**(section or {}), "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}.items() if v is not None}
+    return given_values(OpenAIConfig, section, args, ("min_pixels", "max_pixels", *OPENAI_FLAGS), section_name="model")
 
 
 def openai_backend_factory(base_url: str, model: str, *, api_key: str | None, concurrency: int, model_kw: dict[str, Any]):
-    """A factory building :class:`thyme.backends.openai.OpenAIBackend` (imported lazily); only
-    the keyword arguments its constructor accepts are passed."""
+    """A factory building :class:`thyme.backends.openai.OpenAIBackend` (imported lazily) with
+    every setting of the model section and flags (``model_kw``, keys already checked)."""
 
     def build():
         try:
             from ..backends.openai import OpenAIBackend
         except ImportError as e:
             raise ThymeError(f"the OpenAI-compatible backend is not available ({e})", "install thyme with the eval extra: pip install 'thyme[eval]'") from e
-        kw: dict[str, Any] = {"api_key": api_key, "concurrency": concurrency, **{k: v for k, v in model_kw.items() if k in ("min_pixels", "max_pixels")}}
-        accepted = set(inspect.signature(OpenAIBackend).parameters)
-        try:  # keyword overrides of its config dataclass
-            from ..backends.openai import OpenAIConfig
-
-            accepted |= {f.name for f in dataclasses.fields(OpenAIConfig)}
-        except (ImportError, TypeError):
-            pass
-        return OpenAIBackend(base_url, model, **{k: v for k, v in kw.items() if v is not None and k in accepted})
+        kw: dict[str, Any] = {"concurrency": concurrency, **model_kw}
+        if api_key is not None:
+            kw["api_key"] = api_key
+        return OpenAIBackend(base_url, model, **{k: v for k, v in kw.items() if v is not None})
 
     return build
 
@@ -229,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from ..evaluate.runner import format_metrics, rescore
 
-    yaml_cfg = _yaml(args, {"judge"})
+    yaml_cfg = load_sections(args, {"judge"})
     metrics = rescore(args.benchmark, args.data, args.predictions, judge=_judge(args, yaml_cfg))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +218,7 @@ def _score(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..evaluate.runner import format_metrics, run_eval
 
-    yaml_cfg = _yaml(args, {"eval", "agent", "sandbox", "model", "judge"})
+    yaml_cfg = load_sections(args, {"eval", "agent", "sandbox", "model", "judge"})
     cfg = _eval_config(args, yaml_cfg)
     missing = [flag for flag, v in (("--benchmark", cfg.benchmark), ("--data", cfg.data), ("--out", cfg.out)) if not v]
     if missing:
@@ -256,19 +230,25 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.base_url and not args.model:
         raise ThymeError("--base-url needs --model NAME (the model name the server serves)")
-    model_kw = _model_kwargs(args, yaml_cfg)
     factory = None
     settings: dict[str, Any] = {}
     if args.base_url:
-        factory = openai_backend_factory(args.base_url, args.model, api_key=args.api_key, concurrency=cfg.concurrency, model_kw=model_kw)
+        model_kw = _model_kwargs(args, yaml_cfg, openai=True)
+        api_key = args.api_key or model_kw.pop("api_key", None) or env_key(OPENAI_KEY_ENV)
+        model_kw.pop("api_key", None)
+        model_kw.pop("base_url", None)  # --base-url says where
+        model_kw.pop("model", None)  # --model says which
+        concurrency = model_kw.pop("concurrency", None) or cfg.concurrency
+        factory = openai_backend_factory(args.base_url, args.model, api_key=api_key, concurrency=concurrency, model_kw=model_kw)
         settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw}
     elif args.model:
+        model_kw = _model_kwargs(args, yaml_cfg, openai=False)
         factory = hf_backend_factory(args.model, model_kw)
         settings = {"model_flags": model_kw}
     result = run_eval(
         cfg,
-        agent_config=_agent_config(args, yaml_cfg),
-        sandbox_config=_sandbox_config(args, yaml_cfg),
+        agent_config=agent_config(args, yaml_cfg),
+        sandbox_config=sandbox_config(args, yaml_cfg),
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=settings,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..agent.replay import count_records, format_row, replay
     from ..sandbox import Sandbox
 
-    yaml_cfg = load_sections(args, {"agent", "sandbox"})
+    yaml_cfg = load_sections(args, {"agent", "sandbox"})  # a model section (run / eval) is ignored with a note
     records = Path(args.records)
     if not records.is_file():
         raise ThymeError(f"records file not found: {records}", "pass a JSONL file of Thyme records")

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .entry import add_config_flag, add_sandbox_flags, agent_config, load_sections, sandbox_config
+from .entry import add_agent_flags, add_config_flag, add_hf_flags, add_sandbox_flags, agent_config, hf_config, load_sections, sandbox_config
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -16,22 +16,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, action="append", help="input image (repeatable; the first is the one the prompt describes)")
     p.add_argument("--question", required=True, help="the question (include options for multiple choice)")
     p.add_argument("--model", required=True, help="hub id (e.g. Kwai-Keye/Thyme-RL) or local checkpoint folder")
-    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     p.add_argument("--out", default=None, help="write the trajectory JSON here, its images in a folder beside it")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per generation round (default 2048)")
-    p.add_argument("--max-rounds", type=int, default=None, help="generation rounds (default 5)")
-    p.add_argument("--min-pixels", type=int, default=None, help="per-image pixel budget, lower bound (default: the processor's)")
-    p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget, upper bound (default: the processor's)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default, as the reference evaluates)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    p.add_argument("--device-map", default=None, help="e.g. auto, cuda:0, cpu")
-    p.add_argument("--attn-implementation", default=None, help="e.g. sdpa, flash_attention_2, eager")
-    p.add_argument("--on-error", choices=["show", "regenerate"], default=None, help="show failed code's error to the model (default) or regenerate")
-    p.add_argument("--shown-path", default=None, help="image path shown to the model ({name}, {path} allowed; default: the real path)")
-    p.add_argument("--prefill", default=None, help="text the assistant message starts with (a code segment ending in </code> is run first)")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
-    p.add_argument("--ats", action="store_true", default=None, help="GRPO-ATS decoding: greedy inside <code> blocks, --temperature elsewhere")
+    add_agent_flags(p)
+    add_hf_flags(p)
     p.add_argument("--num-samples", type=int, default=1, help="trajectories of this question (sample i uses seed + i); --out keeps them all as OUT-i.json")
     add_sandbox_flags(p)
     add_config_flag(p)
@@ -49,14 +37,11 @@ def run(args: argparse.Namespace) -> int:
     for img in args.image:
         image_size(img)  # fail fast with a clear message before loading a model
     agent_cfg = agent_config(args, yaml_cfg)
-    model_kw = dict(yaml_cfg.get("model") or {})
-    for k in ("revision", "dtype", "device_map", "attn_implementation", "min_pixels", "max_pixels", "seed"):
-        v = getattr(args, k)
-        if v is not None:
-            model_kw[k] = v
+    model_cfg = hf_config(args, yaml_cfg)
+    sandbox_cfg = sandbox_config(args, yaml_cfg)
     if not args.quiet:
         print(f"loading {args.model} ...", file=sys.stderr)
-    backend = HFBackend(args.model, **model_kw)
+    backend = HFBackend.from_config(args.model, model_cfg)
 
     def on_event(i: int, kind: str, payload: Any) -> None:
         if args.quiet:
@@ -69,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(shown)
             sys.stdout.flush()
 
-    with backend, Sandbox(sandbox_config(args, yaml_cfg)) as sandbox, Agent(backend, sandbox, agent_cfg) as agent:
+    with backend, Sandbox(sandbox_cfg) as sandbox, Agent(backend, sandbox, agent_cfg) as agent:
         if agent_cfg.prefill and not args.quiet:
             sys.stdout.write(agent_cfg.prefill)
         n = max(1, int(getattr(args, "num_samples", 1) or 1))

@@ -12,6 +12,7 @@ import argparse
 import json
 from typing import Any
 
+from ..config import describe
 from ..errors import ThymeError
 
 
@@ -24,12 +25,27 @@ STAGES = {
 }
 
 
+def _config_class(stage: str) -> type:
+    if stage == "rl":
+        from ..train.rl.config import GRPOATSConfig
+
+        return GRPOATSConfig
+    from ..train.sft_config import SFTRunConfig
+
+    return SFTRunConfig
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``thyme train sft`` and ``thyme train rl`` on an argparse subparsers object."""
     p = subparsers.add_parser("train", help="training: SFT (stage 1, math annealing), RL (GRPO-ATS)")
     sub = p.add_subparsers(dest="train_command", required=True)
     for stage, (help_text, configs, files) in STAGES.items():
-        q = sub.add_parser(stage, help=help_text)
+        q = sub.add_parser(
+            stage,
+            help=help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="settings (YAML keys of --config, or --set KEY=VALUE):\n" + describe(_config_class(stage)),
+        )
         q.add_argument("--config", default=None, help=f"YAML config ({configs})")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value), repeatable: --set learning_rate=2e-5")
         q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")

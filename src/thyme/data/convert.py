@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..config import setting
+from ..constants import OUTPUT_DIR_ALIAS
 from ..errors import RecordError, ThymeError
 
 #: File extensions treated as image paths inside text.
@@ -55,38 +57,24 @@ PATH_RE = re.compile(r"""[^\s"'`()\[\]{}<>,;=*]+\.(?:""" + "|".join(IMAGE_EXTENS
 #: also show ``User Image Path: "..."``).
 USER_PATH_RE = re.compile(r'(User Image Path:?\**:?\s*")([^"\n]*)(")')
 #: The model's output folder convention; the sandbox maps it, so it is never "unresolved".
-OUTPUT_ALIAS = "/mnt/data/temp_processed_images"
+OUTPUT_ALIAS = OUTPUT_DIR_ALIAS
 _MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"GIF8": ".gif", b"BM": ".bmp", b"RIFF": ".webp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
 
 
 @dataclass
 class ConvertConfig:
-    """Settings of ``thyme data convert``.
+    """Settings of ``thyme data convert``; each field's meaning, default and source:
+    ``thyme data convert --help``."""
 
-    Attributes:
-        split: the split to convert (hub datasets: e.g. ``wo_thinking_thyme_single_round``;
-            ``None``: every split). Local files form the split ``train``.
-        subset: the dataset configuration name (``load_dataset(name=...)``), if any.
-        revision: hub revision (branch, tag, commit).
-        images_dir: where image files go (default ``<out stem>_images`` beside the output).
-        images_root: folder that relative image paths of the source are resolved against
-            (default: the source file's folder, or the current folder for hub ids).
-        workers: threads writing images in parallel.
-        chunk_size: rows whose images are written together before their lines are appended.
-        limit: stop after this many rows per split (``None``: all).
-        id_prefix: prefix of generated ids ``<prefix>-<row>`` (default: the split name, or the
-            first local file's stem).
-    """
-
-    split: str | None = None
-    subset: str | None = None
-    revision: str | None = None
-    images_dir: str | None = None
-    images_root: str | None = None
-    workers: int = 8
-    chunk_size: int = 64
-    limit: int | None = None
-    id_prefix: str | None = None
+    split: str | None = setting(None, help="the split to convert (hub datasets: e.g. wo_thinking_thyme_single_round, 2round, computation); local files form the split train", source="ours", show_default="every split")
+    subset: str | None = setting(None, help="the dataset configuration name (load_dataset(name=...)), if the dataset has several", source="datasets")
+    revision: str | None = setting(None, help="hub revision (branch, tag, commit)", source="hub", show_default="the main branch")
+    images_dir: str | None = setting(None, help="where image files go", source="ours", show_default="<out stem>_images beside --out")
+    images_root: str | None = setting(None, help="folder relative image paths of the source are resolved against", source="ours", show_default="the source file's folder, or the current folder for hub ids")
+    workers: int = setting(8, help="threads writing images in parallel", source="ours")
+    chunk_size: int = setting(64, help="rows whose images are written together before their lines are appended", source="ours")
+    limit: int | None = setting(None, help="stop after this many rows per split", source="ours", show_default="all")
+    id_prefix: str | None = setting(None, help="prefix of generated ids <prefix>-<row>", source="ours", show_default="the split name, or the first local file's stem")
 
 
 @dataclass

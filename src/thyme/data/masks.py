@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import protocol
+from ..config import setting
+from ..constants import MAX_PIXELS
 from ..errors import RecordError, ThymeError
 from ..imageio import image_size, open_image
 from .records import SFTRecord
@@ -53,21 +55,15 @@ _ZWSP = "\u200b"
 
 @dataclass
 class MaskConfig:
-    """How a record becomes a training sample.
+    """How a record becomes a training sample; each field's meaning, default and source:
+    ``thyme data show-masks --help``."""
 
-    Attributes:
-        last_round_only: for records with two or more sandbox outputs, mask everything up to and
-            including the second-to-last ``</sandbox_output>`` (the reference's rule; default on).
-        min_pixels: per-image lower pixel bound (``None``: the processor's, 3136 for Qwen2.5-VL).
-        max_pixels: per-image upper pixel bound, applied to every image of a record (inputs and
-            sandbox outputs); stage 1 used 3211264 (reference ``MAX_PIXELS``).
-        system_prompt: the system prompt (``None``: Thyme's, byte for byte).
-    """
-
-    last_round_only: bool = True
-    min_pixels: int | None = None
-    max_pixels: int | None = 3211264
-    system_prompt: str | None = None
+    last_round_only: bool = setting(
+        True, help="for records with two or more sandbox outputs, mask everything up to and including the second-to-last </sandbox_output>", source="reference"
+    )
+    min_pixels: int | None = setting(None, help="per-image lower pixel bound", source="processor", show_default="the processor's, 3136 for Qwen2.5-VL")
+    max_pixels: int | None = setting(MAX_PIXELS, help="per-image upper pixel bound, applied to every image of a record (inputs and sandbox outputs)", source="reference MAX_PIXELS, SFT stage 1")
+    system_prompt: str | None = setting(None, help="the system prompt", source="Thyme's, byte for byte", show_default="Thyme's")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import protocol
+from ..config import setting
 from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
@@ -44,18 +45,12 @@ _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][
 
 @dataclass
 class VerifyConfig:
-    """Settings of the execution filter.
+    """Settings of the execution filter; each field's meaning, default and source:
+    ``thyme data verify --help``."""
 
-    Attributes:
-        batch_size: records replayed together (their code runs concurrently in the pool).
-        float_rel_tol: relative tolerance when comparing numbers in printed text (1e-6: the
-            last digits of a float may differ across library versions).
-        keep_without_code: keep records that have no code block (nothing to execute).
-    """
-
-    batch_size: int = 8
-    float_rel_tol: float = 1e-6
-    keep_without_code: bool = True
+    batch_size: int = setting(8, help="records replayed together (their code runs concurrently in the pool)", source="ours")
+    float_rel_tol: float = setting(1e-6, help="relative tolerance for numbers in printed text (the last digits of a float may differ across library versions)", source="ours")
+    keep_without_code: bool = setting(True, help="keep records that have no code block (nothing to execute)", source="ours")
 
 
 @dataclass

@@ -41,10 +41,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
+from ..config import setting
 from ..errors import ThymeError
 from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
 from .metrics import base_provenance, compute_metrics, file_fingerprint
@@ -52,43 +53,27 @@ from .metrics import base_provenance, compute_metrics, file_fingerprint
 
 @dataclass
 class EvalConfig:
-    """Settings of one ``thyme eval`` run (YAML section ``eval``; flags override it).
+    """Settings of one ``thyme eval`` run (YAML section ``eval``; flags override it). Each
+    field's meaning, default and source: ``thyme eval --help``."""
 
-    Attributes:
-        benchmark: ``vstar``, ``hrbench4k``, ``hrbench8k``, ``mme-realworld``, ``mme-realworld-lite``.
-        data: the benchmark data file (see :mod:`thyme.evaluate.benchmarks`).
-        out: output folder (predictions, metrics, report; reuse it to resume).
-        images_root: folder relative image names of the data start from (default: the data
-            file's folder).
-        replay: Thyme records to play back instead of generating (joined to rows by
-            ``benchmark`` and ``question_id``).
-        limit: evaluate only the first N (joined) rows.
-        concurrency: trajectories in flight at once (the batch the agent advances in lockstep
-            rounds; for the hf backend, the generation batch).
-        num_shards: processes sharing the run; shard I takes rows I, I+N, I+2N...
-        shard: this process's shard index, 0 <= shard < num_shards.
-        retry_failed: on rerun, run again the questions whose earlier attempt failed.
-        report: write ``report.html`` at the end.
-        schedule: ``"lockstep"``: batches of ``concurrency`` trajectories advance round by round
-            (one generate call per round: the hf backend's batching; a generate call that
-            raises fails its whole batch); ``"independent"``: ``concurrency`` worker threads
-            each run one trajectory at a time, the next question starting as soon as one ends
-            (for servers: no trajectory waits for another, a failed request fails only its
-            own); ``"auto"``: independent for the ``openai`` backend, else lockstep.
-    """
-
-    benchmark: str = ""
-    data: str = ""
-    out: str = ""
-    images_root: str | None = None
-    replay: str | None = None
-    limit: int | None = None
-    concurrency: int = 8
-    num_shards: int = 1
-    shard: int = 0
-    retry_failed: bool = True
-    report: bool = True
-    schedule: str = "auto"
+    benchmark: str = setting("", help="vstar, hrbench4k, hrbench8k, mme-realworld, mme-realworld-lite", source="required", show_default="none")
+    data: str = setting("", help="benchmark file: VLMEvalKit .tsv, official .json/.jsonl/.parquet, or the corpus's normalised .jsonl", source="required", show_default="none")
+    out: str = setting("", help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume", source="required", show_default="none")
+    images_root: str | None = setting(None, help="folder the data's relative image names start from", source="ours", show_default="the data file's folder")
+    replay: str | None = setting(None, help="Thyme records (JSONL with response, benchmark, question_id) to play back instead of generating", source="ours")
+    limit: int | None = setting(None, help="evaluate the first N (joined) rows only", source="ours", show_default="all")
+    concurrency: int = setting(8, help="trajectories in flight at once (the batch the agent advances in lockstep rounds; for the hf backend, the generation batch)", source="ours")
+    num_shards: int = setting(1, help="processes sharing the run (one per GPU); shard I takes rows I, I+N, I+2N...", source="ours")
+    shard: int = setting(0, help="this process's shard, 0 <= I < num_shards", source="ours")
+    retry_failed: bool = setting(True, help="on resume, run again the questions whose earlier attempt failed", source="ours")
+    report: bool = setting(True, help="write report.html at the end", source="ours")
+    schedule: Literal["auto", "lockstep", "independent"] = setting(
+        "auto",
+        help="'lockstep': batches of concurrency trajectories advance round by round (one generate call per round: the hf backend's batching; "
+        "a generate call that raises fails its whole batch); 'independent': concurrency worker threads each run one trajectory at a time "
+        "(for servers: a failed request fails only its own); 'auto': independent for the openai backend, else lockstep",
+        source="ours",
+    )
 
 
 @dataclass

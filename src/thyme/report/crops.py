@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .items import OUTPUT_DIR_MARKER
+from ..constants import OUTPUT_DIR_MARKER
 
 # --------------------------------------------------------------------------- crop regions
 

@@ -18,7 +18,6 @@ from ..scoring.rules import score_answer
 
 #: Default longest side (pixels) of embedded images.
 MAX_IMAGE_SIDE = 1024
-OUTPUT_DIR_MARKER = "temp_processed_images"
 
 
 class ReportError(ThymeError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from thyme.config import setting
+from thyme.constants import EXEC_TIMEOUT_S, MIN_CROP_SIDE, OUTPUT_DIR_ALIAS
 
 #: Names of the confinement layers, as reported by :func:`thyme.sandbox.doctor` and accepted by
 #: ``SandboxConfig.require``.
@@ -26,94 +29,101 @@ MiB = 2**20
 
 @dataclass
 class SandboxConfig:
-    """Limits and conventions of a sandbox. Every field has the reference's value or a safe default.
+    """Limits and conventions of a sandbox (YAML section ``sandbox``). Every field has the
+    reference's value or a safe default; each field's meaning, default and source:
+    ``thyme run --help`` (or :func:`thyme.config.help_text`).
 
     Fields can be overridden as keyword arguments of :class:`thyme.sandbox.Sandbox`.
     """
 
-    timeout_s: float = 10.0
-    """Wall-clock limit of one execution, in seconds (reference: 10 s). The parent enforces it
-    with SIGKILL, so code cannot catch it; the session then loses its variables (state_lost)."""
-
-    cpu_time_s: float = 30.0
-    """CPU-time limit of one execution, in seconds (all threads together), as RLIMIT_CPU."""
-
-    memory_bytes: int = 4 * GiB
-    """Address-space limit of a session process, in bytes (RLIMIT_AS). The warm interpreter
-    already maps ~0.5 GiB and an 8K image decodes to ~130 MB: keep several GiB."""
-
-    max_file_bytes: int = 256 * MiB
-    """Largest file a session may write, in bytes (RLIMIT_FSIZE; bigger writes fail with EFBIG)."""
-
-    max_open_files: int = 256
-    """Most file descriptors a session process may hold (RLIMIT_NOFILE)."""
-
-    max_processes: int = 1024
-    """RLIMIT_NPROC of the session user (counts threads of every session of that user; a
-    backstop: seccomp already refuses fork)."""
-
-    max_output_bytes: int = 65536
-    """Most bytes of stdout+stderr returned per execution; longer output is cut and marked."""
-
-    max_workers: int | None = None
-    """Executions running at the same time (others wait for a slot); ``None``: os.cpu_count()."""
-
-    min_crop_side: int = 64
-    """Crops of images smaller than this many pixels on a side are grown to it (reference: 64;
-    the README example's published 220x128 output depends on it). 0 disables the growth."""
-
-    repairs: bool = True
-    """Apply the named code repairs (dedent, autopep8 on syntax errors, cv2 aliases, crop
-    clamping). Path conventions (output folder alias, missing input paths) always apply."""
-
-    decoded_cache: bool = True
-    """Serve repeated reads of a session input (``cv2.imread`` with any flags, ``Image.open``) from
-    one decoded copy shared read-only by every session of that image (see
-    :mod:`thyme.sandbox.decoded`). Reads return the same values as without it (a fresh writable
-    array; a lazily loaded image with the same mode, size, format and info)."""
-
-    decoded_cache_bytes: int = 1 * GiB
-    """Most bytes of decoded inputs the cache keeps (shared memory, charged to the caller);
-    the least recently used are dropped first (an 8K RGB input is about 130 MB)."""
-
-    root_dir: str | None = None
-    """Folder that holds session folders; ``None``: a private temporary folder, deleted on close."""
-
-    require: tuple[str, ...] = ()
-    """Layers (names from :data:`LAYERS`) that must be active, else ``Sandbox()`` raises
-    :class:`thyme.sandbox.errors.ConfinementError` naming the layer and why it is missing."""
-
-    output_dir_alias: str = "/mnt/data/temp_processed_images"
-    """The output folder the model was trained to write to (the o3 convention); it maps to the
-    session folder for reads and writes. Printed text keeps the model's own paths."""
-
-    network_namespace: bool = True
-    """Give each session process a private network namespace when allowed (about 1 ms)."""
-
-    sandbox_uid: int | None = 65534
-    """User (and group) id session processes run as when the caller is root (nobody);
-    None or 0 keeps root (the ``identity`` layer is then reported inactive)."""
-
-    mount_view: bool = True
-    """Start the zygote inside bubblewrap (a private mount view: the Python runtime read-only, the
-    sandbox root read-write, nothing else of the host; its own network, IPC and UTS namespaces),
-    see :mod:`thyme.sandbox.mountview`. Falls back to no wrapper, reported by the ``mount_view``
-    layer, when bwrap is missing or namespaces are forbidden."""
-
-    bwrap: str = "bwrap"
-    """The bubblewrap program: a name looked up on PATH, or a path."""
-
-    allow_weaker: bool = False
-    """Accept a sandbox that lacks some layers of ``require``: ``Sandbox()`` then warns (naming
-    each missing layer and what it protects against) instead of raising ConfinementError. The
-    one switch for hosts that forbid what a layer needs (e.g. Slurm / Kubernetes nodes without
-    user namespaces or bubblewrap)."""
-
-    start_timeout_s: float = 60.0
-    """Longest wait for the zygote to import its modules at start, in seconds."""
-
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables for session processes (added to the minimal environment)."""
+    timeout_s: float = setting(
+        EXEC_TIMEOUT_S,
+        help='Wall-clock limit of one execution, in seconds. The parent enforces it with SIGKILL, so code cannot catch it; the session then loses its variables (state_lost).', source='reference: 10 s', flag='--timeout',
+    )
+    cpu_time_s: float = setting(
+        30.0,
+        help='CPU-time limit of one execution, in seconds (all threads together), as RLIMIT_CPU.', source='ours',
+    )
+    memory_bytes: int = setting(
+        4 * GiB,
+        help='Address-space limit of a session process, in bytes (RLIMIT_AS). The warm interpreter already maps ~0.5 GiB and an 8K image decodes to ~130 MB: keep several GiB.', source='ours', show_default='4 GiB',
+    )
+    max_file_bytes: int = setting(
+        256 * MiB,
+        help='Largest file a session may write, in bytes (RLIMIT_FSIZE; bigger writes fail with EFBIG).', source='ours', show_default='256 MiB',
+    )
+    max_open_files: int = setting(
+        256,
+        help='Most file descriptors a session process may hold (RLIMIT_NOFILE).', source='ours',
+    )
+    max_processes: int = setting(
+        1024,
+        help='RLIMIT_NPROC of the session user (counts threads of every session of that user; a backstop: seccomp already refuses fork).', source='ours',
+    )
+    max_output_bytes: int = setting(
+        65536,
+        help='Most bytes of stdout+stderr returned per execution; longer output is cut and marked.', source='ours',
+    )
+    max_workers: int | None = setting(
+        None,
+        help='Executions running at the same time (others wait for a slot); None: os.cpu_count().', source='ours', show_default='os.cpu_count()',
+    )
+    min_crop_side: int = setting(
+        MIN_CROP_SIDE,
+        help="Crops of images smaller than this many pixels on a side are grown to it (the README example's published 220x128 output depends on it). 0 disables the growth.", source='reference: 64',
+    )
+    repairs: bool = setting(
+        True,
+        help='Apply the named code repairs (dedent, autopep8 on syntax errors, cv2 aliases, crop clamping). Path conventions (output folder alias, missing input paths) always apply.', source='ours',
+    )
+    decoded_cache: bool = setting(
+        True,
+        help='Serve repeated reads of a session input (cv2.imread with any flags, Image.open) from one decoded copy shared read-only by every session of that image (see :mod:`thyme.sandbox.decoded`). Reads return the same values as without it (a fresh writable array; a lazily loaded image with the same mode, size, format and info).', source='ours',
+    )
+    decoded_cache_bytes: int = setting(
+        1 * GiB,
+        help='Most bytes of decoded inputs the cache keeps (shared memory, charged to the caller); the least recently used are dropped first (an 8K RGB input is about 130 MB).', source='ours', show_default='1 GiB',
+    )
+    root_dir: str | None = setting(
+        None,
+        help='Folder that holds session folders; None: a private temporary folder, deleted on close.', source='ours', show_default='a private temporary folder',
+    )
+    require: tuple[str, ...] = setting(
+        (),
+        help='Layers (names from :data:`LAYERS`) that must be active, else Sandbox() raises :class:`thyme.sandbox.errors.ConfinementError` naming the layer and why it is missing.', source='ours',
+    )
+    output_dir_alias: str = setting(
+        OUTPUT_DIR_ALIAS,
+        help="The output folder the model was trained to write to (the o3 convention); it maps to the session folder for reads and writes. Printed text keeps the model's own paths.", source='Thyme SFT data (o3 convention)',
+    )
+    network_namespace: bool = setting(
+        True,
+        help='Give each session process a private network namespace when allowed (about 1 ms).', source='ours',
+    )
+    sandbox_uid: int | None = setting(
+        65534,
+        help='User (and group) id session processes run as when the caller is root (nobody); None or 0 keeps root (the identity layer is then reported inactive).', source='nobody',
+    )
+    mount_view: bool = setting(
+        True,
+        help='Start the zygote inside bubblewrap (a private mount view: the Python runtime read-only, the sandbox root read-write, nothing else of the host; its own network, IPC and UTS namespaces), see :mod:`thyme.sandbox.mountview`. Falls back to no wrapper, reported by the mount_view layer, when bwrap is missing or namespaces are forbidden.', source='ours',
+    )
+    bwrap: str = setting(
+        "bwrap",
+        help='The bubblewrap program: a name looked up on PATH, or a path.', source='ours',
+    )
+    allow_weaker: bool = setting(
+        False,
+        help='Accept a sandbox that lacks some layers of require: Sandbox() then warns (naming each missing layer and what it protects against) instead of raising ConfinementError. The one switch for hosts that forbid what a layer needs (e.g. Slurm / Kubernetes nodes without user namespaces or bubblewrap).', source='ours',
+    )
+    start_timeout_s: float = setting(
+        60.0,
+        help='Longest wait for the zygote to import its modules at start, in seconds.', source='ours',
+    )
+    env: dict[str, str] = setting(
+        default_factory=dict,
+        help='Extra environment variables for session processes (added to the minimal environment).', source='ours',
+    )
 
     def __post_init__(self) -> None:
         if self.max_workers is None:

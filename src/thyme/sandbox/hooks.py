@@ -36,19 +36,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from thyme.constants import MAX_FIXES, MIN_CROP_SIDE, OUTPUT_DIR_ALIAS
 from thyme.sandbox import decoded, repairs
 from thyme.sandbox.result import Fix
 
-MAX_FIXES = 50
 
 
 @dataclass
 class _Session:
     dir: str | None = None
-    alias: str = "/mnt/data/temp_processed_images"
+    alias: str = OUTPUT_DIR_ALIAS
     inputs: list[str] = field(default_factory=list)  # real paths, readable in the sandbox
     shown: list[str] = field(default_factory=list)  # the same images as shown to the model
-    min_crop_side: int = 64
+    min_crop_side: int = MIN_CROP_SIDE
     fixes: list[Fix] = field(default_factory=list)
     seen: set = field(default_factory=set)
 

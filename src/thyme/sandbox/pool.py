@@ -37,6 +37,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Sequence
 
+from thyme.constants import MAX_FIXES
 from thyme.errors import ImageError
 from thyme.sandbox import decoded, mountview, outputs, wire
 from thyme.sandbox.config import SandboxConfig
@@ -45,7 +46,6 @@ from thyme.sandbox.errors import ConfinementError, SandboxError, SandboxWeakerWa
 from thyme.sandbox.result import ExecError, ExecResult, Fix
 
 MAX_REPLY_BYTES = 1 << 20
-MAX_FIXES = 50
 MAX_TEXT = 32768
 SPAWN_TIMEOUT_S = 30.0
 CONTROL_TIMEOUT_S = 30.0

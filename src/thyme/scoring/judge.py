@@ -10,7 +10,7 @@ reply is parsed leniently (code fences and text around the object are ignored).
 Failure handling (the reference silently scored a failed judge call 0; here a failure is an
 error the caller reports as *invalid*):
 
-- HTTP 429, 5xx, timeouts and connection errors are retried with exponential backoff
+- HTTP 408, 409, 425, 429, 5xx, timeouts and connection errors are retried with exponential backoff
   (``Retry-After`` honoured), at most ``max_retries`` times;
 - any other 4xx raises :class:`JudgeRequestError` at once with the server's message (a wrong
   model name or URL does not get better by retrying);
@@ -34,9 +34,10 @@ import contextvars
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
-from ..http import retry_delay
+from ..config import setting
+from ..http import Retryable, is_retryable_status, retrying
 from ..errors import ThymeError
 
 
@@ -45,40 +46,29 @@ class JudgeError(ThymeError):
 
 
 class JudgeRequestError(JudgeError):
-    """The judge server refused the request (a 4xx other than 429): wrong model, URL or key."""
+    """The judge server refused the request (a 4xx other than 408, 409, 425 and 429): wrong model, URL or key."""
 
 
 @dataclass
 class JudgeConfig:
-    """Where the judge is and how hard to try.
+    """Where the judge is and how hard to try (YAML section ``judge``, flags ``--judge-*``; the
+    key also from ``THYME_JUDGE_API_KEY``). Each field's meaning, default and source:
+    ``thyme eval --help``."""
 
-    Attributes:
-        base_url: the server's OpenAI-compatible root, e.g. ``http://127.0.0.1:8000/v1``.
-        model: the served model name (the paper: Qwen2.5-VL-72B-Instruct, text only).
-        api_key: sent as ``Authorization: Bearer``; ``None`` sends none.
-        timeout_s: seconds per HTTP request.
-        max_retries: retries of one request on 429 / 5xx / timeouts / connection errors.
-        backoff_s: first retry delay in seconds, doubled each retry (plus up to 10% jitter).
-        max_backoff_s: cap on one retry delay, in seconds.
-        parse_retries: extra requests when the reply is not the JSON asked for.
-        temperature: sampling temperature (0: greedy).
-        max_tokens: generated tokens per verdict.
-        concurrency: requests in flight at once in the batch helpers.
-        response_format: ``"json_schema"`` (constrained decoding), ``"json_object"`` or ``"none"``.
-    """
-
-    base_url: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    parse_retries: int = 2
-    temperature: float = 0.0
-    max_tokens: int = 64
-    concurrency: int = 16
-    response_format: str = "json_schema"
+    base_url: str | None = setting(None, help="OpenAI-compatible server of the judge, e.g. http://127.0.0.1:8001/v1 (no judge without it)", source="ours")
+    model: str | None = setting(None, help="served model name of the judge", source="paper: Qwen2.5-VL-72B-Instruct, text only")
+    api_key: str | None = setting(None, help="sent as 'Authorization: Bearer'; none sends none", source="OpenAI API")
+    timeout_s: float = setting(60.0, help="seconds per HTTP request", source="ours")
+    max_retries: int = setting(4, help="retries of one request on HTTP 408/409/425/429/5xx, timeouts and connection errors", source="ours")
+    backoff_s: float = setting(1.0, help="first retry delay in seconds, doubled each retry (plus up to 25% jitter)", source="ours")
+    max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After), in seconds", source="ours")
+    parse_retries: int = setting(2, help="extra requests when the reply is not the JSON asked for", source="ours")
+    temperature: float = setting(0.0, help="sampling temperature (0: greedy)", source="ours")
+    max_tokens: int = setting(64, help="generated tokens per verdict", source="ours")
+    concurrency: int = setting(16, help="requests in flight at once in the batch helpers", source="ours")
+    response_format: Literal["json_schema", "json_object", "none"] = setting(
+        "json_schema", help="how the JSON reply is constrained: json_schema (constrained decoding), json_object or none", source="ours"
+    )
 
 
 @dataclass
@@ -97,7 +87,6 @@ class Verdict:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_RETRY_STATUS = {408, 409, 425, 429}
 #: The HTTP client of the current :meth:`JudgeClient.connection` (shared by its tasks).
 _CLIENT: contextvars.ContextVar[Any] = contextvars.ContextVar("thyme_judge_client", default=None)
 
@@ -217,36 +206,34 @@ class JudgeClient:
         return h
 
     async def _post(self, client: Any, body: dict[str, Any]) -> tuple[str, int]:
-        """POST with retries; returns ``(reply text, attempts)``."""
+        """POST with retries (:func:`thyme.http.retrying`); returns ``(reply text, attempts)``."""
         import httpx
 
         c = self.config
-        attempt = 0
-        while True:
-            attempt += 1
-            retry_after = None
+
+        async def attempt(n: int) -> tuple[str, int]:
             try:
                 resp = await client.post(self.url, json=body, headers=self._headers(), timeout=c.timeout_s)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if resp.status_code == 200:
-                    try:
-                        data = resp.json()
-                        return str(data["choices"][0]["message"]["content"] or ""), attempt
-                    except (ValueError, KeyError, IndexError, TypeError) as e:
-                        raise JudgeError(f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}): {resp.text[:300]}") from None
-                if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
-                    last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                    retry_after = resp.headers.get("retry-after")
-                else:
-                    raise JudgeRequestError(
-                        f"judge server {c.base_url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}",
-                        f"check --judge-model (sent {c.model!r}), the URL and the key; servers that reject response_format need --judge-response-format none",
-                    )
-            if attempt > c.max_retries:
-                raise JudgeError(f"judge server {c.base_url} failed after {attempt} attempt(s): {last}", "is the judge server up and not overloaded?")
-            await asyncio.sleep(retry_delay(attempt, c.backoff_s, c.max_backoff_s, retry_after))
+                raise Retryable(JudgeError(f"{type(e).__name__}: {e}")) from None
+            if resp.status_code == 200:
+                try:
+                    data = resp.json()
+                    return str(data["choices"][0]["message"]["content"] or ""), n
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise JudgeError(f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}): {resp.text[:300]}") from None
+            if is_retryable_status(resp.status_code):
+                raise Retryable(JudgeError(f"HTTP {resp.status_code}: {resp.text[:300]}"), resp.headers.get("retry-after"))
+            raise JudgeRequestError(
+                f"judge server {c.base_url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}",
+                f"check --judge-model (sent {c.model!r}), the URL and the key; servers that reject response_format need --judge-response-format none",
+            )
+
+        def give_up(err: BaseException, attempts: int) -> BaseException:
+            last = err.message if isinstance(err, ThymeError) else str(err)
+            return JudgeError(f"judge server {c.base_url} failed after {attempts} attempt(s): {last}", "is the judge server up and not overloaded?")
+
+        return await retrying(attempt, max_retries=c.max_retries, backoff_s=c.backoff_s, max_backoff_s=c.max_backoff_s, give_up=give_up)
 
     @contextlib.asynccontextmanager
     async def connection(self):

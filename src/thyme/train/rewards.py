@@ -32,6 +32,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from ..config import setting
 from ..scoring.answers import final_answer
 from ..scoring.mathequiv import in_main_thread
 from ..scoring.rules import score_answer
@@ -41,26 +42,16 @@ _FORMAT_RE = re.compile(r"^(?:(?!</think>).)*</think>\s<answer>(?:(?!</answer>).
 
 @dataclass
 class RewardConfig:
-    """Weights and rules of the Thyme reward.
+    """Weights and rules of the Thyme reward (paper Sec. 3.3); each field's meaning, default
+    and source is in its metadata (:func:`thyme.config.help_text`)."""
 
-    Attributes:
-        result_weight: weight of the result term (paper: 1).
-        consistency_weight: bonus factor for consistent reasoning on correct answers (paper: 0.5).
-        format_weight: weight of the format term (paper: 0.5).
-        consistency_tail_chars: characters of the reasoning's end the consistency judge reads
-            (reference: 500).
-        use_math_verify: try math-verify equivalence (main thread only; skipped elsewhere).
-        judge_result: ask the judge when no rule says correct (if a judge is given).
-        judge_consistency: ask the judge for consistency (if a judge is given).
-    """
-
-    result_weight: float = 1.0
-    consistency_weight: float = 0.5
-    format_weight: float = 0.5
-    consistency_tail_chars: int = 500
-    use_math_verify: bool = True
-    judge_result: bool = True
-    judge_consistency: bool = True
+    result_weight: float = setting(1.0, help="weight of the result term", source="paper: 1")
+    consistency_weight: float = setting(0.5, help="bonus factor for consistent reasoning on correct answers", source="paper: 0.5")
+    format_weight: float = setting(0.5, help="weight of the format term", source="paper: 0.5")
+    consistency_tail_chars: int = setting(500, help="characters of the reasoning's end the consistency judge reads", source="reference: 500")
+    use_math_verify: bool = setting(True, help="try math-verify equivalence (main thread only; skipped elsewhere)", source="reference")
+    judge_result: bool = setting(True, help="ask the judge when no rule says correct (if a judge is given)", source="paper")
+    judge_consistency: bool = setting(True, help="ask the judge for consistency (if a judge is given)", source="paper")
 
 
 @dataclass

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from ..config import load_yaml
+from ..config import load_yaml, setting
+from ..constants import MAX_PIXELS
 from ..errors import ThymeError
 
 #: LoRA targets: the language model's attention and MLP projections (the vision tower stays as it is).
@@ -36,114 +37,58 @@ LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_
 
 @dataclass
 class SFTRunConfig:
-    """Everything ``thyme train sft`` needs. Every field has the paper's / reference's value.
-
-    Data and masks:
-        model: base checkpoint (hub id or folder); stage 2 starts from stage 1's ``output_dir``.
-        train_files: JSONL files of Thyme SFT records (``thyme data convert`` / ``verify`` output).
-        images_root: folder relative image paths start from (default: each file's folder).
-        output_dir: checkpoints, logs and the final model (with processor and chat template).
-        last_round_only: mask everything up to the second-to-last ``</sandbox_output>`` for
-            records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).
-        max_pixels: per-image pixel budget, every image of a record (reference 3211264).
-        min_pixels: per-image lower bound (``None``: the processor's, 3136).
-        system_prompt: system prompt (``None``: Thyme's, byte for byte).
-        max_length: samples longer than this many tokens (image tokens included) are dropped,
-            as the reference's trainer did (10240); dropped samples are counted in the log.
-
-    Optimisation:
-        learning_rate: peak learning rate (stage 1: 1e-5; stage 2: 1e-6).
-        num_train_epochs: epochs (3 in both stages).
-        effective_batch_size: global batch in samples (128), see the module docstring.
-        per_device_train_batch_size: samples per device per micro-step (reference: 1).
-        gradient_accumulation_steps: micro-steps per optimizer step (``None``: derived).
-        warmup_ratio: linear warm-up fraction (reference 0.05).
-        lr_scheduler_type: schedule after warm-up (ms-swift's default, cosine).
-        weight_decay: AdamW weight decay (ms-swift's default 0.1; the scripts kept it).
-        max_grad_norm: gradient clipping (1.0).
-        max_steps: stop after this many optimizer steps (-1: run the epochs).
-        seed: seed of sampling and initialisation.
-
-    Model:
-        freeze_vision_tower: freeze the vision encoder (reference ``--freeze_vit true``, with
-            ms-swift's default that also freezes the merger / aligner).
-        train_merger: keep the vision-language merger trainable even when the tower is frozen.
-        dtype: weights' dtype: ``auto`` (bfloat16 with a CUDA GPU, float32 otherwise),
-            ``bfloat16``, ``float16``, ``float32``.
-        bf16: bf16 mixed precision (``None``: on with a CUDA GPU, as the reference).
-        attn_implementation: ``sdpa``, ``flash_attention_2`` (the reference's), ``eager`` or ``None``.
-        gradient_checkpointing: recompute activations in the backward pass (saves memory).
-
-    LoRA (through peft; off: full fine-tuning as the paper):
-        use_lora: train LoRA adapters instead of the full model.
-        lora_r, lora_alpha, lora_dropout: adapter rank, scale and dropout (ms-swift's 8 / 32 / 0.05).
-        lora_target_modules: regex or list of module names (default: the language model's linear layers).
-        merge_lora: at the end, also save the merged full model to ``<output_dir>/merged`` (loads in ``thyme run``).
-
-    Batches:
-        group_by_modality: batches hold only image samples or only text-only samples (stage 2).
-        dataloader_num_workers: data-loading processes (rendering and image processing).
-
-    Logging and checkpoints:
-        logging_steps: log every this many optimizer steps (reference 5).
-        save_strategy: ``epoch`` (reference), ``steps`` or ``no``.
-        save_steps: with ``save_strategy: steps``.
-        save_total_limit: checkpoints kept (reference 5).
-        report_to: ``[tensorboard]``, ``[wandb]``, ``[none]``... (transformers' integrations).
-        run_name: run name for the trackers.
-        resume_from_checkpoint: ``latest`` (the newest checkpoint in ``output_dir``), a
-            checkpoint folder, or ``None``.
-        deepspeed: DeepSpeed JSON (``configs/deepspeed_zero2.json`` / ``_zero3.json``), used
-            under ``accelerate launch``.
+    """Everything ``thyme train sft`` needs (YAML keys: the field names; ``--set KEY=VALUE``).
+    Every field has the paper's / reference's value; each field's meaning, default and source
+    is in its metadata (``thyme train sft --help`` lists them).
     """
 
-    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    train_files: list[str] = field(default_factory=list)
-    images_root: str | None = None
-    output_dir: str = "runs/sft_stage1"
-    last_round_only: bool = True
-    max_pixels: int | None = 3211264
-    min_pixels: int | None = None
-    system_prompt: str | None = None
-    max_length: int | None = 10240
+    model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", help="base checkpoint (hub id or folder); stage 2 starts from stage 1's output_dir.", source='ours')
+    train_files: list[str] = setting(default_factory=list, help='JSONL files of Thyme SFT records (thyme data convert / verify output).', source='ours')
+    images_root: str | None = setting(None, help="folder relative image paths start from (default: each file's folder).", source='ours')
+    output_dir: str = setting("runs/sft_stage1", help='checkpoints, logs and the final model (with processor and chat template).', source='ours')
+    last_round_only: bool = setting(True, help='mask everything up to the second-to-last </sandbox_output> for records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).', source='reference')
+    max_pixels: int | None = setting(MAX_PIXELS, help='per-image pixel budget, every image of a record.', source='reference')
+    min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source='ours')
+    system_prompt: str | None = setting(None, help="system prompt (none: Thyme's, byte for byte).", source='ours')
+    max_length: int | None = setting(10240, help="samples longer than this many tokens (image tokens included) are dropped, as the reference's trainer did; dropped samples are counted in the log.", source='paper / reference stage 1')
 
-    learning_rate: float = 1e-5
-    num_train_epochs: float = 3.0
-    effective_batch_size: int | None = 128
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int | None = None
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-    max_steps: int = -1
-    seed: int = 42
+    learning_rate: float = setting(1e-5, help='peak learning rate (stage 2: 1e-6).', source='paper / reference stage 1')
+    num_train_epochs: float = setting(3.0, help='epochs (both stages).', source='paper / reference stage 1')
+    effective_batch_size: int | None = setting(128, help='global batch in samples, see the module docstring.', source='paper / reference stage 1')
+    per_device_train_batch_size: int = setting(1, help='samples per device per micro-step.', source='reference')
+    gradient_accumulation_steps: int | None = setting(None, help='micro-steps per optimizer step (none: derived from effective_batch_size).', source='ours')
+    warmup_ratio: float = setting(0.05, help='linear warm-up fraction.', source='reference')
+    lr_scheduler_type: str = setting("cosine", help="schedule after warm-up.", source='ms-swift default')
+    weight_decay: float = setting(0.1, help="AdamW weight decay (the reference's scripts kept it).", source='ms-swift default')
+    max_grad_norm: float = setting(1.0, help='gradient clipping.', source='ours')
+    max_steps: int = setting(-1, help='stop after this many optimizer steps (-1: run the epochs).', source='ours')
+    seed: int = setting(42, help='seed of sampling and initialisation.', source='ours')
 
-    freeze_vision_tower: bool = True
-    train_merger: bool = False
-    dtype: str = "auto"
-    bf16: bool | None = None
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = True
+    freeze_vision_tower: bool = setting(True, help="freeze the vision encoder (reference --freeze_vit true, with ms-swift's default that also freezes the merger / aligner).", source='paper / reference stage 1')
+    train_merger: bool = setting(False, help='keep the vision-language merger trainable even when the tower is frozen.', source='ours')
+    dtype: str = setting("auto", help="weights' dtype: auto (bfloat16 with a CUDA GPU, float32 otherwise), bfloat16, float16, float32.", source='ours')
+    bf16: bool | None = setting(None, help='bf16 mixed precision (none: on with a CUDA GPU, as the reference).', source='reference')
+    attn_implementation: str | None = setting(None, help="sdpa, flash_attention_2 (the reference's), eager or None.", source='reference')
+    gradient_checkpointing: bool = setting(True, help='recompute activations in the backward pass (saves memory).', source='ours')
 
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: Any = LANGUAGE_MODEL_LINEAR
-    merge_lora: bool = True
+    use_lora: bool = setting(False, help='train LoRA adapters instead of the full model.', source='ours')
+    lora_r: int = setting(8, help="LoRA adapter rank.", source='ms-swift default')
+    lora_alpha: int = setting(32, help="LoRA adapter scale (alpha).", source='ms-swift default')
+    lora_dropout: float = setting(0.05, help="LoRA adapter dropout.", source='ms-swift default')
+    lora_target_modules: Any = setting(LANGUAGE_MODEL_LINEAR, help="regex or list of module names.", source='ours', show_default="the language model's linear layers")
+    merge_lora: bool = setting(True, help='at the end, also save the merged full model to <output_dir>/merged (loads in thyme run).', source='ours')
 
-    group_by_modality: bool = False
-    dataloader_num_workers: int = 4
+    group_by_modality: bool = setting(False, help='batches hold only image samples or only text-only samples (stage 2).', source='ours')
+    dataloader_num_workers: int = setting(4, help='data-loading processes (rendering and image processing).', source='ours')
 
-    logging_steps: int = 5
-    save_strategy: str = "epoch"
-    save_steps: int | None = None
-    save_total_limit: int | None = 5
-    report_to: list[str] = field(default_factory=lambda: ["none"])
-    run_name: str | None = None
-    resume_from_checkpoint: str | None = None
-    deepspeed: str | None = None
+    logging_steps: int = setting(5, help='log every this many optimizer steps.', source='reference')
+    save_strategy: str = setting("epoch", help='epoch (reference), steps or no.', source='reference')
+    save_steps: int | None = setting(None, help='with save_strategy: steps.', source='ours')
+    save_total_limit: int | None = setting(5, help='checkpoints kept.', source='reference')
+    report_to: list[str] = setting(default_factory=lambda: ["none"], help="[tensorboard], [wandb], [none]... (transformers' integrations).", source='ours')
+    run_name: str | None = setting(None, help='run name for the trackers.', source='ours')
+    resume_from_checkpoint: str | None = setting(None, help='latest (the newest checkpoint in output_dir), a checkpoint folder, or None.', source='ours')
+    deepspeed: str | None = setting(None, help='DeepSpeed JSON (configs/deepspeed_zero2.json / _zero3.json), used under accelerate launch.', source='ours')
 
     def __post_init__(self) -> None:
         if isinstance(self.train_files, str):
