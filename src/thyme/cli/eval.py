@@ -67,6 +67,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, default=None, help="this process's shard, 0 <= I < N")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-retry-failed", action="store_true", help="on resume, keep earlier failed questions instead of running them again")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in --out (its predictions, metrics and report are removed) instead of resuming")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when questions failed (default: exit 1)")
     m = p.add_argument_group("model (transformers backend; pixel budget also for --base-url)")
     m.add_argument("--revision", default=None)
     m.add_argument("--dtype", default=None, help="auto, bfloat16, float16, float32")
@@ -256,23 +258,43 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.base_url and not args.model:
         raise ThymeError("--base-url needs --model NAME (the model name the server serves)")
+    from ..jsonl import ensure_writable
+
+    ensure_writable(cfg.out, what="--out", folder=True)  # before any data is read or model loaded
     model_kw = _model_kwargs(args, yaml_cfg)
+    agent_cfg = _agent_config(args, yaml_cfg)
+    sandbox_cfg = _sandbox_config(args, yaml_cfg)
     factory = None
     settings: dict[str, Any] = {}
+    precheck = on_backend = None
     if args.base_url:
         factory = openai_backend_factory(args.base_url, args.model, api_key=args.api_key, concurrency=cfg.concurrency, model_kw=model_kw)
-        settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw}
+        settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw, "backend": "openai", "model": args.model}
     elif args.model:
+        from ..agent.preflight import check_images_decode, check_prompt_fits
+
         factory = hf_backend_factory(args.model, model_kw)
-        settings = {"model_flags": model_kw}
+        settings = {"model_flags": model_kw, "backend": "hf", "model": args.model}
+
+        def precheck(rows: list[Any]) -> None:  # before the model loads
+            check_images_decode([r.image for r in rows if r.image])
+
+        def on_backend(backend: Any, rows: list[Any]) -> None:  # before generating
+            from ..evaluate.prompts import build_question
+
+            check_prompt_fits(backend, [(r.key, build_question(r), [r.image] if r.image else []) for r in rows], agent_cfg)
+
     result = run_eval(
         cfg,
-        agent_config=_agent_config(args, yaml_cfg),
-        sandbox_config=_sandbox_config(args, yaml_cfg),
+        agent_config=agent_cfg,
+        sandbox_config=sandbox_cfg,
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=settings,
         report_writer=_report_writer,
+        overwrite=args.overwrite,
+        precheck=precheck,
+        on_backend=on_backend,
     )
     print(f"ran {result.ran} question(s), {result.skipped} already done; predictions in {result.predictions_path}", file=sys.stderr)
     if result.metrics is not None:
@@ -280,4 +302,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"metrics: {result.out / 'metrics.json'}", file=sys.stderr)
         if result.report_path:
             print(f"report: {result.report_path}", file=sys.stderr)
+    if result.ran == 0 and result.skipped == 0:
+        print("warning: no question selected; nothing was evaluated", file=sys.stderr)
+    if result.failed and not args.allow_failures:
+        print(f"{result.failed} question(s) failed (see their 'error' in {result.predictions_path}; exit status 1, --allow-failures keeps 0)", file=sys.stderr)
+        return 1
     return 0
