@@ -146,3 +146,96 @@ def test_ctrl_c_stops_eval_within_seconds_while_code_runs(tmp_path, schedule):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert "1" not in [p["key"] for p in lines(pred)]  # the one interrupted is redone on resume
+
+
+# --------------------------------------------------------------------------- data convert / verify
+
+
+def _jpeg(path: Path, size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, "orange").save(path)
+    return path
+
+
+def _sft_row(rid: str, image: str) -> dict:
+    return {"id": rid, "image": [image], "question": "<image>\nWhat colour?", "response": "<think>Orange.</think>\n<answer>orange</answer>"}
+
+
+def test_convert_retries_rows_that_failed_on_an_earlier_run(tmp_path):
+    from thyme.data.convert import ConvertConfig, convert
+
+    _jpeg(tmp_path / "elsewhere" / "imgs" / "p.jpg")
+    src = tmp_path / "src" / "rows.jsonl"
+    _jpeg(tmp_path / "src" / "imgs" / "q.jpg")
+    src.write_text(json.dumps(_sft_row("a", "imgs/p.jpg")) + "\n" + json.dumps(_sft_row("b", "imgs/q.jpg")) + "\n")
+    out = tmp_path / "out" / "sft.jsonl"
+    s1 = convert(str(src), out, ConvertConfig(chunk_size=1))
+    assert (s1.written, s1.failed) == (1, 1)
+    errors = out.with_name("sft.errors.jsonl")
+    assert "p.jpg" in errors.read_text()
+    # the missing images are found now: the failed row is converted, nothing written twice
+    s2 = convert(str(src), out, ConvertConfig(chunk_size=1, images_root=str(tmp_path / "elsewhere")))
+    assert (s2.written, s2.failed) == (1, 0), s2
+    assert sorted(json.loads(l)["id"] for l in out.read_text().splitlines()) == ["a", "b"]
+    assert errors.read_text() == ""  # no row fails any more
+
+
+def test_convert_split_of_a_local_folder_save_to_disk_and_empty_files(tmp_path):
+    import datasets
+
+    from thyme.data.convert import ConvertConfig, convert
+
+    img = _jpeg(tmp_path / "img.jpg")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "2round-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("r1", str(img))) + "\n")
+    (folder / "computation-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("c1", str(img))) + "\n" + json.dumps(_sft_row("c2", str(img))) + "\n")
+    s = convert(str(folder), tmp_path / "c.jsonl", ConvertConfig(split="computation"))
+    assert s.written == 2 and sorted(json.loads(l)["id"] for l in (tmp_path / "c.jsonl").read_text().splitlines()) == ["c1", "c2"]
+    with pytest.raises(ThymeError, match="no file of split 'nope'.*2round, computation"):
+        convert(str(folder), tmp_path / "n.jsonl", ConvertConfig(split="nope"))
+
+    saved = tmp_path / "saved"
+    feats = datasets.Features({"id": datasets.Value("string"), "image": datasets.Sequence(datasets.Image()), "question": datasets.Value("string"), "response": datasets.Value("string")})
+    row = _sft_row("s1", "x")
+    ds = datasets.Dataset.from_dict({"id": ["s1"], "image": [[{"bytes": img.read_bytes(), "path": "img.jpg"}]], "question": [row["question"]], "response": [row["response"]]}, features=feats)
+    datasets.DatasetDict({"2round": ds}).save_to_disk(str(saved))
+    out = tmp_path / "s.jsonl"
+    s = convert(str(saved), out, ConvertConfig())
+    assert (s.written, s.failed) == (1, 0), s
+    rec = json.loads(out.read_text())
+    assert Path(rec["image"][0]).read_bytes() == img.read_bytes()
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ThymeError, match="empty.jsonl is empty"):
+        convert(str(empty), tmp_path / "e.jsonl", ConvertConfig())
+
+
+def test_data_commands_refuse_an_unwritable_out_before_work(tmp_path, capsys):
+    img = _jpeg(tmp_path / "img.jpg")
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps(_sft_row("a", str(img))) + "\n")
+    assert thyme_main(["data", "convert", str(src), "--out", str(_blocked(tmp_path) / "x.jsonl")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err
+    assert thyme_main(["data", "verify", str(src), "--kept", str(_blocked(tmp_path) / "k.jsonl")]) == 2
+    assert "cannot write --kept" in capsys.readouterr().err
+
+
+def test_verify_cuts_a_torn_line_and_verifies_that_record_again(tmp_path):
+    from thyme.data.verify import verify
+    from thyme.sandbox import Sandbox
+
+    img = _jpeg(tmp_path / "img.jpg")
+    recs = [_sft_row("a", str(img)), _sft_row("b", str(img))]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    kept, rej = tmp_path / "k.jsonl", tmp_path / "r.jsonl"
+    with Sandbox() as sb:
+        s1 = verify(src, sandbox=sb, kept_path=kept, rejected_path=rej)
+        assert s1.kept == 2
+        first, second = kept.read_text().splitlines()
+        kept.write_text(first + "\n" + second[:10])
+        s2 = verify(src, sandbox=sb, kept_path=kept, rejected_path=rej)
+    assert (s2.resumed, s2.kept) == (1, 1)
+    assert [json.loads(l)["id"] for l in kept.read_text().splitlines()] == ["a", "b"]
