@@ -239,3 +239,108 @@ def test_verify_cuts_a_torn_line_and_verifies_that_record_again(tmp_path):
         s2 = verify(src, sandbox=sb, kept_path=kept, rejected_path=rej)
     assert (s2.resumed, s2.kept) == (1, 1)
     assert [json.loads(l)["id"] for l in kept.read_text().splitlines()] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- thyme run: checks before the model
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "thyme.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_run_checks_out_images_and_sandbox_layers_before_loading_the_model(tmp_path):
+    ok = _jpeg(tmp_path / "ok.jpg", (64, 64))
+    model = "no-such-owner/no-such-model"
+    # an unwritable --out: said before a model is loaded (and before a trajectory is thrown away)
+    p = _run("run", "--image", str(ok), "--question", "q", "--model", model, "--out", str(_blocked(tmp_path) / "t.json"))
+    assert p.returncode == 2 and "cannot write --out" in p.stderr and model not in p.stderr, p.stderr
+    # a truncated JPEG has a valid header: it used to pass until the model read its pixels
+    big = tmp_path / "big.jpg"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(big, quality=95)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    p = _run("run", "--image", str(cut), "--question", "q", "--model", model)
+    assert p.returncode == 2 and "cut.jpg" in p.stderr and "truncated" in p.stderr and model not in p.stderr, p.stderr
+    # a sandbox layer the config requires but that is off: the sandbox starts (and fails) first
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sandbox:\n  mount_view: false\n  require: [mount_view]\n")
+    p = _run("run", "--image", str(ok), "--question", "q", "--model", model, "--config", str(cfg))
+    assert p.returncode == 2 and "mount_view" in p.stderr and model not in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_run_refuses_a_prompt_longer_than_the_context_before_generating(tiny_checkpoint, tmp_path, capsys):
+    ok = _jpeg(tmp_path / "ok.jpg", (64, 64))
+    question = "Is the sign red or blue? " * 6000  # 150k characters (in-process: no argv limit)
+    rc = thyme_main(["run", "--image", str(ok), "--question", question, "--model", str(tiny_checkpoint), "--dtype", "float32", "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 2, err[-2000:]
+    assert "does not fit the model's context of 32768 tokens" in err and "shorten the question" in err
+    assert "answer:" not in out
+
+
+def test_prompt_fits_check_counts_image_tokens(tiny_checkpoint, tmp_path):
+    from thyme.agent.preflight import check_prompt_fits, context_limit, prompt_tokens
+    from thyme.backends.hf import HFBackend
+
+    ok = _jpeg(tmp_path / "ok.jpg", (224, 224))
+    with HFBackend(str(tiny_checkpoint), dtype="float32") as b:
+        assert context_limit(b) == 32768
+        n_text = prompt_tokens(b, "q", [], AgentConfig())
+        n_img = prompt_tokens(b, "q", [str(ok)], AgentConfig())
+        assert n_img > n_text + 16  # the image's tokens are counted
+        check_prompt_fits(b, [("q", "q", [str(ok)])], AgentConfig(), limit=n_img + 2048)
+        with pytest.raises(ThymeError, match="does not fit"):
+            check_prompt_fits(b, [("q", "q", [str(ok)])], AgentConfig(), limit=n_img + 2047)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_non_json_input_overwrite_guard_and_provenance(tmp_path, capsys):
+    from thyme.agent import Trajectory
+
+    png = _jpeg(tmp_path / "photo.png")
+    assert thyme_main(["report", str(png), "--out", str(tmp_path / "r.html")]) == 2
+    assert "is not a JSON or JSONL file" in capsys.readouterr().err
+    html_in = tmp_path / "page.jsonl"
+    html_in.write_text("<!DOCTYPE html><html></html>\n")
+    assert thyme_main(["report", str(html_in), "--out", str(tmp_path / "r.html")]) == 2
+    assert "is not a JSON or JSONL file" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    t = Trajectory(id="t1", question="q", images=[], answer="A", stop_reason="answer", meta={"model": {"backend": "hf", "model": "Kwai-Keye/Thyme-RL", "revision": "main", "commit": "0123abc"}})
+    t.save(run / "traj.json")
+    assert thyme_main(["report", str(run / "traj.json")]) == 0
+    page = (run / "report.html").read_text()
+    assert "Kwai-Keye/Thyme-RL" in page and "0123abc" in page and 'name="thyme-source"' in page
+    # the same command and input may rewrite it; another input may not, unless --force
+    assert thyme_main(["report", str(run / "traj.json")]) == 0
+    other = run / "other.json"
+    t.save(other)
+    capsys.readouterr()
+    assert thyme_main(["report", str(other), "--out", str(run / "report.html")]) == 2
+    assert "not overwriting" in capsys.readouterr().err
+    assert thyme_main(["report", str(other), "--out", str(run / "report.html"), "--force"]) == 0
+    foreign = tmp_path / "mine.html"
+    foreign.write_text("<html>my notes</html>")
+    assert thyme_main(["report", str(other), "--out", str(foreign)]) == 2
+    assert foreign.read_text() == "<html>my notes</html>"
+    assert thyme_main(["report", str(other), "--out", str(_blocked(tmp_path) / "r.html")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err
+
+
+def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp_path, monkeypatch, capsys):
+    import thyme.cli.eval as cli_eval
+
+    tsv = hrbench_tsv(tmp_path / "hr.tsv")
+    monkeypatch.setattr(cli_eval, "hf_backend_factory", lambda model, kw: (lambda: Scripted(SCRIPT)))
+    out = tmp_path / "o"
+    assert thyme_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--out", str(out), "--limit", "1"]) == 0
+    page = (out / "report.html").read_text()
+    assert "scripted-model" in page and "rev-1" in page and "temperature" in page
+    capsys.readouterr()
+    assert thyme_main(["report", str(out)]) == 2
+    assert "was written by `thyme eval" in capsys.readouterr().err
+    assert (out / "report.html").read_text() == page

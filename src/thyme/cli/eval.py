@@ -22,6 +22,7 @@ evaluation settings), then ``--config FILE.yaml`` (sections ``eval``, ``agent``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -214,7 +215,10 @@ def hf_backend_factory(model: str, model_kw: dict[str, Any]):
 def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
     from ..report import write_report
 
-    return write_report(items, path, title=title)
+    prov = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        prov = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8")).get("provenance")
+    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
 
 
 def run(args: argparse.Namespace) -> int:
