@@ -344,3 +344,59 @@ def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp
     assert thyme_main(["report", str(out)]) == 2
     assert "was written by `thyme eval" in capsys.readouterr().err
     assert (out / "report.html").read_text() == page
+
+
+# --------------------------------------------------------------------------- train sft
+
+
+def _text_record(rid: str) -> dict:
+    return {"id": rid, "image": [], "question": "What is 2+2?", "response": "<think>Easy.</think>\n<answer>4</answer>"}
+
+
+def test_sft_says_why_records_were_dropped_and_stops_above_the_fraction(tiny_checkpoint, tmp_path, capsys):
+    from thyme.train.sft import build_trainer
+
+    from .test_sft import tiny_cfg
+
+    f = tmp_path / "train.jsonl"
+    rows = [_text_record(f"ok-{i}") for i in range(3)] + [{"id": "no-response", "image": [], "question": "q"}, _text_record("too-long") | {"response": "<answer>" + "x " * 3000 + "</answer>"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{cut\n")
+    with pytest.raises(ThymeError) as e:
+        build_trainer(tiny_cfg(tiny_checkpoint, [f], tmp_path / "run", max_length=512), show_progress=False)
+    msg = str(e.value)
+    assert "3 of 6 record(s) dropped (50.0%)" in msg, msg
+    for what in ("1 malformed record", "1 invalid JSON", "1 longer than max_length (512 tokens)", "no-response", "too-long", "max_dropped_fraction"):
+        assert what in msg, msg
+    # allowed: the same report is printed and training is set up
+    trainer, stats = build_trainer(tiny_cfg(tiny_checkpoint, [f], tmp_path / "run", max_length=512, max_dropped_fraction=0.5), show_progress=False)
+    assert stats.kept == 3 and stats.reasons == {"malformed record": 1, "longer than max_length (512 tokens)": 1, "invalid JSON": 1}
+    assert "3 of 6 record(s) dropped" in capsys.readouterr().err
+
+
+def test_sft_config_rejects_a_bad_fraction_and_train_refuses_an_unwritable_output_dir(tiny_checkpoint, tmp_path, capsys):
+    from thyme.train.sft_config import SFTRunConfig
+
+    with pytest.raises(ThymeError, match="max_dropped_fraction"):
+        SFTRunConfig(max_dropped_fraction=1.5)
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps(_text_record("a")) + "\n")
+    rc = thyme_main(["train", "sft", "--model", str(tiny_checkpoint), "--train-file", str(f), "--output-dir", str(_blocked(tmp_path))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write output_dir" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- hub hint
+
+
+def test_unreachable_hub_hint_names_the_hf_cli_the_venv_has(monkeypatch):
+    import shutil
+
+    from thyme.backends import processors
+
+    monkeypatch.setattr(processors, "hub_reachable", lambda *a, **k: False)
+    err = processors.load_error("model", "Kwai-Keye/Thyme-RL", OSError("We couldn't connect to 'https://huggingface.co'"))
+    assert "`hf download Kwai-Keye/Thyme-RL`" in str(err) and "huggingface-cli" not in str(err)
+    assert shutil.which("hf", path=os.path.dirname(sys.executable)) is not None  # the command named exists here
+    monkeypatch.setattr(processors, "hub_reachable", lambda *a, **k: True)
+    gated = processors.load_error("model", "org/gated", OSError("401 Client Error"))
+    assert "`hf auth login`" in str(gated)

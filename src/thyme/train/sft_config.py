@@ -52,6 +52,9 @@ class SFTRunConfig:
             as the reference's trainer did (10240); dropped samples are counted in the log.
 
     Optimisation:
+        max_dropped_fraction: stop before training when more than this fraction of the records
+            is dropped (too long, malformed, images missing); the reasons and the first ids are
+            printed either way (default 0.01: 1%; 1.0 never stops).
         learning_rate: peak learning rate (stage 1: 1e-5; stage 2: 1e-6).
         num_train_epochs: epochs (3 in both stages).
         effective_batch_size: global batch in samples (128), see the module docstring.
@@ -106,6 +109,7 @@ class SFTRunConfig:
     min_pixels: int | None = None
     system_prompt: str | None = None
     max_length: int | None = 10240
+    max_dropped_fraction: float = 0.01
 
     learning_rate: float = 1e-5
     num_train_epochs: float = 3.0
@@ -153,6 +157,8 @@ class SFTRunConfig:
         for name in ("learning_rate", "num_train_epochs"):
             if not float(getattr(self, name)) > 0:
                 raise ThymeError(f"SFT config: {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.max_dropped_fraction) <= 1.0:
+            raise ThymeError(f"SFT config: max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction!r}")
         if self.per_device_train_batch_size < 1:
             raise ThymeError("SFT config: per_device_train_batch_size must be >= 1")
         if self.effective_batch_size is None and self.gradient_accumulation_steps is None:
