@@ -400,3 +400,41 @@ def test_unreachable_hub_hint_names_the_hf_cli_the_venv_has(monkeypatch):
     monkeypatch.setattr(processors, "hub_reachable", lambda *a, **k: True)
     gated = processors.load_error("model", "org/gated", OSError("401 Client Error"))
     assert "`hf auth login`" in str(gated)
+
+
+# --------------------------------------------------------------------------- replay: progress, Ctrl-C
+
+
+def _sleep_record(rid: str, seconds: int) -> dict:
+    code = f"import time\ntime.sleep({seconds})\nprint(1)"
+    return {"id": rid, "image": [], "question": "q", "response": f"<think>\n<code>\n```python\n{code}\n```\n</code>\n<sandbox_output>1</sandbox_output></think>\n<answer>1</answer>"}
+
+
+def test_ctrl_c_stops_replay_while_a_batch_of_code_runs(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps(_sleep_record(f"s{i}", 60)) + "\n" for i in range(2)))
+    args = [sys.executable, "-m", "thyme.cli", "replay", str(records), "--batch-size", "2", "--timeout", "120", "--out", str(tmp_path / "o.jsonl")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(6)  # both blocks are sleeping in the sandbox by now
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)  # not the 60 s the code sleeps
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_resumed_replay_progress_counts_from_what_was_done(tmp_path):
+    from thyme.agent.replay import replay
+    from thyme.sandbox import Sandbox
+
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps(_sleep_record(f"s{i}", 0)) + "\n" for i in range(3)))
+    out = tmp_path / "o.jsonl"
+    seen: list[int] = []
+    with Sandbox() as sb:
+        replay(records, sandbox=sb, out_path=out, batch_size=1)
+        out.write_text("".join(out.read_text().splitlines(True)[:2]))  # as if stopped after two
+        s = replay(records, sandbox=sb, out_path=out, batch_size=1, progress=seen.append)
+    assert seen == [2, 3] and (s.resumed, s.trajectories) == (2, 3)
