@@ -438,3 +438,16 @@ def test_resumed_replay_progress_counts_from_what_was_done(tmp_path):
         out.write_text("".join(out.read_text().splitlines(True)[:2]))  # as if stopped after two
         s = replay(records, sandbox=sb, out_path=out, batch_size=1, progress=seen.append)
     assert seen == [2, 3] and (s.resumed, s.trajectories) == (2, 3)
+
+
+def test_eval_with_a_model_refuses_a_truncated_image_before_loading_it(tmp_path, capsys):
+    big = tmp_path / "imgs" / "big.jpg"
+    big.parent.mkdir()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(big, quality=95)
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    data = tmp_path / "vstar.jsonl"
+    rows = [{"question_id": str(i), "image": f"imgs/{n}", "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"} for i, n in enumerate(["big.jpg", "cut.jpg"])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = thyme_main(["eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cut.jpg" in err and "truncated" in err and "no-such-model" not in err, err
