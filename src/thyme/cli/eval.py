@@ -236,6 +236,10 @@ def _score(args: argparse.Namespace) -> int:
     from ..evaluate.runner import format_metrics, rescore
 
     yaml_cfg = _yaml(args, {"judge"})
+    if args.out:
+        from ..jsonl import ensure_writable
+
+        ensure_writable(args.out, what="--out")
     metrics = rescore(args.benchmark, args.data, args.predictions, judge=_judge(args, yaml_cfg))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -539,7 +539,8 @@ def convert(
     # rows that failed before are tried again (a new --images-root may fix them): each split
     # restarts at its first failed row (converted rows are skipped by id); the errors file is
     # rewritten with the rows that still fail
-    earlier_errors = [e for e in ResumableJsonl(errors_path).existing if str(e.get("id")) not in done]
+    with ResumableJsonl(errors_path) as prev:
+        earlier_errors = [e for e in prev.existing if str(e.get("id")) not in done]
     for e in earlier_errors:
         sp, row = e.get("split"), e.get("row")
         if isinstance(row, int) and sp in progress_state:

@@ -224,7 +224,8 @@ def verify(
             Each line carries ``_verify_key`` (``<line>:<id>``) so a rerun recognises it.
         images_root: folder relative image paths start from (default: the records file's folder).
         config: see :class:`VerifyConfig`.
-        progress: called with the number of records finished in this run.
+        progress: called with the number of records finished (those an earlier run verified
+            included).
         on_result: called with ``(record, rejection or None)`` for each record.
 
     Raises:
@@ -263,7 +264,7 @@ def verify(
         if on_result:
             on_result(obj, rejection)
         if progress:
-            progress(finished)
+            progress(finished + summary.resumed)  # resumed records count: the bar starts where the last run stopped
 
     pending: dict[str, tuple[str, dict[str, Any], SFTRecord, list[Expected]]] = {}
     try:
