@@ -79,9 +79,12 @@ def test_bad_records_are_reported_and_the_run_goes_on(tmp_path):
     records = tmp_path / "records.jsonl"
     records.write_text("\n".join(lines) + "\n")
     p = run_cli("replay", str(records), "--images-root", str(CORPUS / "thyme"), "--json")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr  # records failed: non-zero, and said so
+    assert "3 of 4 record(s) failed" in p.stderr
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert (s["trajectories"], s["failed"], s["executed_ok"], s["answers_match"]) == (4, 3, 1, 1)
+    p = run_cli("replay", str(records), "--images-root", str(CORPUS / "thyme"), "--json", "--allow-failures")
+    assert p.returncode == 0, p.stderr
     errors = " ".join(f["error"] for f in s["failures"])
     assert "line 1" in errors and "invalid JSON" in errors
     assert "'response'" in errors
@@ -92,3 +95,32 @@ def test_missing_records_file_is_a_clear_error(tmp_path):
     p = run_cli("replay", str(tmp_path / "nope.jsonl"))
     assert p.returncode == 2
     assert "records file not found" in p.stderr and "nope.jsonl" in p.stderr
+
+
+@needs_corpus
+def test_a_torn_last_line_is_cut_and_its_record_replayed_again(tmp_path):
+    good = [dict(r, image=[str(CORPUS / "thyme" / p) for p in r["image"]]) for r in corpus_records()[:2]]
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in good))
+    out = tmp_path / "res.jsonl"
+    with Sandbox() as sandbox:
+        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig())
+        lines = out.read_text().splitlines()
+        assert len(lines) == 2
+        out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing record 2
+        s = replay(records, sandbox=sandbox, out_path=out, config=AgentConfig())
+    rows = [json.loads(l) for l in out.read_text().splitlines()]  # every line is whole again
+    assert [r["id"] for r in rows] == [good[0]["id"], good[1]["id"]]
+    assert (s.trajectories, s.resumed, s.failed) == (2, 1, 0)
+
+
+def test_empty_records_warn_and_an_unwritable_out_is_one_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run_cli("replay", str(empty), "--json")
+    assert p.returncode == 0 and "holds no records" in p.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    p = run_cli("replay", str(empty), "--out", str(blocker / "res.jsonl"))
+    assert p.returncode == 2, p.stderr
+    assert "cannot write --out" in p.stderr and "Traceback" not in p.stderr

@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -282,8 +282,7 @@ class Agent:
                 if len(to_run) == 1:
                     self._execute(*to_run[0])
                 else:
-                    with ThreadPoolExecutor(max_workers=len(to_run)) as ex:
-                        list(ex.map(lambda st: self._execute(*st), to_run))
+                    _run_all([lambda st=st: self._execute(*st) for st in to_run])
             retry = []
             for s, t in zip(pending, turns):
                 if s.done:
@@ -370,6 +369,23 @@ class Agent:
         s.traj.error = str(e) if isinstance(e, ThymeError) else f"{type(e).__name__}: {e}\n{tb}"
         s.done = False
         self._finish(s, "error")
+
+
+def _run_all(calls: list[Callable[[], Any]]) -> None:
+    """Run ``calls`` in threads and wait for all; Ctrl-C is seen within half a second, and
+    then the threads are not waited for (the sandbox's close ends their executions)."""
+    ex = ThreadPoolExecutor(max_workers=len(calls))
+    try:
+        futures = [ex.submit(c) for c in calls]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.5)
+        for f in futures:
+            f.result()
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
 
 
 def _safe_name(s: str) -> str:

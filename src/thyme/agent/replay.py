@@ -16,7 +16,6 @@ resolved against ``--images-root``; may be empty for text-only questions), ``que
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator
 from .. import protocol
 from ..backends.replay import ReplayBackend
 from ..errors import RecordError
-from ..jsonl import iter_jsonl
+from ..jsonl import ResumableJsonl, iter_jsonl
 from .loop import Agent, AgentConfig, Task
 from .trajectory import Trajectory
 
@@ -157,6 +156,7 @@ class ReplaySummary:
     executed_ok: int = 0
     answers_match: int = 0
     outputs_match: int | None = None
+    resumed: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -211,42 +211,40 @@ def replay(
         batch_size: records replayed together (their code runs concurrently in the pool).
         artifacts_dir: where produced images are kept (default: ``<out_path stem>_images``
             beside ``out_path``, else a temporary folder).
-        progress: called with the number of records finished, after each batch.
+        progress: called with the number of records finished (resumed ones included: once
+            at the start when there are some), after each batch.
         on_row: called with each record's result line as it is written.
 
     Returns:
-        The totals. A malformed record or a failing execution is counted as failed; the run
-        goes on.
+        The totals (``resumed``: records an earlier run finished). A malformed record or a
+        failing execution is counted as failed; the run goes on. A last line torn by an
+        interrupted run is cut and its record replayed again.
     """
     summary = ReplaySummary()
     done: set[str] = set()
-    out_f = None
+    out_f: ResumableJsonl | None = None
     if out_path is not None:
         out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        if out_path.exists():
-            for line in out_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interrupted run: redone
-                done.add(str(row.get("key")))
-                summary.add(row)
-        out_f = out_path.open("a", encoding="utf-8")
+        out_f = ResumableJsonl(out_path, key=lambda row: row.get("key"))  # a torn last line is cut and redone
+        done = set(out_f.done)
+        for row in out_f.existing:
+            summary.add(row)
+        summary.resumed = len(out_f.existing)
         if artifacts_dir is None:
             artifacts_dir = out_path.with_name(out_path.stem + "_images")
 
     def emit(row: dict[str, Any]) -> None:
         summary.add(row)
         if out_f is not None:
-            out_f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out_f.flush()
+            out_f.write(row)
         if on_row is not None:
             on_row(row)
 
     base = config or AgentConfig()
     batch: list[tuple[int, Record]] = []
-    finished = 0
+    finished = summary.resumed  # progress counts from what an earlier run did
+    if finished and progress:
+        progress(finished)
 
     def flush() -> None:
         nonlocal finished

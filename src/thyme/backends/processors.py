@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -347,6 +348,20 @@ def _is_offline_error(e: BaseException) -> bool:
     return any(k.lower() in low for k in keys)
 
 
+def hub_cli() -> tuple[str, str]:
+    """``(download, login)`` commands of the hub CLI this environment has: ``hf download`` /
+    ``hf auth login`` (huggingface-hub >= 0.34 ships the ``hf`` CLI; 1.x removed
+    ``huggingface-cli``), else ``huggingface-cli download`` / ``huggingface-cli login``."""
+    try:
+        from importlib.metadata import version
+
+        parts = [int(x) for x in re.findall(r"\d+", version("huggingface_hub"))[:2]]
+        new = tuple(parts) >= (0, 34)
+    except Exception:
+        new = True  # what a current install has
+    return ("hf download", "hf auth login") if new else ("huggingface-cli download", "huggingface-cli login")
+
+
 def load_error(what: str, src: str, e: BaseException) -> ModelLoadError:
     """Turn a transformers / hub exception into a :class:`ModelLoadError` with a hint.
 
@@ -354,6 +369,7 @@ def load_error(what: str, src: str, e: BaseException) -> ModelLoadError:
     """
     detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     msg = f"cannot load the {what} of {src!r} ({detail})"
+    download, login = hub_cli()
     if looks_like_path(src):
         hint = (
             f"{src} exists but is not a complete transformers checkpoint: it needs config.json, the weights "
@@ -362,15 +378,15 @@ def load_error(what: str, src: str, e: BaseException) -> ModelLoadError:
     elif not hub_reachable() or _is_offline_error(e):
         hint = (
             "the Hugging Face hub is unreachable (offline?) and the model is not in the local cache: pass a local path, "
-            f"or pre-download it on a connected machine (`huggingface-cli download {src}`) and set HF_HUB_OFFLINE=1"
+            f"or pre-download it on a connected machine (`{download} {src}`) and set HF_HUB_OFFLINE=1"
         )
     elif "401" in detail or "403" in detail or "gated" in detail.lower() or "Repository Not Found" in detail or "RepositoryNotFound" in detail:
-        hint = f"check the id {src!r} (owner/name), and log in (`huggingface-cli login`) if the repository is gated or private"
+        hint = f"check the id {src!r} (owner/name), and log in (`{login}`) if the repository is gated or private"
     elif "trust_remote_code" in detail:
         hint = "this checkpoint needs custom code: pass trust_remote_code=True if you trust it"
     else:
         hint = (
             "check the hub id / path and the revision; without network, pass a local path or pre-download the model "
-            "(`huggingface-cli download ...`) and set HF_HUB_OFFLINE=1"
+            f"(`{download} {src}`) and set HF_HUB_OFFLINE=1"
         )
     return ModelLoadError(msg, hint)

@@ -22,6 +22,7 @@ evaluation settings), then ``--config FILE.yaml`` (sections ``eval``, ``agent``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_agent_flags(p, ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "ats"), title="agent (defaults: the reference's evaluation)")
     add_sandbox_flags(p)
     add_config_flag(p, "eval/agent/sandbox/model/judge")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in --out (its predictions, metrics and report are removed) instead of resuming")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when questions failed (default: exit 1)")
     _add_judge_flags(p)
 
     sub = p.add_subparsers(dest="eval_command", title="sub-command", metavar="score")
@@ -186,7 +189,10 @@ def hf_backend_factory(model: str, model_kw: dict[str, Any]):
 def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
     from ..report import write_report
 
-    return write_report(items, path, title=title)
+    prov = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        prov = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8")).get("provenance")
+    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,6 +210,10 @@ def _score(args: argparse.Namespace) -> int:
     from ..evaluate.runner import format_metrics, rescore
 
     yaml_cfg = load_sections(args, {"judge"})
+    if args.out:
+        from ..jsonl import ensure_writable
+
+        ensure_writable(args.out, what="--out")
     metrics = rescore(args.benchmark, args.data, args.predictions, judge=_judge(args, yaml_cfg))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +240,14 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.base_url and not args.model:
         raise ThymeError("--base-url needs --model NAME (the model name the server serves)")
+    from ..jsonl import ensure_writable
+
+    ensure_writable(cfg.out, what="--out", folder=True)  # before any data is read or model loaded
+    agent_cfg = agent_config(args, yaml_cfg)
+    sandbox_cfg = sandbox_config(args, yaml_cfg)
     factory = None
     settings: dict[str, Any] = {}
+    precheck = on_backend = None
     if args.base_url:
         model_kw = _model_kwargs(args, yaml_cfg, openai=True)
         api_key = args.api_key or model_kw.pop("api_key", None) or env_key(OPENAI_KEY_ENV)
@@ -240,19 +256,34 @@ def _run(args: argparse.Namespace) -> int:
         model_kw.pop("model", None)  # --model says which
         concurrency = model_kw.pop("concurrency", None) or cfg.concurrency
         factory = openai_backend_factory(args.base_url, args.model, api_key=api_key, concurrency=concurrency, model_kw=model_kw)
-        settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw}
+        settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw, "backend": "openai", "model": args.model}
     elif args.model:
         model_kw = _model_kwargs(args, yaml_cfg, openai=False)
+        from ..agent.preflight import check_images_decode, check_prompt_fits
+
         factory = hf_backend_factory(args.model, model_kw)
-        settings = {"model_flags": model_kw}
+        settings = {"model_flags": model_kw, "backend": "hf", "model": args.model}
+
+        def precheck(rows: list[Any]) -> None:  # before the model loads
+            check_images_decode([r.image for r in rows if r.image])
+
+        def on_backend(backend: Any, rows: list[Any]) -> None:  # before generating
+            from ..evaluate.benchmarks import get_benchmark
+
+            spec = get_benchmark(cfg.benchmark)
+            check_prompt_fits(backend, [(r.key, spec.question(r), [r.image] if r.image else []) for r in rows], agent_cfg)
+
     result = run_eval(
         cfg,
-        agent_config=agent_config(args, yaml_cfg),
-        sandbox_config=sandbox_config(args, yaml_cfg),
+        agent_config=agent_cfg,
+        sandbox_config=sandbox_cfg,
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=settings,
         report_writer=_report_writer,
+        overwrite=args.overwrite,
+        precheck=precheck,
+        on_backend=on_backend,
     )
     print(f"ran {result.ran} question(s), {result.skipped} already done; predictions in {result.predictions_path}", file=sys.stderr)
     if result.metrics is not None:
@@ -260,4 +291,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"metrics: {result.out / 'metrics.json'}", file=sys.stderr)
         if result.report_path:
             print(f"report: {result.report_path}", file=sys.stderr)
+    if result.ran == 0 and result.skipped == 0:
+        print("warning: no question selected; nothing was evaluated", file=sys.stderr)
+    if result.failed and not args.allow_failures:
+        print(f"{result.failed} question(s) failed (see their 'error' in {result.predictions_path}; exit status 1, --allow-failures keeps 0)", file=sys.stderr)
+        return 1
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
+from ..jsonl import ensure_writable
 from .entry import add_config_flag, add_sandbox_flags, agent_config, load_sections, sandbox_config
 
 
@@ -20,6 +21,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results JSONL, written as records finish; rerun to resume")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON line at the end")
     p.add_argument("--batch-size", type=int, default=8, help="records replayed together")
+    p.add_argument("--allow-failures", action="store_true", help="exit 0 even when records failed (default: exit 1)")
     add_sandbox_flags(p)
     add_config_flag(p)
 
@@ -39,12 +41,20 @@ def run(args: argparse.Namespace) -> int:
     images_root = args.images_root if args.images_root is not None else str(records.parent)
     if not Path(images_root).is_dir():
         raise ThymeError(f"--images-root is not a folder: {images_root}")
+    if args.out:
+        ensure_writable(args.out, what="--out")
     total = count_records(records)
+    if total == 0:
+        print(f"warning: {records} holds no records; nothing to replay", file=sys.stderr)
     bar = tqdm(total=total, desc="replay", unit="record", file=sys.stderr, disable=None)
     last = [0]
 
     def progress(n: int) -> None:
-        bar.update(n - last[0])
+        if last[0] == 0 and n and bar.n == 0:  # the first call of a resumed run: start the bar there
+            bar.n = bar.initial = bar.last_print_n = n
+            bar.refresh()
+        else:
+            bar.update(n - last[0])
         last[0] = n
 
     with Sandbox(sandbox_config(args, yaml_cfg)) as sandbox:
@@ -68,4 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"results written to {args.out}")
     else:
         print(json.dumps(d, ensure_ascii=False))
+    if summary.failed and not args.allow_failures:
+        print(f"{summary.failed} of {summary.trajectories} record(s) failed (exit status 1; --allow-failures keeps 0)", file=sys.stderr)
+        return 1
     return 0

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--records", default=None, help="Thyme records JSONL a replay ran on: joins answer_gt / category / benchmark by id")
     p.add_argument("--only", choices=["correct", "wrong", "unscored", "tool", "no-tool"], default=None, help="keep only these trajectories")
     p.add_argument("--limit", type=int, default=None, help="keep at most N trajectories (after --only)")
+    p.add_argument("--force", action="store_true", help="overwrite a report written by another command or from another input")
     return p
 
 
@@ -35,10 +36,20 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         thyme.report.ReportError: the input cannot be read (a ThymeError: the CLI prints it, exit 2).
     """
-    from ..report import MAX_IMAGE_SIDE, ReportError, load_items, write_report
+    from ..jsonl import ensure_writable
+    from ..report import MAX_IMAGE_SIDE, ReportError, load_items, load_provenance, report_source, write_report
 
     src = Path(args.input)
+    out = Path(args.out) if args.out else (src / "report.html" if src.is_dir() else src.with_name("report.html"))
+    source = f"thyme report {src.resolve()}"
+    if out.exists() and not args.force:
+        before = report_source(out)
+        if before != source:
+            what = "is not a thyme report" if before is None else (f"was written by `{before}`" if before else "was written by another thyme command")
+            raise ReportError(f"{out} {what}; not overwriting it", "pass --out NEW.html, or --force to overwrite it")
+    ensure_writable(out, what="--out")
     items = load_items(src, records=args.records)
+    provenance = load_provenance(src, items)
     if args.only:
         keep = {
             "correct": lambda it: it.correct is True,
@@ -52,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.limit < 0:
             raise ReportError(f"--limit must be >= 0, got {args.limit}")
         items = items[: args.limit]
-    out = Path(args.out) if args.out else (src / "report.html" if src.is_dir() else src.with_name("report.html"))
-    path = write_report(items, out, title=args.title, max_image_side=args.max_image_side or MAX_IMAGE_SIDE)
+    path = write_report(items, out, title=args.title, max_image_side=args.max_image_side or MAX_IMAGE_SIDE, source=source, provenance=provenance)
     size = path.stat().st_size
     print(f"{path} ({len(items)} trajectories, {size / 1e6:.1f} MB)")
     return 0

@@ -29,19 +29,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..agent import Agent
-    from ..backends.hf import HFBackend
-    from ..imageio import image_size
+    from ..agent.preflight import check_images_decode, check_prompt_fits
+    from ..jsonl import ensure_writable
     from ..sandbox import Sandbox
 
     yaml_cfg = load_sections(args, {"agent", "sandbox", "model"})
-    for img in args.image:
-        image_size(img)  # fail fast with a clear message before loading a model
+    # everything that can be wrong with the input is found before the model loads
+    if args.out:
+        ensure_writable(args.out, what="--out")  # a finished trajectory is never thrown away
+    check_images_decode(args.image)  # missing, unreadable, truncated: exit 2
     agent_cfg = agent_config(args, yaml_cfg)
     model_cfg = hf_config(args, yaml_cfg)
-    sandbox_cfg = sandbox_config(args, yaml_cfg)
-    if not args.quiet:
-        print(f"loading {args.model} ...", file=sys.stderr)
-    backend = HFBackend.from_config(args.model, model_cfg)
+    images = [os.path.abspath(p) for p in args.image]
 
     def on_event(i: int, kind: str, payload: Any) -> None:
         if args.quiet:
@@ -54,16 +53,24 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(shown)
             sys.stdout.flush()
 
-    with backend, Sandbox(sandbox_cfg) as sandbox, Agent(backend, sandbox, agent_cfg) as agent:
-        if agent_cfg.prefill and not args.quiet:
-            sys.stdout.write(agent_cfg.prefill)
-        n = max(1, int(getattr(args, "num_samples", 1) or 1))
-        if n > 1:
-            return _run_samples(args, agent, backend, n)
-        traj = agent.run(args.question, [os.path.abspath(p) for p in args.image], on_event=on_event)
-        traj.meta["model"] = backend.describe()
-        if args.out:
-            traj.save(args.out)
+    # the sandbox first: layers its config requires but this host lacks stop us before the model loads
+    with Sandbox(sandbox_config(args, yaml_cfg)) as sandbox:
+        from ..backends.hf import HFBackend
+
+        if not args.quiet:
+            print(f"loading {args.model} ...", file=sys.stderr)
+        backend = HFBackend.from_config(args.model, model_cfg)
+        with backend, Agent(backend, sandbox, agent_cfg) as agent:
+            check_prompt_fits(backend, [("the question", args.question, images)], agent_cfg)
+            if agent_cfg.prefill and not args.quiet:
+                sys.stdout.write(agent_cfg.prefill)
+            n = max(1, int(getattr(args, "num_samples", 1) or 1))
+            if n > 1:
+                return _run_samples(args, agent, backend, n)
+            traj = agent.run(args.question, images, on_event=on_event)
+            traj.meta["model"] = backend.describe()
+            if args.out:
+                traj.save(args.out)
     if not args.quiet:
         print()
         print(f"--- stop: {traj.stop_reason}; rounds: {len(traj.turns)}; code blocks: {traj.code_blocks}", file=sys.stderr)

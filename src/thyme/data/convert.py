@@ -27,7 +27,11 @@ thread pool and the chunk's lines are appended once its images are on disk. A pr
 (``<out>.progress.json``) records the rows done per split, so a rerun resumes where it stopped
 (a row whose lines were written but not yet counted is recognised by its ``id`` and not
 written twice). Rows that cannot be converted (missing image, unknown schema) go to
-``<out stem>.errors.jsonl`` with the reason; the run goes on.
+``<out stem>.errors.jsonl`` with the reason; the run goes on, and a rerun tries them again (say
+with the ``--images-root`` that was missing; the errors file then lists the rows that still fail).
+Local sources: a file, a folder (``--split`` keeps the split's files: a sub-folder named after
+it or file names starting with it, as the hub lays them out), or a ``save_to_disk`` folder. An
+empty source is an error that says so.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..config import setting
 from ..constants import OUTPUT_DIR_ALIAS
 from ..errors import RecordError, ThymeError
+from ..jsonl import ResumableJsonl, ensure_writable
 
 #: File extensions treated as image paths inside text.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
@@ -257,35 +262,100 @@ def is_local_source(source: str) -> bool:
     return os.path.exists(source) or source.endswith((".parquet", ".jsonl", ".json"))
 
 
-def local_files(source: str) -> tuple[str, list[str]]:
+def is_saved_dataset(source: str) -> bool:
+    """Whether ``source`` is a folder written by ``datasets``' ``save_to_disk``."""
+    p = Path(source)
+    return p.is_dir() and ((p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()))
+
+
+def _split_of(file: Path, root: Path) -> str:
+    """The split a local file belongs to, by the hub's file naming: a folder named after the
+    split (``2round/part-0.parquet``), else the file stem up to ``-00000-of-...`` / ``-``."""
+    rel = file.relative_to(root) if file.is_relative_to(root) else Path(file.name)
+    parts = [q for q in rel.parts[:-1] if q not in ("data", ".")]
+    if parts:
+        return parts[-1]
+    stem = file.name.split(".")[0]
+    return re.split(r"-\d{5}-of-\d{5}$|-\d+$", stem)[0]
+
+
+def local_files(source: str, split: str | None = None) -> tuple[str, list[str]]:
     """``(builder, files)`` of a local source (a file or a folder of parquet / JSON(L) files).
 
+    For a folder and a ``split``, only the split's files (:func:`_split_of`: a sub-folder named
+    after it, or file names starting with it, as the hub lays splits out).
+
     Raises:
-        ThymeError: nothing readable there.
+        ThymeError: nothing readable there, no file of the split, or only empty files.
     """
     p = Path(source)
     if not p.exists():
         raise ThymeError(f"source not found: {source}", "pass a hub id (e.g. Kwai-Keye/Thyme-SFT) or local parquet / JSONL files")
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".jsonl", ".json"))
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".jsonl", ".json") and q.is_file())
     if not files:
         raise ThymeError(f"no .parquet, .jsonl or .json files in {source}")
+    if split is not None and p.is_dir():
+        by_split: dict[str, list[Path]] = {}
+        for f in files:
+            by_split.setdefault(_split_of(f, p), []).append(f)
+        if split not in by_split:
+            raise ThymeError(f"no file of split {split!r} in {source} (splits found: {', '.join(sorted(by_split))})", "pass one of these to --split, or no --split for every file")
+        files = by_split[split]
     kinds = {("parquet" if f.suffix == ".parquet" else "json") for f in files}
     if len(kinds) > 1:
         raise ThymeError(f"{source} mixes parquet and JSON files", "convert them separately")
+    if all(_is_empty(f) for f in files):
+        what = str(files[0]) if len(files) == 1 else f"every file of {source}"
+        raise ThymeError(f"{what} is empty: no rows to convert", "pass the dataset's parquet / JSONL files (or its hub id)")
     return kinds.pop(), [str(f) for f in files]
 
 
+def _is_empty(f: Path) -> bool:
+    size = f.stat().st_size
+    if size == 0:
+        return True
+    if f.suffix != ".parquet" and size < 1 << 16:
+        return not f.read_bytes().strip()
+    return False
+
+
+def _open_saved(source: str, cfg: ConvertConfig) -> list[tuple[str, Any]]:
+    """Splits of a ``save_to_disk`` folder, as streaming datasets."""
+    import datasets
+
+    d = datasets.load_from_disk(source)
+    items = list(d.items()) if isinstance(d, datasets.DatasetDict) else [(cfg.split or "train", d)]
+    if cfg.split is not None and isinstance(d, datasets.DatasetDict):
+        if cfg.split not in d:
+            raise ThymeError(f"no split {cfg.split!r} in {source} (splits: {', '.join(d)})", "pass one of these to --split")
+        items = [(cfg.split, d[cfg.split])]
+    out = []
+    for name, ds in items:
+        for col, feat in ds.features.items():  # images as {"bytes", "path"}: never re-encoded
+            if isinstance(feat, datasets.Image):
+                ds = ds.cast_column(col, datasets.Image(decode=False))
+            elif isinstance(feat, (datasets.Sequence, datasets.List)) and isinstance(getattr(feat, "feature", None), datasets.Image):
+                ds = ds.cast_column(col, type(feat)(datasets.Image(decode=False)))
+        if len(ds) == 0:
+            raise ThymeError(f"split {name!r} of {source} is empty: no rows to convert")
+        out.append((name, ds.to_iterable_dataset()))
+    return out
+
+
 def open_source(source: str, cfg: ConvertConfig) -> list[tuple[str, Any]]:
-    """``[(split_name, IterableDataset)]`` for a hub id or local files, streaming, images undecoded.
+    """``[(split_name, IterableDataset)]`` for a hub id, local files or a ``save_to_disk``
+    folder, streaming, images undecoded.
 
     Raises:
-        ThymeError: the dataset or split cannot be opened (naming it, with a hint).
+        ThymeError: the dataset or split cannot be opened (naming it, with a hint), or is empty.
     """
     import datasets
 
     try:
-        if is_local_source(source):
-            builder, files = local_files(source)
+        if is_saved_dataset(source):
+            splits = _open_saved(source, cfg)
+        elif is_local_source(source):
+            builder, files = local_files(source, cfg.split)
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
             splits = [(cfg.split or "train", ds)]
         else:
@@ -405,25 +475,6 @@ def _jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------- resume
 
 
-def _read_done(out: Path) -> set[str]:
-    """Ids already in ``out``; a last line cut by an interrupted run is removed."""
-    done: set[str] = set()
-    if not out.exists():
-        return done
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with out.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    for line in data.decode("utf-8").splitlines():
-        try:
-            done.add(str(json.loads(line).get("id")))
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return done
-
-
 def _progress_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress.json")
 
@@ -461,22 +512,31 @@ def convert(
     cfg = config or ConvertConfig()
     if cfg.workers < 1 or cfg.chunk_size < 1:
         raise ThymeError("workers and chunk_size must be >= 1")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    images_dir = Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images")
-    images_dir.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(out, what="--out")
+    images_dir = ensure_writable(Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images"), what="--images-dir", folder=True)
     images_root = cfg.images_root
     if images_root is None and is_local_source(source):
         images_root = str(Path(source).parent if Path(source).is_file() else Path(source))
     errors_path = out.with_name(out.stem + ".errors.jsonl")
     prog_path = _progress_path(out)
     progress_state: dict[str, int] = json.loads(prog_path.read_text()) if prog_path.exists() else {}
-    done = _read_done(out)
     summary = ConvertSummary(out=str(out), errors=str(errors_path))
     splits = open_source(source, cfg)
-    default_prefix = Path(local_files(source)[1][0]).stem if is_local_source(source) and not cfg.split else None
+    out_f = ResumableJsonl(out)  # ids already converted; a torn last line is cut and redone
+    done = out_f.done
+    # rows that failed before are tried again (a new --images-root may fix them): each split
+    # restarts at its first failed row (converted rows are skipped by id); the errors file is
+    # rewritten with the rows that still fail
+    with ResumableJsonl(errors_path) as prev:
+        earlier_errors = [e for e in prev.existing if str(e.get("id")) not in done]
+    for e in earlier_errors:
+        sp, row = e.get("split"), e.get("row")
+        if isinstance(row, int) and sp in progress_state:
+            progress_state[sp] = min(int(progress_state[sp]), row)
+    tried: set[str] = set()
+    default_prefix = Path(local_files(source)[1][0]).stem if is_local_source(source) and not cfg.split and not is_saved_dataset(source) else None
 
-    with out.open("a", encoding="utf-8") as out_f, errors_path.open("a", encoding="utf-8") as err_f, ThreadPoolExecutor(cfg.workers) as pool:
+    with out_f, ResumableJsonl(errors_path, fresh=True) as err_f, ThreadPoolExecutor(cfg.workers) as pool:
         for split, ds in splits:
             prefix = cfg.id_prefix or default_prefix or split
             start = int(progress_state.get(split, 0))
@@ -502,24 +562,23 @@ def convert(
                         summary.resumed += 1
                         continue
                     summary.rows += 1
+                    tried.add(rid)
                     try:
                         prep, written = fut.result()
                         rec, unresolved = finish_row(prep)
                     except Exception as e:  # one bad row never stops the run
                         summary.failed += 1
-                        err_f.write(json.dumps({"id": rid, "split": split, "row": i, "error": f"{type(e).__name__}: {e}"}, ensure_ascii=False) + "\n")
+                        err_f.write({"id": rid, "split": split, "row": i, "error": f"{type(e).__name__}: {e}"})
                         continue
                     summary.images += written
                     summary.unresolved_paths += len(unresolved)
                     for p in unresolved:
                         if len(summary.unresolved_examples) < 20:
                             summary.unresolved_examples.append({"id": rid, "path": p})
-                    out_f.write(json.dumps(_jsonable(rec), ensure_ascii=False) + "\n")
+                    out_f.write(_jsonable(rec))
                     done.add(rid)
                     summary.written += 1
                     summary.splits[split] = summary.splits.get(split, 0) + 1
-                out_f.flush()
-                err_f.flush()
                 n = chunk[-1][0] + 1
                 progress_state[split] = n
                 _save_progress(prog_path, progress_state)
@@ -535,6 +594,10 @@ def convert(
                     flush()
             if chunk:
                 flush()
+        for e in earlier_errors:  # failures of rows this run did not reach stay listed
+            if str(e.get("id")) not in tried and str(e.get("id")) not in done:
+                err_f.write(e)
+                summary.failed += 1
     return summary
 
 

@@ -38,6 +38,7 @@ from .. import protocol
 from ..config import setting
 from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
+from ..jsonl import ResumableJsonl, ensure_writable
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
 
 _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][\w.]*(Error|Exception)\b|Error:)")
@@ -198,24 +199,6 @@ def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, 
 # --------------------------------------------------------------------------- run
 
 
-def _done_ids(path: Path) -> set[str]:
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):  # a line cut by an interrupted run
-        cut = data.rfind(b"\n") + 1
-        with path.open("r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    for line in data.decode("utf-8").splitlines():
-        try:
-            done.add(str(json.loads(line).get("_verify_key")))
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return done
-
-
 def verify(
     records_path: str | os.PathLike,
     *,
@@ -236,7 +219,8 @@ def verify(
             Each line carries ``_verify_key`` (``<line>:<id>``) so a rerun recognises it.
         images_root: folder relative image paths start from (default: the records file's folder).
         config: see :class:`VerifyConfig`.
-        progress: called with the number of records finished in this run.
+        progress: called with the number of records finished (those an earlier run verified
+            included).
         on_result: called with ``(record, rejection or None)`` for each record.
 
     Raises:
@@ -249,13 +233,14 @@ def verify(
     records_path = Path(records_path)
     root = Path(images_root) if images_root is not None else records_path.parent
     kept_path, rejected_path = Path(kept_path), Path(rejected_path)
-    for p in (kept_path, rejected_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(kept_path) | _done_ids(rejected_path)
+    for p, what in ((kept_path, "--kept"), (rejected_path, "--rejected")):
+        ensure_writable(p, what=what)
+    key = lambda obj: obj.get("_verify_key")  # noqa: E731
+    kept_f = ResumableJsonl(kept_path, key=key)  # a torn last line is cut; its record is verified again
+    rej_f = ResumableJsonl(rejected_path, key=key)
+    done = kept_f.done | rej_f.done
     summary = VerifySummary(kept_path=str(kept_path), rejected_path=str(rejected_path))
     finished = 0
-    kept_f = kept_path.open("a", encoding="utf-8")
-    rej_f = rejected_path.open("a", encoding="utf-8")
 
     def write(obj: dict[str, Any], key: str, rejection: dict[str, Any] | None) -> None:
         nonlocal finished
@@ -264,19 +249,17 @@ def verify(
         summary.records += 1
         if rejection is None:
             summary.kept += 1
-            kept_f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            kept_f.flush()
+            kept_f.write(line)
         else:
             summary.rejected += 1
             summary.reasons[rejection["reason"]] = summary.reasons.get(rejection["reason"], 0) + 1
             line["rejection"] = rejection
-            rej_f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            rej_f.flush()
+            rej_f.write(line)
         finished += 1
         if on_result:
             on_result(obj, rejection)
         if progress:
-            progress(finished)
+            progress(finished + summary.resumed)  # resumed records count: the bar starts where the last run stopped
 
     pending: dict[str, tuple[str, dict[str, Any], SFTRecord, list[Expected]]] = {}
     try:

@@ -38,7 +38,7 @@ import dataclasses
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -47,6 +47,7 @@ from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..config import setting
 from ..errors import ThymeError
+from ..jsonl import ResumableJsonl, ensure_writable
 from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
 from .metrics import base_provenance, compute_metrics, file_fingerprint
 
@@ -100,6 +101,8 @@ class EvalResult:
         predictions_path: the file this invocation appended to.
         report_path: ``report.html`` when written.
         report_error: why the report could not be written, if so.
+        failed: this shard's questions whose prediction is an error (run now or kept from an
+            earlier run).
     """
 
     out: Path
@@ -109,6 +112,7 @@ class EvalResult:
     predictions_path: Path
     report_path: Path | None = None
     report_error: str | None = None
+    failed: int = 0
 
 
 # --------------------------------------------------------------------------- files
@@ -165,19 +169,6 @@ def read_all_predictions(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
                 continue
             merged[k] = v
     return merged
-
-
-def _repair_tail(path: Path) -> None:
-    """Cut a last line left unterminated by an interruption, so appends start on a new line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -339,6 +330,65 @@ def _failed_trajectory(key: str, question: str, images: list[str], error: BaseEx
     return Trajectory(id=key, question=question, images=images, stop_reason="error", error=msg)
 
 
+#: Settings whose change changes the predictions; a resumed run must match them (``prediction_settings``).
+PREDICTION_MODEL_KEYS = ("revision", "min_pixels", "max_pixels")
+
+
+def prediction_settings(cfg: EvalConfig, agent_cfg: Any, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What decides the predictions of a run, compared when a rerun resumes into the same ``--out``.
+
+    The backend and model (and revision), the pixel budget, and every agent setting (decoding,
+    rounds, token caps, prompt options such as ``on_error``, ``shown_path``, ``prefill``). The
+    model identity comes from ``settings`` (``backend``, ``model``, ``model_flags``: the cli
+    passes them) so the check runs before a model is loaded.
+    """
+    st = settings or {}
+    flags = st.get("model_flags") or {}
+    agent = dataclasses.asdict(agent_cfg) if dataclasses.is_dataclass(agent_cfg) else dict(agent_cfg or {})
+    return {
+        "backend": "replay" if cfg.replay else st.get("backend"),
+        "model": st.get("model"),
+        "replay": cfg.replay and str(Path(cfg.replay).resolve()),
+        **{k: flags.get(k) for k in PREDICTION_MODEL_KEYS},
+        "agent": agent,
+    }
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _settings_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} before, {b!r} now")
+    return out
+
+
+def _check_resume(out: Path, prev: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    """Refuse to mix predictions made with other settings into ``out``.
+
+    Raises:
+        ThymeError: naming every setting that differs.
+    """
+    old = (prev or {}).get("prediction_settings")
+    if old is None:
+        return
+    diff = _settings_diff(old, json.loads(json.dumps(new, default=str)))
+    if diff:
+        raise ThymeError(
+            f"{out} holds predictions made with other settings; resuming would mix them: " + "; ".join(diff),
+            "rerun with the settings of that run, pass a new --out, or --overwrite to start afresh in this folder",
+        )
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a run's predictions, run info, metrics and report (``--overwrite``)."""
+    for pat in ("predictions.jsonl", "predictions.shard-*-of-*.jsonl", "run.json", "run.shard-*-of-*.json", "metrics.json", "report.html"):
+        for f in out.glob(pat):
+            f.unlink()
+
+
 def run_eval(
     cfg: EvalConfig,
     *,
@@ -349,6 +399,9 @@ def run_eval(
     settings: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     report_writer: Callable[..., Any] | None = None,
+    overwrite: bool = False,
+    precheck: Callable[[list[Row]], None] | None = None,
+    on_backend: Callable[[Any, list[Row]], None] | None = None,
 ) -> EvalResult:
     """Run (or resume) an evaluation; see the module docstring.
 
@@ -366,6 +419,13 @@ def run_eval(
         report_writer: ``write_report(items, path, title=...)`` (the cli passes
             :func:`thyme.report.write_report`; evaluation sits below the report and never
             imports it); ``None`` writes no ``report.html``.
+        overwrite: start afresh: remove the folder's predictions, run info, metrics and report
+            first (otherwise a rerun whose :func:`prediction_settings` differ from the earlier
+            run's is refused).
+        precheck: called with the rows to run after their images are checked, before the
+            backend is built (e.g. the sandbox layers); raises to stop.
+        on_backend: called with the built backend and the rows to run, before generating
+            (e.g. the prompt-length check); raises to stop.
 
     Returns:
         :class:`EvalResult`.
@@ -380,8 +440,9 @@ def run_eval(
     log = log or (lambda s: print(s, file=sys.stderr))
     _check_config(cfg)
     spec = get_benchmark(cfg.benchmark)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(cfg.out, what="--out", folder=True)
+    if overwrite:
+        _clear_run(out)
     rows = load_rows(spec, cfg.data, images_root=cfg.images_root)
     records = None
     join_info = None
@@ -399,15 +460,19 @@ def run_eval(
     selected, mine = select_rows(rows, cfg, records)
     agent_cfg = agent_config or AgentConfig()
     sandbox_cfg = sandbox_config or SandboxConfig()
+    pred_settings = prediction_settings(cfg, agent_cfg, settings)
 
     done = read_all_predictions(out)
+    run_info_path = out / f"run{_shard_suffix(cfg)}.json"
+    prev_info = _read_json(run_info_path)
+    if done:
+        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
     if cfg.retry_failed:
         done = {k: v for k, v in done.items() if not v.get("error")}
     todo = [r for r in mine if r.key not in done]
     skipped = len(mine) - len(todo)
     pred_path = predictions_path(cfg)
-    run_info_path = out / f"run{_shard_suffix(cfg)}.json"
-    prev_info = _read_json(run_info_path)
+    tally = {"failed": sum(1 for r in mine if done.get(r.key, {}).get("error"))}
     backend_desc: dict[str, Any] = (prev_info or {}).get("backend") or {}
 
     if todo:
@@ -425,32 +490,50 @@ def run_eval(
         else:
             materialise_images(todo, cfg.data, out / "images")
             check_images(todo, images_root=cfg.images_root, data=cfg.data)
+        if precheck is not None:
+            precheck(todo)
 
-        if records is not None:
-            from ..backends.replay import ReplayBackend
+        # the sandbox before the backend: layers its config requires but this host lacks stop
+        # the run before a model is loaded (ConfinementError names them)
+        stack = contextlib.ExitStack()
+        sandbox = stack.enter_context(Sandbox(sandbox_cfg))
+        try:
+            if records is not None:
+                from ..backends.replay import ReplayBackend
 
-            backend = ReplayBackend({r.key: records[r.key].response for r in todo})
-            rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
-            agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
-            backend_desc = {"backend": "replay", "records": str(Path(cfg.replay).resolve())}
-        else:
-            if backend_factory is None:
-                raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
-            log(f"loading backend for {len(todo)} question(s) ...")
-            backend = backend_factory()
-            try:
-                backend_desc = backend.describe()
-            except Exception as e:  # provenance must not stop a run
-                backend_desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
-        prev_backend = (prev_info or {}).get("backend") or {}
-        if skipped and prev_backend and (prev_backend.get("backend"), prev_backend.get("model")) != (backend_desc.get("backend"), backend_desc.get("model")):
-            log(f"warning: {out} already holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r}; the rest now comes from {backend_desc.get('backend')} {backend_desc.get('model')!r} (use a new --out to keep runs apart)")
-        _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=False, selected=len(mine), done=skipped)
+                backend = stack.enter_context(ReplayBackend({r.key: records[r.key].response for r in todo}))
+                rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
+                agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
+                backend_desc = {"backend": "replay", "records": str(Path(cfg.replay).resolve())}
+            else:
+                if backend_factory is None:
+                    raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
+                log(f"loading backend for {len(todo)} question(s) ...")
+                backend = backend_factory()
+                stack.enter_context(backend)
+                try:
+                    backend_desc = backend.describe()
+                except Exception as e:  # provenance must not stop a run
+                    backend_desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
+                if on_backend is not None:
+                    on_backend(backend, todo)
+            prev_backend = (prev_info or {}).get("backend") or {}
+            ident = ("backend", "model", "revision")
+            if skipped and prev_backend and tuple(prev_backend.get(k) for k in ident) != tuple(backend_desc.get(k) for k in ident):
+                raise ThymeError(
+                    f"{out} holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r} (revision {prev_backend.get('revision')!r}); "
+                    f"this run's backend is {backend_desc.get('backend')} {backend_desc.get('model')!r} (revision {backend_desc.get('revision')!r}): resuming would mix them",
+                    "pass a new --out, or --overwrite to start afresh in this folder",
+                )
+            _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=False, selected=len(mine), done=skipped, prediction=pred_settings)
 
+        except BaseException:
+            stack.close()
+            raise
         pred_path.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(pred_path)
         bar = tqdm(total=len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q", file=sys.stderr, disable=None, dynamic_ncols=True)
-        tally = {"correct": sum(1 for r in mine if done.get(r.key, {}).get("correct")), "finished": skipped}
+        tally["correct"] = sum(1 for r in mine if done.get(r.key, {}).get("correct"))
+        tally["finished"] = skipped
         caps = getattr(backend, "capabilities", None)
         independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
         if independent:  # every trajectory on its own: a slow or failing request holds up no other
@@ -458,7 +541,7 @@ def run_eval(
         else:  # lockstep rounds over batches of `concurrency` (one generate call per round)
             groups, workers = [todo[i : i + cfg.concurrency] for i in range(0, len(todo), cfg.concurrency)], 1
         try:
-            with backend, Sandbox(sandbox_cfg) as sandbox, Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts") as agent, pred_path.open("a", encoding="utf-8") as f:
+            with stack, Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts") as agent, ResumableJsonl(pred_path, key=lambda d: d.get("key"), fsync=True) as f:
 
                 def run_group(batch: list[Row]) -> tuple[list[Row], list[Trajectory]]:
                     tasks = []
@@ -473,11 +556,10 @@ def run_eval(
                 def emit(batch: list[Row], trajs: list[Trajectory]) -> None:
                     for r, traj in zip(batch, trajs):
                         line = prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
-                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                        f.write(line)
                         tally["correct"] += int(bool(line["correct"]))
                         tally["finished"] += 1
+                        tally["failed"] += int(bool(line["error"]))
                         if line["error"]:
                             bar.write(f"question {r.key} failed: {line['error'].splitlines()[0][:200]}", file=sys.stderr)
                     bar.update(len(batch))
@@ -488,19 +570,26 @@ def run_eval(
                         emit(*run_group(g))
                 else:
                     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thyme-eval")
+                    interrupted = False
                     try:
-                        for fut in as_completed([pool.submit(run_group, g) for g in groups]):
-                            emit(*fut.result())  # written by this thread only
-                    finally:
-                        pool.shutdown(wait=True, cancel_futures=True)
+                        pending = {pool.submit(run_group, g) for g in groups}
+                        while pending:  # short waits: Ctrl-C is seen within a second
+                            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                            for fut in finished:
+                                emit(*fut.result())  # written by this thread only
+                    except BaseException:
+                        interrupted = True
+                        raise
+                    finally:  # on Ctrl-C, do not wait for trajectories in flight
+                        pool.shutdown(wait=not interrupted, cancel_futures=True)
         finally:
             bar.close()
     else:
         log(f"nothing to run: all {len(mine)} question(s) of this {'shard' if cfg.num_shards > 1 else 'run'} already have predictions in {out}")
 
-    result = EvalResult(out, None, len(todo), skipped, pred_path)
+    result = EvalResult(out, None, len(todo), skipped, pred_path, failed=tally["failed"])
     with _run_lock(out):  # marking this shard complete and checking the others is one step
-        _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=True, selected=len(mine), done=len(mine))
+        _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=True, selected=len(mine), done=len(mine), prediction=pred_settings)
         if cfg.num_shards > 1 and not _all_shards_complete(out, cfg):
             log(f"shard {cfg.shard} of {cfg.num_shards} done; the last shard to finish merges the predictions and writes metrics.json")
             return result
@@ -531,9 +620,19 @@ def _config_signature(cfg: EvalConfig) -> dict[str, Any]:
     return {"benchmark": cfg.benchmark, "data": str(Path(cfg.data).resolve()), "replay": cfg.replay and str(Path(cfg.replay).resolve()), "limit": cfg.limit, "num_shards": cfg.num_shards}
 
 
-def _write_run_info(path: Path, cfg: EvalConfig, backend: dict[str, Any], agent_cfg: Any, sandbox_cfg: Any, settings: dict[str, Any] | None, *, complete: bool, selected: int, done: int) -> None:
+def _any_run_info(out: Path) -> dict[str, Any] | None:
+    """The run info of any shard (or the single run) of ``out`` that records prediction settings."""
+    for f in sorted(out.glob("run*.json")):
+        info = _read_json(f)
+        if info and info.get("prediction_settings") is not None:
+            return info
+    return None
+
+
+def _write_run_info(path: Path, cfg: EvalConfig, backend: dict[str, Any], agent_cfg: Any, sandbox_cfg: Any, settings: dict[str, Any] | None, *, complete: bool, selected: int, done: int, prediction: dict[str, Any] | None = None) -> None:
     info = {
         "signature": _config_signature(cfg),
+        "prediction_settings": prediction,
         "shard": cfg.shard,
         "num_shards": cfg.num_shards,
         "complete": complete,

@@ -221,16 +221,30 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
         raise ReportError(f"report input not found: {p}", "pass a trajectory JSON, a results / predictions JSONL, or an eval output folder")
     joined = _records_by_id(records) if records is not None else {}
     items: list[ReportItem] = []
+    not_json = ReportError(
+        f"{p} is not a JSON or JSONL file", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL (thyme replay / eval), or an eval output folder"
+    )
     if p.suffix == ".json":
         items.append(to_item(_read_json(p), base_dir=p.parent))
     else:
         with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+            lines = iter(f)
+            n = 0
+            while True:
+                try:
+                    line = next(lines)
+                except StopIteration:
+                    break
+                except UnicodeDecodeError:  # an image, an HTML report... passed by mistake
+                    raise not_json from None
+                n += 1
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
+                    if not items:
+                        raise ReportError(f"{p} is not a JSON or JSONL file (line {n}: {e.msg})", not_json.hint) from None
                     raise ReportError(f"{p}, line {n}: invalid JSON ({e.msg})", "an interrupted run may have cut the last line: delete it") from None
                 if not isinstance(row, dict):
                     raise ReportError(f"{p}, line {n}: expected a JSON object")
@@ -244,8 +258,36 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
 def _read_json(p: Path) -> Any:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{p} is not a JSON file ({e})", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL, or an eval output folder") from None
+    except OSError as e:
         raise ReportError(f"cannot read {p}: {e}") from None
+
+
+def load_provenance(path: str | os.PathLike, items: list[ReportItem] | None = None) -> dict[str, Any]:
+    """What produced the trajectories of ``path``: an eval folder's ``metrics.json`` provenance
+    (beside ``predictions.jsonl``), else the model the trajectories record (``meta.model``,
+    written by ``thyme run``), else ``{}``."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and (p.is_dir() or p.name.startswith("predictions")):
+        try:
+            prov = json.loads(metrics.read_text(encoding="utf-8")).get("provenance")
+            if isinstance(prov, dict):
+                return prov
+        except (OSError, ValueError, AttributeError):
+            pass
+    models = []
+    for it in items or []:
+        m = (getattr(it.trajectory, "meta", None) or {}).get("model") if it.trajectory is not None else None
+        if isinstance(m, dict) and m not in models:
+            models.append(m)
+    if len(models) == 1:
+        return dict(models[0])
+    if models:
+        return {"model": ", ".join(str(m.get("model")) for m in models)}
+    return {}
 
 
 def _records_by_id(path: str | os.PathLike) -> dict[str, dict[str, Any]]:

@@ -45,7 +45,9 @@ import base64
 import hashlib
 import html
 import io
+import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -265,6 +267,8 @@ def write_report(
     title: str | None = None,
     max_image_side: int = MAX_IMAGE_SIDE,
     jpeg_quality: int = 85,
+    source: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write the self-contained HTML report of ``items``.
 
@@ -276,6 +280,11 @@ def write_report(
         max_image_side: longest side, in pixels, of embedded images (larger ones are sized
             down with PIL, keeping the aspect ratio; crop regions stay in original pixels).
         jpeg_quality: JPEG quality of embedded images (images with transparency are PNG).
+        source: which command wrote the report from which input (e.g. ``thyme eval /runs/x``),
+            kept in a ``<meta name="thyme-source">`` so a later command does not overwrite
+            another's report unasked (:func:`report_source`).
+        provenance: ``label -> value`` shown under the title (model, revision, backend,
+            decoding...; :func:`provenance_lines`).
 
     Returns:
         The written file's path. The page size is about 100-200 KB per embedded image at the
@@ -303,10 +312,66 @@ def write_report(
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
     page = _template().render(
         title=title, views=views, counts=counts, categories=categories, script=script, csp=csp, code_css=code_css(),
+        source=source or "", provenance=provenance_lines(provenance or {}),
     )
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
+    return out
+
+
+_SOURCE_RE = re.compile(r'<meta name="thyme-source" content="([^"]*)">')
+
+
+def report_source(path: str | os.PathLike) -> str | None:
+    """The ``source`` an existing report was written with (``""`` for a thyme report without
+    one), or ``None`` when ``path`` is not a thyme report."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    m = _SOURCE_RE.search(head)
+    if m:
+        return html.unescape(m.group(1))
+    return "" if '<meta name="generator" content="thyme report">' in head else None
+
+
+def provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
+    """``[(label, text)]`` of what produced the trajectories, for the page header.
+
+    Accepts eval's ``metrics.json`` provenance (``model``, ``revision``, ``model_commit``,
+    ``backend``, ``settings.decoding``...) or a backend's ``describe()`` dict (``thyme run``'s
+    trajectory ``meta.model``); unknown keys of a plain ``label -> value`` dict are shown as
+    they are.
+    """
+    out: list[tuple[str, str]] = []
+    seen = set()
+
+    def add(label: str, value: Any) -> None:
+        if value is None or value == "" or value == {} or label in seen:
+            return
+        seen.add(label)
+        out.append((label, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)))
+
+    add("model", prov.get("model"))
+    add("revision", prov.get("revision"))
+    add("commit", prov.get("model_commit") or prov.get("commit"))
+    add("backend", prov.get("backend"))
+    settings = prov.get("settings") if isinstance(prov.get("settings"), dict) else {}
+    dec = settings.get("decoding") if isinstance(settings.get("decoding"), dict) else None
+    if dec:
+        add("decoding", ", ".join(f"{k} {v}" for k, v in dec.items() if v is not None))
+    pix = settings.get("pixel_budget") if isinstance(settings.get("pixel_budget"), dict) else {k: prov.get(k) for k in ("min_pixels", "max_pixels")}
+    if any(v is not None for v in pix.values()):
+        add("pixel budget", ", ".join(f"{k} {v}" for k, v in pix.items() if v is not None))
+    data = prov.get("data")
+    if isinstance(data, dict):
+        add("data", data.get("path") or data)
+    add("thyme", prov.get("thyme_version") or prov.get("thyme"))
+    for k, v in prov.items():
+        if k not in {"model", "revision", "model_commit", "commit", "backend", "settings", "data", "thyme_version", "thyme", "backend_details", "min_pixels", "max_pixels"} and isinstance(v, (str, int, float)):
+            add(k.replace("_", " "), v)
     return out

@@ -38,6 +38,34 @@ class IndexStats:
     text_only: int = 0
     max_tokens: int = 0
     examples: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, rid: str) -> None:
+        """Count one dropped record under ``reason``; the first 10 ids are kept."""
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if len(self.dropped_ids) < 10:
+            self.dropped_ids.append(rid)
+
+
+def _drop_reason(e: BaseException) -> str:
+    from ..errors import ImageError, RecordError
+
+    if isinstance(e, json.JSONDecodeError):
+        return "invalid JSON"
+    if isinstance(e, ImageError):
+        return "image missing or unreadable"
+    if isinstance(e, RecordError):
+        return "malformed record"
+    return f"cannot be encoded ({type(e).__name__})"
+
+
+def _line_id(line: bytes, where: str) -> str:
+    try:
+        rid = json.loads(line).get("id")
+    except Exception:
+        rid = None
+    return str(rid) if rid is not None else where
 
 
 def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes]]:
@@ -107,11 +135,13 @@ def build_index(
                 sample = encode_record(rec, processor, mask, pixels=False)
             except Exception as e:  # one bad record is dropped, the rest trains
                 stats.malformed += 1
+                stats.drop(_drop_reason(e), _line_id(line, f"{path}:{n}"))
                 if len(stats.examples) < 10:
                     stats.examples.append(f"{path}:{n}: {type(e).__name__}: {e}")
                 continue
             if max_length is not None and len(sample) > max_length:
                 stats.too_long += 1
+                stats.drop(f"longer than max_length ({max_length} tokens)", str(rec.id))
                 continue
             stats.kept += 1
             stats.max_tokens = max(stats.max_tokens, len(sample))

@@ -106,6 +106,34 @@ def load_model(cfg: SFTRunConfig) -> Any:
     return model
 
 
+def check_dropped(stats: IndexStats, cfg: SFTRunConfig, *, log: Any = None) -> None:
+    """Say why records were dropped (count per reason, the first ids) and stop when more than
+    ``cfg.max_dropped_fraction`` of them were.
+
+    Raises:
+        ThymeError: too many records dropped (before the model is loaded).
+    """
+    import sys
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    dropped = stats.records - stats.kept
+    if not dropped:
+        return
+    reasons = stats.reasons or {k: v for k, v in (("longer than max_length", stats.too_long), ("malformed", stats.malformed)) if v}
+    why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    ids = ", ".join(stats.dropped_ids[:5]) + (" ..." if dropped > 5 else "")
+    frac = dropped / max(1, stats.records)
+    text = f"{dropped} of {stats.records} record(s) dropped ({frac:.1%}): {why}; first: {ids}"
+    if stats.examples:
+        text += f"\n  e.g. {stats.examples[0]}"
+    log(f"warning: {text}")
+    if frac > cfg.max_dropped_fraction:
+        raise ThymeError(
+            f"too many training records dropped: {text}",
+            f"fix the records (thyme data verify), raise max_length, or allow it: --set max_dropped_fraction={min(1.0, round(frac + 0.005, 3))} (now {cfg.max_dropped_fraction})",
+        )
+
+
 def _trainer_class() -> type:
     from trl import SFTTrainer
 
@@ -147,6 +175,9 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     state = PartialState()
     world = state.num_processes
     accum = cfg.accumulation_steps(world)
+    from ..jsonl import ensure_writable
+
+    ensure_writable(cfg.output_dir, what="output_dir", folder=True)
     mask = mask_config(cfg)
     processor = prepare_processor(load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels), mask)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -156,6 +187,7 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
             max_length=cfg.max_length, cache_dir=cfg.output_dir, show_progress=show_progress and state.is_main_process,
         )
     logger.info("index: %s", stats)
+    check_dropped(stats, cfg, log=None if state.is_main_process else (lambda s: None))
     model = load_model(cfg)
     dataset = datasets.Dataset.from_dict({k: cols[k] for k in ("file", "offset", "has_image", "length")})
     bf16 = cfg.bf16 if cfg.bf16 is not None else _cuda()

@@ -51,6 +51,7 @@ class SFTRunConfig:
     min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source='ours')
     system_prompt: str | None = setting(None, help="system prompt (none: Thyme's, byte for byte).", source='ours')
     max_length: int | None = setting(10240, help="samples longer than this many tokens (image tokens included) are dropped, as the reference's trainer did; dropped samples are counted in the log.", source='paper / reference stage 1')
+    max_dropped_fraction: float = setting(0.01, help="stop before training when more than this fraction of the records is dropped (too long, malformed, images missing); the reasons and the first ids are printed either way (1.0 never stops).", source="ours")
 
     learning_rate: float = setting(1e-5, help='peak learning rate (stage 2: 1e-6).', source='paper / reference stage 1')
     num_train_epochs: float = setting(3.0, help='epochs (both stages).', source='paper / reference stage 1')
@@ -98,6 +99,8 @@ class SFTRunConfig:
         for name in ("learning_rate", "num_train_epochs"):
             if not float(getattr(self, name)) > 0:
                 raise ThymeError(f"SFT config: {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.max_dropped_fraction) <= 1.0:
+            raise ThymeError(f"SFT config: max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction!r}")
         if self.per_device_train_batch_size < 1:
             raise ThymeError("SFT config: per_device_train_batch_size must be >= 1")
         if self.effective_batch_size is None and self.gradient_accumulation_steps is None:
