@@ -138,6 +138,10 @@ class SandboxConfig:
     session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and
     an error (DiskBudgetExceeded)."""
 
+    disk_tmpfs: bool = True
+    """When the caller is root, give each session folder a tmpfs of ``disk_bytes`` (and
+    ``max_entries`` inodes) of its own, so the kernel enforces the budget while code runs."""
+
     max_entries: int = 4096
     """Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded)."""
 

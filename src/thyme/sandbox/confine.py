@@ -278,6 +278,28 @@ def umount(target: str, detach: bool = True) -> bool:
     return _libc.umount2(target.encode(), ctypes.c_int(2 if detach else 0)) == 0
 
 
+MS_NOEXEC, MS_SHARED = 8, 1 << 20
+
+
+def share_folder(path: str) -> None:
+    """Make ``path`` a shared bind mount of itself (caller's namespace, root only), so that mounts
+    made under it later (session tmpfs folders) propagate into the zygote's mount view.
+    Raises OSError."""
+    mount(path, path, None, MS_BIND)
+    try:
+        mount(None, path, None, MS_SHARED)
+    except OSError:
+        umount(path)
+        raise
+
+
+def mount_session_tmpfs(path: str, size_bytes: int, inodes: int, uid: int) -> None:
+    """Mount a tmpfs of ``size_bytes`` bytes and ``inodes`` inodes owned by ``uid`` at ``path``
+    (nosuid, nodev, noexec): the session's disk budget, which also bounds ``fallocate`` and the
+    number of entries (fixes class 7: no quota, 4 GiB reserved at once). Raises OSError."""
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}")
+
+
 def make_readable(paths: list[str], uid: int) -> list[str]:
     """Make ``paths`` (folders of the runtime) reachable by ``uid`` without any capability, in a
     private mount namespace of this (root) process: each ancestor that ``uid`` may not search

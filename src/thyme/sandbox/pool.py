@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 from thyme.errors import ImageError
-from thyme.sandbox import cgroups, cleanup, decoded, mountview, outputs, wire
+from thyme.sandbox import cgroups, cleanup, confine, decoded, mountview, outputs, wire
 from thyme.sandbox.config import LAYERS, SandboxConfig
 from thyme.sandbox.confine import Layer, accessible_to, read_cpu_seconds
 from thyme.sandbox.confine import umount as confine_umount
@@ -129,6 +129,8 @@ class _Zygote:
 
 
 ROOT_PREFIX = "thyme-sandbox-"
+#: Sub-folder of the sandbox root holding the session folders (a shared mount, for their tmpfs).
+SESSIONS = "sessions"
 OWNER_MARK = ".owner"
 
 
@@ -270,6 +272,24 @@ class Sandbox:
             _write_owner_mark(self.root_dir)
             own = True
         self._mpl_dir = _mpl_cache_dir(self.root_dir)
+        self.disk_detail = ""
+        self.tmpfs_sessions = False
+        self.sessions_dir = self.root_dir
+        if cfg.disk_tmpfs and self.is_root:  # before the zygote starts: its view must receive the mounts
+            # a sub-folder, so that input hard links in root_dir/inputs stay on the same mount
+            d = os.path.join(self.root_dir, SESSIONS)
+            try:
+                os.makedirs(d, exist_ok=True)
+                os.chmod(d, 0o711)
+                confine.share_folder(d)
+                self.tmpfs_sessions = True
+                self.sessions_dir = d
+            except OSError as e:
+                self.disk_detail = f"no per-session tmpfs ({e})"
+        elif not cfg.disk_tmpfs:
+            self.disk_detail = "no per-session tmpfs (disabled by SandboxConfig.disk_tmpfs)"
+        else:
+            self.disk_detail = "no per-session tmpfs (mounting needs root)"
         self.mount_view_detail: str | None = None
         self._mount_view_error: str | None = None
         self._mnt_ns = mountview.mount_namespace_id()
@@ -722,7 +742,7 @@ class Session:
         if len(shown) != len(paths):
             raise ValueError(f"shown_paths has {len(shown)} entries for {len(paths)} images")
         self.id = secrets.token_hex(8)
-        self.dir = os.path.join(sandbox.root_dir, f"s-{self.id}")
+        self.dir = os.path.join(sandbox.sessions_dir, f"s-{self.id}")
         self._lock = threading.RLock()
         self._pid_lock = threading.Lock()
         self._closed = False
@@ -741,9 +761,16 @@ class Session:
         self._groups: list[cgroups.SessionGroup] = []
         self._finalizer = weakref.finalize(self, _finalize_session, os.getpid(), self._pidfd_box, self._sock_box, self._fds, [self.dir], sandbox._orphans, self._pid_box, self._gen_box, self._releases, self._groups)
         try:
-            if self.uid is not None:
-                os.chown(self.dir, self.uid, self.uid)
             cfg = sandbox.config
+            self.tmpfs = False
+            if sandbox.tmpfs_sessions:
+                try:  # class 7: a size- and inode-limited file system of its own
+                    confine.mount_session_tmpfs(self.dir, int(cfg.disk_bytes), int(cfg.max_entries) + 16, self.uid if self.uid is not None else os.geteuid())
+                    self.tmpfs = True
+                except OSError as e:
+                    sandbox.disk_detail = f"no per-session tmpfs ({e})"
+            if self.uid is not None and not self.tmpfs:
+                os.chown(self.dir, self.uid, self.uid)
             self._group = cgroups.SessionGroup(sandbox.cgroup_plan, f"s-{self.id}", int(cfg.cgroup_memory_bytes or cfg.memory_bytes), int(cfg.max_pids))
             self._groups.append(self._group)
             self._copied = [False] * len(paths)
@@ -857,7 +884,11 @@ class Session:
             cg("pids", f"pids.max {int(cfg.max_pids)} per session", f"RLIMIT_NPROC {int(cfg.max_pids)} of the session's own uid" if own_uid else f"RLIMIT_NPROC {int(cfg.max_processes)} (shared uid); seccomp refuses fork"),
             cg("freezer", "the session is frozen between runs (code cannot thaw itself)", "SIGSTOP between runs; seccomp refuses F_SETSIG/F_SETOWN/O_ASYNC/F_NOTIFY/F_SETLEASE, FIOASYNC and timer_create (no self-resume)"),
         ]
-        out.append(Layer("disk", True, f"per-session budget {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries)} entries, counted by apparent and allocated size after each run (over budget: outputs refused, the folder emptied); RLIMIT_FSIZE {min(int(cfg.max_file_bytes), int(cfg.disk_bytes)) // 2**20} MiB per file, fallocate mode 0 only"))
+        fsize = f"RLIMIT_FSIZE {min(int(cfg.max_file_bytes), int(cfg.disk_bytes)) // 2**20} MiB per file, fallocate mode 0 only"
+        if self.tmpfs:
+            out.append(Layer("disk", True, f"per-session tmpfs of {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries) + 16} inodes; {fsize}; the caller copies at most max_output_file_bytes per output"))
+        else:
+            out.append(Layer("disk", False, f"{sb.disk_detail}; enforced instead: {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries)} entries counted by apparent and allocated size after each run (over budget: folder emptied, outputs refused), {fsize}"))
         return out
 
     # ------------------------------------------------------------------ process end

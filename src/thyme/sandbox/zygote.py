@@ -259,7 +259,7 @@ def cleanup_root(root: str, session_uid: int | None) -> None:
 
     if session_uid and os.geteuid() == 0 and session_uid != 0:
         try:  # listed here: the session user may cross the root folder, not list it
-            folders = [(e.path, e.stat(follow_symlinks=False).st_uid) for e in os.scandir(root) if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)]
+            folders = [(e.path, e.stat(follow_symlinks=False).st_uid) for top in (root, os.path.join(root, "sessions")) if os.path.isdir(top) for e in os.scandir(top) if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)]
         except OSError:
             folders = []
         for folder, owner in folders:  # each session has its own uid: empty it as that uid
@@ -276,19 +276,16 @@ def cleanup_root(root: str, session_uid: int | None) -> None:
                 finally:
                     os._exit(0)
             os.waitpid(pid, 0)
-    mark = os.path.join(root, ".owner")  # see thyme.sandbox.pool.sweep_stale_roots
+    # the owner mark goes last, and only when everything else went: a session tmpfs (mounted in
+    # the owner's namespace) or the mount view's bind cannot go from here, and the next
+    # Sandbox() of that user needs the mark to unmount and remove them (sweep_stale_roots)
     try:
-        with open(mark) as f:
-            owner = f.read()
+        names = [n for n in os.listdir(root) if n != ".owner"]
     except OSError:
-        owner = None
-    remove_tree(root)
-    if owner and os.path.isdir(root):  # a mount point here: leave the mark for the sweep
-        try:
-            with open(mark, "w") as f:
-                f.write(owner)
-        except OSError:
-            pass
+        names = []
+    ok = all([remove_tree(os.path.join(root, n)) for n in names])
+    if ok:
+        remove_tree(root)
 
 
 def main(argv: list[str]) -> int:
