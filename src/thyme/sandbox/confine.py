@@ -300,9 +300,30 @@ def mount_session_tmpfs(path: str, size_bytes: int, inodes: int, uid: int) -> No
     mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}")
 
 
+def private_mount_namespace() -> None:
+    """Move this (root) process into a mount namespace of its own that still receives the
+    caller's later mounts (slave propagation). Raises OSError."""
+    if _libc.unshare(ctypes.c_int(CLONE_NEWNS)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unshare(CLONE_NEWNS): {os.strerror(e)}")
+    mount(None, "/", None, MS_REC | MS_SLAVE)
+
+
+def hide_other_processes() -> None:
+    """Mount a fresh /proc with ``hidepid=invisible`` in this process's (private) mount
+    namespace: each session, running as a uid of its own, sees only its own process there, not
+    the caller, other sessions or the host's processes (class 6). Raises OSError."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+
+
+#: /proc/self entries a session may not read (Landlock): the mount table, which shows the host's
+#: folders when there is no mount view, and task/ (which holds the same files per thread).
+PROC_SELF_HIDDEN = ("mounts", "mountinfo", "mountstats", "task")
+
+
 def make_readable(paths: list[str], uid: int) -> list[str]:
     """Make ``paths`` (folders of the runtime) reachable by ``uid`` without any capability, in a
-    private mount namespace of this (root) process: each ancestor that ``uid`` may not search
+    private mount namespace (see :func:`private_mount_namespace`) of this (root) process: each ancestor that ``uid`` may not search
     (e.g. /root, mode 0700) is covered by a read-only tmpfs holding only bind mounts of the
     paths below it. Returns the covered folders (their other content is hidden to everything
     forked from here). Fixes class 6 (sessions kept CAP_DAC_READ_SEARCH to read the runtime).
@@ -326,10 +347,6 @@ def make_readable(paths: list[str], uid: int) -> list[str]:
             blockers = [b for b in blockers if not b.startswith(cur + "/")] + [cur]
     if not blockers:
         return []
-    if _libc.unshare(ctypes.c_int(CLONE_NEWNS)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"unshare(CLONE_NEWNS): {os.strerror(e)}")
-    mount(None, "/", None, MS_REC | MS_SLAVE)
     for b in blockers:
         below = sorted({q for q in paths if q.startswith(b + "/")}, key=len)
         below = [q for i, q in enumerate(below) if not any(q.startswith(r + "/") for r in below[:i])]
@@ -468,7 +485,15 @@ def build_landlock(read_paths: Iterable[str], write_dirs: Iterable[str], input_f
     try:
         for p in (*SYSTEM_READ, *read_paths):
             rs.allow(p, READ_TREE)
-        rs.allow("/proc/self", READ_TREE)  # resolves to this process's own /proc/<pid>
+        try:  # this process's own /proc/<pid>, without the mount table
+            names = os.listdir("/proc/self")
+        except OSError:
+            names = []
+        for n in names:
+            p = f"/proc/self/{n}"
+            # links (root, cwd, exe) are skipped: a rule on their target would open the host
+            if n not in PROC_SELF_HIDDEN and not os.path.islink(p):
+                rs.allow(p, READ_TREE)
         rs.allow("/dev/null", FS_READ_FILE | FS_WRITE_FILE)
         for p in input_files:
             rs.allow(p, FS_READ_FILE)

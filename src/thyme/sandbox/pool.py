@@ -370,6 +370,7 @@ class Sandbox:
             "cleanup_root": self.root_dir if self._state["own_root"] else None, "cleanup_uid": self.uid,
             # without bubblewrap, a root zygote covers unreadable ancestors of the runtime (class 6)
             "make_readable": not prefix and self.is_root and self.uid is not None, "extra_read": [self._mpl_dir],
+            "in_mount_view": bool(prefix),
         }
         try:
             proc = subprocess.Popen(

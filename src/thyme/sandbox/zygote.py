@@ -320,11 +320,21 @@ def main(argv: list[str]) -> int:
         uid = opts.get("check_uid")
         hidden: list[str] = []
         fix_error = ""
-        if opts.get("make_readable") and isinstance(uid, int) and os.geteuid() == 0:
-            try:  # no session keeps a capability to read the runtime (class 6)
-                hidden = confine.make_readable(z.read_paths + [p for p in opts.get("extra_read", []) if os.path.isdir(p)], uid)
+        proc_hidden = ""
+        if os.geteuid() == 0:
+            try:  # outside bubblewrap: a mount namespace of its own (bwrap gives one already)
+                if not opts.get("in_mount_view"):
+                    confine.private_mount_namespace()
+                if opts.get("make_readable") and isinstance(uid, int):
+                    try:  # no session keeps a capability to read the runtime (class 6)
+                        hidden = confine.make_readable(z.read_paths + [p for p in opts.get("extra_read", []) if os.path.isdir(p)], uid)
+                    except OSError as e:
+                        fix_error = str(e)
+                confine.hide_other_processes()
+                proc_hidden = "hidepid=invisible"
             except OSError as e:
-                fix_error = str(e)
+                proc_hidden = f"not hidden: {e}"
+                fix_error = fix_error or str(e)
         if isinstance(uid, int) and opts.get("root_dir"):  # as this view shows them
             readable = all(confine.accessible_to(p, uid, uid) for p in z.read_paths) and confine.accessible_to(opts["root_dir"], uid, uid, read=False)
         wire.send_msg(sock, {
@@ -337,6 +347,7 @@ def main(argv: list[str]) -> int:
             "readable": readable,
             "hidden": hidden,
             "fix_error": fix_error,
+            "proc": proc_hidden,
         })
     except BaseException as e:  # noqa: BLE001
         try:
