@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import stat
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +136,12 @@ def image_info(data: bytes) -> tuple[str, int, int]:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[kind]]) as im:
-            w, h = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked next
+            with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[kind]]) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise OutputRefused(f"a {kind} image of more pixels than PIL will open; resize it in the code (e.g. cv2.resize or Image.thumbnail) before saving") from None
     except Exception as e:  # noqa: BLE001 - any PIL failure on hostile bytes is a refusal
         raise OutputRefused(f"unreadable {kind} header: {type(e).__name__}") from None
     return kind, int(w), int(h)
