@@ -160,6 +160,16 @@ class TestOutputsAndFreeze:
             got = eval(r.stdout)  # noqa: S307 - our own test output
             assert all(v in (1, -1) for v in got.values()), got  # EPERM everywhere
 
+    @pytest.mark.parametrize("mode", MODES)
+    def test_without_cgroups_sigstop_still_stops_every_thread(self, mode):
+        with _make(mode, cgroups=False) as sb, sb.session() as s:
+            assert not {l.name: l for l in s.layers}["freezer"].active
+            r = s.run("import threading, time\ndef tick():\n    i = 0\n    while True:\n        i += 1; open('t.txt', 'w').write(str(i)); time.sleep(0.001)\nthreading.Thread(target=tick, daemon=True).start()\ntime.sleep(0.05)")
+            assert r.ok
+            first = (Path(s.dir) / "t.txt").read_text()
+            time.sleep(0.2)
+            assert (Path(s.dir) / "t.txt").read_text() == first
+
     def test_the_freezer_is_the_stop_where_the_host_has_one(self, sb):
         require_layer(sb.layers, "freezer")
         with sb.session() as s:
