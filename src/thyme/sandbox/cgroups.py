@@ -269,7 +269,7 @@ class SessionGroup:
     def remove(self) -> None:
         """Remove the folders (thawed first; they must hold no live task, else kept)."""
         self.thaw()
-        for d in set(self.dirs.values()) | set(os.path.join(self.plan.base[f], "") for f in ()):
+        for d in set(self.dirs.values()):
             _rmdir_retry(d)
         self.dirs.clear()
 
@@ -319,8 +319,8 @@ def sweep_stale() -> list[str]:
                     pid = int(e.name[len(PREFIX):].split("-")[0])
                 except ValueError:
                     continue
-                if pid != os.getpid() and os.path.exists(f"/proc/{pid}"):
-                    continue
+                if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+                    continue  # a live creator (this process included) still uses it
                 with contextlib.suppress(OSError):
                     for sub in os.scandir(e.path):
                         if sub.is_dir(follow_symlinks=False):

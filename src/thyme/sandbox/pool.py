@@ -218,9 +218,13 @@ def _finalize_sandbox(state: dict[str, Any]) -> None:
     plan = state.get("cgroups")
     if plan is not None:
         cgroups.release(plan)
+    if state.get("sessions_mount"):  # the shared bind of root/sessions, also in a given root_dir
+        _unmount_below(state["sessions_mount"])
     if state.get("own_root") and state.get("root"):
         _unmount_below(state["root"])
         cleanup.remove_tree(state["root"])
+    elif state.get("sessions_mount"):
+        cleanup.remove_tree(state["sessions_mount"])
 
 
 class Sandbox:
@@ -272,16 +276,25 @@ class Sandbox:
             _write_owner_mark(self.root_dir)
             own = True
         self._mpl_dir = _mpl_cache_dir(self.root_dir)
+        self.mount_view_detail: str | None = None
+        self._mount_view_error: str | None = None
+        self._mnt_ns = mountview.mount_namespace_id()
+        self._inputs = _InputStore(self.root_dir)
+        self.decoded_cache = decoded.DecodedCache(cfg.decoded_cache_bytes) if cfg.decoded_cache else None
+        self._state: dict[str, Any] = {"zygote": None, "root": self.root_dir, "own_root": own, "owner_pid": os.getpid(), "decoded": self.decoded_cache}
+        self._finalizer = weakref.finalize(self, _finalize_sandbox, self._state)
         self.disk_detail = ""
         self.tmpfs_sessions = False
         self.sessions_dir = self.root_dir
         if cfg.disk_tmpfs and self.is_root:  # before the zygote starts: its view must receive the mounts
             # a sub-folder, so that input hard links in root_dir/inputs stay on the same mount
-            d = os.path.join(self.root_dir, SESSIONS)
+            # (its own name in a root_dir given by the caller, which several sandboxes may share)
+            d = os.path.join(self.root_dir, SESSIONS if own else f"{SESSIONS}-{secrets.token_hex(4)}")
             try:
                 os.makedirs(d, exist_ok=True)
                 os.chmod(d, 0o711)
                 confine.share_folder(d)
+                self._state["sessions_mount"] = d
                 self.tmpfs_sessions = True
                 self.sessions_dir = d
             except OSError as e:
@@ -290,13 +303,6 @@ class Sandbox:
             self.disk_detail = "no per-session tmpfs (disabled by SandboxConfig.disk_tmpfs)"
         else:
             self.disk_detail = "no per-session tmpfs (mounting needs root)"
-        self.mount_view_detail: str | None = None
-        self._mount_view_error: str | None = None
-        self._mnt_ns = mountview.mount_namespace_id()
-        self._inputs = _InputStore(self.root_dir)
-        self.decoded_cache = decoded.DecodedCache(cfg.decoded_cache_bytes) if cfg.decoded_cache else None
-        self._state: dict[str, Any] = {"zygote": None, "root": self.root_dir, "own_root": own, "owner_pid": os.getpid(), "decoded": self.decoded_cache}
-        self._finalizer = weakref.finalize(self, _finalize_sandbox, self._state)
         self.hidden: list[str] = []
         self._uids_used: set[int] = set()
         try:
