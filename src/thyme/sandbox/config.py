@@ -96,8 +96,9 @@ class SandboxConfig:
     """Give each session process a private network namespace when allowed (about 1 ms)."""
 
     sandbox_uid: int | None = 65534
-    """User (and group) id session processes run as when the caller is root (nobody);
-    None or 0 keeps root (the ``identity`` layer is then reported inactive)."""
+    """User (and group) id session processes run as when the caller is root and
+    ``session_uid_range`` is None (nobody); None or 0 keeps root (the ``identity`` layer is then
+    reported inactive). With a range, each session gets a uid of its own from it instead."""
 
     mount_view: bool = True
     """Start the zygote inside bubblewrap (a private mount view: the Python runtime read-only, the
