@@ -157,6 +157,25 @@ def throughput(sandbox, code: str, image: str, workers: int, seconds: float) -> 
     return sum(counts) / elapsed
 
 
+#: The figures of the first sandbox (README, before issue 10's v2: no freezer, cgroups, per-session
+#: tmpfs or result check), 3 runs worst-best on the project's 2-core machine, printed beside the
+#: new ones ("throughput" rows: per s).
+V1_FIGURES = {
+    "README example, cache off: p50": "11.0-11.9 ms",
+    "README example, cache on, warm: p50": "2.9-3.9 ms",
+    "README example, cache on, first read (cold)": "36-38 ms",
+    "trivial code round trip: p50": "0.17-0.22 ms",
+    "session start: p50": "7.1-8.5 ms",
+    "unique memory per idle session (USS, max of 4)": "4.2 MB",
+    "per execution (README): peak RSS / USS after": "73 / 25 MB",
+    "throughput, 1 concurrent session(s)": "226-259 /s",
+    "throughput, 2 concurrent session(s)": "321-347 /s",
+    "throughput, 4 concurrent session(s)": "348-423 /s",
+    "8064x5241 JPEG cv2.imread, cache on, warm: p50": "13.5-14.1 ms",
+    "10 corpus code blocks end to end (total)": "615-655 ms",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (noisier figures)")
@@ -314,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------ report
     print("layers: " + ", ".join(f"{name}={'on' if layers.get(name) else 'OFF'}" for name in LAYERS))
     w = max(len(r[0]) for r in results)
-    print(f"{'figure'.ljust(w)}  {'sandbox':>16}  {'bare in-process':>16}  {'ratio':>5}  {'target':<17} verdict")
+    print(f"{'figure'.ljust(w)}  {'sandbox':>16}  {'v1 (README)':>14}  {'bare in-process':>16}  {'ratio':>5}  {'target':<17} verdict")
     for name, sbx, bare_s, ratio, target, ok in results:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
-        print(f"{name.ljust(w)}  {sbx:>16}  {bare_s:>16}  {ratio:>5}  {target:<17} {verdict}")
+        print(f"{name.ljust(w)}  {sbx:>16}  {V1_FIGURES.get(name, ''):>14}  {bare_s:>16}  {ratio:>5}  {target:<17} {verdict}")
     print("corpus blocks (session start + run, output as the reference):")
     for name, started, took, match in corpus_rows:
         print(f"  {name:<24} start {started * 1000:6.1f} ms  run {took * 1000:7.1f} ms  {'same output' if match else 'DIFFERENT OUTPUT'}")

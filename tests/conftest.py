@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,41 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", arch="qwen2_5_vl", seed=0)
+
+
+# ----------------------------------------------------------------- sandbox strict mode
+#: CI (``CI=true``, set by .ci/run) or ``THYME_STRICT_SANDBOX=1``: a confinement layer that a
+#: security test needs but the host lacks FAILS the test instead of skipping it, so a seccomp,
+#: Landlock, cgroup or bubblewrap regression cannot pass as "skipped".
+STRICT_SANDBOX = os.environ.get("THYME_STRICT_SANDBOX", "").lower() in ("1", "true", "yes") or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: ``THYME_TEST_NO_BWRAP=1``: run the suite as on a host without bubblewrap (find_bwrap finds none).
+NO_BWRAP = os.environ.get("THYME_TEST_NO_BWRAP", "").lower() in ("1", "true", "yes")
+#: Layers a strict run does not demand: bubblewrap's mount view when NO_BWRAP asks for its absence.
+STRICT_EXEMPT = {"mount_view"} if NO_BWRAP else set()
+
+
+def require_layer(layers, name: str) -> None:
+    """Skip (or, in strict mode, fail) when layer ``name`` is not active in ``layers``."""
+    by = {l.name: l for l in layers}
+    layer = by.get(name)
+    if layer is not None and layer.active:
+        return
+    why = layer.detail if layer is not None else "not reported"
+    if STRICT_SANDBOX and name not in STRICT_EXEMPT:
+        pytest.fail(f"strict sandbox mode (CI): required layer {name} is missing: {why}")
+    pytest.skip(f"layer {name} inactive here: {why}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_bwrap_switch():
+    if not NO_BWRAP:
+        yield
+        return
+    from thyme.sandbox import mountview
+
+    real = mountview.find_bwrap
+    mountview.find_bwrap = lambda program: None if os.sep not in program else real(program)  # as a PATH without bwrap
+    try:
+        yield
+    finally:
+        mountview.find_bwrap = real

@@ -39,6 +39,7 @@ import pytest
 from PIL import Image
 
 from thyme.sandbox import Sandbox
+from .conftest import require_layer
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 TRAJECTORIES = CORPUS / "thyme" / "trajectories.jsonl"
@@ -117,9 +118,7 @@ def input_image(tmp_path):
 
 
 def needs(sandbox, layer):
-    by = {l.name: l for l in sandbox.layers}
-    if not by[layer].active:
-        pytest.skip(f"layer {layer} inactive here: {by[layer].detail}")
+    require_layer(sandbox.layers, layer)  # fails instead of skipping in strict (CI) mode
 
 
 def digest(p) -> tuple[str, int]:

@@ -25,6 +25,7 @@ printed by model code can never turn into an image or a protocol tag (see :func:
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable, Literal
@@ -312,18 +313,103 @@ def split_recorded_response(response: str) -> list[str]:
 
 #: Tags a tool output must never be able to forge: Thyme tags (with or without ``/``),
 #: every ``<|...|>`` special token (``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``).
-_FORGEABLE_RE = re.compile(r"<(/?)(sandbox_output|answer|code|think|image)>|<\|([A-Za-z0-9_]+)\|>", re.I)
+_FORGEABLE_RE = re.compile(r"<(/?)(sandbox_output|answer|code|think|image)>|<\|([A-Za-z0-9_]+)\|>", re.I)  # kept for importers
 ZWSP = "\u200b"
 
 
-def neutralise(text: str) -> str:
+#: Token strings read from the tokenizers in use (:func:`register_tokens`), neutralised in tool
+#: output besides every tag-shaped text.
+_REGISTERED: set[str] = set()
+#: A tag-shaped text after normalisation: ``<`` then a name character, or ``<``, blanks, one of
+#: ``/`` ``|`` ``!`` ``?``, blanks, then a name character (``a < b`` stays as it is). Covers Thyme's tags, ``<|...|>`` tokens
+#: and every added token of the Qwen family (``<tool_call>``, ``</tool_response>``, ...).
+_TAG_RE = re.compile(r"<(?:\s*[/|!?]\s*)?[A-Za-z_|]")
+#: Replaces a look-alike ``<`` (fullwidth, small, ...) that starts a tag-shaped text.
+LOOKALIKE_OPEN = "\u2039"
+
+
+def register_tokens(tokens: Iterable[str]) -> None:
+    """Add a tokenizer's added / special token strings to those :func:`neutralise` breaks
+    (backends call it with what they read from the tokenizer in use)."""
+    for t in tokens:
+        if isinstance(t, str) and len(t) > 1 and not t.isspace():
+            _REGISTERED.add(t)
+
+
+def tokenizer_token_strings(tok: Any) -> list[str]:
+    """Every added and special token string of a (Hugging Face) tokenizer, longest first:
+    ``all_special_tokens`` and all of ``added_tokens_decoder`` (special or not: ``<tool_call>``
+    is a non-special added token that the tokenizer still matches as one token)."""
+    out = set()
+    try:
+        out.update(str(t) for t in (getattr(tok, "all_special_tokens", None) or []))
+    except Exception:  # noqa: BLE001 - a tokenizer without the attribute
+        pass
+    try:
+        out.update(str(t) for t in tok.added_tokens_decoder.values())
+    except Exception:  # noqa: BLE001
+        pass
+    return sorted((t for t in out if t and len(t) > 1 and not t.isspace()), key=len, reverse=True)
+
+
+def _skeleton(text: str) -> tuple[str, list[int]]:
+    """``text`` as NFKC per character with invisible format characters (category Cf: zero-width
+    spaces and joiners, bidi marks) removed, and for each skeleton character its source index."""
+    chars, index = [], []
+    for i, c in enumerate(text):
+        if unicodedata.category(c) == "Cf":
+            continue
+        n = unicodedata.normalize("NFKC", c) if not c.isascii() else c
+        for d in n:
+            if unicodedata.category(d) != "Cf":
+                chars.append(d)
+                index.append(i)
+    return "".join(chars), index
+
+
+def neutralise(text: str, tokens: Iterable[str] = ()) -> str:
     """Break protocol tags and special tokens inside tool output so they stay plain text.
 
-    A zero-width space goes after ``<`` (``</sandbox_output>`` -> ``<\\u200b/sandbox_output>``,
-    ``<|im_end|>`` -> ``<\\u200b|im_end|>``): the text reads the same to a person, and no
-    tokenizer matches it as a tag or special token.
+    Every tag-shaped text (``<name``, ``</name``, ``<|name``), judged after Unicode NFKC
+    normalisation with invisible characters removed, is broken: an ASCII ``<`` gets a zero-width
+    space after it (``</sandbox_output>`` -> ``<\\u200b/sandbox_output>``, ``<|im_end|>`` ->
+    ``<\\u200b|im_end|>``), a look-alike (fullwidth ``＜``, small ``﹤``) becomes ``‹``, and the
+    invisible characters inside the tag are dropped. Token strings of the tokenizers in use
+    (:func:`register_tokens`, and ``tokens``) that are not tag-shaped get a zero-width space
+    after their first character. The text reads the same to a person, and no tokenizer matches
+    it as a tag or special token. Fixes class 9 of issue 10 (other added tokens and look-alikes
+    of ``</sandbox_output>`` passed). Idempotent.
     """
-    return _FORGEABLE_RE.sub(lambda m: "<" + ZWSP + m.group(0)[1:], text)
+    if not text:
+        return text
+    if text.isascii():
+        skel, index = text, None
+    else:
+        skel, index = _skeleton(text)
+    starts: dict[int, int] = {}  # source index of the opening char -> source index of the tag's end
+    for m in _TAG_RE.finditer(skel):
+        a = m.start() if index is None else index[m.start()]
+        b = m.end() - 1 if index is None else index[m.end() - 1]
+        starts[a] = b
+    out = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if i in starts:
+            end = starts[i]
+            out.append("<" + ZWSP if c == "<" else LOOKALIKE_OPEN)
+            # the rest of the tag head without invisible characters (ours included)
+            out.extend(ch for ch in text[i + 1 : end + 1] if unicodedata.category(ch) != "Cf")
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    result = "".join(out)
+    for t in sorted(set(tokens) | _REGISTERED, key=len, reverse=True):
+        if t and not _TAG_RE.match(t) and t in result:
+            result = result.replace(t, t[0] + ZWSP + t[1:])
+    return result
 
 
 def cap_text(text: str, max_chars: int) -> str:

@@ -32,6 +32,7 @@ from ..constants import MAX_NEW_TOKENS, MAX_OUTPUT_CHARS, MAX_ROUNDS
 from ..errors import ThymeError
 from ..imageio import image_size
 from ..sandbox.interface import SandboxProtocol, SessionProtocol
+from ..sandbox.outputs import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OutputRefused, copy_output
 from .trajectory import Trajectory, Turn
 
 
@@ -321,7 +322,7 @@ class Agent:
             return
         s.traj.timings["execute_s"] = round(s.traj.timings["execute_s"] + result.duration_s, 4)
         # keep the images: the session folder disappears with the session
-        kept = replace(result, images=[self._keep_image(s, p) for p in result.images])
+        kept = replace(result, images=[k for k in (self._keep_image(s, p) for p in result.images) if k is not None])
         t.execution = kept.to_dict()
         if kept.images and s.n_images + len(kept.images) > self.config.max_images:
             t.feedback = []
@@ -330,7 +331,10 @@ class Agent:
         s.n_images += len(kept.images)
         t.feedback = protocol.feedback_parts(kept, self.feedback_config)
 
-    def _keep_image(self, s: _State, path: str) -> str:
+    def _keep_image(self, s: _State, path: str) -> str | None:
+        """Copy a session output into the trajectory's folder from one checked descriptor
+        (:func:`thyme.sandbox.outputs.copy_output`); None when it is refused (changed into a
+        link, a hard link, or over the sandbox's byte / pixel budget after the run)."""
         s.out_dir.mkdir(parents=True, exist_ok=True)
         src = Path(path)
         dst = s.out_dir / src.name
@@ -338,7 +342,12 @@ class Agent:
         while dst.exists():
             dst = s.out_dir / f"{src.stem}-{n}{src.suffix}"
             n += 1
-        shutil.copy2(src, dst)
+        cfg = getattr(self.sandbox, "config", None)
+        budgets = {k: int(getattr(cfg, f"max_output_{k}")) for k in ("file_bytes", "pixels") if isinstance(getattr(cfg, f"max_output_{k}", None), int)}
+        try:
+            copy_output(str(src), str(dst), budgets.get("file_bytes", DEFAULT_MAX_BYTES), budgets.get("pixels", DEFAULT_MAX_PIXELS))
+        except OutputRefused:
+            return None
         return str(dst)
 
     def _after_turn(self, s: _State, t: Turn, rnd: int) -> None:

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from .. import protocol
 from ..config import setting
 from ..errors import ImageError, ModelLoadError
 from ..imageio import open_image
@@ -215,6 +216,8 @@ class HFBackend(Backend):
         self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         self.suppress_token_ids = _placeholder_token_ids(self.processor, self.model)
         self._special_strings = _special_token_strings(tok)
+        # sandbox output never carries any added token of this tokenizer (issue 10, class 9)
+        protocol.register_tokens(protocol.tokenizer_token_strings(tok))
 
     # ------------------------------------------------------------------ provenance
 

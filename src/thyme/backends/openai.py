@@ -495,6 +495,24 @@ class OpenAIBackend(Backend):
         self._renderer: Any = None
         self._server_info: dict[str, Any] | None = None
         self._closed = False
+        self._register_tokenizer_tokens()
+
+    def _register_tokenizer_tokens(self) -> None:
+        """Neutralise, in sandbox output, every added / special token of the served model's
+        tokenizer when a local one is at hand (``tokenizer=`` or a model folder); tag-shaped
+        tokens (the whole Qwen family's) are neutralised even without one (issue 10, class 9)."""
+        src = self.config.tokenizer or self.config.model
+        if not (isinstance(src, str) and os.path.isdir(src)):
+            return
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(src)
+        except Exception:  # noqa: BLE001 - best effort: the generic rule still applies
+            return
+        from ..protocol import register_tokens, tokenizer_token_strings
+
+        register_tokens(tokenizer_token_strings(tok))
 
     @classmethod
     def from_config(cls, config: OpenAIConfig) -> "OpenAIBackend":
@@ -775,6 +793,9 @@ class OpenAIBackend(Backend):
                 from transformers import AutoTokenizer
 
                 self._renderer = AutoTokenizer.from_pretrained(src)
+            from ..protocol import register_tokens, tokenizer_token_strings
+
+            register_tokens(tokenizer_token_strings(getattr(self._renderer, "tokenizer", self._renderer)))
         return self._renderer
 
     # ------------------------------------------------------------------ HTTP

@@ -47,8 +47,22 @@ _ARRAY_FUNCS = {"array", "asarray", "cvtColor", "ascontiguousarray", "exif_trans
 _NUM_FUNCS = {"int": int, "round": round, "float": float, "abs": abs, "max": max, "min": min}
 
 
+#: Bounds of the best-effort crop arithmetic (class 8 of issue 10: ``thyme report`` evaluated
+#: model code's arithmetic without bound, e.g. ``x = x * x`` repeated, and hung): numbers beyond
+#: +-MAX_MAGNITUDE evaluate to unknown, at most MAX_STEPS expression nodes are evaluated per code
+#: block, and code longer than MAX_CODE_CHARS is not read.
+MAX_MAGNITUDE = 2**53
+MAX_STEPS = 200_000
+MAX_CODE_CHARS = 200_000
+
+
+class _Budget(Exception):
+    """The evaluation budget (MAX_STEPS) is spent."""
+
+
 class _CropFinder:
     def __init__(self, size: tuple[int, int]):
+        self.steps = 0
         self.size = size
         self.env: dict[str, Any] = {"image_path": _INPUT}
         self.regions: list[tuple[tuple[float, float, float, float], int | None]] = []
@@ -57,10 +71,23 @@ class _CropFinder:
     def ev(self, node: ast.AST) -> Any:
         try:
             return self._ev(node)
-        except Exception:
+        except _Budget:
+            raise
+        except Exception:  # includes RecursionError on deep expressions
             return None
 
     def _ev(self, n: ast.AST) -> Any:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise _Budget()
+        v = self._ev1(n)
+        if _num(v) and not (abs(v) <= MAX_MAGNITUDE):  # also NaN
+            return None
+        if isinstance(v, str) and len(v) > 4096:
+            return None
+        return v
+
+    def _ev1(self, n: ast.AST) -> Any:
         if isinstance(n, ast.Constant):
             return n.value if isinstance(n.value, (int, float, str)) and not isinstance(n.value, bool) else None
         if isinstance(n, ast.Name):
@@ -256,21 +283,21 @@ def crop_regions(code: str | None, image_size: tuple[int, int] | None, fixes: It
     if image_size is None:
         return []
     found: list[CropRegion] = []
-    if code:
+    if code and len(code) <= MAX_CODE_CHARS:
         try:
             tree = ast.parse(code)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             try:
                 import textwrap
 
                 tree = ast.parse(textwrap.dedent(code))
-            except (SyntaxError, ValueError):
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
                 tree = None
         if tree is not None:
             finder = _CropFinder(tuple(image_size))  # type: ignore[arg-type]
             try:
                 finder.run(tree.body)
-            except RecursionError:
+            except (RecursionError, _Budget):  # what was found until then stays
                 pass
             for box, line in finder.regions:
                 clipped = _clip_box(box, image_size)

@@ -18,6 +18,11 @@ LAYERS: tuple[str, ...] = (
     "rlimits",  # address space, CPU time, file size, open files, processes, no core dumps
     "identity",  # runs as an unprivileged user (uid 65534) when the caller is root
     "netns",  # a private network namespace (no interfaces but a down loopback)
+    "ipc",  # a private IPC namespace (SysV / POSIX queues die with the session)
+    "cgroup_memory",  # a per-session cgroup memory limit (memfd, tmpfs, page cache count)
+    "cgroup_pids",  # a per-session cgroup pids limit
+    "freezer",  # the cgroup freezer stops the session between runs (code cannot resume itself)
+    "disk",  # a per-session disk budget (bytes and entries)
     "network",  # derived: no network (seccomp socket denial and/or netns / Landlock TCP rules)
     "no_exec",  # derived: programs cannot be run (seccomp execve denial and/or Landlock)
     "env",  # the environment holds only the sandbox's minimal variables
@@ -102,7 +107,7 @@ class SandboxConfig:
     )
     sandbox_uid: int | None = setting(
         65534,
-        help='User (and group) id session processes run as when the caller is root (nobody); None or 0 keeps root (the identity layer is then reported inactive).', source='nobody',
+        help='User (and group) id session processes run as when the caller is root and session_uid_range is None (nobody); None or 0 keeps root (the identity layer is then reported inactive). With a range, each session gets a uid of its own from it instead.', source='nobody',
     )
     mount_view: bool = setting(
         True,
@@ -120,6 +125,42 @@ class SandboxConfig:
         60.0,
         help='Longest wait for the zygote to import its modules at start, in seconds.', source='ours',
     )
+    cgroups: bool = setting(
+        True,
+        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours (sandbox v2)',
+    )
+    cgroup_memory_bytes: int | None = setting(
+        None,
+        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours (sandbox v2)', show_default='memory_bytes',
+    )
+    max_pids: int = setting(
+        256,
+        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours (sandbox v2)',
+    )
+    session_uid_range: tuple[int, int] | None = setting(
+        (2_000_000_000, 1_000_000),
+        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours (sandbox v2)',
+    )
+    disk_bytes: int = setting(
+        256 * MiB,
+        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours (sandbox v2)', show_default='256 MiB',
+    )
+    disk_tmpfs: bool = setting(
+        True,
+        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours (sandbox v2)',
+    )
+    max_entries: int = setting(
+        4096,
+        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours (sandbox v2)',
+    )
+    max_output_pixels: int = setting(
+        4096 * 4096,
+        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours (sandbox v2)', show_default='4096*4096',
+    )
+    max_output_file_bytes: int = setting(
+        64 * MiB,
+        help='Largest output image file, in bytes, the caller reads.', source='ours (sandbox v2)', show_default='64 MiB',
+    )
     env: dict[str, str] = setting(
         default_factory=dict,
         help='Extra environment variables for session processes (added to the minimal environment).', source='ours',
@@ -131,7 +172,7 @@ class SandboxConfig:
         for name in ("timeout_s", "cpu_time_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        for name in ("memory_bytes", "max_file_bytes", "max_open_files", "max_output_bytes", "max_workers", "max_processes", "decoded_cache_bytes"):
+        for name in ("memory_bytes", "max_file_bytes", "max_open_files", "max_output_bytes", "max_workers", "max_processes", "decoded_cache_bytes", "max_pids", "disk_bytes", "max_entries", "max_output_pixels", "max_output_file_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SandboxConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_open_files < 16:

@@ -66,6 +66,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNS = 0x00020000
 CLONE_THREAD = 0x00010000
 CAP_DAC_READ_SEARCH = 2
 
@@ -141,6 +143,26 @@ def enter_netns(as_root: bool) -> Layer:
         why = "user namespaces are not allowed here" if not as_root else "unshare(CLONE_NEWNET) refused"
         return Layer("netns", False, f"{why}: {os.strerror(e)}")
     return Layer("netns", True, "private network namespace (no interface up)" + ("" if as_root else ", in a user namespace"))
+
+
+def enter_namespaces(as_root: bool, net: bool) -> list[Layer]:
+    """Private IPC namespace always, network namespace when ``net``; one ``unshare`` call
+    (non-root: inside a new user namespace). Fixes class 2: SysV shared memory and message
+    queues outlived the session and a later session read them (the IPC namespace dies with
+    the session process; seccomp refuses SysV IPC as well)."""
+    flags = CLONE_NEWIPC | (CLONE_NEWNET if net else 0) | (0 if as_root else CLONE_NEWUSER)
+    if _libc.unshare(ctypes.c_int(flags)) == 0:
+        user = "" if as_root else ", in a user namespace"
+        out = [Layer("ipc", True, "private IPC namespace (SysV and POSIX queues die with the session)" + user)]
+        if net:
+            out.append(Layer("netns", True, "private network namespace (no interface up)" + user))
+        return out
+    e = ctypes.get_errno()
+    why = "user namespaces are not allowed here" if not as_root else "unshare refused"
+    out = [Layer("ipc", False, f"{why}: {os.strerror(e)}; seccomp refuses SysV IPC and POSIX message queues instead")]
+    if net:
+        out.append(enter_netns(as_root))
+    return out
 
 
 # --------------------------------------------------------------------------- mount view
@@ -234,10 +256,111 @@ def drop_identity(uid: int, keep_read_cap: bool) -> Layer:
             pass
     except OSError as e:
         return Layer("identity", False, f"could not switch to uid {uid}: {e}")
-    detail = f"uid/gid {uid}, no groups"
-    if keep_read_cap:
-        detail += " (keeps CAP_DAC_READ_SEARCH only: the Python runtime is not readable by that user)"
+    detail = f"uid/gid {uid} (this session's own), no groups, no capabilities"
+    if keep_read_cap:  # last resort, reported as a missing layer (class 6)
+        return Layer("identity", False, f"uid/gid {uid} but keeps CAP_DAC_READ_SEARCH: the Python runtime is not readable by that user and could not be made readable (no mount view, no private mount namespace)")
     return Layer("identity", True, detail)
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_SLAVE = 1, 2, 4, 32, 4096, 16384, 1 << 19
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); raises OSError."""
+    enc = lambda v: None if v is None else v.encode()  # noqa: E731
+    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {target}: {os.strerror(e)}")
+
+
+def umount(target: str, detach: bool = True) -> bool:
+    """umount2(target, MNT_DETACH); False on failure."""
+    return _libc.umount2(target.encode(), ctypes.c_int(2 if detach else 0)) == 0
+
+
+MS_NOEXEC, MS_SHARED = 8, 1 << 20
+
+
+def share_folder(path: str) -> None:
+    """Make ``path`` a shared bind mount of itself (caller's namespace, root only), so that mounts
+    made under it later (session tmpfs folders) propagate into the zygote's mount view.
+    Raises OSError."""
+    mount(path, path, None, MS_BIND)
+    try:
+        mount(None, path, None, MS_SHARED)
+    except OSError:
+        umount(path)
+        raise
+
+
+def mount_session_tmpfs(path: str, size_bytes: int, inodes: int, uid: int) -> None:
+    """Mount a tmpfs of ``size_bytes`` bytes and ``inodes`` inodes owned by ``uid`` at ``path``
+    (nosuid, nodev, noexec): the session's disk budget, which also bounds ``fallocate`` and the
+    number of entries (fixes class 7: no quota, 4 GiB reserved at once). Raises OSError."""
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}")
+
+
+def private_mount_namespace() -> None:
+    """Move this (root) process into a mount namespace of its own that still receives the
+    caller's later mounts (slave propagation). Raises OSError."""
+    if _libc.unshare(ctypes.c_int(CLONE_NEWNS)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unshare(CLONE_NEWNS): {os.strerror(e)}")
+    mount(None, "/", None, MS_REC | MS_SLAVE)
+
+
+def hide_other_processes() -> None:
+    """Mount a fresh /proc with ``hidepid=invisible`` in this process's (private) mount
+    namespace: each session, running as a uid of its own, sees only its own process there, not
+    the caller, other sessions or the host's processes (class 6). Raises OSError."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+
+
+#: /proc/self entries a session may not read (Landlock): the mount table, which shows the host's
+#: folders when there is no mount view, and task/ (which holds the same files per thread).
+PROC_SELF_HIDDEN = ("mounts", "mountinfo", "mountstats", "task")
+
+
+def make_readable(paths: list[str], uid: int) -> list[str]:
+    """Make ``paths`` (folders of the runtime) reachable by ``uid`` without any capability, in a
+    private mount namespace (see :func:`private_mount_namespace`) of this (root) process: each ancestor that ``uid`` may not search
+    (e.g. /root, mode 0700) is covered by a read-only tmpfs holding only bind mounts of the
+    paths below it. Returns the covered folders (their other content is hidden to everything
+    forked from here). Fixes class 6 (sessions kept CAP_DAC_READ_SEARCH to read the runtime).
+
+    Raises OSError (no CAP_SYS_ADMIN, or a path itself unreadable by ``uid``).
+    """
+    blockers: list[str] = []
+    for p in paths:
+        if accessible_to(p, uid, uid):
+            continue
+        cur = "/"
+        for part in [x for x in p.split("/") if x]:
+            if not _allowed(os.stat(cur), uid, uid, 1):
+                break
+            cur = os.path.join(cur, part)
+        else:
+            raise OSError(errno.EACCES, f"{p} itself is not readable by uid {uid}")
+        if cur == "/":
+            raise OSError(errno.EACCES, "/ is not searchable")
+        if not any(cur == b or cur.startswith(b + "/") for b in blockers):
+            blockers = [b for b in blockers if not b.startswith(cur + "/")] + [cur]
+    if not blockers:
+        return []
+    for b in blockers:
+        below = sorted({q for q in paths if q.startswith(b + "/")}, key=len)
+        below = [q for i, q in enumerate(below) if not any(q.startswith(r + "/") for r in below[:i])]
+        fds = [(q, os.open(q, os.O_PATH | os.O_CLOEXEC)) for q in below]
+        try:
+            mount("tmpfs", b, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+            for q, fd in fds:
+                os.makedirs(q, 0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", q, None, MS_BIND | MS_REC)
+            mount(None, b, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
+    return blockers
 
 
 # --------------------------------------------------------------------------- landlock
@@ -362,7 +485,15 @@ def build_landlock(read_paths: Iterable[str], write_dirs: Iterable[str], input_f
     try:
         for p in (*SYSTEM_READ, *read_paths):
             rs.allow(p, READ_TREE)
-        rs.allow("/proc/self", READ_TREE)  # resolves to this process's own /proc/<pid>
+        try:  # this process's own /proc/<pid>, without the mount table
+            names = os.listdir("/proc/self")
+        except OSError:
+            names = []
+        for n in names:
+            p = f"/proc/self/{n}"
+            # links (root, cwd, exe) are skipped: a rule on their target would open the host
+            if n not in PROC_SELF_HIDDEN and not os.path.islink(p):
+                rs.allow(p, READ_TREE)
         rs.allow("/dev/null", FS_READ_FILE | FS_WRITE_FILE)
         for p in input_files:
             rs.allow(p, FS_READ_FILE)
@@ -397,7 +528,24 @@ SECCOMP_DENY = (
     "setrlimit", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
     "setgroups", "setfsuid", "setfsgid", "capset", "settimeofday", "clock_settime", "adjtimex",
     "clock_adjtime", "memfd_secret",
+    # class 2: SysV IPC and POSIX message queues (state that outlives the session)
+    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "ipc",
+    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    # class 3: memory that is not address space; class 1: timers that deliver signals (SIGCONT)
+    "memfd_create", "timer_create",
+    # class 6: watching the host
+    "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_mark",
 )
+
+#: fcntl commands refused (class 1: each lets code have a signal, e.g. SIGCONT, delivered to
+#: itself by an event while the caller believes it stopped): F_SETOWN, F_SETSIG, F_SETOWN_EX,
+#: F_SETLEASE, F_NOTIFY.
+FCNTL_DENY = (8, 10, 15, 1024, 1026)
+F_SETFL = 4
+O_ASYNC = 0o20000
+#: ioctl requests refused for the same reason: FIOASYNC, FIOSETOWN, SIOCSPGRP, TIOCSPGRP.
+IOCTL_DENY = (0x5452, 0x8901, 0x8902, 0x5410)
 
 
 #: Metadata changes refused too when the session runs as the caller's own user (not root): Landlock
@@ -412,8 +560,9 @@ SECCOMP_DENY_METADATA = (
 def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
     """Load the session's syscall filter (see :data:`SECCOMP_DENY`); sets no_new_privs.
 
-    ``deny_metadata`` also refuses :data:`SECCOMP_DENY_METADATA` (used when the session shares
-    the caller's uid)."""
+    :data:`SECCOMP_DENY_METADATA` is refused for every session (class 6: sessions changed the
+    modes, times and xattrs of other sessions' folders and nobody-owned host files);
+    ``deny_metadata`` is kept for callers of the old signature."""
     try:
         import pyseccomp as sc
     except Exception as e:  # library or libseccomp missing
@@ -432,8 +581,14 @@ def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
             f.add_rule(action, nr, *args)
             added.append(name)
 
-        for name in SECCOMP_DENY + (SECCOMP_DENY_METADATA if deny_metadata else ()):
+        for name in SECCOMP_DENY + SECCOMP_DENY_METADATA:
             rule(eperm, name)
+        for cmd in FCNTL_DENY:
+            rule(eperm, "fcntl", sc.Arg(1, sc.EQ, cmd))
+        rule(eperm, "fcntl", sc.Arg(1, sc.EQ, F_SETFL), sc.Arg(2, sc.MASKED_EQ, O_ASYNC, O_ASYNC))
+        for req in IOCTL_DENY:
+            rule(eperm, "ioctl", sc.Arg(1, sc.EQ, req))
+        rule(eperm, "fallocate", sc.Arg(1, sc.NE, 0))  # class 7: mode 0 only (bounded by RLIMIT_FSIZE)
         rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # processes, not threads
         rule(sc.ERRNO(errno.ENOSYS), "clone3")  # glibc falls back to clone, which is checked
         rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading limits stays allowed
@@ -449,8 +604,7 @@ def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
         f.load()
     except OSError as e:
         return Layer("seccomp", False, f"could not load the filter: {e}")
-    extra = "; no chmod/chown/utime/xattr (shares the caller's uid)" if deny_metadata else ""
-    return Layer("seccomp", True, f"{len(added)} syscall rules: no sockets, exec, fork, ptrace, mount, namespaces; threads allowed{extra}")
+    return Layer("seccomp", True, f"{len(added)} syscall rules: no sockets, exec, fork, ptrace, mount, namespaces, SysV IPC, memfd, inotify, chmod/chown/utime/xattr, signal-driven I/O, POSIX timers, fallocate modes; threads allowed")
 
 
 def seccomp_available() -> tuple[bool, str]:
@@ -491,9 +645,8 @@ def apply(settings: dict[str, Any], read_paths: list[str], parent_pid: int) -> l
     switch = as_root and uid is not None
     layers.append(set_rlimits(settings["memory_bytes"], settings["max_file_bytes"], settings["max_open_files"], settings["cpu_time_s"], as_root, settings["max_processes"] if switch else None))
     layers.append(mount_view_layer(settings))
-    if settings.get("netns", True):
-        layers.append(enter_netns(as_root))
-    else:
+    layers.extend(enter_namespaces(as_root, bool(settings.get("netns", True))))
+    if not settings.get("netns", True):
         layers.append(Layer("netns", False, "disabled by SandboxConfig.network_namespace"))
     ruleset, ll_detail = None, ""
     try:
@@ -526,7 +679,7 @@ def apply(settings: dict[str, Any], read_paths: list[str], parent_pid: int) -> l
             layers.append(Layer("landlock", False, str(e)))
     else:
         layers.append(Layer("landlock", False, ll_detail))
-    layers.append(apply_seccomp(os.getpid(), deny_metadata=not switch))
+    layers.append(apply_seccomp(os.getpid(), deny_metadata=True))
     by = {l.name: l for l in layers}
     st = proc_status()
     if by["seccomp"].active and st.get("Seccomp") != "2":

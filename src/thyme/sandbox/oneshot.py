@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any
 
+from thyme.sandbox.outputs import copy_output
 from thyme.sandbox.result import ExecResult
 
 
@@ -19,6 +19,8 @@ def exec_file(image: str | os.PathLike | list | None, code_path: str | os.PathLi
 
     Raises:
         FileNotFoundError: ``code_path`` is missing. ImageError: an input is missing.
+        OutputRefused: an output changed into something the caller will not copy (a link,
+            a hard link, over the byte or pixel budget) after the run.
         SandboxError / ConfinementError: the sandbox cannot start.
     """
     from thyme.sandbox.pool import Sandbox
@@ -37,7 +39,8 @@ def exec_file(image: str | os.PathLike | list | None, code_path: str | os.PathLi
                 for p in result.images:
                     rel = os.path.relpath(p, session.dir).replace(os.sep, "__")
                     target = os.path.join(dest, rel)
-                    shutil.copyfile(p, target)
+                    # one O_NOFOLLOW descriptor, checked and copied from (never reopened by path)
+                    copy_output(p, target, int(sandbox.config.max_output_file_bytes), int(sandbox.config.max_output_pixels))
                     copies.append(target)
                 result.images = copies
     return result

@@ -6,10 +6,17 @@ follows symbolic links, reads at most a few header bytes per file, and bounds th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
-MAX_ENTRIES = 20000
+from thyme.sandbox.errors import SandboxError
+
+MAX_ENTRIES = 4096
 MAX_DEPTH = 16
 
 Snapshot = dict[str, tuple[int, int, int, int]]
@@ -48,6 +55,153 @@ def image_kind(head: bytes) -> str | None:
     return None
 
 
+#: PIL plugins the caller may use on an output (what :func:`image_kind` accepts and PIL reads);
+#: ``Image.open(..., formats=...)`` tries no other plugin (fixes class 8: every PIL plugin ran).
+PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "pnm": "PPM", "jpeg2000": "JPEG2000", "ico": "ICO"}
+
+#: Largest output file the caller copies or decodes, in bytes, unless told otherwise.
+DEFAULT_MAX_BYTES = 64 * 2**20
+#: Largest output image (width x height) the caller decodes, unless told otherwise.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class OutputRefused(SandboxError):
+    """An output file the caller will not copy or decode (not a plain file, a link count other
+    than one, larger than the byte budget, sparse, or an image over the pixel budget)."""
+
+
+def open_output(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, os.stat_result]:
+    """Open an output once, without following links, and check the open descriptor.
+
+    Returns ``(fd, fstat)``; the caller reads only from ``fd`` and closes it. Checks the
+    descriptor itself (not the path): a regular file, exactly one link, at most ``max_bytes``
+    (bytes) apparent size and allocated blocks (fixes class 1: checked by path, reopened by path;
+    class 7: sparse or fallocated files copied as real blocks).
+
+    Raises:
+        OutputRefused: the checks fail (also when the path is a symbolic link or missing).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise OutputRefused(f"output {os.path.basename(path)!r} cannot be opened without following links: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputRefused(f"output {os.path.basename(path)!r} is not a regular file")
+        if st.st_nlink != 1:
+            raise OutputRefused(f"output {os.path.basename(path)!r} has {st.st_nlink} links (hard links to other files are refused)")
+        if st.st_size > max_bytes or st.st_blocks * 512 > max_bytes + (1 << 16):
+            raise OutputRefused(f"output {os.path.basename(path)!r} is larger than the {max_bytes}-byte budget ({st.st_size} bytes, {st.st_blocks * 512} allocated)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_output_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The content of an output, read from one checked descriptor (see :func:`open_output`);
+    at most ``max_bytes`` bytes and never more than its size at open time.
+
+    Raises:
+        OutputRefused: the descriptor checks fail or the file grows while it is read.
+    """
+    fd, st = open_output(path, max_bytes)
+    try:
+        want = st.st_size
+        chunks, got = [], 0
+        while got <= want:
+            b = os.pread(fd, min(1 << 20, want + 1 - got), got)
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        if got > want:
+            raise OutputRefused(f"output {os.path.basename(path)!r} grew while it was read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def image_info(data: bytes) -> tuple[str, int, int]:
+    """``(kind, width, height)`` of an image's bytes from its header, with PIL limited to
+    :data:`PIL_FORMATS` (no pixel is decoded).
+
+    Raises:
+        OutputRefused: not an image of an accepted format, or a header PIL cannot read.
+    """
+    kind = image_kind(data[:32])
+    if kind is None or kind not in PIL_FORMATS:
+        raise OutputRefused(f"not an image of an accepted format ({', '.join(sorted(PIL_FORMATS))})")
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked next
+            with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[kind]]) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise OutputRefused(f"a {kind} image of more pixels than PIL will open; resize it in the code (e.g. cv2.resize or Image.thumbnail) before saving") from None
+    except Exception as e:  # noqa: BLE001 - any PIL failure on hostile bytes is a refusal
+        raise OutputRefused(f"unreadable {kind} header: {type(e).__name__}") from None
+    return kind, int(w), int(h)
+
+
+def check_pixels(kind: str, w: int, h: int, max_pixels: int, name: str = "output") -> None:
+    """Raise OutputRefused when ``w * h`` exceeds ``max_pixels`` (the model's pixel budget)."""
+    if w * h > max_pixels:
+        raise OutputRefused(
+            f"{name} is a {w}x{h} {kind} image ({w * h} pixels), more than the {max_pixels}-pixel budget; "
+            "resize it in the code (e.g. cv2.resize or Image.thumbnail) before saving"
+        )
+
+
+def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str:
+    """Copy an output image to ``dest`` (created, never overwritten) from one checked descriptor.
+
+    The bytes copied are the ones checked: a regular single-link file of at most ``max_bytes``
+    bytes whose header is an accepted image of at most ``max_pixels`` pixels (None: any size).
+    The caller-side replacement of ``shutil.copy*`` on outputs (fixes class 1 and 8).
+
+    Returns ``dest``. Raises OutputRefused (checks) or OSError (``dest`` exists or is unwritable).
+    """
+    data = read_output_bytes(path, max_bytes)
+    if max_pixels is not None:
+        kind, w, h = image_info(data)
+        check_pixels(kind, w, h, max_pixels, os.path.basename(path))
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    os.close(fd)
+    return dest
+
+
+def load_image(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """Decode an output image (a loaded ``PIL.Image``) from one checked descriptor, within the
+    byte and pixel budgets, with PIL limited to :data:`PIL_FORMATS`.
+
+    Raises: OutputRefused.
+    """
+    data = read_output_bytes(path, max_bytes)
+    kind, w, h = image_info(data)
+    check_pixels(kind, w, h, max_pixels, os.path.basename(path))
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=[PIL_FORMATS[kind]])
+        im.load()
+    except Exception as e:  # noqa: BLE001
+        raise OutputRefused(f"cannot decode {os.path.basename(path)!r}: {type(e).__name__}") from None
+    return im
+
+
 def is_image_file(path: str) -> bool:
     """True when ``path`` is a regular file (not a link) whose content is an image."""
     try:
@@ -57,18 +211,36 @@ def is_image_file(path: str) -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
-        return image_kind(os.read(fd, 32)) is not None
+        return image_kind(os.pread(fd, 32, 0)) is not None
     except OSError:
         return False
     finally:
         os.close(fd)
 
 
-def snapshot(folder: str) -> Snapshot:
-    """Regular files under ``folder`` (recursively, links not followed) -> (mtime_ns, size, ino, ctime_ns)."""
-    out: Snapshot = {}
+@dataclass
+class Scan:
+    """One walk of a session folder: regular files, and totals over *every* entry.
+
+    Attributes: files (path -> (mtime_ns, size, ino, ctime_ns)); entries (every entry seen:
+    files, folders, links, others); apparent and allocated bytes of regular files; truncated
+    (the walk stopped at its entry limit).
+    """
+
+    files: Snapshot = field(default_factory=dict)
+    entries: int = 0
+    apparent: int = 0
+    allocated: int = 0
+    truncated: bool = False
+
+
+def scan(folder: str, max_entries: int = MAX_ENTRIES) -> Scan:
+    """Walk ``folder`` (links not followed, depth <= MAX_DEPTH), counting every entry and
+    stopping after ``max_entries`` of them (fixes class 8: only regular files were counted, so
+    symlinks and folders made every later run cost the caller seconds)."""
+    out = Scan()
     stack = [(folder, 0)]
-    while stack and len(out) < MAX_ENTRIES:
+    while stack:
         d, depth = stack.pop()
         try:
             it = os.scandir(d)
@@ -76,6 +248,10 @@ def snapshot(folder: str) -> Snapshot:
             continue
         with it:
             for entry in it:
+                out.entries += 1
+                if out.entries > max_entries:
+                    out.truncated = True
+                    return out
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -83,11 +259,18 @@ def snapshot(folder: str) -> Snapshot:
                 if stat.S_ISDIR(st.st_mode):
                     if depth < MAX_DEPTH:
                         stack.append((entry.path, depth + 1))
+                    else:
+                        out.truncated = True
                 elif stat.S_ISREG(st.st_mode):
-                    out[entry.path] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
-                    if len(out) >= MAX_ENTRIES:
-                        break
+                    out.files[entry.path] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+                    out.apparent += st.st_size
+                    out.allocated += st.st_blocks * 512
     return out
+
+
+def snapshot(folder: str) -> Snapshot:
+    """Regular files under ``folder`` (recursively, links not followed) -> (mtime_ns, size, ino, ctime_ns)."""
+    return scan(folder).files
 
 
 def new_images(before: Snapshot, after: Snapshot) -> list[str]:

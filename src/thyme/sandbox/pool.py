@@ -39,9 +39,10 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 from thyme.constants import MAX_FIXES
 from thyme.errors import ImageError
-from thyme.sandbox import decoded, mountview, outputs, wire
-from thyme.sandbox.config import SandboxConfig
+from thyme.sandbox import cgroups, cleanup, confine, decoded, mountview, outputs, wire
+from thyme.sandbox.config import LAYERS, SandboxConfig
 from thyme.sandbox.confine import Layer, accessible_to, read_cpu_seconds
+from thyme.sandbox.confine import umount as confine_umount
 from thyme.sandbox.errors import ConfinementError, SandboxError, SandboxWeakerWarning, describe_missing
 from thyme.sandbox.result import ExecError, ExecResult, Fix
 
@@ -128,6 +129,8 @@ class _Zygote:
 
 
 ROOT_PREFIX = "thyme-sandbox-"
+#: Sub-folder of the sandbox root holding the session folders (a shared mount, for their tmpfs).
+SESSIONS = "sessions"
 OWNER_MARK = ".owner"
 
 
@@ -180,9 +183,26 @@ def sweep_stale_roots(base: str | None = None) -> list[str]:
             continue  # another PID namespace (a container sharing this folder): cannot tell
         if _process_identity(pid) == f"{pid} {start} {ns}":
             continue  # the owner still runs
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(entry.path)
+        try:  # never fail a start because of another run's leftovers (class 5)
+            _unmount_below(entry.path)
+            if cleanup.remove_tree(entry.path):
+                removed.append(entry.path)
+        except Exception:  # noqa: BLE001
+            pass
+    cgroups.sweep_stale()
     return removed
+
+
+def _unmount_below(path: str) -> None:
+    """Detach every mount at or below ``path`` (session tmpfs folders left by a dead owner)."""
+    prefix = os.path.realpath(path).rstrip("/")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4].replace("\\040", " ") for line in f]
+    except OSError:
+        return
+    for m in sorted((m for m in points if m == prefix or m.startswith(prefix + "/")), key=len, reverse=True):
+        confine_umount(m)
 
 
 def _finalize_sandbox(state: dict[str, Any]) -> None:
@@ -195,8 +215,16 @@ def _finalize_sandbox(state: dict[str, Any]) -> None:
     cache = state.get("decoded")
     if cache is not None:
         cache.close()
+    plan = state.get("cgroups")
+    if plan is not None:
+        cgroups.release(plan)
+    if state.get("sessions_mount"):  # the shared bind of root/sessions, also in a given root_dir
+        _unmount_below(state["sessions_mount"])
     if state.get("own_root") and state.get("root"):
-        shutil.rmtree(state["root"], ignore_errors=True)
+        _unmount_below(state["root"])
+        cleanup.remove_tree(state["root"])
+    elif state.get("sessions_mount"):
+        cleanup.remove_tree(state["sessions_mount"])
 
 
 class Sandbox:
@@ -255,11 +283,36 @@ class Sandbox:
         self.decoded_cache = decoded.DecodedCache(cfg.decoded_cache_bytes) if cfg.decoded_cache else None
         self._state: dict[str, Any] = {"zygote": None, "root": self.root_dir, "own_root": own, "owner_pid": os.getpid(), "decoded": self.decoded_cache}
         self._finalizer = weakref.finalize(self, _finalize_sandbox, self._state)
+        self.disk_detail = ""
+        self.tmpfs_sessions = False
+        self.sessions_dir = self.root_dir
+        if cfg.disk_tmpfs and self.is_root:  # before the zygote starts: its view must receive the mounts
+            # a sub-folder, so that input hard links in root_dir/inputs stay on the same mount
+            # (its own name in a root_dir given by the caller, which several sandboxes may share)
+            d = os.path.join(self.root_dir, SESSIONS if own else f"{SESSIONS}-{secrets.token_hex(4)}")
+            try:
+                os.makedirs(d, exist_ok=True)
+                os.chmod(d, 0o711)
+                confine.share_folder(d)
+                self._state["sessions_mount"] = d
+                self.tmpfs_sessions = True
+                self.sessions_dir = d
+            except OSError as e:
+                self.disk_detail = f"no per-session tmpfs ({e})"
+        elif not cfg.disk_tmpfs:
+            self.disk_detail = "no per-session tmpfs (disabled by SandboxConfig.disk_tmpfs)"
+        else:
+            self.disk_detail = "no per-session tmpfs (mounting needs root)"
+        self.hidden: list[str] = []
+        self._uids_used: set[int] = set()
         try:
+            self.cgroup_plan = cgroups.probe(bool(cfg.cgroups))
+            self._state["cgroups"] = self.cgroup_plan
             with self._lock:
                 self._start_zygote()
             z = self._state["zygote"]
             uid, gid = (self.uid, self.uid) if self.uid is not None else (os.geteuid(), os.getegid())
+            self.hidden = [h for h in z.hello.get("hidden") or [] if isinstance(h, str)]
             if isinstance(z.hello.get("readable"), bool):  # checked by the zygote, in its own view
                 self.keep_read_cap = not z.hello["readable"]
             else:
@@ -321,6 +374,9 @@ class Sandbox:
             "check_uid": self.uid if self.uid is not None else os.geteuid(), "root_dir": self.root_dir,
             # a zygote whose owner dies without close() removes the folder the owner made
             "cleanup_root": self.root_dir if self._state["own_root"] else None, "cleanup_uid": self.uid,
+            # without bubblewrap, a root zygote covers unreadable ancestors of the runtime (class 6)
+            "make_readable": not prefix and self.is_root and self.uid is not None, "extra_read": [self._mpl_dir],
+            "in_mount_view": bool(prefix),
         }
         try:
             proc = subprocess.Popen(
@@ -476,6 +532,28 @@ class Sandbox:
         finally:
             s.close()
 
+    def _allocate_uid(self) -> int | None:
+        """A uid of its own for a new session (class 6: one uid for all let sessions change each
+        other's folders and share one process budget): drawn from ``session_uid_range`` and
+        never one in use by this sandbox; the configured ``sandbox_uid`` without it."""
+        if self.uid is None:
+            return None
+        rng = self.config.session_uid_range
+        if not rng:
+            return self.uid
+        start, count = int(rng[0]), int(rng[1])
+        with self._lock:
+            for _ in range(64):
+                u = start + secrets.randbelow(count)
+                if u not in self._uids_used:
+                    self._uids_used.add(u)
+                    return u
+        return self.uid
+
+    def _release_uid(self, uid: int | None) -> None:
+        with self._lock:
+            self._uids_used.discard(uid)
+
     # ------------------------------------------------------------------ public
     @property
     def zygote_pid(self) -> int | None:
@@ -614,7 +692,7 @@ class _InputStore:
                 os.unlink(e[0])  # under the lock: a new entry of the same name cannot exist yet
 
 
-def _finalize_session(owner_pid: int, pidfd_box: list[int | None], sock_box: list[socket.socket | None], fds: list[int], dirs: list[str], orphans: list, pid_box: list, gen_box: list, releases: list | None = None) -> None:
+def _finalize_session(owner_pid: int, pidfd_box: list[int | None], sock_box: list[socket.socket | None], fds: list[int], dirs: list[str], orphans: list, pid_box: list, gen_box: list, releases: list | None = None, groups: list | None = None) -> None:
     if os.getpid() != owner_pid:
         return  # a forked copy of the owner exiting
     for store, key in releases or ():
@@ -641,8 +719,11 @@ def _finalize_session(owner_pid: int, pidfd_box: list[int | None], sock_box: lis
         except OSError:
             pass
     fds.clear()
+    for g in groups or ():
+        g.remove()
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        _unmount_below(d)
+        cleanup.remove_tree(d)
 
 
 class Session:
@@ -668,7 +749,7 @@ class Session:
         if len(shown) != len(paths):
             raise ValueError(f"shown_paths has {len(shown)} entries for {len(paths)} images")
         self.id = secrets.token_hex(8)
-        self.dir = os.path.join(sandbox.root_dir, f"s-{self.id}")
+        self.dir = os.path.join(sandbox.sessions_dir, f"s-{self.id}")
         self._lock = threading.RLock()
         self._pid_lock = threading.Lock()
         self._closed = False
@@ -683,10 +764,22 @@ class Session:
         self.layers: list[Layer] = []
         os.mkdir(self.dir, 0o700)
         self._releases: list[tuple[_InputStore, tuple]] = []
-        self._finalizer = weakref.finalize(self, _finalize_session, os.getpid(), self._pidfd_box, self._sock_box, self._fds, [self.dir], sandbox._orphans, self._pid_box, self._gen_box, self._releases)
+        self.uid = sandbox._allocate_uid()
+        self._groups: list[cgroups.SessionGroup] = []
+        self._finalizer = weakref.finalize(self, _finalize_session, os.getpid(), self._pidfd_box, self._sock_box, self._fds, [self.dir], sandbox._orphans, self._pid_box, self._gen_box, self._releases, self._groups)
         try:
-            if sandbox.uid is not None:
-                os.chown(self.dir, sandbox.uid, sandbox.uid)
+            cfg = sandbox.config
+            self.tmpfs = False
+            if sandbox.tmpfs_sessions:
+                try:  # class 7: a size- and inode-limited file system of its own
+                    confine.mount_session_tmpfs(self.dir, int(cfg.disk_bytes), int(cfg.max_entries) + 16, self.uid if self.uid is not None else os.geteuid())
+                    self.tmpfs = True
+                except OSError as e:
+                    sandbox.disk_detail = f"no per-session tmpfs ({e})"
+            if self.uid is not None and not self.tmpfs:
+                os.chown(self.dir, self.uid, self.uid)
+            self._group = cgroups.SessionGroup(sandbox.cgroup_plan, f"s-{self.id}", int(cfg.cgroup_memory_bytes or cfg.memory_bytes), int(cfg.max_pids))
+            self._groups.append(self._group)
             self._copied = [False] * len(paths)
             self.images = [self._readable_input(p, i) for i, p in enumerate(paths)]
             self.shown_paths = shown
@@ -710,7 +803,7 @@ class Session:
         st = os.stat(path)
         runs_as = sb.uid if sb.uid is not None else os.geteuid()
         gid = sb.uid if sb.uid is not None else os.getegid()
-        visible = not sb.mount_view or path.startswith(sb.root_dir.rstrip("/") + "/")
+        visible = (not sb.mount_view or path.startswith(sb.root_dir.rstrip("/") + "/")) and not any(path.startswith(h.rstrip("/") + "/") for h in sb.hidden)
         if visible and st.st_uid != runs_as and (sb.keep_read_cap or accessible_to(path, runs_as, gid)):
             return path
         may_link = not visible and st.st_uid != runs_as and not st.st_mode & 0o022
@@ -734,12 +827,12 @@ class Session:
             "repairs": cfg.repairs,
             "env": env,
             "memory_bytes": int(cfg.memory_bytes),
-            "max_file_bytes": int(cfg.max_file_bytes),
+            "max_file_bytes": int(min(cfg.max_file_bytes, cfg.disk_bytes)),
             "max_open_files": int(cfg.max_open_files),
-            "max_processes": int(cfg.max_processes),
+            "max_processes": int(min(cfg.max_processes, cfg.max_pids) if self.uid != sb.uid else cfg.max_processes),
             "max_output_bytes": int(cfg.max_output_bytes),
             "cpu_time_s": float(cfg.cpu_time_s),
-            "uid": sb.uid,
+            "uid": self.uid,
             "keep_read_cap": sb.keep_read_cap,
             "netns": cfg.network_namespace,
             "extra_read": [sb._mpl_dir],
@@ -767,6 +860,7 @@ class Session:
         for fd in fds[1:]:
             os.close(fd)
         self._pid_box[0], self._pidfd_box[0], self._sock_box[0], self._gen_box[0] = pid, (fds[0] if fds else None), a, gen
+        self._group.add(pid)  # before it can receive any code
         try:
             hello, _ = wire.recv_msg(a, max_bytes=MAX_REPLY_BYTES, deadline=time.monotonic() + SPAWN_TIMEOUT_S)
         except wire.WireError as e:
@@ -777,6 +871,32 @@ class Session:
             raise SandboxError(f"the session process could not confine itself: {str(hello.get('error', hello))[:MAX_TEXT]}")
         layers = hello.get("layers")
         self.layers = [Layer(str(d.get("name")), bool(d.get("active")), str(d.get("detail", ""))[:1000]) for d in layers if isinstance(d, dict)] if isinstance(layers, list) else []
+        self.layers = [l for l in self.layers if l.name not in _CALLER_LAYERS] + self._caller_layers()
+        self.layers.sort(key=lambda l: LAYERS.index(l.name) if l.name in LAYERS else len(LAYERS))
+
+    def _caller_layers(self) -> list[Layer]:
+        """Layers the caller enforces on the session from outside: cgroup memory/pids, freezer, disk."""
+        sb, cfg, g = self._sb, self._sb.config, self._group
+        plan = sb.cgroup_plan
+
+        def cg(feature: str, what: str, instead: str) -> Layer:
+            if feature in g.dirs:
+                return Layer(f"cgroup_{feature}" if feature != "freezer" else "freezer", True, f"{what}, {plan.describe(feature)}")
+            why = g.errors.get(feature) or plan.describe(feature)
+            return Layer(f"cgroup_{feature}" if feature != "freezer" else "freezer", False, f"{why}; enforced instead: {instead}")
+
+        own_uid = self.uid is not None and self.uid != sb.uid
+        out = [
+            cg("memory", f"memory.max {int(cfg.cgroup_memory_bytes or cfg.memory_bytes) // 2**20} MiB per session (memfd, tmpfs and page cache count)", f"RLIMIT_AS {int(cfg.memory_bytes) // 2**20} MiB, seccomp refuses memfd_create, oom_score_adj 1000"),
+            cg("pids", f"pids.max {int(cfg.max_pids)} per session", f"RLIMIT_NPROC {int(cfg.max_pids)} of the session's own uid" if own_uid else f"RLIMIT_NPROC {int(cfg.max_processes)} (shared uid); seccomp refuses fork"),
+            cg("freezer", "the session is frozen between runs (code cannot thaw itself)", "SIGSTOP between runs; seccomp refuses F_SETSIG/F_SETOWN/O_ASYNC/F_NOTIFY/F_SETLEASE, FIOASYNC and timer_create (no self-resume)"),
+        ]
+        fsize = f"RLIMIT_FSIZE {min(int(cfg.max_file_bytes), int(cfg.disk_bytes)) // 2**20} MiB per file, fallocate mode 0 only"
+        if self.tmpfs:
+            out.append(Layer("disk", True, f"per-session tmpfs of {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries) + 16} inodes; {fsize}; the caller copies at most max_output_file_bytes per output"))
+        else:
+            out.append(Layer("disk", False, f"{sb.disk_detail}; enforced instead: {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries)} entries counted by apparent and allocated size after each run (over budget: folder emptied, outputs refused), {fsize}"))
+        return out
 
     # ------------------------------------------------------------------ process end
     def _wait_exit(self, timeout_s: float) -> bool:
@@ -802,10 +922,17 @@ class Session:
             return True
 
     def _freeze(self) -> None:
-        """Stop the process between runs (SIGSTOP): threads the code left running cannot change
-        the folder while the caller reads its outputs, nor print into the next run."""
+        """Stop the process between runs: threads the code left running cannot change the folder
+        while the caller reads its outputs, nor print into the next run. The cgroup freezer when
+        the host gives one (code cannot undo it); else SIGSTOP, with seccomp refusing the ways code
+        could have a SIGCONT sent to itself (class 1)."""
         pid = self._pid_box[0]
-        if pid is None or not self._signal(signal.SIGSTOP):
+        if pid is None:
+            return
+        if self._group.can_freeze and self._group.freeze():
+            self._frozen = True
+            return
+        if not self._signal(signal.SIGSTOP):
             return
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
@@ -825,6 +952,7 @@ class Session:
 
     def _thaw(self) -> None:
         if self._frozen:
+            self._group.thaw()
             self._signal(signal.SIGCONT)
             self._frozen = False
 
@@ -834,6 +962,7 @@ class Session:
             return
         if self._pidfd_box[0] is not None:
             self._signal(signal.SIGKILL)
+            self._group.thaw()  # a v1-frozen task dies only once thawed; it runs no code meanwhile
             self._wait_exit(5.0)
         else:
             try:
@@ -891,17 +1020,19 @@ class Session:
                 os.lseek(self._cap_fd, 0, os.SEEK_SET)  # the offset is shared with the session's fds 1, 2
                 self._arm_cpu_limit()
                 parsed, failure = self._exchange(code, limit)
-                if parsed is not None:
-                    self._freeze()
-                else:  # a process that ended by itself has a status that says how
+                if parsed is None:  # (a result froze the process already) a process that ended by itself has a status that says how
                     if failure == "timeout" or not self._wait_exit(1.0):
                         self._kill()
                     end_info = self._discard()
                 duration = round(time.monotonic() - t0, 4)
             stdout = outputs.read_output(self._cap_fd, int(cfg.max_output_bytes))
-            after = outputs.snapshot(self.dir)
-            images = outputs.new_images(self._snap, after)
-            self._snap = after
+            images, refusal = self._collect()
+        if refusal is not None and parsed is not None:
+            ok, error, fixes = parsed
+            if error is None:
+                parsed = (False, refusal, fixes)
+            else:
+                stdout += f"[sandbox: {refusal.message}]\n"
         if parsed is not None:
             ok, error, fixes = parsed
             return ExecResult(ok=ok, stdout=stdout, error=error, images=images, fixes=fixes, duration_s=duration)
@@ -912,6 +1043,51 @@ class Session:
         else:
             error = ExecError(*_death_error(end_info, cfg.cpu_time_s))
         return ExecResult(ok=False, stdout=stdout, error=error, images=images, timed_out=failure == "timeout", state_lost=True, duration_s=duration)
+
+    def _collect(self) -> tuple[list[str], ExecError | None]:
+        """New output images of the run (checked from one descriptor each: regular, one link,
+        within the byte and pixel budgets, an accepted format) and the refusal to report, if any.
+
+        The folder walk counts every entry and stops at ``max_entries`` (class 8); over the disk
+        budget (apparent or allocated bytes, class 7) or the entry limit, the folder is emptied,
+        no output is returned and the model is told why.
+        """
+        cfg = self._sb.config
+        sc = outputs.scan(self.dir, int(cfg.max_entries))
+        budget = int(cfg.disk_bytes)
+        if sc.truncated or sc.apparent > budget or sc.allocated > budget:
+            what = (f"more than {int(cfg.max_entries)} entries (files, folders, links) or deeper than {outputs.MAX_DEPTH} levels" if sc.truncated
+                    else f"{max(sc.apparent, sc.allocated)} bytes, over the {budget}-byte disk budget")
+            self._wipe_folder()
+            self._snap = {}
+            return [], ExecError("DiskBudgetExceeded", f"the session folder held {what}; its files were deleted and no output image is returned")
+        images = outputs.new_images(self._snap, sc.files)
+        self._snap = sc.files
+        kept, refused = [], []
+        for p in images:
+            try:
+                data = outputs.read_output_bytes(p, int(cfg.max_output_file_bytes))
+                kind, w, h = outputs.image_info(data)
+                outputs.check_pixels(kind, w, h, int(cfg.max_output_pixels), os.path.basename(p))
+            except outputs.OutputRefused as e:
+                refused.append(str(e))
+                continue
+            kept.append(p)
+        if refused:
+            return kept, ExecError("OutputRefused", "; ".join(refused)[:MAX_TEXT])
+        return kept, None
+
+    def _wipe_folder(self) -> None:
+        """Delete everything in the session folder (the process is stopped or gone)."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for n in names[: int(self._sb.config.max_entries) + 1]:
+            cleanup.remove_tree(os.path.join(self.dir, n))
+        if len(names) > int(self._sb.config.max_entries):  # more than one pass can list cheaply
+            for n in os.listdir(self.dir):
+                cleanup.remove_tree(os.path.join(self.dir, n))
 
     def _exchange(self, code: str, limit: float) -> tuple[tuple[bool, ExecError | None, list[Fix]] | None, str]:
         """Send one run request and wait for its result.
@@ -934,14 +1110,53 @@ class Session:
                     break
                 if op == "decode":
                     self._serve_decode(sock, msg, deadline)
+            why = self._authenticate(sock, deadline)
+            if why:
+                return None, why
         except (wire.WireTimeout, socket.timeout, decoded.DecodeTimeout):
             return None, "timeout"
         except (wire.PeerClosed, BrokenPipeError, ConnectionResetError):
             return None, "closed"
         except (wire.WireError, OSError) as e:
-            return None, str(e) or type(e).__name__
+            return None, str(e)[:500] or type(e).__name__
+        except Exception as e:  # noqa: BLE001 - class 4: anything the child sends is a protocol fault, never an escape
+            return None, f"{type(e).__name__} while reading the result"
         parsed = _parse_reply(msg)
         return (parsed, "") if parsed is not None else (None, "malformed result message")
+
+    def _authenticate(self, sock: socket.socket, deadline: float) -> str:
+        """Check that the result came from the runner, not from a thread of the code (class 4):
+        the session's main thread must be back, blocked reading its socket (kernel-reported, in
+        ``/proc/<pid>/task/<pid>/syscall``), and nothing else may be queued after the result
+        (a second result or descriptors). Returns '' or why the result is refused.
+        Raises WireTimeout when the main thread does not get back before the run's deadline."""
+        pid = self._pid_box[0]
+        nr = _RECV_SYSCALLS.get(os.uname().machine)
+        if pid is not None and nr is not None:
+            path = f"/proc/{pid}/task/{pid}/syscall"
+            delay = 0.00002
+            while True:
+                try:
+                    with open(path, "rb") as f:
+                        fields = f.read().split()
+                except OSError:
+                    break  # gone (reported as closed by the caller) or unreadable: no check
+                if len(fields) >= 2 and fields[0] in nr and fields[1] == b"0x3":
+                    break
+                if time.monotonic() > deadline:
+                    raise wire.WireTimeout("the main thread did not return after a result")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.001)
+        self._freeze()
+        sock.settimeout(0.0)
+        try:
+            extra = sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            extra = b""
+        if extra:
+            wire.drain(sock)
+            return "messages after the result (forged by the code)"
+        return ""
 
     def _serve_decode(self, sock: socket.socket, msg: dict[str, Any], deadline: float) -> None:
         """Answer a session's request for a decoded input (untrusted: every field is checked).
@@ -1009,12 +1224,14 @@ class Session:
             return
         self._closed = True
         self._signal(signal.SIGKILL)  # unblocks a run in progress in another thread
+        self._group.thaw()
         with self._lock:
             try:
                 self._discard()
             except Exception:
                 pass
             self._finalizer()
+        self._sb._release_uid(self.uid)
         self._sb._sessions.discard(self)
 
     @property
@@ -1029,6 +1246,12 @@ class Session:
         self.close()
 
 
+#: Layers the caller measures itself (never taken from the session's report).
+_CALLER_LAYERS = ("cgroup_memory", "cgroup_pids", "freezer", "disk")
+#: recvfrom/read/recvmsg syscall numbers as /proc/<pid>/syscall prints them, per machine.
+_RECV_SYSCALLS = {"x86_64": (b"45", b"0", b"47"), "aarch64": (b"207", b"63", b"212")}
+
+
 def _parse_reply(msg: dict[str, Any]) -> tuple[bool, ExecError | None, list[Fix]] | None:
     """Validate a session's result message (untrusted); None when malformed."""
     try:
@@ -1040,8 +1263,8 @@ def _parse_reply(msg: dict[str, Any]) -> tuple[bool, ExecError | None, list[Fix]
             lineno = err.get("lineno")
             error = ExecError(
                 type=err["type"][:200],
-                message=str(err.get("message", ""))[:MAX_TEXT],
-                traceback=str(err.get("traceback", ""))[:MAX_TEXT],
+                message=_text(err.get("message"))[:MAX_TEXT],
+                traceback=_text(err.get("traceback"))[:MAX_TEXT],
                 lineno=lineno if isinstance(lineno, int) and not isinstance(lineno, bool) else None,
             )
         fixes = []
@@ -1052,11 +1275,16 @@ def _parse_reply(msg: dict[str, Any]) -> tuple[bool, ExecError | None, list[Fix]
             if not isinstance(f, dict) or not isinstance(f.get("name"), str):
                 return None
             line = f.get("line")
-            fixes.append(Fix(f["name"][:100], str(f.get("detail", ""))[:1000], line if isinstance(line, int) and not isinstance(line, bool) else None))
+            fixes.append(Fix(f["name"][:100], _text(f.get("detail"))[:1000], line if isinstance(line, int) and not isinstance(line, bool) else None))
         ok = msg.get("ok") is True and error is None
         return ok, error, fixes
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, RecursionError, MemoryError):
         return None
+
+
+def _text(v: Any) -> str:
+    """A result field as text: strings as they are, anything else (nested containers) dropped."""
+    return v if isinstance(v, str) else ""
 
 
 def _signal_name(sig: Any) -> str:

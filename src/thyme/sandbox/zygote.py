@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -256,42 +255,37 @@ def cleanup_root(root: str, session_uid: int | None) -> None:
     modes), then the rest goes as this user. Inside bubblewrap the folder itself is a mount point
     and stays, empty; the next ``Sandbox()`` of that user removes it
     (:func:`thyme.sandbox.pool.sweep_stale_roots`)."""
+    from thyme.sandbox.cleanup import remove_tree
+
     if session_uid and os.geteuid() == 0 and session_uid != 0:
         try:  # listed here: the session user may cross the root folder, not list it
-            folders = [e.path for e in os.scandir(root) if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)]
+            folders = [(e.path, e.stat(follow_symlinks=False).st_uid) for top in (root, os.path.join(root, "sessions")) if os.path.isdir(top) for e in os.scandir(top) if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)]
         except OSError:
             folders = []
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(session_uid, session_uid, session_uid)
-                os.setresuid(session_uid, session_uid, session_uid)
-                for folder in folders:
+        for folder, owner in folders:  # each session has its own uid: empty it as that uid
+            if owner == 0:
+                continue
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgroups([])
+                    os.setresgid(owner, owner, owner)
+                    os.setresuid(owner, owner, owner)
                     for sub in os.scandir(folder):
-                        if sub.is_dir(follow_symlinks=False):
-                            shutil.rmtree(sub.path, ignore_errors=True)
-                        else:
-                            try:
-                                os.unlink(sub.path)
-                            except OSError:
-                                pass
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-    mark = os.path.join(root, ".owner")  # see thyme.sandbox.pool.sweep_stale_roots
+                        remove_tree(sub.path)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+    # the owner mark goes last, and only when everything else went: a session tmpfs (mounted in
+    # the owner's namespace) or the mount view's bind cannot go from here, and the next
+    # Sandbox() of that user needs the mark to unmount and remove them (sweep_stale_roots)
     try:
-        with open(mark) as f:
-            owner = f.read()
+        names = [n for n in os.listdir(root) if n != ".owner"]
     except OSError:
-        owner = None
-    shutil.rmtree(root, ignore_errors=True)
-    if owner and os.path.isdir(root):  # a mount point here: leave the mark for the sweep
-        try:
-            with open(mark, "w") as f:
-                f.write(owner)
-        except OSError:
-            pass
+        names = []
+    ok = all([remove_tree(os.path.join(root, n)) for n in names])
+    if ok:
+        remove_tree(root)
 
 
 def main(argv: list[str]) -> int:
@@ -324,6 +318,23 @@ def main(argv: list[str]) -> int:
         ok, why = confine.seccomp_available()
         readable = None
         uid = opts.get("check_uid")
+        hidden: list[str] = []
+        fix_error = ""
+        proc_hidden = ""
+        if os.geteuid() == 0:
+            try:  # outside bubblewrap: a mount namespace of its own (bwrap gives one already)
+                if not opts.get("in_mount_view"):
+                    confine.private_mount_namespace()
+                if opts.get("make_readable") and isinstance(uid, int):
+                    try:  # no session keeps a capability to read the runtime (class 6)
+                        hidden = confine.make_readable(z.read_paths + [p for p in opts.get("extra_read", []) if os.path.isdir(p)], uid)
+                    except OSError as e:
+                        fix_error = str(e)
+                confine.hide_other_processes()
+                proc_hidden = "hidepid=invisible"
+            except OSError as e:
+                proc_hidden = f"not hidden: {e}"
+                fix_error = fix_error or str(e)
         if isinstance(uid, int) and opts.get("root_dir"):  # as this view shows them
             readable = all(confine.accessible_to(p, uid, uid) for p in z.read_paths) and confine.accessible_to(opts["root_dir"], uid, uid, read=False)
         wire.send_msg(sock, {
@@ -334,6 +345,9 @@ def main(argv: list[str]) -> int:
             "seccomp": [ok, why],
             "read_paths": z.read_paths,
             "readable": readable,
+            "hidden": hidden,
+            "fix_error": fix_error,
+            "proc": proc_hidden,
         })
     except BaseException as e:  # noqa: BLE001
         try:
