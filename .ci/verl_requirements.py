@@ -8,6 +8,9 @@ with the version specifiers of the Hugging Face stack (transformers, tokenizers,
 huggingface-hub) dropped, so that pip resolves them within veRL's range. Pinned or ranged
 core dependencies both work. Used by ``make venv-verl``:
 ``pip install -r <(python .ci/verl_requirements.py) && pip install --no-deps -e .``.
+
+``--keep-torch`` leaves torch unpinned too (GPU machines: keep the torch that the installed
+vLLM was built for, e.g. after ``pip install 'verl[vllm]==0.9.1'``).
 """
 import re
 import sys
@@ -18,11 +21,12 @@ RELAXED = {"transformers", "tokenizers", "huggingface-hub", "huggingface_hub"}
 
 
 def main(argv):
-    extras = argv or ["verl", "dev", "train", "eval"]
+    relaxed = set(RELAXED) | ({"torch"} if "--keep-torch" in argv else set())
+    extras = [a for a in argv if not a.startswith("--")] or ["verl", "dev", "train", "eval"]
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     for line in project["dependencies"]:
         name = re.match(r"[A-Za-z0-9_.\-]+", line).group(0)
-        print(name if name.lower() in RELAXED else line)
+        print(name if name.lower() in relaxed else line)
     for extra in extras:
         for line in project["optional-dependencies"][extra]:
             print(line)

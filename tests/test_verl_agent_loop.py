@@ -377,3 +377,21 @@ def test_same_trajectory_as_thyme_replay_for_the_recorded_model_output(processor
         from thyme.agent import Trajectory
 
         assert Trajectory.from_dict(got).response_text() == Trajectory.from_dict(want).response_text() == rec["response"]
+
+
+def test_the_grpo_ats_config_composes_on_verls_trainer_config():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from thyme.integrations.verl.agent_loop import thyme_settings
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose("verl_grpo_ats", overrides=["data.train_files=x.parquet", "data.val_files=x.parquet", f"+THYME_CONFIGS={REPO / 'configs'}"])
+    r = cfg.actor_rollout_ref.rollout
+    assert r.agent.default_agent_loop == "thyme_agent" and r.name == "vllm" and r.n == 4 and r.calculate_log_probs
+    assert Path(OmegaConf.to_container(r.agent, resolve=True)["agent_loop_config_path"]).name == "verl_agent_loop.yaml"
+    assert cfg.reward.custom_reward_function.path == "pkg://thyme.integrations.verl.reward" and cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.actor_rollout_ref.actor.loss_agg_mode == "token-mean" and cfg.actor_rollout_ref.actor.kl_loss_coef == 0.01
+    c, opts = thyme_settings(cfg.thyme)  # every thyme: key is a GRPOATSConfig field (or a loop option)
+    assert c.max_length == 10240 and c.ats and opts["rollout_threads"] == 256
+    assert cfg.data.max_prompt_length + cfg.data.max_response_length >= c.max_length
