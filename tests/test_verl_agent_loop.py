@@ -439,3 +439,21 @@ def test_concurrent_samples_on_one_event_loop_each_match_the_single_run(processo
     for out in outs:
         assert out.response_ids == single.response_ids and out.response_mask == single.response_mask
         assert out.extra_fields["thyme_stop_reason"] == "answer"
+
+
+def test_a_server_call_past_call_timeout_s_masks_the_rollout(processor, sandbox, prompt, tmp_path):
+    tok = processor.tokenizer
+
+    class Slow:
+        cancelled = False
+
+        async def generate(self, request_id, **kw):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                Slow.cancelled = True
+                raise
+
+    out = run_agent_loop(verl_config({"call_timeout_s": 0.3}), processor, Slow(), prompt, tmp_path)
+    assert out.extra_fields["thyme_mask_reason"] == "engine_error" and out.response_ids == [] and Slow.cancelled
+    assert "took more than 0.3 s" in json.loads(out.extra_fields["thyme_trajectory"])["error"]

@@ -83,6 +83,10 @@ def thyme_settings(section: Any) -> tuple[GRPOATSConfig, dict[str, Any]]:
     Raises:
         ThymeError: unknown keys (naming them) or bad values, as ``thyme train rl --set`` does.
     """
+    if section is not None and not isinstance(section, dict):
+        from omegaconf import OmegaConf
+
+        section = OmegaConf.to_container(section, resolve=True)
     data = dict(section or {})
     extra = {k: data.pop(k, v) for k, v in LOOP_KEYS.items()}
     return load_rl_config(None, overrides=data), extra

@@ -21,6 +21,7 @@ with a stop string, ``repetition`` when the rolling-hash rule fires on the chunk
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 from typing import Any, Sequence
 
@@ -84,7 +85,12 @@ class VerlServerEngine(StopResubmitATS):
                                                 image_data=list(r.images) or None)
             futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
             self.calls += 1
-        return [self._output(f.result(timeout=self.timeout_s), s, stop) for f in futures]
+        try:
+            return [self._output(f.result(timeout=self.timeout_s), s, stop) for f in futures]
+        except concurrent.futures.TimeoutError:
+            for f in futures:
+                f.cancel()  # cancels the coroutine on the loop too
+            raise RuntimeError(f"veRL server call of {self.request_id} took more than {self.timeout_s} s") from None
 
     def _output(self, out: Any, s: SamplingSettings, stop: tuple[str, ...]) -> EngineOutput:
         if getattr(out, "stop_reason", None) == "aborted":

@@ -78,12 +78,12 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
         wrong_result_value: 0 (paper) or -1 (reference) for a decided-wrong result.
 
     Returns:
-        ``{"score", "format", "result", "consistency", "masked"}`` floats (``nan`` where a
-        component was not computed).
+        ``{"score", "format", "result", "consistency", "masked"}`` floats; a component that was
+        not computed (consistency of a wrong answer or without a judge, all of a masked rollout)
+        is 0.0, so veRL's logged means stay finite (``masked`` tells masked rollouts apart).
     """
     extra = dict(extra_info or {})
-    nan = float("nan")
-    out = {"score": 0.0, "format": nan, "result": nan, "consistency": nan, "masked": 1.0}
+    out = {"score": 0.0, "format": 0.0, "result": 0.0, "consistency": 0.0, "masked": 1.0}
     if extra.get("thyme_mask_reason"):
         return out
     prompt = _prompt(extra, ground_truth)
@@ -98,6 +98,6 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
     if ro.mask_reason is not None or scored["total"] is None:
         return out
     for k in ("format", "result", "consistency"):
-        out[k] = nan if scored[k] is None else float(scored[k])
+        out[k] = 0.0 if scored[k] is None else float(scored[k])
     out["score"], out["masked"] = float(scored["total"]), 0.0
     return out
