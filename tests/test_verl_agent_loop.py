@@ -267,6 +267,11 @@ def test_code_blocks_and_answer_match_the_projects_own_loop(processor, sandbox, 
     assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and mask[-1] == 1
     assert 0.0 in out.response_logprobs and -0.25 in out.response_logprobs
     assert out.num_turns == 4 and out.extra_fields["thyme_code_blocks"] == 2 and out.extra_fields["thyme_code_ok"] == 1
+    # the sample's sandbox image files are gone (the output holds the decoded images) unless kept
+    assert not any((tmp_path / "verl_images").rglob("*.png"))
+    kept, _, _ = both([CROP, ANSWER], processor, sandbox, prompt, tmp_path, thyme={"keep_rollout_images": True})
+    shown = json.loads(kept.extra_fields["thyme_trajectory"])["turns"][0]["feedback"][1]["image"]
+    assert Path(shown).is_file() and Path(shown).is_relative_to(tmp_path / "verl_images")
 
 
 def test_veRLs_training_features_agree_with_the_rollouts_image_pads(processor, sandbox, prompt, tmp_path):

@@ -31,7 +31,10 @@ Settings: the ``thyme:`` section of the veRL config, keys of
 ``max_length``, ``max_images``, ``ats``, ``ats_code_tokens``, ``repetition_*``, ``prefill``,
 ``sandbox_timeout``, ``feedback_separator``, ``mask_truncated``, ``output_dir``), plus
 ``rollout_threads`` (worker threads per veRL agent-loop worker, default 256) and
-``call_timeout_s`` (one server call, default none). Sampling (``temperature``, ``top_p``,
+``call_timeout_s`` (one server call, default none) and ``keep_rollout_images`` (default false:
+a sample's sandbox image files are deleted once the rollout holds them decoded, so a long run
+does not fill the disk; true keeps them under ``output_dir/rollout_images/<request id>``, where
+``thyme_trajectory`` points). Sampling (``temperature``, ``top_p``,
 ``top_k``) comes from veRL's ``actor_rollout_ref.rollout``. ``max_length`` is also capped by
 ``len(prompt) + rollout.response_length`` so a rollout always fits veRL's response tensor (a
 cap ends the rollout at a token boundary, never inside an image block, with ``stop_reason``
@@ -50,6 +53,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -72,7 +76,7 @@ from .engine import VerlServerEngine
 logger = logging.getLogger(__name__)
 
 #: Keys of the ``thyme:`` section that are not :class:`GRPOATSConfig` fields.
-LOOP_KEYS = {"rollout_threads": 256, "call_timeout_s": None}
+LOOP_KEYS = {"rollout_threads": 256, "call_timeout_s": None, "keep_rollout_images": False}
 #: Pixel-budget keys veRL could pass to its processor at the training forward only.
 _PIXEL_KEYS = ("min_pixels", "max_pixels", "size")
 
@@ -237,7 +241,7 @@ class ThymeAgentLoop(AgentLoopBase):
         settings = SamplingSettings(float(sampling_params.get("temperature", cfg.temperature)), float(sampling_params.get("top_p", 1.0)),
                                     top_k if top_k > 0 else 0, float(sampling_params.get("repetition_penalty", 1.0)), cfg.ats,
                                     repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window))
-        runner = _SampleRunner(engine, self.processor, sandbox, limits, settings, self.artifacts_dir)
+        runner = _SampleRunner(engine, self.processor, sandbox, limits, settings, self.artifacts_dir / engine.request_id)
         runner.prompt_length, runner.response_length = self.prompt_length, self.response_length
         return runner
 
@@ -248,13 +252,18 @@ class ThymeAgentLoop(AgentLoopBase):
                              "convert the data with: python -m thyme.integrations.verl.data OUT.parquet RECORDS.jsonl")
         prompt = RLPrompt.from_json(extra["thyme"]) if isinstance(extra["thyme"], str) else RLPrompt(**extra["thyme"])
         _, executor = _Shared.get(self.cfg, self.options["rollout_threads"])
-        engine = VerlServerEngine(self.server_manager, self.tokenizer, self.loop, uuid.uuid4().hex, eos_ids=eos_ids(self.tokenizer),
+        loop = asyncio.get_running_loop()
+        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=eos_ids(self.tokenizer),
                                   suppress_ids=placeholder_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
                                   timeout_s=self.options["call_timeout_s"])
         runner = self.runner(engine, sampling_params)
         t0 = time.perf_counter()
         seed = sampling_params.get("seed")
-        ro = (await self.loop.run_in_executor(executor, lambda: runner.run([prompt], seed=seed)))[0]
+        try:
+            ro = (await loop.run_in_executor(executor, lambda: runner.run([prompt], seed=seed)))[0]
+        finally:
+            if not self.options["keep_rollout_images"]:
+                shutil.rmtree(runner.artifacts_dir, ignore_errors=True)  # the rollout holds its images decoded
         if ro.mask_reason == "input_error":
             raise ThymeError(f"thyme_agent: input of {prompt.id} unusable: {ro.trajectory.error}")
         timings = ro.trajectory.timings or {}
