@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORPUS ?= ../shared/corpus
 
-.PHONY: venv demo test clean
+VERL_VENV := .venv-verl
+VERL_BIN := $(VERL_VENV)/bin
+# veRL tests (thyme.integrations.verl) and the core's RL/agent/protocol tests in veRL's own environment
+VERL_TESTS := tests/test_verl_agent_loop.py tests/test_protocol.py tests/test_agent.py tests/test_rl_ats.py tests/test_rl_grpo.py
+
+.PHONY: venv demo test clean venv-verl test-verl
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
 # The extras the test suite needs: eval, train, testing (dev servers) and dev (pytest).
@@ -35,5 +40,24 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# The veRL extra is its own environment (veRL 0.9 needs transformers <5.11): the core's and the
+# extras' requirements with the Hugging Face stack left to veRL's range (.ci/verl_requirements.py).
+# The tested pins hold there too, but for the Hugging Face stack.
+$(VERL_BIN)/thyme: pyproject.toml constraints.txt .ci/verl_requirements.py
+	test -x $(VERL_BIN)/python || $(PY) -m venv $(VERL_VENV)
+	$(VERL_BIN)/pip install -q --upgrade pip
+	grep -vE '^(transformers|tokenizers|huggingface-hub)==' constraints.txt > $(VERL_VENV)/constraints.txt
+	$(VERL_BIN)/pip install -q -c $(VERL_VENV)/constraints.txt torch
+	$(VERL_BIN)/python .ci/verl_requirements.py > $(VERL_VENV)/requirements.txt
+	$(VERL_BIN)/pip install -q -c $(VERL_VENV)/constraints.txt -r $(VERL_VENV)/requirements.txt
+	$(VERL_BIN)/pip install -q --no-deps -e .
+	touch $(VERL_BIN)/thyme
+
+venv-verl: $(VERL_BIN)/thyme
+
+# strict: a missing veRL fails here (THYME_REQUIRE_VERL), where the main suite skips
+test-verl: venv-verl
+	THYME_REQUIRE_VERL=1 $(VERL_BIN)/python -m pytest -q $(VERL_TESTS)
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(VERL_VENV) demo-out

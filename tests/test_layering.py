@@ -7,7 +7,7 @@ Floors, from the ground up (README, "Architecture"):
 2. ``backends``  messages in, the next assistant segment out
 3. ``agent``     the multi-turn loop, ``Trajectory``, replay
 4. ``data``, ``evaluate``, ``train``
-5. ``report``
+5. ``report``, ``integrations`` (veRL: builds on ``train.rl``; nothing below imports it)
 6. ``testing``   development servers and tiny checkpoints (only the cli and the tests use it)
 7. ``cli``       the ``thyme`` command, the only package that builds argparse parsers
 
@@ -32,7 +32,7 @@ FLOORS = {
     "backends": 2,
     "agent": 3,
     "data": 4, "evaluate": 4, "train": 4,
-    "report": 5,
+    "report": 5, "integrations": 5,
     "testing": 6,
     "cli": 7,
 }

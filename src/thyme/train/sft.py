@@ -204,8 +204,7 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         bf16=bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=None,
+        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
         dataloader_pin_memory=_cuda(),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
@@ -242,6 +241,15 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
         has_image=list(cols["has_image"]) if cfg.group_by_modality else None,
     )
     return trainer, stats
+
+
+def _checkpointing_args(args_cls: Any, on: bool) -> dict[str, Any]:
+    """Activation recomputation under the name this transformers takes: ``activation_checkpointing``
+    (with ``gradient_checkpointing=None``) from transformers 5.11 on, ``gradient_checkpointing``
+    before (5.10.x, the veRL 0.9 environment)."""
+    if "activation_checkpointing" in getattr(args_cls, "__dataclass_fields__", {}):
+        return {"activation_checkpointing": on, "gradient_checkpointing": None}
+    return {"gradient_checkpointing": on}
 
 
 def _cuda() -> bool:
