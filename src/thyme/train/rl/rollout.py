@@ -524,6 +524,7 @@ class Rollout:
     done: bool = False
     session: Any = None
     open_code: bool = False
+    open_text: str = ""
 
     @property
     def stop_reason(self) -> str | None:
@@ -663,6 +664,7 @@ class RolloutRunner:
                 continue
             r.add(ids, 0)  # given, not sampled: out of the loss
             r.open_code = code_open_after(text)
+            r.open_text = text[text.rfind(protocol.CODE_START):] if r.open_code else ""
             if seg.end == "code":
                 turn = Turn(index=-1, text="", finish_reason="prefill", end="code", code=seg.code)
                 self._execute(r, turn)
@@ -704,10 +706,11 @@ class RolloutRunner:
             text = self.tok.decode([t for t in o.token_ids if t not in (self.im_end,)], skip_special_tokens=True)
             r.trajectory.timings["generate_s"] = round(r.trajectory.timings["generate_s"] + dt, 4)
             fr = {"repetition": "length"}.get(o.finish, o.finish)
-            seg = protocol.parse_segment(text, fr)
+            # a block the context opened (a prefill ending inside <code>) is parsed with its opening
+            seg = protocol.parse_segment(r.open_text + text, fr)
             turn = Turn(index=rnd, text=text, finish_reason=o.finish, end=seg.end, code=seg.code if seg.end == "code" else None, num_tokens=len(o.token_ids), generate_s=dt)
             r.trajectory.turns.append(turn)
-            r.open_code = False
+            r.open_code, r.open_text = False, ""
             if o.finish == "repetition":
                 self._finish(r, "repetition")
             elif seg.end == "answer":
