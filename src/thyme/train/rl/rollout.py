@@ -502,7 +502,7 @@ class Rollout:
         images: PIL images of the rollout (input, then sandbox outputs), in token order.
         trajectory: the readable record (turns, execution, answer, stop_reason).
         mask_reason: why the rollout is out of the loss (``engine_error``, ``sandbox_error``,
-            ``judge_error``, ``truncated``...), else ``None``.
+            ``judge_failed``, ``truncated``...), else ``None``.
         engine_calls / code_blocks / code_ok / repetition: counters for metrics.
     """
 
