@@ -460,7 +460,7 @@ class VLLMServerEngine(StopResubmitATS):
                                        repetition_penalty=s.repetition_penalty, max_tokens=max(1, r.max_new_tokens), logprobs=0,
                                        generation_kwargs={"stop": list(stop), "include_stop_str_in_output": True})
             toks = list(res["completion_ids"][0])
-            lps = [float(x[0]) if x else NAN for x in res.get("logprobs", [[[]]])[0]] if res.get("logprobs") else [NAN] * len(toks)
+            lps = [float(x[0]) if x and x[0] is not None else NAN for x in res.get("logprobs", [[[]]])[0]] if res.get("logprobs") else [NAN] * len(toks)
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             if toks and toks[-1] in self.eos_ids:
                 finish = "eos"
