@@ -283,3 +283,28 @@ def test_prefill_inside_code_starts_greedy_and_mask_mode_drops_greedy_tokens(par
         assert all(math.isnan(x) for x in hf.logprobs[n_pre:n_pre + n_code])
         assert code_env == ([1] * n_code if mode == "train" else [0] * n_code)
         assert sum(hf.env_mask) > 0  # the answer segment is sampled: in the loss either way
+
+
+@needs_corpus
+def test_vision_cache_runs_the_image_processor_once_per_image_and_matches_it(parts):
+    import gc
+
+    import torch
+
+    from thyme.imageio import open_image
+    from thyme.train.rl.rollout import VisionCache
+
+    proc = parts[0]
+    ims = [open_image(str(CORPUS / "thyme/images" / n), mode="RGB") for n in ("case1-1.jpg", "case6-1.jpg", "case5-1.png")]
+    vc = VisionCache(proc.image_processor)
+    ref = proc.image_processor(images=ims, return_tensors="pt")
+    pv, grid = vc.pixels(ims)
+    assert torch.equal(grid, ref["image_grid_thw"]) and torch.equal(pv, ref["pixel_values"])
+    assert [vc.pad_count(im) for im in ims] == [int(g.prod()) // 4 for g in ref["image_grid_thw"]]
+    for _ in range(3):
+        vc.pixels(ims), [vc.pad_count(im) for im in ims]
+    assert vc.misses == 3  # once per image, however often it is asked
+    del ims[0]
+    gc.collect()
+    vc.pad_count(ims[0].copy())  # a new object: a miss, and the dead entry is purged
+    assert vc.misses == 4 and len(vc._entries) == 3
