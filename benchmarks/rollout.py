@@ -143,14 +143,13 @@ def main() -> int:
     def once(runner) -> dict:
         calls.clear()
         engine_s[0] = 0.0
-        proc.__dict__.pop("_thyme_vision_cache", None)
-        runner.vision = R.vision_cache(proc)  # cold, as at the start of a training step
+        runner.vision = R.vision_cache(proc, reset=True)  # cold, as at the start of a training step
         t0 = time.perf_counter()
         ros = runner.run([p] * a.group, seed=1)
         t_roll = time.perf_counter() - t0
         t_engine = engine_s[0]
         replay = list(calls)
-        proc.__dict__.pop("_thyme_vision_cache", None)  # the replay starts as cold as the rollout did
+        R.vision_cache(proc, reset=True)  # the replay starts as cold as the rollout did
         t0 = time.perf_counter()
         same = [inner(rows, s) for rows, s in replay]
         t_plain = time.perf_counter() - t0

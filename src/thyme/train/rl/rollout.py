@@ -181,16 +181,23 @@ class VisionCache:
         return torch.cat([p for p, _ in pairs], 0), torch.cat([g for _, g in pairs], 0)
 
 
-def vision_cache(processor: Any) -> VisionCache:
-    """The :class:`VisionCache` attached to ``processor`` (created on first use), so the runner,
-    the HF engine and the trainer's checks share one."""
-    c = getattr(processor, "_thyme_vision_cache", None)
-    if c is None or c.ip is not processor.image_processor:
-        c = VisionCache(processor.image_processor)
-        try:
-            processor._thyme_vision_cache = c
-        except Exception:
-            pass
+_CACHES: dict[int, tuple[Any, VisionCache]] = {}
+
+
+def vision_cache(processor: Any, *, reset: bool = False) -> VisionCache:
+    """The :class:`VisionCache` of ``processor`` (created on first use; ``reset``: a fresh, cold
+    one), so the runner, the HF engine and the trainer's checks share one. Kept in a module
+    registry (weakly keyed by the processor), not on the processor: ``save_pretrained``
+    deep-copies a processor's attributes."""
+    import weakref
+
+    for k in [k for k, (ref, _) in _CACHES.items() if ref() is None]:
+        del _CACHES[k]
+    hit = _CACHES.get(id(processor))
+    if not reset and hit is not None and hit[0]() is processor and hit[1].ip is processor.image_processor:
+        return hit[1]
+    c = VisionCache(processor.image_processor)
+    _CACHES[id(processor)] = (weakref.ref(processor), c)
     return c
 
 
