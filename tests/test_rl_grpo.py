@@ -141,11 +141,12 @@ class _FlakySandbox:
     """Wraps a real sandbox; the first session of each step breaks."""
 
     def __init__(self, inner):
-        self.inner, self.n = inner, 0
+        import itertools
+
+        self.inner, self.n = inner, itertools.count(1)  # sessions start from several threads: an atomic counter
 
     def session(self, **kw):
-        self.n += 1
-        return _BrokenSession(self.inner.session(**kw), self.n % 2 == 1)
+        return _BrokenSession(self.inner.session(**kw), next(self.n) % 2 == 1)
 
 
 @needs_corpus

@@ -36,7 +36,7 @@ import math
 import shutil
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -633,10 +633,15 @@ class RolloutRunner:
                 ro.image_paths = list(p.images)
                 ro.prompt_ids = self.render_prompt(p.messages, ro.images)
                 self._check_pads(ro, ro.prompt_ids)
-                ro.session = self.sandbox.session(images=list(p.images), shown_paths=list(p.images)).__enter__()
             except Exception as e:
                 self._mask(ro, "input_error", e)
             ros.append(ro)
+        # Sessions start in the background (~15 ms each, serial before): the first engine call
+        # overlaps them; a rollout waits for its own at its first code block (_session).
+        opener = ThreadPoolExecutor(max_workers=max(1, min(8, len(ros))))
+        for ro, p in zip(ros, prompts):
+            if ro.mask_reason is None:
+                ro.session = opener.submit(self._open_session, list(p.images))
         try:
             self._prefill(ros)
             for rnd in range(self.limits.max_rounds):
@@ -651,10 +656,11 @@ class RolloutRunner:
             for r in ros:
                 if r.session is not None:
                     try:
-                        r.session.__exit__(None, None, None)
+                        self._session(r).__exit__(None, None, None)
                     except Exception:
                         pass
                     r.session = None
+            opener.shutdown(wait=True)
         total = round(time.perf_counter() - t0, 4)
         for r in ros:
             r.trajectory.timings["total_s"] = total
@@ -747,7 +753,7 @@ class RolloutRunner:
 
         r.code_blocks += 1
         try:
-            result = r.session.run(turn.code)
+            result = self._session(r).run(turn.code)
         except Exception as e:
             self._mask(r, "sandbox_error", e)
             return
@@ -785,6 +791,16 @@ class RolloutRunner:
         self._check_pads(r, r.prompt_ids + r.completion_ids)
         if r.done:
             return
+
+    def _open_session(self, images: list[str]) -> Any:
+        return self.sandbox.session(images=images, shown_paths=images).__enter__()
+
+    @staticmethod
+    def _session(r: Rollout) -> Any:
+        """The rollout's sandbox session, waiting for its background start (raises what the start raised)."""
+        if isinstance(r.session, Future):
+            r.session = r.session.result()
+        return r.session
 
     def _keep(self, r: Rollout, path: str) -> str:
         d = self.artifacts_dir / r.id.replace("/", "_").replace("#", "-")
