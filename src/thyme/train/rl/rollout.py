@@ -20,7 +20,8 @@ Caps, each ending the rollout with its ``stop_reason``: engine calls (``max_roun
 (``max_length``: ``token_cap``; feedback that would not fit is not appended, so no cap ever cuts
 inside an image block), images (``max_images``, input included: ``image_cap``), loops
 (``repetition``). Failures are isolated: an engine call that raises, a sandbox session that
-breaks, (later) a judge failure mask the rollout (``mask_reason``), never the step.
+breaks (here), a judge failure (``score_rollouts``: ``judge_failed``) mask the rollout
+(``mask_reason``), never the step.
 
 Engines implement :class:`Engine`: ``generate(rows) -> outputs``; :class:`HFEngine` (one
 ``generate`` pass per round, ATS by :class:`thyme.backends.ats.GreedyInsideCode`, loops by the
