@@ -25,6 +25,7 @@ def test_repetition_rule_fires_on_loops_only_and_survives_collisions():
     with pytest.raises(ValueError):
         RepetitionRule(32, 3, 50)
     assert substring_count_reference("abc" * 100) and not substring_count_reference("short")
+    assert not substring_count_reference("".join(chr(0x4E00 + rng.randrange(2000)) for _ in range(1000)))  # no loop: no hit
 
 
 class _CharTok:

@@ -141,11 +141,12 @@ class _FlakySandbox:
     """Wraps a real sandbox; the first session of each step breaks."""
 
     def __init__(self, inner):
-        self.inner, self.n = inner, 0
+        import itertools
+
+        self.inner, self.n = inner, itertools.count(1)  # sessions start from several threads: an atomic counter
 
     def session(self, **kw):
-        self.n += 1
-        return _BrokenSession(self.inner.session(**kw), self.n % 2 == 1)
+        return _BrokenSession(self.inner.session(**kw), next(self.n) % 2 == 1)
 
 
 @needs_corpus
@@ -198,3 +199,27 @@ def test_rewards_follow_the_gated_formula_and_wrong_result_value():
     assert [x["total"] for x in r] == [1 * (1 + 0.5 * 1) + 0.5, 0.0 + 0.5, 1 * 1.5 + 0.0]
     r = score_rollouts([ro(wrong)], [p], judge=None, wrong_result_value=-1)
     assert r[0]["total"] == -1 + 0.5 and r[0]["consistency"] is None
+
+
+@needs_corpus
+def test_ats_code_tokens_mask_keeps_greedy_code_tokens_out_of_the_loss(tiny_checkpoint, tmp_path):
+    """A prefill that opens a code block makes every generated token greedy (ATS): with
+    ``ats_code_tokens: mask`` they are out of TRL's ``tool_mask`` (loss, KL, normaliser); with
+    ``train`` (the reference) they are in it."""
+    from thyme.train.rl.run import build_trainer
+
+    prefill = "<think>Zoom in.\n<code>\n```python\n"
+    files = [rl_records(tmp_path / "rl.jsonl", ["thyme-case-1"])]
+    trainer = build_trainer(small(tiny_checkpoint, files, tmp_path / "rl", prefill=prefill, ats_code_tokens="mask", max_completion_length=12))
+    rows = [trainer.train_dataset[0], trainer.train_dataset[0]]
+    n_pre = len(trainer.processing_class.tokenizer.encode(prefill, add_special_tokens=False))
+    seen = {}
+    for mode in ("mask", "train"):
+        trainer.runner.limits.ats_code_tokens = mode
+        batch = trainer._generate_and_score_completions(rows)
+        assert all(r.mask_reason is None and "</code>" not in r.trajectory.turns[-1].text for r in trainer._last)
+        gen = batch["completion_mask"][:, n_pre:] == 1
+        assert gen.sum() > 0 and (batch["tool_mask"][:, :n_pre] == 0).all()  # the prefill is given: never in the loss
+        seen[mode] = batch["tool_mask"][:, n_pre:][gen]
+        assert all(math.isnan(x) for r in trainer._last for x in r.logprobs[n_pre:])  # greedy: no sampling log-prob
+    assert seen["mask"].sum() == 0 and (seen["train"] == 1).all()

@@ -143,9 +143,11 @@ def _item_from_row(row: dict[str, Any], base_dir: str | os.PathLike | None) -> R
         extra["recorded answer"] = _str(row["recorded_answer"])
     if row.get("extracted") is not None:
         extra["extracted"] = _str(row["extracted"])
-    for k in ("question_id", "stop_reason"):
+    for k in ("question_id", "stop_reason", "mask_reason", "advantage"):
         if row.get(k) is not None and traj_d is not row:
             extra[k.replace("_", " ")] = _str(row[k])
+    if isinstance(row.get("reward"), dict):  # thyme train rl rollouts.jsonl: reward components
+        extra["reward"] = ", ".join(f"{k} {_str(v)}" for k, v in row["reward"].items() if k in ("total", "result", "consistency", "format"))
     rid = row.get("id") if traj_d is not row else None
     if rid is None and row.get("question_id") is not None:
         rid = f"{row.get('benchmark') + '/' if row.get('benchmark') else ''}{row['question_id']}"

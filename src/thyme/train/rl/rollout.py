@@ -20,7 +20,8 @@ Caps, each ending the rollout with its ``stop_reason``: engine calls (``max_roun
 (``max_length``: ``token_cap``; feedback that would not fit is not appended, so no cap ever cuts
 inside an image block), images (``max_images``, input included: ``image_cap``), loops
 (``repetition``). Failures are isolated: an engine call that raises, a sandbox session that
-breaks, (later) a judge failure mask the rollout (``mask_reason``), never the step.
+breaks (here), a judge failure (``score_rollouts``: ``judge_failed``) mask the rollout
+(``mask_reason``), never the step.
 
 Engines implement :class:`Engine`: ``generate(rows) -> outputs``; :class:`HFEngine` (one
 ``generate`` pass per round, ATS by :class:`thyme.backends.ats.GreedyInsideCode`, loops by the
@@ -36,7 +37,7 @@ import math
 import shutil
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -113,6 +114,94 @@ class Engine(abc.ABC):
         """One output per row, in order. May raise: the caller masks the affected rollouts."""
 
 
+# --------------------------------------------------------------------------- per-image vision cache
+
+
+class VisionCache:
+    """Image-processor results per PIL image object, computed once (rollout rounds, the pad
+    checks and the HF engine's prefill all reuse them).
+
+    Entries are keyed by object identity and hold a weak reference, so an image that the
+    rollouts dropped is forgotten (dead entries are purged on each insertion); a new object
+    with a recycled ``id`` never hits a stale entry.
+
+    Args:
+        image_processor: the policy processor's image processor (the run's pixel budget); the
+            same object the training forward uses.
+
+    Methods:
+        grid(im) -> (t, h, w) ints: the processor's patch grid of ``im``.
+        pad_count(im) -> int: image pad tokens of ``im`` = ``t * h * w // merge_size**2``.
+        pixels(images) -> (pixel_values float32 (sum of patches, C * T * P * P), image_grid_thw
+            int64 (n, 3)): the processor's output for ``images`` in order (per-image results
+            concatenated, which is what the processor returns for a list).
+
+    Cost: one ``image_processor`` call per distinct image (~0.5 s for a 12 MP photo at
+    ``max_pixels=2408448`` on CPU) instead of one per use.
+    """
+
+    def __init__(self, image_processor: Any):
+        self.ip = image_processor
+        self.merge = int(getattr(image_processor, "merge_size", 2))
+        self._entries: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.misses = 0
+
+    def _entry(self, im: Any) -> dict[str, Any]:
+        import weakref
+
+        e = self._entries.get(id(im))
+        if e is not None and e[0]() is im:
+            return e[1]
+        self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
+        d: dict[str, Any] = {}
+        self._entries[id(im)] = (weakref.ref(im), d)
+        return d
+
+    def pixels_one(self, im: Any) -> tuple[Any, Any]:
+        d = self._entry(im)
+        if "pv" not in d:
+            self.misses += 1
+            out = self.ip(images=[im], return_tensors="pt")
+            d["pv"], d["grid"] = out["pixel_values"], out["image_grid_thw"]
+        return d["pv"], d["grid"]
+
+    def grid(self, im: Any) -> tuple[int, int, int]:
+        d = self._entry(im)
+        if "g" not in d:
+            d["g"] = tuple(int(x) for x in self.pixels_one(im)[1][0].tolist())
+        return d["g"]
+
+    def pad_count(self, im: Any) -> int:
+        t, h, w = self.grid(im)
+        return t * h * w // (self.merge ** 2)
+
+    def pixels(self, images: Sequence[Any]) -> tuple[Any, Any]:
+        import torch
+
+        pairs = [self.pixels_one(im) for im in images]
+        return torch.cat([p for p, _ in pairs], 0), torch.cat([g for _, g in pairs], 0)
+
+
+_CACHES: dict[int, tuple[Any, VisionCache]] = {}
+
+
+def vision_cache(processor: Any, *, reset: bool = False) -> VisionCache:
+    """The :class:`VisionCache` of ``processor`` (created on first use; ``reset``: a fresh, cold
+    one), so the runner, the HF engine and the trainer's checks share one. Kept in a module
+    registry (weakly keyed by the processor), not on the processor: ``save_pretrained``
+    deep-copies a processor's attributes."""
+    import weakref
+
+    for k in [k for k, (ref, _) in _CACHES.items() if ref() is None]:
+        del _CACHES[k]
+    hit = _CACHES.get(id(processor))
+    if not reset and hit is not None and hit[0]() is processor and hit[1].ip is processor.image_processor:
+        return hit[1]
+    c = VisionCache(processor.image_processor)
+    _CACHES[id(processor)] = (weakref.ref(processor), c)
+    return c
+
+
 # --------------------------------------------------------------------------- HF engine
 
 
@@ -156,9 +245,7 @@ class HFEngine(Engine):
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": att}
         images = [im for r in rows for im in r.images]
         if images:
-            vis = self.processor.image_processor(images=images, return_tensors="pt")
-            inputs["pixel_values"] = vis["pixel_values"]
-            inputs["image_grid_thw"] = vis["image_grid_thw"]
+            inputs["pixel_values"], inputs["image_grid_thw"] = vision_cache(self.processor).pixels(images)
             inputs["mm_token_type_ids"] = (ids == self.image_pad_id).long()
         dev = self.model.device
         inputs = {k: v.to(dev) for k, v in inputs.items()}
@@ -381,7 +468,7 @@ class VLLMServerEngine(StopResubmitATS):
                                        repetition_penalty=s.repetition_penalty, max_tokens=max(1, r.max_new_tokens), logprobs=0,
                                        generation_kwargs={"stop": list(stop), "include_stop_str_in_output": True})
             toks = list(res["completion_ids"][0])
-            lps = [float(x[0]) if x else NAN for x in res.get("logprobs", [[[]]])[0]] if res.get("logprobs") else [NAN] * len(toks)
+            lps = [float(x[0]) if x and x[0] is not None else NAN for x in res.get("logprobs", [[[]]])[0]] if res.get("logprobs") else [NAN] * len(toks)
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             if toks and toks[-1] in self.eos_ids:
                 finish = "eos"
@@ -423,7 +510,7 @@ class Rollout:
         images: PIL images of the rollout (input, then sandbox outputs), in token order.
         trajectory: the readable record (turns, execution, answer, stop_reason).
         mask_reason: why the rollout is out of the loss (``engine_error``, ``sandbox_error``,
-            ``judge_error``, ``truncated``...), else ``None``.
+            ``judge_failed``, ``truncated``...), else ``None``.
         engine_calls / code_blocks / code_ok / repetition: counters for metrics.
     """
 
@@ -445,6 +532,7 @@ class Rollout:
     done: bool = False
     session: Any = None
     open_code: bool = False
+    open_text: str = ""
 
     @property
     def stop_reason(self) -> str | None:
@@ -479,25 +567,37 @@ class RolloutRunner:
         self.vision_end = self.tok.convert_tokens_to_ids("<|vision_end|>")
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.merge = int(getattr(processor.image_processor, "merge_size", 2))
+        self.vision = vision_cache(processor)
 
     # ---------------------------------------------------------------- images and prompt
     def pad_count(self, image: Any) -> int:
-        """Image pad tokens of one PIL image: ``prod(grid_thw) / merge_size**2`` (same processor as the forward)."""
-        g = self.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
-        return int(g.prod().item()) // (self.merge ** 2)
+        """Image pad tokens of one PIL image: ``prod(grid_thw) / merge_size**2`` (same processor
+        as the forward; computed once per image object, :class:`VisionCache`)."""
+        return self.vision.pad_count(image)
 
     def image_tokens(self, image: Any) -> list[int]:
         return [self.vision_start] + [self.image_pad] * self.pad_count(image) + [self.vision_end]
 
     def render_prompt(self, messages: list[dict[str, Any]], images: list[Any]) -> list[int]:
-        """Prompt ids: the chat template with the generation prompt, pads expanded by the processor."""
+        """Prompt ids: the chat template with the generation prompt, each image's single
+        ``<|image_pad|>`` expanded to :meth:`pad_count` copies (what the processor does to the
+        text, without re-running the image processor: the counts come from :class:`VisionCache`).
+
+        Raises:
+            ValueError: the template's image placeholders do not match ``images`` in number.
+        """
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text = text[0] if isinstance(text, list) else text
-        kw: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
-        if images:
-            kw["images"] = images
-        enc = self.processor(**kw)
-        return enc["input_ids"][0].tolist()
+        ids = self.tok(text, add_special_tokens=True)["input_ids"]
+        slots = [k for k, t in enumerate(ids) if t == self.image_pad]
+        if len(slots) != len(images):
+            raise ValueError(f"the prompt has {len(slots)} image placeholders for {len(images)} images")
+        out: list[int] = []
+        prev = 0
+        for k, im in zip(slots, images):
+            out += ids[prev:k] + [self.image_pad] * self.pad_count(im)
+            prev = k + 1
+        return out + ids[prev:]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False) if text else []
@@ -515,6 +615,13 @@ class RolloutRunner:
         t0 = time.perf_counter()
         counts: dict[str, int] = {}
         ros: list[Rollout] = []
+        opened: dict[str, Any] = {}  # one PIL object per input path: the G rows of a group share it (and its cache entry)
+
+        def load(path: str) -> Any:
+            if path not in opened:
+                opened[path] = open_image(path, mode="RGB")
+            return opened[path]
+
         for p in prompts:
             k = counts.get(p.id, 0)
             counts[p.id] = k + 1
@@ -523,14 +630,19 @@ class RolloutRunner:
             traj.timings = {"generate_s": 0.0, "execute_s": 0.0}
             ro = Rollout(rid, p.id, [], trajectory=traj)
             try:
-                ro.images = [open_image(x, mode="RGB") for x in p.images]
+                ro.images = [load(x) for x in p.images]
                 ro.image_paths = list(p.images)
                 ro.prompt_ids = self.render_prompt(p.messages, ro.images)
                 self._check_pads(ro, ro.prompt_ids)
-                ro.session = self.sandbox.session(images=list(p.images), shown_paths=list(p.images)).__enter__()
             except Exception as e:
                 self._mask(ro, "input_error", e)
             ros.append(ro)
+        # Sessions start in the background (~15 ms each, serial before): the first engine call
+        # overlaps them; a rollout waits for its own at its first code block (_session).
+        opener = ThreadPoolExecutor(max_workers=max(1, min(8, len(ros))))
+        for ro, p in zip(ros, prompts):
+            if ro.mask_reason is None:
+                ro.session = opener.submit(self._open_session, list(p.images))
         try:
             self._prefill(ros)
             for rnd in range(self.limits.max_rounds):
@@ -545,10 +657,11 @@ class RolloutRunner:
             for r in ros:
                 if r.session is not None:
                     try:
-                        r.session.__exit__(None, None, None)
+                        self._session(r).__exit__(None, None, None)
                     except Exception:
                         pass
                     r.session = None
+            opener.shutdown(wait=True)
         total = round(time.perf_counter() - t0, 4)
         for r in ros:
             r.trajectory.timings["total_s"] = total
@@ -565,6 +678,7 @@ class RolloutRunner:
                 continue
             r.add(ids, 0)  # given, not sampled: out of the loss
             r.open_code = code_open_after(text)
+            r.open_text = text[text.rfind(protocol.CODE_START):] if r.open_code else ""
             if seg.end == "code":
                 turn = Turn(index=-1, text="", finish_reason="prefill", end="code", code=seg.code)
                 self._execute(r, turn)
@@ -606,10 +720,11 @@ class RolloutRunner:
             text = self.tok.decode([t for t in o.token_ids if t not in (self.im_end,)], skip_special_tokens=True)
             r.trajectory.timings["generate_s"] = round(r.trajectory.timings["generate_s"] + dt, 4)
             fr = {"repetition": "length"}.get(o.finish, o.finish)
-            seg = protocol.parse_segment(text, fr)
+            # a block the context opened (a prefill ending inside <code>) is parsed with its opening
+            seg = protocol.parse_segment(r.open_text + text, fr)
             turn = Turn(index=rnd, text=text, finish_reason=o.finish, end=seg.end, code=seg.code if seg.end == "code" else None, num_tokens=len(o.token_ids), generate_s=dt)
             r.trajectory.turns.append(turn)
-            r.open_code = False
+            r.open_code, r.open_text = False, ""
             if o.finish == "repetition":
                 self._finish(r, "repetition")
             elif seg.end == "answer":
@@ -639,7 +754,7 @@ class RolloutRunner:
 
         r.code_blocks += 1
         try:
-            result = r.session.run(turn.code)
+            result = self._session(r).run(turn.code)
         except Exception as e:
             self._mask(r, "sandbox_error", e)
             return
@@ -677,6 +792,16 @@ class RolloutRunner:
         self._check_pads(r, r.prompt_ids + r.completion_ids)
         if r.done:
             return
+
+    def _open_session(self, images: list[str]) -> Any:
+        return self.sandbox.session(images=images, shown_paths=images).__enter__()
+
+    @staticmethod
+    def _session(r: Rollout) -> Any:
+        """The rollout's sandbox session, waiting for its background start (raises what the start raised)."""
+        if isinstance(r.session, Future):
+            r.session = r.session.result()
+        return r.session
 
     def _keep(self, r: Rollout, path: str) -> str:
         d = self.artifacts_dir / r.id.replace("/", "_").replace("#", "-")

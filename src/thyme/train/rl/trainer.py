@@ -49,7 +49,7 @@ def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge
     Uses :func:`thyme.rewards.compute_rewards` (rules, then the judge). ``wrong_result_value``
     (0 paper, -1 reference) replaces a decided-wrong Result (not a missing answer, which stays 0,
     as the reference). Masked rollouts are not scored. A judge failure masks the rollout
-    (``mask_reason = "judge_error"``).
+    (``mask_reason = "judge_failed"``, with the judge's error in the trajectory).
 
     Returns:
         One dict per rollout: ``format``, ``result``, ``consistency`` (values or ``None``),
@@ -66,8 +66,8 @@ def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge
     except Exception as e:  # the judge refuses our requests: mask, log, go on
         logger.error("reward computation failed for %d rollouts: %s", len(items), e)
         for i in idx:
-            rollouts[i].mask_reason = "judge_error"
-            rollouts[i].trajectory.error = f"judge_error: {e}"
+            rollouts[i].mask_reason = "judge_failed"
+            rollouts[i].trajectory.error = f"judge_failed: {e}"
         return out
     for i, b in zip(idx, scored):
         result = b.result
@@ -76,8 +76,11 @@ def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge
         total = combine(b.format.value or 0.0, result, b.consistency, cfg)
         out[i] = {"format": b.format.value, "result": result.value, "consistency": b.consistency.value,
                   "methods": {"result": result.method, "consistency": b.consistency.method}, "total": total}
-        if total is None:
-            rollouts[i].mask_reason = "judge_error"
+        if total is None:  # a judge call failed (retries and re-asks spent): masked, never a silent 0
+            failed = [f"{name}: {sc.detail}" for name, sc in (("result", result), ("consistency", b.consistency)) if not sc.valid]
+            rollouts[i].mask_reason = "judge_failed"
+            rollouts[i].trajectory.error = "judge_failed: " + "; ".join(failed)
+            logger.warning("rollout %s: judge failed (%s)", rollouts[i].id, "; ".join(failed)[:300])
     return out
 
 
