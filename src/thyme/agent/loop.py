@@ -32,7 +32,7 @@ from ..constants import MAX_NEW_TOKENS, MAX_OUTPUT_CHARS, MAX_ROUNDS
 from ..errors import ThymeError
 from ..imageio import image_size
 from ..sandbox.interface import SandboxProtocol, SessionProtocol
-from ..sandbox.outputs import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OutputRefused, copy_output
+from ..sandbox.outputs import keep_output
 from .trajectory import Trajectory, Turn
 
 
@@ -333,22 +333,8 @@ class Agent:
 
     def _keep_image(self, s: _State, path: str) -> str | None:
         """Copy a session output into the trajectory's folder from one checked descriptor
-        (:func:`thyme.sandbox.outputs.copy_output`); None when it is refused (changed into a
-        link, a hard link, or over the sandbox's byte / pixel budget after the run)."""
-        s.out_dir.mkdir(parents=True, exist_ok=True)
-        src = Path(path)
-        dst = s.out_dir / src.name
-        n = 1
-        while dst.exists():
-            dst = s.out_dir / f"{src.stem}-{n}{src.suffix}"
-            n += 1
-        cfg = getattr(self.sandbox, "config", None)
-        budgets = {k: int(getattr(cfg, f"max_output_{k}")) for k in ("file_bytes", "pixels") if isinstance(getattr(cfg, f"max_output_{k}", None), int)}
-        try:
-            copy_output(str(src), str(dst), budgets.get("file_bytes", DEFAULT_MAX_BYTES), budgets.get("pixels", DEFAULT_MAX_PIXELS))
-        except OutputRefused:
-            return None
-        return str(dst)
+        (:func:`thyme.sandbox.outputs.keep_output`); None when it is refused."""
+        return keep_output(path, s.out_dir, getattr(self.sandbox, "config", None))
 
     def _after_turn(self, s: _State, t: Turn, rnd: int) -> None:
         cfg = self.config

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -181,6 +182,33 @@ def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pi
         raise
     os.close(fd)
     return dest
+
+
+def keep_output(path: str, dest_dir: str | os.PathLike, config: Any = None) -> str | None:
+    """Keep a session output beyond its session: copy it into ``dest_dir`` under its own name
+    (``name-1.png``... when taken) with :func:`copy_output`, within ``config``'s
+    ``max_output_file_bytes`` / ``max_output_pixels`` (a :class:`~thyme.sandbox.SandboxConfig`;
+    ``None``: the defaults). What every caller that keeps outputs uses (the agent loop, RL
+    rollouts): never ``shutil.copy*`` by path, which a thread the code left running can race.
+
+    Returns:
+        The kept copy's path, or ``None`` when the output is refused (a link, a hard link, not
+        an accepted image, over the byte or pixel budget).
+    """
+    max_bytes = int(getattr(config, "max_output_file_bytes", DEFAULT_MAX_BYTES) or DEFAULT_MAX_BYTES)
+    max_pixels = int(getattr(config, "max_output_pixels", DEFAULT_MAX_PIXELS) or DEFAULT_MAX_PIXELS)
+    folder = Path(dest_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    for n in range(10_000):
+        dest = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+        try:
+            return copy_output(path, str(dest), max_bytes, max_pixels)
+        except FileExistsError:
+            continue
+        except OutputRefused:
+            return None
+    raise OSError(f"no free name for {stem}{suffix} in {folder}")
 
 
 def load_image(path: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import abc
 import math
-import shutil
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,6 +45,7 @@ from ... import protocol
 from ...agent import Trajectory, Turn
 from ...backends.ats import code_open_after
 from ...backends.repetition import RepetitionDetector, RepetitionRule
+from ...sandbox.outputs import keep_output
 
 NAN = float("nan")
 CAP_REASONS = ("length", "token_cap", "image_cap", "max_rounds", "repetition")
@@ -758,17 +758,15 @@ class RolloutRunner:
         except Exception as e:
             self._mask(r, "sandbox_error", e)
             return
-        record = result.to_dict()
-        kept = [self._keep(r, p) for p in result.images]
-        record["images"] = kept
-        turn.execution = record
-        if record.get("ok"):
+        kept = replace(result, images=[k for k in (self._keep(r, p) for p in result.images) if k is not None])
+        turn.execution = kept.to_dict()
+        if kept.ok:
             r.code_ok += 1
-        r.trajectory.timings["execute_s"] = round(r.trajectory.timings["execute_s"] + float(record.get("duration_s") or 0.0), 4)
-        if kept and len(r.images) + len(kept) > self.limits.max_images:
+        r.trajectory.timings["execute_s"] = round(r.trajectory.timings["execute_s"] + kept.duration_s, 4)
+        if kept.images and len(r.images) + len(kept.images) > self.limits.max_images:
             self._finish(r, "image_cap")
             return
-        parts = protocol.feedback_parts(_View(record), self.limits.feedback)
+        parts = protocol.feedback_parts(kept, self.limits.feedback)
         ids: list[int] = []
         new_images = []
         try:
@@ -803,17 +801,10 @@ class RolloutRunner:
             r.session = r.session.result()
         return r.session
 
-    def _keep(self, r: Rollout, path: str) -> str:
-        d = self.artifacts_dir / r.id.replace("/", "_").replace("#", "-")
-        d.mkdir(parents=True, exist_ok=True)
-        src = Path(path)
-        dst = d / src.name
-        n = 1
-        while dst.exists():
-            dst = d / f"{src.stem}-{n}{src.suffix}"
-            n += 1
-        shutil.copy2(src, dst)
-        return str(dst)
+    def _keep(self, r: Rollout, path: str) -> str | None:
+        """A session output copied from one checked descriptor (as the agent loop keeps them:
+        :func:`thyme.sandbox.outputs.keep_output`); None when refused."""
+        return keep_output(path, self.artifacts_dir / r.id.replace("/", "_").replace("#", "-"), getattr(self.sandbox, "config", None))
 
     def _check_pads(self, r: Rollout, ids: list[int]) -> None:
         want = sum(self.pad_count(im) for im in r.images)
@@ -831,11 +822,6 @@ class RolloutRunner:
         r.trajectory.error = f"{reason}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         r.done = False
         self._finish(r, "error")
-
-
-class _View:
-    def __init__(self, d: dict[str, Any]):
-        self.__dict__.update(d)
 
 
 def completion_text(r: Rollout) -> str:
