@@ -39,7 +39,7 @@ from ..config import setting
 from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
 from ..jsonl import ResumableJsonl, ensure_writable
-from ..agent.parallel import ray_setting, workers_setting
+from ..agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
 
 _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][\w.]*(Error|Exception)\b|Error:)")
@@ -238,6 +238,8 @@ def verify(
     from ..agent.replay import replay
 
     cfg = config or VerifyConfig()
+    if cfg.ray is not None:
+        import_ray()  # a clear error naming the extra, before anything is written
     records_path = Path(records_path)
     root = Path(images_root) if images_root is not None else records_path.parent
     kept_path, rejected_path = Path(kept_path), Path(rejected_path)
@@ -297,8 +299,6 @@ def verify(
                     f.write(json.dumps({"id": vid, "image": rec.inputs + rec.outputs, "question": rec.question, "response": rec.response}, ensure_ascii=False) + "\n")
             if not pending:
                 return summary
-            from ..agent.parallel import resolve_workers
-
             # a sandbox given and no worker count: this process, with it; never more workers than batches
             workers = 1 if cfg.workers is None and sandbox is not None else resolve_workers(cfg.workers)
             workers = min(workers, -(-len(pending) // max(1, cfg.batch_size)))
