@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -47,12 +48,19 @@ def repeat_corpus(out: Path, times: int) -> int:
     return times * len(records)
 
 
-def run_once(records: Path, out: Path, workers: int, batch_size: int) -> tuple[float, dict]:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (workers, zygotes, sessions)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_once(records: Path, out: Path, workers: int, batch_size: int) -> tuple[float, float, dict]:
+    """Wall seconds, CPU seconds (all processes) and the summary of one replay."""
     from thyme.agent.replay import replay
 
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     s = replay(records, out_path=out, workers=workers, batch_size=batch_size)
-    return time.perf_counter() - t0, s.to_dict()
+    return time.perf_counter() - t0, cpu_seconds() - c0, s.to_dict()
 
 
 def main() -> int:
@@ -75,17 +83,20 @@ def main() -> int:
         rows = []
         reference = None
         for w in args.workers:
-            secs, summary = run_once(records, Path(tmp) / f"out-{w}.jsonl", w, args.batch_size)
+            secs, cpu, summary = run_once(records, Path(tmp) / f"out-{w}.jsonl", w, args.batch_size)
             same = reference is None or summary == reference
             reference = reference or summary
-            rows.append((w, secs, n / secs, same, summary))
-            print(f"  {w} worker(s): {secs:.2f} s, {n / secs:.1f} records/s" + ("" if same else "  RESULTS DIFFER from the first run"), flush=True)
+            rows.append((w, secs, n / secs, same, summary, cpu))
+            print(f"  {w} worker(s): {secs:.2f} s, {n / secs:.1f} records/s, {cpu / secs:.0%} CPU, {1000 * cpu / n:.0f} ms CPU per record" + ("" if same else "  RESULTS DIFFER from the first run"), flush=True)
     base = next((r for r in rows if r[0] == 1), rows[0])
     print()
-    print(f"{'workers':>7} {'seconds':>8} {'records/s':>10} {'speed-up':>9} {'efficiency':>10} {'500k records':>13}  same results")
-    for w, secs, rps, same, _ in rows:
+    print(f"{'workers':>7} {'seconds':>8} {'records/s':>10} {'speed-up':>9} {'efficiency':>10} {'CPU used':>9} {'500k records':>13}  same results")
+    for w, secs, rps, same, _, cpu in rows:
         speed = rps / base[2]
-        print(f"{w:>7} {secs:>8.2f} {rps:>10.1f} {speed:>8.2f}x {speed / (w / base[0]):>9.0%} {PROJECTED_RECORDS / rps / 3600:>11.2f} h  {'yes' if same else 'NO'}")
+        print(f"{w:>7} {secs:>8.2f} {rps:>10.1f} {speed:>8.2f}x {speed / (w / base[0]):>9.0%} {cpu / secs:>8.0%} {PROJECTED_RECORDS / rps / 3600:>11.2f} h  {'yes' if same else 'NO'}")
+    per_record = base[5] / n
+    print(f"\none worker needs {1000 * per_record:.0f} ms of CPU per record (all processes): {cores} core(s) can do at most "
+          f"{cores / per_record:.1f} records/s, {cores / per_record / base[2]:.2f}x one worker, when nothing else runs")
     ok = all(r[3] for r in rows) and not rows[0][4].get("failed")
     two = next((r for r in rows if r[0] == 2), None)
     if two is not None and base[0] == 1:

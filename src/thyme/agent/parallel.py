@@ -55,7 +55,7 @@ def workers_setting() -> Any:
     """The ``workers`` field of a command's config (one definition for replay and verify)."""
     return setting(
         None,
-        help="worker processes, each with its own warm sandbox pool; records are spread over them and results written in input order (1: in this process)",
+        help="worker processes, each with its own warm sandbox pool; records are spread over them and the output is the same, line for line, as with one (1: in this process)",
         source="ours",
         show_default="the usable cores, len(os.sched_getaffinity(0))",
         metavar="N",
