@@ -12,8 +12,9 @@ VERL_TESTS := tests/test_verl_agent_loop.py tests/test_protocol.py tests/test_ag
 .PHONY: venv demo test clean venv-verl test-verl
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
-# The extras the test suite needs: eval, train, testing (dev servers) and dev (pytest).
-EXTRAS ?= dev,eval,train,testing
+# The extras the test suite needs: eval, train, testing (dev servers), dev (pytest) and ray
+# (--ray's test on a local instance; the wheel installs in ~10 s).
+EXTRAS ?= dev,eval,train,testing,ray
 
 $(BIN)/thyme: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -98,6 +98,7 @@ def setting(
     default_factory: Any = _MISSING,
     metavar: str | None = None,
     show_default: str | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field carrying its default, its help text and its source.
 
@@ -111,8 +112,10 @@ def setting(
         metavar: the placeholder shown in ``--help``.
         show_default: how the default reads in ``--help`` when its value says little
             (``"os.cpu_count()"``, ``"the processor's"``).
+        const: the flag's value when it is given without one (``--ray`` alone); the flag then
+            takes an optional value.
     """
-    metadata = {"help": help, "source": source, "flag": flag, "metavar": metavar, "show_default": show_default}
+    metadata = {"help": help, "source": source, "flag": flag, "metavar": metavar, "show_default": show_default, "const": const}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -261,6 +264,9 @@ def add_fields(
             kw.setdefault("metavar", "JSON")
         elif tp in (int, float, str):
             kw["type"] = tp
+        if f.metadata.get("const") is not None and tp is not bool:
+            kw["nargs"] = "?"
+            kw["const"] = f.metadata["const"]
         # anything else (Any, unions): taken as text
         parser.add_argument(flag_name(f, prefix), **kw)
         added.append(name)

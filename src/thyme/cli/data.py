@@ -89,6 +89,7 @@ def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..config import build
+    from ..agent.parallel import resolve_workers
     from ..data.verify import VerifyConfig, format_summary, verify
     from ..sandbox import Sandbox
 
@@ -109,8 +110,12 @@ def _verify(args: argparse.Namespace) -> int:
         bar.update(n - last[0])
         last[0] = n
 
-    with Sandbox(sb_cfg) as sandbox:
-        summary = verify(records, sandbox=sandbox, kept_path=kept, rejected_path=rejected, images_root=args.images_root, config=cfg, progress=progress)
+    kw = dict(kept_path=kept, rejected_path=rejected, images_root=args.images_root, config=cfg, progress=progress)
+    if resolve_workers(cfg.workers) == 1 and cfg.ray is None:
+        with Sandbox(sb_cfg) as sandbox:
+            summary = verify(records, sandbox=sandbox, **kw)
+    else:  # each worker starts its own sandbox from this config
+        summary = verify(records, sandbox_config=sb_cfg, **kw)
     bar.close()
     print(json.dumps(summary.to_dict(), ensure_ascii=False) if args.json else format_summary(summary))
     return 0

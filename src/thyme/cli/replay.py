@@ -20,7 +20,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--images-root", default=None, help="folder the records' relative image paths start from (default: the records file's folder)")
     p.add_argument("--out", default=None, help="results JSONL, written as records finish; rerun to resume")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON line at the end")
-    p.add_argument("--batch-size", type=int, default=8, help="records replayed together")
+    from ..agent.replay import ReplayConfig
+    from ..config import add_fields
+
+    add_fields(p.add_argument_group("workers"), ReplayConfig)
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when records failed (default: exit 1)")
     add_sandbox_flags(p)
     add_config_flag(p)
@@ -31,7 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..agent.replay import count_records, format_row, replay
+    from ..agent.parallel import resolve_workers
+    from ..agent.replay import ReplayConfig, count_records, format_row, replay
+    from ..config import build
     from ..sandbox import Sandbox
 
     yaml_cfg = load_sections(args, {"agent", "sandbox"})  # a model section (run / eval) is ignored with a note
@@ -57,17 +62,24 @@ def run(args: argparse.Namespace) -> int:
             bar.update(n - last[0])
         last[0] = n
 
-    with Sandbox(sandbox_config(args, yaml_cfg)) as sandbox:
-        summary = replay(
-            records,
-            sandbox=sandbox,
-            images_root=images_root,
-            out_path=args.out,
-            config=agent_config(args, yaml_cfg),
-            batch_size=args.batch_size,
-            progress=progress,
-            on_row=None if args.json else (lambda row: bar.write(format_row(row), file=sys.stdout)),
-        )
+    run_cfg = build(ReplayConfig, None, args)
+    workers = min(resolve_workers(run_cfg.workers), max(1, -(-total // max(1, run_cfg.batch_size))))  # no idle workers
+    sb_cfg = sandbox_config(args, yaml_cfg)
+    kw = dict(
+        images_root=images_root,
+        out_path=args.out,
+        config=agent_config(args, yaml_cfg),
+        batch_size=run_cfg.batch_size,
+        workers=workers,
+        ray=run_cfg.ray,
+        progress=progress,
+        on_row=None if args.json else (lambda row: bar.write(format_row(row), file=sys.stdout)),
+    )
+    if workers == 1 and run_cfg.ray is None:
+        with Sandbox(sb_cfg) as sandbox:
+            summary = replay(records, sandbox=sandbox, **kw)
+    else:  # each worker starts its own sandbox from this config
+        summary = replay(records, sandbox_config=sb_cfg, **kw)
     bar.close()
     d = summary.to_dict()
     if not args.json:

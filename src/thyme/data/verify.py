@@ -39,6 +39,7 @@ from ..config import setting
 from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
 from ..jsonl import ResumableJsonl, ensure_writable
+from ..agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
 
 _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][\w.]*(Error|Exception)\b|Error:)")
@@ -52,6 +53,8 @@ class VerifyConfig:
     batch_size: int = setting(8, help="records replayed together (their code runs concurrently in the pool)", source="ours")
     float_rel_tol: float = setting(1e-6, help="relative tolerance for numbers in printed text (the last digits of a float may differ across library versions)", source="ours")
     keep_without_code: bool = setting(True, help="keep records that have no code block (nothing to execute)", source="ours")
+    workers: int | None = workers_setting()
+    ray: str | None = ray_setting()
 
 
 @dataclass
@@ -179,7 +182,7 @@ def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, 
             return {"reason": "code_error", "detail": f"{err.get('type')}: {err.get('message')}", "block": k}
         images = ex.get("images") or []
         if exp.kind == "images":
-            got = _image_sizes(images)
+            got = ex["image_sizes"] if "image_sizes" in ex else _image_sizes(images)
             if got != exp.sizes:
                 fmt = lambda ss: ", ".join(f"{w}x{h}" for w, h in ss) or "none"  # noqa: E731
                 return {"reason": "image_mismatch", "detail": f"expected image(s) {fmt(exp.sizes)}, got {fmt(got)}", "block": k}
@@ -202,7 +205,8 @@ def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, 
 def verify(
     records_path: str | os.PathLike,
     *,
-    sandbox: Any,
+    sandbox: Any = None,
+    sandbox_config: Any = None,
     kept_path: str | os.PathLike,
     rejected_path: str | os.PathLike,
     images_root: str | os.PathLike | None = None,
@@ -214,11 +218,15 @@ def verify(
 
     Args:
         records_path: JSONL of Thyme SFT records.
-        sandbox: a :class:`thyme.sandbox.Sandbox`.
+        sandbox: a :class:`thyme.sandbox.Sandbox` (used with ``config.workers == 1``).
+        sandbox_config: the workers' :class:`thyme.sandbox.SandboxConfig` (default:
+            ``sandbox.config``); see :func:`thyme.agent.replay.replay`.
         kept_path / rejected_path: JSONL files appended as records finish (a rerun resumes).
             Each line carries ``_verify_key`` (``<line>:<id>``) so a rerun recognises it.
         images_root: folder relative image paths start from (default: the records file's folder).
-        config: see :class:`VerifyConfig`.
+        config: see :class:`VerifyConfig` (``workers``: ``None`` is the usable cores; ``ray``).
+            The kept and rejected files hold the same records whatever the number of workers,
+            in input order.
         progress: called with the number of records finished (those an earlier run verified
             included).
         on_result: called with ``(record, rejection or None)`` for each record.
@@ -230,6 +238,8 @@ def verify(
     from ..agent.replay import replay
 
     cfg = config or VerifyConfig()
+    if cfg.ray is not None:
+        import_ray()  # a clear error naming the extra, before anything is written
     records_path = Path(records_path)
     root = Path(images_root) if images_root is not None else records_path.parent
     kept_path, rejected_path = Path(kept_path), Path(rejected_path)
@@ -289,6 +299,9 @@ def verify(
                     f.write(json.dumps({"id": vid, "image": rec.inputs + rec.outputs, "question": rec.question, "response": rec.response}, ensure_ascii=False) + "\n")
             if not pending:
                 return summary
+            # a sandbox given and no worker count: this process, with it; never more workers than batches
+            workers = 1 if cfg.workers is None and sandbox is not None else resolve_workers(cfg.workers)
+            workers = min(workers, -(-len(pending) // max(1, cfg.batch_size)))
 
             def on_row(row: dict[str, Any]) -> None:
                 item = pending.pop(str(row.get("id")), None)
@@ -300,14 +313,20 @@ def verify(
                     return
                 turns = (row.get("trajectory") or {}).get("turns", [])
                 executions = [t.get("execution") for t in turns if t.get("code") is not None]
+                sizes = row.get("image_sizes")
+                if isinstance(sizes, list):  # measured where the images were made (they may be gone)
+                    executions = [dict(ex, image_sizes=sizes[k]) if ex is not None and k < len(sizes) else ex for k, ex in enumerate(executions)]
                 write(obj, key, judge(expected, executions, rel_tol=cfg.float_rel_tol))
 
             replay(
                 todo,
                 sandbox=sandbox,
+                sandbox_config=sandbox_config,
                 images_root=None,
                 config=AgentConfig(max_images=10_000, max_total_tokens=10**9),
                 batch_size=cfg.batch_size,
+                workers=workers,
+                ray=cfg.ray,
                 on_row=on_row,
             )
             for vid, (key, obj, _, _) in list(pending.items()):  # replay reported nothing for them
