@@ -13,7 +13,8 @@ import yaml
 
 from thyme.errors import ThymeError
 from thyme.train.collator import ModalityGroupedSampler
-from thyme.train.sft_config import SFTRunConfig, load_sft_config, parse_set
+from thyme.config import parse_set
+from thyme.train.sft_config import SFTRunConfig, load_sft_config
 
 from .conftest import CORPUS, REPO, corpus_records, needs_corpus
 

@@ -447,7 +447,6 @@ def test_concurrent_samples_on_one_event_loop_each_match_the_single_run(processo
 
 
 def test_a_server_call_past_call_timeout_s_masks_the_rollout(processor, sandbox, prompt, tmp_path):
-    tok = processor.tokenizer
 
     class Slow:
         cancelled = False

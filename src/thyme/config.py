@@ -335,3 +335,74 @@ def build(
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ThymeError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------- stage configs (train sft / train rl)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` (``--set`` flags) -> ``{key: YAML-parsed value}``.
+
+    Raises:
+        ThymeError: an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ThymeError(f"--set expects key=value, got {item!r}", "e.g. --set learning_rate=2e-5")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *, section: str) -> T:
+    """A flat config dataclass from its defaults <- a YAML file <- ``overrides`` (``--set``).
+
+    The file holds the fields at its top level or under one ``section:`` key (``sft``, ``rl``).
+    Numbers written the YAML 1.1 way (``1e-5`` reads as a string) become numbers; an int where
+    a float is expected becomes a float; an explicit ``null`` is kept (it can switch a setting off).
+
+    Raises:
+        ThymeError: an unreadable file, other sections beside ``section``, unknown keys (named,
+            with the known ones), a value that is not the number it must be, or a value the
+            class's own checks (``__post_init__``) refuse.
+    """
+    data = load_yaml(path)
+    if section in data and isinstance(data[section], dict):
+        extra = set(data) - {section}
+        if extra:
+            raise ThymeError(f"{path}: unknown section(s) {sorted(extra)} beside '{section}'")
+        data = data[section]
+    fields = _fields(cls)
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for source, new in ((f"config file {path}", data), ("--set", overrides or {})):
+        unknown = [k for k in new if k not in fields]
+        if unknown:
+            raise ThymeError(f"{source}: unknown setting(s) {unknown} for {cls.__name__}", f"known settings: {sorted(fields)}")
+        for k, v in new.items():
+            values[k] = _coerce(k, v, hints.get(k, fields[k].type), source)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ThymeError(f"{cls.__name__}: {e}") from None
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    args = set(typing.get_args(hint)) or {hint}
+    if not isinstance(value, str):
+        if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
+            return float(value)
+        return value
+    for typ in (int, float):
+        if typ in args:
+            try:
+                return typ(value)
+            except ValueError:
+                if typ is float or float not in args:
+                    raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
+    return value
+

@@ -30,7 +30,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import protocol
 from ..config import setting
@@ -417,7 +417,7 @@ class HFBackend(Backend):
         from .repetition import RepetitionStoppingCriteria, sequence_loops
 
         repetition = RepetitionStoppingCriteria(prompt_len, len(reqs))
-        criteria = StoppingCriteriaList(([_RowLimit(prompt_len, limits)] if min(limits) < max_new else []) + [repetition])
+        criteria = StoppingCriteriaList(([RowTokenLimit(prompt_len, limits)] if min(limits) < max_new else []) + [repetition])
         processors = None
         if gc.do_sample and reqs[0].ats:  # greedy inside open <code> blocks (GRPO-ATS)
             opened = [code_open_after("".join(p.get("text", "") for p in r.assistant_parts if p.get("type") == "text")) for r in reqs]
@@ -460,22 +460,39 @@ class HFBackend(Backend):
         return Generation(text, "length", num_tokens=len(toks))
 
     def _tokens_to_stop(self, toks: list[int], stops: list[str]) -> int:
-        """Smallest k such that the first k tokens already contain a stop string (binary search)."""
-        lo, hi = 1, len(toks)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if truncate_at_stop(self._decode(toks[:mid]), stops)[1] is not None:
-                hi = mid
-            else:
-                lo = mid + 1
-        return hi
+        """Smallest k such that the first k tokens already contain a stop string."""
+        return tokens_to_stop(self._decode, toks, stops) or len(toks)
 
 
 # --------------------------------------------------------------------------- generation helpers
 
 
-class _RowLimit:
-    """Stopping criterion: row ``b`` is done once it has ``limits[b]`` new tokens (per-row ``max_new_tokens``)."""
+def tokens_to_stop(decode: Callable[[list[int]], str], toks: list[int], stops: Sequence[str]) -> int | None:
+    """Smallest ``k`` such that ``decode(toks[:k])`` contains a stop string (binary search over
+    prefixes: a stop string can end inside a token), or ``None`` when ``toks`` holds none.
+
+    Shared by this backend and the RL engines (:mod:`thyme.train.rl.rollout`), which count the
+    tokens of a segment up to its stop string the same way.
+    """
+    def has(k: int) -> bool:
+        text = decode(toks[:k])
+        return any(st in text for st in stops)
+
+    if not toks or not has(len(toks)):
+        return None
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+class RowTokenLimit:
+    """Stopping criterion: row ``b`` is done once it has ``limits[b]`` new tokens (per-row
+    ``max_new_tokens`` in one batched ``generate``; also the RL HF engine's per-row cap)."""
 
     def __init__(self, prompt_len: int, limits: list[int]):
         self.prompt_len = prompt_len

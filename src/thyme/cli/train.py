@@ -59,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``thyme train sft|rl`` command; returns the exit status."""
-    from ..train.sft_config import parse_set
+    from ..config import parse_set
 
     if args.train_command not in STAGES:
         raise ThymeError(f"unknown train command {args.train_command!r}")

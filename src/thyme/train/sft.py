@@ -258,8 +258,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_resume(cfg: SFTRunConfig) -> str | None:
-    """The checkpoint to resume from: ``latest`` -> newest ``checkpoint-*`` in ``output_dir`` (or none).
+def resolve_resume(cfg: Any) -> str | None:
+    """The checkpoint to resume from (``cfg``: a stage config with ``resume_from_checkpoint`` and
+    ``output_dir``; SFT and RL alike): ``latest`` -> newest ``checkpoint-*`` in ``output_dir`` (or none).
 
     Raises:
         ThymeError: a named checkpoint folder does not exist.

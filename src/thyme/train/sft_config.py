@@ -19,15 +19,12 @@ ran; 1 GPU x 1 x 128 on one GPU). Or set ``gradient_accumulation_steps`` and
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 
-from ..config import load_yaml, setting
+from ..config import load_config, setting
 from ..constants import MAX_PIXELS
 from ..errors import ThymeError
 
@@ -130,26 +127,9 @@ class SFTRunConfig:
         return max(1, self.effective_batch_size // per_step)
 
 
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` -> ``{key: YAML-parsed value}``.
-
-    Raises:
-        ThymeError: an item without ``=``.
-    """
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ThymeError(f"--set expects key=value, got {item!r}", "e.g. --set learning_rate=2e-5")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
 def load_sft_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SFTRunConfig:
-    """Defaults <- YAML file (top-level keys or an ``sft:`` section) <- ``overrides``.
+    """Defaults <- YAML file (top-level keys or an ``sft:`` section) <- ``overrides``
+    (:func:`thyme.config.load_config`).
 
     Relative paths in the YAML (``train_files``, ``output_dir``, ``images_root``, ``deepspeed``,
     ``model`` when it names an existing folder) stay relative to the current folder, as the
@@ -158,42 +138,4 @@ def load_sft_config(path: str | os.PathLike | None = None, overrides: dict[str, 
     Raises:
         ThymeError: unknown keys (naming them), bad values, unreadable file.
     """
-    data = load_yaml(path)
-    if "sft" in data and isinstance(data["sft"], dict):
-        extra = set(data) - {"sft"}
-        if extra:
-            raise ThymeError(f"{path}: unknown section(s) {sorted(extra)} beside 'sft'")
-        data = data["sft"]
-    values: dict[str, Any] = {}
-    _apply(values, data, f"config file {path}")
-    _apply(values, overrides or {}, "--set")
-    try:
-        return SFTRunConfig(**values)
-    except TypeError as e:
-        raise ThymeError(f"SFT config: {e}") from None
-
-
-def _apply(values: dict[str, Any], new: dict[str, Any], source: str) -> None:
-    """Copy ``new`` into ``values`` (explicit ``null`` kept: it can switch a setting off)."""
-    names = {f.name for f in dataclasses.fields(SFTRunConfig)}
-    unknown = [k for k in new if k not in names]
-    if unknown:
-        raise ThymeError(f"{source}: unknown setting(s) {unknown} for SFTRunConfig", f"known settings: {sorted(names)}")
-    hints = typing.get_type_hints(SFTRunConfig)
-    for k, v in new.items():
-        values[k] = _coerce(k, v, hints[k], source)
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Numbers written the YAML 1.1 way (``1e-5`` reads as a string) become numbers."""
-    if not isinstance(value, str):
-        return value
-    args = set(typing.get_args(hint)) or {hint}
-    for typ in (int, float):
-        if typ in args:
-            try:
-                return typ(value)
-            except ValueError:
-                if typ is float or float not in args:
-                    raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
-    return value
+    return load_config(SFTRunConfig, path, overrides, section="sft")

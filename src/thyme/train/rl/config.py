@@ -5,7 +5,7 @@ then a YAML file (``--config``; top-level keys or an ``rl:`` section), then ``--
 (YAML syntax). Keys take TRL ``GRPOConfig`` names where TRL has the concept
 (``num_generations``, ``max_completion_length``, ``temperature``, ``beta``, ``epsilon``,
 ``loss_type``, ``learning_rate``, ``per_device_train_batch_size``...). ``field(metadata=...)``
-carries ``help`` and ``source`` for each; :func:`describe_fields` lists them.
+carries ``help`` and ``source`` for each; ``thyme train rl --help`` lists them.
 
 Loss normaliser: the paper's GRPO-ATS objective divides by ``sum_i |tau_i|`` over model tokens
 of the whole batch. TRL's ``loss_type="dapo"`` (its default) divides by the global count of
@@ -16,22 +16,21 @@ is that normaliser; ``grpo`` would average per sequence first, ``dr_grpo`` divid
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ...config import load_yaml
+from ...config import load_config, setting
 from ...errors import ThymeError
 
 RLSH = "reference scripts/rl.sh"
 
 
-def _f(default: Any, help: str, source: str, **kw: Any) -> Any:
+def _f(default: Any, help: str, source: str) -> Any:
+    """:func:`thyme.config.setting` in the positional shape this long table reads best in."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "source": source}, **kw)
-    return field(default=default, metadata={"help": help, "source": source}, **kw)
+        return setting(default_factory=lambda d=default: type(d)(d), help=help, source=source)
+    return setting(default, help=help, source=source)
 
 
 @dataclass
@@ -140,50 +139,10 @@ class GRPOATSConfig:
                 raise ThymeError(f"RL config: {msg}")
 
 
-def describe_fields() -> list[dict[str, Any]]:
-    """``[{"name", "default", "help", "source"}]`` for every field (docs, ``--help``)."""
-    out = []
-    for f in dataclasses.fields(GRPOATSConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append({"name": f.name, "default": default, "help": f.metadata.get("help", ""), "source": f.metadata.get("source", "")})
-    return out
-
-
 def load_rl_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> GRPOATSConfig:
-    """Defaults <- YAML (top level or an ``rl:`` section) <- ``overrides``.
+    """Defaults <- YAML (top level or an ``rl:`` section) <- ``overrides`` (:func:`thyme.config.load_config`).
 
     Raises:
         ThymeError: unknown keys (naming them), bad values.
     """
-    data = load_yaml(path)
-    if "rl" in data and isinstance(data["rl"], dict):
-        data = data["rl"]
-    names = {f.name for f in dataclasses.fields(GRPOATSConfig)}
-    hints = typing.get_type_hints(GRPOATSConfig)
-    values: dict[str, Any] = {}
-    for source, new in ((f"config file {path}", data), ("--set", overrides or {})):
-        unknown = [k for k in new if k not in names]
-        if unknown:
-            raise ThymeError(f"{source}: unknown setting(s) {unknown} for GRPOATSConfig", f"known settings: {sorted(names)}")
-        for k, v in new.items():
-            values[k] = _coerce(k, v, hints[k], source)
-    try:
-        return GRPOATSConfig(**values)
-    except TypeError as e:
-        raise ThymeError(f"RL config: {e}") from None
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    if not isinstance(value, str):
-        if isinstance(value, int) and not isinstance(value, bool) and float in (set(typing.get_args(hint)) or {hint}):
-            return float(value)
-        return value
-    args = set(typing.get_args(hint)) or {hint}
-    for typ in (int, float):
-        if typ in args:
-            try:
-                return typ(value)
-            except ValueError:
-                if typ is float or float not in args:
-                    raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
-    return value
+    return load_config(GRPOATSConfig, path, overrides, section="rl")

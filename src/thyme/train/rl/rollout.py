@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 from ... import protocol
 from ...agent import Trajectory, Turn
 from ...backends.ats import code_open_after
+from ...backends.hf import RowTokenLimit, tokens_to_stop
 from ...backends.repetition import RepetitionDetector, RepetitionRule
 from ...sandbox.outputs import keep_output
 
@@ -265,7 +266,7 @@ class HFEngine(Engine):
         rec = LogprobRecorder(L, len(rows))
         procs.append(rec)
         limits = [r.max_new_tokens for r in rows]
-        crit = [rep, _RowCap(L, limits)]
+        crit = [rep, RowTokenLimit(L, limits)]
         if settings.seed is not None:
             torch.manual_seed(int(settings.seed))
         was_training = self.model.training
@@ -292,7 +293,7 @@ class HFEngine(Engine):
             toks = toks[: eos_at + 1]
         body = toks if eos_at is None else toks[:-1]
         # the first token whose decoded prefix contains a stop string ends the segment
-        k = _first_stop(self.tokenizer, body, stops)
+        k = tokens_to_stop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), body, stops)
         if k is not None:
             toks, finish = body[:k], "stop"
         elif eos_at is not None:
@@ -306,37 +307,6 @@ class HFEngine(Engine):
         for p in forced:
             lps[p] = NAN
         return EngineOutput(toks, lps, finish, 1, forced)
-
-
-def _first_stop(tokenizer: Any, toks: list[int], stops: Sequence[str]) -> int | None:
-    """Smallest ``k`` such that ``decode(toks[:k])`` contains a stop string (binary search), or ``None``."""
-    def has(k: int) -> bool:
-        text = tokenizer.decode(toks[:k], skip_special_tokens=True)
-        return any(s in text for s in stops)
-
-    if not toks or not has(len(toks)):
-        return None
-    lo, hi = 1, len(toks)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if has(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
-
-
-class _RowCap:
-    """Stopping criterion: row ``b`` stops after ``limits[b]`` new tokens."""
-
-    def __init__(self, prompt_len: int, limits: list[int]):
-        self.prompt_len, self.limits = prompt_len, limits
-
-    def __call__(self, input_ids, scores=None, **kw):
-        import torch
-
-        n = input_ids.shape[1] - self.prompt_len
-        return torch.tensor([n >= lim for lim in self.limits], dtype=torch.bool, device=input_ids.device)
 
 
 # --------------------------------------------------------------------------- stop-and-resubmit ATS (vLLM)

@@ -111,29 +111,12 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
         else:
             engine = VLLMServerEngine(trainer.vllm_generation.vllm_client, tok, eos)
         limits = RolloutLimits(cfg.max_rounds, cfg.max_completion_length, cfg.max_length, cfg.max_images, cfg.ats_code_tokens,
-                               protocol.FeedbackConfig(separator=cfg.feedback_separator), cfg_prefill(cfg))
+                               protocol.FeedbackConfig(separator=cfg.feedback_separator), cfg.prefill)
         settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.ats,
                                     repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window))
         return RolloutRunner(engine, processor, sandbox, limits, settings, Path(cfg.output_dir) / "rollout_images")
 
     return factory
-
-
-def cfg_prefill(cfg: GRPOATSConfig) -> str:
-    return cfg.prefill
-
-
-def resolve_resume(cfg: GRPOATSConfig) -> str | None:
-    r = cfg.resume_from_checkpoint
-    if not r:
-        return None
-    if r == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-    if not Path(r).is_dir():
-        raise ThymeError(f"checkpoint to resume from not found: {r}", "pass a checkpoint-* folder or 'latest'")
-    return r
 
 
 def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, callbacks: list[Any] | None = None) -> Any:
@@ -212,6 +195,8 @@ def train_rl(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, call
     Raises:
         ThymeError / ModelLoadError: bad configuration or inputs (before any training).
     """
+    from ..sft import resolve_resume  # the SFT stage's rule: 'latest' or a checkpoint folder
+
     own_sandbox = sandbox is None
     trainer = build_trainer(cfg, sandbox=sandbox, judge=judge, callbacks=callbacks)
     try:
