@@ -158,3 +158,4 @@ def test_the_checker_sees_violations():
     assert "thyme.agent.trajectory" in GRAPH["thyme.report.items"]
     assert "thyme.scoring.rules" in GRAPH["thyme.train.rewards"]
     assert any(d.startswith("thyme.backends") for d in GRAPH["thyme.agent.loop"])
+
