@@ -236,8 +236,17 @@ class _OwnerGone(BaseException):
     """SIGTERM: the parent-death signal (the owner, or bwrap around this zygote, died)."""
 
 
+#: Whether SIGTERM still interrupts the zygote. The handler disarms itself before it raises, and
+#: ``main`` disarms it inside the ``try`` that catches :class:`_OwnerGone`: the parent-death
+#: signal arrives together with the control socket's end, and a raise after ``serve`` returned
+#: (in the cleanup that follows) killed the zygote before it removed the dead owner's folder.
+_SIGTERM_ARMED = {"on": True}
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _OwnerGone()
+    if _SIGTERM_ARMED["on"]:
+        _SIGTERM_ARMED["on"] = False
+        raise _OwnerGone()
 
 
 def _owner_dead(pidfd: int | None, wait_s: float) -> bool:
@@ -356,10 +365,13 @@ def main(argv: list[str]) -> int:
             return 1
     asked_to_exit = False
     try:
-        asked_to_exit = z.serve()
-    except _OwnerGone:
-        pass
+        try:
+            asked_to_exit = z.serve()
+            _SIGTERM_ARMED["on"] = False  # from here on, no SIGTERM raises (see _SIGTERM_ARMED)
+        except _OwnerGone:
+            pass
     finally:
+        _SIGTERM_ARMED["on"] = False
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         z.shutdown()
     # the owner died without closing the sandbox (e.g. SIGKILL): remove its folder, which only
