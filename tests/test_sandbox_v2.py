@@ -131,8 +131,18 @@ class TestOutputsAndFreeze:
             assert os.path.islink(Path(s.dir) / "out.png")
             with pytest.raises(OutputRefused):
                 copy_output(str(Path(s.dir) / "out.png"), str(Path(s.dir).parent / "stolen.png"))
-            r = s.run("import time\ntime.sleep(0.05)\nprint(int(open('counter.txt').read()) > 0)")
-            assert r.stdout == "True\n"  # ... and it runs again during the next run
+            # ... and it runs again during the next run (the thread truncates before it writes:
+            # a read may see an empty file, so read until there is a number)
+            r = s.run(
+                "import time\ntime.sleep(0.05)\n"
+                "for _ in range(1000):\n"
+                "    t = open('counter.txt').read()\n"
+                "    if t: break\n"
+                "    time.sleep(0.001)\n"
+                f"print(int(t) > {int(first or 0)})"  # the freeze too may land between the two
+            )
+            assert r.ok, r.error
+            assert r.stdout == "True\n"
 
     def test_code_cannot_arrange_its_own_resume(self, sb):
         with sb.session() as s:
