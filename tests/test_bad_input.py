@@ -68,3 +68,32 @@ def test_bad_config_key_is_named(tmp_path):
     cfg.write_text("agent:\n  max_roundz: 3\n")
     p = run_cli("run", "--image", str(img), "--question", "q", "--model", "m", "--config", str(cfg))
     assert p.returncode == 2 and "max_roundz" in p.stderr and "max_rounds" in p.stderr
+
+
+def test_train_rl_checks_every_train_image_before_loading_the_model(tmp_path):
+    """A missing train image used to mask its rollouts at every step (loss 0, TRL's "all reward
+    functions returned None"): the run finished having trained on nothing."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from thyme.train.rl.data import rl_record
+
+    def write(name, image):
+        f = tmp_path / name
+        f.write_text(json.dumps(rl_record("What is shown?", image, "A", rid="r1")) + "\n")
+        return f
+
+    model = str(tmp_path / "never-loaded")
+    p = run_cli("train", "rl", "--model", model, "--train-file", str(write("missing.jsonl", "imgs/gone.jpg")))
+    assert p.returncode == 2, p.stderr
+    assert "record r1" in p.stderr and str(tmp_path / "imgs" / "gone.jpg") in p.stderr and "train file's own folder" in p.stderr, p.stderr
+    assert "never-loaded" not in p.stderr and "Traceback" not in p.stderr
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), "red").save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # a valid header, half the pixels
+    p = run_cli("train", "rl", "--model", model, "--train-file", str(write("cut.jsonl", str(tmp_path / "cut.jpg"))))
+    assert p.returncode == 2 and "cut.jpg" in p.stderr and "truncated" in p.stderr and "never-loaded" not in p.stderr, p.stderr
+    p = run_cli("train", "rl", "--model", model, "--train-file", str(tmp_path / "cut.jsonl"), "--set", "check_images=false")
+    assert "never-loaded" in p.stderr  # without the full decode it gets as far as the model

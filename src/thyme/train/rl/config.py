@@ -45,6 +45,7 @@ class GRPOATSConfig:
     max_pixels: int | None = _f(2408448, "per-image pixel budget, input and sandbox images, rollout and training forward alike", RLSH + " --max_pixels")
     min_pixels: int | None = _f(None, "per-image lower pixel bound (None: the processor's)", "processor default")
     shown_path: str | None = _f(None, "image path shown in the prompt ({name}, {path}); None: the real path", "reference: real paths")
+    check_images: bool = _f(True, "before the model loads, decode every train image fully (a missing image is always an error: its rollouts would be masked at every step)", "ours (as thyme run / thyme eval check their inputs)")
 
     # ---- rollouts
     num_generations: int = _f(4, "rollouts per prompt (group size G)", RLSH + " --num_generations 4")

@@ -146,6 +146,32 @@ def load_prompts(files: list[str], *, images_root: str | None = None, shown_path
     return out
 
 
+def check_prompt_images(prompts: list[RLPrompt], *, images_root: str | None = None, decode: bool = True) -> None:
+    """Check, before a model loads, that every prompt's images exist and (``decode``) decode fully.
+
+    A prompt whose image is missing would only be masked at every step (``input_error``): a run
+    of such prompts trains on nothing. Relative paths were resolved against ``images_root`` or
+    the train file's folder (:func:`load_prompts`), which the error says.
+
+    Raises:
+        ThymeError: naming up to 10 records with a missing image (id and resolved path) and the count.
+        ImageError: the first image that is unreadable or truncated (``decode``).
+    """
+    missing = [(p.id, x) for p in prompts for x in p.images if not os.path.isfile(x)]
+    if missing:
+        lines = "\n".join(f"  record {rid}: {x}" for rid, x in missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        where = f"--set images_root={images_root}" if images_root else "each train file's own folder"
+        raise ThymeError(
+            f"{len(missing)} image(s) of the train files not found:\n{lines}{more}",
+            f"relative image paths are resolved against {where}; give absolute paths or --set images_root=DIR",
+        )
+    if decode:
+        from ...agent.preflight import check_images_decode
+
+        check_images_decode([x for p in prompts for x in p.images])
+
+
 def to_dataset_rows(prompts: list[RLPrompt]) -> dict[str, list[Any]]:
     """Columns for ``datasets.Dataset.from_dict``: ``prompt`` (question text), ``thyme`` (JSON)."""
     return {"prompt": [p.question for p in prompts], "thyme": [p.to_json() for p in prompts]}

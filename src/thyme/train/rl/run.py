@@ -127,13 +127,14 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
 
     from ...backends.processors import check_model_source, hub_kwargs, load_error, load_processor
     from ..sft import check_reporters, freeze_vision
-    from .data import load_prompts, to_dataset_rows
+    from .data import check_prompt_images, load_prompts, to_dataset_rows
     from .trainer import trainer_class
 
     if not cfg.train_files:
         raise ThymeError("no train_files in the RL config", "pass --train-file RECORDS.jsonl (RL records or benchmark rows)")
     check_reporters(cfg.report_to)
     prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path)
+    check_prompt_images(prompts, images_root=cfg.images_root, decode=cfg.check_images)
     state = PartialState()
     processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     check_model_source(cfg.model)
