@@ -15,6 +15,9 @@ Printed (one JSON line), all measured in this one run:
 - ``rollout_over_plain`` = their ratio (target <= 1.10), with the vision cache on (the
   shipped code) and off (every pad count and prefill re-running the image processor: the
   cause of the 2.06 measured before), each with its own replay;
+- the same with *staggered rows* (row b thinks about 12 x b tokens longer before its code
+  block, as sampled rows diverge): each row's code started during the engine call, as soon as
+  its block closes (shipped), against every block run after the call;
 - ``engine_calls_per_code_block`` over the model-written blocks (HF engine: 1.0; the vLLM
   engines' stop-and-resubmit gives 2.0, see tests/test_rl_engines.py);
 - the repetition detector's cost per token against the reference's substring count per check
@@ -47,17 +50,21 @@ class ScriptForcer:
     per ``generate`` call (decoded prefix), then advanced by one per step.
     """
 
-    def __init__(self, tok, prompt_len: int, segments: list[list[int]], eos: int):
+    def __init__(self, tok, prompt_len: int, segments: list[list[int]], eos: int, row_segments: list[list[list[int]]] | None = None):
         self.tok, self.P, self.segs, self.eos = tok, prompt_len, segments, eos
+        self.row_segs = row_segments  # per batch row (rows of different lengths), else ``segments`` for all
         self.start = None
 
-    def _locate(self, ctx: list[int]) -> tuple[int, int]:
+    def _segs(self, b: int) -> list[list[int]]:
+        return self.row_segs[b % len(self.row_segs)] if self.row_segs else self.segs
+
+    def _locate(self, ctx: list[int], segs: list[list[int]]) -> tuple[int, int]:
         text = self.tok.decode(ctx[self.P:], skip_special_tokens=False)
         k = text.count("</sandbox_output>")
-        if k >= len(self.segs):
+        if k >= len(segs):
             return k, 0
         partial = text.rsplit("</sandbox_output>", 1)[-1] if k else text
-        seg = self.segs[k]
+        seg = segs[k]
         m = next((m for m in range(len(seg) + 1) if self.tok.decode(seg[:m], skip_special_tokens=False) == partial), len(seg))
         return k, m
 
@@ -71,13 +78,14 @@ class ScriptForcer:
             for b in range(B):
                 ids = input_ids[b].tolist()
                 first = next((i for i, t in enumerate(ids) if t != pad), 0)
-                rows.append(self._locate(ids[first:]))
+                rows.append(self._locate(ids[first:], self._segs(b)))
             self.start = (L, rows)
         L0, rows = self.start
         out = torch.full_like(scores, float("-inf"))
         for b, (k, m) in enumerate(rows):
             pos = m + (L - L0)
-            t = self.segs[k][pos] if k < len(self.segs) and pos < len(self.segs[k]) else self.eos
+            segs = self._segs(b)
+            t = segs[k][pos] if k < len(segs) and pos < len(segs[k]) else self.eos
             out[b, t] = 0.0
         return out
 
@@ -120,25 +128,31 @@ def main() -> int:
 
     orig_generate = model.generate
 
+    # staggered rows: row b thinks b x ~12 tokens longer before its code block, as sampled rows diverge
+    musing = [" ".join(f"Region {k} at x={37 * k % 101} shows nothing." for k in range(j)) for j in range(a.group)]
+    staggered = [[tok.encode("<think>" + m + " " + CODE[len("<think>"):], add_special_tokens=False), segs[1]] for m in musing]
+    stagger = [False]
+
     def forced_generate(*args, logits_processor=None, **kw):
-        return orig_generate(*args, logits_processor=[ScriptForcer(tok, prompt_len, segs, eos)] + list(logits_processor or []), **kw)
+        forcer = ScriptForcer(tok, prompt_len, segs, eos, staggered if stagger[0] else None)
+        return orig_generate(*args, logits_processor=[forcer] + list(logits_processor or []), **kw)
 
     model.generate = forced_generate
     calls: list[tuple[list, object]] = []
     engine_s = [0.0]
     inner = engine.generate
 
-    def recording_generate(rows, settings):
+    def recording_generate(rows, settings, on_stop=None):
         calls.append(([R.EngineRow(list(r.ids), list(r.images), r.max_new_tokens, r.code_open) for r in rows], settings))
         t0 = time.perf_counter()
         try:
-            return inner(rows, settings)
+            return inner(rows, settings, on_stop=on_stop)
         finally:
             engine_s[0] += time.perf_counter() - t0
 
     engine.generate = recording_generate
     settings = R.SamplingSettings(1.0, 1.0, 0, 1.0, True)
-    limits = R.RolloutLimits(max_rounds=3, max_completion_length=max(len(s) for s in segs) + 8, max_length=4096)
+    limits = R.RolloutLimits(max_rounds=3, max_completion_length=max(len(s) for row in staggered for s in row) + 8, max_length=4096)
 
     def once(runner) -> dict:
         calls.clear()
@@ -181,6 +195,14 @@ def main() -> int:
     with Sandbox() as sb:
         on = side_by_side(True, sb)
         off = side_by_side(False, sb)
+        stagger[0] = True
+        try:  # rows of different lengths: a row's code starts during the call (shipped) or after it
+            stag_early = side_by_side(True, sb)
+            R.HFEngine.early_stops = False
+            stag_after = side_by_side(True, sb)
+        finally:
+            R.HFEngine.early_stops = True
+            stagger[0] = False
     # repetition detector per token vs the reference's substring count per check (1000 characters, no loop: its worst case)
     rng = random.Random(0)
     toks = [rng.randrange(150000) for _ in range(20000)]
@@ -191,6 +213,7 @@ def main() -> int:
     ref_ms = timeit.timeit(lambda: substring_count_reference(text), number=n_ref) / n_ref * 1e3
     figures = {
         "group": a.group, "max_pixels": a.max_pixels, "vision_cache_on": on, "vision_cache_off": off,
+        "staggered_rows_code_started_during_the_call": stag_early, "staggered_rows_code_started_after_the_call": stag_after,
         "repetition_detector_us_per_token": round(det_us, 3),
         "reference_substring_count_ms_per_check_1000_chars": round(ref_ms, 3),
         "reference_us_per_token_at_one_check_per_round_of_100_tokens": round(ref_ms * 1e3 / 100, 3),

@@ -50,10 +50,11 @@ class ScriptedHFModel:
 
     training = False
 
-    def __init__(self, script: Script, vocab: int):
+    def __init__(self, script: Script, vocab: int, row_scripts: list[Script] | None = None):
         import torch
 
         self.script, self.vocab, self.device = script, vocab, torch.device("cpu")
+        self.row_scripts = row_scripts  # one script per batch row (rows that diverge), else ``script`` for all
         self.calls = 0
 
     def eval(self):
@@ -72,7 +73,7 @@ class ScriptedHFModel:
         starts = [int((attention_mask[b] == 0).sum()) for b in range(B)]
         done = [False] * B
         for _ in range(gc.max_new_tokens):
-            want = [self.script.next(seqs[b, starts[b]:].tolist()) if not done[b] else gc.pad_token_id for b in range(B)]
+            want = [(self.row_scripts[b] if self.row_scripts else self.script).next(seqs[b, starts[b]:].tolist()) if not done[b] else gc.pad_token_id for b in range(B)]
             scores = torch.zeros(B, self.vocab)
             for b, t in enumerate(want):
                 scores[b, t] = 30.0
@@ -308,3 +309,60 @@ def test_vision_cache_runs_the_image_processor_once_per_image_and_matches_it(par
     gc.collect()
     vc.pad_count(ims[0].copy())  # a new object: a miss, and the dead entry is purged
     assert vc.misses == 4 and len(vc._entries) == 3
+
+
+@needs_corpus
+def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts):
+    """Row 0 closes its code block early, row 1 thinks for ~100 tokens first: row 0's code runs
+    in the sandbox during the engine call (issue 9), and both rollouts are exactly what they are
+    when every code block runs after the call."""
+    import time as _time
+
+    from thyme.train.rl.rollout import HFEngine, RolloutRunner
+
+    musing = " ".join(f"Region {k} at x={37 * k % 101}, y={53 * k % 97} shows nothing." for k in range(12))  # no loop: the repetition stop stays out
+    long_code = "<think>" + musing + " " + CODE[len("<think>"):]
+    script0, tok, eos = _script(parts, [CODE, ANSWER])
+    script1, _, _ = _script(parts, [long_code, ANSWER])
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+
+    class Timed(RolloutRunner):
+        def _run_code(self, r, code):
+            self.starts.append((_time.perf_counter(), r.id))
+            return super()._run_code(r, code)
+
+    results = {}
+    for early in (True, False):
+        model = ScriptedHFModel(script0, len(tok), row_scripts=[script0, script1])
+        returned = []
+        inner = model.generate
+
+        def generate(*a, _inner=inner, _ret=returned, **kw):
+            out = _inner(*a, **kw)
+            _ret.append(_time.perf_counter())
+            return out
+
+        model.generate = generate
+        engine = HFEngine(model, parts[0], [pad], [eos], tok.pad_token_id)
+        engine.early_stops = early
+        proc, _, sb, d = parts
+        base = _runner(engine, parts)
+        runner = Timed(engine, proc, sb, base.limits, base.settings, d / f"art-{early}")
+        runner.starts = []
+        p = parts[1]
+        ros = runner.run([p, p])
+        results[early] = ros
+        for r in ros:
+            assert r.mask_reason is None and r.stop_reason == "answer" and r.code_blocks == 1 and r.code_ok == 1, r.trajectory.error
+        first_return = returned[0]
+        row0_start = next(t for t, rid in runner.starts if rid.endswith("#0"))
+        if early:
+            assert row0_start < first_return  # started while row 1 was still generating
+        else:
+            assert row0_start > first_return
+    a, b = results[True], results[False]
+    for x, y in zip(a, b):
+        assert x.completion_ids == y.completion_ids and x.env_mask == y.env_mask
+        assert [im.size for im in x.images] == [im.size for im in y.images]
+        assert [t.execution["stdout"] for t in x.trajectory.turns if t.execution] == [t.execution["stdout"] for t in y.trajectory.turns if t.execution]
+    assert len(a[1].completion_ids) > len(a[0].completion_ids) + 50  # the rows really diverged

@@ -106,9 +106,16 @@ class EngineOutput:
 
 
 class Engine(abc.ABC):
-    """Continues token-id rows (all rows of a step in one batch)."""
+    """Continues token-id rows (all rows of a step in one batch).
+
+    An engine whose ``early_stops`` is True also takes ``on_stop=callback`` in :meth:`generate`:
+    ``callback(b, token_ids)`` is called, during the call, once per row ``b`` whose segment ends
+    at a stop string, with the row's tokens up to it (exactly the ``token_ids`` of its later
+    output), so the caller can start that row's code while the other rows keep generating.
+    """
 
     name = "engine"
+    early_stops = False
 
     @abc.abstractmethod
     def generate(self, rows: list[EngineRow], settings: SamplingSettings) -> list[EngineOutput]:
@@ -218,6 +225,7 @@ class HFEngine(Engine):
     """
 
     name = "hf"
+    early_stops = True
 
     def __init__(self, model: Any, processor: Any, suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int):
         self.model = model
@@ -228,7 +236,7 @@ class HFEngine(Engine):
         self.pad_id = int(pad_id)
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def generate(self, rows: list[EngineRow], settings: SamplingSettings) -> list[EngineOutput]:
+    def generate(self, rows: list[EngineRow], settings: SamplingSettings, on_stop: Callable[[int, list[int]], None] | None = None) -> list[EngineOutput]:
         import torch
         from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -267,6 +275,8 @@ class HFEngine(Engine):
         procs.append(rec)
         limits = [r.max_new_tokens for r in rows]
         crit = [rep, RowTokenLimit(L, limits)]
+        if on_stop is not None and settings.stop:
+            crit.append(_StopNotifier(self, L, limits, settings.stop, on_stop))
         if settings.seed is not None:
             torch.manual_seed(int(settings.seed))
         was_training = self.model.training
@@ -287,13 +297,19 @@ class HFEngine(Engine):
             outs.append(self._finish(toks, lps[b][: len(toks)], r, rep.flags[b], ats.forced[b] if ats else [], settings.stop))
         return outs
 
-    def _finish(self, toks: list[int], lps: list[float], r: EngineRow, looped: bool, forced: list[int], stops: Sequence[str]) -> EngineOutput:
+    def stop_cut(self, toks: list[int], stops: Sequence[str]) -> tuple[list[int], int | None, int | None]:
+        """``(body, k, eos_at)``: the tokens before the first EOS, the count up to the first stop
+        string in them (None: none), and where the EOS is (None: none)."""
         eos_at = next((k for k, t in enumerate(toks) if t in self.eos_ids), None)
-        if eos_at is not None:
-            toks = toks[: eos_at + 1]
-        body = toks if eos_at is None else toks[:-1]
+        body = toks if eos_at is None else toks[:eos_at]
         # the first token whose decoded prefix contains a stop string ends the segment
         k = tokens_to_stop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), body, stops)
+        return body, k, eos_at
+
+    def _finish(self, toks: list[int], lps: list[float], r: EngineRow, looped: bool, forced: list[int], stops: Sequence[str]) -> EngineOutput:
+        body, k, eos_at = self.stop_cut(toks, stops)
+        if eos_at is not None:
+            toks = toks[: eos_at + 1]
         if k is not None:
             toks, finish = body[:k], "stop"
         elif eos_at is not None:
@@ -307,6 +323,45 @@ class HFEngine(Engine):
         for p in forced:
             lps[p] = NAN
         return EngineOutput(toks, lps, finish, 1, forced)
+
+
+class _StopNotifier:
+    """Stopping criterion that never stops a row: it tells :class:`HFEngine`'s caller, at the step
+    a row's segment reaches a stop string (``</code>``), which tokens the row's output will hold,
+    so that row's code runs in the sandbox while the other rows of the batch keep generating
+    (issue 9: "code runs ... while other trajectories keep generating"). Cost per step: one
+    decode of the last 16 tokens of each row not yet seen to stop; the exact cut (the engine's
+    :meth:`HFEngine.stop_cut`, the same as its output) only when that tail holds a stop string."""
+
+    def __init__(self, engine: HFEngine, prompt_len: int, limits: list[int], stops: Sequence[str], callback: Callable[[int, list[int]], None]):
+        self.engine, self.P, self.limits, self.stops, self.callback = engine, prompt_len, limits, tuple(stops), callback
+        self.seen = [False] * len(limits)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        n = input_ids.shape[1] - self.P
+        eos = set(self.engine.eos_ids)
+        for b, seen in enumerate(self.seen):
+            if seen or n > self.limits[b]:
+                continue
+            last = int(input_ids[b, -1])
+            if last in eos or last == self.engine.pad_id:
+                self.seen[b] = True  # ended without a stop string (or already cut): not ours
+                continue
+            tail = self.engine.tokenizer.decode(input_ids[b, max(self.P, input_ids.shape[1] - 16):].tolist(), skip_special_tokens=True)
+            if not any(st in tail for st in self.stops):
+                continue  # checked every step: a stop completed now ends in the last tokens
+            toks = input_ids[b, self.P:].tolist()
+            body, k, eos_at = self.engine.stop_cut(toks, self.stops)
+            if k is None:
+                continue
+            self.seen[b] = True
+            try:
+                self.callback(b, body[:k])
+            except Exception:  # noqa: BLE001 - the caller runs the code after the call instead
+                pass
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 # --------------------------------------------------------------------------- stop-and-resubmit ATS (vLLM)
@@ -538,6 +593,7 @@ class RolloutRunner:
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.merge = int(getattr(processor.image_processor, "merge_size", 2))
         self.vision = vision_cache(processor)
+        self._early: ThreadPoolExecutor | None = None  # set during run(): code started during an engine call
 
     # ---------------------------------------------------------------- images and prompt
     def pad_count(self, image: Any) -> int:
@@ -613,6 +669,8 @@ class RolloutRunner:
         for ro, p in zip(ros, prompts):
             if ro.mask_reason is None:
                 ro.session = opener.submit(self._open_session, list(p.images))
+        # code of a row whose segment stopped at </code> starts here while the others generate
+        self._early = ThreadPoolExecutor(max_workers=max(1, min(16, len(ros))))
         try:
             self._prefill(ros)
             for rnd in range(self.limits.max_rounds):
@@ -624,6 +682,8 @@ class RolloutRunner:
                 if not r.done:
                     self._finish(r, "max_rounds")
         finally:
+            self._early.shutdown(wait=True)  # before any session closes
+            self._early = None
             for r in ros:
                 if r.session is not None:
                     try:
@@ -667,20 +727,34 @@ class RolloutRunner:
         if not rows:
             return
         g0 = time.perf_counter()
+        early: dict[int, tuple[str, Future]] = {}  # row -> (code, its run started during the call)
+
+        def on_stop(b: int, toks: list[int]) -> None:
+            r = live[b]
+            text = self.tok.decode([t for t in toks if t != self.im_end], skip_special_tokens=True)
+            seg = protocol.parse_segment(r.open_text + text, "stop")
+            if seg.end == "code" and seg.code is not None:
+                early[b] = (seg.code, self._early.submit(self._run_code, r, seg.code))
+
         try:
             s = self.settings
             if seed is not None:
                 s = SamplingSettings(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.ats, s.stop, seed + rnd, s.repetition)
-            outs = self.engine.generate(rows, s)
+            if getattr(self.engine, "early_stops", False) and self._early is not None:
+                outs = self.engine.generate(rows, s, on_stop=on_stop)
+            else:
+                outs = self.engine.generate(rows, s)
             if len(outs) != len(rows):
                 raise RuntimeError(f"engine returned {len(outs)} outputs for {len(rows)} rows")
         except Exception as e:
+            for _, f in early.values():
+                f.exception()  # a code run started for a row never outlives its round
             for r in live:
                 self._mask(r, "engine_error", e)
             return
         dt = round(time.perf_counter() - g0, 4)
         to_run = []
-        for r, o, row in zip(live, outs, rows):
+        for b, (r, o, row) in enumerate(zip(live, outs, rows)):
             r.engine_calls += o.calls
             forced = set(o.forced)
             env = [0 if (lim.ats_code_tokens == "mask" and k in forced) else 1 for k in range(len(o.token_ids))]
@@ -705,26 +779,38 @@ class RolloutRunner:
             elif seg.end == "code":
                 r.model_code_blocks += 1
                 r.code_calls += o.calls
-                to_run.append((r, turn))
+                started = early.pop(b, None)
+                to_run.append((r, turn, started[1] if started is not None and started[0] == turn.code else None))
+                if started is not None and started[0] != turn.code:  # never expected: the same tokens
+                    started[1].exception()
+                    self._mask(r, "sandbox_error", RuntimeError(f"rollout {r.id}: the code started early differs from the segment's"))
             elif seg.end == "length":
                 total = len(r.prompt_ids) + len(r.completion_ids)
                 self._finish(r, "token_cap" if total >= lim.max_length else "length")
             else:
                 r.trajectory.answer = protocol.extract_answer(text, allow_unterminated=True)
                 self._finish(r, "answer" if r.trajectory.answer is not None else "no_answer")
+        for _, f in early.values():  # rows that ended otherwise (never expected either)
+            f.exception()
+        to_run = [t for t in to_run if t[0].mask_reason is None]
         if len(to_run) == 1:
             self._execute(*to_run[0])
         elif to_run:
             with ThreadPoolExecutor(max_workers=min(16, len(to_run))) as ex:
                 list(ex.map(lambda rt: self._execute(*rt), to_run))
 
-    def _execute(self, r: Rollout, turn: Turn) -> None:
-        """Run the turn's code; append the feedback as token ids (``env_mask`` 0) or end the rollout at a cap."""
+    def _run_code(self, r: Rollout, code: str) -> Any:
+        """The rollout's session runs ``code`` (waiting for the session's background start)."""
+        return self._session(r).run(code)
+
+    def _execute(self, r: Rollout, turn: Turn, started: Future | None = None) -> None:
+        """Run the turn's code (or take the run ``started`` during the engine call); append the
+        feedback as token ids (``env_mask`` 0) or end the rollout at a cap."""
         from ...imageio import open_image
 
         r.code_blocks += 1
         try:
-            result = self._session(r).run(turn.code)
+            result = started.result() if started is not None else self._run_code(r, turn.code)
         except Exception as e:
             self._mask(r, "sandbox_error", e)
             return
