@@ -366,3 +366,16 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
         assert [im.size for im in x.images] == [im.size for im in y.images]
         assert [t.execution["stdout"] for t in x.trajectory.turns if t.execution] == [t.execution["stdout"] for t in y.trajectory.turns if t.execution]
     assert len(a[1].completion_ids) > len(a[0].completion_ids) + 50  # the rows really diverged
+
+
+def test_a_wrapped_generate_without_on_stop_still_rolls_out(parts):
+    """A wrapper around ``HFEngine.generate`` with the plain ``(rows, settings)`` signature (as a
+    benchmark or a user's logging wrapper has) gets no ``on_stop``: its code runs after the call."""
+    from thyme.train.rl.rollout import HFEngine
+
+    script, tok, eos = _script(parts, [CODE, ANSWER])
+    engine = HFEngine(ScriptedHFModel(script, len(tok)), parts[0], [tok.convert_tokens_to_ids("<|image_pad|>")], [eos], tok.pad_token_id)
+    inner = engine.generate
+    engine.generate = lambda rows, settings: inner(rows, settings)
+    ros = _runner(engine, parts).run([parts[1], parts[1]])
+    assert all(r.mask_reason is None and r.code_ok == 1 and r.stop_reason == "answer" for r in ros)

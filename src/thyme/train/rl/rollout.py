@@ -33,6 +33,7 @@ reference's method, through :class:`StopResubmitATS`).
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import time
 import traceback
@@ -740,7 +741,7 @@ class RolloutRunner:
             s = self.settings
             if seed is not None:
                 s = SamplingSettings(s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.ats, s.stop, seed + rnd, s.repetition)
-            if getattr(self.engine, "early_stops", False) and self._early is not None:
+            if self._early is not None and _takes_on_stop(self.engine):
                 outs = self.engine.generate(rows, s, on_stop=on_stop)
             else:
                 outs = self.engine.generate(rows, s)
@@ -878,6 +879,18 @@ class RolloutRunner:
         r.trajectory.error = f"{reason}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         r.done = False
         self._finish(r, "error")
+
+
+def _takes_on_stop(engine: Any) -> bool:
+    """Whether ``engine.generate`` takes ``on_stop`` (an engine with ``early_stops``, and not a
+    wrapper around its ``generate`` with the plain ``(rows, settings)`` signature)."""
+    if not getattr(engine, "early_stops", False):
+        return False
+    try:
+        params = inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_stop" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def completion_text(r: Rollout) -> str:
