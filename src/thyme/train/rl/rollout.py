@@ -354,7 +354,7 @@ class _StopNotifier:
             if not any(st in tail for st in self.stops):
                 continue  # checked every step: a stop completed now ends in the last tokens
             toks = input_ids[b, self.P:].tolist()
-            body, k, eos_at = self.engine.stop_cut(toks, self.stops)
+            body, k, _ = self.engine.stop_cut(toks, self.stops)
             if k is None:
                 continue
             self.seen[b] = True
@@ -781,10 +781,11 @@ class RolloutRunner:
                 r.model_code_blocks += 1
                 r.code_calls += o.calls
                 started = early.pop(b, None)
-                to_run.append((r, turn, started[1] if started is not None and started[0] == turn.code else None))
                 if started is not None and started[0] != turn.code:  # never expected: the same tokens
                     started[1].exception()
                     self._mask(r, "sandbox_error", RuntimeError(f"rollout {r.id}: the code started early differs from the segment's"))
+                else:
+                    to_run.append((r, turn, started[1] if started is not None else None))
             elif seg.end == "length":
                 total = len(r.prompt_ids) + len(r.completion_ids)
                 self._finish(r, "token_cap" if total >= lim.max_length else "length")
@@ -793,7 +794,6 @@ class RolloutRunner:
                 self._finish(r, "answer" if r.trajectory.answer is not None else "no_answer")
         for _, f in early.values():  # rows that ended otherwise (never expected either)
             f.exception()
-        to_run = [t for t in to_run if t[0].mask_reason is None]
         if len(to_run) == 1:
             self._execute(*to_run[0])
         elif to_run:
