@@ -340,10 +340,15 @@ async def fetch(client: Any, method: str, url: str, limits: HTTPLimits, *, conte
                 if encoding not in ("", "identity"):
                     raise BadResponse(f"{url} answered with a {encoding!r}-compressed body although we asked for none (Accept-Encoding: identity)", "put no compressing proxy between us and the server", url=url)
                 buf = bytearray()
-                async for chunk in r.aiter_raw():
-                    buf += chunk
+                try:
+                    async for chunk in r.aiter_raw():
+                        buf += chunk
+                        if len(buf) > cap:
+                            raise _too_large(url, cap, "reading stopped there")
+                except httpx.StreamConsumed:  # a response built in memory (httpx.MockTransport)
+                    buf = bytearray(r.content)
                     if len(buf) > cap:
-                        raise _too_large(url, cap, "reading stopped there")
+                        raise _too_large(url, cap, "it was already in memory") from None
                 return Response(url, int(r.status_code), r.headers, bytes(buf), int(limits.max_json_depth))
     except TimeoutError:
         raise RequestTimeout(

@@ -184,6 +184,26 @@ def test_rule_decided_rollouts_keep_their_rewards_when_the_judge_nests(server):
     assert out[1].result.method == "judge_failed" and not out[1].valid and "not the JSON asked for" in out[1].result.detail
 
 
+@pytest.mark.parametrize("mode", ["nest", "nest_content", "wrong_types", "hang"])
+def test_rl_scoring_with_a_hostile_judge_masks_only_the_rollouts_that_needed_it(server, mode):
+    # before: a RecursionError left compute_rewards, and score_rollouts masked every rollout
+    from thyme.agent import Trajectory, Turn
+    from thyme.train.rl.data import RLPrompt
+    from thyme.train.rl.rollout import Rollout
+    from thyme.train.rl.trainer import score_rollouts
+
+    def ro(i, text):
+        t = Trajectory(id=f"x{i}", question="q", images=[], turns=[Turn(0, text, "stop", "answer")])
+        return Rollout(f"x{i}#0", f"x{i}", [1], trajectory=t)
+
+    p = RLPrompt("x", [], [], "B", "Q? A. no B. yes", {"A": "no", "B": "yes"})
+    rollouts = [ro(0, "<think>it is A</think>\n<answer>A</answer>"), ro(1, "<think>hm</think>\n<answer>maybe, who knows</answer>"), ro(2, "<think>it is A</think>\n<answer>A</answer>")]
+    out = score_rollouts(rollouts, [p] * 3, judge=_judge(server.url(mode)))
+    assert [r.mask_reason for r in rollouts] == [None, "judge_failed", None]
+    assert out[0]["total"] == 0.5 and out[2]["total"] == 0.5 and out[0]["methods"]["result"] == "option"
+    assert out[1]["total"] is None and "judge_failed" in rollouts[1].trajectory.error
+
+
 def test_eval_with_a_nesting_judge_still_writes_metrics(server, tmp_path, capsys):
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
     server.ok_content = "<answer>hmm, hard to say</answer>"  # no rule reads it: the judge is asked
