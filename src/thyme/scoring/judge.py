@@ -228,7 +228,8 @@ class JudgeClient:
         config: server and retry settings; ``base_url`` and ``model`` are required.
 
     Raises:
-        ThymeError: ``base_url`` or ``model`` missing.
+        ThymeError: ``base_url`` or ``model`` missing; a bad ``timeout_s``, ``max_response_mb``
+            or ``proxy``.
 
     Example::
 
@@ -239,6 +240,7 @@ class JudgeClient:
     def __init__(self, config: JudgeConfig):
         if not config.base_url or not config.model:
             raise ThymeError("the judge needs a server URL and a model name", "pass --judge-base-url URL --judge-model NAME (any OpenAI-compatible server: vLLM, SGLang...)")
+        config.limits()  # a bad timeout, size cap or proxy setting is named here, not per verdict
         self.config = config
         self.url = config.base_url.rstrip("/") + "/chat/completions"
 
