@@ -154,7 +154,7 @@ from typing import Any, Literal
 
 from ..config import setting
 from ..errors import ImageError, ThymeError
-from ..http import HTTPFailure, HTTPLimits, Retryable, async_client, check_proxy_setting, excerpt, fetch, fetch_sync, is_retryable_status, normalise_base_url, retrying
+from ..http import HTTPFailure, HTTPLimits, RequestTimeout, Retryable, async_client, check_proxy_setting, excerpt, fetch, fetch_sync, is_retryable_status, normalise_base_url, retrying
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -855,6 +855,7 @@ class OpenAIBackend(Backend):
         except OpenAIServerError:
             raise
         except Exception as e:  # noqa: BLE001 - wrong types in a server's answer fail this request only
+            self._count_failed()
             url = self.config.base_url + path
             raise OpenAIServerError(f"{url} answered HTTP 200 with a malformed completion ({type(e).__name__}: {excerpt(str(e), 200)})", "is this an OpenAI-compatible server?", url=url, status=200) from None
 
@@ -871,7 +872,7 @@ class OpenAIBackend(Backend):
                 r = await fetch(client, "POST", url, limits, content=payload)
             except HTTPFailure as e:
                 if e.retryable:  # deadline, connection
-                    hint = "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load" if "deadline" in e.message else "is the server running and is --base-url right (scheme, host, port, /v1)?"
+                    hint = "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load" if isinstance(e, RequestTimeout) else "is the server running and is --base-url right (scheme, host, port, /v1)?"
                     raise Retryable(OpenAIServerError(e.message, hint, url=url, retryable=True, attempts=n)) from None
                 self._count_failed()  # a flood or an unreadable stream: not worth another try
                 raise OpenAIServerError(e.message, e.hint, url=url, status=None, attempts=n) from None
