@@ -1,17 +1,55 @@
-"""HTTP helpers shared by every client of OpenAI-compatible servers (the backend, the judge).
+"""The one HTTP client of every caller that talks to a server: the ``openai`` backend
+(generation, model listing, server info), the judge (:mod:`thyme.scoring.judge`), and the
+coming data-construction teacher.
 
-One retry policy for both (:func:`retrying`, on tenacity): the retryable statuses
-:data:`RETRYABLE_STATUSES` (408, 409, 425, 429 and every 5xx), timeouts and connection errors;
+Servers are untrusted input (docs: threat model, class "Hostile or broken servers"): a server
+may trickle its answer one byte at a time, flood gigabytes, nest JSON 100000 deep, hang after
+accepting, or answer garbage. Every request made here therefore has:
+
+- **a whole-request deadline** (:attr:`HTTPLimits.deadline_s`): connecting, sending and reading
+  the *whole* body, enforced with :func:`asyncio.timeout` around a streamed read (httpx's own
+  timeouts are per socket operation, so a trickled body would hold a request for ever). Raised
+  as :class:`RequestTimeout` (retryable).
+- **a response size cap** (:attr:`HTTPLimits.max_response_bytes`): the body is read in chunks
+  and the read stops as soon as the cap is passed (a ``Content-Length`` over the cap is refused
+  before reading): :class:`ResponseTooLarge`, naming the URL and the cap (not retryable). We ask
+  for ``Accept-Encoding: identity``; a compressed answer is refused (:class:`BadResponse`), so
+  the cap counts what is held in memory.
+- **a bounded JSON parse** (:func:`loads_bounded`, :meth:`Response.json`): any parse failure
+  (invalid JSON, nesting over :attr:`HTTPLimits.max_json_depth`, ``RecursionError``) is a
+  :class:`BadResponse` of that request only.
+- **nothing blocking inside an event loop**: async callers use :func:`fetch`; the blocking
+  :func:`fetch_sync` is for synchronous callers (it runs the same code on a private loop, in a
+  helper thread when the calling thread already runs a loop).
+- **one proxy policy** (:func:`resolve_proxy`, the ``proxy`` setting of each caller's config):
+  ``"env"`` (default) honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` and ``NO_PROXY``
+  (upper or lower case) the same way for every call; loopback hosts (``localhost``,
+  ``127.0.0.0/8``, ``::1``) always go direct, so a local server's bearer key never leaves the
+  machine through a proxy; ``"none"`` ignores the environment; an ``http(s)://`` URL sends every
+  call through that proxy. The proxy is resolved once per client from the server URL (httpx's
+  own ``trust_env`` is off).
+
+One retry policy (:func:`retrying`, on tenacity): the retryable statuses
+:data:`RETRYABLE_STATUSES` (408, 409, 425, 429 and every 5xx), deadlines and connection errors;
 exponential backoff with the same jitter (:func:`retry_delay`), a server's ``Retry-After``
-honoured up to the cap.
+honoured up to the cap. Each attempt has its own deadline: a call takes at most
+``(max_retries + 1) * deadline_s`` plus the backoff delays.
 
-Ground floor: imports nothing of thyme.
+Ground floor: imports only :mod:`thyme.errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import ipaddress
+import json
 import random
-from typing import Any, Awaitable, Callable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from urllib.parse import urlparse
+
+from .errors import ThymeError
 
 T = TypeVar("T")
 
@@ -19,10 +57,54 @@ T = TypeVar("T")
 #: too many requests.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 
+#: Proxy policies besides an explicit ``http(s)://`` proxy URL (see the module docstring).
+PROXY_POLICIES = ("env", "none")
+
+#: Default depth limit of JSON read from a server (an OpenAI response is about 5 deep).
+MAX_JSON_DEPTH = 64
+
 
 def is_retryable_status(status: int) -> bool:
     """Whether an HTTP status is worth another try: 408, 409, 425, 429 or any 5xx."""
     return status in RETRYABLE_STATUSES or 500 <= int(status) <= 599
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class HTTPFailure(ThymeError):
+    """A request failed before a usable answer came back (base class; names the URL).
+
+    Attributes:
+        url: the URL requested.
+        retryable: whether another try may help (deadline, connection), not for a flood or garbage.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, hint: str | None = None, *, url: str = ""):
+        super().__init__(message, hint)
+        self.url = url
+
+
+class RequestTimeout(HTTPFailure):
+    """The whole request (connect, send, the whole body) did not finish within its deadline."""
+
+    retryable = True
+
+
+class ConnectFailed(HTTPFailure):
+    """The server could not be reached, or dropped the connection (httpx transport errors)."""
+
+    retryable = True
+
+
+class ResponseTooLarge(HTTPFailure):
+    """The response body is larger than the cap (reading stopped at the cap)."""
+
+
+class BadResponse(HTTPFailure):
+    """The response cannot be read: not JSON, nested too deep, compressed, wrong types."""
 
 
 class Retryable(Exception):
@@ -37,6 +119,287 @@ class Retryable(Exception):
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def json_depth_exceeds(obj: Any, max_depth: int) -> bool:
+    """Whether ``obj`` (parsed JSON) nests dicts / lists deeper than ``max_depth``; iterative,
+    linear in the number of containers and items."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > max_depth:
+            return True
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, list) else ()
+        for v in items:
+            if isinstance(v, (dict, list)):
+                stack.append((v, d + 1))
+    return False
+
+
+def loads_bounded(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a nesting limit; every failure is a ``ValueError``.
+
+    Args:
+        text: the JSON document (bytes are decoded as UTF-8).
+        max_depth: most nested dicts / lists accepted (a scalar is depth 0, ``[1]`` depth 1).
+
+    Raises:
+        ValueError: invalid JSON or UTF-8, nesting over ``max_depth`` (also when Python's own
+            parser hits its recursion limit first), or any other parse failure.
+    """
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse failure is the document's
+        raise ValueError(f"cannot parse JSON ({type(e).__name__}: {e})") from None
+    if isinstance(obj, (dict, list)) and json_depth_exceeds(obj, max_depth):
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return obj
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """What one request may take (each caller builds it from its own config section).
+
+    Attributes:
+        deadline_s: seconds for the whole request: connect, send, status, headers, whole body.
+        connect_s: seconds for connecting (within the deadline).
+        max_response_bytes: largest response body read (bytes); more is :class:`ResponseTooLarge`.
+        max_json_depth: deepest JSON nesting accepted by :meth:`Response.json`.
+        proxy: ``"env"``, ``"none"`` or a proxy URL (:func:`resolve_proxy`).
+    """
+
+    deadline_s: float = 60.0
+    connect_s: float = 10.0
+    max_response_bytes: int = 32 * 1024 * 1024
+    max_json_depth: int = MAX_JSON_DEPTH
+    proxy: str = "env"
+
+
+def check_proxy_setting(proxy: Any, name: str = "proxy") -> None:
+    """Raise :class:`ThymeError` unless ``proxy`` is ``"env"``, ``"none"`` or an http(s) URL."""
+    if isinstance(proxy, str) and (proxy in PROXY_POLICIES or proxy.startswith(("http://", "https://"))):
+        return
+    raise ThymeError(f"{name} must be 'env', 'none' or an http(s):// proxy URL, got {proxy!r}", "'env' honours HTTP(S)_PROXY / NO_PROXY; 'none' ignores them")
+
+
+def _is_loopback(host: str) -> bool:
+    h = (host or "").strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_proxy(url: str, proxy: str = "env", environ: Mapping[str, str] | None = None) -> str | None:
+    """The proxy URL a request to ``url`` goes through, or ``None`` for a direct connection.
+
+    ``"env"``: ``HTTPS_PROXY`` (``https://`` URLs) / ``HTTP_PROXY`` (``http://``), else
+    ``ALL_PROXY`` (lower-case names too, lower case first, as curl), unless the host matches
+    ``NO_PROXY`` (comma-separated host names, domain suffixes, ``*``); loopback hosts are always
+    direct. ``"none"``: direct. An ``http(s)://`` URL: that proxy for every request (loopback
+    included: the user asked for it).
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+    """
+    import os
+
+    if proxy == "none":
+        return None
+    if proxy != "env":
+        check_proxy_setting(proxy)
+        return proxy
+    env = os.environ if environ is None else environ
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    if _is_loopback(host):
+        return None
+
+    def get(name: str) -> str | None:
+        return env.get(name.lower()) or env.get(name.upper()) or None
+
+    no_proxy = get("no_proxy") or ""
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        entry = entry.split(":", 1)[0] if entry.count(":") == 1 else entry  # host:port
+        entry = entry.lstrip(".").lstrip("*.")
+        if host.lower() == entry or host.lower().endswith("." + entry):
+            return None
+    scheme = (parsed.scheme or "http").lower()
+    found = get(f"{scheme}_proxy") or get("all_proxy")
+    return found or None
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Response:
+    """A whole response read within the limits.
+
+    Attributes:
+        url: the URL requested.
+        status: the HTTP status.
+        headers: the response headers (case-insensitive ``get``).
+        body: the body bytes (at most the cap).
+    """
+
+    url: str
+    status: int
+    headers: Any
+    body: bytes
+    max_json_depth: int = MAX_JSON_DEPTH
+
+    @property
+    def status_code(self) -> int:
+        return self.status
+
+    @property
+    def text(self) -> str:
+        """The body decoded as UTF-8 (invalid bytes replaced)."""
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON within the depth limit.
+
+        Raises:
+            BadResponse: not JSON, or nested too deep (names the URL).
+        """
+        try:
+            return loads_bounded(self.body, self.max_json_depth)
+        except ValueError as e:
+            raise BadResponse(f"{self.url} answered HTTP {self.status} with a body that is not usable JSON ({e}): {excerpt(self.text, 300)!r}", url=self.url) from None
+
+
+def excerpt(text: str, n: int = 1000) -> str:
+    """The start of ``text`` on one line (at most ``n`` characters, ``...`` when cut)."""
+    t = (text or "")[: n + 1].strip().replace("\n", " ")
+    return t if len(t) <= n else t[:n] + "..."
+
+
+def async_client(url: str, limits: HTTPLimits, *, headers: Mapping[str, str] | None = None, max_connections: int = 16) -> Any:
+    """An ``httpx.AsyncClient`` for the server at ``url`` with the proxy policy of ``limits``
+    (environment not read by httpx itself), per-operation timeouts no longer than the deadline,
+    and ``Accept-Encoding: identity``. Close it with ``await client.aclose()``."""
+    import httpx
+
+    h = {"Accept-Encoding": "identity"}
+    h.update(headers or {})
+    n = max(1, int(max_connections))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(limits.deadline_s, connect=min(limits.connect_s, limits.deadline_s)),
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        headers=h,
+        proxy=resolve_proxy(url, limits.proxy),
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+async def fetch(client: Any, method: str, url: str, limits: HTTPLimits, *, content: bytes | None = None, json_body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
+    """Send one request and read the whole response within ``limits`` (module docstring).
+
+    Args:
+        client: from :func:`async_client` (any ``httpx.AsyncClient`` works).
+        content / json_body: the request body (bytes, or a value sent as JSON).
+
+    Returns:
+        The :class:`Response`, whatever its status.
+
+    Raises:
+        RequestTimeout: the deadline passed (retryable).
+        ConnectFailed: connection refused / reset / closed early (retryable).
+        ResponseTooLarge: the body is over ``limits.max_response_bytes``.
+        BadResponse: a compressed body or an undecodable HTTP stream.
+    """
+    import httpx
+
+    cap = int(limits.max_response_bytes)
+    try:
+        async with asyncio.timeout(limits.deadline_s):
+            async with client.stream(method, url, content=content, json=json_body, headers=headers) as r:
+                declared = r.headers.get("content-length", "")
+                if declared.strip().isdigit() and int(declared) > cap:
+                    raise _too_large(url, cap, f"it declares {int(declared)} bytes")
+                encoding = r.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise BadResponse(f"{url} answered with a {encoding!r}-compressed body although we asked for none (Accept-Encoding: identity)", "put no compressing proxy between us and the server", url=url)
+                buf = bytearray()
+                try:
+                    async for chunk in r.aiter_raw():
+                        buf += chunk
+                        if len(buf) > cap:
+                            raise _too_large(url, cap, "reading stopped there")
+                except httpx.StreamConsumed:  # a response built in memory (httpx.MockTransport)
+                    buf = bytearray(r.content)
+                    if len(buf) > cap:
+                        raise _too_large(url, cap, "it was already in memory") from None
+                return Response(url, int(r.status_code), r.headers, bytes(buf), int(limits.max_json_depth))
+    except TimeoutError:
+        raise RequestTimeout(
+            f"request to {url} did not finish within its deadline of {limits.deadline_s:g} s (connect, send and the whole response)",
+            "raise the timeout (timeout_s), lower the concurrency, or check the server's load",
+            url=url,
+        ) from None
+    except httpx.TimeoutException as e:
+        raise RequestTimeout(f"request to {url} timed out ({type(e).__name__}) within its deadline of {limits.deadline_s:g} s", "raise the timeout (timeout_s) or check the server's load", url=url) from None
+    except httpx.TransportError as e:
+        if isinstance(e, (httpx.DecodingError, httpx.UnsupportedProtocol)):
+            raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
+        raise ConnectFailed(f"cannot reach {url}: {type(e).__name__}: {e}", "is the server running and is the URL right (scheme, host, port, /v1)?", url=url) from None
+    except httpx.HTTPError as e:
+        raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
+
+
+def _too_large(url: str, cap: int, why: str) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"{url} answered with a body over the cap of {cap} bytes ({cap / 2**20:g} MiB; {why})",
+        "a chat completion is a few KiB: check the URL, or raise max_response_mb if the server really answers that much",
+        url=url,
+    )
+
+
+def run_sync(coro: Awaitable[T]) -> T:
+    """Run a coroutine to completion from synchronous code: on a private event loop, in a helper
+    thread when this thread already runs one (that caller then waits, bounded by the deadlines)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thyme-http-sync") as ex:
+        return ex.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
+
+
+def fetch_sync(method: str, url: str, limits: HTTPLimits, *, content: bytes | None = None, json_body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
+    """Blocking :func:`fetch` with a one-request client (for synchronous callers only; async
+    code uses :func:`fetch`). Same limits, proxy policy and errors."""
+
+    async def go() -> Response:
+        client = async_client(url, limits, headers=headers, max_connections=1)
+        try:
+            return await fetch(client, method, url, limits, content=content, json_body=json_body)
+        finally:
+            await client.aclose()
+
+    return run_sync(go())
+
+
+# --------------------------------------------------------------------------- retries
 
 
 async def retrying(

@@ -127,6 +127,15 @@ Any other 4xx is not retried: :class:`OpenAIServerError` (a :class:`~thyme.error
 names the server, the status and an excerpt of the body, with a hint. When some requests of a
 batch fail, the others still complete; :class:`OpenAIBatchError` then carries every result and
 error by position.
+
+The server is untrusted (threat model, class "Hostile or broken servers"): every call goes
+through :mod:`thyme.http` (generation, ``GET /models``, the server info of ``describe``), so
+``timeout_s`` is the deadline of the *whole* request (a body trickled byte by byte fails at
+the deadline, as a timeout), the answer is read up to ``max_response_mb`` MiB (more: an error
+naming the URL and the cap, not retried), JSON nested over 64 levels, non-JSON and wrong types
+fail that request only, and one proxy policy (``proxy``: ``"env"`` by default: the
+``HTTP(S)_PROXY`` / ``NO_PROXY`` variables, loopback always direct) holds for every call. The
+error path never blocks the event loop (a 404's hint lists the models with an async request).
 """
 
 from __future__ import annotations
@@ -145,7 +154,7 @@ from typing import Any, Literal
 
 from ..config import setting
 from ..errors import ImageError, ThymeError
-from ..http import Retryable, is_retryable_status, normalise_base_url, retrying
+from ..http import HTTPFailure, HTTPLimits, RequestTimeout, Retryable, async_client, check_proxy_setting, excerpt, fetch, fetch_sync, is_retryable_status, normalise_base_url, retrying
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -180,7 +189,13 @@ class OpenAIConfig:
     resize_factor: int = setting(28, help="both image sides become multiples of this (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)", source="Qwen2.5-VL")
     image_format: Literal["auto", "jpeg", "png"] = setting("auto", help="how images are uploaded (see thyme.backends.openai)", source="ours")
     jpeg_quality: int = setting(95, help="JPEG quality of re-encoded images (1-100)", source="ours")
-    timeout_s: float = setting(600.0, help="seconds one HTTP request may take (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)", source="ours")
+    timeout_s: float = setting(
+        600.0, help="deadline of one HTTP request in seconds: connect, send and the whole answer (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)", source="ours"
+    )
+    max_response_mb: float = setting(32.0, help="largest answer read from the server, in MiB (reading stops there: an error naming the URL and the cap)", source="ours")
+    proxy: str = setting(
+        "env", help="proxy policy of every call (generation, model listing): 'env' honours HTTP(S)_PROXY/ALL_PROXY/NO_PROXY (loopback always direct), 'none' ignores them, or an http(s):// proxy URL", source="ours"
+    )
     max_retries: int = setting(5, help="retries of a request after HTTP 408/409/425/429/5xx, a timeout or a connection error", source="ours")
     backoff_s: float = setting(1.0, help="first retry delay in seconds (doubles per retry, plus up to 25% jitter)", source="ours")
     max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After)", source="ours")
@@ -214,6 +229,9 @@ class OpenAIConfig:
             raise ThymeError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality!r}")
         if not (self.timeout_s > 0 and self.max_retries >= 0 and self.backoff_s >= 0 and self.max_backoff_s >= 0):
             raise ThymeError("timeout_s must be > 0 and max_retries, backoff_s, max_backoff_s >= 0")
+        if isinstance(self.max_response_mb, bool) or not isinstance(self.max_response_mb, (int, float)) or not self.max_response_mb > 0:
+            raise ThymeError(f"max_response_mb must be a positive number of MiB, got {self.max_response_mb!r}")
+        check_proxy_setting(self.proxy, "proxy")
         if self.extra_body is not None and not isinstance(self.extra_body, dict):
             raise ThymeError(f"extra_body must be a JSON object, got {type(self.extra_body).__name__}")
 
@@ -546,17 +564,28 @@ class OpenAIBackend(Backend):
         return self._server_info or None
 
     def list_models(self) -> list[dict[str, Any]]:
-        """``GET {base_url}/models``'s ``data`` list (empty on any error)."""
-        import httpx
-
+        """``GET {base_url}/models``'s ``data`` list (empty on any error: a deadline of
+        min(10, timeout_s) s, the size cap, the proxy policy and the JSON depth limit of every
+        call; blocking, for synchronous callers: the backend's own loop uses the async form)."""
+        url = self.config.base_url + "/models"
         try:
-            r = httpx.get(self.config.base_url + "/models", headers=self._headers(), timeout=min(10.0, self.config.timeout_s))
-            if r.status_code != 200:
-                return []
-            data = r.json().get("data", [])
-            return data if isinstance(data, list) else []
-        except Exception:
+            return _model_cards(fetch_sync("GET", url, self._limits(min(10.0, self.config.timeout_s)), headers=self._headers()))
+        except Exception:  # noqa: BLE001 - a listing is best effort, whatever the server sent
             return []
+
+    async def _alist_models(self, client: Any) -> list[dict[str, Any]]:
+        """:meth:`list_models` on the backend's loop and client (never blocks the loop)."""
+        url = self.config.base_url + "/models"
+        try:
+            return _model_cards(await fetch(client, "GET", url, self._limits(min(10.0, self.config.timeout_s))))
+        except Exception:  # noqa: BLE001 - best effort
+            return []
+
+    def _limits(self, deadline_s: float | None = None) -> HTTPLimits:
+        """The limits of every request to the server (:class:`thyme.http.HTTPLimits`)."""
+        cfg = self.config
+        d = float(cfg.timeout_s if deadline_s is None else deadline_s)
+        return HTTPLimits(deadline_s=d, connect_s=min(10.0, d), max_response_bytes=int(cfg.max_response_mb * 1024 * 1024), proxy=cfg.proxy)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -804,14 +833,9 @@ class OpenAIBackend(Backend):
         return {"Authorization": f"Bearer {self.config.api_key or 'EMPTY'}", "Content-Type": "application/json"}
 
     async def _get_client(self) -> Any:
-        import httpx
-
         if self._client is None:
             cfg = self.config
-            limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)), limits=limits, headers=self._headers(), trust_env=False
-            )
+            self._client = async_client(cfg.base_url, self._limits(), headers=self._headers(), max_connections=cfg.concurrency)
             self._sem = asyncio.Semaphore(cfg.concurrency)
         return self._client
 
@@ -826,39 +850,44 @@ class OpenAIBackend(Backend):
             payload = _json.dumps(body, ensure_ascii=False).encode("utf-8")
             del body
             data = await self._post(client, path, payload)
-        return self.parse_response(data, request)
+        try:
+            return self.parse_response(data, request)
+        except OpenAIServerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - wrong types in a server's answer fail this request only
+            self._count_failed()
+            url = self.config.base_url + path
+            raise OpenAIServerError(f"{url} answered HTTP 200 with a malformed completion ({type(e).__name__}: {excerpt(str(e), 200)})", "is this an OpenAI-compatible server?", url=url, status=200) from None
 
     async def _post(self, client: Any, path: str, payload: bytes) -> dict[str, Any]:
-        import httpx
-
         cfg = self.config
         url = cfg.base_url + path
+        limits = self._limits()
 
         async def attempt(n: int) -> dict[str, Any]:
             with self._stats_lock:
                 self.stats["requests"] += 1
                 self.stats["upload_bytes"] += len(payload)
             try:
-                r = await client.post(url, content=payload)
-            except httpx.TimeoutException as e:
-                raise Retryable(OpenAIServerError(
-                    f"request to {url} timed out after {cfg.timeout_s:g} s ({type(e).__name__})",
-                    "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load",
-                    url=url, retryable=True, attempts=n,
-                )) from None
-            except httpx.TransportError as e:
-                raise Retryable(OpenAIServerError(
-                    f"cannot reach {url}: {type(e).__name__}: {e}",
-                    "is the server running and is --base-url right (scheme, host, port, /v1)?",
-                    url=url, retryable=True, attempts=n,
-                )) from None
+                r = await fetch(client, "POST", url, limits, content=payload)
+            except HTTPFailure as e:
+                if e.retryable:  # deadline, connection
+                    hint = "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load" if isinstance(e, RequestTimeout) else "is the server running and is --base-url right (scheme, host, port, /v1)?"
+                    raise Retryable(OpenAIServerError(e.message, hint, url=url, retryable=True, attempts=n)) from None
+                self._count_failed()  # a flood or an unreadable stream: not worth another try
+                raise OpenAIServerError(e.message, e.hint, url=url, status=None, attempts=n) from None
             if r.status_code == 200:
                 try:
-                    return r.json()
-                except ValueError:
+                    data = r.json()
+                except HTTPFailure as e:
                     self._count_failed()
-                    raise OpenAIServerError(f"{url} answered HTTP 200 with a body that is not JSON: {_excerpt(r.text)!r}", url=url, status=200, body=_excerpt(r.text), attempts=n) from None
-            err = self._http_error(url, r, n)
+                    raise OpenAIServerError(e.message, "is this an OpenAI-compatible server?", url=url, status=200, body=_excerpt(r.text), attempts=n) from None
+                if not isinstance(data, dict):
+                    self._count_failed()
+                    raise OpenAIServerError(f"{url} answered HTTP 200 with JSON that is not an object: {_excerpt(r.text)!r}", "is this an OpenAI-compatible server?", url=url, status=200, body=_excerpt(r.text), attempts=n)
+                return data
+            names = await self._alist_models(client) if r.status_code == 404 else None
+            err = self._http_error(url, r, n, names)
             if err.retryable:
                 raise Retryable(err, r.headers.get("retry-after"))
             self._count_failed()
@@ -883,7 +912,9 @@ class OpenAIBackend(Backend):
         with self._stats_lock:
             self.stats["failed"] += 1
 
-    def _http_error(self, url: str, r: Any, attempt: int) -> OpenAIServerError:
+    def _http_error(self, url: str, r: Any, attempt: int, names: list[Any] | None = None) -> OpenAIServerError:
+        """The error of a non-200 answer; ``names``: the served models (for a 404's hint),
+        listed by the caller on its own loop (never a blocking request here)."""
         status = int(r.status_code)
         body = _excerpt(r.text)
         retryable = is_retryable_status(status)
@@ -897,7 +928,7 @@ class OpenAIBackend(Backend):
         elif status in (401, 403):
             hint = "check the API key (api_key / --api-key) the server was started with"
         elif status == 404:
-            names = [c.get("id") for c in self.list_models() if isinstance(c, dict)]
+            names = [c.get("id") for c in (names or []) if isinstance(c, dict)]
             hint = f"check --base-url (it usually ends in /v1) and the served model name (--model); the server lists: {names}" if names else "check --base-url (it usually ends in /v1) and the served model name (--model)"
         elif "continue_final_message" in low or "add_generation_prompt" in low or "include_stop_str_in_output" in low or "no_stop_trim" in low:
             hint = (
@@ -976,7 +1007,15 @@ def _collect(results: list[Generation | None], errors: list[BaseException | None
 
 
 def _excerpt(text: str, n: int = 1000) -> str:
-    t = (text or "").strip().replace("\n", " ")
-    return t if len(t) <= n else t[:n] + "..."
+    return excerpt(text, n)
+
+
+def _model_cards(r: Any) -> list[dict[str, Any]]:
+    """The ``data`` list of a ``GET /models`` answer (raises on anything else)."""
+    if r.status_code != 200:
+        return []
+    data = r.json()
+    cards = data.get("data", []) if isinstance(data, dict) else []
+    return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else []
 
 
