@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 from thyme.backends.ats import GreedyInsideCode, LogprobRecorder  # noqa: E402
 from thyme.backends.hf import capture_vision_inputs  # noqa: E402
 from thyme.backends.repetition import RepetitionRule, RepetitionStoppingCriteria  # noqa: E402
-from thyme.rollout.kv_cache import KVCacheSession, image_runs  # noqa: E402
+from thyme.rollout.kv_cache import KVCachePool, KVCacheSession, image_runs  # noqa: E402
 from thyme.testing.tiny_checkpoint import ARCHS  # noqa: E402
 
 REAL_IMAGE = CORPUS / "thyme" / "images" / "case1-2.jpg"
@@ -407,3 +407,40 @@ def test_bad_input_is_refused_with_a_clear_error(tiny_root):
     assert sess.stats.calls == 0
     got = sess.generate(ids, [im0], 4, generation_config=t.gc(max_new_tokens=4))  # still usable
     _assert_same(got, *t.full(ids, [im0], t.gc(max_new_tokens=4))[:2])
+
+
+# --------------------------------------------------------------------------- the pool (drivers without trajectory names)
+
+
+def test_pool_matches_rows_to_their_previous_round(tiny_root):
+    t = _load("qwen2_5_vl", tiny_root)
+    gc = t.gc(max_new_tokens=6)
+    a0, b0 = _image(160, 120, 22), _image(120, 160, 23)
+    crops = {"a": _image(84, 84, 24), "b": _image(112, 84, 25)}
+    pool = KVCachePool(t.model, t.proc, max_sessions=3)
+    # rows: two questions, the first one twice (a group of G=2 with one prompt: greedy, identical)
+    rows = [("a", t.prompt(a0), [a0]), ("a", t.prompt(a0), [a0]), ("b", t.prompt(b0), [b0])]
+    first = pool.assign([ids for _, ids, _ in rows])
+    assert len({id(s) for s in first}) == 3
+    outs = [s.generate(ids, ims, 6, generation_config=gc) for s, (_, ids, ims) in zip(first, rows)]
+    # next round, rows in another order: each finds its own session again
+    nxt = []
+    for (k, ids, ims), o in zip(rows, outs):
+        nxt.append((k, ids + o.token_ids + t.feedback(crops[k], " c"), ims + [crops[k]]))
+    order = [2, 0, 1]
+    second = pool.assign([nxt[i][1] for i in order])
+    assert second[0] is first[2] and {id(second[1]), id(second[2])} == {id(first[0]), id(first[1])}
+    for s, i in zip(second, order):
+        k, ids, ims = nxt[i]
+        got = s.generate(ids, ims, 6, generation_config=gc)
+        assert got.reused_tokens == len(rows[i][1]) + 5
+        _assert_same(got, *t.full(ids, ims, gc)[:2])
+    st = pool.stats()
+    assert (st.calls, st.full_prefills, st.fallbacks) == (6, 3, 0)
+    # a fourth conversation evicts the least recently used session (max_sessions=3)
+    c0 = _image(100, 100, 26)
+    (s4,) = pool.assign([t.prompt(c0)])
+    assert s4 not in second and len(pool.sessions) == 3 and second[0] not in pool.sessions
+    assert pool.stats().calls == 6  # the dropped session's counters are kept
+    pool.clear()
+    assert pool.sessions == [] and pool.stats().calls == 6

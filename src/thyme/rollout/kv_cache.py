@@ -52,7 +52,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["KVCacheSession", "KVCacheStats", "KVGeneration", "image_runs"]
+__all__ = ["KVCachePool", "KVCacheSession", "KVCacheStats", "KVGeneration", "image_runs"]
 
 
 @dataclass
@@ -489,3 +489,74 @@ class KVCacheSession:
             pad_token_id=pad_token_id, suppress_tokens=list(suppress_tokens) if suppress_tokens else None,
             stop_strings=list(stop_strings) if stop_strings else None,
         )
+
+
+class KVCachePool:
+    """Sessions for a driver that does not name its trajectories: each call's rows are matched
+    to the session whose cached ids are a prefix of the row's ids (the trajectory's previous
+    round), else to a fresh one; the least recently used sessions are dropped beyond
+    ``max_sessions``.
+
+    Args:
+        model / processor / vision / match_images: as :class:`KVCacheSession`.
+        max_sessions: caches kept (each holds ``2 x layers x kv_heads x head_dim x tokens``
+            values; a 7B Qwen2.5-VL: ~57 KB per token in bfloat16, so ~0.4 GB per 7k-token row).
+
+    Use: ``for sess, row in zip(pool.assign([r.ids for r in rows]), rows): sess.generate(row.ids, ...)``.
+    Rows are generated one at a time (a batch of one per session).
+    """
+
+    def __init__(self, model: Any, processor: Any, *, vision: Any = None, match_images: str = "content", max_sessions: int = 64):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions={max_sessions}: at least 1")
+        self.model, self.processor, self.vision, self.match_images = model, processor, vision, match_images
+        self.max_sessions = int(max_sessions)
+        self.sessions: list[KVCacheSession] = []  # least recently used first
+        self._retired = KVCacheStats()  # counters of dropped sessions
+
+    def assign(self, rows_ids: Sequence[Sequence[int]]) -> list[KVCacheSession]:
+        """One distinct session per row (in order): the free session with the longest cached
+        prefix of the row's ids, else a new one. Sessions assigned move to the recent end."""
+        taken: set[int] = set()
+        out: list[KVCacheSession] = []
+        for ids in rows_ids:
+            ids = list(ids)
+            best, best_n = None, 0
+            for s in self.sessions:
+                n = len(s.cached_ids)
+                if id(s) in taken or n == 0 or n <= best_n or n > len(ids):
+                    continue
+                if ids[:n] == s.cached_ids:
+                    best, best_n = s, n
+            if best is None:
+                best = KVCacheSession(self.model, self.processor, vision=self.vision, match_images=self.match_images)
+                self.sessions.append(best)
+            taken.add(id(best))
+            out.append(best)
+        keep = [s for s in self.sessions if id(s) not in taken] + [s for s in out]
+        while len(keep) > max(self.max_sessions, len(out)):
+            self._retire(keep.pop(0))
+        self.sessions = keep
+        return out
+
+    def _retire(self, s: KVCacheSession) -> None:
+        for f in _STAT_FIELDS:
+            setattr(self._retired, f, getattr(self._retired, f) + getattr(s.stats, f))
+        s.reset()
+
+    def stats(self) -> KVCacheStats:
+        """Counters summed over every session this pool has held."""
+        tot = KVCacheStats(**{f: getattr(self._retired, f) for f in _STAT_FIELDS})
+        for s in self.sessions:
+            for f in _STAT_FIELDS:
+                setattr(tot, f, getattr(tot, f) + getattr(s.stats, f))
+        return tot
+
+    def clear(self) -> None:
+        """Drop every cache (after a weight update); the counters stay."""
+        for s in self.sessions:
+            self._retire(s)
+        self.sessions = []
+
+
+_STAT_FIELDS = ("calls", "prefill_tokens", "reused_tokens", "full_prefills", "fallbacks", "images_encoded")
