@@ -50,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 __all__ = ["KVCachePool", "KVCacheSession", "KVCacheStats", "KVGeneration", "image_runs"]
 
@@ -297,7 +297,6 @@ class KVCacheSession:
         stopping_criteria: Sequence[Any] = (),
         logprobs: bool = True,
         streamer: Any = None,
-        on_forward: Callable[[int], None] | None = None,
     ) -> KVGeneration:
         """Continue ``ids`` and keep the cache (sampled tokens included) for the next call.
 
@@ -323,8 +322,7 @@ class KVCacheSession:
                 built by the caller with ``prompt_len = len(ids)`` (``generate`` sees the full ids).
             logprobs: record the sampled tokens' log-probabilities (a
                 :class:`thyme.backends.ats.LogprobRecorder` placed last).
-            streamer: passed to ``generate``.
-            on_forward: called with the token count of this call's prefill forward.
+            streamer: passed to ``generate`` (its first ``put`` gets the full ``ids``, as without a cache).
 
         Returns:
             :class:`KVGeneration`.
@@ -448,8 +446,6 @@ class KVCacheSession:
         self.stats.reused_tokens += p
         self.stats.full_prefills += int(p == 0)
         self.stats.images_encoded += len(new_images)
-        if on_forward is not None:
-            on_forward(prefill)
         lps = rec.finish(seqs)[0][: len(new)] if rec is not None else []
         return KVGeneration(
             token_ids=new,
