@@ -104,9 +104,9 @@ def main() -> int:
 
     def feedback(im, r):
         g = vision.one(im)[1][0]
-        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-        return (enc("\n<sandbox_output>") + [vs] + [pad] * (int(g.prod()) // 4) + [ve]
-                + enc(f"Saved /mnt/data/temp_processed_images/crop_{r}.png (600x600)\n</sandbox_output>"))
+        text = f"Saved /mnt/data/temp_processed_images/crop_{r}.png (600x600)\n</sandbox_output>"
+        return (tok.encode("\n<sandbox_output>", add_special_tokens=False) + [vs] + [pad] * (int(g.prod()) // 4) + [ve]
+                + tok.encode(text, add_special_tokens=False))
 
     prompt = expand(ids0, im0)
     gc = GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=eos[1],

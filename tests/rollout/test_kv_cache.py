@@ -15,18 +15,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from thyme.backends.ats import GreedyInsideCode, LogprobRecorder
+from thyme.backends.hf import capture_vision_inputs
+from thyme.backends.repetition import RepetitionRule, RepetitionStoppingCriteria
+from thyme.rollout.kv_cache import KVCachePool, KVCacheSession, image_runs
+from thyme.testing.tiny_checkpoint import ARCHS
+
 from ..conftest import CORPUS
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from thyme.backends.ats import GreedyInsideCode, LogprobRecorder  # noqa: E402
-from thyme.backends.hf import capture_vision_inputs  # noqa: E402
-from thyme.backends.repetition import RepetitionRule, RepetitionStoppingCriteria  # noqa: E402
-from thyme.rollout.kv_cache import KVCachePool, KVCacheSession, image_runs  # noqa: E402
-from thyme.testing.tiny_checkpoint import ARCHS  # noqa: E402
 
 REAL_IMAGE = CORPUS / "thyme" / "images" / "case1-2.jpg"
 NEW_TOKENS = 10
@@ -57,17 +55,16 @@ class Tiny:
 
     def feedback(self, im, text: str) -> list[int]:
         t, h, w = self.grid(im)
-        enc = lambda s: self.tok.encode(s, add_special_tokens=False)  # noqa: E731
-        ids = enc("\n<sandbox_output>")
+        ids = self.tok.encode("\n<sandbox_output>", add_special_tokens=False)
         if im is not None:
             ids += [self.vs] + [self.pad] * (t * h * w // 4) + [self.ve]
-        return ids + enc(text + "</sandbox_output>")
+        return ids + self.tok.encode(text + "</sandbox_output>", add_special_tokens=False)
 
     def gc(self, **kw):
         from transformers import GenerationConfig
 
-        base = dict(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=self.eos, pad_token_id=self.eos[1],
-                    suppress_tokens=self.eos + [self.pad, self.vs, self.ve], num_beams=1)
+        base = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "eos_token_id": self.eos, "pad_token_id": self.eos[1],
+                "suppress_tokens": self.eos + [self.pad, self.vs, self.ve], "num_beams": 1}
         base.update(kw)
         return GenerationConfig(**base)
 
@@ -96,7 +93,7 @@ class Tiny:
         return new, rec.finish(seqs)[0][: len(new)], (ats.forced[0] if ats else []), (rep.flags[0] if rep else False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(arch: str, root: str) -> Tiny:
     from pathlib import Path
 

@@ -43,14 +43,27 @@ see exactly what they see without a cache.
 
 Validity: a cache belongs to one set of weights. After an optimiser step (RL) start new
 sessions or call :meth:`KVCacheSession.reset`.
+
+Use (a token driver: ids as sampled, feedback appended as ids)::
+
+    sess = KVCacheSession(model, processor)
+    out = sess.generate(prompt_ids, [image], 1024, generation_config=gc, ats=True, repetition=rule)
+    ids = prompt_ids + out.token_ids + feedback_ids          # feedback with a new image's pads
+    out = sess.generate(ids, [image, crop], 1024, generation_config=gc, ...)  # prefills the suffix
+
+A driver whose rows carry no trajectory name (the RL engine's ``generate(rows)``; the
+message-level backend, whose requests re-render the conversation) takes a session per row from
+:class:`KVCachePool` (matched by cached prefix). A re-rendered conversation whose text
+re-tokenises differently from the sampled ids keeps the cache up to the first differing token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["KVCachePool", "KVCacheSession", "KVCacheStats", "KVGeneration", "image_runs"]
 
