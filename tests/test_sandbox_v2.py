@@ -421,7 +421,7 @@ class TestCleanup:
         ns = os.stat("/proc/self/ns/pid").st_ino
         (stale / ".owner").write_text(f"{dead.pid} 1 {ns}")
         _deep_chain(stale, 1200)  # deeper than Python's recursion limit
-        from thyme.sandbox.pool import sweep_stale_roots
+        from thyme.sandbox.stale import sweep_stale_roots
 
         assert sweep_stale_roots(str(base)) == [str(stale)]
         assert not stale.exists()

@@ -23,7 +23,7 @@ def exec_file(image: str | os.PathLike | list | None, code_path: str | os.PathLi
             a hard link, over the byte or pixel budget) after the run.
         SandboxError / ConfinementError: the sandbox cannot start.
     """
-    from thyme.sandbox.pool import Sandbox
+    from thyme.sandbox.sandbox import Sandbox
 
     with open(code_path, encoding="utf-8") as f:
         code = f.read()
