@@ -128,15 +128,15 @@ class SandboxConfig:
     )
     cgroups: bool = setting(
         True,
-        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours (sandbox v2)',
+        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours',
     )
     cgroup_memory_bytes: int | None = setting(
         None,
-        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours (sandbox v2)', show_default='memory_bytes',
+        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours', show_default='memory_bytes',
     )
     max_pids: int = setting(
         256,
-        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours (sandbox v2)',
+        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours',
     )
     cpu_weight: int = setting(
         100,
@@ -148,27 +148,27 @@ class SandboxConfig:
     )
     session_uid_range: tuple[int, int] | None = setting(
         (2_000_000_000, 1_000_000),
-        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours (sandbox v2)',
+        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours',
     )
     disk_bytes: int = setting(
         256 * MiB,
-        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours (sandbox v2)', show_default='256 MiB',
+        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours', show_default='256 MiB',
     )
     disk_tmpfs: bool = setting(
         True,
-        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours (sandbox v2)',
+        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours',
     )
     max_entries: int = setting(
         4096,
-        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours (sandbox v2)',
+        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours',
     )
     max_output_pixels: int = setting(
         4096 * 4096,
-        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours (sandbox v2)', show_default='4096*4096',
+        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours', show_default='4096*4096',
     )
     max_output_file_bytes: int = setting(
         64 * MiB,
-        help='Largest output image file, in bytes, the caller reads.', source='ours (sandbox v2)', show_default='64 MiB',
+        help='Largest output image file, in bytes, the caller reads.', source='ours', show_default='64 MiB',
     )
     env: dict[str, str] = setting(
         default_factory=dict,

@@ -9,6 +9,11 @@ class SandboxError(ThymeError):
     """The sandbox could not start, lost its zygote process, or was used after ``close()``."""
 
 
+class OutDirError(ThymeError):
+    """An output folder named by the user cannot be used safely (a symbolic link among its
+    components, not a folder, owned or writable by another user, or not writable)."""
+
+
 class SandboxWeakerWarning(UserWarning):
     """A sandbox started without some required layers because ``SandboxConfig.allow_weaker`` is set."""
 

@@ -335,7 +335,7 @@ def main(argv: list[str]) -> int:
                 if not opts.get("in_mount_view"):
                     confine.private_mount_namespace()
                 if opts.get("make_readable") and isinstance(uid, int):
-                    try:  # no session keeps a capability to read the runtime (class 6)
+                    try:  # no session keeps a capability to read the runtime (threat class "shared identity and host views")
                         hidden = confine.make_readable(z.read_paths + [p for p in opts.get("extra_read", []) if os.path.isdir(p)], uid)
                     except OSError as e:
                         fix_error = str(e)
