@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from thyme.sandbox import doctor
 
 
-
-def test_doctor_lists_the_new_layers_and_what_replaces_a_missing_one():
+def test_doctor_lists_the_caller_enforced_layers_and_what_replaces_a_missing_one():
     records = {r.name: r for r in doctor()}
-    for name in ("ipc", "cgroup_memory", "cgroup_pids", "freezer", "disk"):
+    for name in ("ipc", "cgroup_memory", "cgroup_pids", "cgroup_cpu", "freezer", "disk"):
         assert name in records, sorted(records)
         if not records[name].active:
             assert "instead" in records[name].detail

@@ -15,7 +15,6 @@ from thyme.sandbox import outputs
 from thyme.sandbox.outputs import OutputRefused, load_image
 
 
-
 class TestCallerWork:
     def test_special_files_cannot_be_made(self, sb):
         with sb.session() as s:

@@ -17,7 +17,6 @@ import pytest
 from thyme.sandbox import cleanup
 
 
-
 def _deep_chain(root: Path, depth: int) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -14,7 +14,6 @@ import pytest
 from thyme.sandbox import wire
 
 
-
 class TestWire:
     @pytest.mark.parametrize("payload", [b"[" * 5000 + b"]" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000])
     def test_deep_messages_raise_wire_errors_only(self, payload):
