@@ -139,4 +139,4 @@ class TestOutputsAndFreeze:
         require_layer(sb.layers, "freezer")
         with sb.session() as s:
             s.run("x = 1")
-            assert s._frozen and s._group.can_freeze
+            assert s._proc.frozen and s._proc.group.can_freeze
