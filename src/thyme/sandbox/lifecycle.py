@@ -19,16 +19,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ContextManager, Protocol, Sequence
 
 from thyme.sandbox import cgroups, cleanup, wire
 from thyme.sandbox.confine import read_cpu_seconds
 from thyme.sandbox.errors import SandboxError
 from thyme.sandbox.stale import unmount_below
 from thyme.sandbox.zygote_handle import MAX_REPLY_BYTES
-
-if TYPE_CHECKING:
-    from thyme.sandbox.sandbox import Sandbox
 
 #: Longest wait for a new session process to confine itself and say hello, in seconds.
 SPAWN_TIMEOUT_S = 30.0
@@ -43,6 +40,51 @@ _SIGNALS = {
     signal.SIGKILL: "SIGKILL (out of memory, or the CPU time hard limit)",
     signal.SIGSYS: "a forbidden system call",
 }
+
+
+class SessionHost(Protocol):
+    """What a session (:mod:`thyme.sandbox.session`) and its process use of their sandbox: the
+    narrow interface :class:`thyme.sandbox.Sandbox` offers them (nothing private)."""
+
+    config: Any  # SandboxConfig
+    is_root: bool
+    uid: int | None  # the configured session user when the caller is root, else None
+    root_dir: str
+    sessions_dir: str
+    tmpfs_sessions: bool
+    hidden: list[str]
+    keep_read_cap: bool
+    mount_view_detail: str | None
+    mount_view_error: str | None
+    mnt_ns: Any
+    mpl_dir: str
+    disk_detail: str
+    cgroup_plan: cgroups.Plan
+    decoded_cache: Any
+    inputs: Any  # thyme.sandbox.inputs.InputStore
+    orphans: list[tuple[int, int]]
+
+    @property
+    def mount_view(self) -> bool: ...
+
+    @property
+    def zygote_generation(self) -> int | None: ...
+
+    def request(self, msg: dict[str, Any], fds: Sequence[int] = (), *, want_fds: bool = False, restart: bool = False) -> tuple[dict[str, Any], list[int], int]: ...
+
+    def execution_slot(self) -> ContextManager[Any]: ...
+
+    def allocate_uid(self) -> int | None: ...
+
+    def release_uid(self, uid: int | None) -> None: ...
+
+    def produce_decoded(self, settings: dict[str, Any], job: dict[str, Any], deadline: float) -> tuple[int | None, bool, str]: ...
+
+    def add_session(self, session: Any) -> None: ...
+
+    def discard_session(self, session: Any) -> None: ...
+
+    def note_disk_detail(self, detail: str) -> None: ...
 
 
 @dataclass
@@ -98,13 +140,13 @@ class SessionProcess:
     """The process of one session, started and stopped through the sandbox's zygote.
 
     Args:
-        sandbox: the :class:`thyme.sandbox.Sandbox` (its public session interface:
-            ``request``, ``zygote_generation``, ``is_root``).
+        sandbox: the :class:`thyme.sandbox.Sandbox` (:class:`SessionHost`: ``request``,
+            ``zygote_generation``, ``is_root``).
         group: the session's :class:`thyme.sandbox.cgroups.SessionGroup`.
         state: the :class:`ProcState` the session's finalizer also holds.
     """
 
-    def __init__(self, sandbox: "Sandbox", group: cgroups.SessionGroup, state: ProcState):
+    def __init__(self, sandbox: SessionHost, group: cgroups.SessionGroup, state: ProcState):
         self._sb = sandbox
         self.group = group
         self.state = state

@@ -9,7 +9,7 @@ gets a fresh process in the same folder. Between runs the process is stopped (th
 or SIGSTOP): threads the code left behind cannot change the folder while the caller reads the
 outputs, nor print into the next run.
 
-A session uses only the sandbox's session interface (see :class:`thyme.sandbox.Sandbox`).
+A session uses only the sandbox's session interface (:class:`thyme.sandbox.lifecycle.SessionHost`).
 Thread safety: one session runs one code at a time; runs of different sessions may overlap.
 """
 
@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from thyme.constants import MAX_FIXES
 from thyme.errors import ImageError
@@ -32,12 +32,9 @@ from thyme.sandbox.config import LAYERS
 from thyme.sandbox.confine import Layer, accessible_to
 from thyme.sandbox.errors import SandboxError
 from thyme.sandbox.inputs import InputStore
-from thyme.sandbox.lifecycle import ProcState, SessionProcess, death_error, finalize_session
+from thyme.sandbox.lifecycle import ProcState, SessionHost, SessionProcess, death_error, finalize_session
 from thyme.sandbox.result import ExecError, ExecResult, Fix
 from thyme.sandbox.zygote_handle import MAX_REPLY_BYTES, minimal_env
-
-if TYPE_CHECKING:
-    from thyme.sandbox.sandbox import Sandbox
 
 #: Longest text field (message, traceback) of a result the caller keeps, in characters.
 MAX_TEXT = 32768
@@ -54,7 +51,7 @@ class Session:
         layers: confinement layers reported by the current process.
     """
 
-    def __init__(self, sandbox: "Sandbox", images: list[Any], shown_paths: Sequence[str] | None):
+    def __init__(self, sandbox: SessionHost, images: list[Any], shown_paths: Sequence[str] | None):
         self._sb = sandbox
         paths = [os.path.abspath(os.fspath(p)) for p in images]
         for p in paths:
