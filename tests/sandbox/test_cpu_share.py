@@ -13,9 +13,10 @@ from thyme.sandbox import Sandbox, SandboxConfig
 from ..conftest import require_layer
 
 
-def _cpu_files(pid: int) -> dict[str, str]:
-    """The CPU controller files of the cgroup process ``pid`` is in (v2 ``cpu.weight`` /
-    ``cpu.max``, else v1 ``cpu.shares`` / ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``)."""
+def _cpu_files(pid: int, parent: bool = False) -> dict[str, str]:
+    """The CPU controller files of the cgroup process ``pid`` is in, or of its parent (the
+    sandbox's folder): v2 ``cpu.weight`` / ``cpu.max``, else v1 ``cpu.shares`` /
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
     with open("/proc/self/mountinfo") as f:
         mounts = [(l.split()[4], l.partition(" - ")[2].split()) for l in f]
     with open(f"/proc/{pid}/cgroup") as f:
@@ -33,6 +34,8 @@ def _cpu_files(pid: int) -> dict[str, str]:
                 names = ("cpu.shares", "cpu.cfs_quota_us", "cpu.cfs_period_us")
             else:
                 continue
+            if parent:
+                d = os.path.dirname(d)
             for n in names:
                 if os.path.exists(os.path.join(d, n)) and "/thyme-" in d:
                     with open(os.path.join(d, n)) as f:
@@ -42,7 +45,7 @@ def _cpu_files(pid: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("weight, quota", [(100, None), (300, 0.5)])
 def test_the_session_cgroup_has_the_configured_cpu_weight_and_quota(weight, quota):
-    with Sandbox(mount_view=False, cpu_weight=weight, cpu_quota_cores=quota) as sb:
+    with Sandbox(mount_view=False, cpu_weight=weight, cpu_quota_cores=quota, max_workers=3) as sb:
         require_layer(sb.layers, "cgroup_cpu")
         layer = next(l for l in sb.layers if l.name == "cgroup_cpu")
         assert f"cpu weight {weight}" in layer.detail
@@ -57,6 +60,9 @@ def test_the_session_cgroup_has_the_configured_cpu_weight_and_quota(weight, quot
                     assert files["cpu.shares"] == str(weight * 1024 // 100)
                     assert files["cpu.cfs_period_us"] == "100000"
                     assert files["cpu.cfs_quota_us"] == (str(int(quota * 100_000)) if quota else "-1")
+                # the sandbox's folder weighs as much as max_workers busy processes
+                top = _cpu_files(s.pid, parent=True)
+                assert top.get("cpu.weight", top.get("cpu.shares")) == (str(3 * weight) if "cpu.weight" in top else str(3 * weight * 1024 // 100))
 
 
 def test_the_doctor_line_says_what_replaces_a_missing_cpu_share():

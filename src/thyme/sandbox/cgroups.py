@@ -97,9 +97,14 @@ FEATURES = ("memory", "pids", "cpu", "freezer")
 CPU_PERIOD_US = 100_000
 
 
-def probe(enabled: bool = True) -> Plan:
+def probe(enabled: bool = True, cpu_weight: int = 100) -> Plan:
     """Create this sandbox's cgroup folders where allowed (see the module docstring).
 
+    ``cpu_weight``: the CPU weight of the sandbox's own folder (the sessions share it by their
+    own weights). Give it the weight of as many busy processes as the sandbox runs at once
+    (``100 * max_workers``), so that grouping its sessions does not shrink their CPU share
+    against the host's other processes (in cgroup v1 every process of the parent group counts
+    as one weight-100 entity, a child group as one entity of its weight).
     Never raises; features it could not set up have a reason in ``Plan.why``.
     """
     plan = Plan()
@@ -155,6 +160,13 @@ def probe(enabled: bool = True) -> Plan:
         plan.made.append(d)
         plan.base[ctrl], plan.kind[ctrl] = d, "v1"
         plan.why.pop(ctrl, None)
+    if "cpu" in plan.base:
+        d = plan.base["cpu"]
+        with contextlib.suppress(OSError):
+            if plan.kind["cpu"] == "v2":
+                _write(os.path.join(d, "cpu.weight"), str(max(1, min(10000, int(cpu_weight)))))
+            else:
+                _write(os.path.join(d, "cpu.shares"), str(max(2, min(262144, int(cpu_weight) * 1024 // 100))))
     return plan
 
 

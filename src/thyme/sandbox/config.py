@@ -140,7 +140,7 @@ class SandboxConfig:
     )
     cpu_weight: int = setting(
         100,
-        help="CPU weight of each session's cgroup (cgroup v2 cpu.weight, 1..10000; v1 cpu.shares = weight*1024/100). Equal weights give every busy session an equal share of contended CPU whatever its thread count (64 threads in one session otherwise slowed another 1.4-1.9x).", source='ours (cgroup v2 default weight 100)',
+        help="CPU weight of each session's cgroup (cgroup v2 cpu.weight, 1..10000; v1 cpu.shares = weight*1024/100). Equal weights give every busy session an equal share of contended CPU whatever its thread count (64 threads in one session otherwise slowed another 1.4-1.9x). The sandbox's own cgroup gets cpu_weight * max_workers, so against the host's other processes its sessions weigh as much as before.", source='ours (cgroup v2 default weight 100)',
     )
     cpu_quota_cores: float | None = setting(
         None,

@@ -150,7 +150,7 @@ class Sandbox:
         self.hidden: list[str] = []
         self._uids_used: set[int] = set()
         try:
-            self.cgroup_plan = cgroups.probe(bool(cfg.cgroups))
+            self.cgroup_plan = cgroups.probe(bool(cfg.cgroups), cpu_weight=int(cfg.cpu_weight) * int(cfg.max_workers))
             self._state["cgroups"] = self.cgroup_plan
             with self._lock:
                 self._start_zygote()
