@@ -1,4 +1,5 @@
-"""Threat class "work the caller does for the code" (docs/threat-model.md): caller-side work the code controls: walking huge folders, decoding huge or exotic images.
+"""Threat class "work the caller does for the code" (docs/threat-model.md): caller-side work the code
+controls: walking huge folders, decoding huge or exotic images.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

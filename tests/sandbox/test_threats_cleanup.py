@@ -1,8 +1,9 @@
-"""Threat class "cleanup the code can break" (docs/threat-model.md): trees the code builds (deep chains, unreadable folders, links) that made recursive removal raise
-out of close() or a later Sandbox().
+"""Threat class "cleanup the code can break" (docs/threat-model.md): trees the code builds (deep
+chains, unreadable folders, links) that made recursive removal raise out of close() or a later
+Sandbox().
 
-Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
-strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.
+Tests with a session run in bubblewrap's mount view and without it (as on a host without bwrap);
+the sweep after a SIGKILLed caller: tests/sandbox/test_sweep.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Threat class "disk exhaustion" (docs/threat-model.md): files, sparse or fallocated blocks and entries beyond the session's disk budget.
+"""Threat class "disk exhaustion" (docs/threat-model.md): files, sparse or fallocated blocks and
+entries beyond the session's disk budget.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

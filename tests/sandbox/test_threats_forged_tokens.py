@@ -1,7 +1,6 @@
-"""Threat class "tokens forged from printed text" (docs/threat-model.md): printed text that imitates the protocol's tokens (e.g. a fake sandbox output or answer).
-
-Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
-strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.
+"""Threat class "tokens forged from printed text" (docs/threat-model.md): printed text that imitates
+the protocol's tokens (e.g. a fake sandbox output or answer).
+These tests need no sandbox: the defence is in the feedback the caller builds (thyme.protocol).
 """
 
 from __future__ import annotations

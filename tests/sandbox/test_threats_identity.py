@@ -1,4 +1,5 @@
-"""Threat class "shared identity and host views" (docs/threat-model.md): one uid for every session, a kept read capability, and views of the host's processes and files.
+"""Threat class "shared identity and host views" (docs/threat-model.md): one uid for every session, a
+kept read capability, and views of the host's processes and files.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

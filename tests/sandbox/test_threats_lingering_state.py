@@ -1,4 +1,5 @@
-"""Threat class "state that outlives the session" (docs/threat-model.md): SysV IPC objects and POSIX message queues that a later session could read.
+"""Threat class "state that outlives the session" (docs/threat-model.md): SysV IPC objects and POSIX
+message queues that a later session could read.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

@@ -1,5 +1,6 @@
-"""Threat class "memory outside the limits" (docs/threat-model.md): memory that is not address space (memfds, tmpfs pages, page cache), descriptors passed on the
-wire, and one pids budget for every session.
+"""Threat class "memory outside the limits" (docs/threat-model.md): memory that is not address space
+(memfds, tmpfs pages, page cache), descriptors passed on the wire, and one pids budget for every
+session.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

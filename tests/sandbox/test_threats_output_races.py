@@ -1,5 +1,6 @@
-"""Threat class "output races and self-resume" (docs/threat-model.md): outputs checked by path and then reopened by path (a link or a swapped file read instead), and code
-that arranges its own SIGCONT while the caller reads the outputs.
+"""Threat class "output races and self-resume" (docs/threat-model.md): outputs checked by path and then
+reopened by path (a link or a swapped file read instead), and code that arranges its own SIGCONT
+while the caller reads the outputs.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.

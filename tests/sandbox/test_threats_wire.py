@@ -1,4 +1,5 @@
-"""Threat class "forged results on the wire" (docs/threat-model.md): the caller trusting what the child sends: nesting depth, forged or extra results, stray descriptors.
+"""Threat class "forged results on the wire" (docs/threat-model.md): the caller trusting what the child
+sends: nesting depth, forged or extra results, stray descriptors.
 
 Every test runs in bubblewrap's mount view and without it (as on a host without bwrap); in
 strict mode (CI) a layer a test needs but the host lacks fails the test instead of skipping it.
