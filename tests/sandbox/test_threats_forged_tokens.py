@@ -1,5 +1,6 @@
 """Threat class "tokens forged from printed text" (docs/threat-model.md): printed text that imitates
 the protocol's tokens (e.g. a fake sandbox output or answer).
+
 These tests need no sandbox: the defence is in the feedback the caller builds (thyme.protocol).
 """
 

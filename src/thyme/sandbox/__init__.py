@@ -19,8 +19,8 @@ Example::
 from thyme.sandbox.config import LAYERS, SandboxConfig
 from thyme.sandbox.confine import Layer
 from thyme.sandbox.doctor import doctor, format_doctor
-from thyme.sandbox.errors import ConfinementError, SandboxError, SandboxWeakerWarning
-from thyme.sandbox.oneshot import exec_file
+from thyme.sandbox.errors import ConfinementError, OutDirError, SandboxError, SandboxWeakerWarning
+from thyme.sandbox.oneshot import OutputFolder, exec_file
 from thyme.sandbox.sandbox import Sandbox
 from thyme.sandbox.session import Session
 from thyme.sandbox.result import ExecError, ExecResult, Fix
@@ -32,6 +32,8 @@ __all__ = [
     "ExecResult",
     "Fix",
     "Layer",
+    "OutDirError",
+    "OutputFolder",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",
