@@ -2,7 +2,7 @@
 
 The model writes Python (crop, zoom, rotate, contrast, maths); a :class:`Session` runs it in a
 confined process forked from a warm zygote and returns an :class:`ExecResult` (printed text, new
-images, error with the model's own line numbers). See :mod:`thyme.sandbox.pool` for the process
+images, error with the model's own line numbers). See :mod:`thyme.sandbox.sandbox` and :mod:`thyme.sandbox.session` for the process
 model, :mod:`thyme.sandbox.confine` for the layers, :mod:`thyme.sandbox.mountview` for the
 bubblewrap mount view, :mod:`thyme.sandbox.decoded` for the decoded-input cache,
 :mod:`thyme.sandbox.hooks` for the Thyme path conventions and :mod:`thyme.sandbox.repairs` for the
@@ -19,9 +19,10 @@ Example::
 from thyme.sandbox.config import LAYERS, SandboxConfig
 from thyme.sandbox.confine import Layer
 from thyme.sandbox.doctor import doctor, format_doctor
-from thyme.sandbox.errors import ConfinementError, SandboxError, SandboxWeakerWarning
-from thyme.sandbox.oneshot import exec_file
-from thyme.sandbox.pool import Sandbox, Session
+from thyme.sandbox.errors import ConfinementError, OutDirError, SandboxError, SandboxWeakerWarning
+from thyme.sandbox.oneshot import OutputFolder, exec_file
+from thyme.sandbox.sandbox import Sandbox
+from thyme.sandbox.session import Session
 from thyme.sandbox.result import ExecError, ExecResult, Fix
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "ExecResult",
     "Fix",
     "Layer",
+    "OutDirError",
+    "OutputFolder",
     "Sandbox",
     "SandboxConfig",
     "SandboxError",

@@ -1,16 +1,20 @@
 """Per-session control groups: memory and pids limits and a freezer that code cannot undo.
 
-Fixes class 1 (SIGSTOP is not a stop: code arranged its own SIGCONT) and class 3 (RLIMIT_AS
-was the only memory limit: memfds, tmpfs pages and page cache escaped it; one pids budget for
-every session of the shared uid). The caller (never the session) creates, per sandbox, a folder
+Defends against the threat classes "output races and self-resume" (SIGSTOP is not a stop: code
+arranged its own SIGCONT), "memory outside the limits" (RLIMIT_AS was the only memory limit:
+memfds, tmpfs pages and page cache escaped it; one pids budget for every session of the shared
+uid) and "resource exhaustion" (CPU: 64 threads in one session slowed another 1.4-1.9x; each
+session now has a CPU weight, and a quota if configured); see docs/threat-model.md. The caller (never the session) creates, per sandbox, a folder
 ``thyme-<pid>-<token>`` under its *own* cgroup of each hierarchy it may write, and per session a
 sub-folder with the limits; the session process is moved in right after it is forked, before it
 receives any code. Where the host has them:
 
 - cgroup v2 (the unified hierarchy, ``/sys/fs/cgroup`` or ``/sys/fs/cgroup/unified``):
-  ``cgroup.freeze`` (core, needs no controller), ``memory.max`` / ``memory.swap.max`` and
-  ``pids.max`` when those controllers can be enabled for the sandbox's folder;
-- cgroup v1 hierarchies (``memory``, ``pids``, ``freezer``) for whatever v2 does not give.
+  ``cgroup.freeze`` (core, needs no controller), ``memory.max`` / ``memory.swap.max``,
+  ``pids.max`` and ``cpu.weight`` / ``cpu.max`` when those controllers can be enabled for the
+  sandbox's folder;
+- cgroup v1 hierarchies (``memory``, ``pids``, ``cpu``, ``freezer``) for whatever v2 does not
+  give (``cpu.shares`` = weight * 1024 / 100, ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
 
 :func:`probe` says, per feature, what is enforced and, where it is missing, why; the caller then
 falls back (SIGSTOP plus a seccomp filter refusing self-resume, RLIMIT_AS, RLIMIT_NPROC of a
@@ -88,12 +92,19 @@ class Plan:
         return self.why.get(feature, "not available")
 
 
-FEATURES = ("memory", "pids", "freezer")
+FEATURES = ("memory", "pids", "cpu", "freezer")
+#: The CFS period of a CPU quota, in microseconds (the kernel's default).
+CPU_PERIOD_US = 100_000
 
 
-def probe(enabled: bool = True) -> Plan:
+def probe(enabled: bool = True, cpu_weight: int = 100) -> Plan:
     """Create this sandbox's cgroup folders where allowed (see the module docstring).
 
+    ``cpu_weight``: the CPU weight of the sandbox's own folder (the sessions share it by their
+    own weights). Give it the weight of as many busy processes as the sandbox runs at once
+    (``100 * max_workers``), so that grouping its sessions does not shrink their CPU share
+    against the host's other processes (in cgroup v1 every process of the parent group counts
+    as one weight-100 entity, a child group as one entity of its weight).
     Never raises; features it could not set up have a reason in ``Plan.why``.
     """
     plan = Plan()
@@ -121,7 +132,7 @@ def probe(enabled: bool = True) -> Plan:
                 avail = _read(os.path.join(parent, "cgroup.controllers")).split()
             except OSError:
                 avail = []
-            for ctrl in ("memory", "pids"):
+            for ctrl in ("memory", "pids", "cpu"):
                 if ctrl not in avail:
                     plan.why[ctrl] = f"the cgroup v2 controller {ctrl!r} is not delegated to {parent}"
                     continue
@@ -149,13 +160,25 @@ def probe(enabled: bool = True) -> Plan:
         plan.made.append(d)
         plan.base[ctrl], plan.kind[ctrl] = d, "v1"
         plan.why.pop(ctrl, None)
+    if "cpu" in plan.base:
+        d = plan.base["cpu"]
+        with contextlib.suppress(OSError):
+            if plan.kind["cpu"] == "v2":
+                _write(os.path.join(d, "cpu.weight"), str(max(1, min(10000, int(cpu_weight)))))
+            else:
+                _write(os.path.join(d, "cpu.shares"), str(max(2, min(262144, int(cpu_weight) * 1024 // 100))))
     return plan
 
 
 class SessionGroup:
     """One session's cgroup folders (one per hierarchy used), limits set at creation."""
 
-    def __init__(self, plan: Plan, name: str, memory_bytes: int, max_pids: int):
+    def __init__(self, plan: Plan, name: str, memory_bytes: int, max_pids: int, cpu_weight: int = 100, cpu_quota_cores: float | None = None):
+        """Make the folders and set the limits: ``memory_bytes`` (bytes), ``max_pids`` (tasks),
+        ``cpu_weight`` (cgroup v2 scale 1..10000, 100 = the default share; v1 ``cpu.shares`` =
+        weight * 1024 / 100) and ``cpu_quota_cores`` (CPUs of time per period, None: no cap).
+        Never raises: a feature that could not be set is left out of ``dirs``, with its reason
+        in ``errors``."""
         self.plan = plan
         self.dirs: dict[str, str] = {}  # feature -> folder
         self.errors: dict[str, str] = {}
@@ -188,6 +211,15 @@ class SessionGroup:
                             _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory_bytes))
                 elif feature == "pids":
                     _write(os.path.join(d, "pids.max"), str(max_pids))
+                elif feature == "cpu":
+                    quota = None if not cpu_quota_cores else max(1000, int(round(float(cpu_quota_cores) * CPU_PERIOD_US)))
+                    if v2:
+                        _write(os.path.join(d, "cpu.weight"), str(int(cpu_weight)))
+                        _write(os.path.join(d, "cpu.max"), f"{quota if quota else 'max'} {CPU_PERIOD_US}")
+                    else:
+                        _write(os.path.join(d, "cpu.shares"), str(max(2, int(cpu_weight) * 1024 // 100)))
+                        _write(os.path.join(d, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+                        _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota if quota else -1))
             except OSError as e:
                 self.errors[feature] = f"setting the limit: {e.strerror}"
                 continue
@@ -253,6 +285,20 @@ class SessionGroup:
                 _write(os.path.join(d, "cgroup.freeze"), "0")
             else:
                 _write(os.path.join(d, "freezer.state"), "THAWED")
+
+    def cpu_settings(self) -> dict[str, str]:
+        """The CPU share as the kernel holds it: ``{"weight": ..., "max": ...}`` (v2 file
+        contents) or ``{"shares": ..., "quota_us": ..., "period_us": ...}`` (v1); {} without one."""
+        d = self.dirs.get("cpu")
+        if d is None:
+            return {}
+        names = ({"weight": "cpu.weight", "max": "cpu.max"} if self.plan.kind["cpu"] == "v2"
+                 else {"shares": "cpu.shares", "quota_us": "cpu.cfs_quota_us", "period_us": "cpu.cfs_period_us"})
+        out = {}
+        for key, fname in names.items():
+            with contextlib.suppress(OSError):
+                out[key] = _read(os.path.join(d, fname)).strip()
+        return out
 
     def memory_events(self) -> str:
         """Whether the memory limit killed a task ("oom_kill" count > 0), as text; '' if unknown."""

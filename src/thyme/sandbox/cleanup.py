@@ -2,7 +2,7 @@
 
 ``shutil.rmtree`` recurses once per folder level (Python 3.11): a 1500-deep chain made by model
 code raised ``RecursionError`` out of ``Session.close``/``Sandbox.close`` and, in
-``sweep_stale_roots``, out of every later ``Sandbox()`` (reference defect, class 5).
+``sweep_stale_roots``, out of every later ``Sandbox()`` (reference defect, threat class "cleanup the code can break").
 :func:`remove_tree` walks with one open folder descriptor at a time (no recursion, no path longer
 than one name, links never followed) and stops after a bounded number of entries.
 """

@@ -21,6 +21,7 @@ LAYERS: tuple[str, ...] = (
     "ipc",  # a private IPC namespace (SysV / POSIX queues die with the session)
     "cgroup_memory",  # a per-session cgroup memory limit (memfd, tmpfs, page cache count)
     "cgroup_pids",  # a per-session cgroup pids limit
+    "cgroup_cpu",  # a per-session cgroup CPU weight (and quota): sessions share the CPU fairly
     "freezer",  # the cgroup freezer stops the session between runs (code cannot resume itself)
     "disk",  # a per-session disk budget (bytes and entries)
     "network",  # derived: no network (seccomp socket denial and/or netns / Landlock TCP rules)
@@ -127,39 +128,47 @@ class SandboxConfig:
     )
     cgroups: bool = setting(
         True,
-        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours (sandbox v2)',
+        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours',
     )
     cgroup_memory_bytes: int | None = setting(
         None,
-        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours (sandbox v2)', show_default='memory_bytes',
+        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours', show_default='memory_bytes',
     )
     max_pids: int = setting(
         256,
-        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours (sandbox v2)',
+        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours',
+    )
+    cpu_weight: int = setting(
+        100,
+        help="CPU weight of each session's cgroup (cgroup v2 cpu.weight, 1..10000; v1 cpu.shares = weight*1024/100). Equal weights give every busy session an equal share of contended CPU whatever its thread count (64 threads in one session otherwise slowed another 1.4-1.9x). The sandbox's own cgroup gets cpu_weight * max_workers, so against the host's other processes its sessions weigh as much as before.", source='ours (cgroup v2 default weight 100)',
+    )
+    cpu_quota_cores: float | None = setting(
+        None,
+        help='Most CPUs of time one session may use (cgroup cpu.max / cpu.cfs_quota_us over a 100 ms period), e.g. 1.0; None: no cap (idle CPUs stay usable; the weight still shares contended ones).', source='ours', show_default='no cap',
     )
     session_uid_range: tuple[int, int] | None = setting(
         (2_000_000_000, 1_000_000),
-        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours (sandbox v2)',
+        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours',
     )
     disk_bytes: int = setting(
         256 * MiB,
-        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours (sandbox v2)', show_default='256 MiB',
+        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours', show_default='256 MiB',
     )
     disk_tmpfs: bool = setting(
         True,
-        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours (sandbox v2)',
+        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours',
     )
     max_entries: int = setting(
         4096,
-        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours (sandbox v2)',
+        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours',
     )
     max_output_pixels: int = setting(
         4096 * 4096,
-        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours (sandbox v2)', show_default='4096*4096',
+        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours', show_default='4096*4096',
     )
     max_output_file_bytes: int = setting(
         64 * MiB,
-        help='Largest output image file, in bytes, the caller reads.', source='ours (sandbox v2)', show_default='64 MiB',
+        help='Largest output image file, in bytes, the caller reads.', source='ours', show_default='64 MiB',
     )
     env: dict[str, str] = setting(
         default_factory=dict,
@@ -177,6 +186,10 @@ class SandboxConfig:
                 raise ValueError(f"SandboxConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_open_files < 16:
             raise ValueError("SandboxConfig.max_open_files must be >= 16 (the interpreter needs a few)")
+        if not 1 <= int(self.cpu_weight) <= 10000:
+            raise ValueError(f"SandboxConfig.cpu_weight must be in 1..10000 (cgroup v2 cpu.weight), got {self.cpu_weight!r}")
+        if self.cpu_quota_cores is not None and not float(self.cpu_quota_cores) > 0:
+            raise ValueError(f"SandboxConfig.cpu_quota_cores must be > 0 CPUs or None (no cap), got {self.cpu_quota_cores!r}")
         if self.min_crop_side < 0:
             raise ValueError("SandboxConfig.min_crop_side must be >= 0 (0 disables the growth)")
         if isinstance(self.require, str):

@@ -147,7 +147,7 @@ def enter_netns(as_root: bool) -> Layer:
 
 def enter_namespaces(as_root: bool, net: bool) -> list[Layer]:
     """Private IPC namespace always, network namespace when ``net``; one ``unshare`` call
-    (non-root: inside a new user namespace). Fixes class 2: SysV shared memory and message
+    (non-root: inside a new user namespace). Against threat class "state that outlives the session": SysV shared memory and message
     queues outlived the session and a later session read them (the IPC namespace dies with
     the session process; seccomp refuses SysV IPC as well)."""
     flags = CLONE_NEWIPC | (CLONE_NEWNET if net else 0) | (0 if as_root else CLONE_NEWUSER)
@@ -257,7 +257,7 @@ def drop_identity(uid: int, keep_read_cap: bool) -> Layer:
     except OSError as e:
         return Layer("identity", False, f"could not switch to uid {uid}: {e}")
     detail = f"uid/gid {uid} (this session's own), no groups, no capabilities"
-    if keep_read_cap:  # last resort, reported as a missing layer (class 6)
+    if keep_read_cap:  # last resort, reported as a missing layer (threat class "shared identity and host views")
         return Layer("identity", False, f"uid/gid {uid} but keeps CAP_DAC_READ_SEARCH: the Python runtime is not readable by that user and could not be made readable (no mount view, no private mount namespace)")
     return Layer("identity", True, detail)
 
@@ -296,7 +296,7 @@ def share_folder(path: str) -> None:
 def mount_session_tmpfs(path: str, size_bytes: int, inodes: int, uid: int) -> None:
     """Mount a tmpfs of ``size_bytes`` bytes and ``inodes`` inodes owned by ``uid`` at ``path``
     (nosuid, nodev, noexec): the session's disk budget, which also bounds ``fallocate`` and the
-    number of entries (fixes class 7: no quota, 4 GiB reserved at once). Raises OSError."""
+    number of entries (against threat class "disk exhaustion": no quota, 4 GiB reserved at once). Raises OSError."""
     mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}")
 
 
@@ -312,7 +312,7 @@ def private_mount_namespace() -> None:
 def hide_other_processes() -> None:
     """Mount a fresh /proc with ``hidepid=invisible`` in this process's (private) mount
     namespace: each session, running as a uid of its own, sees only its own process there, not
-    the caller, other sessions or the host's processes (class 6). Raises OSError."""
+    the caller, other sessions or the host's processes (threat class "shared identity and host views"). Raises OSError."""
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
 
 
@@ -326,7 +326,7 @@ def make_readable(paths: list[str], uid: int) -> list[str]:
     private mount namespace (see :func:`private_mount_namespace`) of this (root) process: each ancestor that ``uid`` may not search
     (e.g. /root, mode 0700) is covered by a read-only tmpfs holding only bind mounts of the
     paths below it. Returns the covered folders (their other content is hidden to everything
-    forked from here). Fixes class 6 (sessions kept CAP_DAC_READ_SEARCH to read the runtime).
+    forked from here). Against threat class "shared identity and host views" (sessions kept CAP_DAC_READ_SEARCH to read the runtime).
 
     Raises OSError (no CAP_SYS_ADMIN, or a path itself unreadable by ``uid``).
     """
@@ -528,17 +528,17 @@ SECCOMP_DENY = (
     "setrlimit", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
     "setgroups", "setfsuid", "setfsgid", "capset", "settimeofday", "clock_settime", "adjtimex",
     "clock_adjtime", "memfd_secret",
-    # class 2: SysV IPC and POSIX message queues (state that outlives the session)
+    # threat class "state that outlives the session": SysV IPC and POSIX message queues (state that outlives the session)
     "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
     "semget", "semop", "semtimedop", "semctl", "ipc",
     "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
-    # class 3: memory that is not address space; class 1: timers that deliver signals (SIGCONT)
+    # threat class "memory outside the limits": memory that is not address space; threat class "output races and self-resume": timers that deliver signals (SIGCONT)
     "memfd_create", "timer_create",
-    # class 6: watching the host
+    # threat class "shared identity and host views": watching the host
     "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_mark",
 )
 
-#: fcntl commands refused (class 1: each lets code have a signal, e.g. SIGCONT, delivered to
+#: fcntl commands refused (threat class "output races and self-resume": each lets code have a signal, e.g. SIGCONT, delivered to
 #: itself by an event while the caller believes it stopped): F_SETOWN, F_SETSIG, F_SETOWN_EX,
 #: F_SETLEASE, F_NOTIFY.
 FCNTL_DENY = (8, 10, 15, 1024, 1026)
@@ -560,7 +560,7 @@ SECCOMP_DENY_METADATA = (
 def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
     """Load the session's syscall filter (see :data:`SECCOMP_DENY`); sets no_new_privs.
 
-    :data:`SECCOMP_DENY_METADATA` is refused for every session (class 6: sessions changed the
+    :data:`SECCOMP_DENY_METADATA` is refused for every session (threat class "shared identity and host views": sessions changed the
     modes, times and xattrs of other sessions' folders and nobody-owned host files);
     ``deny_metadata`` is kept for callers of the old signature."""
     try:
@@ -588,7 +588,7 @@ def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
         rule(eperm, "fcntl", sc.Arg(1, sc.EQ, F_SETFL), sc.Arg(2, sc.MASKED_EQ, O_ASYNC, O_ASYNC))
         for req in IOCTL_DENY:
             rule(eperm, "ioctl", sc.Arg(1, sc.EQ, req))
-        rule(eperm, "fallocate", sc.Arg(1, sc.NE, 0))  # class 7: mode 0 only (bounded by RLIMIT_FSIZE)
+        rule(eperm, "fallocate", sc.Arg(1, sc.NE, 0))  # threat class "disk exhaustion": mode 0 only (bounded by RLIMIT_FSIZE)
         rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # processes, not threads
         rule(sc.ERRNO(errno.ENOSYS), "clone3")  # glibc falls back to clone, which is checked
         rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading limits stays allowed

@@ -35,7 +35,7 @@ def doctor(config: Any = None, modules: tuple[str, ...] = MODULES, **overrides: 
     """
     from thyme.sandbox.config import SandboxConfig
     from thyme.sandbox.errors import SandboxError
-    from thyme.sandbox.pool import Sandbox
+    from thyme.sandbox.sandbox import Sandbox
 
     cfg = (config or SandboxConfig()).with_overrides(require=(), **overrides)
     try:

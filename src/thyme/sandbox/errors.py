@@ -9,6 +9,11 @@ class SandboxError(ThymeError):
     """The sandbox could not start, lost its zygote process, or was used after ``close()``."""
 
 
+class OutDirError(ThymeError):
+    """An output folder named by the user cannot be used safely (a symbolic link among its
+    components, not a folder, owned or writable by another user, or not writable)."""
+
+
 class SandboxWeakerWarning(UserWarning):
     """A sandbox started without some required layers because ``SandboxConfig.allow_weaker`` is set."""
 
@@ -24,6 +29,7 @@ GIVES_UP: dict[str, str] = {
     "ipc": "the private IPC namespace: SysV shared memory and message queues outlive the session and a later session reads them (seccomp still refuses the calls)",
     "cgroup_memory": "the per-session memory limit: memfds, tmpfs pages and page cache are not address space, so only RLIMIT_AS bounds memory",
     "cgroup_pids": "the per-session pids limit: only RLIMIT_NPROC of the session's uid bounds its threads",
+    "cgroup_cpu": "the per-session CPU share: a session with many threads takes CPU time from every other session",
     "freezer": "the cgroup freezer: between runs the session is only SIGSTOPped, and only seccomp stops code from arranging its own SIGCONT",
     "disk": "the per-session disk budget: code could fill the disk that holds the sandbox folder",
     "network": "every network barrier: code could reach the network",

@@ -57,7 +57,7 @@ def image_kind(head: bytes) -> str | None:
 
 
 #: PIL plugins the caller may use on an output (what :func:`image_kind` accepts and PIL reads);
-#: ``Image.open(..., formats=...)`` tries no other plugin (fixes class 8: every PIL plugin ran).
+#: ``Image.open(..., formats=...)`` tries no other plugin (against threat class "work the caller does for the code": every PIL plugin ran).
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "pnm": "PPM", "jpeg2000": "JPEG2000", "ico": "ICO"}
 
 #: Largest output file the caller copies or decodes, in bytes, unless told otherwise.
@@ -76,8 +76,8 @@ def open_output(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, os.
 
     Returns ``(fd, fstat)``; the caller reads only from ``fd`` and closes it. Checks the
     descriptor itself (not the path): a regular file, exactly one link, at most ``max_bytes``
-    (bytes) apparent size and allocated blocks (fixes class 1: checked by path, reopened by path;
-    class 7: sparse or fallocated files copied as real blocks).
+    (bytes) apparent size and allocated blocks (against threat class "output races and self-resume": checked by path, reopened by path;
+    threat class "disk exhaustion": sparse or fallocated files copied as real blocks).
 
     Raises:
         OutputRefused: the checks fail (also when the path is a symbolic link or missing).
@@ -157,12 +157,15 @@ def check_pixels(kind: str, w: int, h: int, max_pixels: int, name: str = "output
         )
 
 
-def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str:
+def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS, *, dir_fd: int | None = None) -> str:
     """Copy an output image to ``dest`` (created, never overwritten) from one checked descriptor.
 
     The bytes copied are the ones checked: a regular single-link file of at most ``max_bytes``
     bytes whose header is an accepted image of at most ``max_pixels`` pixels (None: any size).
-    The caller-side replacement of ``shutil.copy*`` on outputs (fixes class 1 and 8).
+    The caller-side replacement of ``shutil.copy*`` on outputs (threat classes "output races and self-resume" and "work the caller does for the code").
+
+    ``dir_fd``: an open folder ``dest`` (then a plain name) is created in, so that no component
+    of the folder's path is looked up again (threat class "predictable output folders").
 
     Returns ``dest``. Raises OutputRefused (checks) or OSError (``dest`` exists or is unwritable).
     """
@@ -170,7 +173,7 @@ def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pi
     if max_pixels is not None:
         kind, w, h = image_info(data)
         check_pixels(kind, w, h, max_pixels, os.path.basename(path))
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -178,7 +181,7 @@ def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pi
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(dest)
+            os.unlink(dest, dir_fd=dir_fd)
         raise
     os.close(fd)
     return dest
@@ -264,7 +267,7 @@ class Scan:
 
 def scan(folder: str, max_entries: int = MAX_ENTRIES) -> Scan:
     """Walk ``folder`` (links not followed, depth <= MAX_DEPTH), counting every entry and
-    stopping after ``max_entries`` of them (fixes class 8: only regular files were counted, so
+    stopping after ``max_entries`` of them (against threat class "work the caller does for the code": only regular files were counted, so
     symlinks and folders made every later run cost the caller seconds)."""
     out = Scan()
     stack = [(folder, 0)]

@@ -85,7 +85,7 @@ _STRUCT_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 def drain(sock: socket.socket, max_bytes: int = 1 << 24) -> int:
     """Read and drop whatever is queued on ``sock`` without waiting, closing any descriptors
-    that came with it; returns the bytes dropped. Stops after ``max_bytes`` (fixes class 3:
+    that came with it; returns the bytes dropped. Stops after ``max_bytes`` (against threat class "memory outside the limits":
     descriptors queued by the child pinned memory in the caller's socket)."""
     dropped = 0
     while dropped < max_bytes:
@@ -149,7 +149,7 @@ def recv_msg(sock: socket.socket, max_bytes: int = 1 << 20, deadline: float | No
         max_depth: deepest JSON nesting accepted (None: :data:`MAX_DEPTH`).
     Raises:
         PeerClosed, WireTimeout, WireError (oversized, too deep, undecodable, not a JSON
-        object, unwanted descriptors). Never RecursionError or MemoryError (class 4).
+        object, unwanted descriptors). Never RecursionError or MemoryError (threat class "forged results on the wire").
     """
     fds: list[int] | None = [] if want_fds else None
     try:

@@ -263,7 +263,7 @@ def cleanup_root(root: str, session_uid: int | None) -> None:
     process empties them as that user first (the zygote keeps no capability to override file
     modes), then the rest goes as this user. Inside bubblewrap the folder itself is a mount point
     and stays, empty; the next ``Sandbox()`` of that user removes it
-    (:func:`thyme.sandbox.pool.sweep_stale_roots`)."""
+    (:func:`thyme.sandbox.stale.sweep_stale_roots`)."""
     from thyme.sandbox.cleanup import remove_tree
 
     if session_uid and os.geteuid() == 0 and session_uid != 0:
@@ -335,7 +335,7 @@ def main(argv: list[str]) -> int:
                 if not opts.get("in_mount_view"):
                     confine.private_mount_namespace()
                 if opts.get("make_readable") and isinstance(uid, int):
-                    try:  # no session keeps a capability to read the runtime (class 6)
+                    try:  # no session keeps a capability to read the runtime (threat class "shared identity and host views")
                         hidden = confine.make_readable(z.read_paths + [p for p in opts.get("extra_read", []) if os.path.isdir(p)], uid)
                     except OSError as e:
                         fix_error = str(e)

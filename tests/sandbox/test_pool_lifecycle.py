@@ -17,9 +17,9 @@ from PIL import Image
 from thyme.config import check_sections, load_yaml, merge
 from thyme.sandbox import LAYERS, ConfinementError, Sandbox, SandboxConfig, SandboxWeakerWarning, doctor
 
-from .conftest import require_layer
+from ..conftest import require_layer
 
-SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "sandbox.yaml"
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "sandbox.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_the_mount_view_hides_the_host(tmp_path):
         probe.write_text("x")
         repo_file = Path(__file__).resolve()
         code = "import os\nprint([os.path.exists(p) for p in PATHS])\nprint(os.path.exists(os.getcwd()))"
-        paths = ["/home", "/root/.bashrc", str(probe), str(repo_file), str(repo_file.parents[1] / "README.md"), "/etc/passwd", "/etc/ld.so.cache"]
+        paths = ["/home", "/root/.bashrc", str(probe), str(repo_file), str(repo_file.parents[2] / "README.md"), "/etc/passwd", "/etc/ld.so.cache"]
         with sb.session() as s:
             r = s.run(f"PATHS = {paths!r}\n" + code)
         expected = [False, False, False, False, False, False, True]
@@ -324,7 +324,7 @@ def test_an_owner_killed_without_close_leaves_nothing_behind(tmp_path):
 
     script = tmp_path / "owner.py"
     script.write_text(_OWNER)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src})
     try:
         root, zygote, session = proc.stdout.readline().split()

@@ -320,4 +320,4 @@ def test_yaml_switches_reach_the_config():
     assert cfg.decoded_cache is False and cfg.decoded_cache_bytes == 2**20
     with pytest.raises(ValueError):
         SandboxConfig(decoded_cache_bytes=0)
-    assert os.path.basename(__file__).startswith("test_sandbox")
+    assert os.path.basename(__file__).startswith("test_decoded_cache")

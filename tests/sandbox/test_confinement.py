@@ -4,22 +4,25 @@ Every attack runs in the same module-wide Sandbox; after each one the 10 code bl
 Thyme trajectories (../shared/corpus/thyme) are replayed in that Sandbox and must reproduce the
 reference sandbox's outputs (skipped with a reason when the corpus is absent).
 
-Attack classes (issue: security suite) and their tests:
-running programs (os.system, subprocess, os.exec*, posix_spawn, pty, ctypes libc)
--> test_programs_do_not_run; fork storms -> test_fork_is_refused, test_thread_storms_stay_in_their_session;
-writes outside the session (open, pathlib, os.*, symlinks, hard links) -> test_nothing_is_written_outside_the_session;
-reading host files (absolute paths, symlinks, /proc, listing folders) -> test_host_files_cannot_be_read;
-environment leakage (os.environ, /proc/*/environ) -> test_host_environment_is_not_visible;
-network (TCP, UDP, HTTP, unix sockets against listeners on 127.0.0.1) -> test_network_is_unreachable;
-killing the parent, the caller or other sessions -> test_the_zygote_cannot_be_signalled,
-test_the_caller_and_other_sessions_cannot_be_signalled; exits (sys.exit, os._exit, abort,
-segfault, SIGKILL) -> test_process_endings_are_reported_and_the_caller_survives; CPU loops ->
-test_endless_code_times_out, test_cpu_time_limit_stops_busy_code; memory bombs ->
-test_memory_bombs_are_contained; huge files and descriptors -> test_huge_file_write_fails,
-test_open_files_are_limited; output floods -> test_output_floods_are_capped; input image tampering
-or deletion -> test_input_image_is_read_only; reads across sessions -> test_sessions_cannot_read_each_other
-(and, for the shared decoded-input cache, tests/test_sandbox_decoded.py); the result channel ->
-test_forged_replies_cannot_desynchronise_the_session.
+Threat classes (docs/threat-model.md, "Sandbox threat classes") and their tests here:
+"running programs" (os.system, subprocess, os.exec*, posix_spawn, pty, ctypes libc)
+-> test_programs_do_not_run; "resource exhaustion": fork storms -> test_fork_is_refused,
+test_thread_storms_stay_in_their_session; CPU loops -> test_endless_code_times_out,
+test_cpu_time_limit_stops_busy_code; memory bombs -> test_memory_bombs_are_contained; huge files
+and descriptors -> test_huge_file_write_fails, test_open_files_are_limited; output floods ->
+test_output_floods_are_capped (the CPU share: tests/sandbox/test_cpu_share.py);
+"escape via the filesystem": writes outside the session (open, pathlib, os.*, symlinks, hard
+links) -> test_nothing_is_written_outside_the_session; reading host files (absolute paths,
+symlinks, /proc, listing folders) -> test_host_files_cannot_be_read; "host information leaks"
+(os.environ, /proc/*/environ) -> test_host_environment_is_not_visible; "network access" (TCP,
+UDP, HTTP, unix sockets against listeners on 127.0.0.1) -> test_network_is_unreachable;
+"signalling other processes" (the zygote, the caller, other sessions) ->
+test_the_zygote_cannot_be_signalled, test_the_caller_and_other_sessions_cannot_be_signalled;
+exits (sys.exit, os._exit, abort, segfault, SIGKILL) ->
+test_process_endings_are_reported_and_the_caller_survives; "input tampering" ->
+test_input_image_is_read_only; "cross-session reads" -> test_sessions_cannot_read_each_other
+(and, for the shared decoded-input cache, tests/sandbox/test_decoded_cache.py); "forged results
+on the wire" -> test_forged_replies_cannot_desynchronise_the_session.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ import pytest
 from PIL import Image
 
 from thyme.sandbox import Sandbox
-from .conftest import require_layer
+from ..conftest import require_layer
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 TRAJECTORIES = CORPUS / "thyme" / "trajectories.jsonl"
 NO_CORPUS = f"real corpus not found at {CORPUS} (expected <repo>/../shared/corpus)"
 CANARY_ENV = "THYME_SANDBOX_TEST_CANARY"
@@ -519,7 +522,7 @@ def test_a_non_root_caller_is_confined_too(tmp_path):
     before = {p: digest(d / p) + (os.stat(d / p).st_mtime_ns,) for p in ("input.png", "mine.txt")}
     script = tmp_path / "as_user.py"
     script.write_text(_AS_USER)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     # the interpreter may live under /root (0700): let this user read it (dropped inside sessions)
     cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", sys.executable, str(script), str(d)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src, "HOME": str(d)}, cwd=str(d))
