@@ -109,7 +109,7 @@ def main() -> int:
     from thyme.imageio import open_image
     from thyme.sandbox import Sandbox
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
-    from thyme.train.rl import rollout as R
+    import thyme.rollout as R
     from thyme.train.rl.data import from_rl_record, rl_record
 
     torch.set_num_threads(1)  # steadier figures on a shared machine

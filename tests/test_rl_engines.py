@@ -195,7 +195,7 @@ def parts(tiny_checkpoint):
 
 
 def _runner(engine, parts, mode="train", prefill=""):
-    from thyme.train.rl.rollout import RolloutLimits, RolloutRunner, SamplingSettings
+    from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings
 
     proc, _, sb, d = parts
     return RolloutRunner(engine, proc, sb, RolloutLimits(max_rounds=3, max_completion_length=400, max_length=4096, ats_code_tokens=mode, prefill=prefill),
@@ -203,7 +203,7 @@ def _runner(engine, parts, mode="train", prefill=""):
 
 
 def _script(parts, segments):
-    from thyme.train.rl.rollout import RolloutRunner
+    from thyme.rollout import RolloutRunner
 
     proc, p, _, _ = parts
     tok = proc.tokenizer
@@ -216,7 +216,7 @@ def _script(parts, segments):
 
 
 def _engines(parts, segments):
-    from thyme.train.rl.rollout import HFEngine, VLLMColocateEngine, VLLMServerEngine
+    from thyme.rollout import HFEngine, VLLMColocateEngine, VLLMServerEngine
 
     script, tok, eos = _script(parts, segments)
     hf_model = ScriptedHFModel(script, len(tok))
@@ -293,7 +293,7 @@ def test_vision_cache_runs_the_image_processor_once_per_image_and_matches_it(par
     import torch
 
     from thyme.imageio import open_image
-    from thyme.train.rl.rollout import VisionCache
+    from thyme.rollout import VisionCache
 
     proc = parts[0]
     ims = [open_image(str(CORPUS / "thyme/images" / n), mode="RGB") for n in ("case1-1.jpg", "case6-1.jpg", "case5-1.png")]
@@ -318,7 +318,7 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
     when every code block runs after the call."""
     import time as _time
 
-    from thyme.train.rl.rollout import HFEngine, RolloutRunner
+    from thyme.rollout import HFEngine, RolloutRunner
 
     musing = " ".join(f"Region {k} at x={37 * k % 101}, y={53 * k % 97} shows nothing." for k in range(12))  # no loop: the repetition stop stays out
     long_code = "<think>" + musing + " " + CODE[len("<think>"):]
@@ -371,7 +371,7 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
 def test_a_wrapped_generate_without_on_stop_still_rolls_out(parts):
     """A wrapper around ``HFEngine.generate`` with the plain ``(rows, settings)`` signature (as a
     benchmark or a user's logging wrapper has) gets no ``on_stop``: its code runs after the call."""
-    from thyme.train.rl.rollout import HFEngine
+    from thyme.rollout import HFEngine
 
     script, tok, eos = _script(parts, [CODE, ANSWER])
     engine = HFEngine(ScriptedHFModel(script, len(tok)), parts[0], [tok.convert_tokens_to_ids("<|image_pad|>")], [eos], tok.pad_token_id)

@@ -2,7 +2,7 @@
 
 Overrides, and why (as little as possible):
 
-- :meth:`ThymeGRPOTrainer._generate`: runs :class:`thyme.train.rl.rollout.RolloutRunner` on the
+- :meth:`ThymeGRPOTrainer._generate`: runs :class:`thyme.rollout.RolloutRunner` on the
   rows of the step instead of TRL's single-turn generation, scores them
   (:func:`score_rollouts`), and returns TRL's tuple: ``tool_mask`` = our ``env_mask`` (sandbox
   tokens, prefill and failed rollouts at 0: out of the policy loss, the KL term and the
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...errors import ThymeError
-from .rollout import CAP_REASONS, Rollout, RolloutRunner, completion_text
+from ...rollout import CAP_REASONS, Rollout, RolloutRunner, completion_text
 
 logger = logging.getLogger(__name__)
 
