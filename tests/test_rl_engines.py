@@ -379,3 +379,50 @@ def test_a_wrapped_generate_without_on_stop_still_rolls_out(parts):
     engine.generate = lambda rows, settings: inner(rows, settings)
     ros = _runner(engine, parts).run([parts[1], parts[1]])
     assert all(r.mask_reason is None and r.code_ok == 1 and r.stop_reason == "answer" for r in ros)
+
+
+def test_the_vllm_server_engine_suppresses_the_placeholder_ids_as_colocate_does(tiny_checkpoint, fake_vllm):
+    """Issue 15: the server engine was built without the suppressed ids, so a policy could
+    sample ``<|image_pad|>`` there. Built as ``thyme train rl`` builds it (no ids passed) it now
+    sends ``logit_bias`` -100 on the tokenizer's placeholders, the ids the colocate engine gets."""
+    from thyme.backends.processors import load_processor
+    from thyme.rollout import EngineRow, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
+
+    tok = load_processor(str(tiny_checkpoint), max_pixels=12544).tokenizer
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    sent = []
+
+    class Client:
+        def image_features(self, images):
+            return [None for _ in images]
+
+        def generate(self, prompts, features=None, generation_kwargs=None, **kw):
+            sent.append(dict(generation_kwargs))
+            return {"prompt_ids": prompts, "completion_ids": [[eos]], "logprobs": [[[-0.5]]]}
+
+    row = EngineRow(ids=tok.encode("hello", add_special_tokens=False), images=[], max_new_tokens=4)
+    out = VLLMServerEngine(Client(), tok, [eos]).generate([row], SamplingSettings(temperature=1.0, ats=False, seed=3))
+    assert out[0].finish == "eos"
+    bias = sent[0]["logit_bias"]
+    assert bias[pad] == -100.0 and all(v == -100.0 for v in bias.values()) and sent[0]["seed"] == 3
+    assert "</code>" in sent[0]["stop"]
+
+    llm_params = []
+
+    class LLM:
+        def generate(self, reqs, params, use_tqdm=False):
+            import types
+
+            llm_params.extend(params)
+            comp = types.SimpleNamespace(token_ids=[eos], logprobs=None, finish_reason="stop", stop_reason=None)
+            return [types.SimpleNamespace(outputs=[comp]) for _ in reqs]
+
+    from thyme.rollout.engines.vllm import placeholder_ids
+
+    VLLMColocateEngine(LLM(), tok, placeholder_ids(tok)).generate([row], SamplingSettings(temperature=1.0, ats=False))
+    assert set(llm_params[0].logit_bias) == set(bias)
+    # an explicit list wins (run.py may pass the model's own placeholder ids)
+    sent.clear()
+    VLLMServerEngine(Client(), tok, [eos], suppress_ids=[pad, 5]).generate([row], SamplingSettings(temperature=1.0, ats=False))
+    assert set(sent[0]["logit_bias"]) == {pad, 5}
