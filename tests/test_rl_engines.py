@@ -199,7 +199,7 @@ def _runner(engine, parts, mode="train", prefill=""):
 
     proc, _, sb, d = parts
     return RolloutRunner(engine, proc, sb, RolloutLimits(max_rounds=3, max_completion_length=400, max_length=4096, ats_code_tokens=mode, prefill=prefill),
-                         SamplingSettings(1.0, 1.0, 0, 1.0, True), d / "art")
+                         SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, ats=True), d / "art")
 
 
 def _script(parts, segments):

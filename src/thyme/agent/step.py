@@ -163,16 +163,16 @@ def decide(text: str, finish: str, *, tokens_used: int, caps: Caps, context_open
         ``<answer>``, else ``no_answer``.
     """
     if finish == "repetition":
-        return Step("finish", "length", stop_reason="repetition")
+        return Step(action="finish", end="length", stop_reason="repetition")
     seg = protocol.parse_segment(context_open + text, finish)
     if seg.end == "answer":
-        return Step("finish", "answer", stop_reason="answer", answer=protocol.extract_answer(text))
+        return Step(action="finish", end="answer", stop_reason="answer", answer=protocol.extract_answer(text))
     if seg.end == "code":
-        return Step("run_code", "code", code=seg.code)
+        return Step(action="run_code", end="code", code=seg.code)
     if seg.end == "length":
-        return Step("finish", "length", stop_reason="token_cap" if tokens_used >= caps.max_total_tokens else "length")
+        return Step(action="finish", end="length", stop_reason="token_cap" if tokens_used >= caps.max_total_tokens else "length")
     answer = protocol.extract_answer(text, allow_unterminated=True)
-    return Step("finish", seg.end, stop_reason="answer" if answer is not None else "no_answer", answer=answer)
+    return Step(action="finish", end=seg.end, stop_reason="answer" if answer is not None else "no_answer", answer=answer)
 
 
 def feedback_step(parts: list[dict[str, Any]], *, images_in_context: int, tokens_used: int, caps: Caps,
@@ -194,8 +194,8 @@ def feedback_step(parts: list[dict[str, Any]], *, images_in_context: int, tokens
     """
     new_images = sum(1 for p in parts if p.get("type") == "image")
     if new_images and images_in_context + new_images > caps.max_images:
-        return FeedbackStep("finish", stop_reason="image_cap")
+        return FeedbackStep(action="finish", stop_reason="image_cap")
     n = int(count_tokens(parts)) if count_tokens is not None else 0
     if tokens_used + n >= caps.max_total_tokens:
-        return FeedbackStep("finish", stop_reason="token_cap", tokens=n)
-    return FeedbackStep("feed", list(parts), tokens=n)
+        return FeedbackStep(action="finish", stop_reason="token_cap", tokens=n)
+    return FeedbackStep(action="feed", parts=list(parts), tokens=n)

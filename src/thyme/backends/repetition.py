@@ -55,9 +55,9 @@ class RepetitionRule:
 
 
 #: The default rule (every driver; see the module docstring).
-TOKEN_RULE = RepetitionRule(32, 3, 1024)
+TOKEN_RULE = RepetitionRule(span=32, repeats=3, window=1024)
 #: The former post-hoc character rule of the agent loop (benchmarks only).
-TEXT_RULE = RepetitionRule(64, 3, 1000)
+TEXT_RULE = RepetitionRule(span=64, repeats=3, window=1000)
 
 
 class RepetitionDetector:

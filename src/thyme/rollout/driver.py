@@ -207,7 +207,7 @@ class RolloutRunner:
             rid = f"{p.id}#{k}"
             traj = Trajectory(id=rid, question=p.question, images=list(p.images), shown_paths=list(p.images), prefill=self.limits.prefill)
             traj.timings = {"generate_s": 0.0, "execute_s": 0.0}
-            ro = Rollout(rid, p.id, [], trajectory=traj)
+            ro = Rollout(id=rid, group=p.id, prompt_ids=[], trajectory=traj)
             try:
                 ro.images = [load(x) for x in p.images]
                 ro.image_paths = list(p.images)
@@ -272,7 +272,7 @@ class RolloutRunner:
             if reason is not None:
                 self._finish(r, reason)
                 continue
-            rows.append(EngineRow(r.prompt_ids + r.completion_ids, r.images, budget, r.open_code))
+            rows.append(EngineRow(ids=r.prompt_ids + r.completion_ids, images=r.images, max_new_tokens=budget, code_open=r.open_code))
             live.append(r)
         if not rows:
             return

@@ -103,7 +103,7 @@ class ScriptedBackend(Backend):
                 text, stop = truncate_at_stop(text, list(r.stop))
             if stream is not None and text:
                 stream(i, text)
-            out.append(Generation(text, finish, stop=stop, num_tokens=len(ids)))  # type: ignore[arg-type]
+            out.append(Generation(text=text, finish_reason=finish, stop=stop, num_tokens=len(ids)))  # type: ignore[arg-type]
         return out
 
 

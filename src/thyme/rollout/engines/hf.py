@@ -124,7 +124,7 @@ class HFEngine(Engine):
         forced = [p for p in forced if p < len(toks)]
         for p in forced:
             lps[p] = NAN
-        return EngineOutput(toks, lps, finish, 1, forced)
+        return EngineOutput(token_ids=toks, logprobs=lps, finish=finish, calls=1, forced=forced)
 
 
 class _StopNotifier:

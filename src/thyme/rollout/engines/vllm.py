@@ -39,7 +39,7 @@ class StopResubmitATS(Engine):
     def generate(self, rows: list[EngineRow], settings: SamplingSettings) -> list[EngineOutput]:
         if not settings.ats or settings.temperature == 0:
             return self.raw(rows, settings, tuple(settings.stop))
-        results = [EngineOutput([], [], "length", 0, []) for _ in rows]
+        results = [EngineOutput(token_ids=[], logprobs=[], finish="length", calls=0, forced=[]) for _ in rows]
         state = [bool(r.code_open) for r in rows]
         active = list(range(len(rows)))
         while active:
@@ -50,7 +50,8 @@ class StopResubmitATS(Engine):
                                     (sampled, settings.temperature, tuple(settings.stop) + (protocol.CODE_START,))):
                 if not idx:
                     continue
-                sub = [EngineRow(rows[i].ids + results[i].token_ids, rows[i].images, rows[i].max_new_tokens - len(results[i].token_ids), state[i]) for i in idx]
+                sub = [EngineRow(ids=rows[i].ids + results[i].token_ids, images=rows[i].images, max_new_tokens=rows[i].max_new_tokens - len(results[i].token_ids),
+                                 code_open=state[i]) for i in idx]
                 s2 = dataclasses.replace(settings, temperature=temp, ats=False, stop=stop)
                 outs = self.raw(sub, s2, stop)
                 for i, o in zip(idx, outs):
@@ -118,7 +119,7 @@ def _vllm_output(c: Any, rule: RepetitionRule) -> EngineOutput:
     det = RepetitionDetector(rule)
     if finish == "length" and det.extend(toks):
         finish = "repetition"
-    return EngineOutput(toks, lps, finish)
+    return EngineOutput(token_ids=toks, logprobs=lps, finish=finish)
 
 
 class VLLMServerEngine(StopResubmitATS):
@@ -153,7 +154,7 @@ class VLLMServerEngine(StopResubmitATS):
                 finish = "stop"
             else:
                 finish = "repetition" if RepetitionDetector(s.repetition).extend(toks) else "length"
-            outs.append(EngineOutput(toks, lps, finish))
+            outs.append(EngineOutput(token_ids=toks, logprobs=lps, finish=finish))
         return outs
 
     def _generation_kwargs(self, s: SamplingSettings, stop: tuple[str, ...]) -> dict[str, Any]:

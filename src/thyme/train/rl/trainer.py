@@ -133,7 +133,7 @@ def trainer_rows(rollouts: Sequence[Rollout], *, im_end: int, image_pad: int, pa
                                         "the pad counts must come from the trainer's image processor (same max_pixels)")
             logger.warning("rollout %s (masked: %s): %d image pad tokens but %d image features; sent as an empty row", r.id, r.mask_reason, have, want)
             prompt, ids, mask, lps, images = [im_end], [im_end], [0], [float("nan")], []
-        rows.append(TrainerRow(prompt, ids, mask, lps, images))
+        rows.append(TrainerRow(prompt_ids=prompt, completion_ids=ids, env_mask=mask, logprobs=lps, images=images))
     return rows
 
 
