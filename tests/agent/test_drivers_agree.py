@@ -44,16 +44,16 @@ def world(tiny_checkpoint, tmp_path_factory):
         yield SimpleNamespace(proc=proc, tok=proc.tokenizer, image=str(img), sandbox=sb, dir=d)
 
 
-def run_message(w, segments, *, max_rounds=4, max_new_tokens=400, max_total_tokens=100000, max_images=6, name="m"):
+def run_message(w, segments, *, max_rounds=4, max_new_tokens=400, max_total_tokens=100000, max_images=6, prefill="", name="m"):
     from thyme.agent import Agent, AgentConfig
     from thyme.testing.scripted import ScriptedBackend
 
-    cfg = AgentConfig(max_rounds=max_rounds, max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, max_images=max_images)
+    cfg = AgentConfig(max_rounds=max_rounds, max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, max_images=max_images, prefill=prefill)
     with Agent(ScriptedBackend(w.tok, {"script-key-7f3": segments}), w.sandbox, cfg, artifacts_dir=w.dir / f"art-{name}") as agent:
         return agent.run(QUESTION, [w.image], id="q")
 
 
-def run_token(w, segments, *, max_rounds=4, max_new_tokens=400, max_length=100000, max_images=6, name="t"):
+def run_token(w, segments, *, max_rounds=4, max_new_tokens=400, max_length=100000, max_images=6, prefill="", name="t"):
     from thyme import protocol
     from thyme.imageio import image_size
     from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings
@@ -61,7 +61,7 @@ def run_token(w, segments, *, max_rounds=4, max_new_tokens=400, max_length=10000
 
     prompt = SimpleNamespace(id="q", question=QUESTION, images=[w.image],
                              messages=protocol.build_messages(QUESTION, [w.image], image_sizes=[image_size(w.image)]))
-    limits = RolloutLimits(max_rounds=max_rounds, max_completion_length=max_new_tokens, max_length=max_length, max_images=max_images)
+    limits = RolloutLimits(max_rounds=max_rounds, max_completion_length=max_new_tokens, max_length=max_length, max_images=max_images, prefill=prefill)
     runner = RolloutRunner(ScriptedEngine(w.tok, {"script-key-7f3": segments}), w.proc, w.sandbox, limits,
                            SamplingSettings(temperature=0.0, ats=False), w.dir / f"art-{name}")
     ro = runner.run([prompt])[0]
@@ -154,6 +154,14 @@ def test_repetition(world):
     t = m.turns[0]
     assert t.finish_reason == "repetition" and t.end == "length" and "</answer>" not in t.text
     assert t.text.count("I will zoom in on the sign.") >= 3
+
+
+def test_a_prefilled_code_segment_runs_before_the_first_round_in_both(world):
+    # the script's segment index counts sandbox outputs, so the prefill's run is segment 0
+    m, ro = agree(world, ["(the prefill)", ANSWER], prefill=crop("p"))
+    assert [t.index for t in m.turns] == [-1, 0] and m.turns[0].finish_reason == "prefill"
+    assert (m.stop_reason, m.answer) == ("answer", "B") and len(m.output_images()) == 1 and len(ro.images) == 2
+    assert m.response_text().startswith(crop("p") + "\n<sandbox_output><image></sandbox_output>")
 
 
 def test_every_stop_reason_is_covered():
