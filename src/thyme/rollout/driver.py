@@ -183,8 +183,13 @@ class RolloutRunner:
 
     # ---------------------------------------------------------------- main loop
     def run(self, prompts: Sequence[Any], seed: int | None = None) -> list[Rollout]:
-        """Roll out every prompt (an :class:`thyme.train.rl.data.RLPrompt` per row; rows of a
-        group are consecutive), all rows of a round in one engine call.
+        """Roll out every prompt, all rows of a round in one engine call.
+
+        Args:
+            prompts: one per row, rows of a group consecutive; each has ``id``, ``question``,
+                ``images`` (paths) and ``messages`` (``[system, user]`` content lists, as
+                :func:`thyme.protocol.build_messages` makes them), e.g. ``thyme.train.rl.data.RLPrompt``.
+            seed: base seed; round ``k`` samples with ``seed + k``.
 
         Returns:
             One :class:`Rollout` per row, in order; failures are recorded (``mask_reason``), never raised.
