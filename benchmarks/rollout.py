@@ -109,7 +109,7 @@ def main() -> int:
     from thyme.imageio import open_image
     from thyme.sandbox import Sandbox
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
-    from thyme.train.rl import rollout as R
+    import thyme.rollout as R
     from thyme.train.rl.data import from_rl_record, rl_record
 
     torch.set_num_threads(1)  # steadier figures on a shared machine
@@ -143,7 +143,7 @@ def main() -> int:
     inner = engine.generate
 
     def recording_generate(rows, settings, on_stop=None):
-        calls.append(([R.EngineRow(list(r.ids), list(r.images), r.max_new_tokens, r.code_open) for r in rows], settings))
+        calls.append(([R.EngineRow(ids=list(r.ids), images=list(r.images), max_new_tokens=r.max_new_tokens, code_open=r.code_open) for r in rows], settings))
         t0 = time.perf_counter()
         try:
             return inner(rows, settings, on_stop=on_stop)
@@ -151,7 +151,7 @@ def main() -> int:
             engine_s[0] += time.perf_counter() - t0
 
     engine.generate = recording_generate
-    settings = R.SamplingSettings(1.0, 1.0, 0, 1.0, True)
+    settings = R.SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, ats=True)
     limits = R.RolloutLimits(max_rounds=3, max_completion_length=max(len(s) for row in staggered for s in row) + 8, max_length=4096)
 
     def once(runner) -> dict:

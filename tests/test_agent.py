@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from thyme.agent import Agent, AgentConfig, Task, Trajectory
-from thyme.agent.loop import detect_repetition
+from thyme.backends.repetition import text_loops
 from thyme.backends.base import Backend, BatchGenerationError, Generation
 from thyme.backends.replay import ReplayBackend
 
@@ -153,7 +153,7 @@ def test_length_and_repetition(tmp_path, image):
     loop = "<think>" + "I will zoom in on the sign. " * 60
     with Agent(CountingBackend(loop, "length", 10), FakeSandbox(tmp_path)) as agent:
         assert agent.run("Q", [image]).stop_reason == "repetition"
-    assert not detect_repetition("".join(chr(0x4E00 + i) for i in range(2000)))
+    assert not text_loops("".join(chr(0x4E00 + i) for i in range(2000)), AgentConfig().repetition_rule())
 
 
 def test_one_bad_task_does_not_take_down_the_batch(tmp_path, image):

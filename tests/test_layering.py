@@ -2,14 +2,16 @@
 
 Floors, from the ground up (README, "Architecture"):
 
-0. ground: ``errors``, ``constants``, ``config``, ``jsonl``, ``imageio``, ``http``, ``protocol``, ``sandbox``
+0. ground: ``errors``, ``constants``, ``config``, ``jsonl``, ``imageio``, ``http``, ``protocol``,
+   ``records`` (the one Thyme record), ``chat`` (Qwen chat-format constants), ``sandbox``
 1. ``scoring``   answer rules and the judge client
-2. ``backends``  messages in, the next assistant segment out
-3. ``agent``     the multi-turn loop, ``Trajectory``, replay
-4. ``data``, ``evaluate``, ``train``
-5. ``report``, ``integrations`` (veRL: builds on ``train.rl``; nothing below imports it)
-6. ``testing``   development servers and tiny checkpoints (only the cli and the tests use it)
-7. ``cli``       the ``thyme`` command, the only package that builds argparse parsers
+2. ``backends``  messages in, the next assistant segment out; ATS processors; the loop detector
+3. ``agent``     the one step decision (``agent.step``), ``Trajectory``, the message driver, replay
+4. ``rollout``   the token driver, its engines (HF, vLLM), the vision cache (no ``train`` import)
+5. ``data``, ``evaluate``, ``train``
+6. ``report``, ``integrations`` (veRL: builds on ``rollout`` and ``train.rl``; nothing below imports it)
+7. ``testing``   development servers, tiny checkpoints, scripted models (only the cli and the tests use it)
+8. ``cli``       the ``thyme`` command, the only package that builds argparse parsers
 
 Every import counts, also the lazy ones inside functions: a lazy upward import is still a
 dependency that a newcomer cannot see in the module's header.
@@ -27,14 +29,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "thyme"
 
 FLOORS = {
-    "errors": 0, "constants": 0, "config": 0, "jsonl": 0, "imageio": 0, "http": 0, "protocol": 0, "sandbox": 0,
+    "errors": 0, "constants": 0, "config": 0, "jsonl": 0, "imageio": 0, "http": 0, "protocol": 0, "records": 0, "chat": 0, "sandbox": 0,
     "scoring": 1,
     "backends": 2,
     "agent": 3,
-    "data": 4, "evaluate": 4, "train": 4,
-    "report": 5, "integrations": 5,
-    "testing": 6,
-    "cli": 7,
+    "rollout": 4,
+    "data": 5, "evaluate": 5, "train": 5,
+    "report": 6, "integrations": 6,
+    "testing": 7,
+    "cli": 8,
 }
 
 
@@ -158,4 +161,11 @@ def test_the_checker_sees_violations():
     assert "thyme.agent.trajectory" in GRAPH["thyme.report.items"]
     assert "thyme.scoring.rules" in GRAPH["thyme.train.rewards"]
     assert any(d.startswith("thyme.backends") for d in GRAPH["thyme.agent.loop"])
+
+
+def test_the_token_driver_never_imports_the_trainer():
+    """``thyme.rollout`` serves veRL, a server and a data generator without the trainer."""
+    users = sorted(m for m, deps in GRAPH.items() if m.startswith("thyme.rollout") and any(d.startswith("thyme.train") for d in deps))
+    assert not users, f"thyme.rollout modules importing thyme.train: {users}"
+    assert any(d.startswith("thyme.agent.step") for d in GRAPH["thyme.rollout.driver"])  # the graph is read (not vacuous)
 

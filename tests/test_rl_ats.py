@@ -81,3 +81,18 @@ def test_run_ats_gives_identical_code_for_two_seeds_and_sampling_differs(tiny_ch
     many = run(3, False, samples=3)
     assert len(many) == 3 and len({t.turns[0].text for t in many}) > 1
     capsys.readouterr()
+
+
+def test_the_stopping_criterion_takes_one_rule_per_row():
+    """The HF backend gives each request its own rule (``GenerationRequest.repetition``, from
+    ``AgentConfig``): row 0 (span 4) stops on a 5-token loop that row 1 (span 32) lets run."""
+    import torch
+
+    from thyme.backends.repetition import RepetitionStoppingCriteria
+
+    loop = [1, 2, 3, 4, 5] * 6
+    crit = RepetitionStoppingCriteria(2, 2, [RepetitionRule(span=4, repeats=3, window=64), RepetitionRule(span=32, repeats=3, window=1024)])
+    ids = torch.tensor([[0, 0] + loop, [0, 0] + loop])
+    assert crit(ids).tolist() == [True, False]
+    with pytest.raises(ValueError, match="2 repetition rules for 3 rows"):
+        RepetitionStoppingCriteria(2, 3, [RepetitionRule(), RepetitionRule()])

@@ -195,15 +195,15 @@ def parts(tiny_checkpoint):
 
 
 def _runner(engine, parts, mode="train", prefill=""):
-    from thyme.train.rl.rollout import RolloutLimits, RolloutRunner, SamplingSettings
+    from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings
 
     proc, _, sb, d = parts
     return RolloutRunner(engine, proc, sb, RolloutLimits(max_rounds=3, max_completion_length=400, max_length=4096, ats_code_tokens=mode, prefill=prefill),
-                         SamplingSettings(1.0, 1.0, 0, 1.0, True), d / "art")
+                         SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, ats=True), d / "art")
 
 
 def _script(parts, segments):
-    from thyme.train.rl.rollout import RolloutRunner
+    from thyme.rollout import RolloutRunner
 
     proc, p, _, _ = parts
     tok = proc.tokenizer
@@ -216,7 +216,7 @@ def _script(parts, segments):
 
 
 def _engines(parts, segments):
-    from thyme.train.rl.rollout import HFEngine, VLLMColocateEngine, VLLMServerEngine
+    from thyme.rollout import HFEngine, VLLMColocateEngine, VLLMServerEngine
 
     script, tok, eos = _script(parts, segments)
     hf_model = ScriptedHFModel(script, len(tok))
@@ -293,7 +293,7 @@ def test_vision_cache_runs_the_image_processor_once_per_image_and_matches_it(par
     import torch
 
     from thyme.imageio import open_image
-    from thyme.train.rl.rollout import VisionCache
+    from thyme.rollout import VisionCache
 
     proc = parts[0]
     ims = [open_image(str(CORPUS / "thyme/images" / n), mode="RGB") for n in ("case1-1.jpg", "case6-1.jpg", "case5-1.png")]
@@ -318,7 +318,7 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
     when every code block runs after the call."""
     import time as _time
 
-    from thyme.train.rl.rollout import HFEngine, RolloutRunner
+    from thyme.rollout import HFEngine, RolloutRunner
 
     musing = " ".join(f"Region {k} at x={37 * k % 101}, y={53 * k % 97} shows nothing." for k in range(12))  # no loop: the repetition stop stays out
     long_code = "<think>" + musing + " " + CODE[len("<think>"):]
@@ -371,7 +371,7 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
 def test_a_wrapped_generate_without_on_stop_still_rolls_out(parts):
     """A wrapper around ``HFEngine.generate`` with the plain ``(rows, settings)`` signature (as a
     benchmark or a user's logging wrapper has) gets no ``on_stop``: its code runs after the call."""
-    from thyme.train.rl.rollout import HFEngine
+    from thyme.rollout import HFEngine
 
     script, tok, eos = _script(parts, [CODE, ANSWER])
     engine = HFEngine(ScriptedHFModel(script, len(tok)), parts[0], [tok.convert_tokens_to_ids("<|image_pad|>")], [eos], tok.pad_token_id)
@@ -379,3 +379,50 @@ def test_a_wrapped_generate_without_on_stop_still_rolls_out(parts):
     engine.generate = lambda rows, settings: inner(rows, settings)
     ros = _runner(engine, parts).run([parts[1], parts[1]])
     assert all(r.mask_reason is None and r.code_ok == 1 and r.stop_reason == "answer" for r in ros)
+
+
+def test_the_vllm_server_engine_suppresses_the_placeholder_ids_as_colocate_does(tiny_checkpoint, fake_vllm):
+    """Issue 15: the server engine was built without the suppressed ids, so a policy could
+    sample ``<|image_pad|>`` there. Built as ``thyme train rl`` builds it (no ids passed) it now
+    sends ``logit_bias`` -100 on the tokenizer's placeholders, the ids the colocate engine gets."""
+    from thyme.backends.processors import load_processor
+    from thyme.rollout import EngineRow, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
+
+    tok = load_processor(str(tiny_checkpoint), max_pixels=12544).tokenizer
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    sent = []
+
+    class Client:
+        def image_features(self, images):
+            return [None for _ in images]
+
+        def generate(self, prompts, features=None, generation_kwargs=None, **kw):
+            sent.append(dict(generation_kwargs))
+            return {"prompt_ids": prompts, "completion_ids": [[eos]], "logprobs": [[[-0.5]]]}
+
+    row = EngineRow(ids=tok.encode("hello", add_special_tokens=False), images=[], max_new_tokens=4)
+    out = VLLMServerEngine(Client(), tok, [eos]).generate([row], SamplingSettings(temperature=1.0, ats=False, seed=3))
+    assert out[0].finish == "eos"
+    bias = sent[0]["logit_bias"]
+    assert bias[pad] == -100.0 and all(v == -100.0 for v in bias.values()) and sent[0]["seed"] == 3
+    assert "</code>" in sent[0]["stop"]
+
+    llm_params = []
+
+    class LLM:
+        def generate(self, reqs, params, use_tqdm=False):
+            import types
+
+            llm_params.extend(params)
+            comp = types.SimpleNamespace(token_ids=[eos], logprobs=None, finish_reason="stop", stop_reason=None)
+            return [types.SimpleNamespace(outputs=[comp]) for _ in reqs]
+
+    from thyme.rollout.engines.vllm import placeholder_ids
+
+    VLLMColocateEngine(LLM(), tok, placeholder_ids(tok)).generate([row], SamplingSettings(temperature=1.0, ats=False))
+    assert set(llm_params[0].logit_bias) == set(bias)
+    # an explicit list wins (run.py may pass the model's own placeholder ids)
+    sent.clear()
+    VLLMServerEngine(Client(), tok, [eos], suppress_ids=[pad, 5]).generate([row], SamplingSettings(temperature=1.0, ats=False))
+    assert set(sent[0]["logit_bias"]) == {pad, 5}

@@ -167,7 +167,7 @@ def test_a_rollout_whose_sandbox_breaks_is_masked_and_the_step_finishes(tiny_che
 def test_rewards_follow_the_gated_formula_and_wrong_result_value():
     from thyme.agent import Trajectory, Turn
     from thyme.train.rl.data import RLPrompt
-    from thyme.train.rl.rollout import Rollout
+    from thyme.rollout import Rollout
     from thyme.train.rl.trainer import score_rollouts
 
     class Judge:  # consistency judge: always consistent
@@ -223,3 +223,33 @@ def test_ats_code_tokens_mask_keeps_greedy_code_tokens_out_of_the_loss(tiny_chec
         seen[mode] = batch["tool_mask"][:, n_pre:][gen]
         assert all(math.isnan(x) for r in trainer._last for x in r.logprobs[n_pre:])  # greedy: no sampling log-prob
     assert seen["mask"].sum() == 0 and (seen["train"] == 1).all()
+
+
+def test_a_masked_rollout_with_a_wrong_image_token_count_never_ends_the_step():
+    """Issue 15: the trainer checked the pad counts of rollouts already masked and raised,
+    ending the whole run. A masked rollout whose counts disagree is now sent as an empty row;
+    an unmasked one still raises, naming it; rows whose counts agree pass unchanged."""
+    from thyme.rollout import Rollout
+    from thyme.train.rl.trainer import RolloutImageError, trainer_rows
+
+    PAD, END = 7, 2
+    img = object()  # 3 pad tokens' worth of features
+    pads = {id(img): 3}
+
+    def pad_count(im):
+        return pads[id(im)]
+
+    good = Rollout("g#0", "g", [1, PAD, PAD, PAD, 5], completion_ids=[9, 9], env_mask=[1, 1], logprobs=[-0.1, -0.2], images=[img])
+    # masked mid-rollout: an output image never got its pad tokens (its feedback failed)
+    broken = Rollout("b#0", "b", [1, PAD, PAD, PAD, 5], completion_ids=[9, PAD], env_mask=[1, 0], logprobs=[-0.1, float("nan")],
+                     images=[img, img], mask_reason="sandbox_error")
+    masked_ok = Rollout("m#0", "m", [1, PAD, PAD, PAD, 5], completion_ids=[9], env_mask=[1], logprobs=[-0.3], images=[img], mask_reason="judge_failed")
+    rows = trainer_rows([good, broken, masked_ok], im_end=END, image_pad=PAD, pad_count=pad_count)
+    assert rows[0].completion_ids == [9, 9] and rows[0].env_mask == [1, 1] and rows[0].images == [img]
+    assert (rows[1].prompt_ids, rows[1].completion_ids, rows[1].env_mask, rows[1].images) == ([END], [END], [0], [])
+    assert rows[2].completion_ids == [9] and rows[2].env_mask == [0] and rows[2].images == [img]  # kept, out of the loss
+    for r in rows:  # every row sent to TRL is consistent
+        assert sum(1 for t in r.prompt_ids + r.completion_ids if t == PAD) == sum(pad_count(i) for i in r.images)
+    unmasked_bad = Rollout("u#0", "u", [1, PAD, 5], completion_ids=[9], env_mask=[1], logprobs=[-0.1], images=[img])
+    with pytest.raises(RolloutImageError, match="u#0"):
+        trainer_rows([good, unmasked_bad], im_end=END, image_pad=PAD, pad_count=pad_count)

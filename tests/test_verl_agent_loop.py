@@ -183,7 +183,7 @@ def run_own_loop(cfg, processor, sandbox, model, prompt, tmp_path):
     from thyme import protocol
     from thyme.backends.repetition import RepetitionRule
     from thyme.integrations.verl.agent_loop import eos_ids, thyme_settings
-    from thyme.train.rl.rollout import RolloutLimits, RolloutRunner, SamplingSettings, VLLMServerEngine
+    from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings, VLLMServerEngine
 
     c, _ = thyme_settings(cfg.thyme)
     tok = processor.tokenizer

@@ -1,11 +1,12 @@
-"""The Thyme multi-turn loop: messages -> backend segment -> sandbox -> feedback, until an answer.
+"""The message driver: messages -> backend segment -> sandbox -> feedback, until an answer.
 
 One trajectory: build the messages from (images, question), generate until ``</code>`` or
 ``</answer>``, run the code in the trajectory's sandbox session, append the feedback to the
-same assistant message, continue; stop on an answer, the round limit, a total token cap, an
-image cap, or repetition (paper Sec. 3; reference inference loop, with its defects fixed:
-images returned mid-dialogue always reach the model because backends re-encode the whole
-conversation, and failed code is shown to the model by default).
+same assistant message, continue (paper Sec. 3; reference inference loop, with its defects
+fixed: images returned mid-dialogue always reach the model because backends re-encode the whole
+conversation, and failed code is shown to the model by default). What each finished segment
+means, the caps and the loop rule are the one step decision (:mod:`thyme.agent.step`), which
+the token driver (:class:`thyme.rollout.driver.RolloutRunner`) calls too.
 
 Trajectories of a batch advance in lockstep rounds: one backend call per round for all
 active trajectories, then their code runs concurrently in the sandbox pool. One failing
@@ -27,12 +28,14 @@ from typing import Any, Callable, Literal
 
 from .. import protocol
 from ..backends.base import Backend, BatchGenerationError, Generation, GenerationRequest
+from ..backends.repetition import RepetitionRule
 from ..config import setting
 from ..constants import MAX_NEW_TOKENS, MAX_OUTPUT_CHARS, MAX_ROUNDS
 from ..errors import ThymeError
 from ..imageio import image_size
 from ..sandbox.interface import SandboxProtocol, SessionProtocol
 from ..sandbox.outputs import keep_output
+from . import step as steps
 from .trajectory import Trajectory, Turn
 
 
@@ -65,9 +68,9 @@ class AgentConfig:
         source="reference: the real path",
     )
     prefill: str = setting("", help="text the assistant message starts with (e.g. '<think>', or a whole code segment ending in </code>, which is run first, to force a tool call)", source="ours")
-    repetition_window: int = setting(1000, help="characters of recent generated text checked for loops", source="reference: the last 1000 characters")
-    repetition_span: int = setting(64, help="characters of a run that, seen repetition_repeats times within the window, is a loop", source="ours (paper: Rabin-Karp rolling hash)")
-    repetition_repeats: int = setting(3, help="occurrences of one run within the window that make a loop (thyme.backends.repetition)", source="ours (paper: Rabin-Karp rolling hash)")
+    repetition_span: int = setting(32, help="rolling-hash loop rule: a run of this many generated tokens seen repetition_repeats times within repetition_window ends the segment (repetition); the same rule and names as thyme train rl", source="paper Sec. 3.3 Rabin-Karp; rule ours")
+    repetition_repeats: int = setting(3, help="rolling-hash loop rule: occurrences of one run that make a loop", source="ours")
+    repetition_window: int = setting(1024, help="rolling-hash loop rule: generated tokens looked back over (text-only backends: characters of a segment that ran out of tokens)", source="ours")
     max_output_chars: int = setting(MAX_OUTPUT_CHARS, help="printed sandbox text shown to the model, at most, in characters", source="reference")
     show_traceback: bool = setting(False, help="show the model code's traceback instead of 'Type: message (line n)'", source="ours")
     feedback_separator: str = setting(
@@ -75,15 +78,14 @@ class AgentConfig:
     )
     ats: bool = setting(False, help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)", source="paper Sec. 3.3")
 
+    def caps(self) -> steps.Caps:
+        """The caps of :mod:`thyme.agent.step` (``max_total_tokens``: generated tokens)."""
+        return steps.Caps(max_rounds=self.max_rounds, max_new_tokens=self.max_new_tokens,
+                          max_total_tokens=self.max_total_tokens, max_images=self.max_images)
 
-def detect_repetition(text: str, window: int = 1000, span: int = 64, repeats: int = 3) -> bool:
-    """Whether the end of ``text`` loops: a run of ``span`` characters seen ``repeats`` times in
-    the last ``window`` characters, by the rolling-hash detector
-    (:func:`thyme.backends.repetition.text_loops`; paper: Rabin-Karp rolling hash). Replaces the
-    reference's brute-force substring count over the last 1000 characters."""
-    from ..backends.repetition import RepetitionRule, text_loops
-
-    return text_loops(text[-(window * 2):], RepetitionRule(span, repeats, max(window, span * repeats)))
+    def repetition_rule(self) -> RepetitionRule:
+        """The loop rule (:class:`thyme.backends.repetition.RepetitionRule`; raises ValueError when invalid)."""
+        return RepetitionRule(span=self.repetition_span, repeats=self.repetition_repeats, window=self.repetition_window)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class _State:
         self.tokens = 0
         self.n_images = len(traj.images)
         self.regenerations = 0
+        self.budget = 0  # tokens of the next segment (thyme.agent.step.next_round)
         self.discarded: list[dict[str, Any]] = []
 
 
@@ -136,8 +139,10 @@ class Agent:
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else Path(tempfile.mkdtemp(prefix="thyme-artifacts-"))
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.feedback_config = protocol.FeedbackConfig(
-            self.config.max_output_chars, self.config.show_traceback, self.config.feedback_separator
+            max_output_chars=self.config.max_output_chars, show_traceback=self.config.show_traceback, separator=self.config.feedback_separator
         )
+        self.caps = self.config.caps()
+        self.repetition = self.config.repetition_rule()
 
     def close(self) -> None:
         if self._own_artifacts:
@@ -161,7 +166,6 @@ class Agent:
             One :class:`Trajectory` per task, in order. Failures are recorded in the
             trajectory (``stop_reason="error"``, ``error``), never raised.
         """
-        cfg = self.config
         t0 = time.perf_counter()
         states: list[_State] = []
         for i, task in enumerate(tasks):
@@ -169,14 +173,21 @@ class Agent:
             if on_event is not None and states[-1].traj.turns:  # a prefilled code segment ran
                 on_event(i, "feedback", states[-1].traj.turns[-1].feedback)
         try:
-            for rnd in range(cfg.max_rounds):
-                active = [s for s in states if not s.done]
+            rnd = 0
+            while True:
+                active = []
+                for s in states:
+                    if s.done:
+                        continue
+                    s.budget, reason = steps.next_round(rnd, s.tokens, self.caps)
+                    if reason is not None:
+                        self._finish(s, reason)
+                    else:
+                        active.append(s)
                 if not active:
                     break
                 self._round(rnd, active, on_event)
-            for s in states:
-                if not s.done:
-                    self._finish(s, "max_rounds")
+                rnd += 1
         finally:
             for s in states:
                 if s.session is not None:
@@ -210,14 +221,11 @@ class Agent:
         except Exception as e:  # bad input: recorded, the batch goes on
             self._fail(state, e)
             return state
-        if cfg.prefill:
-            seg = protocol.parse_segment(cfg.prefill, "stop" if cfg.prefill.endswith(protocol.CODE_END) else "eos")
-            if seg.end == "code":
-                # a forced code segment: run it before the first generation
-                turn = Turn(index=-1, text="", finish_reason="prefill", end="code", code=seg.code)
-                traj.prefill = cfg.prefill
-                self._execute(state, turn)
-                traj.turns.append(turn)
+        code = steps.prefill_code(cfg.prefill)
+        if code is not None:  # a forced code segment: run it before the first generation
+            turn = Turn(index=-1, text="", finish_reason="prefill", end="code", code=code)
+            self._execute(state, turn)
+            traj.turns.append(turn)
         return state
 
     def _shown(self, path: str) -> str:
@@ -227,11 +235,10 @@ class Agent:
 
     def _request(self, s: _State, rnd: int) -> GenerationRequest:
         cfg = self.config
-        remaining = cfg.max_total_tokens - s.tokens
         return GenerationRequest(
             messages=s.messages,
             assistant_parts=s.traj.assistant_parts(),
-            max_new_tokens=max(1, min(cfg.max_new_tokens, remaining)),
+            max_new_tokens=max(1, s.budget),
             stop=list(protocol.STOP_STRINGS),
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -241,6 +248,7 @@ class Agent:
             key=s.traj.id,
             round=rnd,
             ats=cfg.ats,
+            repetition=self.repetition,
         )
 
     def _round(self, rnd: int, active: list[_State], on_event: EventCallback | None) -> None:
@@ -274,10 +282,12 @@ class Agent:
                     return
                 pending, gens = [s for s, _ in kept], [g for _, g in kept]
             dt = time.perf_counter() - g0
-            turns = []
+            turns, decided = [], []
             for s, g in zip(pending, gens):
                 s.traj.timings["generate_s"] = round(s.traj.timings["generate_s"] + dt, 4)
-                turns.append(self._turn(s, rnd, g, dt))
+                t, d = self._turn(s, rnd, g, dt)
+                turns.append(t)
+                decided.append(d)
             to_run = [(s, t) for s, t in zip(pending, turns) if t.code is not None]
             if to_run:
                 if len(to_run) == 1:
@@ -285,7 +295,11 @@ class Agent:
                 else:
                     _run_all([lambda st=st: self._execute(*st) for st in to_run])
             retry = []
-            for s, t in zip(pending, turns):
+            for s, t, d in zip(pending, turns, decided):
+                if s.done and d.action == "run_code":  # failed, or finished at a cap after its code ran
+                    t.discarded, s.discarded = s.discarded, []
+                    s.traj.turns.append(t)
+                    continue
                 if s.done:
                     continue
                 if self._should_regenerate(s, t):
@@ -297,13 +311,18 @@ class Agent:
                 s.traj.turns.append(t)
                 if on_event and t.feedback:
                     on_event(s.index, "feedback", t.feedback)
-                self._after_turn(s, t, rnd)
+                if d.action == "finish":
+                    s.traj.answer = d.answer
+                    self._finish(s, d.stop_reason)
             pending = retry
 
-    def _turn(self, s: _State, rnd: int, g: Generation, dt: float) -> Turn:
-        seg = protocol.parse_segment(g.text, g.finish_reason)
+    def _turn(self, s: _State, rnd: int, g: Generation, dt: float) -> tuple[Turn, steps.Step]:
+        """The round's :class:`Turn` and its :class:`~thyme.agent.step.Step` (the one decision)."""
         s.tokens += g.num_tokens
-        return Turn(index=rnd, text=g.text, finish_reason=g.finish_reason, end=seg.end, code=seg.code if seg.end == "code" else None, num_tokens=g.num_tokens, generate_s=round(dt, 4))
+        finish = steps.loop_finish(g.finish_reason, g.text, self.repetition, checked=self.backend.capabilities.loop_stop)
+        d = steps.decide(g.text, finish, tokens_used=s.tokens, caps=self.caps)
+        t = Turn(index=rnd, text=g.text, finish_reason=finish, end=d.end, code=d.code, num_tokens=g.num_tokens, generate_s=round(dt, 4))
+        return t, d
 
     def _should_regenerate(self, s: _State, t: Turn) -> bool:
         return (
@@ -324,35 +343,17 @@ class Agent:
         # keep the images: the session folder disappears with the session
         kept = replace(result, images=[k for k in (self._keep_image(s, p) for p in result.images) if k is not None])
         t.execution = kept.to_dict()
-        if kept.images and s.n_images + len(kept.images) > self.config.max_images:
-            t.feedback = []
-            self._finish(s, "image_cap")
+        fb = steps.feedback_step(protocol.feedback_parts(kept, self.feedback_config), images_in_context=s.n_images, tokens_used=s.tokens, caps=self.caps)
+        t.feedback = fb.parts
+        if fb.action == "finish":
+            self._finish(s, fb.stop_reason)
             return
-        s.n_images += len(kept.images)
-        t.feedback = protocol.feedback_parts(kept, self.feedback_config)
+        s.n_images += sum(1 for p in fb.parts if p["type"] == "image")
 
     def _keep_image(self, s: _State, path: str) -> str | None:
         """Copy a session output into the trajectory's folder from one checked descriptor
         (:func:`thyme.sandbox.outputs.keep_output`); None when it is refused."""
         return keep_output(path, s.out_dir, getattr(self.sandbox, "config", None))
-
-    def _after_turn(self, s: _State, t: Turn, rnd: int) -> None:
-        cfg = self.config
-        if t.end == "answer":
-            s.traj.answer = protocol.extract_answer(t.text)
-            self._finish(s, "answer")
-        elif t.end == "code":
-            if s.tokens >= cfg.max_total_tokens:
-                self._finish(s, "token_cap")
-        else:
-            generated = "".join(x.text for x in s.traj.turns)
-            if t.finish_reason == "repetition" or detect_repetition(generated, cfg.repetition_window, cfg.repetition_span, cfg.repetition_repeats):
-                self._finish(s, "repetition")
-            elif t.end == "length":
-                self._finish(s, "token_cap" if s.tokens >= cfg.max_total_tokens else "length")
-            else:
-                s.traj.answer = protocol.extract_answer(t.text, allow_unterminated=True)
-                self._finish(s, "answer" if s.traj.answer is not None else "no_answer")
 
     def _finish(self, s: _State, reason: str) -> None:
         if not s.done:

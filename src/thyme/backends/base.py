@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from ..errors import ThymeError
+from .repetition import TOKEN_RULE, RepetitionRule
 
 #: One part of a chat message's content, in the Hugging Face content-list format:
 #: ``{"type": "text", "text": str}`` or ``{"type": "image", "image": str}`` (a file path).
@@ -41,6 +42,9 @@ class GenerationRequest:
         round: 0-based generation round within the trajectory.
         ats: adaptive temperature sampling (GRPO-ATS): tokens inside an open ``<code>`` block are
             chosen greedily, the others at ``temperature`` (backends that cannot do it ignore it).
+        repetition: the loop rule (:mod:`thyme.backends.repetition`); a backend with the
+            ``loop_stop`` capability ends a segment whose generated ids loop by it with
+            ``finish_reason="repetition"``.
     """
 
     messages: list[dict[str, Any]]
@@ -55,6 +59,7 @@ class GenerationRequest:
     key: Any = None
     round: int = 0
     ats: bool = False
+    repetition: RepetitionRule = TOKEN_RULE
 
 
 @dataclass
@@ -92,11 +97,15 @@ class Capabilities:
         ats: greedy-inside-``<code>`` decoding in one pass (:attr:`GenerationRequest.ats`);
             without it the flag is ignored.
         streaming: the ``stream`` callback of :meth:`Backend.generate` receives text deltas.
+        loop_stop: generation applies :attr:`GenerationRequest.repetition` to the generated ids
+            and ends a looping segment with ``finish_reason="repetition"``; without it the agent
+            loop checks a segment's text after the fact (:func:`thyme.agent.step.loop_finish`).
     """
 
     independent_requests: bool = False
     ats: bool = False
     streaming: bool = False
+    loop_stop: bool = False
 
 
 class BatchGenerationError(ThymeError):

@@ -151,7 +151,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
-    capabilities = Capabilities(independent_requests=False, ats=True, streaming=True)
+    capabilities = Capabilities(independent_requests=False, ats=True, streaming=True, loop_stop=True)
 
     def __init__(
         self,
@@ -416,7 +416,7 @@ class HFBackend(Backend):
         from .ats import GreedyInsideCode, code_open_after
         from .repetition import RepetitionStoppingCriteria, sequence_loops
 
-        repetition = RepetitionStoppingCriteria(prompt_len, len(reqs))
+        repetition = RepetitionStoppingCriteria(prompt_len, len(reqs), [r.repetition for r in reqs])
         criteria = StoppingCriteriaList(([RowTokenLimit(prompt_len, limits)] if min(limits) < max_new else []) + [repetition])
         processors = None
         if gc.do_sample and reqs[0].ats:  # greedy inside open <code> blocks (GRPO-ATS)
@@ -436,7 +436,7 @@ class HFBackend(Backend):
         results = []
         for row, (r, toks, limit) in enumerate(zip(reqs, new, limits)):
             g = self._finish_row(toks[:limit], list(r.stop or ()))
-            if repetition.flags[row] and g.finish_reason == "length" and sequence_loops([t for t in toks[:limit] if t != self.pad_token_id]):
+            if repetition.flags[row] and g.finish_reason == "length" and sequence_loops([t for t in toks[:limit] if t != self.pad_token_id], r.repetition):
                 g.finish_reason = "repetition"
             g.prompt_tokens = int(prompt_tokens[row])
             results.append(g)
@@ -471,7 +471,7 @@ def tokens_to_stop(decode: Callable[[list[int]], str], toks: list[int], stops: S
     """Smallest ``k`` such that ``decode(toks[:k])`` contains a stop string (binary search over
     prefixes: a stop string can end inside a token), or ``None`` when ``toks`` holds none.
 
-    Shared by this backend and the RL engines (:mod:`thyme.train.rl.rollout`), which count the
+    Shared by this backend and the RL engines (:mod:`thyme.rollout.engines`), which count the
     tokens of a segment up to its stop string the same way.
     """
     def has(k: int) -> bool:

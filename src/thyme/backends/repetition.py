@@ -10,10 +10,13 @@ polynomial hash is rolled forward in O(1) per item; a table counts the hashes of
 start inside the window (evicted as the window slides); a hit is confirmed by comparing the
 items themselves (so a hash collision never stops a generation).
 
-Defaults: token ids ``span=32, repeats=3, window=1024`` (a 32-token run seen three times in the
-last 1024 tokens: a loop of any period up to ~500 tokens is caught after two repeats of its
-first 32 tokens); text ``span=64 characters, repeats=3, window=1000 characters`` (the
-reference's 1000-character window).
+Default (one rule for every driver: ``thyme run`` / ``thyme eval`` through
+:class:`thyme.agent.AgentConfig`, RL through the rollout settings): ``span=32, repeats=3,
+window=1024`` over generated token ids (a 32-token run seen three times in the last 1024
+tokens: a loop of any period up to ~500 tokens is caught after two repeats of its first 32
+tokens). Backends that return text only apply the same rule to the characters of a segment that
+ran out of tokens (:func:`thyme.agent.step.loop_finish`). :data:`TEXT_RULE` (64 characters,
+the reference's 1000-character window) is kept for the benchmarks' comparison only.
 
 **Cost.** O(1) amortised per item: one multiply-add-modulo for the hash, one dictionary update
 and one eviction; memory O(window). ``benchmarks/rollout.py`` measures it per token against the
@@ -51,10 +54,10 @@ class RepetitionRule:
             raise ValueError(f"bad repetition rule {self}: need span >= 1, repeats >= 2, window >= span * repeats")
 
 
-#: Token-level default (generation stopping criterion, RL rollouts).
-TOKEN_RULE = RepetitionRule(32, 3, 1024)
-#: Character-level default (text-only backends, the agent loop's post-hoc check).
-TEXT_RULE = RepetitionRule(64, 3, 1000)
+#: The default rule (every driver; see the module docstring).
+TOKEN_RULE = RepetitionRule(span=32, repeats=3, window=1024)
+#: The former post-hoc character rule of the agent loop (benchmarks only).
+TEXT_RULE = RepetitionRule(span=64, repeats=3, window=1000)
 
 
 class RepetitionDetector:
@@ -182,12 +185,15 @@ class RepetitionStoppingCriteria:
     Args:
         prompt_len: columns of the (left-padded) prompt.
         batch_size: rows.
-        rule: :class:`RepetitionRule`.
+        rule: :class:`RepetitionRule`, or one per row.
     """
 
-    def __init__(self, prompt_len: int, batch_size: int, rule: RepetitionRule = TOKEN_RULE):
+    def __init__(self, prompt_len: int, batch_size: int, rule: RepetitionRule | Sequence[RepetitionRule] = TOKEN_RULE):
         self.prompt_len = prompt_len
-        self.detectors = [RepetitionDetector(rule) for _ in range(batch_size)]
+        rules = [rule] * batch_size if isinstance(rule, RepetitionRule) else list(rule)
+        if len(rules) != batch_size:
+            raise ValueError(f"{len(rules)} repetition rules for {batch_size} rows")
+        self.detectors = [RepetitionDetector(r) for r in rules]
         self.flags = [False] * batch_size
         self._seen = 0
 

@@ -1,7 +1,7 @@
 """``thyme_agent``: Thyme's rollout protocol as a veRL 0.9 agent loop.
 
 One veRL sample is one Thyme rollout, run by the project's own rollout core
-(:class:`thyme.train.rl.rollout.RolloutRunner`, the same code as ``thyme train rl``) on
+(:class:`thyme.rollout.RolloutRunner`, the same code as ``thyme train rl``) on
 :class:`thyme.integrations.verl.engine.VerlServerEngine` (veRL's ``server_manager``):
 
 - the prompt is the Thyme system prompt and user turn of the row's ``extra_info["thyme"]``
@@ -70,7 +70,7 @@ from ...backends.repetition import RepetitionRule
 from ...errors import ThymeError
 from ...train.rl.config import GRPOATSConfig, load_rl_config
 from ...train.rl.data import RLPrompt
-from ...train.rl.rollout import CAP_REASONS, Rollout, RolloutLimits, RolloutRunner, SamplingSettings
+from ...rollout import CAP_REASONS, Rollout, RolloutLimits, RolloutRunner, SamplingSettings
 from .engine import VerlServerEngine
 
 logger = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
-"""An :class:`thyme.train.rl.rollout.Engine` over veRL's async ``server_manager``.
+"""An :class:`thyme.rollout.Engine` over veRL's async ``server_manager``.
 
 veRL 0.9 agent loops generate through ``await server_manager.generate(request_id,
 prompt_ids=[int], sampling_params=dict, image_data=[PIL.Image])`` (token in, token out, one
 server per request id, the dict becomes ``vllm.SamplingParams(**dict)``; returns ``TokenOutput``
 with ``token_ids``, ``log_probs`` and ``stop_reason`` ``"completed"`` / ``"aborted"`` / ``None``).
-The project's rollout core (:class:`~thyme.train.rl.rollout.RolloutRunner`) is synchronous, so
+The project's rollout core (:class:`~thyme.rollout.RolloutRunner`) is synchronous, so
 it runs in a worker thread and this engine submits each call to the agent loop's event loop
 (:func:`asyncio.run_coroutine_threadsafe`), waiting for the result in that thread. The rows of
 one round are submitted together (a veRL rollout has one row; the bridge works for several).
 
-ATS is the reference's stop-and-resubmit (:class:`~thyme.train.rl.rollout.StopResubmitATS`,
+ATS is the reference's stop-and-resubmit (:class:`~thyme.rollout.StopResubmitATS`,
 shared with the TRL vLLM engines): per call ``temperature``/``stop`` in ``sampling_params``;
 stop at ``<code>``, resubmit at temperature 0 until ``</code>``, continue at the rollout
 temperature. Finish reasons are read from the ids (``TokenOutput.stop_reason`` does not say
@@ -26,7 +26,7 @@ import math
 from typing import Any, Sequence
 
 from ...backends.repetition import RepetitionDetector
-from ...train.rl.rollout import EngineOutput, EngineRow, SamplingSettings, StopResubmitATS
+from ...rollout.engines import EngineOutput, EngineRow, SamplingSettings, StopResubmitATS
 
 NAN = float("nan")
 

@@ -12,7 +12,7 @@ paper Sec. 3.3): ``Result * (1 + 0.5 * Consistency) + 0.5 * Format``, consistenc
 result is right, ``wrong_result_value`` 0 (paper) or -1 (reference), the judge any
 OpenAI-compatible server (``judge_base_url``, ``judge_model``, key from the environment variable
 ``judge_api_key_env``). It reads the completion as the rewards do everywhere in the project
-(:func:`thyme.train.rl.rollout.completion_text`: the assistant message with sandbox images as
+(:func:`thyme.rollout.completion_text`: the assistant message with sandbox images as
 ``<image>``), rebuilt from ``extra_info["thyme_trajectory"]`` (``thyme_agent``); without it
 (another agent loop) ``solution_str`` is scored as the completion.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from ...agent import Trajectory, Turn
 from ...train.rl.data import RLPrompt
-from ...train.rl.rollout import Rollout
+from ...rollout import Rollout
 from ...train.rl.trainer import score_rollouts
 
 _judges: dict[tuple[str, str, str], Any] = {}

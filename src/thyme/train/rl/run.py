@@ -90,7 +90,7 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
     from ... import protocol
     from ...backends.hf import _placeholder_token_ids
     from ...backends.repetition import RepetitionRule
-    from .rollout import HFEngine, RolloutLimits, RolloutRunner, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
+    from ...rollout import HFEngine, RolloutLimits, RolloutRunner, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
 
     def factory(trainer: Any) -> RolloutRunner:
         model = trainer.accelerator.unwrap_model(trainer.model)

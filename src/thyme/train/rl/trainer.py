@@ -2,7 +2,7 @@
 
 Overrides, and why (as little as possible):
 
-- :meth:`ThymeGRPOTrainer._generate`: runs :class:`thyme.train.rl.rollout.RolloutRunner` on the
+- :meth:`ThymeGRPOTrainer._generate`: runs :class:`thyme.rollout.RolloutRunner` on the
   rows of the step instead of TRL's single-turn generation, scores them
   (:func:`score_rollouts`), and returns TRL's tuple: ``tool_mask`` = our ``env_mask`` (sandbox
   tokens, prefill and failed rollouts at 0: out of the policy loss, the KL term and the
@@ -11,9 +11,12 @@ Overrides, and why (as little as possible):
   as both ``images`` and ``tool_images`` so TRL's completion-image branch builds
   ``pixel_values`` / ``image_grid_thw`` with the same image processor and ``mm_token_type_ids``
   from the pad positions of the full sequence.
-- Before returning, each rollout's pad-token count is checked against its images' features; a
-  mismatch raises :class:`RolloutImageError` naming the rollout (TRL would silently drop every
-  image of the batch). :meth:`_get_per_token_logps_and_entropies` raises if images are expected
+- Before returning, each rollout's pad-token count is checked against its images' features
+  (:func:`trainer_rows`). A masked rollout whose counts disagree (its images failed, or its
+  tokens did) is replaced by an empty row (``<|im_end|>`` prompt and completion, no image, all
+  masked): it is out of the loss anyway and never ends the step. An unmasked one raises
+  :class:`RolloutImageError` naming the rollout (the runner's and the trainer's pad counts
+  disagree: TRL would silently drop every image of the batch). :meth:`_get_per_token_logps_and_entropies` raises if images are expected
   but no ``pixel_values`` arrive (the same silent drop, caught at the forward).
 - :meth:`_generate_and_score_completions`: keeps the dataset rows for :meth:`_generate` and,
   after TRL computed the advantages, writes ``rollouts.jsonl`` (trajectory, reward components,
@@ -29,11 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import ThymeError
-from .rollout import CAP_REASONS, Rollout, RolloutRunner, completion_text
+from ...rollout import CAP_REASONS, Rollout, RolloutRunner, completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,55 @@ def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge
             rollouts[i].trajectory.error = "judge_failed: " + "; ".join(failed)
             logger.warning("rollout %s: judge failed (%s)", rollouts[i].id, "; ".join(failed)[:300])
     return out
+
+
+@dataclass
+class TrainerRow:
+    """What TRL receives for one rollout: ``prompt_ids``, ``completion_ids``, ``env_mask`` (TRL's
+    ``tool_mask``), sampling ``logprobs`` (NaN where not sampled), ``images`` (PIL, in token order)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    env_mask: list[int]
+    logprobs: list[float]
+    images: list[Any]
+
+
+def trainer_rows(rollouts: Sequence[Rollout], *, im_end: int, image_pad: int, pad_count: Callable[[Any], int]) -> list[TrainerRow]:
+    """One :class:`TrainerRow` per rollout, each with as many image pad tokens as its images'
+    features (``pad_count(image)`` each).
+
+    A masked rollout keeps its tokens (all ``env_mask`` 0) when its counts agree, else it
+    becomes an empty row (``[im_end]`` prompt and completion, mask 0, no image): it is out of
+    the loss either way, and one broken rollout never ends the step (issue 15).
+
+    Raises:
+        RolloutImageError: an unmasked rollout whose counts disagree (names it).
+    """
+    rows = []
+    for r in rollouts:
+        ids = list(r.completion_ids) or [im_end]
+        mask = list(r.env_mask) or [0]
+        lps = list(r.logprobs) or [float("nan")]
+        images = list(r.images) if r.mask_reason != "input_error" else []
+        prompt = list(r.prompt_ids) or [im_end]
+        if r.mask_reason is not None:
+            mask = [0] * len(ids)
+        try:
+            want = sum(pad_count(im) for im in images)
+        except Exception as e:  # noqa: BLE001 - an image the processor refuses
+            if r.mask_reason is None:
+                raise RolloutImageError(f"rollout {r.id}: its images cannot be processed: {type(e).__name__}: {e}") from e
+            want = -1
+        have = sum(1 for t in prompt + ids if t == image_pad)
+        if want != have:
+            if r.mask_reason is None:
+                raise RolloutImageError(f"rollout {r.id}: {have} image pad tokens but {want} image features ({len(images)} images)",
+                                        "the pad counts must come from the trainer's image processor (same max_pixels)")
+            logger.warning("rollout %s (masked: %s): %d image pad tokens but %d image features; sent as an empty row", r.id, r.mask_reason, have, want)
+            prompt, ids, mask, lps, images = [im_end], [im_end], [0], [float("nan")], []
+        rows.append(TrainerRow(prompt_ids=prompt, completion_ids=ids, env_mask=mask, logprobs=lps, images=images))
+    return rows
 
 
 def _thyme_reward(prompts: Any = None, completions: Any = None, **kwargs: Any) -> list[float | None]:
@@ -149,20 +202,14 @@ def trainer_class() -> type:
             for r in rollouts:
                 if self.mask_truncated and r.mask_reason is None and r.stop_reason in CAP_REASONS:
                     r.mask_reason = "truncated"
-            prompt_ids, completion_ids, env_mask, logprobs, images, totals = [], [], [], [], [], []
-            for r, rw in zip(rollouts, rewards):
-                ids = r.completion_ids or [self.runner.im_end]
-                mask = r.env_mask or [0]
-                lps = r.logprobs or [float("nan")]
-                if r.mask_reason is not None:
-                    mask = [0] * len(ids)
-                prompt_ids.append(r.prompt_ids or [self.runner.im_end])
-                completion_ids.append(ids)
-                env_mask.append(mask)
-                logprobs.append(lps)
-                images.append(list(r.images) if r.mask_reason != "input_error" else [])
-                totals.append(None if r.mask_reason not in (None, "truncated") else rw["total"])
-            self._check_images(rollouts, prompt_ids, completion_ids, images)
+            runner = self.runner
+            rows_out = trainer_rows(rollouts, im_end=runner.im_end, image_pad=runner.image_pad, pad_count=runner.pad_count)
+            prompt_ids = [x.prompt_ids for x in rows_out]
+            completion_ids = [x.completion_ids for x in rows_out]
+            env_mask = [x.env_mask for x in rows_out]
+            logprobs = [x.logprobs for x in rows_out]
+            images = [x.images for x in rows_out]
+            totals = [None if r.mask_reason not in (None, "truncated") else rw["total"] for r, rw in zip(rollouts, rewards)]
             completions = [completion_text(r) for r in rollouts]
             self._last, self._last_rewards = rollouts, rewards
             m = self._metrics[mode]
@@ -177,16 +224,6 @@ def trainer_class() -> type:
                 self.state.num_input_tokens_seen += sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
             return (prompt_ids, completion_ids, env_mask, completions, logprobs, {"thyme_reward": totals},
                     (any_images if has_images else None), (any_images if has_images else [[] for _ in range(n)]))
-
-        def _check_images(self, rollouts, prompt_ids, completion_ids, images) -> None:
-            """Per rollout: image pad tokens == image features (``prod(grid) / merge**2``); raise naming it."""
-            runner = self.runner
-            for r, p, c, imgs in zip(rollouts, prompt_ids, completion_ids, images):
-                want = sum(runner.pad_count(im) for im in imgs)
-                have = sum(1 for t in list(p) + list(c) if t == runner.image_pad)
-                if want != have:
-                    raise RolloutImageError(f"rollout {r.id}: {have} image pad tokens but {want} image features ({len(imgs)} images)",
-                                            "the pad counts must come from the trainer's image processor (same max_pixels)")
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
             n = kwargs.get("num_images")
