@@ -189,7 +189,7 @@ def test_rl_scoring_with_a_hostile_judge_masks_only_the_rollouts_that_needed_it(
     # before: a RecursionError left compute_rewards, and score_rollouts masked every rollout
     from thyme.agent import Trajectory, Turn
     from thyme.train.rl.data import RLPrompt
-    from thyme.train.rl.rollout import Rollout
+    from thyme.rollout import Rollout
     from thyme.train.rl.trainer import score_rollouts
 
     def ro(i, text):
