@@ -31,6 +31,7 @@ FLOORS = {
     "scoring": 1,
     "backends": 2,
     "agent": 3,
+    "rollout": 4,  # the target layout puts it on its own floor below data/evaluate/train
     "data": 4, "evaluate": 4, "train": 4,
     "report": 5, "integrations": 5,
     "testing": 6,
