@@ -99,8 +99,6 @@ def choose_backend(
     given = {"replay": replay, "base_url": getattr(args, "base_url", None), "model": getattr(args, "model", None)}
     kind = select_backend(given, kinds=kinds)
     options = {o: given.get(o) for o in (kind.option, *kind.reads) if given.get(o) is not None}
-    if kind.option == "replay":  # the records are read by the run, not handed to the factory
-        options.pop("replay", None)
     cls = None
     if kind.config is not None:
         try:

@@ -302,13 +302,23 @@ def _build_openai(config: Any = None, **options: Any) -> Any:
     return OpenAIBackend(values.pop("base_url", None), values.pop("model", None), **values)
 
 
-def _build_replay(config: Any = None, **options: Any) -> Any:
-    """:class:`thyme.backends.replay.ReplayBackend` over ``{trajectory key: recorded response}``."""
+def _build_replay(config: Any = None, *, replay: str | None = None) -> Any:
+    """:class:`thyme.backends.replay.ReplayBackend` over ``{trajectory key: recorded response}``
+    (``config``). ``replay`` (the records file the command line names) is accepted for symmetry
+    with the other kinds' options; the caller joins its records to its tasks and passes the
+    responses.
+
+    Raises:
+        ThymeError: no responses given.
+    """
     from ..backends.replay import ReplayBackend
 
-    if options:
-        raise ThymeError(f"the replay backend takes no options, got {', '.join(sorted(options))}")
-    return ReplayBackend(dict(config or {}))
+    if not config:
+        raise ThymeError(
+            "the replay backend needs the recorded responses ({trajectory key: response})" + (f"; {replay} is read by the command that joins its records" if replay else ""),
+            "thyme eval --replay RECORDS and thyme replay join the records to their questions",
+        )
+    return ReplayBackend(dict(config))
 
 
 def build_engine(kind: str, *args: Any, **kwargs: Any) -> Any:
