@@ -450,14 +450,9 @@ def run_eval(
     sandbox_cfg = sandbox_config or SandboxConfig()
     pred_settings = prediction_settings(cfg, agent_cfg, settings)
 
-    # resume: what this shard already has
-    done = read_all_predictions(out)
     run_info_path = out / f"run{_shard_suffix(cfg)}.json"
     prev_info = _read_json(run_info_path)
-    if done:
-        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
-    if cfg.retry_failed:
-        done = {k: v for k, v in done.items() if not v.get("error")}
+    done = _resume_state(cfg, out, prev_info, pred_settings)
     todo = [r for r in mine if r.key not in done]
     skipped = len(mine) - len(todo)
     failed = sum(1 for r in mine if done.get(r.key, {}).get("error"))
@@ -488,6 +483,21 @@ def run_eval(
 
 
 # --------------------------------------------------------------------------- run_eval's steps
+
+
+def _resume_state(cfg: EvalConfig, out: Path, prev_info: dict[str, Any] | None, pred_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The predictions ``out`` already has that this run keeps (failed ones are run again with
+    ``retry_failed``), by row key.
+
+    Raises:
+        ThymeError: they were made with other settings (:func:`_check_resume`).
+    """
+    done = read_all_predictions(out)
+    if done:
+        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
+    if cfg.retry_failed:
+        done = {k: v for k, v in done.items() if not v.get("error")}
+    return done
 
 
 def _join_replay(cfg: EvalConfig, spec: Benchmark, rows: list[Row]) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
