@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -47,7 +46,7 @@ from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..config import setting
 from ..errors import ThymeError
-from ..jsonl import ResumableJsonl, ensure_writable
+from ..jsonl import ensure_writable
 from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
 from .metrics import base_provenance, compute_metrics, file_fingerprint
 
@@ -403,7 +402,9 @@ def run_eval(
     precheck: Callable[[list[Row]], None] | None = None,
     on_backend: Callable[[Any, list[Row]], None] | None = None,
 ) -> EvalResult:
-    """Run (or resume) an evaluation; see the module docstring.
+    """Run (or resume) an evaluation; see the module docstring. Prepare (rows, replay join,
+    resume state, images, sandbox, backend) -> schedule (:func:`thyme.agent.scheduler.schedule`)
+    -> finalise (merge shards, metrics, report).
 
     Args:
         cfg: what to run and where to write.
@@ -432,10 +433,9 @@ def run_eval(
 
     Raises:
         ThymeError: bad arguments, unreadable data, missing images (all listed), unknown benchmark.
+        KeyboardInterrupt: Ctrl-C; the predictions written so far are kept (a rerun resumes).
     """
-    from tqdm import tqdm
-
-    from ..sandbox import Sandbox, SandboxConfig
+    from ..sandbox import SandboxConfig
 
     log = log or (lambda s: print(s, file=sys.stderr))
     _check_config(cfg)
@@ -444,156 +444,190 @@ def run_eval(
     if overwrite:
         _clear_run(out)
     rows = load_rows(spec, cfg.data, images_root=cfg.images_root)
-    records = None
-    join_info = None
-    if cfg.replay:
-        records, join_info = load_replay_records(cfg.replay, spec)
-        keys = {r.key for r in rows}
-        join_info["matched"] = sum(1 for r in rows if r.key in records)
-        join_info["rows_without_record"] = len(rows) - join_info["matched"]
-        join_info["records_without_row"] = sorted(records[k].id for k in records if k not in keys)
-        if join_info["matched"] == 0:
-            raise ThymeError(
-                f"no record of {cfg.replay} matches a row of {cfg.data} (benchmark {spec.name}: {join_info['of_benchmark']} record(s) of this benchmark)",
-                "records join rows by their 'benchmark' and 'question_id' fields",
-            )
+    records, join_info = _join_replay(cfg, spec, rows) if cfg.replay else (None, None)
     selected, mine = select_rows(rows, cfg, records)
     agent_cfg = agent_config or AgentConfig()
     sandbox_cfg = sandbox_config or SandboxConfig()
     pred_settings = prediction_settings(cfg, agent_cfg, settings)
 
-    done = read_all_predictions(out)
     run_info_path = out / f"run{_shard_suffix(cfg)}.json"
     prev_info = _read_json(run_info_path)
-    if done:
-        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
-    if cfg.retry_failed:
-        done = {k: v for k, v in done.items() if not v.get("error")}
+    done = _resume_state(cfg, out, prev_info, pred_settings)
     todo = [r for r in mine if r.key not in done]
     skipped = len(mine) - len(todo)
-    pred_path = predictions_path(cfg)
-    tally = {"failed": sum(1 for r in mine if done.get(r.key, {}).get("error"))}
+    failed = sum(1 for r in mine if done.get(r.key, {}).get("error"))
     backend_desc: dict[str, Any] = (prev_info or {}).get("backend") or {}
 
     if todo:
-        # images first: fail before loading a model
-        if records is not None:
-            for r in todo:
-                rec = records[r.key]
-                r.image = rec.images[0] if rec.images else None
-                raw = rec.raw.get("image")
-                r.image_name = (raw[0] if raw else None) if isinstance(raw, list) else raw
-            try:
-                check_images(todo, images_root=Path(cfg.replay).resolve().parent, data=cfg.replay)
-            except MissingImagesError as e:
-                raise MissingImagesError(e.message.replace("relative names resolved against", "record images resolved against"), "replay records' image paths are relative to the records file's folder") from None
-        else:
-            materialise_images(todo, cfg.data, out / "images")
-            check_images(todo, images_root=cfg.images_root, data=cfg.data)
+        _check_inputs(cfg, todo, records, out)
         if precheck is not None:
             precheck(todo)
-
         # the sandbox before the backend: layers its config requires but this host lacks stop
         # the run before a model is loaded (ConfinementError names them)
-        stack = contextlib.ExitStack()
-        sandbox = stack.enter_context(Sandbox(sandbox_cfg))
-        try:
-            if records is not None:
-                from ..backends.replay import ReplayBackend
-
-                backend = stack.enter_context(ReplayBackend({r.key: records[r.key].response for r in todo}))
-                rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
-                agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
-                backend_desc = {"backend": "replay", "records": str(Path(cfg.replay).resolve())}
-            else:
-                if backend_factory is None:
-                    raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
-                log(f"loading backend for {len(todo)} question(s) ...")
-                backend = backend_factory()
-                stack.enter_context(backend)
-                try:
-                    backend_desc = backend.describe()
-                except Exception as e:  # provenance must not stop a run
-                    backend_desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
-                if on_backend is not None:
-                    on_backend(backend, todo)
-            prev_backend = (prev_info or {}).get("backend") or {}
-            ident = ("backend", "model", "revision")
-            if skipped and prev_backend and tuple(prev_backend.get(k) for k in ident) != tuple(backend_desc.get(k) for k in ident):
-                raise ThymeError(
-                    f"{out} holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r} (revision {prev_backend.get('revision')!r}); "
-                    f"this run's backend is {backend_desc.get('backend')} {backend_desc.get('model')!r} (revision {backend_desc.get('revision')!r}): resuming would mix them",
-                    "pass a new --out, or --overwrite to start afresh in this folder",
-                )
+        with contextlib.ExitStack() as stack:
+            sandbox, backend, backend_desc, agent_cfg = _open(stack, cfg, sandbox_cfg, agent_cfg, backend_factory, records, todo, log=log, on_backend=on_backend)
+            _check_same_backend(out, prev_info, backend_desc, skipped)
             _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=False, selected=len(mine), done=skipped, prediction=pred_settings)
-
-        except BaseException:
-            stack.close()
-            raise
-        pred_path.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q", file=sys.stderr, disable=None, dynamic_ncols=True)
-        tally["correct"] = sum(1 for r in mine if done.get(r.key, {}).get("correct"))
-        tally["finished"] = skipped
-        caps = getattr(backend, "capabilities", None)
-        independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
-        if independent:  # every trajectory on its own: a slow or failing request holds up no other
-            groups, workers = [[r] for r in todo], cfg.concurrency
-        else:  # lockstep rounds over batches of `concurrency` (one generate call per round)
-            groups, workers = [todo[i : i + cfg.concurrency] for i in range(0, len(todo), cfg.concurrency)], 1
-        try:
-            with stack, Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts") as agent, ResumableJsonl(pred_path, key=lambda d: d.get("key"), fsync=True) as f:
-
-                def run_group(batch: list[Row]) -> tuple[list[Row], list[Trajectory]]:
-                    tasks = []
-                    for r in batch:
-                        question = records[r.key].question if records is not None else spec.question(r)
-                        tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
-                    try:
-                        return batch, agent.run_batch(tasks)
-                    except Exception as e:  # the agent records failures itself; this is a last resort
-                        return batch, [_failed_trajectory(t.id, t.question, t.images, e) for t in tasks]
-
-                def emit(batch: list[Row], trajs: list[Trajectory]) -> None:
-                    for r, traj in zip(batch, trajs):
-                        line = prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
-                        f.write(line)
-                        tally["correct"] += int(bool(line["correct"]))
-                        tally["finished"] += 1
-                        tally["failed"] += int(bool(line["error"]))
-                        if line["error"]:
-                            bar.write(f"question {r.key} failed: {line['error'].splitlines()[0][:200]}", file=sys.stderr)
-                    bar.update(len(batch))
-                    bar.set_postfix(acc=f"{tally['correct'] / max(1, tally['finished']):.3f}")
-
-                if workers == 1:
-                    for g in groups:
-                        emit(*run_group(g))
-                else:
-                    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thyme-eval")
-                    interrupted = False
-                    try:
-                        pending = {pool.submit(run_group, g) for g in groups}
-                        while pending:  # short waits: Ctrl-C is seen within a second
-                            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                            for fut in finished:
-                                emit(*fut.result())  # written by this thread only
-                    except BaseException:
-                        interrupted = True
-                        raise
-                    finally:  # on Ctrl-C, do not wait for trajectories in flight
-                        pool.shutdown(wait=not interrupted, cancel_futures=True)
-        finally:
-            bar.close()
+            agent = stack.enter_context(Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts"))
+            failed += _schedule(cfg, spec, agent, backend, mine, records, done, out, skipped)
     else:
         log(f"nothing to run: all {len(mine)} question(s) of this {'shard' if cfg.num_shards > 1 else 'run'} already have predictions in {out}")
 
-    result = EvalResult(out, None, len(todo), skipped, pred_path, failed=tally["failed"])
+    result = EvalResult(out, None, len(todo), skipped, predictions_path(cfg), failed=failed)
     with _run_lock(out):  # marking this shard complete and checking the others is one step
         _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=True, selected=len(mine), done=len(mine), prediction=pred_settings)
         if cfg.num_shards > 1 and not _all_shards_complete(out, cfg):
             log(f"shard {cfg.shard} of {cfg.num_shards} done; the last shard to finish merges the predictions and writes metrics.json")
             return result
         return finalise(cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, report_writer=report_writer, _locked=True)
+
+
+# --------------------------------------------------------------------------- run_eval's steps
+
+
+def _resume_state(cfg: EvalConfig, out: Path, prev_info: dict[str, Any] | None, pred_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The predictions ``out`` already has that this run keeps (failed ones are run again with
+    ``retry_failed``), by row key.
+
+    Raises:
+        ThymeError: they were made with other settings (:func:`_check_resume`).
+    """
+    done = read_all_predictions(out)
+    if done:
+        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
+    if cfg.retry_failed:
+        done = {k: v for k, v in done.items() if not v.get("error")}
+    return done
+
+
+def _join_replay(cfg: EvalConfig, spec: Benchmark, rows: list[Row]) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+    """The replay records of ``cfg.replay`` joined to ``rows``, and the join's provenance.
+
+    Raises:
+        ThymeError: no record matches a row.
+    """
+    records, join_info = load_replay_records(cfg.replay, spec)
+    keys = {r.key for r in rows}
+    join_info["matched"] = sum(1 for r in rows if r.key in records)
+    join_info["rows_without_record"] = len(rows) - join_info["matched"]
+    join_info["records_without_row"] = sorted(records[k].id for k in records if k not in keys)
+    if join_info["matched"] == 0:
+        raise ThymeError(
+            f"no record of {cfg.replay} matches a row of {cfg.data} (benchmark {spec.name}: {join_info['of_benchmark']} record(s) of this benchmark)",
+            "records join rows by their 'benchmark' and 'question_id' fields",
+        )
+    return records, join_info
+
+
+def _check_inputs(cfg: EvalConfig, todo: list[Row], records: dict[str, ReplayRecord] | None, out: Path) -> None:
+    """Every image of the rows to run is there (all missing ones listed): before any model loads.
+
+    Raises:
+        MissingImagesError: naming the images that are not there.
+    """
+    if records is not None:
+        for r in todo:
+            rec = records[r.key]
+            r.image = rec.images[0] if rec.images else None
+            raw = rec.raw.get("image")
+            r.image_name = (raw[0] if raw else None) if isinstance(raw, list) else raw
+        try:
+            check_images(todo, images_root=Path(cfg.replay).resolve().parent, data=cfg.replay)
+        except MissingImagesError as e:
+            raise MissingImagesError(e.message.replace("relative names resolved against", "record images resolved against"), "replay records' image paths are relative to the records file's folder") from None
+    else:
+        materialise_images(todo, cfg.data, out / "images")
+        check_images(todo, images_root=cfg.images_root, data=cfg.data)
+
+
+def _open(
+    stack: contextlib.ExitStack,
+    cfg: EvalConfig,
+    sandbox_cfg: Any,
+    agent_cfg: AgentConfig,
+    backend_factory: Callable[[], Any] | None,
+    records: dict[str, ReplayRecord] | None,
+    todo: list[Row],
+    *,
+    log: Callable[[str], None],
+    on_backend: Callable[[Any, list[Row]], None] | None,
+) -> tuple[Any, Any, dict[str, Any], AgentConfig]:
+    """The sandbox, then the backend (replay: the records' responses, built by the registry), entered on ``stack``;
+    returns ``(sandbox, backend, its description, the agent config to run with)``."""
+    from ..rollout.registry import build_backend
+    from ..sandbox import Sandbox
+
+    sandbox = stack.enter_context(Sandbox(sandbox_cfg))
+    if records is not None:
+        backend = stack.enter_context(build_backend("replay", {r.key: records[r.key].response for r in todo}))
+        rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
+        agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
+        return sandbox, backend, {"backend": "replay", "records": str(Path(cfg.replay).resolve())}, agent_cfg
+    if backend_factory is None:
+        raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
+    log(f"loading backend for {len(todo)} question(s) ...")
+    backend = backend_factory()
+    stack.enter_context(backend)
+    try:
+        desc = backend.describe()
+    except Exception as e:  # provenance must not stop a run
+        desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
+    if on_backend is not None:
+        on_backend(backend, todo)
+    return sandbox, backend, desc, agent_cfg
+
+
+def _check_same_backend(out: Path, prev_info: dict[str, Any] | None, backend_desc: dict[str, Any], skipped: int) -> None:
+    """Refuse to resume predictions of another backend, model or revision into ``out``."""
+    prev_backend = (prev_info or {}).get("backend") or {}
+    ident = ("backend", "model", "revision")
+    if skipped and prev_backend and tuple(prev_backend.get(k) for k in ident) != tuple(backend_desc.get(k) for k in ident):
+        raise ThymeError(
+            f"{out} holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r} (revision {prev_backend.get('revision')!r}); "
+            f"this run's backend is {backend_desc.get('backend')} {backend_desc.get('model')!r} (revision {backend_desc.get('revision')!r}): resuming would mix them",
+            "pass a new --out, or --overwrite to start afresh in this folder",
+        )
+
+
+def _schedule(cfg: EvalConfig, spec: Benchmark, agent: Agent, backend: Any, mine: list[Row], records: dict[str, ReplayRecord] | None, done: dict[str, dict[str, Any]], out: Path, skipped: int) -> int:
+    """Run this shard's rows that are not ``done`` through the agent; returns how many failed.
+
+    Lockstep (batches of ``concurrency`` rows, one generate call per round) or independent
+    (``concurrency`` workers, one row each): ``cfg.schedule``, ``auto`` following the backend's
+    ``capabilities.independent_requests``.
+    """
+    from ..agent.scheduler import Progress, schedule
+
+    caps = getattr(backend, "capabilities", None)
+    independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
+    workers, batch_size = (cfg.concurrency, 1) if independent else (1, cfg.concurrency)
+    tally = {"correct": sum(1 for r in mine if done.get(r.key, {}).get("correct")), "finished": skipped}
+
+    def work(batch: list[Row]) -> list[Trajectory]:
+        tasks = []
+        for r in batch:
+            question = records[r.key].question if records is not None else spec.question(r)
+            tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
+        return agent.run_batch(tasks)
+
+    def on_error(batch: list[Row], e: Exception) -> list[Trajectory]:  # the agent records failures itself; a last resort
+        return [_failed_trajectory(r.key, records[r.key].question if records is not None else spec.question(r), [r.image] if r.image else [], e) for r in batch]
+
+    def line(r: Row, traj: Trajectory) -> dict[str, Any]:
+        return prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
+
+    def on_record(r: Row, line: dict[str, Any]) -> None:
+        tally["correct"] += int(bool(line["correct"]))
+        tally["finished"] += 1
+        acc = tally["correct"] / max(1, tally["finished"])
+        progress.set_status(f"acc {acc:.3f}", acc=f"{acc:.3f}")
+
+    progress = Progress(len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q")
+    res = schedule(
+        mine, work, out=predictions_path(cfg), key=lambda r: r.key, record=line, workers=workers, batch_size=batch_size,
+        done=done, on_error=on_error, on_record=on_record, progress=progress, label="question",
+    )
+    return res.failed
 
 
 @contextlib.contextmanager
