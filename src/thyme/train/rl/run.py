@@ -129,6 +129,8 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
     check_reporters(cfg.report_to)
     prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path)
     check_prompt_images(prompts, images_root=cfg.images_root, decode=cfg.check_images)
+    if judge is None:
+        judge = judge_client(cfg)  # a judge section it cannot use is an input error: before anything starts
     # the sandbox first (as thyme run): a layer the config requires but this host lacks stops
     # the run here, before the model loads
     own_sandbox = sandbox is None
@@ -144,8 +146,6 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
             raise load_error("model", cfg.model, e) from e
         if cfg.freeze_vision_tower:
             freeze_vision(model, train_merger=cfg.train_merger)
-        if judge is None:
-            judge = judge_client(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
         dataset = datasets.Dataset.from_dict(to_dataset_rows(prompts))
         trainer = trainer_class()(
