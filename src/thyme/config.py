@@ -504,3 +504,76 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                     raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
     return value
 
+
+
+def derive_config_class(
+    name: str,
+    own: type,
+    base: type,
+    defaults: dict[str, tuple[Any, str, str | None]],
+    *,
+    post_init: Any,
+    module: str,
+    doc: str,
+) -> type:
+    """A dataclass subclass of a library's config ``base`` (``trl.GRPOConfig``, ``trl.SFTConfig``)
+    and Thyme's own fields ``own``, with Thyme's defaults for some of the library's fields.
+
+    Every field of ``base`` keeps its name, type and the library's help text; ``defaults`` maps a
+    field of ``base`` to ``(default, source, help)``: ``help`` ``None`` keeps the library's text,
+    a text replaces it where Thyme gives the field another meaning. A name ``base`` does not have
+    (another version of the library) is skipped. ``post_init`` becomes ``__post_init__``.
+    """
+    fields = getattr(base, "__dataclass_fields__", {})
+    specs = []
+    for field_name, (default, source, own_help) in defaults.items():
+        f = fields.get(field_name)
+        if f is None:
+            continue
+        help_ = own_help or f.metadata.get("help", "")
+        if isinstance(default, (list, dict)):
+            spec = setting(default_factory=lambda d=default: type(d)(d), help=help_, source=source)
+        else:
+            spec = setting(default, help=help_, source=source)
+        specs.append((field_name, f.type, spec))
+    cls = dataclasses.make_dataclass(name, specs, bases=(own, base), namespace={"__post_init__": post_init, "__doc__": doc, "__module__": module})
+    cls.__qualname__ = name
+    return cls
+
+
+def _yaml_value(v: Any) -> Any:
+    import enum
+
+    if isinstance(v, enum.Enum):
+        return v.value
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: _yaml_value(x) for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, dict):
+        return {str(k): _yaml_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_yaml_value(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def record_of(cfg: Any, own: type, base: type, defaults: dict[str, Any], *, redact: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """A YAML-safe record of a :func:`derive_config_class` config: every field of ``own``
+    (sections as mappings), and each field of ``base`` that is in ``defaults`` or differs from
+    ``base``'s default. ``redact`` names ``section.field`` values written as ``<redacted>``."""
+    out: dict[str, Any] = {}
+    own_names = {f.name for f in dataclasses.fields(own)}
+    base_fields = {f.name: f for f in dataclasses.fields(base)}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in own_names:
+            out[f.name] = _yaml_value(v)
+        elif f.name in base_fields and f.init:
+            d = field_default(base_fields[f.name])
+            if f.name in defaults or _yaml_value(v) != _yaml_value(None if d is dataclasses.MISSING else d):
+                out[f.name] = _yaml_value(v)
+    for path in redact:
+        head, _, key = path.partition(".")
+        if isinstance(out.get(head), dict) and out[head].get(key):
+            out[head][key] = "<redacted>"
+    return out

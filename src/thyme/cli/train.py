@@ -12,7 +12,6 @@ import argparse
 import json
 from typing import Any
 
-from ..config import describe
 from ..errors import ThymeError
 
 
@@ -31,9 +30,9 @@ def _settings_help(stage: str) -> str:
         from ..train.rl.config import settings_help
 
         return settings_help()
-    from ..train.sft_config import SFTRunConfig
+    from ..train.sft_config import settings_help as sft_settings_help
 
-    return describe(SFTRunConfig)
+    return sft_settings_help()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -34,13 +34,12 @@ imports TRL); :class:`ThymeRLSettings`, :data:`TRL_DEFAULTS` and :func:`settings
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import help_text, load_config, setting
+from ...config import derive_config_class, help_text, load_config, record_of, setting
 from ...errors import ThymeError
 from ...sandbox.config import LAYERS, SandboxConfig
 from ...scoring.judge import JudgeConfig
@@ -254,7 +253,7 @@ def _grpo_ats_post_init(self: Any) -> None:
         (str(getattr(self.save_strategy, "value", self.save_strategy)) in ("steps", "epoch", "no", "best"), "save_strategy must be steps, epoch or no"),
     ]
     for name, (value, why) in TRL_FIXED.items():
-        checks.append((getattr(self, name) == value, f"{name} must be {value}: {why}"))
+        checks.append((getattr(self, name, value) == value, f"{name} must be {value}: {why}"))
     for ok, msg in checks:
         if not ok:
             raise ThymeError(f"RL config: {msg}")
@@ -288,40 +287,13 @@ def _grpo_ats_post_init(self: Any) -> None:
     GRPOConfig.__post_init__(self)
 
 
-def _yaml_value(v: Any) -> Any:
-    if isinstance(v, enum.Enum):
-        return v.value
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {k: _yaml_value(x) for k, x in dataclasses.asdict(v).items()}
-    if isinstance(v, dict):
-        return {str(k): _yaml_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_yaml_value(x) for x in v]
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
-
-
 def config_record(cfg: Any) -> dict[str, Any]:
     """What a run writes to ``thyme_rl_config.yaml``: Thyme's fields (sections as mappings) and
-    every TRL field that differs from TRL's default; the judge's ``api_key`` is never written."""
+    every TRL field that Thyme sets or that differs from TRL's default; the judge's ``api_key``
+    is never written (:func:`thyme.config.config_record`)."""
     from trl import GRPOConfig
 
-    out: dict[str, Any] = {}
-    own = {f.name for f in dataclasses.fields(ThymeRLSettings)}
-    trl_fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if f.name in own:
-            out[f.name] = _yaml_value(v)
-        elif f.name in trl_fields and f.init:
-            tf = trl_fields[f.name]
-            d = tf.default if tf.default is not dataclasses.MISSING else (tf.default_factory() if tf.default_factory is not dataclasses.MISSING else None)
-            if f.name in TRL_DEFAULTS or _yaml_value(v) != _yaml_value(d):
-                out[f.name] = _yaml_value(v)
-    if isinstance(out.get("judge"), dict) and out["judge"].get("api_key"):
-        out["judge"]["api_key"] = "<redacted>"
-    return out
+    return record_of(cfg, ThymeRLSettings, GRPOConfig, TRL_DEFAULTS, redact=("judge.api_key",))
 
 
 _CLASS: type | None = None
@@ -336,18 +308,10 @@ def grpo_ats_config_class() -> type:
         if _CLASS is None:
             from trl import GRPOConfig
 
-            base = GRPOConfig.__dataclass_fields__
-            specs = []
-            for name, (default, source, own_help) in TRL_DEFAULTS.items():
-                f = base[name]
-                specs.append((name, f.type, _f(default, own_help or f.metadata.get("help", ""), source)))
             doc = ("Everything ``thyme train rl`` needs: a ``trl.GRPOConfig`` (TRL's fields, help and checks) with "
                    "Thyme's fields (:class:`ThymeRLSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`.")
-            _CLASS = dataclasses.make_dataclass(
-                "GRPOATSConfig", specs, bases=(ThymeRLSettings, GRPOConfig),
-                namespace={"__post_init__": _grpo_ats_post_init, "__doc__": doc, "__module__": __name__},
-            )
-            _CLASS.__qualname__ = "GRPOATSConfig"
+            _CLASS = derive_config_class("GRPOATSConfig", ThymeRLSettings, GRPOConfig, TRL_DEFAULTS,
+                                         post_init=_grpo_ats_post_init, module=__name__, doc=doc)
         return _CLASS
 
 
