@@ -10,6 +10,15 @@ dataclass, e.g.::
 
 Unknown sections or keys are errors (a typo must not silently fall back to a default).
 
+The training stages (``thyme train sft|rl``) read their YAML with :func:`load_config`: the
+trainer's fields at the top level or under ``sft:`` / ``rl:``, and beside them the same
+sections as above where the stage has them (``sandbox:``, ``judge:``: fields of the stage config
+whose default is a config dataclass); ``--set key=value`` overrides a field, ``--set
+section.key=value`` a section's field. Their configs subclass the library's own
+(``trl.GRPOConfig``, ``trl.SFTConfig``) through :func:`derive_config_class`, adding only
+Thyme's fields. Secrets come from one environment variable each (:data:`JUDGE_API_KEY_ENV`,
+:data:`MODEL_API_KEY_ENV`), the same in every command.
+
 One source of truth: every field of a config dataclass is declared with :func:`setting`, which
 puts its default, its help text and its source (paper / reference / ours) into the field's
 metadata. :func:`add_fields` generates the command-line flags (and their ``--help`` texts) from
