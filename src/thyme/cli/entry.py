@@ -23,10 +23,9 @@ RUNTIME_SECTIONS = ("agent", "sandbox", "model")
 #: Every section any command knows: a command ignores (with a note) the ones it does not use.
 ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge")
 
-#: Environment variable holding the OpenAI-compatible server's key (``--api-key`` / YAML win).
-OPENAI_KEY_ENV = "OPENAI_API_KEY"
-#: Environment variable holding the judge server's key (``--judge-api-key`` / YAML win).
-JUDGE_KEY_ENV = "THYME_JUDGE_API_KEY"
+#: Environment variables of the model server's and the judge's keys (``--api-key`` /
+#: ``--judge-api-key`` / YAML win), named once in :mod:`thyme.config` for every command.
+from ..config import JUDGE_API_KEY_ENV as JUDGE_KEY_ENV, MODEL_API_KEY_ENV as OPENAI_KEY_ENV  # noqa: E402, F401 (re-exported)
 
 #: Agent fields exposed as flags (``--max-new-tokens``...); the rest are YAML-only.
 AGENT_FLAGS = ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "prefill", "ats")
