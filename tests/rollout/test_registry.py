@@ -56,12 +56,22 @@ def test_a_path_that_does_not_import_names_the_module_and_the_missing_piece():
         registry.resolve("no-colon")
 
 
-def test_the_built_in_engines_point_at_the_rollout_package():
-    assert {k: registry.ENGINES._entries[k] for k in ("hf", "vllm_colocate", "vllm_server")} == {
-        "hf": "thyme.rollout.engines.hf:HFEngine",
-        "vllm_colocate": "thyme.rollout.engines.vllm:VLLMColocateEngine",
-        "vllm_server": "thyme.rollout.engines.vllm:VLLMServerEngine",
-    }
+def test_every_built_in_engine_is_built_from_one_context():
+    """The RL runner never branches on the engine's name: one EngineContext builds each kind."""
+    from types import SimpleNamespace
+
+    from thyme.rollout.engines.hf import HFEngine
+    from thyme.rollout.engines.vllm import VLLMColocateEngine, VLLMServerEngine
+    from thyme.rollout.registry import EngineContext
+
+    tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 7, unk_token_id=0, decode=lambda ids, **k: "")
+    proc = SimpleNamespace(tokenizer=tok, image_processor=SimpleNamespace(merge_size=2))
+    ctx = EngineContext(model=object(), processor=proc, suppress_ids=(5, 6), eos_ids=(9,), pad_id=9, llm=object(), client=object())
+    built = {k: build_engine(k, ctx) for k in ("hf", "vllm_colocate", "vllm_server")}
+    assert type(built["hf"]) is HFEngine
+    assert type(built["vllm_colocate"]) is VLLMColocateEngine
+    assert type(built["vllm_server"]) is VLLMServerEngine
+    assert built["vllm_colocate"].llm is ctx.llm and built["vllm_server"].client is ctx.client
 
 
 # --------------------------------------------------------------------------- backends

@@ -321,8 +321,52 @@ def _build_replay(config: Any = None, *, replay: str | None = None) -> Any:
     return ReplayBackend(dict(config))
 
 
+@dataclass(frozen=True)
+class EngineContext:
+    """What a rollout engine may be built from (one shape for every kind, so callers never branch
+    on the engine's name).
+
+    Attributes:
+        model: the policy (HF ``PreTrainedModel``), for ``hf``.
+        processor: the policy's processor (tokenizer, image processor with the run's pixel budget).
+        suppress_ids: token ids the policy must never sample (image/video placeholders, vision
+            start/end): the ids a rollout's pad counts would break.
+        eos_ids: ids that end a turn (``<|im_end|>``, the tokenizer's EOS).
+        pad_id: padding id for batched generation.
+        llm: TRL's in-process ``vllm.LLM`` (``vllm_colocate``).
+        client: TRL's vLLM server client (``vllm_server``).
+    """
+
+    model: Any = None
+    processor: Any = None
+    suppress_ids: tuple[int, ...] = ()
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    llm: Any = None
+    client: Any = None
+
+
+def _hf_engine(ctx: EngineContext) -> Any:
+    from .engines.hf import HFEngine
+
+    return HFEngine(ctx.model, ctx.processor, list(ctx.suppress_ids), list(ctx.eos_ids), ctx.pad_id)
+
+
+def _vllm_colocate_engine(ctx: EngineContext) -> Any:
+    from .engines.vllm import VLLMColocateEngine
+
+    return VLLMColocateEngine(ctx.llm, ctx.processor.tokenizer, suppress_ids=list(ctx.suppress_ids))
+
+
+def _vllm_server_engine(ctx: EngineContext) -> Any:
+    from .engines.vllm import VLLMServerEngine
+
+    return VLLMServerEngine(ctx.client, ctx.processor.tokenizer, eos_ids=list(ctx.eos_ids), suppress_ids=list(ctx.suppress_ids))
+
+
 def build_engine(kind: str, *args: Any, **kwargs: Any) -> Any:
-    """Build a token-level rollout engine of ``kind`` (its class's own arguments).
+    """Build a token-level rollout engine of ``kind`` from an :class:`EngineContext` (the built-in
+    kinds) or a plugin's own arguments.
 
     Args:
         kind: ``"hf"``, ``"vllm_colocate"``, ``"vllm_server"`` or a registered plugin.
@@ -362,6 +406,6 @@ register_backend(
 )
 register_backend("replay", _build_replay, option="replay", usage="--replay RECORDS")
 
-register_engine("hf", "thyme.rollout.engines.hf:HFEngine")
-register_engine("vllm_colocate", "thyme.rollout.engines.vllm:VLLMColocateEngine")
-register_engine("vllm_server", "thyme.rollout.engines.vllm:VLLMServerEngine")
+register_engine("hf", _hf_engine)
+register_engine("vllm_colocate", _vllm_colocate_engine)
+register_engine("vllm_server", _vllm_server_engine)

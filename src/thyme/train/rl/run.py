@@ -85,7 +85,8 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
     from ... import protocol
     from ...backends.hf import placeholder_token_ids
     from ...backends.repetition import RepetitionRule
-    from ...rollout import HFEngine, RolloutLimits, RolloutRunner, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
+    from ...rollout import RolloutLimits, RolloutRunner, SamplingSettings
+    from ...rollout.registry import EngineContext, build_engine
 
     def factory(trainer: Any) -> RolloutRunner:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -99,16 +100,20 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
         if tok.eos_token_id is not None and tok.eos_token_id not in eos:
             eos.append(tok.eos_token_id)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-        if cfg.engine == "hf":
-            engine: Any = HFEngine(model, processor, suppress, eos, pad)
-        elif cfg.engine == "vllm_colocate":
-            engine = VLLMColocateEngine(trainer.vllm_generation.llm, tok, suppress)
-        else:
-            engine = VLLMServerEngine(trainer.vllm_generation.vllm_client, tok, eos)
-        limits = RolloutLimits(cfg.max_rounds, cfg.max_completion_length, cfg.max_length, cfg.max_images, cfg.ats_code_tokens,
-                               protocol.FeedbackConfig(separator=cfg.feedback_separator), cfg.prefill)
-        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.ats,
-                                    repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window))
+        engine = build_engine(cfg.engine, EngineContext(
+            model=model, processor=processor, suppress_ids=tuple(suppress), eos_ids=tuple(eos), pad_id=pad,
+            llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
+            client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
+        ))
+        limits = RolloutLimits(
+            max_rounds=cfg.max_rounds, max_completion_length=cfg.max_completion_length, max_length=cfg.max_length,
+            max_images=cfg.max_images, ats_code_tokens=cfg.ats_code_tokens,
+            feedback=protocol.FeedbackConfig(separator=cfg.feedback_separator), prefill=cfg.prefill,
+        )
+        settings = SamplingSettings(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, ats=cfg.ats,
+            repetition=RepetitionRule(span=cfg.repetition_span, repeats=cfg.repetition_repeats, window=cfg.repetition_window),
+        )
         return RolloutRunner(engine, processor, sandbox, limits, settings, Path(cfg.output_dir) / "rollout_images")
 
     return factory
