@@ -51,7 +51,16 @@ class JsonLimits:
 
 
 class JsonInputError(RecordError, ValueError):
-    """An untrusted JSON document refused: too long, too deep, not UTF-8 or not valid JSON."""
+    """An untrusted JSON document refused: too long, too deep, not UTF-8 or not valid JSON.
+
+    ``message`` is ``"<what>: <reason>"``; :attr:`reason` alone says why (e.g. ``"invalid JSON
+    (Expecting value at column 1)"``), for callers that word their own message.
+    """
+
+    def __init__(self, what: str, reason: str, hint: str | None = None):
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}", hint)
 
 
 def json_limits(max_line_bytes: int | None = None, max_depth: int | None = None) -> JsonLimits:
@@ -106,27 +115,47 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
     if size is None and len(text) > lim.max_line_bytes // 4:  # chars; the exact UTF-8 size only when it may matter
         size = len(text.encode("utf-8", "surrogatepass"))
     if size is not None and size > lim.max_line_bytes:
-        raise JsonInputError(f"{what}: {size} bytes, over the limit of {lim.max_line_bytes} (max_line_bytes)", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+        raise JsonInputError(what, f"{size} bytes, over the limit of {lim.max_line_bytes} (max_line_bytes)", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise JsonInputError(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise JsonInputError(what, f"not UTF-8 ({e.reason} at byte {e.start})") from None
     depth = json_depth(text)
     if depth > lim.max_depth:
-        raise JsonInputError(f"{what}: nested {depth} levels deep, over the limit of {lim.max_depth} (max_depth)", f"set {ENV_PREFIX}MAX_DEPTH to raise it if you trust the file")
+        raise JsonInputError(what, f"nested {depth} levels deep, over the limit of {lim.max_depth} (max_depth)", f"set {ENV_PREFIX}MAX_DEPTH to raise it if you trust the file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise JsonInputError(f"{what}: invalid JSON ({e.msg} at column {e.colno})") from None
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise JsonInputError(what, f"invalid JSON ({e.msg} at {at})") from None
     except Exception as e:  # RecursionError, MemoryError on absurd numbers...: one bad document
-        raise JsonInputError(f"{what}: cannot parse JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        raise JsonInputError(what, f"cannot parse JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def iter_lines_bounded(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """Yield ``(line_number, line bytes or None)`` from a binary file; ``None`` for a line
-    longer than ``max_line_bytes``, which is skipped to its newline in bounded chunks (never
-    held whole)."""
+def _too_long(what: str, lim: JsonLimits) -> JsonInputError:
+    return JsonInputError(what, f"longer than {lim.max_line_bytes} bytes (max_line_bytes); skipped unread", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+
+
+def parse_line(line: bytes | str | None, *, what: str, max_line_bytes: int | None = None, max_depth: int | None = None) -> Any:
+    """One line from :func:`iter_lines_bounded` (``None``: it was too long) parsed as
+    :func:`loads_bounded` does.
+
+    Raises:
+        JsonInputError: naming ``what``.
+    """
+    lim = json_limits(max_line_bytes, max_depth)
+    if line is None:
+        raise _too_long(what, lim)
+    return loads_bounded(line, max_bytes=lim.max_line_bytes, max_depth=lim.max_depth, what=what)
+
+
+def iter_lines_bounded(f: IO[bytes], max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """Yield ``(line_number, line bytes or None)`` from a binary file, newline cut; ``None``
+    for a line longer than ``max_line_bytes`` (default: :func:`json_limits`), which is skipped
+    to its newline in bounded chunks (never held whole)."""
+    if max_line_bytes is None:
+        max_line_bytes = json_limits().max_line_bytes
     n = 0
     while True:
         line = f.readline(max_line_bytes + 1)
@@ -162,7 +191,7 @@ def iter_jsonl(path: str | os.PathLike, *, max_line_bytes: int | None = None, ma
         for n, line in iter_lines_bounded(f, lim.max_line_bytes):
             where = f"record on line {n} of {p}"
             if line is None:
-                yield n, JsonInputError(f"{where}: longer than {lim.max_line_bytes} bytes (max_line_bytes); skipped unread", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+                yield n, _too_long(where, lim)
                 continue
             if not line.strip():
                 continue

@@ -139,11 +139,13 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     if not p.is_file():
         return out
     occurrences: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
+    from ..jsonl import iter_lines_bounded, parse_line
+
+    with p.open("rb") as f:
+        for n, line in iter_lines_bounded(f):  # bounded: a huge or deep line is skipped too
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                obj = parse_line(line, what=f"line {n} of {p}")
+            except ValueError:
                 continue
             if not isinstance(obj, dict) or "question_id" not in obj:
                 continue
@@ -232,15 +234,17 @@ def load_replay_records(path: str | os.PathLike, spec: Benchmark) -> tuple[dict[
     base = p.resolve().parent
     out: dict[str, ReplayRecord] = {}
     info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": []}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    from ..jsonl import JsonInputError, iter_lines_bounded, parse_line
+
+    with p.open("rb") as f:
+        for n, line in iter_lines_bounded(f):
+            if line is not None and not line.strip():
                 continue
             info["lines"] += 1
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+                obj = parse_line(line, what=f"{p}: line {n}")
+            except JsonInputError as e:
+                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.reason})", e.hint) from None
             if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
                 info["without_join_fields"] += 1
                 continue
@@ -610,9 +614,11 @@ def _run_lock(out: Path):
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    from ..jsonl import loads_bounded
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return loads_bounded(path.read_bytes(), what=str(path))
+    except (OSError, ValueError):
         return None
 
 
