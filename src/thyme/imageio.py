@@ -273,12 +273,41 @@ def _open(fp: Any, name: str, encoded: int | None, *, load: bool, mode: str | No
         return im
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageBudgetError(f"image too large: {name} was refused as a possible decompression bomb ({e})", "downscale it first; the model sees at most --max-pixels anyway") from e
+    except Image.DecompressionBombError as e:  # over PIL's own hard limit: name the size anyway
+        head = _header(fp)
+        if head is not None:
+            check_budget(name, head[0], head[1], encoded, limits=limits)  # raises with the dimensions
+        raise ImageBudgetError(
+            f"image too large: {name}{f' is {head[0][0]}x{head[0][1]}' if head else ''} and was refused as a possible decompression bomb ({e}); refused before decoding",
+            f"PIL refuses images above 2 * PIL.Image.MAX_IMAGE_PIXELS ({2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels) whatever the budgets; downscale it first",
+        ) from e
     except Image.UnidentifiedImageError as e:
         raise ImageError(f"cannot read image {name}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})", "is it a valid image file (JPEG, PNG, WebP...)?") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
         raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}", "is it a valid image file (JPEG, PNG, WebP...)?") from e
+
+
+def _header(fp: Any) -> tuple[tuple[int, int], str] | None:
+    """``(size, mode)`` from the header through PIL's format openers, without PIL's bomb
+    check (only to name the size of an image that check refused); ``None`` if unknown."""
+    try:
+        f = open(fp, "rb") if isinstance(fp, str) else fp
+        try:
+            f.seek(0)
+            prefix = f.read(16)
+            for fmt in ACCEPTED_FORMATS:
+                factory, accept = Image.OPEN[fmt]
+                if accept is not None and accept(prefix) is not True:
+                    continue
+                f.seek(0)
+                im = factory(f, "")
+                return tuple(im.size), im.mode  # type: ignore[return-value]
+        finally:
+            if f is not fp:
+                f.close()
+    except Exception:
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- public API

@@ -39,7 +39,7 @@ class JsonLimits:
     """Limits of one untrusted JSON document / JSONL line (module docstring)."""
 
     max_line_bytes: int = setting(
-        32 << 20,
+        16 << 20,
         help="longest JSONL line (or JSON document) read, in bytes; a longer line is skipped as a bad record",
         source="ours: a Thyme record or prediction line is KBs to a few hundred KB (a 16k-token response is ~64 KB)",
     )
@@ -134,7 +134,7 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
 
 
 def _too_long(what: str, lim: JsonLimits) -> JsonInputError:
-    return JsonInputError(what, f"longer than {lim.max_line_bytes} bytes (max_line_bytes); skipped unread", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+    return JsonInputError(what, f"longer than {lim.max_line_bytes} bytes (max_line_bytes), not read", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
 
 
 def parse_line(line: bytes | str | None, *, what: str, max_line_bytes: int | None = None, max_depth: int | None = None) -> Any:
@@ -170,6 +170,13 @@ def iter_lines_bounded(f: IO[bytes], max_line_bytes: int | None = None) -> Itera
             yield n, None
             continue
         yield n, line.rstrip(b"\n")
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Non-empty lines of ``path`` (for progress bars), in bounded memory: an over-long line
+    counts as one; no decoding (a non-UTF-8 line counts too)."""
+    with open(path, "rb") as f:
+        return sum(1 for _, line in iter_lines_bounded(f) if line is None or line.strip())
 
 
 def iter_jsonl(path: str | os.PathLike, *, max_line_bytes: int | None = None, max_depth: int | None = None) -> Iterator[tuple[int, Any]]:

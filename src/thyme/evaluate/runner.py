@@ -127,12 +127,13 @@ def predictions_path(cfg: EvalConfig) -> Path:
     return Path(cfg.out) / f"predictions{_shard_suffix(cfg)}.jsonl"
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def read_predictions(path: str | os.PathLike, *, skipped: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{row key: last line written for it}`` from a predictions JSONL.
 
     The row key is the line's ``key`` field (written by the runner), else its ``question_id``
     (the n-th line with the same id is the id's n-th row). Lines that are not JSON objects with a ``question_id`` (e.g. one cut by an interruption)
-    are skipped. A line with an error never replaces an earlier line without one.
+    are skipped (``skipped``: a list that gets the message of each line that is not valid JSON,
+    too long or too deep, naming the line). A line with an error never replaces an earlier line without one.
     """
     out: dict[str, dict[str, Any]] = {}
     p = Path(path)
@@ -145,7 +146,9 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         for n, line in iter_lines_bounded(f):  # bounded: a huge or deep line is skipped too
             try:
                 obj = parse_line(line, what=f"line {n} of {p}")
-            except ValueError:
+            except ValueError as e:
+                if skipped is not None and (line is None or line.strip()):
+                    skipped.append(getattr(e, "message", str(e)))
                 continue
             if not isinstance(obj, dict) or "question_id" not in obj:
                 continue
@@ -785,7 +788,10 @@ def rescore(
     if not p.is_file():
         raise ThymeError(f"predictions file not found: {p}", "pass --predictions pointing at a predictions.jsonl")
     rows = load_rows(spec, data)
-    preds = read_predictions(p)
+    skipped: list[str] = []
+    preds = read_predictions(p, skipped=skipped)
+    for msg in skipped:  # a bad line is named; the other lines are scored
+        print(f"warning: {msg}; skipped", file=sys.stderr)
     if not preds:
         raise ThymeError(f"{p} has no prediction rows", "each line needs 'question_id' and 'prediction'")
     keys = {r.key for r in rows}
