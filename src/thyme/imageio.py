@@ -217,12 +217,12 @@ def check_budget(name: str, size: tuple[int, int], mode: str, encoded_bytes: int
     decoded = max(native, target)
     what = f"{name} is {w}x{h} {mode} ({px / 1e6:.0f} Mpx, {decoded / 2**20:.0f} MiB decoded)"
     if px > lim.max_pixels:
-        raise ImageBudgetError(f"image too large (a possible decompression bomb): {what}, above the budget of {lim.max_pixels / 1e6:.0f} Mpx (max_pixels); refused before decoding", _limit_hint("max_pixels"))
+        raise ImageBudgetError(f"image too large: {what}, above the budget of {lim.max_pixels / 1e6:.0f} Mpx (max_pixels): a possible decompression bomb, refused before decoding", _limit_hint("max_pixels"))
     if decoded > lim.max_bytes:
-        raise ImageBudgetError(f"image too large (a possible decompression bomb): {what}, above the budget of {lim.max_bytes / 2**20:.0f} MiB decoded (max_bytes); refused before decoding", _limit_hint("max_bytes"))
+        raise ImageBudgetError(f"image too large: {what}, above the budget of {lim.max_bytes / 2**20:.0f} MiB decoded (max_bytes): a possible decompression bomb, refused before decoding", _limit_hint("max_bytes"))
     if encoded_bytes is not None and native >= lim.ratio_floor_bytes and native > lim.max_ratio * max(1, encoded_bytes):
         raise ImageBudgetError(
-            f"image too large (a possible decompression bomb): {what} from {encoded_bytes} encoded bytes, a ratio of {native / max(1, encoded_bytes):.0f}x, above {lim.max_ratio:.0f}x (max_ratio); refused before decoding",
+            f"image too large: {what} from {encoded_bytes} encoded bytes, a ratio of {native / max(1, encoded_bytes):.0f}x, above {lim.max_ratio:.0f}x (max_ratio): a possible decompression bomb, refused before decoding",
             _limit_hint("max_ratio"),
         )
     return native + target
