@@ -456,3 +456,20 @@ def test_rl_train_file_with_a_huge_or_deep_line_is_a_clear_error_naming_it(tmp_p
         with pytest.raises(ThymeError) as e:
             load_prompts([str(train)])
         assert "2" in e.value.message and why in e.value.message, e.value.message
+
+
+def test_sft_index_skips_a_huge_line_unread_and_drops_a_deep_one_as_invalid_json(tmp_path):
+    from thyme.jsonl import parse_line
+    from thyme.train.collator import _drop_reason, _iter_offsets
+
+    p = _hostile_jsonl(tmp_path / "sft.jsonl", {"id": "a"}, {"id": "b"})
+    rows = list(_iter_offsets(str(p)))
+    assert [n for n, _, _ in rows] == [1, 2, 3, 4]
+    assert rows[1][2] is None  # 50 MiB: not read into memory
+    with p.open("rb") as f:
+        f.seek(rows[3][1])
+        assert json.loads(f.readline()) == {"id": "b"}  # offsets stay right after the skipped line
+    for _, _, line in rows[1:3]:
+        with pytest.raises(JsonInputError) as e:
+            parse_line(line, what="record")
+        assert _drop_reason(e.value) == "invalid JSON"

@@ -201,7 +201,7 @@ class ThymeSFTCollator:
         path = self.files[int(example["file"])]
         with open(path, "rb") as f:
             f.seek(int(example["offset"]))
-            line = f.readline()
+            line = f.readline(json_limits().max_line_bytes + 1)  # bounded (parse_line refuses a longer one)
         root = self.images_root if self.images_root is not None else str(Path(path).parent)
         rec = parse_sft_record(parse_line(line, what=f"record at byte {example['offset']} of {path}"), images_root=root)
         sample = encode_record(rec, self.processor, self.mask)
