@@ -193,6 +193,10 @@ def _limit_hint(field: str) -> str:
     return f"if you trust this file, raise the budget with the environment variable {ENV_PREFIX}{field.upper()}=N (setting images.{field}); otherwise downscale it first (the model sees at most --max-pixels anyway)"
 
 
+def _px(n: int) -> str:
+    return f"{n / 1e6:.0f} Mpx" if n >= 10_000_000 else f"{n / 1e6:.1f} Mpx" if n >= 1_000_000 else f"{n} px"
+
+
 def check_budget(name: str, size: tuple[int, int], mode: str, encoded_bytes: int | None, *, target_mode: str | None = None, limits: ImageLimits | None = None) -> int:
     """Check an image's header against the budgets; return its peak decoded bytes.
 
@@ -215,9 +219,9 @@ def check_budget(name: str, size: tuple[int, int], mode: str, encoded_bytes: int
     native = px * pixel_bytes(mode)
     target = px * pixel_bytes(target_mode) if target_mode and target_mode != mode else 0
     decoded = max(native, target)
-    what = f"{name} is {w}x{h} {mode} ({px / 1e6:.0f} Mpx, {decoded / 2**20:.0f} MiB decoded)"
+    what = f"{name} is {w}x{h} {mode} ({_px(px)}, {decoded / 2**20:.0f} MiB decoded)"
     if px > lim.max_pixels:
-        raise ImageBudgetError(f"image too large: {what}, above the budget of {lim.max_pixels / 1e6:.0f} Mpx (max_pixels): a possible decompression bomb, refused before decoding", _limit_hint("max_pixels"))
+        raise ImageBudgetError(f"image too large: {what}, above the budget of {_px(lim.max_pixels)} (max_pixels): a possible decompression bomb, refused before decoding", _limit_hint("max_pixels"))
     if decoded > lim.max_bytes:
         raise ImageBudgetError(f"image too large: {what}, above the budget of {lim.max_bytes / 2**20:.0f} MiB decoded (max_bytes): a possible decompression bomb, refused before decoding", _limit_hint("max_bytes"))
     if encoded_bytes is not None and native >= lim.ratio_floor_bytes and native > lim.max_ratio * max(1, encoded_bytes):

@@ -137,7 +137,7 @@ def test_open_image_refuses_bombs_from_the_header_for_files_and_bytes(bombs, no_
 def test_each_budget_refuses_alone_and_raising_it_lets_the_image_through(tmp_path, no_decode):
     small = tmp_path / "s.png"
     small.write_bytes(png_1bit(2000, 2000))  # 4 MB decoded in mode 1, 16 MB as RGB, ~600 bytes encoded
-    with pytest.raises(ImageBudgetError, match=r"2000x2000 .*above the budget of 3 Mpx \(max_pixels\)"):
+    with pytest.raises(ImageBudgetError, match=r"2000x2000 1 \(4.0 Mpx.*above the budget of 3.0 Mpx \(max_pixels\)"):
         open_image(small, max_pixels=3_000_000)
     with pytest.raises(ImageBudgetError, match=r"15 MiB decoded.*\(max_bytes\)"):
         open_image(small, mode="RGB", max_bytes=10 << 20)  # the converted copy counts
@@ -473,3 +473,19 @@ def test_sft_index_skips_a_huge_line_unread_and_drops_a_deep_one_as_invalid_json
         with pytest.raises(JsonInputError) as e:
             parse_line(line, what="record")
         assert _drop_reason(e.value) == "invalid JSON"
+
+
+def test_the_config_files_images_section_sets_the_budgets(tmp_path):
+    _good(tmp_path / "g.png")  # 64x48 = 3072 px
+    recs = tmp_path / "r.jsonl"
+    recs.write_text(json.dumps(_record("a", "g.png")) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("images: {max_pixels: 1000}\n")
+    p, _ = cli("replay", str(recs), "--images-root", str(tmp_path), "--json", "--config", str(cfg))
+    assert p.returncode == 1, p.stderr
+    err = json.loads(p.stdout.strip().splitlines()[-1])["failures"][0]["error"]
+    assert "64x48" in err and "budget of 1000 px (max_pixels)" in err
+    assert "not used by this command" not in p.stderr
+    cfg.write_text("images: {max_pixel: 1000}\n")
+    p, _ = cli("replay", str(recs), "--images-root", str(tmp_path), "--json", "--config", str(cfg))
+    assert p.returncode == 2 and "unknown setting(s) ['max_pixel']" in p.stderr and "Traceback" not in p.stderr, p.stderr
