@@ -80,16 +80,24 @@ def json_limits(max_line_bytes: int | None = None, max_depth: int | None = None)
     return JsonLimits(**values)
 
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+#: A complete JSON string, or an unterminated one that runs to the end of the text (the text is
+#: then invalid JSON anyway). Unambiguous, so a failed attempt costs one scan to the end and the
+#: second branch then consumes it: linear time whatever the quotes and backslashes.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|"[\s\S]*')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
-def json_depth(text: str) -> int:
-    """Deepest nesting of arrays/objects in ``text`` (strings excluded), in linear time
-    without recursion; on invalid JSON an upper bound good enough to refuse on."""
-    if text.count("[") + text.count("{") <= 1:
-        return text.count("[") + text.count("{")
+def json_depth(text: str, limit: int | None = None) -> int:
+    """Deepest nesting of arrays/objects in ``text`` (strings excluded), in linear time without
+    recursion; on invalid JSON an upper bound good enough to refuse on.
+
+    With ``limit``: a text with at most ``limit`` opening brackets in all cannot be deeper, and
+    their count is returned without scanning.
+    """
+    opens = text.count("[") + text.count("{")
+    if opens <= 1 or (limit is not None and opens <= limit):
+        return opens
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
     if not brackets:
         return 0
@@ -121,7 +129,7 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as e:
             raise JsonInputError(what, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    depth = json_depth(text)
+    depth = json_depth(text, lim.max_depth)
     if depth > lim.max_depth:
         raise JsonInputError(what, f"nested {depth} levels deep, over the limit of {lim.max_depth} (max_depth)", f"set {ENV_PREFIX}MAX_DEPTH to raise it if you trust the file")
     try:

@@ -396,6 +396,10 @@ def test_loads_bounded_and_iter_jsonl_turn_every_failure_into_one_error(tmp_path
     assert loads_bounded('{"a": "[[[[{{{{\\"", "b": [[1]]}', max_depth=3) == {"a": '[[[[{{{{"', "b": [[1]]}  # brackets in strings do not count
     with pytest.raises(JsonInputError, match="nested 3 levels deep"):
         loads_bounded('{"a": "[[[[{{{{\\"", "b": [[1]]}', max_depth=2)
+    # escaped quotes after an unterminated one: the depth scan stays linear (a backtracking
+    # string pattern took minutes on this 400 KB line) and the line is refused as too deep
+    with pytest.raises(JsonInputError, match="nested 300 levels deep"):
+        loads_bounded("[" * 300 + '"' + '\\"' * 200_000)
     p = _hostile_jsonl(tmp_path / "x.jsonl", {"id": "a"}, {"id": "b"})
     got = list(iter_jsonl(p))
     assert [n for n, _ in got] == [1, 2, 3, 4]
