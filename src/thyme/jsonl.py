@@ -65,6 +65,8 @@ class JsonInputError(RecordError, ValueError):
 
 def json_limits(max_line_bytes: int | None = None, max_depth: int | None = None) -> JsonLimits:
     """The limits: defaults <- ``THYME_JSON_*`` environment <- the given values."""
+    if max_line_bytes is not None and max_depth is not None:  # per line: no environment lookups
+        return JsonLimits(max_line_bytes, max_depth)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(JsonLimits):
         raw = os.environ.get(ENV_PREFIX + f.name.upper())
