@@ -6,8 +6,8 @@ Records, predictions, train files and server replies are hostile input (threat m
 "caller-side bombs, before any sandbox"): a line of tens of MiB must not be held whole, and a
 line nested 100000 deep must not raise ``RecursionError`` out of ``json.loads`` (which ended
 ``replay``, ``verify`` and ``eval score`` with a traceback, losing the good records before it).
-So :func:`iter_jsonl` reads lines in bounded chunks (an over-long line is skipped to its newline
-without being kept in memory), checks a line's nesting depth before parsing it (linear time,
+So :func:`iter_jsonl` reads lines in bounded chunks (at most ``max_line_bytes`` of a line are in
+memory; an over-long line is dropped there and skipped to its newline in 1 MiB chunks), checks a line's nesting depth before parsing it (linear time,
 strings excluded), and turns ANY failure of a line (too long, too deep, not UTF-8, invalid JSON,
 anything the parser raises) into that line's :class:`~thyme.errors.RecordError`; the other
 lines go on. :func:`loads_bounded` is the same for one JSON document (raising
@@ -162,8 +162,8 @@ def parse_line(line: bytes | str | None, *, what: str, max_line_bytes: int | Non
 
 def iter_lines_bounded(f: IO[bytes], max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | None]]:
     """Yield ``(line_number, line bytes or None)`` from a binary file, newline cut; ``None``
-    for a line longer than ``max_line_bytes`` (default: :func:`json_limits`), which is skipped
-    to its newline in bounded chunks (never held whole)."""
+    for a line longer than ``max_line_bytes`` (default: :func:`json_limits`), which is dropped
+    once that much of it was read and skipped to its newline in 1 MiB chunks (never held whole)."""
     if max_line_bytes is None:
         max_line_bytes = json_limits().max_line_bytes
     n = 0
