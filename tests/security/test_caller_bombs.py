@@ -493,3 +493,16 @@ def test_the_config_files_images_section_sets_the_budgets(tmp_path):
     cfg.write_text("images: {max_pixel: 1000}\n")
     p, _ = cli("replay", str(recs), "--images-root", str(tmp_path), "--json", "--config", str(cfg))
     assert p.returncode == 2 and "unknown setting(s) ['max_pixel']" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_eval_replay_records_with_a_deep_line_stop_with_an_error_naming_it(tmp_path):
+    """``thyme eval --replay`` refuses a malformed records file before running (its documented
+    contract); a deep line is one more malformed line, not a RecursionError."""
+    rows = [{"question_id": "0", "image": "x.png", "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"}]
+    data = tmp_path / "vstar.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n")
+    recs = tmp_path / "recs.jsonl"
+    recs.write_bytes(b'{"id": "a"}\n' + b"[" * DEEP + b"]" * DEEP + b"\n")
+    p, _ = cli("eval", "--benchmark", "vstar", "--data", str(data), "--replay", str(recs), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2, p.stderr
+    assert "line 2 is not valid JSON (nested" in p.stderr and "Traceback" not in p.stderr, p.stderr
