@@ -101,12 +101,11 @@ def _outputs_match(reference: list[dict[str, Any]], execution: dict[str, Any] | 
     ref_images = [r for r in reference if "size" in r]
     ref_texts = [r["text"] for r in reference if "text" in r]
     if ref_images:
-        from PIL import Image
+        from ..imageio import image_size
 
         sizes = []
         for p in execution.get("images", []):
-            with Image.open(p) as im:
-                sizes.append(list(im.size))
+            sizes.append(list(image_size(p)))  # header only, budgets checked
         return sizes == [list(r["size"]) for r in ref_images]
     if ref_texts:
         return execution.get("stdout", "").strip() == "\n".join(t.strip() for t in ref_texts)
@@ -442,6 +441,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def count_records(path: str | os.PathLike) -> int:
-    """Number of non-empty lines (for progress bars)."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    """Number of non-empty lines (for progress bars), in bounded memory (:func:`thyme.jsonl.count_lines`)."""
+    from ..jsonl import count_lines
+
+    return count_lines(path)

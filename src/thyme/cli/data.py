@@ -101,8 +101,9 @@ def _verify(args: argparse.Namespace) -> int:
     rejected = args.rejected or f"{stem}.rejected.jsonl"
     cfg = build(VerifyConfig, None, args)
     sb_cfg = sandbox_config(args, {})
-    with open(records, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
+    from ..jsonl import count_lines
+
+    total = count_lines(records)  # bounded memory; a non-UTF-8 line counts too
     bar = tqdm(total=total, desc="verify", unit="record", file=sys.stderr, disable=None)
     last = [0]
 

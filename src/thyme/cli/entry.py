@@ -53,9 +53,13 @@ def load_sections(args: argparse.Namespace, used: set[str], *, known: set[str] |
 
     path = getattr(args, "config", None)
     data = load_yaml(path)
-    known = set(known or ()) | set(ALL_SECTIONS) | set(used)
+    known = set(known or ()) | set(ALL_SECTIONS) | set(used) | {"images"}
     check_sections(data, known, str(path))
-    for name in sorted(set(data) - set(used)):
+    if data.get("images") is not None:  # every command: the caller's image budgets (thyme.imageio.ImageLimits)
+        from ..imageio import configure_images
+
+        configure_images(data["images"])
+    for name in sorted(set(data) - set(used) - {"images"}):
         print(f"note: {path}: section '{name}' is not used by this command; ignored", file=sys.stderr)
     for name, section in data.items():
         if section is not None and not isinstance(section, dict):

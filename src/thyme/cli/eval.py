@@ -146,7 +146,9 @@ def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None
 
     prov = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        prov = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8")).get("provenance")
+        from ..jsonl import loads_bounded
+
+        prov = loads_bounded((path.parent / "metrics.json").read_bytes(), what="metrics.json").get("provenance")
     return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
 
 

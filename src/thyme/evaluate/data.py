@@ -34,7 +34,6 @@ import ast
 import base64
 import binascii
 import csv
-import json
 import math
 import os
 import re
@@ -291,10 +290,12 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BenchmarkDataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    from ..jsonl import JsonInputError, loads_bounded
+
+    try:  # the whole file is the document (its size is the user's choice); depth is bounded
+        data = loads_bounded(path.read_bytes(), max_bytes=max(1, path.stat().st_size), what=str(path))
+    except JsonInputError as e:
+        raise BenchmarkDataError(f"{path} is not valid JSON ({e.reason})") from None
     if isinstance(data, dict):
         for key in ("data", "questions", "rows"):
             if isinstance(data.get(key), list):

@@ -126,23 +126,28 @@ def predictions_path(cfg: EvalConfig) -> Path:
     return Path(cfg.out) / f"predictions{_shard_suffix(cfg)}.jsonl"
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def read_predictions(path: str | os.PathLike, *, skipped: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{row key: last line written for it}`` from a predictions JSONL.
 
     The row key is the line's ``key`` field (written by the runner), else its ``question_id``
     (the n-th line with the same id is the id's n-th row). Lines that are not JSON objects with a ``question_id`` (e.g. one cut by an interruption)
-    are skipped. A line with an error never replaces an earlier line without one.
+    are skipped (``skipped``: a list that gets the message of each line that is not valid JSON,
+    too long or too deep, naming the line). A line with an error never replaces an earlier line without one.
     """
     out: dict[str, dict[str, Any]] = {}
     p = Path(path)
     if not p.is_file():
         return out
     occurrences: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
+    from ..jsonl import iter_lines_bounded, parse_line
+
+    with p.open("rb") as f:
+        for n, line in iter_lines_bounded(f):  # bounded: a huge or deep line is skipped too
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                obj = parse_line(line, what=f"line {n} of {p}")
+            except ValueError as e:
+                if skipped is not None and (line is None or line.strip()):
+                    skipped.append(getattr(e, "message", str(e)))
                 continue
             if not isinstance(obj, dict) or "question_id" not in obj:
                 continue
@@ -231,15 +236,17 @@ def load_replay_records(path: str | os.PathLike, spec: Benchmark) -> tuple[dict[
     base = p.resolve().parent
     out: dict[str, ReplayRecord] = {}
     info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": []}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    from ..jsonl import JsonInputError, iter_lines_bounded, parse_line
+
+    with p.open("rb") as f:
+        for n, line in iter_lines_bounded(f):
+            if line is not None and not line.strip():
                 continue
             info["lines"] += 1
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
+                obj = parse_line(line, what=f"{p}: line {n}")
+            except JsonInputError as e:
+                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.reason})", e.hint) from None
             if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
                 info["without_join_fields"] += 1
                 continue
@@ -644,9 +651,11 @@ def _run_lock(out: Path):
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    from ..jsonl import loads_bounded
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return loads_bounded(path.read_bytes(), what=str(path))
+    except (OSError, ValueError):
         return None
 
 
@@ -813,7 +822,10 @@ def rescore(
     if not p.is_file():
         raise ThymeError(f"predictions file not found: {p}", "pass --predictions pointing at a predictions.jsonl")
     rows = load_rows(spec, data)
-    preds = read_predictions(p)
+    skipped: list[str] = []
+    preds = read_predictions(p, skipped=skipped)
+    for msg in skipped:  # a bad line is named; the other lines are scored
+        print(f"warning: {msg}; skipped", file=sys.stderr)
     if not preds:
         raise ThymeError(f"{p} has no prediction rows", "each line needs 'question_id' and 'prediction'")
     keys = {r.key for r in rows}

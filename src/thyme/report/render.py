@@ -87,16 +87,16 @@ class _Embedder:
     def _embed(self, path: str) -> Embedded:
         from PIL import Image
 
-        from ..imageio import open_image
+        from ..imageio import load_image, open_image
 
         try:
-            im = open_image(path)
+            im = open_image(path, load=False)  # budgets checked from the header
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            im = load_image(im, path, mode="RGBA" if has_alpha else "RGB")  # under the decode budget
         except ThymeError as e:
             return Embedded(None, None, None, path, e.message)
         size = im.size
         try:
-            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
-            im = im.convert("RGBA" if has_alpha else "RGB")
             if max(size) > self.max_side:
                 im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
             buf = io.BytesIO()

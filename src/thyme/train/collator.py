@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from ..data.masks import IGNORE_INDEX, EncodedSample, MaskConfig, encode_record
 from ..data.records import parse_sft_record
 from ..errors import ThymeError
+from ..jsonl import JsonInputError, json_limits, parse_line
 
 
 @dataclass
@@ -51,7 +52,7 @@ class IndexStats:
 def _drop_reason(e: BaseException) -> str:
     from ..errors import ImageError, RecordError
 
-    if isinstance(e, json.JSONDecodeError):
+    if isinstance(e, (json.JSONDecodeError, JsonInputError)):
         return "invalid JSON"
     if isinstance(e, ImageError):
         return "image missing or unreadable"
@@ -68,17 +69,23 @@ def _line_id(line: bytes, where: str) -> str:
     return str(rid) if rid is not None else where
 
 
-def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes]]:
-    """``(line number, byte offset, line)`` of every non-empty line."""
+def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(line number, byte offset, line)`` of every non-empty line (``None``: a line longer
+    than the JSON line limit, skipped unread: :func:`thyme.jsonl.iter_lines_bounded`)."""
+    limit = json_limits().max_line_bytes
     with open(path, "rb") as f:
         n = 0
         while True:
             off = f.tell()
-            line = f.readline()
+            line = f.readline(limit + 1)
             if not line:
                 return
             n += 1
-            if line.strip():
+            if len(line) > limit and not (len(line) == limit + 1 and line.endswith(b"\n")):
+                while not line.endswith(b"\n") and line:
+                    line = f.readline(1 << 20)
+                yield n, off, None
+            elif line.strip():
                 yield n, off, line
 
 
@@ -131,7 +138,7 @@ def build_index(
             stats.records += 1
             bar.update(1)
             try:
-                rec = parse_sft_record(json.loads(line), line=n, images_root=root)
+                rec = parse_sft_record(parse_line(line, what=f"record on line {n} of {path}"), line=n, images_root=root)
                 sample = encode_record(rec, processor, mask, pixels=False)
             except Exception as e:  # one bad record is dropped, the rest trains
                 stats.malformed += 1
@@ -194,9 +201,9 @@ class ThymeSFTCollator:
         path = self.files[int(example["file"])]
         with open(path, "rb") as f:
             f.seek(int(example["offset"]))
-            line = f.readline()
+            line = f.readline(json_limits().max_line_bytes + 1)  # bounded (parse_line refuses a longer one)
         root = self.images_root if self.images_root is not None else str(Path(path).parent)
-        rec = parse_sft_record(json.loads(line), images_root=root)
+        rec = parse_sft_record(parse_line(line, what=f"record at byte {example['offset']} of {path}"), images_root=root)
         sample = encode_record(rec, self.processor, self.mask)
         if self.max_length is not None and len(sample) > self.max_length:
             raise ValueError(f"record {rec.id} has {len(sample)} tokens, above max_length {self.max_length}")

@@ -24,13 +24,13 @@ GRPO advantage still counts that 0 in its group's statistics.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
 from ...agent import Trajectory, Turn
 from ...config import JUDGE_API_KEY_ENV, env_secret
 from ...errors import ThymeError
+from ...jsonl import loads_bounded
 from ...train.rl.data import RLPrompt
 from ...rollout import Rollout
 from ...train.rl.trainer import score_rollouts
@@ -95,7 +95,7 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
     prompt = _prompt(extra, ground_truth)
     raw = extra.get("thyme_trajectory")
     if raw:
-        traj = Trajectory.from_dict(json.loads(raw) if isinstance(raw, str) else dict(raw))
+        traj = Trajectory.from_dict(loads_bounded(raw, what="thyme_trajectory") if isinstance(raw, str) else dict(raw))
     else:
         traj = Trajectory(id=prompt.id, question=prompt.question, images=[], turns=[Turn(0, solution_str, "stop", "answer")])
     ro = Rollout(traj.id, prompt.id, [], trajectory=traj)

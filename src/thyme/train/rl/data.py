@@ -134,6 +134,8 @@ def load_prompts(files: list[str], *, images_root: str | None = None, shown_path
             raise ThymeError(f"train file not found: {f}", "pass JSONL of RL records or benchmark rows")
         root = Path(images_root) if images_root else path.parent
         for line, row in iter_jsonl(path):
+            if not isinstance(row, dict):  # invalid JSON, too long or too deep (a RecordError naming the line), or not an object
+                raise ThymeError(row.message if isinstance(row, ThymeError) else f"{f}:{line}: expected a JSON object, got {type(row).__name__}", "fix or remove that line of the train file")
             rid = str(row.get("id", row.get("question_id", f"{path.name}:{line}")))
             if isinstance(row.get("messages"), list):
                 out.append(from_rl_record(row, rid, root))
