@@ -65,7 +65,7 @@ def test_backend_batch_each_hostile_request_fails_alone_within_its_deadline(serv
         assert "deadline" in str(by_mode[m]) and server.url() in str(by_mode[m])
     for m in ("flood", "flood_declared"):
         assert "over the cap of 4194304 bytes" in str(by_mode[m]) and server.url() in str(by_mode[m])
-    assert "nested deeper than 64" in str(by_mode["nest"])
+    assert "over the limit of 64 (max_depth)" in str(by_mode["nest"])
     assert "not usable JSON" in str(by_mode["not_json"]) and "Welcome to nginx" in str(by_mode["html"])
     assert "malformed completion" in str(by_mode["wrong_types"])
     assert "compressed" in str(by_mode["gzip_bomb"])
@@ -137,7 +137,7 @@ def test_judge_batch_each_hostile_verdict_fails_alone_within_its_deadline(server
     by_mode = dict(zip(modes[1:-1], verdicts[1:-1]))
     assert all(isinstance(v, JudgeError) for v in by_mode.values()), by_mode
     assert "deadline" in str(by_mode["hang"]) and "over the cap" in str(by_mode["flood"])
-    assert "nested deeper" in str(by_mode["nest"]) and "not the JSON asked for" in str(by_mode["nest_content"])
+    assert "over the limit of 64 (max_depth)" in str(by_mode["nest"]) and "not the JSON asked for" in str(by_mode["nest_content"])
     assert "content is a dict" in str(by_mode["wrong_types"])
     # 200000 "{" before the verdict: read at once (the old parser's quadratic worst case)
     (v,) = _judge(server.url()).judge_many(["THYME-HOSTILE:brace_bomb"], "correct", [0, 1])
