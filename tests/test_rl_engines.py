@@ -418,7 +418,7 @@ def test_the_vllm_server_engine_suppresses_the_placeholder_ids_as_colocate_does(
             comp = types.SimpleNamespace(token_ids=[eos], logprobs=None, finish_reason="stop", stop_reason=None)
             return [types.SimpleNamespace(outputs=[comp]) for _ in reqs]
 
-    from thyme.rollout.engines.vllm import placeholder_ids
+    from thyme.chat import placeholder_ids
 
     VLLMColocateEngine(LLM(), tok, placeholder_ids(tok)).generate([row], SamplingSettings(temperature=1.0, ats=False))
     assert set(llm_params[0].logit_bias) == set(bias)

@@ -182,7 +182,8 @@ def run_own_loop(cfg, processor, sandbox, model, prompt, tmp_path):
     """The project's own loop: RolloutRunner on the TRL vLLM-server engine, same limits."""
     from thyme import protocol
     from thyme.backends.repetition import RepetitionRule
-    from thyme.integrations.verl.agent_loop import eos_ids, thyme_settings
+    from thyme.chat import end_of_turn_ids as eos_ids
+    from thyme.integrations.verl.agent_loop import thyme_settings
     from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings, VLLMServerEngine
 
     c, _ = thyme_settings(cfg.thyme)
@@ -197,7 +198,7 @@ def run_own_loop(cfg, processor, sandbox, model, prompt, tmp_path):
 def both(segments, processor, sandbox, prompt, tmp_path, thyme=None, fail_on_call=None, **vcfg):
     tok = processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    from thyme.integrations.verl.agent_loop import eos_ids
+    from thyme.chat import end_of_turn_ids as eos_ids
 
     stream = script_ids(tok, segments, im_end)
     cfg = verl_config(thyme, **vcfg)

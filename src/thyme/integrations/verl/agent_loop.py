@@ -71,6 +71,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 
 from ... import protocol
 from ...backends.repetition import RepetitionRule
+from ...chat import end_of_turn_ids, never_sampled_ids
 from ...errors import ThymeError
 from ...train.rl.data import RLPrompt
 from ...rollout import CAP_REASONS, Rollout, RolloutLimits, RolloutRunner, SamplingSettings
@@ -92,23 +93,6 @@ def thyme_settings(section: Any) -> tuple[VerlAgentSettings, dict[str, Any]]:
     """
     cfg = load_agent_settings(section)
     return cfg, cfg.options()
-
-
-def placeholder_ids(tokenizer: Any) -> list[int]:
-    """Ids of the vision placeholders (never sampled): image / video pad, vision start / end."""
-    out = []
-    for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"):
-        v = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(v, int) and v != tokenizer.unk_token_id:
-            out.append(v)
-    return out
-
-
-def eos_ids(tokenizer: Any) -> list[int]:
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    return eos
 
 
 class _Shared:
@@ -253,8 +237,8 @@ class ThymeAgentLoop(AgentLoopBase):
         prompt = RLPrompt.from_json(extra["thyme"]) if isinstance(extra["thyme"], str) else RLPrompt(**extra["thyme"])
         _, executor = _Shared.get(self.cfg, self.options["rollout_threads"])
         loop = asyncio.get_running_loop()
-        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=eos_ids(self.tokenizer),
-                                  suppress_ids=placeholder_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
+        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=end_of_turn_ids(self.tokenizer),
+                                  suppress_ids=never_sampled_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
                                   timeout_s=self.options["call_timeout_s"])
         runner = self.runner(engine, sampling_params)
         t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def judge_client(cfg: GRPOATSConfig) -> Any:
 def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any:
     """``factory(trainer) -> RolloutRunner`` on the configured engine (built once the trainer exists)."""
     from ... import protocol
-    from ...backends.hf import placeholder_token_ids
+    from ...chat import end_of_turn_ids, never_sampled_ids
     from ...backends.repetition import RepetitionRule
     from ...rollout import RolloutLimits, RolloutRunner, SamplingSettings
     from ...rollout.registry import EngineContext, build_engine
@@ -91,14 +91,8 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
     def factory(trainer: Any) -> RolloutRunner:
         model = trainer.accelerator.unwrap_model(trainer.model)
         tok = processor.tokenizer
-        suppress = placeholder_token_ids(processor, model)
-        for t in ("<|vision_start|>", "<|vision_end|>"):
-            v = tok.convert_tokens_to_ids(t)
-            if isinstance(v, int) and v != tok.unk_token_id:
-                suppress.append(v)
-        eos = [tok.convert_tokens_to_ids("<|im_end|>")]
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
+        suppress = never_sampled_ids(tok, getattr(model, "config", None), processor)
+        eos = end_of_turn_ids(tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         engine = build_engine(cfg.engine, EngineContext(
             model=model, processor=processor, suppress_ids=tuple(suppress), eos_ids=tuple(eos), pad_id=pad,
