@@ -38,7 +38,7 @@ from thyme.imageio import ImageBudgetError, configure_images, decode_budget_peak
 from thyme.jsonl import JsonInputError, iter_jsonl, loads_bounded
 
 from ..conftest import REPO
-from ..test_eval_data import write_tsv
+from ..evaluate.test_benchmark_data import write_tsv
 
 #: Peak RSS a refused command may reach (measured: 40-70 MiB); a decode of either bomb (at least
 #: 137 MiB on top), or a 50 MiB line held and parsed whole (bytes + str + value: 150 MiB on top),

@@ -19,7 +19,7 @@ from thyme.http import HTTPLimits, RequestTimeout, ResponseTooLarge, fetch_sync,
 from thyme.scoring.judge import JudgeClient, JudgeConfig, JudgeError, Verdict, parse_verdict
 from thyme.testing.hostile_server import HostileServer
 
-from ..test_eval_data import hrbench_tsv
+from ..evaluate.test_benchmark_data import hrbench_tsv
 
 DEADLINE = 1.0
 BOUND = 3 * DEADLINE

@@ -143,7 +143,7 @@ def test_shipped_configs_and_defaults_require_every_confinement_layer():
 @pytest.fixture()
 def stub_verl(monkeypatch):
     """The few veRL names ``thyme.integrations.verl.agent_loop`` imports, so its init runs here
-    (the real veRL lives in its own environment: tests/test_verl_agent_loop.py)."""
+    (the real veRL lives in its own environment: tests/integrations/test_verl_agent_loop.py)."""
 
     class AgentLoopBase:
         def __init__(self, trainer_config, server_manager=None, tokenizer=None, processor=None, **kw):

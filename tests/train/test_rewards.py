@@ -22,7 +22,7 @@ from thyme.train.rewards import (
     result_reward,
 )
 
-from .conftest import corpus_records, needs_corpus
+from ..conftest import corpus_records, needs_corpus
 
 
 # --------------------------------------------------------------------------- a judge server

@@ -15,7 +15,7 @@ from thyme.backends.hf import HFBackend, QWEN_IMAGE_PLACEHOLDER, capture_vision_
 from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 from thyme.errors import ImageError, ModelLoadError
 
-from .conftest import CORPUS
+from ..conftest import CORPUS
 
 CORPUS_IMAGE = CORPUS / "thyme" / "images" / "case1-2.jpg"
 

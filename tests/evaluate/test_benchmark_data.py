@@ -25,7 +25,7 @@ from thyme.evaluate.benchmarks import (
 )
 from thyme.evaluate.prompts import build_question
 
-from .conftest import CORPUS, corpus_records, needs_corpus
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 
 def image_bytes(size, color="red", fmt="JPEG") -> bytes:

@@ -19,7 +19,7 @@ from thyme.cli import report as report_commands
 from thyme.agent import Trajectory, Turn
 from thyme.report import ReportError, ReportItem, answers_agree, crop_regions, load_items, parse_crop_fix, write_report
 
-from .conftest import CORPUS, HAVE_CORPUS, needs_corpus
+from ..conftest import CORPUS, HAVE_CORPUS, needs_corpus
 
 README_CODE = """import cv2
 image_path = "/eval/17127.jpg"

@@ -12,7 +12,7 @@ from thyme.data.verify import expected_outputs, judge, texts_match, verify
 from thyme.data.records import parse_sft_record
 from thyme.sandbox import Sandbox
 
-from .conftest import CORPUS, REPO, corpus_records, needs_corpus
+from ..conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 
 def run_cli(*args):

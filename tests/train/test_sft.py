@@ -16,7 +16,7 @@ from thyme.train.collator import ModalityGroupedSampler
 from thyme.config import parse_set
 from thyme.train.sft_config import SFTRunConfig, load_sft_config
 
-from .conftest import CORPUS, REPO, corpus_records, needs_corpus
+from ..conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 CONFIGS = REPO / "configs"
 
@@ -164,7 +164,7 @@ def test_convert_verify_stage1_stage2_and_run_end_to_end(tiny_checkpoint, tmp_pa
     from thyme.sandbox import Sandbox
     from thyme.train.sft import train_sft
 
-    from .test_data_convert import released_sft_rows, write_parquet
+    from ..data.test_convert import released_sft_rows, write_parquet
 
     # released SFT rows (embedded images, the authors' paths) -> local records -> execution filter
     src = write_parquet(released_sft_rows(), tmp_path / "src.parquet")

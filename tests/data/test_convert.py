@@ -12,7 +12,7 @@ from thyme import protocol
 from thyme.data.convert import ConvertConfig, PathRewriter, convert, image_bytes
 from thyme.errors import RecordError, ThymeError
 
-from .conftest import CORPUS, corpus_records, needs_corpus
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 AUTHORS = "/mllm_hdd/yfzhang/data"
 

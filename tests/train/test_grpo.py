@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CORPUS, corpus_records, needs_corpus
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 PREFILL = ('<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
            'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
@@ -47,7 +47,7 @@ def cold_start(tiny_checkpoint, tmp_path_factory):
     """A short SFT on corpus records (the cold start the paper's RL starts from)."""
     from thyme.train.sft import train_sft
 
-    from .test_sft import corpus_jsonl, tiny_cfg
+    from ..train.test_sft import corpus_jsonl, tiny_cfg
 
     d = tmp_path_factory.mktemp("cold")
     files = [corpus_jsonl(d / "sft.jsonl", ["thyme-case-1", "thyme-readme-17127"])]

@@ -14,8 +14,8 @@ from thyme.evaluate.benchmarks import load_rows
 from thyme.cli import main as eval_main
 from thyme.evaluate.scoring import extract_option
 
-from .conftest import CORPUS, REPO, needs_corpus
-from .test_rewards import JudgeStub
+from ..conftest import CORPUS, REPO, needs_corpus
+from ..train.test_rewards import JudgeStub
 
 ANN = CORPUS / "benchmarks" / "annotations"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from .conftest import CORPUS, corpus_records, needs_corpus
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 from thyme.evaluate.benchmarks import BENCHMARKS, Benchmark, Scored, get_benchmark, load_rows, register
 from thyme.evaluate.metrics import compute_metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import needs_corpus
+from ..conftest import needs_corpus
 
 try:  # FastAPI resolves the handler's annotation from the module's globals
     from fastapi import Request
@@ -28,7 +28,7 @@ SMALL = ["max_pixels=12544", "num_generations=2", "per_device_train_batch_size=2
          "sandbox.allow_weaker=true"]  # the shipped config requires every layer: a host without one warns instead of stopping
 #: A given answer (the tiny model writes none), so the result and consistency judges are asked.
 ANSWER_PREFILL = "<think>The sign is red.</think>\n<answer>a red sign</answer>"
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "rl_grpo_ats.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "rl_grpo_ats.yaml")
 
 
 class JudgeServer:
@@ -91,7 +91,7 @@ def _train(argv: list[str], capsys) -> dict:
 @pytest.fixture(scope="module")
 def judged_run(tiny_checkpoint, tmp_path_factory):
     """The done-when command (plus SMALL), judged on loopback, one step, a checkpoint per step."""
-    from .test_rl_grpo import rl_records
+    from ..train.test_grpo import rl_records
 
     if Request is None:
         pytest.skip("fastapi/uvicorn not installed (the loopback judge server needs them)")

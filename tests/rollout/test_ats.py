@@ -9,7 +9,7 @@ import pytest
 from thyme.backends.ats import GreedyInsideCode, code_open_after
 from thyme.backends.repetition import RepetitionDetector, RepetitionRule, sequence_loops, substring_count_reference, text_loops
 
-from .conftest import CORPUS, needs_corpus
+from ..conftest import CORPUS, needs_corpus
 
 
 def test_repetition_rule_fires_on_loops_only_and_survives_collisions():

@@ -34,7 +34,7 @@ from thyme.backends.openai import (
 from thyme.testing.openai_server import start_server
 from thyme.errors import ImageError, ThymeError
 
-from .conftest import CORPUS
+from ..conftest import CORPUS
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CORPUS, corpus_records, needs_corpus
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 if os.environ.get("THYME_REQUIRE_VERL"):
     import verl.experimental.agent_loop.agent_loop  # noqa: F401  (strict: an ImportError fails the run)
@@ -31,7 +31,7 @@ else:
 
 pytestmark = pytest.mark.verl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CROP = ('<think>Crop the top left.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
         'img.crop((0, 0, 100, 80)).save("/mnt/data/temp_processed_images/crop.png")\n'
         'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>')

@@ -13,7 +13,7 @@ from thyme import protocol
 from thyme.data.masks import IGNORE_INDEX, MaskConfig, encode_record, prepare_processor, render_record, show_masks
 from thyme.data.records import parse_sft_record
 
-from .conftest import CORPUS, REPO, corpus_records, needs_corpus
+from ..conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 
 def run_cli(*args):

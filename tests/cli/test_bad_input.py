@@ -10,7 +10,7 @@ import pytest
 from thyme.errors import ImageError
 from thyme.imageio import image_size, open_image
 
-from .test_replay import run_cli
+from ..agent.test_replay import run_cli
 
 
 def _png_header_only(path, w, h):

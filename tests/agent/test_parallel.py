@@ -14,7 +14,7 @@ import pytest
 from thyme.agent.parallel import imap_ordered, ray_task, resolve_workers, usable_cores
 from thyme.errors import ThymeError
 
-from .conftest import CORPUS, REPO, corpus_records, needs_corpus
+from ..conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 
 def run_cli(*args):

@@ -13,7 +13,7 @@ from thyme.agent import AgentConfig
 from thyme.agent.replay import replay
 from thyme.sandbox import Sandbox
 
-from .conftest import CORPUS, REPO, corpus_records, needs_corpus
+from ..conftest import CORPUS, REPO, corpus_records, needs_corpus
 
 THYME = [sys.executable, "-m", "thyme.cli"]
 

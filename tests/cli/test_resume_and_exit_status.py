@@ -20,9 +20,9 @@ from thyme.errors import ThymeError
 from thyme.evaluate.runner import EvalConfig, run_eval
 from thyme.jsonl import ResumableJsonl, ensure_writable, repair_tail
 
-from .conftest import REPO, needs_corpus
-from .test_eval_data import hrbench_tsv
-from .test_eval_runner import ANN, ENV, EVAL, Scripted, _sleepy_records, lines, measuring_script
+from ..conftest import REPO, needs_corpus
+from ..evaluate.test_benchmark_data import hrbench_tsv
+from ..evaluate.test_runner import ANN, ENV, EVAL, Scripted, _sleepy_records, lines, measuring_script
 
 SCRIPT = measuring_script({(64, 48): "A", (80, 40): "C"})
 
@@ -356,7 +356,7 @@ def _text_record(rid: str) -> dict:
 def test_sft_says_why_records_were_dropped_and_stops_above_the_fraction(tiny_checkpoint, tmp_path, capsys):
     from thyme.train.sft import build_trainer
 
-    from .test_sft import tiny_cfg
+    from ..train.test_sft import tiny_cfg
 
     f = tmp_path / "train.jsonl"
     rows = [_text_record(f"ok-{i}") for i in range(3)] + [{"id": "no-response", "image": [], "question": "q"}, _text_record("too-long") | {"response": "<answer>" + "x " * 3000 + "</answer>"}]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .conftest import CORPUS, needs_corpus
+from ..conftest import CORPUS, needs_corpus
 
 CODE = ('<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
         'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
@@ -182,7 +182,7 @@ def parts(tiny_checkpoint):
     from thyme.sandbox import Sandbox
     from thyme.train.rl.data import load_prompts
 
-    from .test_rl_grpo import rl_records
+    from ..train.test_grpo import rl_records
 
     import tempfile
     from pathlib import Path

@@ -20,8 +20,8 @@ from thyme.errors import ThymeError
 from thyme.cli import main as eval_main
 from thyme.evaluate.runner import EvalConfig, read_predictions, run_eval
 
-from .conftest import CORPUS, REPO, needs_corpus
-from .test_eval_data import hrbench_tsv
+from ..conftest import CORPUS, REPO, needs_corpus
+from ..evaluate.test_benchmark_data import hrbench_tsv
 
 SAMPLES = CORPUS / "benchmarks" / "samples"
 ANN = CORPUS / "benchmarks" / "annotations"
