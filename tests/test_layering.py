@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "thyme"
 
 FLOORS = {
-    "errors": 0, "constants": 0, "config": 0, "jsonl": 0, "imageio": 0, "http": 0, "protocol": 0, "sandbox": 0,
+    "errors": 0, "constants": 0, "config": 0, "jsonl": 0, "imageio": 0, "http": 0, "protocol": 0, "records": 0, "sandbox": 0,
     "scoring": 1,
     "backends": 2,
     "agent": 3,
