@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ from .entry import (
 #: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
 JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")
 #: EvalConfig fields exposed as flags (all of them).
-EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report")
+EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report", "allow_absolute_paths")
 #: OpenAIConfig fields exposed as flags for ``--base-url`` (pixel budget: the model group's flags).
 OPENAI_FLAGS = ("continuation", "send_stop", "image_format", "timeout_s", "max_retries", "extra_body", "tokenizer")
 #: Model flags that only the transformers backend reads (an error with ``--base-url``).
@@ -186,13 +187,15 @@ def hf_backend_factory(model: str, model_kw: dict[str, Any]):
 # --------------------------------------------------------------------------- commands
 
 
-def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
+def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None, roots: list[str] | None = None, allow_absolute: bool = False) -> Path:
+    """The eval's report: embeds only images inside the run folder and the folders the run read
+    its images from (``roots``; README: Paths in data)."""
     from ..report import write_report
 
     prov = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
         prov = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8")).get("provenance")
-    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
+    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov, roots=[str(path.parent), *(roots or [])], allow_absolute=allow_absolute)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,7 +283,11 @@ def _run(args: argparse.Namespace) -> int:
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=settings,
-        report_writer=_report_writer,
+        report_writer=functools.partial(  # the run folder and the folders its images came from
+            _report_writer,
+            roots=[cfg.images_root or str(Path(cfg.data).resolve().parent)] + ([str(Path(cfg.replay).resolve().parent)] if cfg.replay else []),
+            allow_absolute=cfg.allow_absolute_paths,
+        ),
         overwrite=args.overwrite,
         precheck=precheck,
         on_backend=on_backend,
