@@ -134,29 +134,30 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     The row key is the line's ``key`` field (written by the runner), else its ``question_id``
     (the n-th line with the same id is the id's n-th row). Lines that are not JSON objects with a ``question_id`` (e.g. one cut by an interruption)
     are skipped. A line with an error never replaces an earlier line without one.
+
+    Read through :func:`thyme.jsonl.iter_jsonl` (its size and depth limits). A predictions file
+    is data: the image paths of its trajectories are never opened here; the report embeds only
+    files inside the run folder (:func:`thyme.report.write_report` ``roots``).
     """
+    from ..jsonl import iter_jsonl
+
     out: dict[str, dict[str, Any]] = {}
     p = Path(path)
     if not p.is_file():
         return out
     occurrences: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict) or "question_id" not in obj:
-                continue
-            if obj.get("key") is not None:
-                k = str(obj["key"])
-            else:  # a file of our own always has "key"; others: the n-th line of an id is its n-th row
-                base = row_key(obj["question_id"])
-                occurrences[base] = occurrences.get(base, 0) + 1
-                k = row_key(obj["question_id"], occurrences[base])
-            if k in out and obj.get("error") and not out[k].get("error"):
-                continue
-            out[k] = obj
+    for _, obj in iter_jsonl(p):
+        if not isinstance(obj, dict) or "question_id" not in obj:
+            continue
+        if obj.get("key") is not None:
+            k = str(obj["key"])
+        else:  # a file of our own always has "key"; others: the n-th line of an id is its n-th row
+            base = row_key(obj["question_id"])
+            occurrences[base] = occurrences.get(base, 0) + 1
+            k = row_key(obj["question_id"], occurrences[base])
+        if k in out and obj.get("error") and not out[k].get("error"):
+            continue
+        out[k] = obj
     return out
 
 
