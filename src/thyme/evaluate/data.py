@@ -493,13 +493,25 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:100] or "image"
 
 
-def _write_image(cache_dir: Path, stem: str, data: bytes) -> str:
+def _data_mode(data: Path) -> int:
+    """Permission bits of images decoded from ``data``: at most ``0o644``, and no more than the
+    data file's own (a private TSV gives private images; the sandbox copies inputs its session
+    user cannot read)."""
+    try:
+        return data.stat().st_mode & 0o644
+    except OSError:
+        return 0o600
+
+
+def _write_image(cache_dir: Path, stem: str, data: bytes, mode: int = 0o644) -> str:
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / (_safe(stem) + _image_ext(data))
     if not out.exists() or out.stat().st_size != len(data):
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode & 0o644)
         os.replace(tmp, out)
     return str(out)
 
@@ -521,9 +533,9 @@ def materialise_images(rows: list[Row], data: str | os.PathLike, cache_dir: str 
         return
     for r in todo:
         if r.image_ref.kind == "b64":
-            r.image = _write_image(cache, f"{r.key}", _decode_b64(r.image_ref.value, f"{path}: question {r.key}"))
+            r.image = _write_image(cache, f"{r.key}", _decode_b64(r.image_ref.value, f"{path}: question {r.key}"), _data_mode(path))
         elif r.image_ref.kind == "bytes":
-            r.image = _write_image(cache, f"{r.key}", r.image_ref.value)
+            r.image = _write_image(cache, f"{r.key}", r.image_ref.value, _data_mode(path))
     pending = [r for r in todo if r.image is None]
     if not pending:
         return
@@ -550,7 +562,7 @@ def _materialise_tsv(rows: list[Row], path: Path, cache: Path) -> None:
             img = (rec.get("image") or "").strip()
             if len(img) <= 64:
                 continue  # itself a reference; its target is handled on its own line
-            file = _write_image(cache, idx, _decode_b64(img, f"{path}: row {i + 1}"))
+            file = _write_image(cache, idx, _decode_b64(img, f"{path}: row {i + 1}"), _data_mode(path))
             written[idx] = file
             if r is not None:
                 r.image = file
@@ -575,9 +587,9 @@ def _materialise_parquet(rows: list[Row], path: Path, cache: Path) -> None:
             if isinstance(value, dict):
                 value = value.get("bytes") or value.get("path")
             if isinstance(value, (bytes, bytearray)):
-                r.image = _write_image(cache, r.key, bytes(value))
+                r.image = _write_image(cache, r.key, bytes(value), _data_mode(path))
             elif isinstance(value, str) and _looks_base64(value):
-                r.image = _write_image(cache, r.key, _decode_b64(value, f"{path}: question {r.key}"))
+                r.image = _write_image(cache, r.key, _decode_b64(value, f"{path}: question {r.key}"), _data_mode(path))
             elif isinstance(value, str):  # a struct's path: the one rule for paths from data
                 try:
                     r.image = resolve_data_path(value, r.image_ref.root or path.resolve().parent, allow_absolute=r.image_ref.allow_absolute, where=f"{path}: question {r.key}")
