@@ -372,3 +372,16 @@ def test_rl_invalid_json_line_alone_names_the_line(s):
     f.write_text('{"question": "q", "answer": "A"}\n{"question": \n')
     with pytest.raises(ThymeError, match=r"rl\.jsonl:2: .*invalid JSON"):
         load_prompts([str(f)])
+
+
+def test_eval_images_decoded_from_a_private_tsv_stay_private(s):
+    from thyme.evaluate.benchmarks import load_rows, materialise_images
+
+    b64 = base64.b64encode(s.good.read_bytes()).decode()
+    tsv = s.root / "vstar.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tanswer\timage\n" + f"0\tWhat colour?\tgreen\tpurple\tA\t{b64}\n")
+    os.chmod(tsv, 0o600)
+    rows = load_rows("vstar", tsv)
+    materialise_images(rows, tsv, s.tmp / "cache")
+    assert Path(rows[0].image).read_bytes() == s.good.read_bytes()
+    assert os.stat(rows[0].image).st_mode & 0o777 == 0o600
