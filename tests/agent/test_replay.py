@@ -63,7 +63,7 @@ def test_without_min_crop_side_the_readme_example_is_literal(tmp_path):
     rec["reference_outputs"] = [[{"size": [220, 80]}]]
     records.write_text(json.dumps(rec) + "\n")
     with Sandbox(min_crop_side=0) as sandbox:
-        s = replay(records, sandbox=sandbox, config=AgentConfig())
+        s = replay(records, sandbox=sandbox, config=AgentConfig(), images_root=CORPUS / "thyme")  # the absolute path lies inside it
     assert (s.executed_ok, s.outputs_match, s.answers_match) == (1, 1, 1)
 
 
@@ -104,11 +104,11 @@ def test_a_torn_last_line_is_cut_and_its_record_replayed_again(tmp_path):
     records.write_text("".join(json.dumps(r) + "\n" for r in good))
     out = tmp_path / "res.jsonl"
     with Sandbox() as sandbox:
-        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig())
+        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)  # paths outside the records' folder: opted in
         lines = out.read_text().splitlines()
         assert len(lines) == 2
         out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing record 2
-        s = replay(records, sandbox=sandbox, out_path=out, config=AgentConfig())
+        s = replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)
     rows = [json.loads(l) for l in out.read_text().splitlines()]  # every line is whole again
     assert [r["id"] for r in rows] == [good[0]["id"], good[1]["id"]]
     assert (s.trajectories, s.resumed, s.failed) == (2, 1, 0)

@@ -190,7 +190,7 @@ def test_convert_split_of_a_local_folder_save_to_disk_and_empty_files(tmp_path):
     folder.mkdir()
     (folder / "2round-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("r1", str(img))) + "\n")
     (folder / "computation-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("c1", str(img))) + "\n" + json.dumps(_sft_row("c2", str(img))) + "\n")
-    s = convert(str(folder), tmp_path / "c.jsonl", ConvertConfig(split="computation"))
+    s = convert(str(folder), tmp_path / "c.jsonl", ConvertConfig(split="computation", images_root=str(tmp_path)))  # the image is beside the folder
     assert s.written == 2 and sorted(json.loads(l)["id"] for l in (tmp_path / "c.jsonl").read_text().splitlines()) == ["c1", "c2"]
     with pytest.raises(ThymeError, match="no file of split 'nope'.*2round, computation"):
         convert(str(folder), tmp_path / "n.jsonl", ConvertConfig(split="nope"))

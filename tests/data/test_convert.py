@@ -69,7 +69,7 @@ def test_convert_released_sft_parquet_rewrites_paths_and_resumes(tmp_path):
     # the converted record is a valid SFT record for the masks / verify
     from thyme.data.records import parse_sft_record
 
-    assert parse_sft_record(r).outputs == [local_out]
+    assert parse_sft_record(r, images_root=out.parent).outputs == [local_out]  # inside the records' folder
 
     # a rerun resumes: nothing converted twice
     s2 = convert(str(src), out, ConvertConfig(split="2round", workers=2))

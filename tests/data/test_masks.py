@@ -114,7 +114,7 @@ def test_released_question_is_used_as_is_and_bare_question_is_wrapped(processor,
 
     filled = protocol.user_prompt_text(protocol.strip_question_placeholder(raw["question"]), "/local/copy.jpg", (10, 20))
     rel = dict(raw, question=filled, image=[inp, str(CORPUS / "thyme" / raw["image"][1])])
-    head2 = render_record(parse_sft_record(rel), processor)[0][0].text
+    head2 = render_record(parse_sft_record(rel, images_root=CORPUS / "thyme"), processor)[0][0].text
     assert head2.count("User Image Path") == 1 and '"/local/copy.jpg"' in head2 and '"10x20"' in head2
     # the question's <image> placeholder became the vision tokens, not text
     assert "<image>" not in head2 and head2.count("<|vision_start|>") == 1

@@ -189,7 +189,7 @@ def parts(tiny_checkpoint):
 
     d = Path(tempfile.mkdtemp())
     proc = load_processor(str(tiny_checkpoint), max_pixels=12544)
-    prompts = load_prompts([rl_records(d / "rl.jsonl", ["thyme-case-1"])])
+    prompts = load_prompts([rl_records(d / "rl.jsonl", ["thyme-case-1"])], allow_absolute_paths=True)  # the corpus images, outside d
     with Sandbox() as sb:
         yield proc, prompts[0], sb, d
 

@@ -15,7 +15,7 @@ import pytest
 from thyme.backends.base import GenerationRequest
 from thyme.backends.openai import OpenAIBackend, OpenAIBatchError, OpenAIServerError
 from thyme.cli import main as thyme_main
-from thyme.http import HTTPLimits, RequestTimeout, ResponseTooLarge, fetch_sync, loads_bounded, resolve_proxy
+from thyme.http import HTTPLimits, ResponseTooLarge, fetch_sync, loads_bounded, resolve_proxy
 from thyme.scoring.judge import JudgeClient, JudgeConfig, JudgeError, Verdict, parse_verdict
 from thyme.testing.hostile_server import HostileServer
 

@@ -34,7 +34,7 @@ def rl_records(path: Path, ids: list[str]) -> Path:
 def small(model, files, out, **kw):
     from thyme.train.rl.config import GRPOATSConfig
 
-    base = dict(model=str(model), train_files=[str(f) for f in files], output_dir=str(out), max_pixels=12544, num_generations=2,
+    base = dict(model=str(model), train_files=[str(f) for f in files], output_dir=str(out), max_pixels=12544, num_generations=2, allow_absolute_paths=True,
                 per_device_train_batch_size=2, gradient_accumulation_steps=1, max_completion_length=16, max_length=2048, max_steps=2,
                 gradient_checkpointing=False, save_strategy="no", learning_rate=1e-4, prefill=PREFILL, seed=0,
                 sandbox={"allow_weaker": True})  # every layer still required: a host without one warns instead of stopping

@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - fastapi comes with transformers[servin
 #: Small enough for CPU; everything else comes from configs/rl_grpo_ats.yaml.
 SMALL = ["max_pixels=12544", "num_generations=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
          "max_completion_length=16", "max_length=2048", "gradient_checkpointing=false", "save_steps=1", "learning_rate=1e-4", "seed=0",
-         "sandbox.allow_weaker=true"]  # the shipped config requires every layer: a host without one warns instead of stopping
+         "sandbox.allow_weaker=true",  # the shipped config requires every layer: a host without one warns instead of stopping
+         "allow_absolute_paths=true"]  # rl_records names the corpus images by absolute paths outside tmp
 #: A given answer (the tiny model writes none), so the result and consistency judges are asked.
 ANSWER_PREFILL = "<think>The sign is red.</think>\n<answer>a red sign</answer>"
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "rl_grpo_ats.yaml")

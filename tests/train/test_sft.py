@@ -40,6 +40,7 @@ def tiny_cfg(model, files, out, **kw) -> SFTRunConfig:
         model=str(model), train_files=[str(f) for f in files], output_dir=str(out), max_pixels=12544, learning_rate=5e-3,
         effective_batch_size=2, per_device_train_batch_size=1, gradient_checkpointing=False, dataloader_num_workers=0,
         logging_steps=1, save_strategy="no", warmup_ratio=0.0, report_to=["none"], seed=0,
+        allow_absolute_paths=True,  # corpus_jsonl names the corpus images by absolute paths outside tmp_path
     )
     base.update(kw)
     return SFTRunConfig(**base)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ from .entry import (
 #: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
 JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")
 #: EvalConfig fields exposed as flags (all of them).
-EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report")
+EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report", "allow_absolute_paths")
 #: The backends ``eval`` offers, in the order its messages list them (:mod:`thyme.rollout.registry`).
 EVAL_BACKENDS = ("hf", "openai", "replay")
 
@@ -141,7 +142,9 @@ _FACTORY_HOOKS: dict[str, Callable[[BackendChoice], Callable[[], Any]]] = {"hf":
 # --------------------------------------------------------------------------- commands
 
 
-def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
+def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None, roots: list[str] | None = None, allow_absolute: bool = False) -> Path:
+    """The eval's report: embeds only images inside the run folder and the folders the run read
+    its images from (``roots``; README: Paths in data)."""
     from ..report import write_report
 
     prov = None
@@ -149,7 +152,7 @@ def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None
         from ..jsonl import loads_bounded
 
         prov = loads_bounded((path.parent / "metrics.json").read_bytes(), what="metrics.json").get("provenance")
-    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
+    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov, roots=[str(path.parent), *(roots or [])], allow_absolute=allow_absolute)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,7 +221,11 @@ def _run(args: argparse.Namespace) -> int:
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
         settings=choice.settings,
-        report_writer=_report_writer,
+        report_writer=functools.partial(  # the run folder and the folders its images came from
+            _report_writer,
+            roots=[cfg.images_root or str(Path(cfg.data).resolve().parent)] + ([str(Path(cfg.replay).resolve().parent)] if cfg.replay else []),
+            allow_absolute=cfg.allow_absolute_paths,
+        ),
         overwrite=args.overwrite,
         precheck=precheck,
         on_backend=on_backend,

@@ -61,6 +61,7 @@ class EvalConfig:
     out: str = setting("", help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume", source="required", show_default="none")
     images_root: str | None = setting(None, help="folder the data's relative image names start from", source="ours", show_default="the data file's folder")
     replay: str | None = setting(None, help="Thyme records (JSONL with response, benchmark, question_id) to play back instead of generating", source="ours")
+    allow_absolute_paths: bool = setting(False, help="accept image paths of the data / records that leave their root (absolute, .., symlinks pointing out); only for files you trust (README: Paths in data)", source="ours")
     limit: int | None = setting(None, help="evaluate the first N (joined) rows only", source="ours", show_default="all")
     concurrency: int = setting(8, help="trajectories in flight at once (the batch the agent advances in lockstep rounds; for the hf backend, the generation batch)", source="ours")
     num_shards: int = setting(1, help="processes sharing the run (one per GPU); shard I takes rows I, I+N, I+2N...", source="ours")
@@ -133,7 +134,11 @@ def read_predictions(path: str | os.PathLike, *, skipped: list[str] | None = Non
     (the n-th line with the same id is the id's n-th row). Lines that are not JSON objects with a ``question_id`` (e.g. one cut by an interruption)
     are skipped (``skipped``: a list that gets the message of each line that is not valid JSON,
     too long or too deep, naming the line). A line with an error never replaces an earlier line without one.
+
+    A predictions file is data: the image paths of its trajectories are never opened here; the
+    report embeds only files inside the run folder (:func:`thyme.report.write_report` ``roots``).
     """
+
     out: dict[str, dict[str, Any]] = {}
     p = Path(path)
     if not p.is_file():
@@ -219,53 +224,55 @@ def absolute_trajectory(d: dict[str, Any], out: str | os.PathLike) -> dict[str, 
 # --------------------------------------------------------------------------- replay join
 
 
-def load_replay_records(path: str | os.PathLike, spec: Benchmark) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
-    """Records of ``path`` that belong to ``spec``, keyed by question id.
+def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absolute: bool = False) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+    """Records of ``path`` that belong to ``spec``, keyed by question id; parsed by
+    :func:`thyme.records.parse_record` (image paths relative to the records file's folder and
+    inside it, unless ``allow_absolute``).
 
     Returns:
         ``(records, info)``; ``info`` has ``records`` (path), ``lines``, ``of_benchmark``,
-        ``without_join_fields`` and ``duplicate_records`` (ids of records whose question
-        already had a record).
+        ``without_join_fields``, ``duplicate_records`` (ids of records whose question already
+        had a record) and ``refused_records`` (``{"id", "line", "error"}`` of records whose
+        image path leaves the records' folder: they are not joined, the others are run).
 
     Raises:
-        ThymeError: the file is missing or a matching record is malformed.
+        ThymeError: the file is missing, a line is not JSON, or a matching record is malformed.
     """
+    from ..errors import RecordError
+    from ..jsonl import iter_jsonl
+    from ..records import PathRefused, parse_record
+
     p = Path(path)
     if not p.is_file():
         raise ThymeError(f"replay records file not found: {p}", "pass --replay pointing at a JSONL of Thyme records (image, question, response, benchmark, question_id)")
     base = p.resolve().parent
     out: dict[str, ReplayRecord] = {}
-    info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": []}
-    from ..jsonl import JsonInputError, iter_lines_bounded, parse_line
-
-    with p.open("rb") as f:
-        for n, line in iter_lines_bounded(f):
-            if line is not None and not line.strip():
-                continue
-            info["lines"] += 1
-            try:
-                obj = parse_line(line, what=f"{p}: line {n}")
-            except JsonInputError as e:
-                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.reason})", e.hint) from None
-            if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
-                info["without_join_fields"] += 1
-                continue
-            if find_benchmark(obj["benchmark"]) is not spec:
-                continue
-            info["of_benchmark"] += 1
-            rid = str(obj.get("id") or f"line-{n}")
-            if not isinstance(obj.get("response"), str) or not isinstance(obj.get("question"), str):
-                raise ThymeError(f"{p}: record {rid} (line {n}) lacks 'question' or 'response'", "replay records are Thyme records with image, question and response")
-            key = row_key(obj["question_id"])
-            if key in out:
-                info["duplicate_records"].append(rid)
-                continue
-            imgs = obj.get("image", obj.get("images", [])) or []
-            if isinstance(imgs, str):
-                imgs = [imgs]
-            n_inputs = max(1, obj["question"].count(protocol.IMAGE_PLACEHOLDER)) if imgs else 0
-            images = [q if os.path.isabs(q) else str(base / q) for q in imgs[:n_inputs]]
-            out[key] = ReplayRecord(rid, protocol.strip_question_placeholder(obj["question"]), obj["response"], images, n, obj)
+    info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": [], "refused_records": []}
+    for n, obj in iter_jsonl(p):
+        info["lines"] += 1
+        if isinstance(obj, RecordError):
+            raise ThymeError(f"{p}: line {n} is not valid JSON ({getattr(obj, 'reason', obj.message)})", obj.hint)
+        if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
+            info["without_join_fields"] += 1
+            continue
+        if find_benchmark(obj["benchmark"]) is not spec:
+            continue
+        info["of_benchmark"] += 1
+        rid = str(obj.get("id") or f"line-{n}")
+        if not isinstance(obj.get("response"), str) or not isinstance(obj.get("question"), str):
+            raise ThymeError(f"{p}: record {rid} (line {n}) lacks 'question' or 'response'", "replay records are Thyme records with image, question and response")
+        key = row_key(obj["question_id"])
+        if key in out:
+            info["duplicate_records"].append(rid)
+            continue
+        try:
+            rec = parse_record(obj, line=n, source=p, root=base, allow_absolute=allow_absolute, check_counts=False, check_files=None)
+        except PathRefused as e:  # this record is refused; the others run
+            info["refused_records"].append({"id": rid, "line": n, "error": str(e)})
+            continue
+        except RecordError as e:
+            raise ThymeError(e.message, e.hint) from None
+        out[key] = ReplayRecord(rid, rec.prompt, rec.response, rec.inputs, n, obj)
     return out, info
 
 
@@ -450,7 +457,7 @@ def run_eval(
     out = ensure_writable(cfg.out, what="--out", folder=True)
     if overwrite:
         _clear_run(out)
-    rows = load_rows(spec, cfg.data, images_root=cfg.images_root)
+    rows = load_rows(spec, cfg.data, images_root=cfg.images_root, allow_absolute=cfg.allow_absolute_paths)
     records, join_info = _join_replay(cfg, spec, rows) if cfg.replay else (None, None)
     selected, mine = select_rows(rows, cfg, records)
     agent_cfg = agent_config or AgentConfig()
@@ -513,7 +520,7 @@ def _join_replay(cfg: EvalConfig, spec: Benchmark, rows: list[Row]) -> tuple[dic
     Raises:
         ThymeError: no record matches a row.
     """
-    records, join_info = load_replay_records(cfg.replay, spec)
+    records, join_info = load_replay_records(cfg.replay, spec, allow_absolute=cfg.allow_absolute_paths)
     keys = {r.key for r in rows}
     join_info["matched"] = sum(1 for r in rows if r.key in records)
     join_info["rows_without_record"] = len(rows) - join_info["matched"]

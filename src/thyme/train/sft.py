@@ -181,7 +181,7 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     os.makedirs(cfg.output_dir, exist_ok=True)
     with state.main_process_first():  # rank 0 builds the index, the others read its cache
         cols, stats = build_index(
-            cfg.train_files, processor, mask, model=cfg.model, images_root=cfg.images_root,
+            cfg.train_files, processor, mask, model=cfg.model, images_root=cfg.images_root, allow_absolute_paths=cfg.allow_absolute_paths,
             max_length=cfg.max_length, cache_dir=cfg.output_dir, show_progress=show_progress and state.is_main_process,
         )
     logger.info("index: %s", stats)
@@ -197,7 +197,7 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
-    collator = ThymeSFTCollator(processor, mask, cfg.train_files, images_root=cfg.images_root, max_length=cfg.max_length)
+    collator = ThymeSFTCollator(processor, mask, cfg.train_files, images_root=cfg.images_root, max_length=cfg.max_length, allow_absolute_paths=cfg.allow_absolute_paths)
     trainer = _trainer_class()(
         model=model,
         args=args,

@@ -50,6 +50,7 @@ class ThymeSFTSettings:
     model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", help="base checkpoint (hub id or folder); stage 2 starts from stage 1's output_dir.", source='ours')
     train_files: list[str] = setting(default_factory=list, help='JSONL files of Thyme SFT records (thyme data convert / verify output).', source='ours')
     images_root: str | None = setting(None, help="folder relative image paths start from (default: each file's folder).", source='ours')
+    allow_absolute_paths: bool = setting(False, help="accept image paths that leave images_root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data).", source='ours')
     last_round_only: bool = setting(True, help='mask everything up to the second-to-last </sandbox_output> for records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).', source='reference')
     max_pixels: int | None = setting(MAX_PIXELS, help='per-image pixel budget, every image of a record.', source='reference')
     min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source='ours')

@@ -119,6 +119,7 @@ class ThymeRLSettings(RLRolloutSettings):
     model: str = _f("Kwai-Keye/Thyme-SFT", "policy checkpoint to start from (the SFT model; hub id or folder)", "paper Sec. 3.3: RL starts from the SFT model")
     train_files: list = _f([], "JSONL files: RL records (messages, images, solution, question) or benchmark rows (question, options, answer, image)", "thyme data convert output / benchmark annotations")
     images_root: str | None = _f(None, "folder relative image paths start from (default: each file's folder)", "ours")
+    allow_absolute_paths: bool = _f(False, "accept image paths that leave images_root (absolute, .., symlinks pointing out); only for train files you trust (README: Paths in data)", "ours")
     max_pixels: int | None = _f(2408448, "per-image pixel budget, input and sandbox images, rollout and training forward alike", RLSH + " --max_pixels")
     min_pixels: int | None = _f(None, "per-image lower pixel bound (None: the processor's)", "processor default")
     shown_path: str | None = _f(None, "image path shown in the prompt ({name}, {path}); None: the real path", "reference: real paths")

@@ -126,7 +126,7 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
     if not cfg.train_files:
         raise ThymeError("no train_files in the RL config", "pass --train-file RECORDS.jsonl (RL records or benchmark rows)")
     check_reporters(cfg.report_to)
-    prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path)
+    prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path, allow_absolute_paths=cfg.allow_absolute_paths)
     check_prompt_images(prompts, images_root=cfg.images_root, decode=cfg.check_images)
     if judge is None:
         judge = judge_client(cfg)  # a judge section it cannot use is an input error: before anything starts
