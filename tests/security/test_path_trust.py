@@ -262,7 +262,7 @@ def test_convert_refuses_host_paths_and_non_images_and_keeps_modes(s):
     errors = {e["id"]: e["error"] for e in map(json.loads, out.with_name("out.errors.jsonl").read_text().splitlines())}
     for how, p in s.paths.items():
         assert p in errors[f"bad-{how}"] and "refused" in errors[f"bad-{how}"]
-    assert "not a decodable image" in errors["text-as-png"]
+    assert "not an accepted, decodable image" in errors["text-as-png"]
     rec = json.loads(out.read_text())
     copied = Path(rec["image"][0])
     assert copied.read_bytes() == s.good.read_bytes()

@@ -188,13 +188,12 @@ def _image_value(value: Any, *, images_root: str | os.PathLike | None, allow_abs
 
 
 #: Formats ``thyme data convert`` copies (PIL's names); anything else is a per-row error.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-
-
 def check_image_bytes(raw: bytes) -> str:
-    """Check that ``raw`` decodes as an image of an :data:`ACCEPTED_FORMATS` format, within
-    :data:`thyme.imageio.MAX_IMAGE_PIXELS` (the header is read first, then the pixels decoded),
-    so a text file renamed ``.png`` or a truncated image is never copied.
+    """Check that ``raw`` decodes, fully, as an image of an accepted format
+    (:data:`thyme.imageio.ACCEPTED_FORMATS`) within the caller's image budgets (the one image
+    opener, :func:`thyme.imageio.open_image_bytes`: pixels, decoded bytes and compression ratio
+    from the header before decoding), so a text file renamed ``.png``, a truncated image or a
+    decompression bomb is never copied.
 
     Returns:
         The format name.
@@ -202,28 +201,14 @@ def check_image_bytes(raw: bytes) -> str:
     Raises:
         RecordError: naming the reason (not an image, another format, too large, truncated).
     """
-    import warnings
-
-    from PIL import Image
-
-    from ..imageio import MAX_IMAGE_PIXELS
+    from ..imageio import ACCEPTED_FORMATS, open_image_bytes
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as im:
-                fmt = im.format or "?"
-                if fmt not in ACCEPTED_FORMATS:
-                    raise RecordError(f"image of format {fmt} is not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})")
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise RecordError(f"image of {w}x{h} pixels is above the {MAX_IMAGE_PIXELS} pixel limit")
-                im.load()
-    except RecordError:
-        raise
-    except Exception as e:  # not an image, truncated, a bomb PIL refuses
-        raise RecordError(f"not a decodable image ({len(raw)} bytes: {type(e).__name__}: {str(e)[:200]})", f"thyme data convert copies only {', '.join(ACCEPTED_FORMATS)} images") from None
-    return fmt
+        with open_image_bytes(raw, name=f"embedded image ({len(raw)} bytes)") as im:
+            return im.format or "?"
+    except Exception as e:  # not an image, another format, truncated, over a budget
+        msg = getattr(e, "message", None) or f"{type(e).__name__}: {str(e)[:200]}"
+        raise RecordError(f"not an accepted, decodable image: {msg}", f"thyme data convert copies only {', '.join(ACCEPTED_FORMATS)} images within the image budgets") from None
 
 
 def _b64(data: str, what: str) -> bytes:
