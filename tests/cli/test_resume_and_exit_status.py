@@ -108,7 +108,7 @@ def test_eval_exits_1_when_questions_failed_unless_allowed(tmp_path, monkeypatch
     import thyme.cli.eval as cli_eval
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
-    monkeypatch.setattr(cli_eval, "hf_backend_factory", lambda model, kw: (lambda: Scripted(SCRIPT, fail_keys={"2"})))
+    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: (lambda: Scripted(SCRIPT, fail_keys={"2"})))  # the registry's build, swapped
     argv = ["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--concurrency", "1", "--no-report"]
     assert thyme_main([*argv, "--out", str(tmp_path / "o1")]) == 1
     assert "1 question(s) failed" in capsys.readouterr().err
@@ -335,7 +335,7 @@ def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp
     import thyme.cli.eval as cli_eval
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
-    monkeypatch.setattr(cli_eval, "hf_backend_factory", lambda model, kw: (lambda: Scripted(SCRIPT)))
+    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: (lambda: Scripted(SCRIPT)))
     out = tmp_path / "o"
     assert thyme_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--out", str(out), "--limit", "1"]) == 0
     page = (out / "report.html").read_text()

@@ -106,6 +106,14 @@ def no_decode(monkeypatch):
     return decoded
 
 
+def _local(folder: Path, bomb: Path) -> Path:
+    """A copy of ``bomb`` inside ``folder``: data paths must stay inside their root (threat class
+    "path trust"), so a bomb reaches the image checks only from the data's own folder."""
+    dst = folder / bomb.name
+    dst.write_bytes(bomb.read_bytes())
+    return dst
+
+
 def _good(path: Path, color="red", size=(64, 48)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
@@ -213,7 +221,7 @@ def test_eval_up_front_check_refuses_a_base64_bomb_row_before_loading_the_model(
 def test_eval_up_front_check_refuses_a_path_bomb_row(tmp_path, bombs):
     good = _good(tmp_path / "imgs" / "g.png")
     rows = [{"question_id": str(i), "image": str(n), "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"}
-            for i, n in enumerate([good, bombs["huge"], bombs["ratio"]])]
+            for i, n in enumerate([good, _local(tmp_path, bombs["huge"]), _local(tmp_path, bombs["ratio"])])]
     data = tmp_path / "vstar.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     p, rss = cli("eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o"))
@@ -296,7 +304,7 @@ def test_rl_train_image_check_refuses_the_bomb_naming_it(tmp_path, bombs, no_dec
 
     good = _good(tmp_path / "g.png")
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(rl_record("Which colour?", str(p), "red", rid=f"r{k}")) + "\n" for k, p in enumerate([good, bombs["ratio"], good])))
+    train.write_text("".join(json.dumps(rl_record("Which colour?", str(p), "red", rid=f"r{k}")) + "\n" for k, p in enumerate([good, _local(tmp_path, bombs["ratio"]), good])))
     prompts = load_prompts([str(train)])
     assert [p.id for p in prompts] == ["r0", "r1", "r2"]
     with pytest.raises(ImageBudgetError) as e:  # before the model loads (thyme train rl's check_images)
@@ -325,8 +333,8 @@ def test_report_thumbnail_of_a_bomb_is_a_problem_and_the_other_images_embed(tmp_
     from thyme.report.render import _Embedder
 
     good = _good(tmp_path / "g.png")
-    embed = _Embedder(max_side=256)
-    bad = embed(str(bombs["huge"]))
+    embed = _Embedder(max_side=256, roots=[str(tmp_path)])  # the run's folder
+    bad = embed(str(_local(tmp_path, bombs["huge"])))
     assert bad.url is None and "30000x30000" in bad.problem and "refused before decoding" in bad.problem
     ok = embed(str(good))
     assert ok.url and ok.url.startswith("data:image/")
@@ -343,7 +351,7 @@ def _record(rid: str, image: str) -> dict:
 def test_replay_fails_only_the_records_with_bomb_images(tmp_path, bombs):
     _good(tmp_path / "g.png")
     recs = tmp_path / "r.jsonl"
-    recs.write_text("".join(json.dumps(r) + "\n" for r in [_record("a", "g.png"), _record("huge", str(bombs["huge"])), _record("ratio", str(bombs["ratio"])), _record("b", "g.png")]))
+    recs.write_text("".join(json.dumps(r) + "\n" for r in [_record("a", "g.png"), _record("huge", _local(tmp_path, bombs["huge"]).name), _record("ratio", _local(tmp_path, bombs["ratio"]).name), _record("b", "g.png")]))
     p, rss = cli("replay", str(recs), "--images-root", str(tmp_path), "--json", "--out", str(tmp_path / "out.jsonl"))
     assert p.returncode == 1, p.stderr  # records failed: exit 1
     s = json.loads(p.stdout.strip().splitlines()[-1])
@@ -357,7 +365,7 @@ def test_replay_fails_only_the_records_with_bomb_images(tmp_path, bombs):
 def test_verify_rejects_a_record_whose_recorded_output_is_a_bomb(tmp_path, bombs):
     good = _good(tmp_path / "g.png")
     code = "<code>\n```python\nprint(1)\n```\n</code>"
-    with_out = dict(_record("bomb-out", str(good)), image=[str(good), str(bombs["huge"])],
+    with_out = dict(_record("bomb-out", str(good)), image=[str(good), str(_local(tmp_path, bombs["huge"]))],
                     response=f"<think>Crop.\n{code}<sandbox_output><image></sandbox_output>Red.</think>\n<answer>red</answer>")
     recs = tmp_path / "v.jsonl"
     recs.write_text("".join(json.dumps(r) + "\n" for r in [_record("a", str(good)), with_out, _record("b", str(good))]))

@@ -27,7 +27,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ThymeError
 from .backend import OPENAI_FLAGS, BackendChoice, add_server_flags, choose_backend  # noqa: F401 - OPENAI_FLAGS: kept importable here
@@ -128,17 +128,6 @@ def _eval_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
     return build(EvalConfig, yaml_cfg.get("eval"), args, names=(*EVAL_FLAGS, "replay"), section_name="eval")
 
 
-def hf_backend_factory(model: str, model_kw: dict[str, Any]):
-    """A factory building the ``hf`` backend through the registry (loads the model when called);
-    the named hook a caller substitutes to run eval with a backend of its own."""
-    return BackendChoice("hf", model_kw, {"model": model}).factory()
-
-
-#: Named factory hooks, looked up when called (so a caller can substitute the module function);
-#: every other kind is built by the registry from the choice alone.
-_FACTORY_HOOKS: dict[str, Callable[[BackendChoice], Callable[[], Any]]] = {"hf": lambda c: hf_backend_factory(c.options["model"], c.config)}
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -199,8 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     ensure_writable(cfg.out, what="--out", folder=True)  # before any data is read or model loaded
     agent_cfg = agent_config(args, yaml_cfg)
     sandbox_cfg = sandbox_config(args, yaml_cfg)
-    hook = _FACTORY_HOOKS.get(choice.kind)
-    factory = None if cfg.replay else (hook(choice) if hook else choice.factory())  # replay: run_eval reads the records
+    factory = None if cfg.replay else choice.factory()  # replay: run_eval reads the records
     precheck = on_backend = None
     if choice.local:  # a model loaded here: its inputs are checked before it loads, its prompts after
         from ..agent.preflight import check_images_decode, check_prompt_fits
