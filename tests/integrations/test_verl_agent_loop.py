@@ -137,7 +137,7 @@ def prompt(tmp_path):
     Image.new("RGB", (224, 168), (200, 30, 30)).save(img)
     f = tmp_path / "rl.jsonl"
     f.write_text(json.dumps(rl_record("Which street? A. Main B. Michigan", str(img), "B", rid="q1")) + "\n")
-    return load_prompts([str(f)])[0]
+    return load_prompts([str(f)], allow_absolute_paths=True)[0]  # the record names the corpus image by its absolute path
 
 
 def script_ids(tok, segments, im_end):
@@ -368,7 +368,7 @@ def test_same_trajectory_as_thyme_replay_for_the_recorded_model_output(processor
         f = tmp_path / f"{rec['id']}.jsonl"
         q = rec["question"].replace("<image>\n", "")
         f.write_text(json.dumps(rl_record(q, str(CORPUS / "thyme" / rec["image"][0]), rec["answer_gt"], rid=rec["id"])) + "\n")
-        prompt = load_prompts([str(f)])[0]
+        prompt = load_prompts([str(f)], allow_absolute_paths=True)[0]
         segments = protocol.split_recorded_response(rec["response"])
         out, own, _ = both(segments, processor, sandbox, prompt, tmp_path, thyme={"max_completion_length": 8192})
         assert_same(out, own)
@@ -412,7 +412,8 @@ def test_concurrent_samples_on_one_event_loop_each_match_the_single_run(processo
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from thyme.integrations.verl.agent_loop import ThymeAgentLoop, eos_ids
+    from thyme.chat import end_of_turn_ids as eos_ids
+    from thyme.integrations.verl.agent_loop import ThymeAgentLoop
     from thyme.integrations.verl.data import verl_row
 
     tok = processor.tokenizer
