@@ -140,10 +140,12 @@ def test_preload_reports_broken_modules_and_loads_lazily_attached_submodules(tmp
     pkg = tmp_path / "thyme_lazy_pkg_x"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
-        "import importlib\n__all__ = ['heavy']\n"
+        "import importlib\n__all__ = ['heavy', 'needs_missing_dependency']\n"
         "def __getattr__(name):\n"
         "    if name == 'heavy':\n"
         "        return importlib.import_module(__name__ + '.heavy')\n"
+        "    if name == 'needs_missing_dependency':\n"
+        "        raise ImportError('no module named dep')\n"
         "    raise AttributeError(name)\n"
     )
     (pkg / "heavy.py").write_text("VALUE = 3\n")
@@ -152,6 +154,7 @@ def test_preload_reports_broken_modules_and_loads_lazily_attached_submodules(tmp
     try:
         report = preload_optional(["thyme_lazy_pkg_x", "thyme_broken_mod_x", f"{MISSING}.a", f"{MISSING}.b"])
         assert report["thyme_lazy_pkg_x"][0] and "thyme_lazy_pkg_x.heavy" in sys.modules  # resolved from __all__
+        assert "1 name(s) of __all__ not loaded, first: needs_missing_dependency (ImportError" in report["thyme_lazy_pkg_x"][1]
         assert report["thyme_broken_mod_x"] == [False, "RuntimeError: broken on purpose"]
         assert report[f"{MISSING}.a"] == report[f"{MISSING}.b"] == [False, "not installed"]
     finally:

@@ -111,18 +111,24 @@ def preload_optional(names: list[str]) -> dict[str, list[Any]]:
             report[name] = [False, missing[top]]
             continue
         t0 = time.perf_counter()
+        unresolved: list[str] = []
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mod = importlib.import_module(name)
                 for attr in getattr(mod, "__all__", ()) or ():
-                    if isinstance(attr, str):
-                        getattr(mod, attr, None)
+                    try:  # one broken lazy name (a missing optional dependency) leaves the module usable
+                        getattr(mod, str(attr))
+                    except Exception as e:  # noqa: BLE001
+                        unresolved.append(f"{attr} ({type(e).__name__}: {e})"[:200])
         except Exception as e:  # noqa: BLE001 - an optional module never stops the zygote
             report[name] = [False, f"{type(e).__name__}: {e}"[:300]]
             continue
         version = getattr(sys.modules.get(top), "__version__", "") or "imported"
-        report[name] = [True, f"{version} in {time.perf_counter() - t0:.2f} s"]
+        detail = f"{version} in {time.perf_counter() - t0:.2f} s"
+        if unresolved:
+            detail += f"; {len(unresolved)} name(s) of __all__ not loaded, first: {unresolved[0]}"
+        report[name] = [True, detail]
     return report
 
 
