@@ -33,8 +33,9 @@ def doctor(config: Any = None, modules: tuple[str, ...] = MODULES, **overrides: 
     :data:`thyme.sandbox.config.LAYERS` first, then one ``module:<name>`` record per module, then
     one ``optional:<package>`` record per top-level package of ``config.optional_modules``
     (active when model code can import it; the detail gives its version and the sub-modules the
-    zygote preloaded, or what to install). Never raises for a missing layer (``require`` is ignored here); a sandbox that cannot start
-    at all gives a single ``sandbox`` record with the reason.
+    zygote preloaded, or what to install). Never raises for a missing layer (``require`` is
+    ignored here); a sandbox that cannot start at all gives a single ``sandbox`` record with the
+    reason.
     """
     from thyme.sandbox.config import SandboxConfig
     from thyme.sandbox.errors import SandboxError
@@ -71,7 +72,7 @@ def _optional_detail(top: str, ok: bool, detail: str, preloaded: dict[str, tuple
 
     if not ok:
         dist = OPTIONAL_DISTRIBUTIONS.get(top)
-        hint = "pip install 'thyme[sandbox-extras]'" if dist else f"install the package that provides {top!r} into this Python"
+        hint = f"pip install 'thyme[sandbox-extras]' ({dist})" if dist else f"install the package that provides {top!r} into this Python"
         return f"missing ({detail}); {hint}"
     mine = {name: v for name, v in preloaded.items() if name.partition(".")[0] == top}
     done = [name.partition(".")[2] or name for name, (loaded, _) in mine.items() if loaded]
