@@ -12,9 +12,10 @@ VERL_TESTS := tests/integrations/test_verl_agent_loop.py tests/test_protocol.py 
 .PHONY: venv demo test clean venv-verl test-verl
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
-# The extras the test suite needs: eval, train, testing (dev servers), dev (pytest) and ray
-# (--ray's test on a local instance; the wheel installs in ~10 s).
-EXTRAS ?= dev,eval,train,testing,ray
+# The extras the test suite needs: eval, train, testing (dev servers), dev (pytest), ray
+# (--ray's test on a local instance; the wheel installs in ~10 s) and sandbox-extras (scikit-image
+# and scikit-learn in the sandbox: tests/sandbox/test_optional_libraries.py).
+EXTRAS ?= dev,eval,train,testing,ray,sandbox-extras
 
 $(BIN)/thyme: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

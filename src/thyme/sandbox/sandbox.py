@@ -221,6 +221,7 @@ class Sandbox:
             # without bubblewrap, a root zygote covers unreadable ancestors of the runtime (threat class "shared identity and host views")
             "make_readable": not prefix and self.is_root and self.uid is not None, "extra_read": [self.mpl_dir],
             "in_mount_view": bool(prefix),
+            "optional": list(self.config.optional_modules),
         }
         try:
             proc = subprocess.Popen(
@@ -430,6 +431,23 @@ class Sandbox:
             return None
         pid = z.hello.get("pid")
         return pid if isinstance(pid, int) and pid > 0 else z.proc.pid
+
+    @property
+    def optional_modules(self) -> dict[str, tuple[bool, str]]:
+        """What the running zygote made of ``config.optional_modules``: ``{name: (preloaded,
+        detail)}`` in config order; detail is the version and import time, ``"not installed"`` or
+        the import error. Empty when no zygote runs."""
+        z = self._state.get("zygote")
+        if z is None:
+            return {}
+        got = z.hello.get("optional")
+        got = got if isinstance(got, dict) else {}
+        out: dict[str, tuple[bool, str]] = {}
+        for name in self.config.optional_modules:
+            v = got.get(name)
+            ok = isinstance(v, list) and len(v) == 2 and v[0] is True
+            out[name] = (ok, str(v[1])[:300] if isinstance(v, list) and len(v) == 2 else "not reported by the zygote")
+        return out
 
     @property
     def mount_view(self) -> bool:

@@ -2,8 +2,9 @@
 
 Started by :class:`thyme.sandbox.Sandbox` as a fresh interpreter (never a fork of the caller,
 which may hold CUDA state or threads) with a scrubbed environment. It imports numpy, cv2, PIL
-and matplotlib's core once, installs the runtime hooks, freezes the GC (fewer copied pages after
-fork), then serves requests on its control socket, single-threaded:
+and matplotlib's core once, installs the runtime hooks, imports the optional modules that are
+installed (``SandboxConfig.optional_modules``: scikit-image, scikit-learn), freezes the GC
+(fewer copied pages after fork), then serves requests on its control socket, single-threaded:
 
 - ``{"op": "spawn", "settings"}`` + fds [session socket, output memfd] -> forks a session
   process (:func:`thyme.sandbox.child.main`); replies ``{"pid"}`` + [pidfd] when available.
@@ -78,6 +79,65 @@ def _preload() -> None:
         import io
 
         PIL.Image.open(io.BytesIO(buf.tobytes())).load()
+
+
+def preload_optional(names: list[str]) -> dict[str, list[Any]]:
+    """Import the optional modules (``SandboxConfig.optional_modules``) that are installed.
+
+    Runs after :func:`_preload` (so the runtime hooks are in place, as for an import in a
+    session) and before any fork. A name whose top-level package is not installed is skipped
+    without importing anything; an installed one that fails to import is reported, never raised.
+    After the import, each name of the module's ``__all__`` is read, which loads lazily attached
+    sub-modules (scikit-image's lazy_loader) now rather than in every session.
+
+    Returns ``{name: [loaded, detail]}``: detail is the version and import time, ``"not
+    installed"``, or the exception. The environment (:func:`thyme.sandbox.zygote_handle.minimal_env`)
+    keeps these imports from starting threads or probing for processes.
+    """
+    import importlib
+    import importlib.util
+    import warnings
+
+    report: dict[str, list[Any]] = {}
+    missing: dict[str, str] = {}
+    for name in names:
+        top = name.partition(".")[0]
+        if top not in missing:  # find_spec of a top-level name imports nothing
+            try:
+                missing[top] = "" if importlib.util.find_spec(top) is not None else "not installed"
+            except (ImportError, ValueError) as e:
+                missing[top] = f"{type(e).__name__}: {e}"[:300]
+        if missing[top]:
+            report[name] = [False, missing[top]]
+            continue
+        t0 = time.perf_counter()
+        unresolved: list[str] = []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+                for attr in getattr(mod, "__all__", ()) or ():
+                    try:  # one broken lazy name (a missing optional dependency) leaves the module usable
+                        getattr(mod, str(attr))
+                    except Exception as e:  # noqa: BLE001
+                        unresolved.append(f"{attr} ({type(e).__name__}: {e})"[:200])
+        except Exception as e:  # noqa: BLE001 - an optional module never stops the zygote
+            report[name] = [False, f"{type(e).__name__}: {e}"[:300]]
+            continue
+        version = getattr(sys.modules.get(top), "__version__", "") or "imported"
+        detail = f"{version} in {time.perf_counter() - t0:.2f} s"
+        if unresolved:
+            detail += f"; {len(unresolved)} name(s) of __all__ not loaded, first: {unresolved[0]}"
+        report[name] = [True, detail]
+    return report
+
+
+def thread_count() -> int:
+    """Threads of this process (1 when nothing started one: what fork needs), 0 when unknown."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 class Zygote:
@@ -319,6 +379,7 @@ def main(argv: list[str]) -> int:
     try:
         t0 = time.perf_counter()
         _preload()
+        optional = preload_optional([str(n) for n in opts.get("optional", [])])
         from thyme.sandbox import confine
 
         z = Zygote(sock)
@@ -357,6 +418,8 @@ def main(argv: list[str]) -> int:
             "hidden": hidden,
             "fix_error": fix_error,
             "proc": proc_hidden,
+            "optional": optional,
+            "threads": thread_count(),
         })
     except BaseException as e:  # noqa: BLE001
         try:

@@ -19,7 +19,10 @@ CONTROL_TIMEOUT_S = 30.0
 
 def minimal_env(home: str, mpl_dir: str) -> dict[str, str]:
     """The only environment variables a zygote or session process gets (threat class "host
-    information leaks"): ``home`` as HOME and TMPDIR, one thread per maths library."""
+    information leaks"): ``home`` as HOME and TMPDIR, one thread per maths library, and, for the
+    optional libraries (``SandboxConfig.optional_modules``), joblib in serial mode (sessions cannot
+    fork; it would otherwise create a POSIX semaphore to probe for processes) and pyarrow's jemalloc
+    without its background thread (the zygote must stay single-threaded to fork)."""
     return {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -32,6 +35,8 @@ def minimal_env(home: str, mpl_dir: str) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "JOBLIB_MULTIPROCESSING": "0",
+        "JE_ARROW_MALLOC_CONF": "background_thread:false",
     }
 
 
