@@ -104,12 +104,12 @@ def main() -> int:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    import thyme.rollout as R
     from thyme.backends.processors import load_processor
     from thyme.backends.repetition import RepetitionDetector, substring_count_reference
     from thyme.imageio import open_image
     from thyme.sandbox import Sandbox
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
-    import thyme.rollout as R
     from thyme.train.rl.data import from_rl_record, rl_record
 
     torch.set_num_threads(1)  # steadier figures on a shared machine

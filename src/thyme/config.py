@@ -161,7 +161,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _unwrap_optional(tp: Any) -> Any:
     origin = typing.get_origin(tp)
-    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0]
@@ -239,7 +239,7 @@ def add_fields(
         The names of the fields added.
     """
     # The parser is the cli's (this module never imports argparse): its own module has the actions.
-    boolean_action = getattr(sys.modules[type(parser).__module__], "BooleanOptionalAction")
+    boolean_action = sys.modules[type(parser).__module__].BooleanOptionalAction
     fields = _fields(cls)
     hints = _hints(cls)
     skip = set(exclude)

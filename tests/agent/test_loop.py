@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from thyme.agent import Agent, AgentConfig, Task, Trajectory
-from thyme.backends.repetition import text_loops
 from thyme.backends.base import Backend, BatchGenerationError, Generation
+from thyme.backends.repetition import text_loops
 from thyme.backends.replay import ReplayBackend
 
 CODE = "<think>look<code>\n```python\nprint(1)\n```\n</code>"

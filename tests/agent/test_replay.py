@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from thyme.agent import AgentConfig
 from thyme.agent.replay import replay
 from thyme.sandbox import Sandbox

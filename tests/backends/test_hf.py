@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from thyme.backends.base import GenerationRequest
-from thyme.backends.hf import HFBackend, QWEN_IMAGE_PLACEHOLDER, capture_vision_inputs, vision_tower
-from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
+from thyme.backends.hf import QWEN_IMAGE_PLACEHOLDER, HFBackend, capture_vision_inputs, vision_tower
 from thyme.errors import ImageError, ModelLoadError
+from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 
 from ..conftest import CORPUS
 

@@ -31,8 +31,8 @@ from thyme.backends.openai import (
     normalise_base_url,
     smart_resize,
 )
-from thyme.testing.openai_server import start_server
 from thyme.errors import ImageError, ThymeError
+from thyme.testing.openai_server import start_server
 
 from ..conftest import CORPUS
 

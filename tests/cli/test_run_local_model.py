@@ -19,8 +19,8 @@ from thyme.backends.base import GenerationRequest
 from thyme.backends.hf import HFBackend, capture_vision_inputs
 from thyme.sandbox import Sandbox
 
-from ..conftest import CORPUS, corpus_records, needs_corpus
 from ..agent.test_replay import run_cli
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 CROP = (

@@ -127,7 +127,7 @@ def test_every_image_stays_under_the_pixel_budget(tiny_checkpoint):
     budget = 50_176
     proc = prepare_processor(load_processor(tiny_checkpoint), MaskConfig(max_pixels=budget))
     s = encode_record(corpus_record("thyme-case-3"), proc, MaskConfig(max_pixels=budget))
-    for t, h, w in s.image_grid_thw.tolist():
+    for _t, h, w in s.image_grid_thw.tolist():
         assert h * w * 14 * 14 <= budget
 
 

@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 
-
-from thyme.data.verify import expected_outputs, judge, texts_match, verify
 from thyme.data.records import parse_sft_record
+from thyme.data.verify import expected_outputs, judge, texts_match, verify
 from thyme.sandbox import Sandbox
 
 from ..conftest import CORPUS, REPO, corpus_records, needs_corpus

@@ -16,8 +16,8 @@ from PIL import Image
 
 from thyme.agent import AgentConfig
 from thyme.backends.base import Backend, Generation, truncate_at_stop
-from thyme.errors import ThymeError
 from thyme.cli import main as eval_main
+from thyme.errors import ThymeError
 from thyme.evaluate.runner import EvalConfig, read_predictions, run_eval
 
 from ..conftest import CORPUS, REPO, needs_corpus

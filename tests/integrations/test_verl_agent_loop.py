@@ -276,9 +276,9 @@ def test_code_blocks_and_answer_match_the_projects_own_loop(processor, sandbox, 
 
 
 def test_veRLs_training_features_agree_with_the_rollouts_image_pads(processor, sandbox, prompt, tmp_path):
-    import torch
     from types import SimpleNamespace
 
+    import torch
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
 
     out, own, _ = both([CROP, ANSWER], processor, sandbox, prompt, tmp_path)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageStat
 
-from thyme.cli import report as report_commands
 from thyme.agent import Trajectory, Turn
+from thyme.cli import report as report_commands
 from thyme.report import ReportError, ReportItem, answers_agree, crop_regions, load_items, parse_crop_fix, write_report
 
 from ..conftest import CORPUS, HAVE_CORPUS, needs_corpus

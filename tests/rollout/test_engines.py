@@ -178,14 +178,14 @@ def fake_vllm(monkeypatch):
 
 @pytest.fixture(scope="module")
 def parts(tiny_checkpoint):
+    import tempfile
+    from pathlib import Path
+
     from thyme.backends.processors import load_processor
     from thyme.sandbox import Sandbox
     from thyme.train.rl.data import load_prompts
 
     from ..train.test_grpo import rl_records
-
-    import tempfile
-    from pathlib import Path
 
     d = Path(tempfile.mkdtemp())
     proc = load_processor(str(tiny_checkpoint), max_pixels=12544)

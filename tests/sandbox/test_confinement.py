@@ -42,6 +42,7 @@ import pytest
 from PIL import Image
 
 from thyme.sandbox import Sandbox
+
 from ..conftest import require_layer
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"

@@ -327,7 +327,7 @@ def test_max_workers_queues_extra_runs(tmp_path):
         for t in threads:
             t.join()
         spans = sorted(tuple(map(float, r.stdout.split())) for r in results)
-        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        for (_a0, a1), (b0, _b1) in zip(spans, spans[1:]):
             assert a1 <= b0  # never two at once
         for s in sessions:
             s.close()

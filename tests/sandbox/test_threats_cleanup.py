@@ -21,7 +21,7 @@ from thyme.sandbox import cleanup
 def _deep_chain(root: Path, depth: int) -> None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for i in range(depth):
+        for _ in range(depth):
             os.mkdir("d", dir_fd=fd)
             with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd), "w") as f:
                 f.write("x")

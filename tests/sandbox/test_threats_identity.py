@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-
 from ..conftest import require_layer
 from .conftest import ctypes_prelude
 

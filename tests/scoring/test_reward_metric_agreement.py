@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from ..conftest import CORPUS, corpus_records, needs_corpus
 
 from thyme.evaluate.benchmarks import BENCHMARKS, Benchmark, Scored, get_benchmark, load_rows, register
 from thyme.evaluate.metrics import compute_metrics
 from thyme.report import to_item
 from thyme.scoring import final_answer, score_answer
 from thyme.train.rewards import result_rules
+
+from ..conftest import CORPUS, corpus_records, needs_corpus
 
 SAMPLES = CORPUS / "benchmarks" / "samples"
 

@@ -10,8 +10,8 @@ from collections import defaultdict
 
 import pytest
 
-from thyme.evaluate.benchmarks import load_rows
 from thyme.cli import main as eval_main
+from thyme.evaluate.benchmarks import load_rows
 from thyme.evaluate.scoring import extract_option
 
 from ..conftest import CORPUS, REPO, needs_corpus

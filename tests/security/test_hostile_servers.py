@@ -188,8 +188,8 @@ def test_rule_decided_rollouts_keep_their_rewards_when_the_judge_nests(server):
 def test_rl_scoring_with_a_hostile_judge_masks_only_the_rollouts_that_needed_it(server, mode):
     # before: a RecursionError left compute_rewards, and score_rollouts masked every rollout
     from thyme.agent import Trajectory, Turn
-    from thyme.train.rl.data import RLPrompt
     from thyme.rollout import Rollout
+    from thyme.train.rl.data import RLPrompt
     from thyme.train.rl.trainer import score_rollouts
 
     def ro(i, text):

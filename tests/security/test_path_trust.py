@@ -24,7 +24,6 @@ from PIL import Image, PngImagePlugin
 from thyme.errors import RecordError, ThymeError
 from thyme.records import PathRefused, resolve_data_path
 
-
 # --------------------------------------------------------------------------- fixtures
 
 

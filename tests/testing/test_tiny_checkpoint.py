@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from thyme.backends.processors import load_processor, pixel_budget, torchvision_available, without_video
+from thyme.errors import ModelLoadError
 from thyme.testing.tiny_checkpoint import (
     ARCHS,
     CHAT_TEMPLATES,
@@ -21,7 +22,6 @@ from thyme.testing.tiny_checkpoint import (
     QWEN_SPECIAL_TOKENS,
     write_tiny_checkpoint,
 )
-from thyme.errors import ModelLoadError
 
 SYSTEM_USER_IMAGE = [
     {"role": "system", "content": [{"type": "text", "text": "You reason with code."}]},

@@ -167,8 +167,8 @@ def test_a_rollout_whose_sandbox_breaks_is_masked_and_the_step_finishes(tiny_che
 
 def test_rewards_follow_the_gated_formula_and_wrong_result_value():
     from thyme.agent import Trajectory, Turn
-    from thyme.train.rl.data import RLPrompt
     from thyme.rollout import Rollout
+    from thyme.train.rl.data import RLPrompt
     from thyme.train.rl.trainer import score_rollouts
 
     class Judge:  # consistency judge: always consistent

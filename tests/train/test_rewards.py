@@ -24,7 +24,6 @@ from thyme.train.rewards import (
 
 from ..conftest import corpus_records, needs_corpus
 
-
 # --------------------------------------------------------------------------- a judge server
 
 

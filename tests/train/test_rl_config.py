@@ -40,7 +40,7 @@ def test_the_config_is_a_grpo_config_whose_trl_fields_keep_trls_help():
     for f in dataclasses.fields(ThymeRLSettings):  # Thyme's own: help and source each
         assert f.metadata.get("help") and f.metadata.get("source"), f.name
     assert not set(f.name for f in dataclasses.fields(ThymeRLSettings)) & set(trl)  # no TRL field copied by hand
-    for name, (default, source, _) in TRL_DEFAULTS.items():
+    for name, (_default, source, _) in TRL_DEFAULTS.items():
         assert ours[name].metadata["source"] == source
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from thyme.config import parse_set
 from thyme.errors import ThymeError
 from thyme.train.collator import ModalityGroupedSampler
-from thyme.config import parse_set
 from thyme.train.sft_config import SFTRunConfig, load_sft_config
 
 from ..conftest import CORPUS, REPO, corpus_records, needs_corpus

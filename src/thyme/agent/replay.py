@@ -34,7 +34,6 @@ from .loop import Agent, AgentConfig, Task
 from .parallel import imap_ordered, import_ray, ray_imap_ordered, ray_setting, resolve_workers, workers_setting
 from .trajectory import Trajectory
 
-
 #: A parsed Thyme record (:class:`thyme.records.Record`; its ``prompt`` is what the model is
 #: asked, its ``inputs`` the input images).
 Record = _Record

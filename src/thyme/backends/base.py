@@ -148,7 +148,7 @@ class Backend(abc.ABC):
         """Provenance: model id, revision, dtype... (stored in trajectories and metrics)."""
         return {"backend": self.name}
 
-    def close(self) -> None:  # pragma: no cover - default no-op
+    def close(self) -> None:  # noqa: B027 - an optional hook: a backend without resources keeps this no-op
         """Release resources (models, servers)."""
 
     def __enter__(self):

@@ -154,7 +154,20 @@ from typing import Any, Literal
 
 from ..config import setting
 from ..errors import ImageError, ThymeError
-from ..http import HTTPFailure, HTTPLimits, RequestTimeout, Retryable, async_client, check_proxy_setting, excerpt, fetch, fetch_sync, is_retryable_status, normalise_base_url, retrying
+from ..http import (
+    HTTPFailure,
+    HTTPLimits,
+    RequestTimeout,
+    Retryable,
+    async_client,
+    check_proxy_setting,
+    excerpt,
+    fetch,
+    fetch_sync,
+    is_retryable_status,
+    normalise_base_url,
+    retrying,
+)
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -303,7 +316,7 @@ def _transformers_smart_resize() -> Any:
         fn = None
         for mod in ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl", "transformers.models.qwen2_vl.image_processing_qwen2_vl"):
             try:
-                fn = getattr(__import__(mod, fromlist=["smart_resize"]), "smart_resize")
+                fn = __import__(mod, fromlist=["smart_resize"]).smart_resize
                 break
             except Exception:
                 continue

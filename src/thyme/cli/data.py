@@ -89,8 +89,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..config import build
     from ..agent.parallel import resolve_workers
+    from ..config import build
     from ..data.verify import VerifyConfig, format_summary, verify
     from ..sandbox import Sandbox
 

@@ -9,6 +9,7 @@ import argparse
 import time
 from typing import Any
 
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``thyme dev`` on the ``thyme`` sub-command parser; returns the new parser."""
     p = subparsers.add_parser("dev", help="developer tools: tiny checkpoints, test servers")

@@ -25,7 +25,8 @@ ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge")
 
 #: Environment variables of the model server's and the judge's keys (``--api-key`` /
 #: ``--judge-api-key`` / YAML win), named once in :mod:`thyme.config` for every command.
-from ..config import JUDGE_API_KEY_ENV as JUDGE_KEY_ENV, MODEL_API_KEY_ENV as OPENAI_KEY_ENV  # noqa: E402, F401 (re-exported)
+from ..config import JUDGE_API_KEY_ENV as JUDGE_KEY_ENV  # noqa: E402, F401 (re-exported)
+from ..config import MODEL_API_KEY_ENV as OPENAI_KEY_ENV  # noqa: E402, F401 (re-exported)
 
 #: Agent fields exposed as flags (``--max-new-tokens``...); the rest are YAML-only.
 AGENT_FLAGS = ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "prefill", "ats")

@@ -2,7 +2,7 @@
 
 Wiring (in :mod:`thyme.cli`)::
 
-    
+
     eval_commands.add_parser(sub)          # in build_parser(), sub = parser.add_subparsers(...)
     COMMANDS["eval"] = eval_commands.run   # run(args) -> exit status
 
@@ -42,7 +42,6 @@ from .entry import (
     load_sections,
     sandbox_config,
 )
-
 
 #: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
 JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")

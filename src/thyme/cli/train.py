@@ -14,7 +14,6 @@ from typing import Any
 
 from ..errors import ThymeError
 
-
 #: ``thyme train STAGE``: help, example config, what ``--train-file`` holds.
 STAGES = {
     "sft": ("supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)",

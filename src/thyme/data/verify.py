@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import protocol
+from ..agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
 from ..config import setting
-from ..scoring.answers import texts_match
 from ..errors import RecordError, ThymeError
 from ..jsonl import ResumableJsonl, ensure_writable
-from ..agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
+from ..scoring.answers import texts_match
 from .records import OutputSpan, SFTRecord, iter_jsonl, parse_sft_record
 
 _ERROR_RE = re.compile(r"(?m)^\s*(Traceback \(most recent call last\)|[A-Za-z_][\w.]*(Error|Exception)\b|Error:)")
@@ -332,7 +332,7 @@ def verify(
                 ray=cfg.ray,
                 on_row=on_row,
             )
-            for vid, (key, obj, _, _) in list(pending.items()):  # replay reported nothing for them
+            for _vid, (key, obj, _, _) in list(pending.items()):  # replay reported nothing for them
                 write(obj, key, {"reason": "replay_error", "detail": "no result from replay", "block": None})
     finally:
         kept_f.close()

@@ -47,7 +47,17 @@ from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..config import setting
 from ..errors import ThymeError
 from ..jsonl import ensure_writable
-from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
+from .benchmarks import (
+    Benchmark,
+    MissingImagesError,
+    Row,
+    check_images,
+    find_benchmark,
+    get_benchmark,
+    load_rows,
+    materialise_images,
+    row_key,
+)
 from .metrics import base_provenance, compute_metrics, file_fingerprint
 
 

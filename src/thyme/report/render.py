@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ThymeError
-
 from .crops import crop_regions
 from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, to_item
 

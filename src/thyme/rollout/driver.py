@@ -309,7 +309,7 @@ class RolloutRunner:
             return
         dt = round(time.perf_counter() - g0, 4)
         to_run = []
-        for b, (r, o, row) in enumerate(zip(live, outs, rows)):
+        for b, (r, o, _row) in enumerate(zip(live, outs, rows)):
             r.engine_calls += o.calls
             forced = set(o.forced)
             env = [0 if (lim.ats_code_tokens == "mask" and k in forced) else 1 for k in range(len(o.token_ids))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+
 class VisionCache:
     """Image-processor results per PIL image object, computed once (rollout rounds, the pad
     checks and the HF engine's prefill all reuse them).

@@ -21,9 +21,9 @@ from thyme.sandbox.confine import Layer
 from thyme.sandbox.doctor import doctor, format_doctor
 from thyme.sandbox.errors import ConfinementError, OutDirError, SandboxError, SandboxWeakerWarning
 from thyme.sandbox.oneshot import OutputFolder, exec_file
+from thyme.sandbox.result import ExecError, ExecResult, Fix
 from thyme.sandbox.sandbox import Sandbox
 from thyme.sandbox.session import Session
-from thyme.sandbox.result import ExecError, ExecResult, Fix
 
 __all__ = [
     "LAYERS",

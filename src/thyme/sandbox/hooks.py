@@ -41,7 +41,6 @@ from thyme.sandbox import decoded, repairs
 from thyme.sandbox.result import Fix
 
 
-
 @dataclass
 class _Session:
     dir: str | None = None

@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from pathlib import Path
 import stat
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from thyme.sandbox.errors import SandboxError

@@ -41,8 +41,8 @@ from thyme.sandbox import wire
 
 
 def _preload() -> None:
-    import numpy  # noqa: F401
     import cv2
+    import numpy  # noqa: F401
     import PIL.Image
     import PIL.ImageDraw  # noqa: F401
     import PIL.ImageEnhance  # noqa: F401
@@ -425,7 +425,7 @@ def main(argv: list[str]) -> int:
         try:
             wire.send_msg(sock, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
         finally:
-            return 1
+            return 1  # noqa: B012 - the zygote exits 1 whether or not the report reached its owner
     asked_to_exit = False
     try:
         try:

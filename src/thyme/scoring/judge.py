@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
 from ..config import setting
-from ..http import HTTPFailure, HTTPLimits, Retryable, async_client, check_proxy_setting, excerpt, fetch, is_retryable_status, retrying
 from ..errors import ThymeError
+from ..http import HTTPFailure, HTTPLimits, Retryable, async_client, check_proxy_setting, excerpt, fetch, is_retryable_status, retrying
 
 
 class JudgeError(ThymeError):

@@ -261,7 +261,8 @@ def parse_completion(body: Any, served: str) -> ParsedRequest:
 
 def _vllm_style_backend(model: str, seed: int | None = None):
     """An ``HFBackend`` whose prompts are rendered as vLLM renders chat requests."""
-    from ..backends.hf import HFBackend, Prepared as _Prepared
+    from ..backends.hf import HFBackend
+    from ..backends.hf import Prepared as _Prepared
 
     class VLLMStyleBackend(HFBackend):
         def render_prompt(self, request):  # noqa: D401 - see module docstring

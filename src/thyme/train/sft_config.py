@@ -216,9 +216,9 @@ def __getattr__(name: str) -> Any:  # PEP 562: ``from thyme.train.sft_config imp
 
 def settings_help() -> str:
     """The settings ``thyme train sft --help`` lists (without importing TRL)."""
-    from ..config import help_text
-
     import dataclasses
+
+    from ..config import help_text
 
     lines = [f"  {f.name}: {help_text(f)}" for f in dataclasses.fields(ThymeSFTSettings)]
     lines.append("  TRL SFTConfig fields with Thyme's defaults (any other SFTConfig / TrainingArguments field is accepted too; TRL's docs):")

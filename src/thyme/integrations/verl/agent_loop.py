@@ -73,8 +73,8 @@ from ... import protocol
 from ...backends.repetition import RepetitionRule
 from ...chat import end_of_turn_ids, never_sampled_ids
 from ...errors import ThymeError
-from ...train.rl.data import RLPrompt
 from ...rollout import CAP_REASONS, Rollout, RolloutLimits, RolloutRunner, SamplingSettings
+from ...train.rl.data import RLPrompt
 from .engine import VerlServerEngine
 from .settings import VerlAgentSettings, load_agent_settings
 

@@ -31,8 +31,8 @@ from ...agent import Trajectory, Turn
 from ...config import JUDGE_API_KEY_ENV, env_secret
 from ...errors import ThymeError
 from ...jsonl import loads_bounded
-from ...train.rl.data import RLPrompt
 from ...rollout import Rollout
+from ...train.rl.data import RLPrompt
 from ...train.rl.trainer import score_rollouts
 
 _judges: dict[tuple[str, str, str], Any] = {}

@@ -13,9 +13,10 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 from ... import protocol
-from ...chat import placeholder_ids
 from ...backends.repetition import RepetitionDetector, RepetitionRule
+from ...chat import placeholder_ids
 from .base import NAN, Engine, EngineOutput, EngineRow, SamplingSettings
+
 
 class StopResubmitATS(Engine):
     """ATS for engines that take a temperature per call (vLLM): the reference's method.
