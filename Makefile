@@ -9,7 +9,7 @@ VERL_BIN := $(VERL_VENV)/bin
 # veRL tests (thyme.integrations.verl) and the core's RL/agent/protocol tests in veRL's own environment
 VERL_TESTS := tests/integrations/test_verl_agent_loop.py tests/test_protocol.py tests/agent/test_loop.py tests/agent/test_step.py tests/rollout/test_ats.py tests/train/test_grpo.py
 
-.PHONY: venv demo test clean venv-verl test-verl
+.PHONY: venv demo test lint format clean venv-verl test-verl
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
 # The extras the test suite needs: eval, train, testing (dev servers), dev (pytest), ray
@@ -41,6 +41,15 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# ruff (pinned in the dev extra; settings in pyproject.toml): CI fails on a finding or an unformatted file
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 # The veRL extra is its own environment (veRL 0.9 needs transformers <5.11): the core's and the
 # extras' requirements with the Hugging Face stack left to veRL's range (.ci/verl_requirements.py).

@@ -69,7 +69,13 @@ def main() -> int:
     cores = usable_cores()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=30, help="times the 10-record corpus is repeated (default 30: 300 records)")
-    ap.add_argument("--workers", type=int, nargs="+", default=list(range(1, cores + 1)), help=f"worker counts to measure (default 1..{cores}, the usable cores)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=list(range(1, cores + 1)),
+        help=f"worker counts to measure (default 1..{cores}, the usable cores)",
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="records per batch in a worker (default 8, as thyme replay)")
     args = ap.parse_args()
     if not TRAJECTORIES.is_file():
@@ -79,7 +85,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="thyme-bench-replay-") as tmp:
         records = Path(tmp) / "records.jsonl"
         n = repeat_corpus(records, args.repeat)
-        print(f"replay of {n} records (the corpus x{args.repeat}), batch size {args.batch_size}, {cores} usable core(s), load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(
+            f"replay of {n} records (the corpus x{args.repeat}), batch size {args.batch_size}, {cores} usable core(s), load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        )
         rows = []
         reference = None
         for w in args.workers:
@@ -87,16 +95,26 @@ def main() -> int:
             same = reference is None or summary == reference
             reference = reference or summary
             rows.append((w, secs, n / secs, same, summary, cpu))
-            print(f"  {w} worker(s): {secs:.2f} s, {n / secs:.1f} records/s, {cpu / secs:.0%} CPU, {1000 * cpu / n:.0f} ms CPU per record" + ("" if same else "  RESULTS DIFFER from the first run"), flush=True)
+            print(
+                f"  {w} worker(s): {secs:.2f} s, {n / secs:.1f} records/s, {cpu / secs:.0%} CPU, {1000 * cpu / n:.0f} ms CPU per record"
+                + ("" if same else "  RESULTS DIFFER from the first run"),
+                flush=True,
+            )
     base = next((r for r in rows if r[0] == 1), rows[0])
     print()
-    print(f"{'workers':>7} {'seconds':>8} {'records/s':>10} {'speed-up':>9} {'efficiency':>10} {'CPU used':>9} {'500k records':>13}  same results")
+    print(
+        f"{'workers':>7} {'seconds':>8} {'records/s':>10} {'speed-up':>9} {'efficiency':>10} {'CPU used':>9} {'500k records':>13}  same results"
+    )
     for w, secs, rps, same, _, cpu in rows:
         speed = rps / base[2]
-        print(f"{w:>7} {secs:>8.2f} {rps:>10.1f} {speed:>8.2f}x {speed / (w / base[0]):>9.0%} {cpu / secs:>8.0%} {PROJECTED_RECORDS / rps / 3600:>11.2f} h  {'yes' if same else 'NO'}")
+        print(
+            f"{w:>7} {secs:>8.2f} {rps:>10.1f} {speed:>8.2f}x {speed / (w / base[0]):>9.0%} {cpu / secs:>8.0%} {PROJECTED_RECORDS / rps / 3600:>11.2f} h  {'yes' if same else 'NO'}"
+        )
     per_record = base[5] / n
-    print(f"\none worker needs {1000 * per_record:.0f} ms of CPU per record (all processes): {cores} core(s) can do at most "
-          f"{cores / per_record:.1f} records/s, {cores / per_record / base[2]:.2f}x one worker, when nothing else runs")
+    print(
+        f"\none worker needs {1000 * per_record:.0f} ms of CPU per record (all processes): {cores} core(s) can do at most "
+        f"{cores / per_record:.1f} records/s, {cores / per_record / base[2]:.2f}x one worker, when nothing else runs"
+    )
     ok = all(r[3] for r in rows) and not rows[0][4].get("failed")
     two = next((r for r in rows if r[0] == 2), None)
     if two is not None and base[0] == 1:

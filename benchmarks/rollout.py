@@ -37,8 +37,10 @@ import time
 import timeit
 from pathlib import Path
 
-CODE = ('<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
-        'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/c.png")\nprint("/mnt/data/temp_processed_images/c.png")\n```\n</code>')
+CODE = (
+    "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+    'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/c.png")\nprint("/mnt/data/temp_processed_images/c.png")\n```\n</code>'
+)
 ANSWER = "<think>The crop shows the sign.</think>\n<answer>D</answer>"
 
 
@@ -59,7 +61,7 @@ class ScriptForcer:
         return self.row_segs[b % len(self.row_segs)] if self.row_segs else self.segs
 
     def _locate(self, ctx: list[int], segs: list[list[int]]) -> tuple[int, int]:
-        text = self.tok.decode(ctx[self.P:], skip_special_tokens=False)
+        text = self.tok.decode(ctx[self.P :], skip_special_tokens=False)
         k = text.count("</sandbox_output>")
         if k >= len(segs):
             return k, 0
@@ -122,15 +124,21 @@ def main() -> int:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     engine = R.HFEngine(model, proc, [pad], [eos], tok.pad_token_id)
     rec = json.loads((corpus / "thyme/trajectories.jsonl").read_text().splitlines()[0])
-    p = from_rl_record(rl_record(rec["question"].replace("<image>\n", ""), str(corpus / "thyme" / rec["image"][0]), rec["answer_gt"], rid=rec["id"]), rec["id"], corpus)
+    p = from_rl_record(
+        rl_record(rec["question"].replace("<image>\n", ""), str(corpus / "thyme" / rec["image"][0]), rec["answer_gt"], rid=rec["id"]),
+        rec["id"],
+        corpus,
+    )
     segs = [tok.encode(s, add_special_tokens=False) for s in (CODE, ANSWER)]
-    prompt_len = len(R.RolloutRunner(engine, proc, None, None, None, tmp).render_prompt(p.messages, [open_image(x, mode="RGB") for x in p.images]))
+    prompt_len = len(
+        R.RolloutRunner(engine, proc, None, None, None, tmp).render_prompt(p.messages, [open_image(x, mode="RGB") for x in p.images])
+    )
 
     orig_generate = model.generate
 
     # staggered rows: row b thinks b x ~12 tokens longer before its code block, as sampled rows diverge
     musing = [" ".join(f"Region {k} at x={37 * k % 101} shows nothing." for k in range(j)) for j in range(a.group)]
-    staggered = [[tok.encode("<think>" + m + " " + CODE[len("<think>"):], add_special_tokens=False), segs[1]] for m in musing]
+    staggered = [[tok.encode("<think>" + m + " " + CODE[len("<think>") :], add_special_tokens=False), segs[1]] for m in musing]
     stagger = [False]
 
     def forced_generate(*args, logits_processor=None, **kw):
@@ -143,7 +151,12 @@ def main() -> int:
     inner = engine.generate
 
     def recording_generate(rows, settings, on_stop=None):
-        calls.append(([R.EngineRow(ids=list(r.ids), images=list(r.images), max_new_tokens=r.max_new_tokens, code_open=r.code_open) for r in rows], settings))
+        calls.append(
+            (
+                [R.EngineRow(ids=list(r.ids), images=list(r.images), max_new_tokens=r.max_new_tokens, code_open=r.code_open) for r in rows],
+                settings,
+            )
+        )
         t0 = time.perf_counter()
         try:
             return inner(rows, settings, on_stop=on_stop)
@@ -169,13 +182,19 @@ def main() -> int:
         t_plain = time.perf_counter() - t0
         blocks = sum(r.model_code_blocks for r in ros)
         return {
-            "rollout_s": round(t_roll, 3), "engine_s_inside_rollout": round(t_engine, 3), "same_tokens_no_sandbox_s": round(t_plain, 3),
-            "rollout_over_plain": round(t_roll / t_plain, 3), "engine_calls": len(replay),
+            "rollout_s": round(t_roll, 3),
+            "engine_s_inside_rollout": round(t_engine, 3),
+            "same_tokens_no_sandbox_s": round(t_plain, 3),
+            "rollout_over_plain": round(t_roll / t_plain, 3),
+            "engine_calls": len(replay),
             "replayed_tokens": sum(len(o.token_ids) for outs in same for o in outs),
-            "model_tokens": sum(sum(r.env_mask) for r in ros), "model_code_blocks": blocks, "code_ok": sum(r.code_ok for r in ros),
+            "model_tokens": sum(sum(r.env_mask) for r in ros),
+            "model_code_blocks": blocks,
+            "code_ok": sum(r.code_ok for r in ros),
             "engine_calls_per_code_block": round(sum(r.code_calls for r in ros) / blocks, 3) if blocks else None,
             "sandbox_s_summed": round(sum(r.trajectory.timings["execute_s"] for r in ros), 3),
-            "images_per_rollout": sorted({len(r.images) for r in ros}), "stop_reasons": sorted({r.stop_reason for r in ros}),
+            "images_per_rollout": sorted({len(r.images) for r in ros}),
+            "stop_reasons": sorted({r.stop_reason for r in ros}),
         }
 
     def side_by_side(cache_on: bool, sb) -> dict:
@@ -212,8 +231,12 @@ def main() -> int:
     n_ref = 20
     ref_ms = timeit.timeit(lambda: substring_count_reference(text), number=n_ref) / n_ref * 1e3
     figures = {
-        "group": a.group, "max_pixels": a.max_pixels, "vision_cache_on": on, "vision_cache_off": off,
-        "staggered_rows_code_started_during_the_call": stag_early, "staggered_rows_code_started_after_the_call": stag_after,
+        "group": a.group,
+        "max_pixels": a.max_pixels,
+        "vision_cache_on": on,
+        "vision_cache_off": off,
+        "staggered_rows_code_started_during_the_call": stag_early,
+        "staggered_rows_code_started_after_the_call": stag_after,
         "repetition_detector_us_per_token": round(det_us, 3),
         "reference_substring_count_ms_per_check_1000_chars": round(ref_ms, 3),
         "reference_us_per_token_at_one_check_per_round_of_100_tokens": round(ref_ms * 1e3 / 100, 3),

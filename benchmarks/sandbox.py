@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=None, help="repetitions per latency figure (default 60, --quick 20)")
     args = ap.parse_args(argv)
     if not TRAJECTORIES.exists():
-        print(f"benchmarks/sandbox.py: the real corpus is missing: expected {TRAJECTORIES} (<repo>/../shared/corpus); nothing was measured", file=sys.stderr)
+        print(
+            f"benchmarks/sandbox.py: the real corpus is missing: expected {TRAJECTORIES} (<repo>/../shared/corpus); nothing was measured",
+            file=sys.stderr,
+        )
         return 2
     n = args.runs or (20 if args.quick else 60)
     tput_s = 2.0 if args.quick else 4.0
@@ -195,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     code = CODE_BLOCK.findall(readme["response"])[0]
     results: list[tuple[str, str, str, str, str, bool | None]] = []  # name, sandbox, bare, ratio, target, pass
 
-    print(f"thyme sandbox benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}, {n} runs per latency figure")
+    print(
+        f"thyme sandbox benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}, {n} runs per latency figure"
+    )
 
     # ------------------------------------------------------------ README example: bare / off / on
     # the three are measured in turns (bare, cache off, cache on), so that load from other
@@ -276,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         # throughput
         for k in (1, 2, 4):
             tp = throughput(sb, code, image, k, tput_s)
-            results.append((f"throughput, {k} concurrent session(s)", f"{tp:8.1f} /s", f"{1 / b50:8.1f} /s" if k == 1 else "", "", "", None))
+            results.append(
+                (f"throughput, {k} concurrent session(s)", f"{tp:8.1f} /s", f"{1 / b50:8.1f} /s" if k == 1 else "", "", "", None)
+            )
 
         # a high-resolution input (the 8K case), read with cv2: bare vs cache on, warm
         hr = CORPUS / "benchmarks" / "images" / "hrbench-dc2-demo-8064x5241.jpg"
@@ -327,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             sb_plain.session(images=[image]).close()
             st.append(time.perf_counter() - t1)
-    results.append(("Sandbox() start: cache off / on (bwrap), no bwrap", f"{start_off:.2f} / {start_on:.2f} s", f"{start_plain:.2f} s", "", "", None))
+    results.append(
+        ("Sandbox() start: cache off / on (bwrap), no bwrap", f"{start_off:.2f} / {start_on:.2f} s", f"{start_plain:.2f} s", "", "", None)
+    )
     results.append(("session start p50 without the mount view", ms(pct(st, 50)), "", "", "", None))
 
     # ------------------------------------------------------------ report

@@ -37,7 +37,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 #: CI (``CI=true``, set by .ci/run) or ``THYME_STRICT_SANDBOX=1``: a confinement layer that a
 #: security test needs but the host lacks FAILS the test instead of skipping it, so a seccomp,
 #: Landlock, cgroup or bubblewrap regression cannot pass as "skipped".
-STRICT_SANDBOX = os.environ.get("THYME_STRICT_SANDBOX", "").lower() in ("1", "true", "yes") or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+STRICT_SANDBOX = os.environ.get("THYME_STRICT_SANDBOX", "").lower() in ("1", "true", "yes") or os.environ.get("CI", "").lower() in (
+    "1",
+    "true",
+    "yes",
+)
 #: ``THYME_TEST_NO_BWRAP=1``: run the suite as on a host without bubblewrap (find_bwrap finds none).
 NO_BWRAP = os.environ.get("THYME_TEST_NO_BWRAP", "").lower() in ("1", "true", "yes")
 #: Layers a strict run does not demand: bubblewrap's mount view when NO_BWRAP asks for its absence.

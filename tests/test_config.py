@@ -53,7 +53,9 @@ def _fake_openai(monkeypatch) -> dict:
             made.update(base_url=base_url, model=model, **kw)
             raise _Captured()
 
-    monkeypatch.setitem(sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend, OpenAIConfig=OpenAIConfig))
+    monkeypatch.setitem(
+        sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend, OpenAIConfig=OpenAIConfig)
+    )
     return made
 
 
@@ -82,9 +84,14 @@ def _build_openai(argv, monkeypatch, tmp_path):
 
 def test_eval_base_url_passes_the_whole_model_section_to_the_openai_backend(tmp_path, monkeypatch):
     """Defect: openai_backend_factory kept only min/max_pixels of the model section."""
-    cfg = _yaml(tmp_path, "model:\n  continuation: sglang\n  send_stop: false\n  timeout_s: 30\n  image_format: png\n  extra_body: {top_k: 1}\n  max_pixels: 50176\n")
+    cfg = _yaml(
+        tmp_path,
+        "model:\n  continuation: sglang\n  send_stop: false\n  timeout_s: 30\n  image_format: png\n  extra_body: {top_k: 1}\n  max_pixels: 50176\n",
+    )
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    made, settings = _build_openai([*EVAL, "--base-url", "http://127.0.0.1:9/v1", "--model", "served", "--config", cfg, "--concurrency", "3"], monkeypatch, tmp_path)
+    made, settings = _build_openai(
+        [*EVAL, "--base-url", "http://127.0.0.1:9/v1", "--model", "served", "--config", cfg, "--concurrency", "3"], monkeypatch, tmp_path
+    )
     assert made["continuation"] == "sglang" and made["send_stop"] is False and made["timeout_s"] == 30
     assert made["image_format"] == "png" and made["extra_body"] == {"top_k": 1} and made["max_pixels"] == 50176
     assert made["concurrency"] == 3 and made["model"] == "served" and "api_key" not in made
@@ -93,7 +100,24 @@ def test_eval_base_url_passes_the_whole_model_section_to_the_openai_backend(tmp_
 
 def test_eval_base_url_flags_override_the_model_section(tmp_path, monkeypatch):
     cfg = _yaml(tmp_path, "model:\n  continuation: sglang\n  send_stop: true\n")
-    made, _ = _build_openai([*EVAL, "--base-url", "http://h/v1", "--model", "m", "--config", cfg, "--continuation", "none", "--no-send-stop", "--extra-body", '{"a": 1}'], monkeypatch, tmp_path)
+    made, _ = _build_openai(
+        [
+            *EVAL,
+            "--base-url",
+            "http://h/v1",
+            "--model",
+            "m",
+            "--config",
+            cfg,
+            "--continuation",
+            "none",
+            "--no-send-stop",
+            "--extra-body",
+            '{"a": 1}',
+        ],
+        monkeypatch,
+        tmp_path,
+    )
     assert made["continuation"] == "none" and made["send_stop"] is False and made["extra_body"] == {"a": 1}
 
 
@@ -107,7 +131,9 @@ def test_openai_api_key_from_the_environment_and_flags_win(tmp_path, monkeypatch
     cfg = _yaml(tmp_path, "model:\n  api_key: sk-yaml\n")
     made, _ = _build_openai([*EVAL, "--base-url", "http://h/v1", "--model", "m", "--config", cfg], monkeypatch, tmp_path)
     assert made["api_key"] == "sk-yaml"
-    made, _ = _build_openai([*EVAL, "--base-url", "http://h/v1", "--model", "m", "--config", cfg, "--api-key", "sk-flag"], monkeypatch, tmp_path)
+    made, _ = _build_openai(
+        [*EVAL, "--base-url", "http://h/v1", "--model", "m", "--config", cfg, "--api-key", "sk-flag"], monkeypatch, tmp_path
+    )
     assert made["api_key"] == "sk-flag"
 
 
@@ -118,7 +144,9 @@ def test_judge_api_key_from_the_environment(monkeypatch):
     args = build_parser().parse_args([*EVAL, "--replay", "r.jsonl", "--judge-base-url", "http://127.0.0.1:9/v1", "--judge-model", "j"])
     judge = cli_eval._judge(args, {})
     assert judge.config.api_key == "sk-judge" and judge.config.model == "j"
-    args = build_parser().parse_args([*EVAL, "--replay", "r.jsonl", "--judge-base-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--judge-api-key", "sk-flag"])
+    args = build_parser().parse_args(
+        [*EVAL, "--replay", "r.jsonl", "--judge-base-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--judge-api-key", "sk-flag"]
+    )
     assert cli_eval._judge(args, {}).config.api_key == "sk-flag"
 
 
@@ -150,7 +178,10 @@ def test_a_bad_key_in_any_section_of_eval_is_a_clear_error(tmp_path, capsys, mon
     assert f"'{key}'" in err and "known settings" in err, err
 
 
-@pytest.mark.parametrize("yaml_text, key", [("model:\n  dtypo: bfloat16\n", "dtypo"), ("agent:\n  max_roundz: 3\n", "max_roundz"), ("sandbox:\n  min_crop: 3\n", "min_crop")])
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [("model:\n  dtypo: bfloat16\n", "dtypo"), ("agent:\n  max_roundz: 3\n", "max_roundz"), ("sandbox:\n  min_crop: 3\n", "min_crop")],
+)
 def test_a_bad_key_for_run_is_a_clear_error_before_loading(tmp_path, capsys, monkeypatch, yaml_text, key):
     monkeypatch.setattr("thyme.backends.hf.HFBackend.__init__", lambda *a, **k: pytest.fail("the model was loaded"))
     rc = main(["run", "--image", _image(tmp_path), "--question", "q", "--model", "m", "--config", _yaml(tmp_path, yaml_text)])
@@ -168,7 +199,10 @@ def test_transformers_only_flags_with_base_url_are_an_error_not_dropped(capsys, 
 
 
 def test_replay_accepts_the_shared_file_with_a_note(tmp_path, capsys):
-    cfg = _yaml(tmp_path, "agent:\n  max_rounds: 3\nsandbox:\n  timeout_s: 5\nmodel:\n  max_pixels: 50176\neval:\n  concurrency: 2\njudge:\n  model: j\n")
+    cfg = _yaml(
+        tmp_path,
+        "agent:\n  max_rounds: 3\nsandbox:\n  timeout_s: 5\nmodel:\n  max_pixels: 50176\neval:\n  concurrency: 2\njudge:\n  model: j\n",
+    )
     assert main(["replay", str(tmp_path / "missing.jsonl"), "--config", cfg]) == 2
     err = capsys.readouterr().err
     assert "section 'model' is not used by this command; ignored" in err
@@ -210,15 +244,76 @@ def test_cli_sources_write_no_config_default_twice():
 
 def test_flag_names_users_type_are_unchanged():
     p = build_parser()
-    args = p.parse_args(["run", "--image", "i", "--question", "q", "--model", "m", "--timeout", "3", "--min-crop-side", "0", "--max-new-tokens", "9",
-                         "--max-rounds", "2", "--temperature", "0.5", "--on-error", "regenerate", "--shown-path", "{name}", "--prefill", "<think>", "--dtype", "float32"])
+    args = p.parse_args(
+        [
+            "run",
+            "--image",
+            "i",
+            "--question",
+            "q",
+            "--model",
+            "m",
+            "--timeout",
+            "3",
+            "--min-crop-side",
+            "0",
+            "--max-new-tokens",
+            "9",
+            "--max-rounds",
+            "2",
+            "--temperature",
+            "0.5",
+            "--on-error",
+            "regenerate",
+            "--shown-path",
+            "{name}",
+            "--prefill",
+            "<think>",
+            "--dtype",
+            "float32",
+        ]
+    )
     from thyme.cli.entry import agent_config, hf_config, sandbox_config
 
     a, s, m = agent_config(args, {}), sandbox_config(args, {}), hf_config(args, {})
-    assert (a.max_new_tokens, a.max_rounds, a.temperature, a.on_error, a.shown_path, a.prefill) == (9, 2, 0.5, "regenerate", "{name}", "<think>")
+    assert (a.max_new_tokens, a.max_rounds, a.temperature, a.on_error, a.shown_path, a.prefill) == (
+        9,
+        2,
+        0.5,
+        "regenerate",
+        "{name}",
+        "<think>",
+    )
     assert (s.timeout_s, s.min_crop_side, m.dtype) == (3.0, 0, "float32")
-    args = p.parse_args(["eval", "--benchmark", "vstar", "--data", "d", "--out", "o", "--model", "m", "--limit", "4", "--concurrency", "2", "--num-shards", "2",
-                         "--shard", "1", "--no-report", "--no-retry-failed", "--judge-base-url", "http://j/v1", "--judge-model", "jm", "--judge-response-format", "none"])
+    args = p.parse_args(
+        [
+            "eval",
+            "--benchmark",
+            "vstar",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--model",
+            "m",
+            "--limit",
+            "4",
+            "--concurrency",
+            "2",
+            "--num-shards",
+            "2",
+            "--shard",
+            "1",
+            "--no-report",
+            "--no-retry-failed",
+            "--judge-base-url",
+            "http://j/v1",
+            "--judge-model",
+            "jm",
+            "--judge-response-format",
+            "none",
+        ]
+    )
     from thyme.cli.eval import _eval_config
 
     e = _eval_config(args, {})
@@ -248,7 +343,19 @@ def test_defaults_yaml_flags_precedence_and_field_metadata():
     from thyme.train.rewards import RewardConfig
     from thyme.train.sft_config import ThymeSFTSettings  # SFTRunConfig = TRL's SFTConfig (TRL's help) + these
 
-    for cls in (AgentConfig, SandboxConfig, EvalConfig, OpenAIConfig, HFConfig, JudgeConfig, RewardConfig, ConvertConfig, VerifyConfig, MaskConfig, ThymeSFTSettings):
+    for cls in (
+        AgentConfig,
+        SandboxConfig,
+        EvalConfig,
+        OpenAIConfig,
+        HFConfig,
+        JudgeConfig,
+        RewardConfig,
+        ConvertConfig,
+        VerifyConfig,
+        MaskConfig,
+        ThymeSFTSettings,
+    ):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help") and f.metadata.get("source"), (cls.__name__, f.name)
             assert "(default" in help_text(f)
@@ -286,10 +393,19 @@ def test_paper_constants_are_defined_once():
             if isinstance(node, ast.Name):
                 if node.id in ("MAX_FIXES", "MAX_OUTPUT_CHARS", "OUTPUT_DIR_MARKER", "MAX_PIXELS"):
                     owners.append((path.name, node.id))
-            elif node.value in (constants.MAX_PIXELS, constants.OUTPUT_DIR_ALIAS, constants.OUTPUT_DIR_MARKER, constants.OUTPUT_DIR_ALIAS + "/"):
+            elif node.value in (
+                constants.MAX_PIXELS,
+                constants.OUTPUT_DIR_ALIAS,
+                constants.OUTPUT_DIR_MARKER,
+                constants.OUTPUT_DIR_ALIAS + "/",
+            ):
                 owners.append((path.name, node.value))
     assert owners == []
-    assert constants.MAX_PIXELS == 3211264 and constants.MAX_OUTPUT_CHARS == 4096 and constants.OUTPUT_DIR_ALIAS == "/mnt/data/temp_processed_images"
+    assert (
+        constants.MAX_PIXELS == 3211264
+        and constants.MAX_OUTPUT_CHARS == 4096
+        and constants.OUTPUT_DIR_ALIAS == "/mnt/data/temp_processed_images"
+    )
     tree = ast.parse((SRC / "constants.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 

@@ -29,13 +29,25 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "thyme"
 
 FLOORS = {
-    "errors": 0, "constants": 0, "config": 0, "jsonl": 0, "imageio": 0, "http": 0, "protocol": 0, "records": 0, "chat": 0, "sandbox": 0,
+    "errors": 0,
+    "constants": 0,
+    "config": 0,
+    "jsonl": 0,
+    "imageio": 0,
+    "http": 0,
+    "protocol": 0,
+    "records": 0,
+    "chat": 0,
+    "sandbox": 0,
     "scoring": 1,
     "backends": 2,
     "agent": 3,
     "rollout": 4,
-    "data": 5, "evaluate": 5, "train": 5,
-    "report": 6, "integrations": 6,
+    "data": 5,
+    "evaluate": 5,
+    "train": 5,
+    "report": 6,
+    "integrations": 6,
     "testing": 7,
     "cli": 8,
 }
@@ -152,7 +164,11 @@ def test_only_the_cli_builds_argument_parsers():
 
 
 def test_the_runtime_never_imports_the_testing_package():
-    users = sorted(m for m, deps in GRAPH.items() if any(d.startswith("thyme.testing") for d in deps) and not m.startswith(("thyme.testing", "thyme.cli")))
+    users = sorted(
+        m
+        for m, deps in GRAPH.items()
+        if any(d.startswith("thyme.testing") for d in deps) and not m.startswith(("thyme.testing", "thyme.cli"))
+    )
     assert not users, f"runtime modules importing thyme.testing: {users}"
 
 
@@ -168,4 +184,3 @@ def test_the_token_driver_never_imports_the_trainer():
     users = sorted(m for m, deps in GRAPH.items() if m.startswith("thyme.rollout") and any(d.startswith("thyme.train") for d in deps))
     assert not users, f"thyme.rollout modules importing thyme.train: {users}"
     assert any(d.startswith("thyme.agent.step") for d in GRAPH["thyme.rollout.driver"])  # the graph is read (not vacuous)
-

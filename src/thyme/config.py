@@ -431,7 +431,9 @@ def load_config(
         extra = set(data) - {section}
         stray = sorted(extra - set(sections))
         if stray:
-            raise ThymeError(f"{path}: unknown section(s) {stray} beside '{section}'", f"sections this file may hold: {sorted({section, *sections})}")
+            raise ThymeError(
+                f"{path}: unknown section(s) {stray} beside '{section}'", f"sections this file may hold: {sorted({section, *sections})}"
+            )
         inner = dict(data[section])
         for name in sorted(extra):
             if name in inner:
@@ -456,8 +458,10 @@ def load_config(
                 elif isinstance(v, dict):
                     nested.setdefault(head, {}).update({str(k): x for k, x in v.items()})
                 else:
-                    raise ThymeError(f"{source}: '{head}' is a section: give a mapping of its settings, got {type(v).__name__}",
-                                     f"e.g. {head}: {{...}} in the file, or --set {head}.KEY=VALUE")
+                    raise ThymeError(
+                        f"{source}: '{head}' is a section: give a mapping of its settings, got {type(v).__name__}",
+                        f"e.g. {head}: {{...}} in the file, or --set {head}.KEY=VALUE",
+                    )
                 continue
             values[key] = _coerce(key, v, hints.get(key, fields[key].type), source)
     for head, given in nested.items():
@@ -514,7 +518,6 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-
 def derive_config_class(
     name: str,
     own: type,
@@ -545,7 +548,9 @@ def derive_config_class(
         else:
             spec = setting(default, help=help_, source=source)
         specs.append((field_name, f.type, spec))
-    cls = dataclasses.make_dataclass(name, specs, bases=(own, base), namespace={"__post_init__": post_init, "__doc__": doc, "__module__": module})
+    cls = dataclasses.make_dataclass(
+        name, specs, bases=(own, base), namespace={"__post_init__": post_init, "__doc__": doc, "__module__": module}
+    )
     cls.__qualname__ = name
     return cls
 

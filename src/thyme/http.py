@@ -163,7 +163,10 @@ def check_proxy_setting(proxy: Any, name: str = "proxy") -> None:
     """Raise :class:`ThymeError` unless ``proxy`` is ``"env"``, ``"none"`` or an http(s) URL."""
     if isinstance(proxy, str) and (proxy in PROXY_POLICIES or proxy.startswith(("http://", "https://"))):
         return
-    raise ThymeError(f"{name} must be 'env', 'none' or an http(s):// proxy URL, got {proxy!r}", "'env' honours HTTP(S)_PROXY / NO_PROXY; 'none' ignores them")
+    raise ThymeError(
+        f"{name} must be 'env', 'none' or an http(s):// proxy URL, got {proxy!r}",
+        "'env' honours HTTP(S)_PROXY / NO_PROXY; 'none' ignores them",
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -257,7 +260,10 @@ class Response:
         try:
             return loads_bounded(self.body, self.max_json_depth)
         except ValueError as e:
-            raise BadResponse(f"{self.url} answered HTTP {self.status} with a body that is not usable JSON ({e}): {excerpt(self.text, 300)!r}", url=self.url) from None
+            raise BadResponse(
+                f"{self.url} answered HTTP {self.status} with a body that is not usable JSON ({e}): {excerpt(self.text, 300)!r}",
+                url=self.url,
+            ) from None
 
 
 def excerpt(text: str, n: int = 1000) -> str:
@@ -285,7 +291,16 @@ def async_client(url: str, limits: HTTPLimits, *, headers: Mapping[str, str] | N
     )
 
 
-async def fetch(client: Any, method: str, url: str, limits: HTTPLimits, *, content: bytes | None = None, json_body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
+async def fetch(
+    client: Any,
+    method: str,
+    url: str,
+    limits: HTTPLimits,
+    *,
+    content: bytes | None = None,
+    json_body: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """Send one request and read the whole response within ``limits`` (module docstring).
 
     Args:
@@ -312,7 +327,11 @@ async def fetch(client: Any, method: str, url: str, limits: HTTPLimits, *, conte
                     raise _too_large(url, cap, f"it declares {int(declared)} bytes")
                 encoding = r.headers.get("content-encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
-                    raise BadResponse(f"{url} answered with a {encoding!r}-compressed body although we asked for none (Accept-Encoding: identity)", "put no compressing proxy between us and the server", url=url)
+                    raise BadResponse(
+                        f"{url} answered with a {encoding!r}-compressed body although we asked for none (Accept-Encoding: identity)",
+                        "put no compressing proxy between us and the server",
+                        url=url,
+                    )
                 buf = bytearray()
                 try:
                     async for chunk in r.aiter_raw():
@@ -331,11 +350,17 @@ async def fetch(client: Any, method: str, url: str, limits: HTTPLimits, *, conte
             url=url,
         ) from None
     except httpx.TimeoutException as e:
-        raise RequestTimeout(f"request to {url} timed out ({type(e).__name__}) within its deadline of {limits.deadline_s:g} s", "raise the timeout (timeout_s) or check the server's load", url=url) from None
+        raise RequestTimeout(
+            f"request to {url} timed out ({type(e).__name__}) within its deadline of {limits.deadline_s:g} s",
+            "raise the timeout (timeout_s) or check the server's load",
+            url=url,
+        ) from None
     except httpx.TransportError as e:
         if isinstance(e, (httpx.DecodingError, httpx.UnsupportedProtocol)):
             raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
-        raise ConnectFailed(f"cannot reach {url}: {type(e).__name__}: {e}", "is the server running and is the URL right (scheme, host, port, /v1)?", url=url) from None
+        raise ConnectFailed(
+            f"cannot reach {url}: {type(e).__name__}: {e}", "is the server running and is the URL right (scheme, host, port, /v1)?", url=url
+        ) from None
     except httpx.HTTPError as e:
         raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
 
@@ -359,7 +384,15 @@ def run_sync(coro: Awaitable[T]) -> T:
         return ex.submit(asyncio.run, coro).result()  # type: ignore[arg-type]
 
 
-def fetch_sync(method: str, url: str, limits: HTTPLimits, *, content: bytes | None = None, json_body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
+def fetch_sync(
+    method: str,
+    url: str,
+    limits: HTTPLimits,
+    *,
+    content: bytes | None = None,
+    json_body: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """Blocking :func:`fetch` with a one-request client (for synchronous callers only; async
     code uses :func:`fetch`). Same limits, proxy policy and errors."""
 

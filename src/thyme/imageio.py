@@ -72,14 +72,24 @@ class ImageBudgetError(ImageError):
 class ImageLimits:
     """Budgets of a caller-side image decode (module docstring)."""
 
-    max_pixels: int = setting(MAX_IMAGE_PIXELS, help="largest image accepted, in pixels (width * height)", source="ours: above 8K and 16K panoramas, below PIL's 179 Mpx hard limit")
+    max_pixels: int = setting(
+        MAX_IMAGE_PIXELS,
+        help="largest image accepted, in pixels (width * height)",
+        source="ours: above 8K and 16K panoramas, below PIL's 179 Mpx hard limit",
+    )
     max_bytes: int = setting(
         600_000_000,
         help="largest decoded size of one image, in bytes (PIL layout: 4 bytes a pixel for RGB/RGBA)",
         source="ours: the largest accepted image (150 Mpx) at 4 bytes a pixel; no image accepted before is refused",
     )
-    max_ratio: float = setting(1000.0, help="largest decoded size / encoded size of an image decoding to at least ratio_floor_bytes", source="ours: deflate tops out near 1032x; photos 5-20x, charts a few hundred x")
-    ratio_floor_bytes: int = setting(64 << 20, help="decoded size (bytes) from which max_ratio applies", source="ours: small images cost little whatever their ratio")
+    max_ratio: float = setting(
+        1000.0,
+        help="largest decoded size / encoded size of an image decoding to at least ratio_floor_bytes",
+        source="ours: deflate tops out near 1032x; photos 5-20x, charts a few hundred x",
+    )
+    ratio_floor_bytes: int = setting(
+        64 << 20, help="decoded size (bytes) from which max_ratio applies", source="ours: small images cost little whatever their ratio"
+    )
     decode_budget_bytes: int = setting(
         2 << 30,
         help="decoded bytes that concurrent decodes may hold at once, process-wide (one larger image decodes alone)",
@@ -197,7 +207,15 @@ def _px(n: int) -> str:
     return f"{n / 1e6:.0f} Mpx" if n >= 10_000_000 else f"{n / 1e6:.1f} Mpx" if n >= 1_000_000 else f"{n} px"
 
 
-def check_budget(name: str, size: tuple[int, int], mode: str, encoded_bytes: int | None, *, target_mode: str | None = None, limits: ImageLimits | None = None) -> int:
+def check_budget(
+    name: str,
+    size: tuple[int, int],
+    mode: str,
+    encoded_bytes: int | None,
+    *,
+    target_mode: str | None = None,
+    limits: ImageLimits | None = None,
+) -> int:
     """Check an image's header against the budgets; return its peak decoded bytes.
 
     Args:
@@ -221,9 +239,15 @@ def check_budget(name: str, size: tuple[int, int], mode: str, encoded_bytes: int
     decoded = max(native, target)
     what = f"{name} is {w}x{h} {mode} ({_px(px)}, {decoded / 2**20:.0f} MiB decoded)"
     if px > lim.max_pixels:
-        raise ImageBudgetError(f"image too large: {what}, above the budget of {_px(lim.max_pixels)} (max_pixels): a possible decompression bomb, refused before decoding", _limit_hint("max_pixels"))
+        raise ImageBudgetError(
+            f"image too large: {what}, above the budget of {_px(lim.max_pixels)} (max_pixels): a possible decompression bomb, refused before decoding",
+            _limit_hint("max_pixels"),
+        )
     if decoded > lim.max_bytes:
-        raise ImageBudgetError(f"image too large: {what}, above the budget of {lim.max_bytes / 2**20:.0f} MiB decoded (max_bytes): a possible decompression bomb, refused before decoding", _limit_hint("max_bytes"))
+        raise ImageBudgetError(
+            f"image too large: {what}, above the budget of {lim.max_bytes / 2**20:.0f} MiB decoded (max_bytes): a possible decompression bomb, refused before decoding",
+            _limit_hint("max_bytes"),
+        )
     if encoded_bytes is not None and native >= lim.ratio_floor_bytes and native > lim.max_ratio * max(1, encoded_bytes):
         raise ImageBudgetError(
             f"image too large: {what} from {encoded_bytes} encoded bytes, a ratio of {native / max(1, encoded_bytes):.0f}x, above {lim.max_ratio:.0f}x (max_ratio): a possible decompression bomb, refused before decoding",
@@ -286,7 +310,10 @@ def _open(fp: Any, name: str, encoded: int | None, *, load: bool, mode: str | No
             f"PIL refuses images above 2 * PIL.Image.MAX_IMAGE_PIXELS ({2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels) whatever the budgets; downscale it first",
         ) from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(f"cannot read image {name}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})", "is it a valid image file (JPEG, PNG, WebP...)?") from e
+        raise ImageError(
+            f"cannot read image {name}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})",
+            "is it a valid image file (JPEG, PNG, WebP...)?",
+        ) from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
         raise ImageError(f"cannot read image {name}: {type(e).__name__}: {e}", "is it a valid image file (JPEG, PNG, WebP...)?") from e
 
@@ -366,7 +393,9 @@ def open_image(
         encoded = os.path.getsize(p)
     except OSError:
         encoded = None
-    return _open(p, p, encoded, load=load, mode=mode, limits=_limits_with(dict(max_pixels=max_pixels, max_bytes=max_bytes, max_ratio=max_ratio)))
+    return _open(
+        p, p, encoded, load=load, mode=mode, limits=_limits_with(dict(max_pixels=max_pixels, max_bytes=max_bytes, max_ratio=max_ratio))
+    )
 
 
 def open_image_bytes(
@@ -386,4 +415,11 @@ def open_image_bytes(
         ImageBudgetError, ImageError: as :func:`open_image`.
     """
     raw = bytes(data)
-    return _open(io.BytesIO(raw), name, len(raw), load=load, mode=mode, limits=_limits_with(dict(max_pixels=max_pixels, max_bytes=max_bytes, max_ratio=max_ratio)))
+    return _open(
+        io.BytesIO(raw),
+        name,
+        len(raw),
+        load=load,
+        mode=mode,
+        limits=_limits_with(dict(max_pixels=max_pixels, max_bytes=max_bytes, max_ratio=max_ratio)),
+    )

@@ -125,7 +125,11 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
     if size is None and len(text) > lim.max_line_bytes // 4:  # chars; the exact UTF-8 size only when it may matter
         size = len(text.encode("utf-8", "surrogatepass"))
     if size is not None and size > lim.max_line_bytes:
-        raise JsonInputError(what, f"{size} bytes, over the limit of {lim.max_line_bytes} (max_line_bytes)", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+        raise JsonInputError(
+            what,
+            f"{size} bytes, over the limit of {lim.max_line_bytes} (max_line_bytes)",
+            f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file",
+        )
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
@@ -133,7 +137,11 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
             raise JsonInputError(what, f"not UTF-8 ({e.reason} at byte {e.start})") from None
     depth = json_depth(text, lim.max_depth)
     if depth > lim.max_depth:
-        raise JsonInputError(what, f"nested {depth} levels deep, over the limit of {lim.max_depth} (max_depth)", f"set {ENV_PREFIX}MAX_DEPTH to raise it if you trust the file")
+        raise JsonInputError(
+            what,
+            f"nested {depth} levels deep, over the limit of {lim.max_depth} (max_depth)",
+            f"set {ENV_PREFIX}MAX_DEPTH to raise it if you trust the file",
+        )
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -144,7 +152,11 @@ def loads_bounded(text: str | bytes, *, max_bytes: int | None = None, max_depth:
 
 
 def _too_long(what: str, lim: JsonLimits) -> JsonInputError:
-    return JsonInputError(what, f"longer than {lim.max_line_bytes} bytes (max_line_bytes), not read", f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file")
+    return JsonInputError(
+        what,
+        f"longer than {lim.max_line_bytes} bytes (max_line_bytes), not read",
+        f"set {ENV_PREFIX}MAX_LINE_BYTES to raise it if you trust the file",
+    )
 
 
 def parse_line(line: bytes | str | None, *, what: str, max_line_bytes: int | None = None, max_depth: int | None = None) -> Any:
@@ -268,7 +280,9 @@ class ResumableJsonl:
         fresh: start afresh (truncate the file) instead of resuming.
     """
 
-    def __init__(self, path: str | os.PathLike, *, key: Callable[[dict[str, Any]], Any] | None = None, fsync: bool = False, fresh: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, *, key: Callable[[dict[str, Any]], Any] | None = None, fsync: bool = False, fresh: bool = False
+    ):
         self.path = Path(path)
         self.key = key or (lambda obj: obj.get("id"))
         self.fsync = fsync

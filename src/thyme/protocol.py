@@ -132,7 +132,7 @@ def build_messages(
     else:
         text = user_prompt_text(question, "N/A", None).replace(UNKNOWN_SIZE, "N/A")
     assert text.startswith(IMAGE_PLACEHOLDER)
-    text = text[len(IMAGE_PLACEHOLDER):]
+    text = text[len(IMAGE_PLACEHOLDER) :]
     if not images:
         text = text.lstrip("\n")
     content: list[Part] = [image_part(p) for p in images] + [text_part(text)]
@@ -146,7 +146,7 @@ def strip_question_placeholder(question: str) -> str:
     """Remove the leading ``<image>`` placeholder(s) of a Thyme record's ``question``."""
     q = question
     while q.startswith(IMAGE_PLACEHOLDER):
-        q = q[len(IMAGE_PLACEHOLDER):].lstrip("\n")
+        q = q[len(IMAGE_PLACEHOLDER) :].lstrip("\n")
     return q
 
 
@@ -209,7 +209,7 @@ def extract_code(text: str) -> str | None:
         body = body.lstrip("\r\n")
         fence = _FENCE_OPEN_RE.match(body)  # the opening fence may be indented
         if fence is not None:
-            body = body[fence.end():]
+            body = body[fence.end() :]
         else:  # "```" followed directly by code on the same line, e.g. "```print(1)```"
             body = body.lstrip()[3:]
         # cut at the closing fence (the first line that is only ```)
@@ -260,7 +260,7 @@ def extract_answer(text: str, *, allow_unterminated: bool = False) -> str | None
         if not allow_unterminated:
             return None
         j = len(text)
-    return unwrap_boxed(text[i + len(ANSWER_START): j].strip())
+    return unwrap_boxed(text[i + len(ANSWER_START) : j].strip())
 
 
 def parse_segment(text: str, finish_reason: str) -> Segment:
@@ -303,10 +303,10 @@ def split_recorded_response(response: str) -> list[str]:
             segments.append(rest)
             return segments
         segments.append(rest[: i + len(CODE_END)])
-        rest = rest[i + len(CODE_END):]
+        rest = rest[i + len(CODE_END) :]
         if rest.lstrip().startswith(OUTPUT_START):
             j = rest.find(OUTPUT_END)
-            rest = rest[j + len(OUTPUT_END):] if j >= 0 else ""
+            rest = rest[j + len(OUTPUT_END) :] if j >= 0 else ""
 
 
 # --------------------------------------------------------------------------- feedback

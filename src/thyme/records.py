@@ -115,7 +115,9 @@ def resolve_data_path(
         how = "goes through a symlink out of"
     else:
         how = "climbs out of"
-    raise PathRefused(f"{prefix}{what} {path[:300]!r} {how} the folder it is relative to ({base}); refused", ALLOW_HINT, path=path, root=base)
+    raise PathRefused(
+        f"{prefix}{what} {path[:300]!r} {how} the folder it is relative to ({base}); refused", ALLOW_HINT, path=path, root=base
+    )
 
 
 def relative_to_root(path: str, root: str | os.PathLike | None) -> str:
@@ -285,7 +287,10 @@ def parse_record(
     checked = paths if check_files == "all" else paths[:n_in] if check_files == "inputs" else []
     for p, given in zip(checked, imgs):
         if not os.path.isfile(p):
-            raise RecordError(f"{where}: image not found: {p} (given as {given!r})", "pass --images-root pointing at the folder the record's paths are relative to")
+            raise RecordError(
+                f"{where}: image not found: {p} (given as {given!r})",
+                "pass --images-root pointing at the folder the record's paths are relative to",
+            )
     rid = obj.get("id")
     return Record(
         id=str(rid) if rid is not None else f"line-{line}",
@@ -432,6 +437,10 @@ def write_records(records: Iterable[dict[str, Any] | Record], path: str | os.Pat
     root = p.resolve().parent
     with p.open("w", encoding="utf-8") as f:
         for r in records:
-            d = record_to_dict(r, root=root) if isinstance(r, Record) else dict(r, image=[relative_to_root(x, root) for x in r.get("image") or []])
+            d = (
+                record_to_dict(r, root=root)
+                if isinstance(r, Record)
+                else dict(r, image=[relative_to_root(x, root) for x in r.get("image") or []])
+            )
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     return p

@@ -24,9 +24,11 @@ ANSWER = "<think>The sign reads STOP.</think>\n<answer>B</answer>"
 
 
 def crop(name: str) -> str:
-    return ("<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
-            f"img.crop((0, 0, 32, 24)).save('/mnt/data/temp_processed_images/{name}.png')\n"
-            f"print('/mnt/data/temp_processed_images/{name}.png')\n```\n</code>")
+    return (
+        "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+        f"img.crop((0, 0, 32, 24)).save('/mnt/data/temp_processed_images/{name}.png')\n"
+        f"print('/mnt/data/temp_processed_images/{name}.png')\n```\n</code>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def run_message(w, segments, *, max_rounds=4, max_new_tokens=400, max_total_toke
     from thyme.agent import Agent, AgentConfig
     from thyme.testing.scripted import ScriptedBackend
 
-    cfg = AgentConfig(max_rounds=max_rounds, max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, max_images=max_images, prefill=prefill)
+    cfg = AgentConfig(
+        max_rounds=max_rounds, max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, max_images=max_images, prefill=prefill
+    )
     with Agent(ScriptedBackend(w.tok, {"script-key-7f3": segments}), w.sandbox, cfg, artifacts_dir=w.dir / f"art-{name}") as agent:
         return agent.run(QUESTION, [w.image], id="q")
 
@@ -59,11 +63,23 @@ def run_token(w, segments, *, max_rounds=4, max_new_tokens=400, max_length=10000
     from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings
     from thyme.testing.scripted import ScriptedEngine
 
-    prompt = SimpleNamespace(id="q", question=QUESTION, images=[w.image],
-                             messages=protocol.build_messages(QUESTION, [w.image], image_sizes=[image_size(w.image)]))
-    limits = RolloutLimits(max_rounds=max_rounds, max_completion_length=max_new_tokens, max_length=max_length, max_images=max_images, prefill=prefill)
-    runner = RolloutRunner(ScriptedEngine(w.tok, {"script-key-7f3": segments}), w.proc, w.sandbox, limits,
-                           SamplingSettings(temperature=0.0, ats=False), w.dir / f"art-{name}")
+    prompt = SimpleNamespace(
+        id="q",
+        question=QUESTION,
+        images=[w.image],
+        messages=protocol.build_messages(QUESTION, [w.image], image_sizes=[image_size(w.image)]),
+    )
+    limits = RolloutLimits(
+        max_rounds=max_rounds, max_completion_length=max_new_tokens, max_length=max_length, max_images=max_images, prefill=prefill
+    )
+    runner = RolloutRunner(
+        ScriptedEngine(w.tok, {"script-key-7f3": segments}),
+        w.proc,
+        w.sandbox,
+        limits,
+        SamplingSettings(temperature=0.0, ats=False),
+        w.dir / f"art-{name}",
+    )
     ro = runner.run([prompt])[0]
     assert ro.mask_reason is None, ro.trajectory.error
     return ro
@@ -78,11 +94,19 @@ def view(traj):
     turns = []
     for t in traj.turns:
         ex = t.execution
-        turns.append({
-            "index": t.index, "text": t.text, "end": t.end, "code": t.code, "finish": t.finish_reason,
-            "execution": None if ex is None else (ex["ok"], ex["stdout"], (ex.get("error") or {}).get("type"), [_digest(p) for p in ex["images"]]),
-            "feedback": [p["text"] if p["type"] == "text" else ("image", _digest(p["image"])) for p in t.feedback],
-        })
+        turns.append(
+            {
+                "index": t.index,
+                "text": t.text,
+                "end": t.end,
+                "code": t.code,
+                "finish": t.finish_reason,
+                "execution": None
+                if ex is None
+                else (ex["ok"], ex["stdout"], (ex.get("error") or {}).get("type"), [_digest(p) for p in ex["images"]]),
+                "feedback": [p["text"] if p["type"] == "text" else ("image", _digest(p["image"])) for p in t.feedback],
+            }
+        )
     return {"stop_reason": traj.stop_reason, "answer": traj.answer, "turns": turns}
 
 
@@ -115,8 +139,11 @@ def test_unterminated_answer_at_end_of_turn(world):
 
 
 def test_length(world):
-    m, _ = agree(world, ["<think>Many different words follow here, each of them new: alpha beta gamma delta epsilon zeta eta theta.</think>"],
-                 max_new_tokens=8)
+    m, _ = agree(
+        world,
+        ["<think>Many different words follow here, each of them new: alpha beta gamma delta epsilon zeta eta theta.</think>"],
+        max_new_tokens=8,
+    )
     assert m.stop_reason == "length" and m.turns[0].num_tokens == 8 and m.turns[0].end == "length"
 
 
@@ -169,6 +196,13 @@ def test_every_stop_reason_is_covered():
     from thyme.agent.step import STOP_REASONS
 
     names = {n for n in globals() if n.startswith("test_")}
-    covered = {"answer": "test_answer_after_code", "no_answer": "test_no_answer", "length": "test_length", "max_rounds": "test_max_rounds",
-               "token_cap": "test_token_cap", "image_cap": "test_image_cap", "repetition": "test_repetition"}
+    covered = {
+        "answer": "test_answer_after_code",
+        "no_answer": "test_no_answer",
+        "length": "test_length",
+        "max_rounds": "test_max_rounds",
+        "token_cap": "test_token_cap",
+        "image_cap": "test_image_cap",
+        "repetition": "test_repetition",
+    }
     assert set(STOP_REASONS) - {"error"} == set(covered) and set(covered.values()) <= names

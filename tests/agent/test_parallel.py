@@ -112,7 +112,20 @@ def test_verify_with_two_workers_keeps_and_rejects_what_one_does(tmp_path):
     results = {}
     for w in (1, 2):
         kept, rej = tmp_path / f"k{w}.jsonl", tmp_path / f"x{w}.jsonl"
-        p = run_cli("data", "verify", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", str(w), "--kept", str(kept), "--rejected", str(rej), "--json")
+        p = run_cli(
+            "data",
+            "verify",
+            str(records),
+            "--images-root",
+            str(CORPUS / "thyme"),
+            "--workers",
+            str(w),
+            "--kept",
+            str(kept),
+            "--rejected",
+            str(rej),
+            "--json",
+        )
         assert p.returncode == 0, p.stderr
         s = json.loads(p.stdout.strip().splitlines()[-1])
         results[w] = (
@@ -135,17 +148,29 @@ def test_replay_with_two_workers_writes_the_same_results_in_input_order_and_resu
         f.write("{not json\n")
     out1, out2 = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     p1 = run_cli("replay", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", "1", "--out", str(out1), "--json")
-    p2 = run_cli("replay", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", "2", "--batch-size", "3", "--out", str(out2), "--json")
+    p2 = run_cli(
+        "replay", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", "2", "--batch-size", "3", "--out", str(out2), "--json"
+    )
     assert p1.returncode == p2.returncode == 1  # the bad line fails both alike
     s1, s2 = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (p1, p2))
     assert s1 == s2 and s2["trajectories"] == 21 and s2["failed"] == 1 and s2["outputs_match"] == 20
     rows = [json.loads(l) for l in out2.read_text().splitlines()]
     assert [r["line"] for r in rows] == list(range(1, 22))  # input order: --index names the same record
-    assert all(Path(img).is_file() for r in rows for t in r.get("trajectory", {}).get("turns", []) for f in t.get("feedback", []) if isinstance(f, dict) for img in [f.get("image")] if img)
+    assert all(
+        Path(img).is_file()
+        for r in rows
+        for t in r.get("trajectory", {}).get("turns", [])
+        for f in t.get("feedback", [])
+        if isinstance(f, dict)
+        for img in [f.get("image")]
+        if img
+    )
     # a rerun with workers resumes: nothing is replayed again, the totals stay
     lines = out2.read_text().splitlines()
     out2.write_text("\n".join(lines[:15]) + "\n")  # as if killed after 15 records
-    p3 = run_cli("replay", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", "2", "--out", str(out2), "--json", "--allow-failures")
+    p3 = run_cli(
+        "replay", str(records), "--images-root", str(CORPUS / "thyme"), "--workers", "2", "--out", str(out2), "--json", "--allow-failures"
+    )
     assert p3.returncode == 0, p3.stderr
     assert json.loads(p3.stdout.strip().splitlines()[-1]) == s1
     assert [json.loads(l)["line"] for l in out2.read_text().splitlines()] == list(range(1, 22))
@@ -157,7 +182,13 @@ def test_replay_on_a_local_ray_instance(tmp_path):
     from thyme.agent.replay import replay
 
     records = repeated_corpus(tmp_path / "corpus.jsonl", 1)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "src")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "src")}},
+    )
     try:
         rows = []
         s = replay(records, images_root=CORPUS / "thyme", out_path=tmp_path / "res.jsonl", ray="", batch_size=4, on_row=rows.append)

@@ -103,7 +103,9 @@ def test_a_torn_last_line_is_cut_and_its_record_replayed_again(tmp_path):
     records.write_text("".join(json.dumps(r) + "\n" for r in good))
     out = tmp_path / "res.jsonl"
     with Sandbox() as sandbox:
-        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)  # paths outside the records' folder: opted in
+        replay(
+            records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True
+        )  # paths outside the records' folder: opted in
         lines = out.read_text().splitlines()
         assert len(lines) == 2
         out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing record 2

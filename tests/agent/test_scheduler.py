@@ -77,7 +77,9 @@ def test_one_worker_keeps_task_order_and_batches_lockstep(tmp_path):
 
 def test_resume_skips_the_keys_already_written(tmp_path):
     out = tmp_path / "r.jsonl"
-    out.write_text(json.dumps({"key": "0", "result": "old"}) + "\n" + json.dumps({"key": "2", "result": "old"}) + "\n" + '{"key": "3", "resu')  # torn last line
+    out.write_text(
+        json.dumps({"key": "0", "result": "old"}) + "\n" + json.dumps({"key": "2", "result": "old"}) + "\n" + '{"key": "3", "resu'
+    )  # torn last line
     seen = []
 
     def work(batch):
@@ -131,8 +133,16 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path, workers):
         return echo(batch)
 
     err = io.StringIO()
-    res = schedule([str(i) for i in range(5)], work, out=tmp_path / "r.jsonl", key=lambda t: t, record=record, workers=workers,
-                   progress=Progress(5, desc="t", stream=err, tty=False, interval_s=0), label="question")
+    res = schedule(
+        [str(i) for i in range(5)],
+        work,
+        out=tmp_path / "r.jsonl",
+        key=lambda t: t,
+        record=record,
+        workers=workers,
+        progress=Progress(5, desc="t", stream=err, tty=False, interval_s=0),
+        label="question",
+    )
     got = {r["key"]: r for r in lines(tmp_path / "r.jsonl")}
     assert set(got) == {"0", "1", "2", "3", "4"} and (res.ran, res.failed) == (5, 1)
     assert got["2"]["error"] == "RuntimeError: server exploded on 2" and all(got[k]["error"] is None for k in "0134")
@@ -144,8 +154,15 @@ def test_on_error_turns_a_failed_batch_into_results(tmp_path):
     def work(batch):
         raise ValueError("bad batch")
 
-    res = schedule(["a", "b", "c"], work, out=tmp_path / "r.jsonl", key=lambda t: t, batch_size=2,
-                   record=lambda t, r: {"key": t, "error": r}, on_error=lambda batch, e: [f"{t}: {e}" for t in batch])
+    res = schedule(
+        ["a", "b", "c"],
+        work,
+        out=tmp_path / "r.jsonl",
+        key=lambda t: t,
+        batch_size=2,
+        record=lambda t, r: {"key": t, "error": r},
+        on_error=lambda batch, e: [f"{t}: {e}" for t in batch],
+    )
     assert [r["error"] for r in lines(tmp_path / "r.jsonl")] == ["a: bad batch", "b: bad batch", "c: bad batch"] and res.failed == 3
 
 
@@ -235,7 +252,9 @@ SCRIPT = textwrap.dedent(
 def test_ctrl_c_stops_without_waiting_for_work_in_flight(tmp_path, workers):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "r.jsonl"), str(workers)], capture_output=True, text=True, env=ENV, timeout=60)
+    p = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "r.jsonl"), str(workers)], capture_output=True, text=True, env=ENV, timeout=60
+    )
     assert p.returncode == 130, p.stderr
     assert "stopped after" in p.stdout and "Traceback" not in p.stderr
     assert [r["key"] for r in lines(tmp_path / "r.jsonl")] == ["0"]
@@ -244,7 +263,9 @@ def test_ctrl_c_stops_without_waiting_for_work_in_flight(tmp_path, workers):
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(SCRIPT)
-    p = subprocess.run([sys.executable, str(script), str(tmp_path / "r.jsonl"), "2", "second"], capture_output=True, text=True, env=ENV, timeout=50)
+    p = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "r.jsonl"), "2", "second"], capture_output=True, text=True, env=ENV, timeout=50
+    )
     assert p.returncode == 130, p.stderr
     assert "interrupted again" in p.stderr and "Traceback" not in p.stderr
     assert [r["key"] for r in lines(tmp_path / "r.jsonl")] == ["0"]

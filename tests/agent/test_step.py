@@ -51,7 +51,11 @@ def test_next_round_budget_and_caps():
 
 
 def test_feedback_image_cap_token_cap_and_never_a_partial_feedback():
-    img = [{"type": "text", "text": "\n<sandbox_output>"}, {"type": "image", "image": "a.png"}, {"type": "text", "text": "</sandbox_output>"}]
+    img = [
+        {"type": "text", "text": "\n<sandbox_output>"},
+        {"type": "image", "image": "a.png"},
+        {"type": "text", "text": "</sandbox_output>"},
+    ]
     assert feedback_step(img, images_in_context=2, tokens_used=0, caps=CAPS).stop_reason is None
     capped = feedback_step(img + img[1:2], images_in_context=2, tokens_used=0, caps=CAPS)
     assert (capped.action, capped.stop_reason, capped.parts) == ("finish", "image_cap", [])

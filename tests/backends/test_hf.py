@@ -256,7 +256,11 @@ def test_two_round_trajectory_timing(backend, images):
     msgs = _messages(images["wide"])
     t0 = time.perf_counter()
     r1 = backend.generate([GenerationRequest(msgs, max_new_tokens=32)])[0]
-    parts = [{"type": "text", "text": r1.text + "<sandbox_output>"}, {"type": "image", "image": images["sandbox"]}, {"type": "text", "text": "</sandbox_output>"}]
+    parts = [
+        {"type": "text", "text": r1.text + "<sandbox_output>"},
+        {"type": "image", "image": images["sandbox"]},
+        {"type": "text", "text": "</sandbox_output>"},
+    ]
     r2 = backend.generate([GenerationRequest(msgs, assistant_parts=parts, max_new_tokens=32, round=1)])[0]
     assert r2.prompt_tokens > r1.prompt_tokens
     assert time.perf_counter() - t0 < 10

@@ -66,7 +66,13 @@ def images(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    with start_server(tiny_checkpoint, served_model_name=SERVED, log_dir=tmp_path_factory.mktemp("srv"), startup_timeout_s=120, extra_args=["--threads", "1"]) as s:
+    with start_server(
+        tiny_checkpoint,
+        served_model_name=SERVED,
+        log_dir=tmp_path_factory.mktemp("srv"),
+        startup_timeout_s=120,
+        extra_args=["--threads", "1"],
+    ) as s:
         yield s
 
 
@@ -125,15 +131,36 @@ def test_request_body_is_the_documented_vllm_request(images):
         {"type": "image", "image": images["other"]},
         {"type": "text", "text": "</sandbox_output>"},
     ]
-    req = GenerationRequest(_messages(images["input"]), parts, max_new_tokens=77, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.05, seed=3, round=2)
+    req = GenerationRequest(
+        _messages(images["input"]), parts, max_new_tokens=77, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.05, seed=3, round=2
+    )
     path, body = b.build_body(req)
     assert path == "/chat/completions"
     assert list(body) == [
-        "model", "messages", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n", "stream",
-        "include_stop_str_in_output", "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
+        "model",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "n",
+        "stream",
+        "include_stop_str_in_output",
+        "continue_final_message",
+        "add_generation_prompt",
+        "chat_template_kwargs",
     ]
     assert (body["model"], body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == ("served", 77, 0.7, 0.9, 50)
-    assert (body["repetition_penalty"], body["seed"], body["stop"], body["n"], body["stream"]) == (1.05, 5, ["</code>", "</answer>"], 1, False)
+    assert (body["repetition_penalty"], body["seed"], body["stop"], body["n"], body["stream"]) == (
+        1.05,
+        5,
+        ["</code>", "</answer>"],
+        1,
+        False,
+    )
     assert body["include_stop_str_in_output"] is True and body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["chat_template_kwargs"] == {"x": 1}
     sys_msg, user, asst = body["messages"]
@@ -148,7 +175,18 @@ def test_request_body_is_the_documented_vllm_request(images):
     # greedy single turn: no sampling fields, no continuation fields, but the repetition
     # penalty explicitly (servers would take the checkpoint's 1.05 otherwise)
     _, single = b.build_body(GenerationRequest(_messages(images["input"]), max_new_tokens=5))
-    assert set(single) == {"model", "messages", "max_tokens", "temperature", "repetition_penalty", "stop", "n", "stream", "include_stop_str_in_output", "chat_template_kwargs"}
+    assert set(single) == {
+        "model",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "repetition_penalty",
+        "stop",
+        "n",
+        "stream",
+        "include_stop_str_in_output",
+        "chat_template_kwargs",
+    }
     assert (single["temperature"], single["repetition_penalty"]) == (0.0, 1.0)
     _, sampled = b.build_body(GenerationRequest(_messages(images["input"]), temperature=1.0))
     assert (sampled["top_p"], sampled["top_k"]) == (1.0, -1)
@@ -368,7 +406,10 @@ def test_concurrency_limit_and_one_bad_request_does_not_sink_the_batch(server, c
 
 
 def test_agenerate_inside_an_event_loop(server, images):
-    reqs = [GenerationRequest(_messages(images["input"]), max_new_tokens=5), GenerationRequest(_messages(images["other"]), max_new_tokens=5)]
+    reqs = [
+        GenerationRequest(_messages(images["input"]), max_new_tokens=5),
+        GenerationRequest(_messages(images["other"]), max_new_tokens=5),
+    ]
     with _backend(server) as b:
         seen = []
         out = asyncio.run(b.agenerate(reqs, stream=lambda i, t: seen.append(i)))

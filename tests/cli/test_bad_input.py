@@ -95,6 +95,16 @@ def test_train_rl_checks_every_train_image_before_loading_the_model(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # a valid header, half the pixels
     p = run_cli("train", "rl", "--model", model, "--train-file", str(write("cut.jsonl", str(tmp_path / "cut.jpg"))))
     assert p.returncode == 2 and "cut.jpg" in p.stderr and "truncated" in p.stderr and "never-loaded" not in p.stderr, p.stderr
-    p = run_cli("train", "rl", "--model", model, "--train-file", str(tmp_path / "cut.jsonl"), "--set", "check_images=false",
-                "--set", "sandbox.allow_weaker=true")  # RL requires every sandbox layer: a host without one would stop before the model
+    p = run_cli(
+        "train",
+        "rl",
+        "--model",
+        model,
+        "--train-file",
+        str(tmp_path / "cut.jsonl"),
+        "--set",
+        "check_images=false",
+        "--set",
+        "sandbox.allow_weaker=true",
+    )  # RL requires every sandbox layer: a host without one would stop before the model
     assert "never-loaded" in p.stderr  # without the full decode it gets as far as the model

@@ -70,22 +70,34 @@ def test_eval_resume_with_other_settings_stops_and_overwrite_starts_afresh(tmp_p
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
     out = tmp_path / "o"
     settings = {"backend": "hf", "model": "org/model-a", "model_flags": {"max_pixels": 50176}}
-    r1 = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False),
-                  agent_config=AgentConfig(), settings=settings, backend_factory=lambda: Scripted(SCRIPT))
+    r1 = run_eval(
+        EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False),
+        agent_config=AgentConfig(),
+        settings=settings,
+        backend_factory=lambda: Scripted(SCRIPT),
+    )
     assert r1.ran == 1
     cfg = EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=3, report=False)
     changed = {"backend": "hf", "model": "org/model-b", "model_flags": {"max_pixels": 1003520}}
     with pytest.raises(ThymeError) as e:
         run_eval(cfg, agent_config=AgentConfig(temperature=0.7, max_rounds=3), settings=changed, backend_factory=lambda: Scripted(SCRIPT))
     msg = str(e.value)
-    for what in ("model: 'org/model-a' before, 'org/model-b' now", "max_pixels: 50176 before, 1003520 now", "agent.temperature", "agent.max_rounds", "--overwrite"):
+    for what in (
+        "model: 'org/model-a' before, 'org/model-b' now",
+        "max_pixels: 50176 before, 1003520 now",
+        "agent.temperature",
+        "agent.max_rounds",
+        "--overwrite",
+    ):
         assert what in msg, msg
     assert [p["key"] for p in lines(out / "predictions.jsonl")] == ["0"]  # nothing mixed in
     # the same settings resume; --overwrite starts afresh
     backend = Scripted(SCRIPT)
     r2 = run_eval(cfg, agent_config=AgentConfig(), settings=settings, backend_factory=lambda: backend)
     assert (r2.ran, r2.skipped) == (2, 1)
-    r3 = run_eval(cfg, agent_config=AgentConfig(temperature=0.7), settings=changed, backend_factory=lambda: Scripted(SCRIPT), overwrite=True)
+    r3 = run_eval(
+        cfg, agent_config=AgentConfig(temperature=0.7), settings=changed, backend_factory=lambda: Scripted(SCRIPT), overwrite=True
+    )
     assert (r3.ran, r3.skipped) == (3, 0)
     info = json.loads((out / "run.json").read_text())
     assert info["prediction_settings"]["model"] == "org/model-b" and info["prediction_settings"]["agent"]["temperature"] == 0.7
@@ -94,21 +106,27 @@ def test_eval_resume_with_other_settings_stops_and_overwrite_starts_afresh(tmp_p
 def test_eval_resume_onto_another_backend_model_is_refused(tmp_path):
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
     out = tmp_path / "o"
-    run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False), backend_factory=lambda: Scripted(SCRIPT))
+    run_eval(
+        EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False), backend_factory=lambda: Scripted(SCRIPT)
+    )
 
     class Other(Scripted):
         def describe(self):
             return {**super().describe(), "model": "another-model"}
 
     with pytest.raises(ThymeError, match="holds predictions of scripted 'scripted-model'.*another-model"):
-        run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=3, report=False), backend_factory=lambda: Other(SCRIPT))
+        run_eval(
+            EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=3, report=False), backend_factory=lambda: Other(SCRIPT)
+        )
 
 
 def test_eval_exits_1_when_questions_failed_unless_allowed(tmp_path, monkeypatch, capsys):
     import thyme.cli.eval as cli_eval
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
-    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: (lambda: Scripted(SCRIPT, fail_keys={"2"})))  # the registry's build, swapped
+    monkeypatch.setattr(
+        cli_eval.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT, fail_keys={"2"})
+    )  # the registry's build, swapped
     argv = ["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--concurrency", "1", "--no-report"]
     assert thyme_main([*argv, "--out", str(tmp_path / "o1")]) == 1
     assert "1 question(s) failed" in capsys.readouterr().err
@@ -131,7 +149,24 @@ def test_ctrl_c_stops_eval_within_seconds_while_code_runs(tmp_path, schedule):
     out = tmp_path / "o"
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"eval:\n  schedule: {schedule}\n")
-    args = [*EVAL, "--benchmark", "vstar", "--data", str(ANN / "vstar_bench.jsonl"), "--replay", str(records), "--out", str(out), "--concurrency", "1" if schedule == "lockstep" else "2", "--timeout", "120", "--no-report", "--config", str(yaml)]
+    args = [
+        *EVAL,
+        "--benchmark",
+        "vstar",
+        "--data",
+        str(ANN / "vstar_bench.jsonl"),
+        "--replay",
+        str(records),
+        "--out",
+        str(out),
+        "--concurrency",
+        "1" if schedule == "lockstep" else "2",
+        "--timeout",
+        "120",
+        "--no-report",
+        "--config",
+        str(yaml),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     pred = out / "predictions.jsonl"
     deadline = time.time() + 120
@@ -189,16 +224,35 @@ def test_convert_split_of_a_local_folder_save_to_disk_and_empty_files(tmp_path):
     folder = tmp_path / "hub"
     folder.mkdir()
     (folder / "2round-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("r1", str(img))) + "\n")
-    (folder / "computation-00000-of-00001.jsonl").write_text(json.dumps(_sft_row("c1", str(img))) + "\n" + json.dumps(_sft_row("c2", str(img))) + "\n")
-    s = convert(str(folder), tmp_path / "c.jsonl", ConvertConfig(split="computation", images_root=str(tmp_path)))  # the image is beside the folder
+    (folder / "computation-00000-of-00001.jsonl").write_text(
+        json.dumps(_sft_row("c1", str(img))) + "\n" + json.dumps(_sft_row("c2", str(img))) + "\n"
+    )
+    s = convert(
+        str(folder), tmp_path / "c.jsonl", ConvertConfig(split="computation", images_root=str(tmp_path))
+    )  # the image is beside the folder
     assert s.written == 2 and sorted(json.loads(l)["id"] for l in (tmp_path / "c.jsonl").read_text().splitlines()) == ["c1", "c2"]
     with pytest.raises(ThymeError, match="no file of split 'nope'.*2round, computation"):
         convert(str(folder), tmp_path / "n.jsonl", ConvertConfig(split="nope"))
 
     saved = tmp_path / "saved"
-    feats = datasets.Features({"id": datasets.Value("string"), "image": datasets.Sequence(datasets.Image()), "question": datasets.Value("string"), "response": datasets.Value("string")})
+    feats = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Sequence(datasets.Image()),
+            "question": datasets.Value("string"),
+            "response": datasets.Value("string"),
+        }
+    )
     row = _sft_row("s1", "x")
-    ds = datasets.Dataset.from_dict({"id": ["s1"], "image": [[{"bytes": img.read_bytes(), "path": "img.jpg"}]], "question": [row["question"]], "response": [row["response"]]}, features=feats)
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": ["s1"],
+            "image": [[{"bytes": img.read_bytes(), "path": "img.jpg"}]],
+            "question": [row["question"]],
+            "response": [row["response"]],
+        },
+        features=feats,
+    )
     datasets.DatasetDict({"2round": ds}).save_to_disk(str(saved))
     out = tmp_path / "s.jsonl"
     s = convert(str(saved), out, ConvertConfig())
@@ -273,7 +327,9 @@ def test_run_checks_out_images_and_sandbox_layers_before_loading_the_model(tmp_p
 def test_run_refuses_a_prompt_longer_than_the_context_before_generating(tiny_checkpoint, tmp_path, capsys):
     ok = _jpeg(tmp_path / "ok.jpg", (64, 64))
     question = "Is the sign red or blue? " * 6000  # 150k characters (in-process: no argv limit)
-    rc = thyme_main(["run", "--image", str(ok), "--question", question, "--model", str(tiny_checkpoint), "--dtype", "float32", "--max-new-tokens", "4"])
+    rc = thyme_main(
+        ["run", "--image", str(ok), "--question", question, "--model", str(tiny_checkpoint), "--dtype", "float32", "--max-new-tokens", "4"]
+    )
     out, err = capsys.readouterr()
     assert rc == 2, err[-2000:]
     assert "does not fit the model's context of 32768 tokens" in err and "shorten the question" in err
@@ -310,7 +366,14 @@ def test_report_non_json_input_overwrite_guard_and_provenance(tmp_path, capsys):
     assert "is not a JSON or JSONL file" in capsys.readouterr().err
 
     run = tmp_path / "run"
-    t = Trajectory(id="t1", question="q", images=[], answer="A", stop_reason="answer", meta={"model": {"backend": "hf", "model": "Kwai-Keye/Thyme-RL", "revision": "main", "commit": "0123abc"}})
+    t = Trajectory(
+        id="t1",
+        question="q",
+        images=[],
+        answer="A",
+        stop_reason="answer",
+        meta={"model": {"backend": "hf", "model": "Kwai-Keye/Thyme-RL", "revision": "main", "commit": "0123abc"}},
+    )
     t.save(run / "traj.json")
     assert thyme_main(["report", str(run / "traj.json")]) == 0
     page = (run / "report.html").read_text()
@@ -335,9 +398,12 @@ def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp
     import thyme.cli.eval as cli_eval
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
-    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: (lambda: Scripted(SCRIPT)))
+    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT))
     out = tmp_path / "o"
-    assert thyme_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--out", str(out), "--limit", "1"]) == 0
+    assert (
+        thyme_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--out", str(out), "--limit", "1"])
+        == 0
+    )
     page = (out / "report.html").read_text()
     assert "scripted-model" in page and "rev-1" in page and "temperature" in page
     capsys.readouterr()
@@ -359,16 +425,28 @@ def test_sft_says_why_records_were_dropped_and_stops_above_the_fraction(tiny_che
     from ..train.test_sft import tiny_cfg
 
     f = tmp_path / "train.jsonl"
-    rows = [_text_record(f"ok-{i}") for i in range(3)] + [{"id": "no-response", "image": [], "question": "q"}, _text_record("too-long") | {"response": "<answer>" + "x " * 3000 + "</answer>"}]
+    rows = [_text_record(f"ok-{i}") for i in range(3)] + [
+        {"id": "no-response", "image": [], "question": "q"},
+        _text_record("too-long") | {"response": "<answer>" + "x " * 3000 + "</answer>"},
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{cut\n")
     with pytest.raises(ThymeError) as e:
         build_trainer(tiny_cfg(tiny_checkpoint, [f], tmp_path / "run", max_length=512), show_progress=False)
     msg = str(e.value)
     assert "3 of 6 record(s) dropped (50.0%)" in msg, msg
-    for what in ("1 malformed record", "1 invalid JSON", "1 longer than max_length (512 tokens)", "no-response", "too-long", "max_dropped_fraction"):
+    for what in (
+        "1 malformed record",
+        "1 invalid JSON",
+        "1 longer than max_length (512 tokens)",
+        "no-response",
+        "too-long",
+        "max_dropped_fraction",
+    ):
         assert what in msg, msg
     # allowed: the same report is printed and training is set up
-    trainer, stats = build_trainer(tiny_cfg(tiny_checkpoint, [f], tmp_path / "run", max_length=512, max_dropped_fraction=0.5), show_progress=False)
+    trainer, stats = build_trainer(
+        tiny_cfg(tiny_checkpoint, [f], tmp_path / "run", max_length=512, max_dropped_fraction=0.5), show_progress=False
+    )
     assert stats.kept == 3 and stats.reasons == {"malformed record": 1, "longer than max_length (512 tokens)": 1, "invalid JSON": 1}
     assert "3 of 6 record(s) dropped" in capsys.readouterr().err
 
@@ -407,13 +485,30 @@ def test_unreachable_hub_hint_names_the_hf_cli_the_venv_has(monkeypatch):
 
 def _sleep_record(rid: str, seconds: int) -> dict:
     code = f"import time\ntime.sleep({seconds})\nprint(1)"
-    return {"id": rid, "image": [], "question": "q", "response": f"<think>\n<code>\n```python\n{code}\n```\n</code>\n<sandbox_output>1</sandbox_output></think>\n<answer>1</answer>"}
+    return {
+        "id": rid,
+        "image": [],
+        "question": "q",
+        "response": f"<think>\n<code>\n```python\n{code}\n```\n</code>\n<sandbox_output>1</sandbox_output></think>\n<answer>1</answer>",
+    }
 
 
 def test_ctrl_c_stops_replay_while_a_batch_of_code_runs(tmp_path):
     records = tmp_path / "r.jsonl"
     records.write_text("".join(json.dumps(_sleep_record(f"s{i}", 60)) + "\n" for i in range(2)))
-    args = [sys.executable, "-m", "thyme.cli", "replay", str(records), "--batch-size", "2", "--timeout", "120", "--out", str(tmp_path / "o.jsonl")]
+    args = [
+        sys.executable,
+        "-m",
+        "thyme.cli",
+        "replay",
+        str(records),
+        "--batch-size",
+        "2",
+        "--timeout",
+        "120",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     time.sleep(6)  # both blocks are sleeping in the sandbox by now
     os.kill(proc.pid, signal.SIGINT)
@@ -446,8 +541,20 @@ def test_eval_with_a_model_refuses_a_truncated_image_before_loading_it(tmp_path,
     Image.effect_noise((256, 256), 64).convert("RGB").save(big, quality=95)
     (tmp_path / "imgs" / "cut.jpg").write_bytes(big.read_bytes()[: big.stat().st_size // 2])
     data = tmp_path / "vstar.jsonl"
-    rows = [{"question_id": str(i), "image": f"imgs/{n}", "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"} for i, n in enumerate(["big.jpg", "cut.jpg"])]
+    rows = [
+        {
+            "question_id": str(i),
+            "image": f"imgs/{n}",
+            "question": "Left or right?",
+            "options": "(A) left\n(B) right",
+            "category": "relative_position",
+            "answer": "A",
+        }
+        for i, n in enumerate(["big.jpg", "cut.jpg"])
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = thyme_main(["eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o")])
+    rc = thyme_main(
+        ["eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "cut.jpg" in err and "truncated" in err and "no-such-model" not in err, err

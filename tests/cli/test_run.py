@@ -34,14 +34,29 @@ def _said(content: str, *, stop: str | None = None) -> dict:
     """A plan entry: the server returns this chat completion instead of generating (vLLM's shape:
     a matched stop string is left out of the text and named in ``stop_reason``)."""
     choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "stop_reason": stop}
-    return {"status": 200, "body": {"id": "chatcmpl-scripted", "object": "chat.completion", "model": "tiny", "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}}
+    return {
+        "status": 200,
+        "body": {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion",
+            "model": "tiny",
+            "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     server_mod = pytest.importorskip("thyme.testing.openai_server")
     pytest.importorskip("thyme.backends.openai")
-    with server_mod.start_server(tiny_checkpoint, served_model_name="tiny", log_dir=tmp_path_factory.mktemp("srv"), startup_timeout_s=120, extra_args=["--threads", "1"]) as s:
+    with server_mod.start_server(
+        tiny_checkpoint,
+        served_model_name="tiny",
+        log_dir=tmp_path_factory.mktemp("srv"),
+        startup_timeout_s=120,
+        extra_args=["--threads", "1"],
+    ) as s:
         yield s
 
 
@@ -63,8 +78,22 @@ def control(server):
 
 
 def _run(server, tmp_path, *extra: str) -> list[str]:
-    return ["run", "--base-url", server.base_url, "--model", "tiny", "--image", _image(tmp_path), "--question", "What colour is it?",
-            "--max-pixels", "50176", "--out", str(tmp_path / "t.json"), *extra]
+    return [
+        "run",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "tiny",
+        "--image",
+        _image(tmp_path),
+        "--question",
+        "What colour is it?",
+        "--max-pixels",
+        "50176",
+        "--out",
+        str(tmp_path / "t.json"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -100,7 +129,21 @@ def test_run_against_the_dev_server_runs_code_and_continues(server, control, tmp
 @pytest.mark.slow
 def test_run_against_the_dev_server_generating(server, control, tmp_path, capsys):
     """No script: the tiny model itself generates (a few random tokens); the image reached it."""
-    assert main(_run(server, tmp_path, "--max-new-tokens", "4", "--max-rounds", "1", "--config", _yaml(tmp_path, "model:\n  timeout_s: 120\n  image_format: png\n"))) == 0
+    assert (
+        main(
+            _run(
+                server,
+                tmp_path,
+                "--max-new-tokens",
+                "4",
+                "--max-rounds",
+                "1",
+                "--config",
+                _yaml(tmp_path, "model:\n  timeout_s: 120\n  image_format: png\n"),
+            )
+        )
+        == 0
+    )
     traj = json.loads((tmp_path / "t.json").read_text())
     assert traj["stop_reason"] != "error" and traj["meta"]["model"]["image_format"] == "png" and traj["meta"]["model"]["timeout_s"] == 120
     (req,) = control.requests()
@@ -155,8 +198,28 @@ def test_run_base_url_builds_the_openai_backend_with_the_model_section_and_key(t
 
     monkeypatch.setattr(openai_mod, "OpenAIBackend", fake)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
-    argv = ["run", "--base-url", "http://127.0.0.1:9/v1", "--model", "served", "--image", _image(tmp_path), "--question", "q", "--no-send-stop",
-            "--config", _yaml(tmp_path, "model:\n  continuation: sglang\n  concurrency: 2\n  max_pixels: 50176\n")]
+    argv = [
+        "run",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "served",
+        "--image",
+        _image(tmp_path),
+        "--question",
+        "q",
+        "--no-send-stop",
+        "--config",
+        _yaml(tmp_path, "model:\n  continuation: sglang\n  concurrency: 2\n  max_pixels: 50176\n"),
+    ]
     with pytest.raises(Stop):
         main(argv)
-    assert made == {"base_url": "http://127.0.0.1:9/v1", "model": "served", "api_key": "sk-env", "continuation": "sglang", "concurrency": 2, "max_pixels": 50176, "send_stop": False}
+    assert made == {
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "served",
+        "api_key": "sk-env",
+        "continuation": "sglang",
+        "concurrency": 2,
+        "max_pixels": 50176,
+        "send_stop": False,
+    }

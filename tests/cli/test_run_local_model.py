@@ -58,7 +58,9 @@ def test_rendered_prompt_is_byte_identical_to_training(backend):
     # after the first code round: the recorded response up to its sandbox output, with the
     # output image as vision tokens, exactly as the SFT data was rendered
     first = protocol.split_recorded_response(rec["response"])[0]
-    parts = [protocol.text_part(first)] + protocol.feedback_parts(type("R", (), {"ok": True, "images": ["/x.jpg"], "stdout": "", "state_lost": False})())
+    parts = [protocol.text_part(first)] + protocol.feedback_parts(
+        type("R", (), {"ok": True, "images": ["/x.jpg"], "stdout": "", "state_lost": False})()
+    )
     recorded = rec["response"][: rec["response"].index("</sandbox_output>") + len("</sandbox_output>")]
     assert backend.render_prompt(GenerationRequest(msgs, protocol.merge_text_parts(parts))) == head + recorded.replace("<image>", VISION)
 
@@ -90,9 +92,25 @@ def test_sandbox_image_enters_the_next_round(backend, tmp_path):
 def test_thyme_run_cli_writes_the_trajectory_and_its_images(tiny_checkpoint, tmp_path):
     out = tmp_path / "run" / "traj.json"
     p = run_cli(
-        "run", "--model", str(tiny_checkpoint), "--image", str(CORPUS / "thyme/images/case1-1.jpg"),
-        "--question", "What street is on the sign?", "--prefill", CROP,
-        "--max-new-tokens", "8", "--max-rounds", "2", "--dtype", "float32", "--seed", "0", "--out", str(out),
+        "run",
+        "--model",
+        str(tiny_checkpoint),
+        "--image",
+        str(CORPUS / "thyme/images/case1-1.jpg"),
+        "--question",
+        "What street is on the sign?",
+        "--prefill",
+        CROP,
+        "--max-new-tokens",
+        "8",
+        "--max-rounds",
+        "2",
+        "--dtype",
+        "float32",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.rstrip().splitlines()[-1].startswith("answer:")

@@ -32,18 +32,26 @@ def released_sft_rows() -> list[dict]:
         if imgs:
             question = protocol.user_prompt_text(protocol.strip_question_placeholder(question), names[0], image_size(imgs[0]))
         if names:
-            response = r["response"].replace("print(processed_path)", f"print(processed_path)\n# saved as {names[-1]} ; see /other/disk/unknown.png")
+            response = r["response"].replace(
+                "print(processed_path)", f"print(processed_path)\n# saved as {names[-1]} ; see /other/disk/unknown.png"
+            )
         else:
             response = r["response"].replace("print(y_val)", "print(y_val)  # /other/disk/unknown.png")
-        rows.append({"image": [{"bytes": p.read_bytes(), "path": n} for p, n in zip(imgs, names)], "question": question, "response": response})
+        rows.append(
+            {"image": [{"bytes": p.read_bytes(), "path": n} for p, n in zip(imgs, names)], "question": question, "response": response}
+        )
     return rows
 
 
 def write_parquet(rows: list[dict], path: Path) -> Path:
     import datasets
 
-    features = datasets.Features({"image": datasets.Sequence(datasets.Image()), "question": datasets.Value("string"), "response": datasets.Value("string")})
-    datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("image", "question", "response")}, features=features).to_parquet(str(path))
+    features = datasets.Features(
+        {"image": datasets.Sequence(datasets.Image()), "question": datasets.Value("string"), "response": datasets.Value("string")}
+    )
+    datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("image", "question", "response")}, features=features).to_parquet(
+        str(path)
+    )
     return path
 
 
@@ -96,11 +104,25 @@ def test_images_as_base64_bytes_or_paths_and_rl_rows(tmp_path):
     raw = img.read_bytes()
     b64 = base64.b64encode(raw).decode()
     rows = [
-        {"id": "rl-a", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": '<image>\nWhat? ### User Image Path:** "/mnt/x/150.jpg"'}],
-         "images": ["data:image/jpeg;base64," + b64], "solution": "black", "question": "What?"},
+        {
+            "id": "rl-a",
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": '<image>\nWhat? ### User Image Path:** "/mnt/x/150.jpg"'},
+            ],
+            "images": ["data:image/jpeg;base64," + b64],
+            "solution": "black",
+            "question": "What?",
+        },
         {"id": "rl-b", "messages": [{"role": "user", "content": "<image>\nQ"}], "images": [b64], "solution": "1", "question": "Q"},
         {"id": "rl-c", "messages": [{"role": "user", "content": "<image>\nQ"}], "images": ["imgs/p.jpg"], "solution": "2", "question": "Q"},
-        {"id": "rl-d", "messages": [{"role": "user", "content": "<image>\nQ"}], "images": ["imgs/missing.jpg"], "solution": "3", "question": "Q"},
+        {
+            "id": "rl-d",
+            "messages": [{"role": "user", "content": "<image>\nQ"}],
+            "images": ["imgs/missing.jpg"],
+            "solution": "3",
+            "question": "Q",
+        },
         {"id": "weird", "foo": 1},
     ]
     (tmp_path / "imgs").mkdir()
@@ -128,7 +150,9 @@ def test_image_values_and_path_rewriting_units(tmp_path):
     rw = PathRewriter({"in.jpg": "/L/in.jpg", "out_1.png": "/L/out_1.png"}, "/L/in.jpg")
     q = rw.question('<image>\nQ\n### User Image Path:** "/authors/disk/orig_name.jpg"')
     assert q.endswith('"/L/in.jpg"')
-    text = rw.text('cv2.imread("/authors/disk/orig_name.jpg"); p = "/x/out_1.png"; o = "/mnt/data/temp_processed_images/z.png"; f"a_{s}.jpg"')
+    text = rw.text(
+        'cv2.imread("/authors/disk/orig_name.jpg"); p = "/x/out_1.png"; o = "/mnt/data/temp_processed_images/z.png"; f"a_{s}.jpg"'
+    )
     assert '"/L/in.jpg"' in text and '"/L/out_1.png"' in text and "/mnt/data/temp_processed_images/z.png" in text
     assert rw.unresolved == []
 

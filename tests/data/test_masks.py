@@ -64,7 +64,7 @@ def test_one_round_record_trains_all_assistant_text_but_the_sandbox_output(proce
     rec = corpus_record("thyme-case-1")
     s = encode_record(rec, processor)
     span = rec.spans[0]
-    assert s.trained_texts() == [rec.response[: span.start], rec.response[span.end:] + "<|im_end|>"]
+    assert s.trained_texts() == [rec.response[: span.start], rec.response[span.end :] + "<|im_end|>"]
     # with all rounds trained, a two-round record trains its first round too, never an output
     s7 = encode_record(corpus_record("thyme-case-7"), processor, MaskConfig(last_round_only=False))
     assert len(s7.trained_texts()) == 3 and "math.log2(15/11)" in s7.trained_texts()[0]
@@ -132,20 +132,26 @@ def test_every_image_stays_under_the_pixel_budget(tiny_checkpoint):
 
 
 def test_text_only_record_and_literal_special_tokens(processor):
-    rec = parse_sft_record({"id": "t", "image": [], "question": "What is 2+2?", "response": "<think>say <|im_end|> here</think>\n<answer>4</answer>"})
+    rec = parse_sft_record(
+        {"id": "t", "image": [], "question": "What is 2+2?", "response": "<think>say <|im_end|> here</think>\n<answer>4</answer>"}
+    )
     s = encode_record(rec, processor)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     trained = [t for t in s.labels if t != IGNORE_INDEX]
     assert trained.count(eos) == 1 and trained[-1] == eos  # the literal one stays text
     assert s.pixel_values is None and s.num_images == 0
-    assert show_masks(s, as_json=True) == json.dumps([rec.response.replace("<|im_end|>", "<\u200b|im_end|>") + "<|im_end|>"], ensure_ascii=False)
+    assert show_masks(s, as_json=True) == json.dumps(
+        [rec.response.replace("<|im_end|>", "<\u200b|im_end|>") + "<|im_end|>"], ensure_ascii=False
+    )
 
 
 def test_bad_records_are_clear_errors(tmp_path):
     from thyme.errors import RecordError
 
     with pytest.raises(RecordError, match="image"):
-        parse_sft_record({"image": ["a.jpg"], "question": "<image>\nq", "response": "<sandbox_output><image></sandbox_output>"}, check_files=False)
+        parse_sft_record(
+            {"image": ["a.jpg"], "question": "<image>\nq", "response": "<sandbox_output><image></sandbox_output>"}, check_files=False
+        )
     with pytest.raises(RecordError, match="never closed"):
         parse_sft_record({"image": [], "question": "q", "response": "<code>x</code><sandbox_output>1"})
     records = tmp_path / "r.jsonl"

@@ -53,10 +53,54 @@ def hrbench_tsv(path):
     header = ["index", "question", "A", "B", "C", "D", "answer", "category", "cycle_category", "image"]
     q = "What is written on the sign?"
     rows = [
-        {"index": 0, "question": q, "A": "27B", "B": "37B", "C": "27D", "D": "27E", "answer": "A", "category": "single", "cycle_category": "0", "image": b64((64, 48), "red")},
-        {"index": 1, "question": q, "A": "27E", "B": "27B", "C": "37B", "D": "27D", "answer": "B", "category": "single", "cycle_category": "1", "image": "0"},
-        {"index": 2, "question": "Which car is closer?", "A": "left", "B": "right", "C": "same", "D": "none", "answer": "C", "category": "cross", "cycle_category": "0", "image": b64((80, 40), "blue", "PNG")},
-        {"index": 3, "question": "Which car is closer?", "A": "none", "B": "left", "C": "right", "D": "same", "answer": "D", "category": "cross", "cycle_category": "1", "image": "2"},
+        {
+            "index": 0,
+            "question": q,
+            "A": "27B",
+            "B": "37B",
+            "C": "27D",
+            "D": "27E",
+            "answer": "A",
+            "category": "single",
+            "cycle_category": "0",
+            "image": b64((64, 48), "red"),
+        },
+        {
+            "index": 1,
+            "question": q,
+            "A": "27E",
+            "B": "27B",
+            "C": "37B",
+            "D": "27D",
+            "answer": "B",
+            "category": "single",
+            "cycle_category": "1",
+            "image": "0",
+        },
+        {
+            "index": 2,
+            "question": "Which car is closer?",
+            "A": "left",
+            "B": "right",
+            "C": "same",
+            "D": "none",
+            "answer": "C",
+            "category": "cross",
+            "cycle_category": "0",
+            "image": b64((80, 40), "blue", "PNG"),
+        },
+        {
+            "index": 3,
+            "question": "Which car is closer?",
+            "A": "none",
+            "B": "left",
+            "C": "right",
+            "D": "same",
+            "answer": "D",
+            "category": "cross",
+            "cycle_category": "1",
+            "image": "2",
+        },
     ]
     return write_tsv(path, header, rows)
 
@@ -65,7 +109,13 @@ def hrbench_tsv(path):
 
 
 def test_benchmark_names_and_aliases():
-    assert [get_benchmark(n).name for n in ("vstar", "hrbench4k", "hrbench8k", "mme-realworld", "mme-realworld-lite")] == ["vstar", "hrbench4k", "hrbench8k", "mme-realworld", "mme-realworld-lite"]
+    assert [get_benchmark(n).name for n in ("vstar", "hrbench4k", "hrbench8k", "mme-realworld", "mme-realworld-lite")] == [
+        "vstar",
+        "hrbench4k",
+        "hrbench8k",
+        "mme-realworld",
+        "mme-realworld-lite",
+    ]
     assert get_benchmark("HRBench4K").name == "hrbench4k" and get_benchmark("MME-RealWorld-Lite").name == "mme-realworld-lite"
     assert get_benchmark("VStarBench").name == "vstar" and get_benchmark("MME_RealWorld").name == "mme-realworld"
     with pytest.raises(BenchmarkDataError, match="known benchmarks: vstar, hrbench4k"):
@@ -119,8 +169,26 @@ def test_mme_realworld_lite_tsv_multichoice_column(tmp_path):
     category 'Task/Subtask', 'l2-category'."""
     header = ["index", "question", "multi-choice options", "answer", "category", "l2-category", "image"]
     rows = [
-        {"index": 7, "question": "Where is the crane?", "multi-choice options": str(["(A) upper right", "(B) upper left", "(C) lower right", "(D) lower left", "(E) This image doesn't feature the position."]), "answer": "A", "category": "Perception/Remote Sensing", "l2-category": "position", "image": b64((40, 30))},
-        {"index": 8, "question": "How many?", "multi-choice options": str(["(A) 1", "(B) 2", "(C) 3", "(D) 4", "(E) none"]), "answer": "E", "category": "Reasoning/Monitoring", "l2-category": "calculate", "image": "7"},
+        {
+            "index": 7,
+            "question": "Where is the crane?",
+            "multi-choice options": str(
+                ["(A) upper right", "(B) upper left", "(C) lower right", "(D) lower left", "(E) This image doesn't feature the position."]
+            ),
+            "answer": "A",
+            "category": "Perception/Remote Sensing",
+            "l2-category": "position",
+            "image": b64((40, 30)),
+        },
+        {
+            "index": 8,
+            "question": "How many?",
+            "multi-choice options": str(["(A) 1", "(B) 2", "(C) 3", "(D) 4", "(E) none"]),
+            "answer": "E",
+            "category": "Reasoning/Monitoring",
+            "l2-category": "calculate",
+            "image": "7",
+        },
     ]
     tsv = write_tsv(tmp_path / "MME-RealWorld-Lite.tsv", header, rows)
     got = load_rows("mme-realworld-lite", tsv)
@@ -133,10 +201,28 @@ def test_mme_realworld_lite_tsv_multichoice_column(tmp_path):
 
 def test_vstar_tsv_with_hint_and_two_options(tmp_path):
     header = ["index", "question", "hint", "A", "B", "answer", "category", "image"]
-    tsv = write_tsv(tmp_path / "VStarBench.tsv", header, [{"index": 181, "question": "Is the red balloon above or below the white balloon?", "hint": "", "A": "below", "B": "above", "answer": "A", "category": "relative_position", "image": b64((30, 20))}])
+    tsv = write_tsv(
+        tmp_path / "VStarBench.tsv",
+        header,
+        [
+            {
+                "index": 181,
+                "question": "Is the red balloon above or below the white balloon?",
+                "hint": "",
+                "A": "below",
+                "B": "above",
+                "answer": "A",
+                "category": "relative_position",
+                "image": b64((30, 20)),
+            }
+        ],
+    )
     (row,) = load_rows("vstar", tsv)
     assert row.options == {"A": "below", "B": "above"} and row.hint is None
-    assert build_question(row) == "Question: Is the red balloon above or below the white balloon?\nOptions:\nA. below\nB. above\nPlease select the correct answer from the options above."
+    assert (
+        build_question(row)
+        == "Question: Is the red balloon above or below the white balloon?\nOptions:\nA. below\nB. above\nPlease select the correct answer from the options above."
+    )
 
 
 # --------------------------------------------------------------------------- parquet
@@ -145,8 +231,21 @@ def test_vstar_tsv_with_hint_and_two_options(tmp_path):
 def test_parquet_with_hf_image_struct_and_base64(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    common = {"question": ["Q1", "Q2"], "A": ["x", "y"], "B": ["y", "x"], "answer": ["A", "B"], "category": ["single", "cross"], "cycle_category": ["0", "1"]}
-    t1 = pa.table({"index": [10, 11], **common, "image": [{"bytes": image_bytes((33, 22)), "path": "a.jpg"}, {"bytes": image_bytes((44, 11), fmt="PNG"), "path": "b.png"}]})
+    common = {
+        "question": ["Q1", "Q2"],
+        "A": ["x", "y"],
+        "B": ["y", "x"],
+        "answer": ["A", "B"],
+        "category": ["single", "cross"],
+        "cycle_category": ["0", "1"],
+    }
+    t1 = pa.table(
+        {
+            "index": [10, 11],
+            **common,
+            "image": [{"bytes": image_bytes((33, 22)), "path": "a.jpg"}, {"bytes": image_bytes((44, 11), fmt="PNG"), "path": "b.png"}],
+        }
+    )
     pq.write_table(t1, tmp_path / "hr.parquet")
     rows = load_rows("hrbench8k", tmp_path / "hr.parquet")
     assert [r.key for r in rows] == ["10", "11"] and rows[1].answer == "B" and rows[1].cycle == "1"
@@ -165,10 +264,21 @@ def test_parquet_with_hf_image_struct_and_base64(tmp_path):
 def test_vstar_official_jsonl_with_image_folder(tmp_path):
     (tmp_path / "direct_attributes").mkdir()
     Image.new("RGB", (50, 40)).save(tmp_path / "direct_attributes" / "sa_4690.jpg")
-    line = {"image": "direct_attributes/sa_4690.jpg", "text": "What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather\nAnswer with the option's letter from the given choices directly.", "category": "direct_attributes", "question_id": 0, "label": "A"}
+    line = {
+        "image": "direct_attributes/sa_4690.jpg",
+        "text": "What is the material of the glove?\n(A) rubber\n(B) cotton\n(C) kevlar\n(D) leather\nAnswer with the option's letter from the given choices directly.",
+        "category": "direct_attributes",
+        "question_id": 0,
+        "label": "A",
+    }
     (tmp_path / "test_questions.jsonl").write_text(json.dumps(line) + "\n")
     (row,) = load_rows("vstar", tmp_path / "test_questions.jsonl")
-    assert row.question == "What is the material of the glove?" and row.options == {"A": "rubber", "B": "cotton", "C": "kevlar", "D": "leather"}
+    assert row.question == "What is the material of the glove?" and row.options == {
+        "A": "rubber",
+        "B": "cotton",
+        "C": "kevlar",
+        "D": "leather",
+    }
     assert row.answer == "A" and row.category == "direct_attributes"
     assert row.image == str(tmp_path / "direct_attributes" / "sa_4690.jpg")
     check_images([row], images_root=None, data=tmp_path / "test_questions.jsonl")
@@ -177,8 +287,27 @@ def test_vstar_official_jsonl_with_image_folder(tmp_path):
 
 def test_mme_realworld_official_json_and_missing_images_listed(tmp_path):
     items = [
-        {"Question_id": "perception/diagram_and_table/diagram/0558", "Image": "diagram_and_table/cons9.jpg", "Text": "What is the data of Interest in Feb-23 in the table?", "Question Type": "Multiple Choice", "Answer choices": ["(A) 458", "(B) 457", "(C) 456", "(D) 455", "(E) This image doesn't feature the data."], "Ground truth": "B", "Category": "diagram", "Subtask": "Diagram and Table", "Task": "Perception"},
-        {"Question_id": "perception/monitoring/Vehicle/counting/0310", "Image": "monitoring_images/9999998.jpg", "Text": "What is the number of buses in the image?", "Answer choices": ["(A) 13", "(B) 90", "(C) 77", "(D) 6", "(E) The image does not feature the buses"], "Ground truth": "E", "Category": "Vehicle/counting", "Subtask": "Monitoring", "Task": "Perception"},
+        {
+            "Question_id": "perception/diagram_and_table/diagram/0558",
+            "Image": "diagram_and_table/cons9.jpg",
+            "Text": "What is the data of Interest in Feb-23 in the table?",
+            "Question Type": "Multiple Choice",
+            "Answer choices": ["(A) 458", "(B) 457", "(C) 456", "(D) 455", "(E) This image doesn't feature the data."],
+            "Ground truth": "B",
+            "Category": "diagram",
+            "Subtask": "Diagram and Table",
+            "Task": "Perception",
+        },
+        {
+            "Question_id": "perception/monitoring/Vehicle/counting/0310",
+            "Image": "monitoring_images/9999998.jpg",
+            "Text": "What is the number of buses in the image?",
+            "Answer choices": ["(A) 13", "(B) 90", "(C) 77", "(D) 6", "(E) The image does not feature the buses"],
+            "Ground truth": "E",
+            "Category": "Vehicle/counting",
+            "Subtask": "Monitoring",
+            "Task": "Perception",
+        },
     ]
     data = tmp_path / "MME_RealWorld.json"
     data.write_text(json.dumps(items))
@@ -216,7 +345,9 @@ def test_bad_rows_are_named(tmp_path):
 @needs_corpus
 def test_corpus_samples_and_annotations():
     s = CORPUS / "benchmarks" / "samples"
-    counts = {b: len(load_rows(b, s / f"{b}.jsonl", images_root=CORPUS)) for b in ("vstar", "hrbench4k", "mme-realworld-lite", "mme-realworld")}
+    counts = {
+        b: len(load_rows(b, s / f"{b}.jsonl", images_root=CORPUS)) for b in ("vstar", "hrbench4k", "mme-realworld-lite", "mme-realworld")
+    }
     assert counts == {"vstar": 1, "hrbench4k": 3, "mme-realworld-lite": 2, "mme-realworld": 1}
     for b in counts:
         check_images(load_rows(b, s / f"{b}.jsonl", images_root=CORPUS), images_root=CORPUS, data=s / f"{b}.jsonl")
@@ -240,6 +371,12 @@ def test_prompt_is_the_text_the_reference_evaluated():
 
 def test_chinese_questions_get_the_chinese_instruction(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(json.dumps({"question_id": 1, "question": "图中的车是什么颜色？", "options": "A. 红\nB. 蓝", "answer": "A", "image": "x.jpg"}, ensure_ascii=False) + "\n")
+    f.write_text(
+        json.dumps(
+            {"question_id": 1, "question": "图中的车是什么颜色？", "options": "A. 红\nB. 蓝", "answer": "A", "image": "x.jpg"},
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     (row,) = load_rows("vstar", f)
     assert build_question(row).endswith("B. 蓝\n请直接回答选项字母。")

@@ -103,7 +103,10 @@ def test_tsv_end_to_end_images_reach_the_sandbox(tmp_path):
     assert prov["packages"]["transformers"] and "commit" in prov["git"]
     # the prompt: the benchmark question inside the Thyme user prompt, the decoded image's size
     t = preds[0]["trajectory"]
-    assert t["question"] == "Question: What is written on the sign?\nOptions:\nA. 27B\nB. 37B\nC. 27D\nD. 27E\nPlease select the correct answer from the options above."
+    assert (
+        t["question"]
+        == "Question: What is written on the sign?\nOptions:\nA. 27B\nB. 37B\nC. 27D\nD. 27E\nPlease select the correct answer from the options above."
+    )
     assert Path(tmp_path / "out" / t["images"][0]).is_file()  # decoded into the run folder, path relative to it
 
 
@@ -116,7 +119,11 @@ def test_tsv_end_to_end_images_reach_the_sandbox(tmp_path):
     [
         ("hrbench4k", ANN / "hrbench_4k.jsonl", {"179": True, "224": True, "243": True}),
         ("hrbench4k", SAMPLES / "hrbench4k.jsonl", {"179": True, "224": True, "243": True}),
-        ("mme-realworld-lite", SAMPLES / "mme-realworld-lite.jsonl", {"perception/ocr_cc/license/0384": True, "reasoning/diagram_and_table/diagram/0018": False}),
+        (
+            "mme-realworld-lite",
+            SAMPLES / "mme-realworld-lite.jsonl",
+            {"perception/ocr_cc/license/0384": True, "reasoning/diagram_and_table/diagram/0018": False},
+        ),
         ("mme-realworld", SAMPLES / "mme-realworld.jsonl", {"10993": True}),
     ],
 )
@@ -179,7 +186,14 @@ def hf_backend(tiny_checkpoint):
 @needs_corpus
 @pytest.mark.parametrize("benchmark, n", [("vstar", 1), ("hrbench4k", 3), ("mme-realworld-lite", 2), ("mme-realworld", 1)])
 def test_hf_backend_on_every_benchmark_with_real_rows_and_images(tmp_path, hf_backend, benchmark, n):
-    cfg = EvalConfig(benchmark=benchmark, data=str(SAMPLES / f"{benchmark}.jsonl"), images_root=str(CORPUS), out=str(tmp_path / "o"), concurrency=2, report=False)
+    cfg = EvalConfig(
+        benchmark=benchmark,
+        data=str(SAMPLES / f"{benchmark}.jsonl"),
+        images_root=str(CORPUS),
+        out=str(tmp_path / "o"),
+        concurrency=2,
+        report=False,
+    )
     res = run_eval(cfg, agent_config=AgentConfig(max_new_tokens=8, max_rounds=2), backend_factory=lambda: _Shared(hf_backend))
     preds = lines(tmp_path / "o" / "predictions.jsonl")
     assert len(preds) == n and all(p["error"] is None for p in preds)
@@ -189,14 +203,37 @@ def test_hf_backend_on_every_benchmark_with_real_rows_and_images(tmp_path, hf_ba
     assert [p["trajectory"]["images"][0] for p in preds] == [str((CORPUS / r["image"]).resolve()) for r in rows]
     assert all(p["trajectory"]["turns"] and p["trajectory"]["question"].startswith("Question: ") for p in preds)
     prov = res.metrics["provenance"]
-    assert prov["backend"] == "hf" and prov["model"] == str(hf_backend.model_id) and prov["settings"]["pixel_budget"]["max_pixels"] == 64 * 28 * 28
+    assert (
+        prov["backend"] == "hf"
+        and prov["model"] == str(hf_backend.model_id)
+        and prov["settings"]["pixel_budget"]["max_pixels"] == 64 * 28 * 28
+    )
     assert prov["settings"]["decoding"]["max_new_tokens"] == 8
 
 
 @needs_corpus
 def test_thyme_eval_command_line_with_a_model(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "o"
-    rc = eval_main(["eval", "--benchmark", "vstar", "--data", str(SAMPLES / "vstar.jsonl"), "--images-root", str(CORPUS), "--model", str(tiny_checkpoint), "--out", str(out), "--max-new-tokens", "8", "--max-pixels", "50176", "--no-report"])
+    rc = eval_main(
+        [
+            "eval",
+            "--benchmark",
+            "vstar",
+            "--data",
+            str(SAMPLES / "vstar.jsonl"),
+            "--images-root",
+            str(CORPUS),
+            "--model",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "8",
+            "--max-pixels",
+            "50176",
+            "--no-report",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0
     assert "overall: 0.0000 (0/1)" in stdout or "overall: 1.0000 (1/1)" in stdout
@@ -206,7 +243,21 @@ def test_thyme_eval_command_line_with_a_model(tmp_path, tiny_checkpoint, capsys)
 
 @needs_corpus
 def test_missing_images_fail_before_loading_a_model(tmp_path, capsys):
-    rc = eval_main(["eval", "--benchmark", "hrbench4k", "--data", str(SAMPLES / "hrbench4k.jsonl"), "--images-root", str(tmp_path), "--model", "/nonexistent/model", "--out", str(tmp_path / "o")])
+    rc = eval_main(
+        [
+            "eval",
+            "--benchmark",
+            "hrbench4k",
+            "--data",
+            str(SAMPLES / "hrbench4k.jsonl"),
+            "--images-root",
+            str(tmp_path),
+            "--model",
+            "/nonexistent/model",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "3 of 3 image(s) not found" in err and "thyme/images/case1-1.jpg" in err and str(tmp_path.resolve()) in err
     assert not (tmp_path / "o" / "predictions.jsonl").exists()
@@ -277,7 +328,9 @@ def test_limit_then_larger_limit_runs_only_the_new_rows(tmp_path):
     tsv = _rows3(tmp_path)
     out = tmp_path / "o"
     script = measuring_script({(64, 48): "A", (80, 40): "C"})
-    r1 = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False), backend_factory=lambda: Scripted(script))
+    r1 = run_eval(
+        EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=1, report=False), backend_factory=lambda: Scripted(script)
+    )
     assert r1.metrics["counts"]["rows"] == 1 and r1.metrics["overall"] == 1.0
     backend = Scripted(script)
     r2 = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(out), limit=3, report=False), backend_factory=lambda: backend)
@@ -295,7 +348,16 @@ def _sleepy_records(tmp_path, rows, sleep_s):
     for i, r in enumerate(rows):
         code = f"import time\ntime.sleep({sleep_s})\nprint('slept')" if i == 1 else "print('fast')"
         resp = f"<think>Look.\n<code>\n```python\n{code}\n```\n</code>\n<sandbox_output>x</sandbox_output>\nDone.</think>\n<answer>{r['answer']}</answer>"
-        recs.append({"id": f"rec-{i}", "benchmark": "VStarBench", "question_id": r["question_id"], "image": ["in.jpg"], "question": "<image>\nQ?", "response": resp})
+        recs.append(
+            {
+                "id": f"rec-{i}",
+                "benchmark": "VStarBench",
+                "question_id": r["question_id"],
+                "image": ["in.jpg"],
+                "question": "<image>\nQ?",
+                "response": resp,
+            }
+        )
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in recs))
     return path
@@ -306,7 +368,22 @@ def test_killed_process_resumes(tmp_path):
     rows = [json.loads(l) for l in (ANN / "vstar_bench.jsonl").read_text().splitlines()[:3]]
     records = _sleepy_records(tmp_path, rows, 3)
     out = tmp_path / "o"
-    args = [*EVAL, "--benchmark", "vstar", "--data", str(ANN / "vstar_bench.jsonl"), "--replay", str(records), "--out", str(out), "--concurrency", "1", "--timeout", "30", "--no-report"]
+    args = [
+        *EVAL,
+        "--benchmark",
+        "vstar",
+        "--data",
+        str(ANN / "vstar_bench.jsonl"),
+        "--replay",
+        str(records),
+        "--out",
+        str(out),
+        "--concurrency",
+        "1",
+        "--timeout",
+        "30",
+        "--no-report",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     pred = out / "predictions.jsonl"
     deadline = time.time() + 120
@@ -326,8 +403,23 @@ def test_killed_process_resumes(tmp_path):
 @needs_corpus
 def test_shards_run_as_separate_processes_and_merge(tmp_path):
     out = tmp_path / "o"
-    base = [*EVAL, "--benchmark", "hrbench4k", "--data", str(ANN / "hrbench_4k.jsonl"), "--replay", str(TRAJ), "--out", str(out), "--num-shards", "2", "--no-report"]
-    procs = [subprocess.Popen([*base, "--shard", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    base = [
+        *EVAL,
+        "--benchmark",
+        "hrbench4k",
+        "--data",
+        str(ANN / "hrbench_4k.jsonl"),
+        "--replay",
+        str(TRAJ),
+        "--out",
+        str(out),
+        "--num-shards",
+        "2",
+        "--no-report",
+    ]
+    procs = [
+        subprocess.Popen([*base, "--shard", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert [x["key"] for x in lines(out / "predictions.shard-0-of-2.jsonl")] == ["179", "243"]
@@ -351,7 +443,11 @@ def test_report_gets_every_row_and_its_failure_never_costs_the_metrics(tmp_path,
         Path(out_html).write_text("<html></html>")
 
     script = measuring_script({(64, 48): "A", (80, 40): "C"})
-    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o")), backend_factory=lambda: Scripted(script), report_writer=write_report)
+    res = run_eval(
+        EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o")),
+        backend_factory=lambda: Scripted(script),
+        report_writer=write_report,
+    )
     assert res.report_path == tmp_path / "o" / "report.html" and res.report_path.is_file()
     items = got["items"]
     assert [i["id"] for i in items] == ["0", "1", "2", "3"] and [i["correct"] for i in items] == [True, False, True, False]
@@ -362,7 +458,11 @@ def test_report_gets_every_row_and_its_failure_never_costs_the_metrics(tmp_path,
     def broken(items, out_html, title=None):
         raise RuntimeError("chromium went away")
 
-    res = run_eval(EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o2")), backend_factory=lambda: Scripted(script), report_writer=broken)
+    res = run_eval(
+        EvalConfig(benchmark="hrbench4k", data=str(tsv), out=str(tmp_path / "o2")),
+        backend_factory=lambda: Scripted(script),
+        report_writer=broken,
+    )
     assert "chromium went away" in res.report_error and (tmp_path / "o2" / "metrics.json").is_file()
     assert len(read_predictions(tmp_path / "o2" / "predictions.jsonl")) == 4
 
@@ -375,7 +475,9 @@ def test_base_url_builds_the_openai_backend_with_the_run_settings(tmp_path, monk
         name = "openai"
 
         def __init__(self, base_url, model, api_key=None, concurrency=8, max_pixels=None, min_pixels=None):
-            made.update(base_url=base_url, model=model, api_key=api_key, concurrency=concurrency, max_pixels=max_pixels, min_pixels=min_pixels)
+            made.update(
+                base_url=base_url, model=model, api_key=api_key, concurrency=concurrency, max_pixels=max_pixels, min_pixels=min_pixels
+            )
             super().__init__(measuring_script({(64, 48): "A", (80, 40): "C"}))
 
         def describe(self):
@@ -383,10 +485,40 @@ def test_base_url_builds_the_openai_backend_with_the_run_settings(tmp_path, monk
 
     from thyme.backends.openai import OpenAIConfig  # the flags and the model section's keys come from it
 
-    monkeypatch.setitem(sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend, OpenAIConfig=OpenAIConfig))
-    rc = eval_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--base-url", "http://127.0.0.1:9/v1", "--model", "thyme-7b", "--api-key", "k", "--out", str(tmp_path / "o"), "--concurrency", "3", "--max-pixels", "2408448", "--no-report"])
+    monkeypatch.setitem(
+        sys.modules, "thyme.backends.openai", types.SimpleNamespace(OpenAIBackend=FakeOpenAIBackend, OpenAIConfig=OpenAIConfig)
+    )
+    rc = eval_main(
+        [
+            "eval",
+            "--benchmark",
+            "hrbench4k",
+            "--data",
+            str(tsv),
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "thyme-7b",
+            "--api-key",
+            "k",
+            "--out",
+            str(tmp_path / "o"),
+            "--concurrency",
+            "3",
+            "--max-pixels",
+            "2408448",
+            "--no-report",
+        ]
+    )
     assert rc == 0
-    assert made == {"base_url": "http://127.0.0.1:9/v1", "model": "thyme-7b", "api_key": "k", "concurrency": 3, "max_pixels": 2408448, "min_pixels": None}
+    assert made == {
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "thyme-7b",
+        "api_key": "k",
+        "concurrency": 3,
+        "max_pixels": 2408448,
+        "min_pixels": None,
+    }
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["provenance"]["backend"] == "openai" and m["provenance"]["settings"]["served_model"] == "thyme-7b" and m["overall"] == 0.5
 
@@ -398,7 +530,10 @@ def test_base_url_builds_the_openai_backend_with_the_run_settings(tmp_path, monk
         (["--benchmark", "vstar", "--data", "x.jsonl", "--out", "o"], "exactly one of --model ID"),
         (["--benchmark", "vstar", "--data", "x.jsonl", "--out", "o", "--model", "m", "--replay", "r.jsonl"], "got --replay, --model"),
         (["--benchmark", "vstar", "--data", "x.jsonl", "--out", "o", "--base-url", "http://h/v1"], "--base-url needs --model"),
-        (["--benchmark", "vstar", "--data", "x.jsonl", "--out", "o", "--model", "m", "--num-shards", "2", "--shard", "2"], "--shard must be in [0, 2)"),
+        (
+            ["--benchmark", "vstar", "--data", "x.jsonl", "--out", "o", "--model", "m", "--num-shards", "2", "--shard", "2"],
+            "--shard must be in [0, 2)",
+        ),
     ],
 )
 def test_argument_errors(tmp_path, capsys, monkeypatch, argv, message):
@@ -417,10 +552,36 @@ def test_base_url_against_a_real_server_process_with_a_continued_tool_call(tmp_p
     crop = "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\npath = '/mnt/data/temp_processed_images/c.png'\nimg.crop((0, 0, 200, 150)).save(path)\nprint(path)\n```\n</code>"
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("agent:\n  prefill: " + json.dumps(crop) + "\n  max_new_tokens: 8\n")
-    with server_mod.start_server(tiny_checkpoint, served_model_name="tiny", log_dir=tmp_path / "srv", startup_timeout_s=120, extra_args=["--threads", "1"]) as s:
+    with server_mod.start_server(
+        tiny_checkpoint, served_model_name="tiny", log_dir=tmp_path / "srv", startup_timeout_s=120, extra_args=["--threads", "1"]
+    ) as s:
         p = subprocess.run(
-            [*EVAL, "--benchmark", "hrbench4k", "--data", str(SAMPLES / "hrbench4k.jsonl"), "--images-root", str(CORPUS), "--base-url", s.base_url, "--model", "tiny", "--out", str(tmp_path / "o"), "--max-pixels", "50176", "--concurrency", "3", "--config", str(cfg), "--no-report"],
-            capture_output=True, text=True, env=ENV, timeout=300,
+            [
+                *EVAL,
+                "--benchmark",
+                "hrbench4k",
+                "--data",
+                str(SAMPLES / "hrbench4k.jsonl"),
+                "--images-root",
+                str(CORPUS),
+                "--base-url",
+                s.base_url,
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "o"),
+                "--max-pixels",
+                "50176",
+                "--concurrency",
+                "3",
+                "--config",
+                str(cfg),
+                "--no-report",
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
         )
         assert p.returncode == 0, p.stderr + s.log_tail()
     preds = lines(tmp_path / "o" / "predictions.jsonl")

@@ -26,17 +26,21 @@ from ..conftest import CORPUS, corpus_records, needs_corpus
 if os.environ.get("THYME_REQUIRE_VERL"):
     import verl.experimental.agent_loop.agent_loop  # noqa: F401  (strict: an ImportError fails the run)
 else:
-    pytest.importorskip("verl.experimental.agent_loop.agent_loop",
-                        reason="veRL not installed: these run in the veRL environment (make test-verl, .venv-verl from the 'verl' extra)")
+    pytest.importorskip(
+        "verl.experimental.agent_loop.agent_loop",
+        reason="veRL not installed: these run in the veRL environment (make test-verl, .venv-verl from the 'verl' extra)",
+    )
 
 pytestmark = pytest.mark.verl
 
 REPO = Path(__file__).resolve().parents[2]
-CROP = ('<think>Crop the top left.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
-        'img.crop((0, 0, 100, 80)).save("/mnt/data/temp_processed_images/crop.png")\n'
-        'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>')
-BROKEN = '\nThat was small; measure it.\n<code>\n```python\nprint(undefined_name)\n```\n</code>'
-ANSWER = '\nThe crop shows the sign.</think>\n<answer>B</answer>'
+CROP = (
+    "<think>Crop the top left.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+    'img.crop((0, 0, 100, 80)).save("/mnt/data/temp_processed_images/crop.png")\n'
+    'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>'
+)
+BROKEN = "\nThat was small; measure it.\n<code>\n```python\nprint(undefined_name)\n```\n</code>"
+ANSWER = "\nThe crop shows the sign.</think>\n<answer>B</answer>"
 
 
 # --------------------------------------------------------------------------- scripted model and fakes
@@ -54,7 +58,9 @@ class ScriptedModel:
         self.cursor, self.calls, self.context = 0, [], None
 
     def step(self, prompt_ids, temperature, stop, max_tokens, n_images):
-        self.calls.append({"temperature": temperature, "stop": list(stop), "max_tokens": max_tokens, "images": n_images, "len": len(prompt_ids)})
+        self.calls.append(
+            {"temperature": temperature, "stop": list(stop), "max_tokens": max_tokens, "images": n_images, "len": len(prompt_ids)}
+        )
         if self.context is not None:  # in-message continuation: the context only ever grows
             assert prompt_ids[: len(self.context)] == self.context
         if self.fail_on_call == len(self.calls):
@@ -153,8 +159,13 @@ THYME = {"max_rounds": 4, "max_completion_length": 4096, "max_length": 60000, "m
 def verl_config(thyme=None, prompt_length=30000, response_length=1_000_000):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({"actor_rollout_ref": {"rollout": {"prompt_length": prompt_length, "response_length": response_length}},
-                             "data": {}, "thyme": dict(THYME, **(thyme or {}))})
+    return OmegaConf.create(
+        {
+            "actor_rollout_ref": {"rollout": {"prompt_length": prompt_length, "response_length": response_length}},
+            "data": {},
+            "thyme": dict(THYME, **(thyme or {})),
+        }
+    )
 
 
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -170,8 +181,15 @@ def run_agent_loop(cfg, processor, server, prompt, tmp_path):
     row = verl_row(prompt, 0)
 
     async def main():
-        loop = ThymeAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=server, tokenizer=processor.tokenizer, processor=processor,
-                              dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data), hf_model_type="qwen2_5_vl")
+        loop = ThymeAgentLoop(
+            trainer_config=DictConfigWrap(cfg),
+            server_manager=server,
+            tokenizer=processor.tokenizer,
+            processor=processor,
+            dataset_cls=RLHFDataset,
+            data_config=DictConfigWrap(cfg.data),
+            hf_model_type="qwen2_5_vl",
+        )
         loop.artifacts_dir = tmp_path / "verl_images"
         return await loop.run(dict(SAMPLING), raw_prompt=row["prompt"], extra_info=row["extra_info"], index=0)
 
@@ -188,10 +206,21 @@ def run_own_loop(cfg, processor, sandbox, model, prompt, tmp_path):
 
     c, _ = thyme_settings(cfg.thyme)
     tok = processor.tokenizer
-    limits = RolloutLimits(c.max_rounds, c.max_completion_length, c.max_length, c.max_images, c.ats_code_tokens,
-                           protocol.FeedbackConfig(separator=c.feedback_separator), c.prefill)
-    settings = SamplingSettings(1.0, 1.0, 0, 1.0, c.ats, repetition=RepetitionRule(c.repetition_span, c.repetition_repeats, c.repetition_window))
-    runner = RolloutRunner(VLLMServerEngine(FakeVLLMClient(model), tok, eos_ids(tok)), processor, sandbox, limits, settings, tmp_path / "own_images")
+    limits = RolloutLimits(
+        c.max_rounds,
+        c.max_completion_length,
+        c.max_length,
+        c.max_images,
+        c.ats_code_tokens,
+        protocol.FeedbackConfig(separator=c.feedback_separator),
+        c.prefill,
+    )
+    settings = SamplingSettings(
+        1.0, 1.0, 0, 1.0, c.ats, repetition=RepetitionRule(c.repetition_span, c.repetition_repeats, c.repetition_window)
+    )
+    runner = RolloutRunner(
+        VLLMServerEngine(FakeVLLMClient(model), tok, eos_ids(tok)), processor, sandbox, limits, settings, tmp_path / "own_images"
+    )
     return runner.run([prompt])[0]
 
 
@@ -221,8 +250,10 @@ def assert_same(out, own):
     assert out.extra_fields["thyme_mask_reason"] == (own.mask_reason or "")
     t1, t2 = json.loads(out.extra_fields["thyme_trajectory"]), own.trajectory.to_dict()
     # (printed text may differ run to run: corpus code names its output files randomly)
-    strip = lambda t: [(x["text"], x["code"], x["end"], (x.get("execution") or {}).get("ok"), len((x.get("execution") or {}).get("images", [])))
-                       for x in t["turns"]]
+    strip = lambda t: [
+        (x["text"], x["code"], x["end"], (x.get("execution") or {}).get("ok"), len((x.get("execution") or {}).get("images", [])))
+        for x in t["turns"]
+    ]
     assert strip(t1) == strip(t2) and t1["answer"] == t2["answer"] and t1["stop_reason"] == t2["stop_reason"]
     from thyme.agent import Trajectory
 
@@ -310,7 +341,9 @@ def test_caps_and_repetition_stop_like_the_own_loop(processor, sandbox, prompt, 
     # veRL's response tensor bounds the rollout like the project's total-length cap: a token cap
     # at a token boundary, the feedback (its image block) left out rather than cut
     cap = len(processor.tokenizer.encode(CROP, add_special_tokens=False)) + 10
-    out, own, _ = both([CROP, ANSWER], processor, sandbox, prompt, tmp_path, thyme={"max_length": len(own.prompt_ids) + cap}, response_length=cap)
+    out, own, _ = both(
+        [CROP, ANSWER], processor, sandbox, prompt, tmp_path, thyme={"max_length": len(own.prompt_ids) + cap}, response_length=cap
+    )
     assert own.stop_reason == "token_cap" and len(out.response_ids) <= cap and not (out.multi_modal_data or {}).get("images", [])[1:]
     assert_same(out, own)
 
@@ -378,11 +411,24 @@ def test_same_trajectory_as_thyme_replay_for_the_recorded_model_output(processor
         replay(rf, sandbox=sandbox, images_root=CORPUS / "thyme", on_row=rows.append)
         want = rows[0]["trajectory"]
         got = json.loads(out.extra_fields["thyme_trajectory"])
-        key = lambda t: [(x["text"], x["code"], x["end"], x["execution"]["ok"] if x.get("execution") else None,
-                          len((x.get("execution") or {}).get("images", []))) for x in t["turns"] if x["text"] or x["code"]]
+        key = lambda t: [
+            (
+                x["text"],
+                x["code"],
+                x["end"],
+                x["execution"]["ok"] if x.get("execution") else None,
+                len((x.get("execution") or {}).get("images", [])),
+            )
+            for x in t["turns"]
+            if x["text"] or x["code"]
+        ]
         assert key(got) == key(want), rec["id"]
         assert got["answer"] == want["answer"] == protocol.extract_answer(rec["response"])
-        assert got["stop_reason"] == want["stop_reason"] == ("answer" if rec["response"].rstrip().endswith("</answer>") else got["stop_reason"])
+        assert (
+            got["stop_reason"]
+            == want["stop_reason"]
+            == ("answer" if rec["response"].rstrip().endswith("</answer>") else got["stop_reason"])
+        )
         from thyme.agent import Trajectory
 
         assert Trajectory.from_dict(got).response_text() == Trajectory.from_dict(want).response_text() == rec["response"]
@@ -395,7 +441,9 @@ def test_the_grpo_ats_config_composes_on_verls_trainer_config():
     from thyme.integrations.verl.agent_loop import thyme_settings
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose("verl_grpo_ats", overrides=["data.train_files=x.parquet", "data.val_files=x.parquet", f"+THYME_CONFIGS={REPO / 'configs'}"])
+        cfg = compose(
+            "verl_grpo_ats", overrides=["data.train_files=x.parquet", "data.val_files=x.parquet", f"+THYME_CONFIGS={REPO / 'configs'}"]
+        )
     r = cfg.actor_rollout_ref.rollout
     assert r.agent.default_agent_loop == "thyme_agent" and r.name == "vllm" and r.n == 4 and r.calculate_log_probs
     assert Path(OmegaConf.to_container(r.agent, resolve=True)["agent_loop_config_path"]).name == "verl_agent_loop.yaml"
@@ -426,7 +474,9 @@ def test_concurrent_samples_on_one_event_loop_each_match_the_single_run(processo
 
         async def generate(self, request_id, **kw):
             if request_id not in self.models:
-                self.models[request_id] = FakeServerManager(ScriptedModel(tok, stream, eos_ids(tok)), tok.convert_tokens_to_ids("<|vision_start|>"))
+                self.models[request_id] = FakeServerManager(
+                    ScriptedModel(tok, stream, eos_ids(tok)), tok.convert_tokens_to_ids("<|vision_start|>")
+                )
             await asyncio.sleep(0.01)
             return await self.models[request_id].generate(request_id, **kw)
 
@@ -434,8 +484,15 @@ def test_concurrent_samples_on_one_event_loop_each_match_the_single_run(processo
 
     async def main():
         async def one():
-            loop = ThymeAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=server, tokenizer=tok, processor=processor,
-                                  dataset_cls=RLHFDataset, data_config=DictConfigWrap(cfg.data), hf_model_type="qwen2_5_vl")
+            loop = ThymeAgentLoop(
+                trainer_config=DictConfigWrap(cfg),
+                server_manager=server,
+                tokenizer=tok,
+                processor=processor,
+                dataset_cls=RLHFDataset,
+                data_config=DictConfigWrap(cfg.data),
+                hf_model_type="qwen2_5_vl",
+            )
             loop.artifacts_dir = tmp_path / "concurrent"
             return await loop.run(dict(SAMPLING), raw_prompt=row["prompt"], extra_info=row["extra_info"], index=0)
 

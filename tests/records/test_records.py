@@ -41,20 +41,27 @@ def test_write_then_parse_is_the_identity_on_the_corpus(tmp_path):
     # reading them back needs the images' folder as root (or the opt-in)
     out = write_records(recs, tmp_path / "copy.jsonl")
     again = list(iter_records(out, root=CORPUS / "thyme"))
-    assert [(r.id, r.inputs, r.outputs, r.question, r.response) for _, r in again] == [(r.id, r.inputs, r.outputs, r.question, r.response) for r in recs]
+    assert [(r.id, r.inputs, r.outputs, r.question, r.response) for _, r in again] == [
+        (r.id, r.inputs, r.outputs, r.question, r.response) for r in recs
+    ]
     refused = [e for _, e in iter_records(out) if isinstance(e, RecordError)]
     assert len(refused) == sum(1 for r in recs if r.inputs or r.outputs)  # text-only records have no path
 
 
 def test_malformed_records_name_the_line_and_the_field(tmp_path):
     f = tmp_path / "r.jsonl"
-    f.write_text("\n".join([
-        "{oops",
-        json.dumps({"question": "q"}),
-        json.dumps({"image": ["a.png"], "question": "<image>\nq", "response": "<sandbox_output><image></sandbox_output>"}),
-        json.dumps({"image": [], "question": "q", "response": "<code>x</code><sandbox_output>1"}),
-        json.dumps({"image": [], "question": "q", "response": "<answer>1</answer>"}),
-    ]) + "\n")
+    f.write_text(
+        "\n".join(
+            [
+                "{oops",
+                json.dumps({"question": "q"}),
+                json.dumps({"image": ["a.png"], "question": "<image>\nq", "response": "<sandbox_output><image></sandbox_output>"}),
+                json.dumps({"image": [], "question": "q", "response": "<code>x</code><sandbox_output>1"}),
+                json.dumps({"image": [], "question": "q", "response": "<answer>1</answer>"}),
+            ]
+        )
+        + "\n"
+    )
     out = list(iter_records(f))
     assert [n for n, _ in out] == [1, 2, 3, 4, 5]
     assert "invalid JSON" in str(out[0][1]) and "line 1" in str(out[0][1])
@@ -64,7 +71,9 @@ def test_malformed_records_name_the_line_and_the_field(tmp_path):
     assert isinstance(out[4][1], Record) and out[4][1].id == "line-5"
     # replay's reading: counts not checked, the inputs must exist
     with pytest.raises(RecordError, match="image not found"):
-        parse_record({"image": ["a.png"], "question": "<image>\nq", "response": "r"}, root=tmp_path, check_counts=False, check_files="inputs")
+        parse_record(
+            {"image": ["a.png"], "question": "<image>\nq", "response": "r"}, root=tmp_path, check_counts=False, check_files="inputs"
+        )
 
 
 def test_a_trajectory_becomes_a_record_that_parses_back(tmp_path):
@@ -73,12 +82,26 @@ def test_a_trajectory_becomes_a_record_that_parses_back(tmp_path):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "in.png")
     Image.new("RGB", (20, 10), "blue").save(tmp_path / "crop.png")
     code_text = "<think>Crop.\n<code>\n```python\nprint(1)\n```\n</code>"
-    feedback = [protocol.text_part("\n" + protocol.OUTPUT_START), protocol.image_part(str(tmp_path / "crop.png")), protocol.text_part(protocol.OUTPUT_END + "\n")]
+    feedback = [
+        protocol.text_part("\n" + protocol.OUTPUT_START),
+        protocol.image_part(str(tmp_path / "crop.png")),
+        protocol.text_part(protocol.OUTPUT_END + "\n"),
+    ]
     turns = [
-        SimpleNamespace(text=code_text, code="print(1)", execution={"ok": True, "images": [str(tmp_path / "crop.png")], "stdout": ""}, feedback=feedback),
+        SimpleNamespace(
+            text=code_text, code="print(1)", execution={"ok": True, "images": [str(tmp_path / "crop.png")], "stdout": ""}, feedback=feedback
+        ),
         SimpleNamespace(text="Blue.</think>\n<answer>B</answer>", code=None, execution=None, feedback=[]),
     ]
-    traj = SimpleNamespace(id="t1", question="What colour?", images=[str(tmp_path / "in.png")], turns=turns, prefill="", answer="B", meta={"benchmark": "vstar", "question_id": 7})
+    traj = SimpleNamespace(
+        id="t1",
+        question="What colour?",
+        images=[str(tmp_path / "in.png")],
+        turns=turns,
+        prefill="",
+        answer="B",
+        meta={"benchmark": "vstar", "question_id": 7},
+    )
     d = record_from_trajectory(traj, root=tmp_path)
     assert d["image"] == ["in.png", "crop.png"] and d["question"] == "<image>\nWhat colour?"
     assert d["response"] == code_text + "\n<sandbox_output><image></sandbox_output>\nBlue.</think>\n<answer>B</answer>"
@@ -106,4 +129,6 @@ def test_a_replayed_corpus_trajectory_gives_back_its_record(tmp_path):
         d = record_from_trajectory(traj, question=originals[row["id"]]["question"])
         assert d["response"] == originals[row["id"]]["response"]
         rec = parse_record(d, allow_absolute=True)
-        assert len(rec.inputs) == len(originals[row["id"]]["image"][:1]) and len(rec.outputs) == len(originals[row["id"]]["image"]) - len(rec.inputs)
+        assert len(rec.inputs) == len(originals[row["id"]]["image"][:1]) and len(rec.outputs) == len(originals[row["id"]]["image"]) - len(
+            rec.inputs
+        )

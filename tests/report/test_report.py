@@ -61,7 +61,11 @@ def test_crop_regions_from_literal_code():
 
 
 def test_crop_regions_follow_the_sandbox_repairs():
-    fix = {"name": "crop_min_side", "detail": "crop [1030:1070, 1250:1360] -> [1018:1082, 1250:1360] on a 2496x1392 image (sides grown to at least 64 px)", "line": 5}
+    fix = {
+        "name": "crop_min_side",
+        "detail": "crop [1030:1070, 1250:1360] -> [1018:1082, 1250:1360] on a 2496x1392 image (sides grown to at least 64 px)",
+        "line": 5,
+    }
     (r,) = crop_regions(README_CODE, (2496, 1392), [fix])
     assert r.box == (1250, 1018, 1360, 1082) and r.requested == (1250, 1030, 1360, 1070) and r.line == 5
     # a repair on an image of another size (a zoomed output) is not a region of the input
@@ -88,15 +92,39 @@ def _image(path: Path, size=(300, 200), seed=0) -> str:
     return str(path)
 
 
-def _trajectory(tmp_path: Path, *, text: str = "<think>look", question: str = "What is it?", code: str | None = None, tid: str = "t1") -> Trajectory:
+def _trajectory(
+    tmp_path: Path, *, text: str = "<think>look", question: str = "What is it?", code: str | None = None, tid: str = "t1"
+) -> Trajectory:
     inp = _image(tmp_path / f"{tid}-in.png")
     out = _image(tmp_path / f"{tid}-out.png", (80, 60), 1)
-    code = code or "from PIL import Image\nimg = Image.open(image_path)\nimg.crop((10, 10, 90, 70)).save('/mnt/data/temp_processed_images/o.png')\n"
-    ex = {"ok": True, "stdout": "/mnt/data/temp_processed_images/o.png\n", "error": None, "images": [out], "timed_out": False,
-          "state_lost": False, "fixes": [{"name": "dedent", "detail": "removed 4 columns", "line": 1}], "duration_s": 0.05}
+    code = (
+        code
+        or "from PIL import Image\nimg = Image.open(image_path)\nimg.crop((10, 10, 90, 70)).save('/mnt/data/temp_processed_images/o.png')\n"
+    )
+    ex = {
+        "ok": True,
+        "stdout": "/mnt/data/temp_processed_images/o.png\n",
+        "error": None,
+        "images": [out],
+        "timed_out": False,
+        "state_lost": False,
+        "fixes": [{"name": "dedent", "detail": "removed 4 columns", "line": 1}],
+        "duration_s": 0.05,
+    }
     turns = [
-        Turn(0, f"{text}<code>\n```python\n{code}```\n</code>", "stop", "code", code=code, execution=ex,
-             feedback=[{"type": "text", "text": "\n<sandbox_output>"}, {"type": "image", "image": out}, {"type": "text", "text": "</sandbox_output>"}]),
+        Turn(
+            0,
+            f"{text}<code>\n```python\n{code}```\n</code>",
+            "stop",
+            "code",
+            code=code,
+            execution=ex,
+            feedback=[
+                {"type": "text", "text": "\n<sandbox_output>"},
+                {"type": "image", "image": out},
+                {"type": "text", "text": "</sandbox_output>"},
+            ],
+        ),
         Turn(1, "</think>\n<answer>B</answer>", "stop", "answer"),
     ]
     return Trajectory(id=tid, question=question, images=[inp], shown_paths=[inp], turns=turns, answer="B", stop_reason="answer")
@@ -106,7 +134,13 @@ PAYLOAD = '<img src=x onerror="document.body.dataset.pwned=1"><script>document.b
 
 
 def _hostile(tmp_path: Path) -> ReportItem:
-    traj = _trajectory(tmp_path, text="<think>" + PAYLOAD + "</pre></div>", question="Q " + PAYLOAD, code="print('</script><script>alert(1)</script>')\n", tid="evil")
+    traj = _trajectory(
+        tmp_path,
+        text="<think>" + PAYLOAD + "</pre></div>",
+        question="Q " + PAYLOAD,
+        code="print('</script><script>alert(1)</script>')\n",
+        tid="evil",
+    )
     traj.turns[0].execution["stdout"] = PAYLOAD
     traj.turns[0].execution["fixes"] = [{"name": "crop_clamped", "detail": PAYLOAD, "line": 1}]
     return ReportItem(trajectory=traj, category='cat"><script>document.body.dataset.pwned=3</script>', ground_truth=PAYLOAD, correct=False)
@@ -116,7 +150,7 @@ def test_everything_from_the_model_is_escaped(tmp_path):
     out = write_report([_hostile(tmp_path), _trajectory(tmp_path, tid="ok")], tmp_path / "r.html")
     page = out.read_text()
     assert page.count("<script") == 1  # ours only
-    assert "<img src=x" not in page and "onerror=\"document" not in page and "alert(1)</script>" not in page
+    assert "<img src=x" not in page and 'onerror="document' not in page and "alert(1)</script>" not in page
     assert "&lt;img src=x onerror=" in page  # shown as text
     script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
@@ -135,9 +169,32 @@ def test_inputs_a_saved_trajectory_results_rows_and_an_eval_folder(tmp_path):
     assert item.prediction == "B" and item.correct is None
 
     rows = [
-        {"question_id": 7, "benchmark": "vstar", "category": "direct_attributes", "prediction": "B", "answer": "B", "correct": True, "trajectory": traj.to_dict()},
-        {"question_id": 8, "benchmark": "vstar", "category": "relative_position", "prediction": "A", "correct": False, "trajectory": traj.to_dict()},
-        {"question_id": 9, "benchmark": "vstar", "category": "relative_position", "prediction": None, "correct": False, "error": "server down", "question": "Q9"},
+        {
+            "question_id": 7,
+            "benchmark": "vstar",
+            "category": "direct_attributes",
+            "prediction": "B",
+            "answer": "B",
+            "correct": True,
+            "trajectory": traj.to_dict(),
+        },
+        {
+            "question_id": 8,
+            "benchmark": "vstar",
+            "category": "relative_position",
+            "prediction": "A",
+            "correct": False,
+            "trajectory": traj.to_dict(),
+        },
+        {
+            "question_id": 9,
+            "benchmark": "vstar",
+            "category": "relative_position",
+            "prediction": None,
+            "correct": False,
+            "error": "server down",
+            "question": "Q9",
+        },
     ]
     evaldir = tmp_path / "eval"
     evaldir.mkdir()
@@ -181,9 +238,20 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium 
 
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000", *extra, url,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=10000",
+        *extra,
+        url,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
@@ -206,7 +274,9 @@ def corpus_report(tmp_path_factory):
     assert summary.failed == 0
     parser = argparse.ArgumentParser()
     report_commands.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["report", str(d / "results.jsonl"), "--out", str(d / "report.html"), "--records", str(CORPUS / "thyme/trajectories.jsonl")])
+    args = parser.parse_args(
+        ["report", str(d / "results.jsonl"), "--out", str(d / "report.html"), "--records", str(CORPUS / "thyme/trajectories.jsonl")]
+    )
     assert report_commands.run(args) == 0
     return d / "report.html"
 
@@ -239,7 +309,9 @@ def test_corpus_replay_report_renders_in_chromium(corpus_report, tmp_path):
     # the filters run in the page: preset from the query string
     p = _chromium(tmp_path, corpus_report.as_uri() + "?correct=wrong", "--dump-dom")
     assert _body(p.stdout)["data-shown"] == "1"
-    assert re.search(r'<tr data-item="" data-target="t8"[^>]*>', p.stdout) and not re.search(r'<tr data-item="" data-target="t8"[^>]*hidden', p.stdout)
+    assert re.search(r'<tr data-item="" data-target="t8"[^>]*>', p.stdout) and not re.search(
+        r'<tr data-item="" data-target="t8"[^>]*hidden', p.stdout
+    )
     assert re.search(r'<tr data-item="" data-target="t0"[^>]*hidden', p.stdout)
     p = _chromium(tmp_path, corpus_report.as_uri() + "?tool=no", "--dump-dom")
     assert _body(p.stdout)["data-shown"] == "1"

@@ -65,9 +65,32 @@ def test_run_ats_gives_identical_code_for_two_seeds_and_sampling_differs(tiny_ch
 
     def run(seed: int, ats: bool, samples: int = 1):
         out = tmp_path / f"s{seed}{'a' if ats else ''}.json"
-        argv = ["run", "--model", str(tiny_checkpoint), "--image", image, "--question", "What is written?", "--prefill", prefill,
-                "--temperature", "1", "--seed", str(seed), "--max-new-tokens", "24", "--max-rounds", "1", "--quiet",
-                "--max-pixels", "12544", "--out", str(out), "--num-samples", str(samples)] + (["--ats"] if ats else [])
+        argv = [
+            "run",
+            "--model",
+            str(tiny_checkpoint),
+            "--image",
+            image,
+            "--question",
+            "What is written?",
+            "--prefill",
+            prefill,
+            "--temperature",
+            "1",
+            "--seed",
+            str(seed),
+            "--max-new-tokens",
+            "24",
+            "--max-rounds",
+            "1",
+            "--quiet",
+            "--max-pixels",
+            "12544",
+            "--out",
+            str(out),
+            "--num-samples",
+            str(samples),
+        ] + (["--ats"] if ats else [])
         assert main(argv) == 0
         if samples > 1:
             return [Trajectory.load(out.with_name(f"{out.stem}-{i}.json")) for i in range(samples)]

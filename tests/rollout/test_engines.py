@@ -15,9 +15,11 @@ import pytest
 
 from ..conftest import CORPUS, needs_corpus
 
-CODE = ('<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
-        'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
-        'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>')
+CODE = (
+    "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+    'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
+    'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>'
+)
 ANSWER = "<think>It reads STOP.</think>\n<answer>STOP</answer>"
 SAMPLED_LP = -0.25
 
@@ -32,7 +34,7 @@ class Script:
         self.segs = [tok.encode(s, add_special_tokens=False) for s in segments]
 
     def next(self, ctx: list[int]) -> int:
-        text = self.tok.decode(ctx[self.P:], skip_special_tokens=False)
+        text = self.tok.decode(ctx[self.P :], skip_special_tokens=False)
         k = text.count("</sandbox_output>")
         partial = text.rsplit("</sandbox_output>", 1)[-1] if k else text
         if k >= len(self.segs):
@@ -73,7 +75,12 @@ class ScriptedHFModel:
         starts = [int((attention_mask[b] == 0).sum()) for b in range(B)]
         done = [False] * B
         for _ in range(gc.max_new_tokens):
-            want = [(self.row_scripts[b] if self.row_scripts else self.script).next(seqs[b, starts[b]:].tolist()) if not done[b] else gc.pad_token_id for b in range(B)]
+            want = [
+                (self.row_scripts[b] if self.row_scripts else self.script).next(seqs[b, starts[b] :].tolist())
+                if not done[b]
+                else gc.pad_token_id
+                for b in range(B)
+            ]
             scores = torch.zeros(B, self.vocab)
             for b, t in enumerate(want):
                 scores[b, t] = 30.0
@@ -138,7 +145,9 @@ class FakeLLM:
             toks, fr, sr = _emit(self.script, self.tok, list(req["prompt_token_ids"]), sp.max_tokens, list(sp.stop), self.eos)
             n_pads = sum(1 for t in req["prompt_token_ids"] if t == self.tok.convert_tokens_to_ids("<|image_pad|>"))
             batch.append((sp.temperature, tuple(sp.stop), len(req.get("multi_modal_data", {}).get("image", [])), n_pads))
-            comp = types.SimpleNamespace(token_ids=toks, logprobs=[{t: _Logprob(SAMPLED_LP)} for t in toks], finish_reason=fr, stop_reason=sr)
+            comp = types.SimpleNamespace(
+                token_ids=toks, logprobs=[{t: _Logprob(SAMPLED_LP)} for t in toks], finish_reason=fr, stop_reason=sr
+            )
             outs.append(types.SimpleNamespace(outputs=[comp]))
         self.calls.append(batch)
         return outs
@@ -198,8 +207,14 @@ def _runner(engine, parts, mode="train", prefill=""):
     from thyme.rollout import RolloutLimits, RolloutRunner, SamplingSettings
 
     proc, _, sb, d = parts
-    return RolloutRunner(engine, proc, sb, RolloutLimits(max_rounds=3, max_completion_length=400, max_length=4096, ats_code_tokens=mode, prefill=prefill),
-                         SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, ats=True), d / "art")
+    return RolloutRunner(
+        engine,
+        proc,
+        sb,
+        RolloutLimits(max_rounds=3, max_completion_length=400, max_length=4096, ats_code_tokens=mode, prefill=prefill),
+        SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, ats=True),
+        d / "art",
+    )
 
 
 def _script(parts, segments):
@@ -245,10 +260,10 @@ def test_vllm_stop_resubmit_ats_matches_the_hf_engine_on_one_script(parts, fake_
     # the greedy span is the code block's body through </code>: NaN there, sampled elsewhere
     tok = parts[0].tokenizer
     code_ids = tok.encode(CODE, add_special_tokens=False)
-    head = len(tok.encode(CODE[:CODE.index("<code>") + len("<code>")], add_special_tokens=False))
-    assert all(math.isnan(x) for x in co.logprobs[head:len(code_ids)])
+    head = len(tok.encode(CODE[: CODE.index("<code>") + len("<code>")], add_special_tokens=False))
+    assert all(math.isnan(x) for x in co.logprobs[head : len(code_ids)])
     assert all(x == SAMPLED_LP for x in co.logprobs[:head])
-    assert co.completion_ids[:len(code_ids)] == code_ids
+    assert co.completion_ids[: len(code_ids)] == code_ids
     # engine calls: HF one pass per round; vLLM 2 per code block (T=1 until <code>, T=0 until </code>)
     assert hf.code_calls / hf.model_code_blocks == 1.0 and hf_model.calls == 2
     assert co.code_calls / co.model_code_blocks == 2.0 and sv.code_calls / sv.model_code_blocks == 2.0
@@ -263,8 +278,8 @@ def test_vllm_stop_resubmit_ats_matches_the_hf_engine_on_one_script(parts, fake_
 def test_prefill_inside_code_starts_greedy_and_mask_mode_drops_greedy_tokens(parts, fake_vllm):
     """A context ending inside an open block starts at T=0 (vLLM) / greedy (HF); with
     ``ats_code_tokens: mask`` the greedy tokens get env_mask 0 (out of loss, KL, normaliser)."""
-    head = CODE[:CODE.index("```python\n") + len("```python\n")]
-    rest = CODE[len(head):]
+    head = CODE[: CODE.index("```python\n") + len("```python\n")]
+    rest = CODE[len(head) :]
     for mode in ("train", "mask"):
         engines, llm, _, _ = _engines(parts, [head + rest, ANSWER])
         p = parts[1]
@@ -280,8 +295,8 @@ def test_prefill_inside_code_starts_greedy_and_mask_mode_drops_greedy_tokens(par
         tok = parts[0].tokenizer
         n_pre = len(tok.encode(head, add_special_tokens=False))
         n_code = len(tok.encode(head + rest, add_special_tokens=False)) - n_pre
-        code_env = hf.env_mask[n_pre:n_pre + n_code]
-        assert all(math.isnan(x) for x in hf.logprobs[n_pre:n_pre + n_code])
+        code_env = hf.env_mask[n_pre : n_pre + n_code]
+        assert all(math.isnan(x) for x in hf.logprobs[n_pre : n_pre + n_code])
         assert code_env == ([1] * n_code if mode == "train" else [0] * n_code)
         assert sum(hf.env_mask) > 0  # the answer segment is sampled: in the loss either way
 
@@ -320,8 +335,10 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
 
     from thyme.rollout import HFEngine, RolloutRunner
 
-    musing = " ".join(f"Region {k} at x={37 * k % 101}, y={53 * k % 97} shows nothing." for k in range(12))  # no loop: the repetition stop stays out
-    long_code = "<think>" + musing + " " + CODE[len("<think>"):]
+    musing = " ".join(
+        f"Region {k} at x={37 * k % 101}, y={53 * k % 97} shows nothing." for k in range(12)
+    )  # no loop: the repetition stop stays out
+    long_code = "<think>" + musing + " " + CODE[len("<think>") :]
     script0, tok, eos = _script(parts, [CODE, ANSWER])
     script1, _, _ = _script(parts, [long_code, ANSWER])
     pad = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -364,7 +381,9 @@ def test_hf_engine_starts_a_rows_code_while_the_other_rows_keep_generating(parts
     for x, y in zip(a, b):
         assert x.completion_ids == y.completion_ids and x.env_mask == y.env_mask
         assert [im.size for im in x.images] == [im.size for im in y.images]
-        assert [t.execution["stdout"] for t in x.trajectory.turns if t.execution] == [t.execution["stdout"] for t in y.trajectory.turns if t.execution]
+        assert [t.execution["stdout"] for t in x.trajectory.turns if t.execution] == [
+            t.execution["stdout"] for t in y.trajectory.turns if t.execution
+        ]
     assert len(a[1].completion_ids) > len(a[0].completion_ids) + 50  # the rows really diverged
 
 

@@ -63,8 +63,14 @@ class Tiny:
     def gc(self, **kw):
         from transformers import GenerationConfig
 
-        base = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "eos_token_id": self.eos, "pad_token_id": self.eos[1],
-                "suppress_tokens": self.eos + [self.pad, self.vs, self.ve], "num_beams": 1}
+        base = {
+            "do_sample": False,
+            "max_new_tokens": NEW_TOKENS,
+            "eos_token_id": self.eos,
+            "pad_token_id": self.eos[1],
+            "suppress_tokens": self.eos + [self.pad, self.vs, self.ve],
+            "num_beams": 1,
+        }
         base.update(kw)
         return GenerationConfig(**base)
 
@@ -84,9 +90,14 @@ class Tiny:
         rep = RepetitionStoppingCriteria(L, 1, rule) if rule is not None else None
         with torch.no_grad():
             seqs = self.model.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), mm_token_type_ids=(x == self.pad).long(),
-                pixel_values=torch.cat([o["pixel_values"] for o in outs]), image_grid_thw=torch.cat([o["image_grid_thw"] for o in outs]),
-                generation_config=gc, tokenizer=self.tok, logits_processor=procs,
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                mm_token_type_ids=(x == self.pad).long(),
+                pixel_values=torch.cat([o["pixel_values"] for o in outs]),
+                image_grid_thw=torch.cat([o["image_grid_thw"] for o in outs]),
+                generation_config=gc,
+                tokenizer=self.tok,
+                logits_processor=procs,
                 stopping_criteria=StoppingCriteriaList([rep]) if rep else None,
             )
         new = seqs[0, L:].tolist()
@@ -107,8 +118,16 @@ def _load(arch: str, root: str) -> Tiny:
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     tok = proc.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    return Tiny(arch, model, proc, tok, ids["<|image_pad|>"], ids["<|vision_start|>"], ids["<|vision_end|>"],
-                [ids["<|im_end|>"], ids["<|endoftext|>"]])
+    return Tiny(
+        arch,
+        model,
+        proc,
+        tok,
+        ids["<|image_pad|>"],
+        ids["<|vision_start|>"],
+        ids["<|vision_end|>"],
+        [ids["<|im_end|>"], ids["<|endoftext|>"]],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +233,11 @@ def test_text_only_feedback_after_images(arch, tiny_root):
         ref_toks, ref_lps, _, _ = t.full(ids, images, gc)
         _assert_same(got, ref_toks, ref_lps)
         enc = t.tok.encode
-        ids = ids + got.token_ids + (t.feedback(fb_im, " ok") if fb_im is not None else enc("\n<sandbox_output>42</sandbox_output>", add_special_tokens=False))
+        ids = (
+            ids
+            + got.token_ids
+            + (t.feedback(fb_im, " ok") if fb_im is not None else enc("\n<sandbox_output>42</sandbox_output>", add_special_tokens=False))
+        )
         images = images + ([fb_im] if fb_im is not None else [])
     assert sess.stats.full_prefills == 1 and sess.stats.fallbacks == 0
 
@@ -348,7 +371,7 @@ def test_edited_history_and_swapped_images_fall_back_to_the_common_prefix(tiny_r
     x = torch.tensor([text])
     with torch.no_grad():
         ref = t.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc)
-    assert got.token_ids == ref[0, len(text):].tolist()
+    assert got.token_ids == ref[0, len(text) :].tolist()
 
 
 def test_identity_matching_refuses_an_equal_copy(tiny_root):

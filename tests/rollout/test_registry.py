@@ -119,7 +119,11 @@ def test_a_plugin_backend_is_built_and_chosen_by_its_option():
 
 @pytest.mark.parametrize(
     "options, kind",
-    [({"model": "Kwai-Keye/Thyme-RL"}, "hf"), ({"base_url": "http://h/v1", "model": "served"}, "openai"), ({"replay": "r.jsonl"}, "replay")],
+    [
+        ({"model": "Kwai-Keye/Thyme-RL"}, "hf"),
+        ({"base_url": "http://h/v1", "model": "served"}, "openai"),
+        ({"replay": "r.jsonl"}, "replay"),
+    ],
 )
 def test_the_options_select_one_kind(options, kind):
     assert select_backend(options, kinds=("hf", "openai", "replay")).name == kind
@@ -152,7 +156,9 @@ def _backend_name_branches(source: str) -> list[int]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
             consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-            consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set)) for e in c.elts if isinstance(e, ast.Constant)]
+            consts += [
+                e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set)) for e in c.elts if isinstance(e, ast.Constant)
+            ]
             if any(c.value in names for c in consts):
                 hits.append(node.lineno)
     return hits
@@ -162,5 +168,10 @@ def test_no_command_or_eval_branches_on_backend_names():
     """The registry's table chooses the backend: cli/ and evaluate/ compare no string with a
     backend name (``== "hf"``, ``in ("openai", ...)``)."""
     assert _backend_name_branches('if kind == "openai":\n    pass\nif x in ("a", "replay"):\n    pass\n') == [1, 3]  # the check sees them
-    hits = [f"{p.relative_to(SRC)}:{n}" for d in ("cli", "evaluate") for p in sorted((SRC / d).rglob("*.py")) for n in _backend_name_branches(p.read_text(encoding="utf-8"))]
+    hits = [
+        f"{p.relative_to(SRC)}:{n}"
+        for d in ("cli", "evaluate")
+        for p in sorted((SRC / d).rglob("*.py"))
+        for n in _backend_name_branches(p.read_text(encoding="utf-8"))
+    ]
     assert not hits, hits

@@ -149,14 +149,17 @@ def test_readme_example_needs_the_64px_minimum():
 
 
 # ----------------------------------------------------------------- running programs
-@pytest.mark.parametrize("code", [
-    "import os\nprint(os.system('touch {c}'))",
-    "import subprocess\nsubprocess.run(['/usr/bin/touch', '{c}'])",
-    "import os\nos.execv('/usr/bin/touch', ['touch', '{c}'])",
-    "import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{c}'], {{}})",
-    "import ctypes\nprint(ctypes.CDLL(None).system(b'touch {c}'))",
-    "import pty\npty.spawn(['/usr/bin/touch', '{c}'])",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import os\nprint(os.system('touch {c}'))",
+        "import subprocess\nsubprocess.run(['/usr/bin/touch', '{c}'])",
+        "import os\nos.execv('/usr/bin/touch', ['touch', '{c}'])",
+        "import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{c}'], {{}})",
+        "import ctypes\nprint(ctypes.CDLL(None).system(b'touch {c}'))",
+        "import pty\npty.spawn(['/usr/bin/touch', '{c}'])",
+    ],
+)
 def test_programs_do_not_run(sandbox, outside, code):
     needs(sandbox, "no_exec")
     canary = outside / "ran.txt"
@@ -179,26 +182,31 @@ def test_fork_is_refused(sandbox):
         r = s.run("import ctypes\npid = ctypes.CDLL(None).syscall(57)\nif pid == 0:\n    open('forked', 'w').write('x')\nprint(pid)")
         assert r.stdout == "-1\n" and not os.path.exists(os.path.join(s.dir, "forked"))
         # threads keep working (numpy / OpenCV need them)
-        r = s.run("import threading, cv2, numpy as np\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\ncv2.setNumThreads(4)\nprint(cv2.resize(np.zeros((2000, 2000, 3), np.uint8), None, fx=0.5, fy=0.5).shape)")
+        r = s.run(
+            "import threading, cv2, numpy as np\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\ncv2.setNumThreads(4)\nprint(cv2.resize(np.zeros((2000, 2000, 3), np.uint8), None, fx=0.5, fy=0.5).shape)"
+        )
         assert r.ok and r.stdout == "(1000, 1000, 3)\n"
     assert_corpus_replays(sandbox)
 
 
 # ----------------------------------------------------------------- the filesystem
-@pytest.mark.parametrize("code", [
-    "open('{t}', 'w').write('pwned')",
-    "import pathlib\npathlib.Path('{t}').write_text('pwned')",
-    "import os\nfd = os.open('{t}', os.O_WRONLY | os.O_TRUNC)",
-    "import os\nos.truncate('{t}', 0)",
-    "import os\nos.remove('{t}')",
-    "import os\nos.rename('{t}', 'stolen.txt')",
-    "import os\nos.symlink('{t}', 'ln')\nopen('ln', 'w').write('pwned')",
-    "import os\nos.link('{t}', 'hl')\nopen('hl', 'w').write('pwned')",
-    "import shutil\nshutil.copy('/etc/hostname', '{t}')",
-    "import os\nos.chmod('{t}', 0o600)",
-    "open('{d}/new.txt', 'w').write('x')",
-    "import os\nos.mkdir('{d}/newdir')",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "open('{t}', 'w').write('pwned')",
+        "import pathlib\npathlib.Path('{t}').write_text('pwned')",
+        "import os\nfd = os.open('{t}', os.O_WRONLY | os.O_TRUNC)",
+        "import os\nos.truncate('{t}', 0)",
+        "import os\nos.remove('{t}')",
+        "import os\nos.rename('{t}', 'stolen.txt')",
+        "import os\nos.symlink('{t}', 'ln')\nopen('ln', 'w').write('pwned')",
+        "import os\nos.link('{t}', 'hl')\nopen('hl', 'w').write('pwned')",
+        "import shutil\nshutil.copy('/etc/hostname', '{t}')",
+        "import os\nos.chmod('{t}', 0o600)",
+        "open('{d}/new.txt', 'w').write('x')",
+        "import os\nos.mkdir('{d}/newdir')",
+    ],
+)
 def test_nothing_is_written_outside_the_session(sandbox, outside, code):
     target = outside / "target.txt"
     before = digest(target)
@@ -243,16 +251,19 @@ def test_host_files_cannot_be_read(sandbox, outside):
     assert_corpus_replays(sandbox)
 
 
-@pytest.mark.parametrize("code", [
-    "open(image_path, 'r+b').write(b'xxxx')",
-    "open(image_path, 'wb').write(b'')",
-    "import os\nos.remove(image_path)",
-    "import os\nos.rename(image_path, 'moved.jpg')",
-    "import os\nos.chmod(image_path, 0o000)",
-    "import os\nos.truncate(image_path, 0)",
-    "import cv2\nprint(cv2.imwrite(image_path, cv2.imread(image_path)[:50, :50]))",
-    "from PIL import Image\nImage.open(image_path).rotate(90).save(image_path)",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "open(image_path, 'r+b').write(b'xxxx')",
+        "open(image_path, 'wb').write(b'')",
+        "import os\nos.remove(image_path)",
+        "import os\nos.rename(image_path, 'moved.jpg')",
+        "import os\nos.chmod(image_path, 0o000)",
+        "import os\nos.truncate(image_path, 0)",
+        "import cv2\nprint(cv2.imwrite(image_path, cv2.imread(image_path)[:50, :50]))",
+        "from PIL import Image\nImage.open(image_path).rotate(90).save(image_path)",
+    ],
+)
 def test_input_image_is_read_only(sandbox, input_image, code):
     before = digest(input_image)
     with sandbox.session(images=[str(input_image)]) as s:
@@ -307,13 +318,16 @@ def test_network_is_unreachable(sandbox):
 
 
 # ----------------------------------------------------------------- the process itself
-@pytest.mark.parametrize("code,kind,lost", [
-    ("import sys\nsys.exit(3)", "SystemExit", False),
-    ("import os\nos._exit(7)", "ProcessExited", True),
-    ("import os\nos.abort()", "ProcessKilled", True),
-    ("import ctypes\nctypes.string_at(0)", "ProcessKilled", True),
-    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "ProcessKilled", True),
-])
+@pytest.mark.parametrize(
+    "code,kind,lost",
+    [
+        ("import sys\nsys.exit(3)", "SystemExit", False),
+        ("import os\nos._exit(7)", "ProcessExited", True),
+        ("import os\nos.abort()", "ProcessKilled", True),
+        ("import ctypes\nctypes.string_at(0)", "ProcessKilled", True),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "ProcessKilled", True),
+    ],
+)
 def test_process_endings_are_reported_and_the_caller_survives(sandbox, code, kind, lost):
     zygote = sandbox.zygote_pid
     with sandbox.session() as s:
@@ -362,7 +376,9 @@ def test_the_caller_and_other_sessions_cannot_be_signalled(sandbox):
             assert not r.ok, code
         assert victim.pid == pid and victim.run("print(x)").stdout == "still here\n"
         assert open(f"/proc/{pid}/stat").read().split(")")[1].split()[16] == "0"  # its nice value
-        assert attacker.run("import os\nos.setpriority(os.PRIO_PROCESS, 0, 5)\nos.sched_setaffinity(0, os.sched_getaffinity(0))").ok  # itself: fine
+        assert attacker.run(
+            "import os\nos.setpriority(os.PRIO_PROCESS, 0, 5)\nos.sched_setaffinity(0, os.sched_getaffinity(0))"
+        ).ok  # itself: fine
     assert_corpus_replays(sandbox)
 
 
@@ -381,7 +397,9 @@ def test_thread_storms_stay_in_their_session(sandbox):
         r = a.run(storm)
         assert r.ok and r.stdout in ("RuntimeError\n", "MemoryError\n")  # refused before 5000
         # another session still starts threads (numpy / OpenCV need them)
-        r = b.run("import cv2, numpy as np, threading\ncv2.setNumThreads(4)\nt = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\nprint(cv2.resize(np.zeros((1000, 1000, 3), np.uint8), None, fx=0.5, fy=0.5).shape)")
+        r = b.run(
+            "import cv2, numpy as np, threading\ncv2.setNumThreads(4)\nt = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\nprint(cv2.resize(np.zeros((1000, 1000, 3), np.uint8), None, fx=0.5, fy=0.5).shape)"
+        )
         assert r.ok and r.stdout == "thread\n(500, 500, 3)\n"
     assert_corpus_replays(sandbox)
 
@@ -404,7 +422,10 @@ def test_sessions_cannot_read_each_other(sandbox, input_image, tmp_path):
     other_input = tmp_path / "other.png"
     Image.new("RGB", (80, 80), (1, 2, 3)).save(other_input)
     with sandbox.session(images=[str(other_input)]) as a, sandbox.session(images=[str(input_image)]) as b:
-        assert a.run("open('secret.txt', 'w').write('session A secret')\nimport cv2\nprint(cv2.imread(image_path).shape)").stdout == "(80, 80, 3)\n"
+        assert (
+            a.run("open('secret.txt', 'w').write('session A secret')\nimport cv2\nprint(cv2.imread(image_path).shape)").stdout
+            == "(80, 80, 3)\n"
+        )
         for code in (
             f"print(open('{a.dir}/secret.txt').read())",
             f"import os\nprint(os.listdir('{a.dir}'))",
@@ -420,12 +441,15 @@ def test_sessions_cannot_read_each_other(sandbox, input_image, tmp_path):
     assert_corpus_replays(sandbox)
 
 
-@pytest.mark.parametrize("code", [
-    "while True:\n    pass",
-    "try:\n    while True:\n        pass\nexcept BaseException:\n    pass",
-    "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGXCPU):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
-    "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "while True:\n    pass",
+        "try:\n    while True:\n        pass\nexcept BaseException:\n    pass",
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGXCPU):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
+        "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass",
+    ],
+)
 def test_endless_code_times_out(sandbox, code):
     with sandbox.session() as s:
         r = s.run(code, timeout_s=1.5)
@@ -435,12 +459,15 @@ def test_endless_code_times_out(sandbox, code):
     assert_corpus_replays(sandbox)
 
 
-@pytest.mark.parametrize("code", [
-    "b = bytearray(50 * 2**30)",
-    "import numpy as np\na = np.ones((100000, 100000))",
-    "l = []\nwhile True:\n    l.append(bytearray(50 * 2**20))",
-    "import cv2, numpy as np\ncv2.resize(np.zeros((1000, 1000, 3), np.uint8), (60000, 60000))",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "b = bytearray(50 * 2**30)",
+        "import numpy as np\na = np.ones((100000, 100000))",
+        "l = []\nwhile True:\n    l.append(bytearray(50 * 2**20))",
+        "import cv2, numpy as np\ncv2.resize(np.zeros((1000, 1000, 3), np.uint8), (60000, 60000))",
+    ],
+)
 def test_memory_bombs_are_contained(sandbox, code):
     with sandbox.session() as s:
         r = s.run(code, timeout_s=8)
@@ -489,7 +516,7 @@ def test_forged_replies_cannot_desynchronise_the_session(sandbox):
 
 
 # ----------------------------------------------------------------- a caller that is not root
-_AS_USER = r'''
+_AS_USER = r"""
 import json, os, sys
 from thyme.sandbox import Sandbox
 d = sys.argv[1]
@@ -507,7 +534,7 @@ with Sandbox(timeout_s=5) as sb:
         }.items():
             out[name] = s.run(code).ok
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to start a caller as another user")
@@ -525,8 +552,20 @@ def test_a_non_root_caller_is_confined_too(tmp_path):
     script.write_text(_AS_USER)
     src = str(Path(__file__).resolve().parents[2] / "src")
     # the interpreter may live under /root (0700): let this user read it (dropped inside sessions)
-    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", sys.executable, str(script), str(d)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src, "HOME": str(d)}, cwd=str(d))
+    cmd = [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+        sys.executable,
+        str(script),
+        str(d),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src, "HOME": str(d)}, cwd=str(d)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["read"] == "(20, 30, 3)\n"

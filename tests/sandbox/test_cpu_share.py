@@ -62,7 +62,9 @@ def test_the_session_cgroup_has_the_configured_cpu_weight_and_quota(weight, quot
                     assert files["cpu.cfs_quota_us"] == (str(int(quota * 100_000)) if quota else "-1")
                 # the sandbox's folder weighs as much as max_workers busy processes
                 top = _cpu_files(s.pid, parent=True)
-                assert top.get("cpu.weight", top.get("cpu.shares")) == (str(3 * weight) if "cpu.weight" in top else str(3 * weight * 1024 // 100))
+                assert top.get("cpu.weight", top.get("cpu.shares")) == (
+                    str(3 * weight) if "cpu.weight" in top else str(3 * weight * 1024 // 100)
+                )
 
 
 def test_the_doctor_line_says_what_replaces_a_missing_cpu_share():

@@ -21,10 +21,18 @@ from PIL import Image
 from thyme.config import merge
 from thyme.sandbox import Sandbox, SandboxConfig
 
-CV2_FLAGS = [None, cv2.IMREAD_COLOR, cv2.IMREAD_GRAYSCALE, cv2.IMREAD_UNCHANGED, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR,
-             cv2.IMREAD_REDUCED_COLOR_2, cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_COLOR, getattr(cv2, "IMREAD_COLOR_RGB", 1)]
+CV2_FLAGS = [
+    None,
+    cv2.IMREAD_COLOR,
+    cv2.IMREAD_GRAYSCALE,
+    cv2.IMREAD_UNCHANGED,
+    cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR,
+    cv2.IMREAD_REDUCED_COLOR_2,
+    cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_COLOR,
+    getattr(cv2, "IMREAD_COLOR_RGB", 1),
+]
 
-CV2_PROBE = r'''
+CV2_PROBE = r"""
 import cv2, hashlib, json, numpy as np
 def summary(a):
     if a is None:
@@ -40,9 +48,9 @@ for i, p in enumerate(image_paths):
             out[f"{i}/{f}/kw"] = summary(cv2.imread(p, flags=f))
             out[f"{i}/{f}/np"] = summary(cv2.imread(p, np.int32(f)))
 print(json.dumps(out, sort_keys=True))
-'''
+"""
 
-PIL_PROBE = r'''
+PIL_PROBE = r"""
 import hashlib, io, json, numpy as np
 from PIL import Image, ImageEnhance
 def h(im):
@@ -99,7 +107,7 @@ for i, p in enumerate(image_paths):
         "closed": attempt(lambda: closed(p)),
     }
 print(json.dumps(out, sort_keys=True))
-'''
+"""
 
 
 def _png_with_trailing_text(path: str) -> None:
@@ -303,7 +311,9 @@ def test_a_changed_input_file_is_decoded_again(sandbox, tmp_path):
 def test_cache_off_and_eviction(inputs):
     p = inputs["photo"]
     ref = hashlib.sha256(cv2.imread(p, cv2.IMREAD_GRAYSCALE).tobytes()).hexdigest()
-    code = "import cv2, hashlib\nprint(hashlib.sha256(cv2.imread(image_path, 0).tobytes()).hexdigest())\nprint(cv2.imread(image_path).shape)"
+    code = (
+        "import cv2, hashlib\nprint(hashlib.sha256(cv2.imread(image_path, 0).tobytes()).hexdigest())\nprint(cv2.imread(image_path).shape)"
+    )
     with Sandbox(decoded_cache=False) as sb:
         assert sb.decoded_cache is None
         with sb.session(images=[p]) as s:

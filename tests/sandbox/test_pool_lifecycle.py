@@ -156,7 +156,9 @@ def _exercise(sb: Sandbox, image: str) -> tuple[list[int], str]:
     s1 = sb.session(images=[image])
     s1.run("import cv2\nprint(cv2.imread(image_path).shape)")
     s2 = sb.session(images=[image])
-    s2.run("from PIL import Image\nImage.open(image_path).load()\nimport threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()")
+    s2.run(
+        "from PIL import Image\nImage.open(image_path).load()\nimport threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()"
+    )
     s3 = sb.session()
     s3.run("import time\ntime.sleep(5)", timeout_s=0.5)
     s3.run("x = 1")
@@ -287,7 +289,15 @@ def test_the_mount_view_hides_the_host(tmp_path):
         probe.write_text("x")
         repo_file = Path(__file__).resolve()
         code = "import os\nprint([os.path.exists(p) for p in PATHS])\nprint(os.path.exists(os.getcwd()))"
-        paths = ["/home", "/root/.bashrc", str(probe), str(repo_file), str(repo_file.parents[2] / "README.md"), "/etc/passwd", "/etc/ld.so.cache"]
+        paths = [
+            "/home",
+            "/root/.bashrc",
+            str(probe),
+            str(repo_file),
+            str(repo_file.parents[2] / "README.md"),
+            "/etc/passwd",
+            "/etc/ld.so.cache",
+        ]
         with sb.session() as s:
             r = s.run(f"PATHS = {paths!r}\n" + code)
         expected = [False, False, False, False, False, False, True]
@@ -295,7 +305,7 @@ def test_the_mount_view_hides_the_host(tmp_path):
         assert all(os.path.exists(p) for p in (str(probe), str(repo_file)))  # they exist on the host
 
 
-_OWNER = r'''
+_OWNER = r"""
 import sys, time
 from thyme.sandbox import Sandbox
 sb = Sandbox()
@@ -304,7 +314,7 @@ r = s.run("import numpy as np, cv2\ncv2.imwrite('out.png', np.zeros((50, 50), np
 assert r.ok, r.error
 print(sb.root_dir, sb.zygote_pid, s.pid, flush=True)
 time.sleep(60)
-'''
+"""
 
 
 def _emptied(root: str) -> bool:
@@ -325,7 +335,9 @@ def test_an_owner_killed_without_close_leaves_nothing_behind(tmp_path):
     script = tmp_path / "owner.py"
     script.write_text(_OWNER)
     src = str(Path(__file__).resolve().parents[2] / "src")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src})
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src}
+    )
     try:
         root, zygote, session = proc.stdout.readline().split()
         assert os.path.isdir(root) and os.listdir(root)

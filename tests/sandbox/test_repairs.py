@@ -75,10 +75,13 @@ def test_cv2_alias_not_used_as_module_is_left_alone():
     assert repair("print(cv)\n").fixes == []  # a NameError is the honest answer
 
 
-@pytest.mark.parametrize("code,expect", [
-    ("import cv3\ncv3.imread('x')\n", ("cv2", "cv3")),
-    ("import cv4 as ocv\nocv.imread('x')\n", ("cv2", "ocv")),
-])
+@pytest.mark.parametrize(
+    "code,expect",
+    [
+        ("import cv3\ncv3.imread('x')\n", ("cv2", "cv3")),
+        ("import cv4 as ocv\nocv.imread('x')\n", ("cv2", "ocv")),
+    ],
+)
 def test_import_of_a_cv2_alias_imports_cv2(code, expect):
     r = repair(code)
     assert "cv2_alias" in names(r.fixes)
@@ -96,25 +99,32 @@ def test_instrumentation_keeps_line_numbers_and_only_targets_crops():
     code = "import numpy as np\n\nimg = np.zeros((9, 9))\nc = img[1:5, 2:8]\nd = pil.crop((1, 2, 3, 4))\n"
     tree = ast.parse(code)
     assert instrument_crops(tree) == 2
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in (repairs.SLICE_HELPER, repairs.CROP_HELPER)]
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in (repairs.SLICE_HELPER, repairs.CROP_HELPER)
+    ]
     assert sorted(c.lineno for c in calls) == [4, 5]
     compile(tree, "<code>", "exec")
 
 
-@pytest.mark.parametrize("code", [
-    "a = x[1:3]",  # one slice
-    "a = x[:, 1:3]",  # open bounds
-    "a = x[1:, 2:5]",
-    "a = x[0:9:2, 1:5]",  # a step
-    "a = x[i, j]",
-    "x[1:3, 2:5] = 0",  # a store
-    "x[1:3, 2:5] += 1",
-    "del x[1:3, 2:5]",
-    "a = s[1:3] + t[::2]",
-    "a = f(x).crop(*box)",
-    "a = x.crop(1, 2, 3, 4)",
-    "import math\nprint(math.log2(15/11))",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "a = x[1:3]",  # one slice
+        "a = x[:, 1:3]",  # open bounds
+        "a = x[1:, 2:5]",
+        "a = x[0:9:2, 1:5]",  # a step
+        "a = x[i, j]",
+        "x[1:3, 2:5] = 0",  # a store
+        "x[1:3, 2:5] += 1",
+        "del x[1:3, 2:5]",
+        "a = s[1:3] + t[::2]",
+        "a = f(x).crop(*box)",
+        "a = x.crop(1, 2, 3, 4)",
+        "import math\nprint(math.log2(15/11))",
+    ],
+)
 def test_maths_and_other_indexing_is_not_instrumented(code):
     tree = ast.parse(code)
     before = ast.dump(tree)
@@ -125,6 +135,7 @@ def test_maths_and_other_indexing_is_not_instrumented(code):
 def test_instrumented_subscript_keeps_python_semantics_for_non_images():
     tree = ast.parse("r = (a[1:3, 0:2].tolist(), b[0:2, 1:3])")
     instrument_crops(tree)
+
     class Echo:
         def __getitem__(self, key):
             return ("echo", key)

@@ -53,7 +53,16 @@ def sizes(paths):
 
 # ----------------------------------------------------------------- API and records
 def test_result_round_trips_through_json():
-    r = ExecResult(ok=False, stdout="x", error=ExecError("ValueError", "bad", "tb", 3), images=["/a.png"], timed_out=True, state_lost=True, fixes=[Fix("dedent", "d", None)], duration_s=0.5)
+    r = ExecResult(
+        ok=False,
+        stdout="x",
+        error=ExecError("ValueError", "bad", "tb", 3),
+        images=["/a.png"],
+        timed_out=True,
+        state_lost=True,
+        fixes=[Fix("dedent", "d", None)],
+        duration_s=0.5,
+    )
     assert ExecResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
@@ -178,7 +187,9 @@ def test_images_detected_by_content_in_creation_order(sandbox):
         assert r.ok, r.error
         assert r.images == [os.path.join(s.dir, "b.png"), os.path.join(s.dir, "deep/er/a.dat")]
         assert s.run("x = 1").images == []  # nothing new
-        r = s.run("import cv2, numpy as np\ncv2.imwrite('deep/er/a.dat'.replace('a.dat', 'z.png'), np.ones((5, 5), np.uint8))\ncv2.imwrite('b.png', np.ones((7, 7), np.uint8))")
+        r = s.run(
+            "import cv2, numpy as np\ncv2.imwrite('deep/er/a.dat'.replace('a.dat', 'z.png'), np.ones((5, 5), np.uint8))\ncv2.imwrite('b.png', np.ones((7, 7), np.uint8))"
+        )
         assert sorted(os.path.basename(p) for p in r.images) == ["b.png", "z.png"]
 
 
@@ -238,7 +249,9 @@ def test_output_alias_maps_to_the_session_folder(sandbox, images):
         assert r.stdout == f"{ALIAS}/sub/dir/crop.jpg True True ['crop.jpg']\n"  # the model's own paths
         assert r.images == [os.path.join(s.dir, "sub/dir/crop.jpg")] and sizes(r.images) == [(200, 100)]
         # a path to an earlier output stays that output (not redirected to the input)
-        r = s.run(f"print(cv2.imread('{ALIAS}/sub/dir/crop.jpg').shape)\nfrom PIL import Image\nprint(Image.open('{ALIAS}/sub/dir/crop.jpg').size)")
+        r = s.run(
+            f"print(cv2.imread('{ALIAS}/sub/dir/crop.jpg').shape)\nfrom PIL import Image\nprint(Image.open('{ALIAS}/sub/dir/crop.jpg').size)"
+        )
         assert r.stdout == "(100, 200, 3)\n(200, 100)\n" and r.fixes == []
 
 
@@ -287,7 +300,9 @@ def test_runtime_crop_fixes(sandbox, images):
         assert r.stdout == "(64, 64, 3)\n" and [(f.name, f.line) for f in r.fixes] == [("crop_min_side", 3)]
         r = s.run("c = img[-20:100, 400:200]\nprint(c.shape)")
         assert r.stdout == "(100, 200, 3)\n" and [f.name for f in r.fixes] == ["crop_clamped"]
-        r = s.run("from PIL import Image\nim = Image.open(image_path)\nprint(im.crop((300, 400, 100, 200)).size, im.crop(box=(0, 0, 10, 10)).size)")
+        r = s.run(
+            "from PIL import Image\nim = Image.open(image_path)\nprint(im.crop((300, 400, 100, 200)).size, im.crop(box=(0, 0, 10, 10)).size)"
+        )
         assert r.stdout == "(200, 200) (64, 64)\n" and {f.name for f in r.fixes} == {"crop_clamped", "crop_min_side"}
         # data is never touched: float arrays, small masks, lists, strings
         r = s.run(
@@ -361,7 +376,9 @@ def test_async_api(sandbox):
 # ----------------------------------------------------------------- one-shot helper (CLI)
 def test_exec_file_copies_images_out(tmp_path, images):
     code = tmp_path / "c.py"
-    code.write_text(f"import cv2\nimg = cv2.imread('/eval/x.jpg')\ncv2.imwrite('{ALIAS}/o.png', img[0:100, 0:100])\nprint('{ALIAS}/o.png')\n")
+    code.write_text(
+        f"import cv2\nimg = cv2.imread('/eval/x.jpg')\ncv2.imwrite('{ALIAS}/o.png', img[0:100, 0:100])\nprint('{ALIAS}/o.png')\n"
+    )
     r = exec_file(images[0], str(code), timeout_s=5, out_dir=str(tmp_path / "out"))
     assert r.ok and r.stdout == f"{ALIAS}/o.png\n"
     assert r.images == [str(tmp_path / "out" / "o.png")] and sizes(r.images) == [(100, 100)]
@@ -404,7 +421,9 @@ def test_background_threads_are_frozen_between_runs(sandbox):
 
 def test_harmless_code_the_reference_refused_runs(sandbox):
     with sandbox.session() as s:  # reference deny-list: 're.compile(', 'eval(' ...
-        r = s.run("import re\nclass M:\n    def eval(self):\n        return 'evaluated'\nprint(re.compile('a+').match('aaa').group(), M().eval(), eval('1 + 1'))")
+        r = s.run(
+            "import re\nclass M:\n    def eval(self):\n        return 'evaluated'\nprint(re.compile('a+').match('aaa').group(), M().eval(), eval('1 + 1'))"
+        )
         assert r.ok and r.stdout == "aaa evaluated 2\n"
 
 

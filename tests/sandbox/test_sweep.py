@@ -17,7 +17,7 @@ from thyme.sandbox.stale import sweep
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
-_OWNER = r'''
+_OWNER = r"""
 import time
 from thyme.sandbox import Sandbox
 sb = Sandbox(mount_view=False)
@@ -26,7 +26,7 @@ r = s.run("open('f.txt', 'w').write('x')")
 assert r.ok, r.error
 print(sb.root_dir, sb.zygote_pid, flush=True)
 time.sleep(60)
-'''
+"""
 
 
 def _env(tmpdir: Path) -> dict[str, str]:
@@ -70,7 +70,9 @@ def _cgroup_folders(owner_pid: int) -> list[str]:
 
 
 def _sweep_cli(tmpdir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thyme.cli", "sandbox", "sweep"], env=_env(tmpdir), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "thyme.cli", "sandbox", "sweep"], env=_env(tmpdir), capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("zygote_too", [True, False], ids=["owner-and-zygote-killed", "owner-killed"])
@@ -113,7 +115,9 @@ def test_doctor_sweep_sweeps_first(tmp_path):
     stale.mkdir()
     (stale / ".owner").write_text(_dead_identity())
     (stale / "f").write_text("x")
-    out = subprocess.run([sys.executable, "-m", "thyme.cli", "sandbox", "doctor", "--sweep"], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "thyme.cli", "sandbox", "doctor", "--sweep"], env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == f"removed root {stale}" and "seccomp" in out.stdout
     assert not stale.exists()

@@ -19,7 +19,9 @@ from thyme.sandbox.outputs import OutputRefused, load_image
 class TestCallerWork:
     def test_special_files_cannot_be_made(self, sb):
         with sb.session() as s:
-            r = s.run("import os, stat\nfor f in (lambda: os.mkfifo('p'), lambda: os.mknod('c', 0o600 | stat.S_IFCHR, os.makedev(1, 3)), lambda: os.mknod('b', 0o600 | stat.S_IFBLK, os.makedev(7, 0))):\n    try:\n        f(); print('made')\n    except OSError as e: print(e.errno)")
+            r = s.run(
+                "import os, stat\nfor f in (lambda: os.mkfifo('p'), lambda: os.mknod('c', 0o600 | stat.S_IFCHR, os.makedev(1, 3)), lambda: os.mknod('b', 0o600 | stat.S_IFBLK, os.makedev(7, 0))):\n    try:\n        f(); print('made')\n    except OSError as e: print(e.errno)"
+            )
         assert "made" not in r.stdout, r.stdout
 
     @pytest.mark.parametrize("kind", ["symlinks", "folders", "empty files"])
@@ -59,12 +61,15 @@ class TestCallerWork:
             load_image(str(big), max_pixels=4096 * 4096)
         assert load_image(str(big), max_pixels=5000 * 5000).size == (5000, 5000)
 
-    @pytest.mark.parametrize("code", [
-        "im = Image.open(image_path)\nx = 3\n" + "x = x * x\n" * 80 + "im.crop((0, 0, x, 10))\nim.crop((1, 2, 30, 40))",
-        "im = Image.open(image_path)\n" + "a = (" * 3000 + "1" + ")" * 3000 + "\nim.crop((1, 2, 30, 40))",
-        "im = Image.open(image_path)\ns = 'a'\n" + "s = s + s\n" * 60 + "im.crop((1, 2, 30, 40))",
-        "im = Image.open(image_path)\n" + "y = 1e308 * 10\n" * 10 + "im.crop((1, 2, 30, 40))",
-    ])
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "im = Image.open(image_path)\nx = 3\n" + "x = x * x\n" * 80 + "im.crop((0, 0, x, 10))\nim.crop((1, 2, 30, 40))",
+            "im = Image.open(image_path)\n" + "a = (" * 3000 + "1" + ")" * 3000 + "\nim.crop((1, 2, 30, 40))",
+            "im = Image.open(image_path)\ns = 'a'\n" + "s = s + s\n" * 60 + "im.crop((1, 2, 30, 40))",
+            "im = Image.open(image_path)\n" + "y = 1e308 * 10\n" * 10 + "im.crop((1, 2, 30, 40))",
+        ],
+    )
     def test_report_arithmetic_is_bounded(self, code):
         from thyme.report import crop_regions
 

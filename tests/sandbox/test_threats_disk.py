@@ -21,8 +21,7 @@ class TestDisk:
     def test_writes_fallocate_and_truncate_are_bounded(self, sb):
         with sb.session() as s:
             r = s.run(
-                ctypes_prelude()
-                + "out = {}\n"
+                ctypes_prelude() + "out = {}\n"
                 "fd = os.open('big.bin', os.O_CREAT | os.O_WRONLY)\n"
                 "for name, fn in (('posix_fallocate', lambda: os.posix_fallocate(fd, 0, 4 << 30)), ('ftruncate', lambda: os.ftruncate(fd, 4 << 30))):\n"
                 "    try:\n        fn(); out[name] = 'allowed'\n    except OSError as e: out[name] = e.errno\n"
@@ -47,7 +46,9 @@ class TestDisk:
     def test_without_a_tmpfs_the_caller_enforces_the_budget(self, mode):
         with make_sandbox(mode, disk_tmpfs=False, disk_bytes=8 << 20) as sb, sb.session() as s:
             assert {l.name: l for l in s.layers}["disk"].active is False
-            r = s.run("import cv2, numpy as np\ncv2.imwrite('a.png', np.zeros((20, 20), np.uint8))\nfor i in range(3):\n    open(f'f{i}', 'wb').write(b'x' * (6 << 20))")
+            r = s.run(
+                "import cv2, numpy as np\ncv2.imwrite('a.png', np.zeros((20, 20), np.uint8))\nfor i in range(3):\n    open(f'f{i}', 'wb').write(b'x' * (6 << 20))"
+            )
             assert r.error.type == "DiskBudgetExceeded" and r.images == [] and os.listdir(s.dir) == []
             assert s.run("print('still here')").stdout == "still here\n"
 

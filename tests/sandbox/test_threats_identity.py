@@ -28,10 +28,16 @@ class TestIdentity:
         for caps in (ua[1], ub[1]):
             assert set(json.loads(caps.replace("'", '"'))[:2]) == {"0000000000000000"}, caps
 
-    @pytest.mark.parametrize("call", [
-        "os.chmod('.', 0o777)", "os.chmod('f.txt', 0o666)", "os.utime('f.txt', (0, 0))",
-        "os.setxattr('f.txt', 'user.x', b'1')", "os.chown('f.txt', os.getuid(), os.getgid())",
-    ])
+    @pytest.mark.parametrize(
+        "call",
+        [
+            "os.chmod('.', 0o777)",
+            "os.chmod('f.txt', 0o666)",
+            "os.utime('f.txt', (0, 0))",
+            "os.setxattr('f.txt', 'user.x', b'1')",
+            "os.chown('f.txt', os.getuid(), os.getgid())",
+        ],
+    )
     def test_metadata_changes_are_refused(self, sb, call):
         with sb.session() as s:
             r = s.run(f"import os\nopen('f.txt', 'w').write('x')\ntry:\n    {call}; print('allowed')\nexcept OSError as e: print(e.errno)")
@@ -58,5 +64,7 @@ class TestIdentity:
     def test_a_session_cannot_reach_another_sessions_folder(self, sb):
         with sb.session() as a, sb.session() as b:
             a.run("open('mine.txt', 'w').write('a')")
-            r = b.run(f"import os\nfor f in (os.listdir, os.stat):\n    try:\n        f('{a.dir}/mine.txt' if f is os.stat else '{a.dir}'); print('seen')\n    except OSError as e: print(e.errno)")
+            r = b.run(
+                f"import os\nfor f in (os.listdir, os.stat):\n    try:\n        f('{a.dir}/mine.txt' if f is os.stat else '{a.dir}'); print('seen')\n    except OSError as e: print(e.errno)"
+            )
         assert "seen" not in r.stdout, r.stdout

@@ -25,12 +25,15 @@ class TestIpc:
             ia, ib = a.run(code).stdout, b.run(code).stdout
         assert ia and ib and ia != ib and int(ia) != os.stat("/proc/self/ns/ipc").st_ino
 
-    @pytest.mark.parametrize("call", [
-        "call('shmget', 0x1234, 4096, 0o1666)",  # IPC_CREAT
-        "call('msgget', 0x1234, 0o1666)",
-        "call('semget', 0x1234, 1, 0o1666)",
-        "call('mq_open', b'/thyme-test', os.O_CREAT | os.O_RDWR, 0o600, None)",
-    ])
+    @pytest.mark.parametrize(
+        "call",
+        [
+            "call('shmget', 0x1234, 4096, 0o1666)",  # IPC_CREAT
+            "call('msgget', 0x1234, 0o1666)",
+            "call('semget', 0x1234, 1, 0o1666)",
+            "call('mq_open', b'/thyme-test', os.O_CREAT | os.O_RDWR, 0o600, None)",
+        ],
+    )
     def test_sysv_and_posix_queues_are_refused(self, sb, call):
         with sb.session() as s:
             r = s.run(ctypes_prelude() + f"print({call})")

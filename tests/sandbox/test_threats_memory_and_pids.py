@@ -56,7 +56,7 @@ class TestMemoryAndPids:
                 "import socket, os, struct\n"
                 "sk = socket.socket(fileno=os.dup(3))\n"
                 "fd = os.open('.', os.O_RDONLY)\n"
-                "msg = b'{\"op\":\"noise\"}'\n"
+                'msg = b\'{"op":"noise"}\'\n'
                 "socket.send_fds(sk, [struct.pack('>I', len(msg)) + msg], [fd, fd, fd])\n"
             )
             assert not r.ok and r.state_lost and r.error.type == "SandboxError"

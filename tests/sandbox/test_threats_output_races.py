@@ -103,8 +103,7 @@ class TestOutputsAndFreeze:
     def test_code_cannot_arrange_its_own_resume(self, sb):
         with sb.session() as s:
             r = s.run(
-                ctypes_prelude()
-                + "import fcntl, signal, array\n"
+                ctypes_prelude() + "import fcntl, signal, array\n"
                 "out = {}\n"
                 "fd = os.open('.', os.O_RDONLY)\n"
                 "for name, cmd, arg in (('F_SETSIG', 10, int(signal.SIGCONT)), ('F_SETOWN', 8, os.getpid()), ('F_NOTIFY', 1026, 0x80000001)):\n"
@@ -130,7 +129,9 @@ class TestOutputsAndFreeze:
     def test_without_cgroups_sigstop_still_stops_every_thread(self, mode):
         with make_sandbox(mode, cgroups=False) as sb, sb.session() as s:
             assert not {l.name: l for l in s.layers}["freezer"].active
-            r = s.run("import threading, time\ndef tick():\n    i = 0\n    while True:\n        i += 1; open('t.txt', 'w').write(str(i)); time.sleep(0.001)\nthreading.Thread(target=tick, daemon=True).start()\ntime.sleep(0.05)")
+            r = s.run(
+                "import threading, time\ndef tick():\n    i = 0\n    while True:\n        i += 1; open('t.txt', 'w').write(str(i)); time.sleep(0.001)\nthreading.Thread(target=tick, daemon=True).start()\ntime.sleep(0.05)"
+            )
             assert r.ok
             first = (Path(s.dir) / "t.txt").read_text()
             time.sleep(0.2)

@@ -36,12 +36,15 @@ class TestWire:
             a.close()
             b.close()
 
-    @pytest.mark.parametrize("body", [
-        "'[' * 20000 + ']' * 20000",  # nesting
-        "'{\"op\": \"result\", \"seq\": SEQ, \"ok\": true, \"error\": {\"type\": \"X\", \"message\": ' + '[' * 900 + ']' * 900 + '}}'",
-        "'{\"op\": \"result\", \"seq\": SEQ, \"ok\": true, \"fixes\": \"nope\"}'",  # malformed
-        "'\\xff\\xfe'",  # not UTF-8
-    ])
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "'[' * 20000 + ']' * 20000",  # nesting
+            '\'{"op": "result", "seq": SEQ, "ok": true, "error": {"type": "X", "message": \' + \'[\' * 900 + \']\' * 900 + \'}}\'',
+            '\'{"op": "result", "seq": SEQ, "ok": true, "fixes": "nope"}\'',  # malformed
+            "'\\xff\\xfe'",  # not UTF-8
+        ],
+    )
     def test_hostile_messages_stop_the_process_and_are_results(self, sb, body):
         with sb.session() as s:
             s.run("x = 1")

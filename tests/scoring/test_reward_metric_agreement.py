@@ -68,8 +68,15 @@ def _mme_refusal_quirk(name: str, prediction: str) -> bool:
 def _verdicts(name: str, row: Any, prediction: str) -> tuple[bool, bool | None, bool]:
     spec = get_benchmark(name)
     metric = spec.score(row, prediction).correct
-    report = to_item({"id": row.key, "benchmark": name, "answer_gt": row.answer, "options": row.options,
-                      "prediction": final_answer(prediction) or prediction}).correct
+    report = to_item(
+        {
+            "id": row.key,
+            "benchmark": name,
+            "answer_gt": row.answer,
+            "options": row.options,
+            "prediction": final_answer(prediction) or prediction,
+        }
+    ).correct
     reward = result_rules(final_answer(prediction), row.answer, row.options)
     return metric, report, bool(reward is not None and reward.value == 1.0)
 
@@ -126,7 +133,13 @@ def test_a_benchmark_is_one_registered_module(tmp_path):
     spec = register(Parity("parity-test", "Parity", "vlmevalkit", ("paritytest",)))
     try:
         data = tmp_path / "p.jsonl"
-        data.write_text("".join(json.dumps({"question_id": i, "question": f"q{i}", "options": "A. x\nB. y", "answer": "AB"[i % 2], "image": "none.jpg"}) + "\n" for i in range(4)))
+        data.write_text(
+            "".join(
+                json.dumps({"question_id": i, "question": f"q{i}", "options": "A. x\nB. y", "answer": "AB"[i % 2], "image": "none.jpg"})
+                + "\n"
+                for i in range(4)
+            )
+        )
         rows = load_rows("ParityTest", data)
         assert get_benchmark("paritytest") is spec and spec.question(rows[0]).startswith("PARITY: Question: q0")
         m = compute_metrics(spec, rows, {"0": {"prediction": "A"}, "1": {"prediction": "A"}, "2": {"prediction": "A"}})

@@ -117,7 +117,17 @@ def test_eval_score_hrbench_cycles_fsp_fcp_without_images(tmp_path):
             continue
         wrong = next(k for k in r.options if k != r.answer)
         kind = i % 6
-        p = {"question_id": r.question_id, "prediction": [f"({r.answer})", f"{r.answer}. {r.options[r.answer]}", "Cannot determine the answer", f"The answer is {wrong}", "no idea", "x"][kind]}
+        p = {
+            "question_id": r.question_id,
+            "prediction": [
+                f"({r.answer})",
+                f"{r.answer}. {r.options[r.answer]}",
+                "Cannot determine the answer",
+                f"The answer is {wrong}",
+                "no idea",
+                "x",
+            ][kind],
+        }
         if kind == 5:
             p["error"] = "backend crashed"
         preds.append(p)
@@ -152,9 +162,14 @@ def test_eval_score_hrbench_cycles_fsp_fcp_without_images(tmp_path):
 def test_eval_score_mme_realworld_lite_tasks_and_repeated_ids(tmp_path):
     rows = load_rows("mme-realworld-lite", ANN / "MME_RealWorld_Lite.jsonl")
     # lines carry only question_id and prediction; a repeated id's n-th line is its n-th row
-    preds = [{"question_id": r.question_id, "prediction": r.answer if r.task == "Perception" else next(k for k in "ABCDE" if k != r.answer)} for r in rows]
+    preds = [
+        {"question_id": r.question_id, "prediction": r.answer if r.task == "Perception" else next(k for k in "ABCDE" if k != r.answer)}
+        for r in rows
+    ]
     f = _write(tmp_path / "p.jsonl", preds)
-    rc, out = _score("--benchmark", "mme-realworld-lite", "--data", str(ANN / "MME_RealWorld_Lite.jsonl"), "--predictions", str(f), "--json")
+    rc, out = _score(
+        "--benchmark", "mme-realworld-lite", "--data", str(ANN / "MME_RealWorld_Lite.jsonl"), "--predictions", str(f), "--json"
+    )
     m = json.loads(out)
     n_perc = sum(1 for r in rows if r.task == "Perception")
     assert m["counts"]["rows"] == 1919 and m["counts"]["correct"] == n_perc
@@ -171,7 +186,10 @@ def test_eval_score_mme_realworld_lite_tasks_and_repeated_ids(tmp_path):
 @needs_corpus
 def test_eval_score_vstar_per_category_and_human_output(tmp_path):
     rows = load_rows("vstar", ANN / "vstar_bench.jsonl")
-    preds = [{"question_id": r.question_id, "prediction": f"({r.answer}) {r.options[r.answer]}" if r.category == "direct_attributes" else "(Z)"} for r in rows]
+    preds = [
+        {"question_id": r.question_id, "prediction": f"({r.answer}) {r.options[r.answer]}" if r.category == "direct_attributes" else "(Z)"}
+        for r in rows
+    ]
     f = _write(tmp_path / "p.jsonl", preds)
     out_json = tmp_path / "m.json"
     rc, out = _score("--benchmark", "vstar", "--data", str(ANN / "vstar_bench.jsonl"), "--predictions", str(f), "--out", str(out_json))
@@ -200,7 +218,21 @@ def test_eval_score_judge_maps_unparsed_answers_only(tmp_path):
     cfg = tmp_path / "judge.yaml"
     cfg.write_text("judge:\n  backoff_s: 0.01\n  max_retries: 2\n")
     try:
-        rc, out = _score("--benchmark", "vstar", "--data", str(ANN / "vstar_bench.jsonl"), "--predictions", str(f), "--json", "--judge-base-url", s.url, "--judge-model", "j", "--config", str(cfg))
+        rc, out = _score(
+            "--benchmark",
+            "vstar",
+            "--data",
+            str(ANN / "vstar_bench.jsonl"),
+            "--predictions",
+            str(f),
+            "--json",
+            "--judge-base-url",
+            s.url,
+            "--judge-model",
+            "j",
+            "--config",
+            str(cfg),
+        )
     finally:
         s.close()
     m = json.loads(out)
@@ -234,7 +266,13 @@ def test_thyme_eval_score_command_line(tmp_path):
     cmd = [sys.executable, "-m", "thyme.cli"]
     data = tmp_path / "hrbench_first8.jsonl"  # every data row counts in `overall`: score against these 8
     data.write_text("".join((ANN / "hrbench_4k.jsonl").read_text().splitlines(keepends=True)[:8]))
-    p = subprocess.run([*cmd, "eval", "score", "--benchmark", "hrbench4k", "--data", str(data), "--predictions", str(f), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [*cmd, "eval", "score", "--benchmark", "hrbench4k", "--data", str(data), "--predictions", str(f), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)
     assert m["overall"] == 1.0 and m["counts"]["rows"] == 8 and list(m)[:3] == ["overall", "per_category", "counts"]

@@ -199,8 +199,21 @@ def test_concurrent_decodes_stay_within_the_decode_budget(tmp_path, monkeypatch)
 
 def _hrbench_rows(image_values: list[str]) -> list[dict]:
     q = "What is written on the sign?"
-    return [{"index": i, "question": q, "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A", "category": "single", "cycle_category": "0", "image": v}
-            for i, v in enumerate(image_values)]
+    return [
+        {
+            "index": i,
+            "question": q,
+            "A": "a",
+            "B": "b",
+            "C": "c",
+            "D": "d",
+            "answer": "A",
+            "category": "single",
+            "cycle_category": "0",
+            "image": v,
+        }
+        for i, v in enumerate(image_values)
+    ]
 
 
 def _b64_file(p: Path) -> str:
@@ -211,7 +224,9 @@ def test_eval_up_front_check_refuses_a_base64_bomb_row_before_loading_the_model(
     good = _good(tmp_path / "g.png")
     header = ["index", "question", "A", "B", "C", "D", "answer", "category", "cycle_category", "image"]
     tsv = write_tsv(tmp_path / "hr.tsv", header, _hrbench_rows([_b64_file(good), _b64_file(bombs["ratio"]), _b64_file(good)]))
-    p, rss = cli("eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o"))
+    p, rss = cli(
+        "eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o")
+    )
     assert p.returncode == 2, p.stderr
     _assert_clear(p.stderr, "1.png", "12000x12000", "THYME_IMAGE_MAX_RATIO")  # the row's cached image, named by its index
     assert "no-such-model" not in p.stderr  # before the model
@@ -220,11 +235,22 @@ def test_eval_up_front_check_refuses_a_base64_bomb_row_before_loading_the_model(
 
 def test_eval_up_front_check_refuses_a_path_bomb_row(tmp_path, bombs):
     good = _good(tmp_path / "imgs" / "g.png")
-    rows = [{"question_id": str(i), "image": str(n), "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"}
-            for i, n in enumerate([good, _local(tmp_path, bombs["huge"]), _local(tmp_path, bombs["ratio"])])]
+    rows = [
+        {
+            "question_id": str(i),
+            "image": str(n),
+            "question": "Left or right?",
+            "options": "(A) left\n(B) right",
+            "category": "relative_position",
+            "answer": "A",
+        }
+        for i, n in enumerate([good, _local(tmp_path, bombs["huge"]), _local(tmp_path, bombs["ratio"])])
+    ]
     data = tmp_path / "vstar.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p, rss = cli("eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o"))
+    p, rss = cli(
+        "eval", "--benchmark", "vstar", "--data", str(data), "--model", "no-such-owner/no-such-model", "--out", str(tmp_path / "o")
+    )
     assert p.returncode == 2, p.stderr
     _assert_clear(p.stderr, "huge.png", "30000x30000", "THYME_IMAGE_MAX_PIXELS")
     assert "1 more image(s) fail too" in p.stderr and "no-such-model" not in p.stderr
@@ -239,8 +265,22 @@ class _Canned(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._send({"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "<answer>A</answer>"}, "text": "<answer>A</answer>", "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+        self._send(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "<answer>A</answer>"},
+                        "text": "<answer>A</answer>",
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            }
+        )
 
     def _send(self, obj):
         body = json.dumps(obj).encode()
@@ -272,11 +312,37 @@ def test_eval_with_an_openai_server_fails_only_the_bomb_question(tmp_path, bombs
     good = _good(tmp_path / "g.png")
     header = ["index", "question", "A", "B", "C", "D", "answer", "category", "cycle_category", "image"]
     control = write_tsv(tmp_path / "control.tsv", header, _hrbench_rows([_b64_file(good), _b64_file(good)]))
-    c, control_rss = cli("eval", "--benchmark", "hrbench4k", "--data", str(control), "--base-url", canned_server, "--model", "m", "--out", str(tmp_path / "c"), "--no-report")
+    c, control_rss = cli(
+        "eval",
+        "--benchmark",
+        "hrbench4k",
+        "--data",
+        str(control),
+        "--base-url",
+        canned_server,
+        "--model",
+        "m",
+        "--out",
+        str(tmp_path / "c"),
+        "--no-report",
+    )
     assert c.returncode == 0, c.stderr  # this path loads the agent's stack: ~390 MiB here
     tsv = write_tsv(tmp_path / "hr.tsv", header, _hrbench_rows([_b64_file(good), _b64_file(bombs["ratio"]), _b64_file(good)]))
     out = tmp_path / "o"
-    p, rss = cli("eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--base-url", canned_server, "--model", "m", "--out", str(out), "--no-report")
+    p, rss = cli(
+        "eval",
+        "--benchmark",
+        "hrbench4k",
+        "--data",
+        str(tsv),
+        "--base-url",
+        canned_server,
+        "--model",
+        "m",
+        "--out",
+        str(out),
+        "--no-report",
+    )
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     preds = {json.loads(line)["question_id"]: json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()}
@@ -304,7 +370,12 @@ def test_rl_train_image_check_refuses_the_bomb_naming_it(tmp_path, bombs, no_dec
 
     good = _good(tmp_path / "g.png")
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(rl_record("Which colour?", str(p), "red", rid=f"r{k}")) + "\n" for k, p in enumerate([good, _local(tmp_path, bombs["ratio"]), good])))
+    train.write_text(
+        "".join(
+            json.dumps(rl_record("Which colour?", str(p), "red", rid=f"r{k}")) + "\n"
+            for k, p in enumerate([good, _local(tmp_path, bombs["ratio"]), good])
+        )
+    )
     prompts = load_prompts([str(train)])
     assert [p.id for p in prompts] == ["r0", "r1", "r2"]
     with pytest.raises(ImageBudgetError) as e:  # before the model loads (thyme train rl's check_images)
@@ -351,7 +422,17 @@ def _record(rid: str, image: str) -> dict:
 def test_replay_fails_only_the_records_with_bomb_images(tmp_path, bombs):
     _good(tmp_path / "g.png")
     recs = tmp_path / "r.jsonl"
-    recs.write_text("".join(json.dumps(r) + "\n" for r in [_record("a", "g.png"), _record("huge", _local(tmp_path, bombs["huge"]).name), _record("ratio", _local(tmp_path, bombs["ratio"]).name), _record("b", "g.png")]))
+    recs.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                _record("a", "g.png"),
+                _record("huge", _local(tmp_path, bombs["huge"]).name),
+                _record("ratio", _local(tmp_path, bombs["ratio"]).name),
+                _record("b", "g.png"),
+            ]
+        )
+    )
     p, rss = cli("replay", str(recs), "--images-root", str(tmp_path), "--json", "--out", str(tmp_path / "out.jsonl"))
     assert p.returncode == 1, p.stderr  # records failed: exit 1
     s = json.loads(p.stdout.strip().splitlines()[-1])
@@ -365,8 +446,11 @@ def test_replay_fails_only_the_records_with_bomb_images(tmp_path, bombs):
 def test_verify_rejects_a_record_whose_recorded_output_is_a_bomb(tmp_path, bombs):
     good = _good(tmp_path / "g.png")
     code = "<code>\n```python\nprint(1)\n```\n</code>"
-    with_out = dict(_record("bomb-out", str(good)), image=[str(good), str(_local(tmp_path, bombs["huge"]))],
-                    response=f"<think>Crop.\n{code}<sandbox_output><image></sandbox_output>Red.</think>\n<answer>red</answer>")
+    with_out = dict(
+        _record("bomb-out", str(good)),
+        image=[str(good), str(_local(tmp_path, bombs["huge"]))],
+        response=f"<think>Crop.\n{code}<sandbox_output><image></sandbox_output>Red.</think>\n<answer>red</answer>",
+    )
     recs = tmp_path / "v.jsonl"
     recs.write_text("".join(json.dumps(r) + "\n" for r in [_record("a", str(good)), with_out, _record("b", str(good))]))
     p, rss = cli("data", "verify", str(recs), "--json")
@@ -395,13 +479,21 @@ def _hostile_jsonl(path: Path, good_before: dict, good_after: dict, id_key: str 
 
 
 def test_loads_bounded_and_iter_jsonl_turn_every_failure_into_one_error(tmp_path):
-    for text, why in [("[" * DEEP + "]" * DEEP, "nested 100000 levels deep"), ('{"a": [1, 2', "invalid JSON"), ("1" * 10000, "cannot parse JSON"), (b"\xff\xfe", "not UTF-8")]:
+    for text, why in [
+        ("[" * DEEP + "]" * DEEP, "nested 100000 levels deep"),
+        ('{"a": [1, 2', "invalid JSON"),
+        ("1" * 10000, "cannot parse JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+    ]:
         with pytest.raises(JsonInputError, match=why) as e:
             loads_bounded(text, what="reply of the judge")
         assert isinstance(e.value, ValueError) and str(e.value).startswith("reply of the judge: ")
     with pytest.raises(JsonInputError, match=r"19 bytes, over the limit of 10 \(max_line_bytes\)"):
         loads_bounded('{"a": "0123456789"}', max_bytes=10)
-    assert loads_bounded('{"a": "[[[[{{{{\\"", "b": [[1]]}', max_depth=3) == {"a": '[[[[{{{{"', "b": [[1]]}  # brackets in strings do not count
+    assert loads_bounded('{"a": "[[[[{{{{\\"", "b": [[1]]}', max_depth=3) == {
+        "a": '[[[[{{{{"',
+        "b": [[1]],
+    }  # brackets in strings do not count
     with pytest.raises(JsonInputError, match="nested 3 levels deep"):
         loads_bounded('{"a": "[[[[{{{{\\"", "b": [[1]]}', max_depth=2)
     # escaped quotes after an unterminated one: the depth scan stays linear (a backtracking
@@ -445,10 +537,25 @@ def test_verify_rejects_the_huge_and_deep_lines_and_keeps_the_others(tmp_path):
 
 
 def test_eval_score_names_the_bad_lines_and_scores_the_others(tmp_path):
-    rows = [{"question_id": str(i), "image": "x.png", "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"} for i in range(4)]
+    rows = [
+        {
+            "question_id": str(i),
+            "image": "x.png",
+            "question": "Left or right?",
+            "options": "(A) left\n(B) right",
+            "category": "relative_position",
+            "answer": "A",
+        }
+        for i in range(4)
+    ]
     data = tmp_path / "vstar.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    preds = _hostile_jsonl(tmp_path / "predictions.jsonl", {"question_id": "0", "prediction": "A"}, {"question_id": "3", "prediction": "A"}, id_key="question_id")
+    preds = _hostile_jsonl(
+        tmp_path / "predictions.jsonl",
+        {"question_id": "0", "prediction": "A"},
+        {"question_id": "3", "prediction": "A"},
+        id_key="question_id",
+    )
     p, rss = cli("eval", "score", "--benchmark", "vstar", "--data", str(data), "--predictions", str(preds), "--json")
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
@@ -462,7 +569,12 @@ def test_rl_train_file_with_a_huge_or_deep_line_is_a_clear_error_naming_it(tmp_p
     from thyme.train.rl.data import load_prompts, rl_record
 
     good = _good(tmp_path / "g.png")
-    for bad, why in [(b'{"s": "' + b"x" * (20 << 20) + b'"}', "longer than"), (b"[" * DEEP + b"]" * DEEP, "nested"), (b"{not json", "invalid JSON"), (b"[1, 2]", "expected a JSON object")]:
+    for bad, why in [
+        (b'{"s": "' + b"x" * (20 << 20) + b'"}', "longer than"),
+        (b"[" * DEEP + b"]" * DEEP, "nested"),
+        (b"{not json", "invalid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+    ]:
         train = tmp_path / "train.jsonl"
         train.write_bytes(json.dumps(rl_record("q?", str(good), "a", rid="r0")).encode() + b"\n" + bad + b"\n")
         with pytest.raises(ThymeError) as e:
@@ -506,7 +618,16 @@ def test_the_config_files_images_section_sets_the_budgets(tmp_path):
 def test_eval_replay_records_with_a_deep_line_stop_with_an_error_naming_it(tmp_path):
     """``thyme eval --replay`` refuses a malformed records file before running (its documented
     contract); a deep line is one more malformed line, not a RecursionError."""
-    rows = [{"question_id": "0", "image": "x.png", "question": "Left or right?", "options": "(A) left\n(B) right", "category": "relative_position", "answer": "A"}]
+    rows = [
+        {
+            "question_id": "0",
+            "image": "x.png",
+            "question": "Left or right?",
+            "options": "(A) left\n(B) right",
+            "category": "relative_position",
+            "answer": "A",
+        }
+    ]
     data = tmp_path / "vstar.jsonl"
     data.write_text(json.dumps(rows[0]) + "\n")
     recs = tmp_path / "recs.jsonl"

@@ -34,7 +34,9 @@ def server():
 
 def _req(mode: str = "ok") -> GenerationRequest:
     text = f"Question about THYME-HOSTILE:{mode}"
-    return GenerationRequest([{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": text}]}], max_new_tokens=8)
+    return GenerationRequest(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": text}]}], max_new_tokens=8
+    )
 
 
 def _backend(url: str, **kw) -> OpenAIBackend:
@@ -86,7 +88,9 @@ def test_flood_memory_stays_near_the_cap(server):
     tracemalloc.start()
     try:
         with pytest.raises(ResponseTooLarge, match="over the cap of 2097152 bytes"):
-            fetch_sync("POST", server.url("flood") + "/chat/completions", HTTPLimits(deadline_s=10, max_response_bytes=2 * 2**20), content=b"{}")
+            fetch_sync(
+                "POST", server.url("flood") + "/chat/completions", HTTPLimits(deadline_s=10, max_response_bytes=2 * 2**20), content=b"{}"
+            )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -110,7 +114,10 @@ def test_a_404_hint_never_blocks_the_event_loop_of_the_other_requests():
         done: dict[int, float] = {}
         t0 = time.monotonic()
         with pytest.raises(OpenAIBatchError) as ei:
-            b.generate([_req("notfound"), _req("slow_ok"), _req("slow_ok"), _req("slow_ok")], stream=lambda i, _t: done.setdefault(i, time.monotonic() - t0))
+            b.generate(
+                [_req("notfound"), _req("slow_ok"), _req("slow_ok"), _req("slow_ok")],
+                stream=lambda i, _t: done.setdefault(i, time.monotonic() - t0),
+            )
         took = time.monotonic() - t0
     e = ei.value.errors[0]
     assert isinstance(e, OpenAIServerError) and e.status == 404 and all(x is None for x in ei.value.errors[1:])
@@ -197,7 +204,11 @@ def test_rl_scoring_with_a_hostile_judge_masks_only_the_rollouts_that_needed_it(
         return Rollout(f"x{i}#0", f"x{i}", [1], trajectory=t)
 
     p = RLPrompt("x", [], [], "B", "Q? A. no B. yes", {"A": "no", "B": "yes"})
-    rollouts = [ro(0, "<think>it is A</think>\n<answer>A</answer>"), ro(1, "<think>hm</think>\n<answer>maybe, who knows</answer>"), ro(2, "<think>it is A</think>\n<answer>A</answer>")]
+    rollouts = [
+        ro(0, "<think>it is A</think>\n<answer>A</answer>"),
+        ro(1, "<think>hm</think>\n<answer>maybe, who knows</answer>"),
+        ro(2, "<think>it is A</think>\n<answer>A</answer>"),
+    ]
     out = score_rollouts(rollouts, [p] * 3, judge=_judge(server.url(mode)))
     assert [r.mask_reason for r in rollouts] == [None, "judge_failed", None]
     assert out[0]["total"] == 0.5 and out[2]["total"] == 0.5 and out[0]["methods"]["result"] == "option"
@@ -210,10 +221,28 @@ def test_eval_with_a_nesting_judge_still_writes_metrics(server, tmp_path, capsys
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {max_retries: 0, timeout_s: 5}\njudge: {max_retries: 0, timeout_s: 5, parse_retries: 0}\n")
     out = tmp_path / "o"
-    rc = thyme_main([
-        "eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--base-url", server.url(), "--model", "hostile", "--out", str(out),
-        "--judge-base-url", server.url("nest"), "--judge-model", "j", "--no-report", "--config", str(cfg),
-    ])
+    rc = thyme_main(
+        [
+            "eval",
+            "--benchmark",
+            "hrbench4k",
+            "--data",
+            str(tsv),
+            "--base-url",
+            server.url(),
+            "--model",
+            "hostile",
+            "--out",
+            str(out),
+            "--judge-base-url",
+            server.url("nest"),
+            "--judge-model",
+            "j",
+            "--no-report",
+            "--config",
+            str(cfg),
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts"]["judge_invalid"] == 4 and m["counts"]["judged"] == 0 and m["overall"] == 0.0
@@ -226,7 +255,13 @@ def test_proxy_policy_resolution():
     env = {"HTTPS_PROXY": "http://p:3128", "http_proxy": "http://q:3128", "NO_PROXY": "internal.example,.corp"}
     assert resolve_proxy("https://api.example.com/v1", "env", env) == "http://p:3128"
     assert resolve_proxy("http://api.example.com/v1", "env", env) == "http://q:3128"
-    for direct in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1", "http://internal.example/v1", "http://a.corp/v1"):
+    for direct in (
+        "http://127.0.0.1:8000/v1",
+        "http://localhost:8000/v1",
+        "http://[::1]:8000/v1",
+        "http://internal.example/v1",
+        "http://a.corp/v1",
+    ):
         assert resolve_proxy(direct, "env", env) is None, direct
     assert resolve_proxy("https://api.example.com/v1", "none", env) is None
     assert resolve_proxy("http://127.0.0.1:8000/v1", "http://proxy:1", env) == "http://proxy:1"

@@ -89,11 +89,14 @@ def test_a_symlink_planted_under_the_output_name_is_not_followed(work):
     assert os.path.islink(out / "crop.png") and Image.open(out / "crop.1.png").size == (30, 20)
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda p: p.write_text("x"), "not a folder"),
-    (lambda p: (p.mkdir(), os.chmod(p, 0o777)), "writable by other users"),
-    (lambda p: (p.mkdir(), os.chmod(p, 0o555)), "not writable"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: p.write_text("x"), "not a folder"),
+        (lambda p: (p.mkdir(), os.chmod(p, 0o777)), "writable by other users"),
+        (lambda p: (p.mkdir(), os.chmod(p, 0o555)), "not writable"),
+    ],
+)
 def test_a_bad_out_dir_fails_before_the_run_with_status_2(work, monkeypatch, make, why):
     if why == "not writable" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only folder: covered by the ownership check below")

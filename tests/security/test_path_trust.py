@@ -68,7 +68,13 @@ def s(tmp_path) -> Setup:
 
 
 def _answer_record(rid: str, image: str, answer: str = "A", **kw) -> dict:
-    return {"id": rid, "image": [image], "question": "<image>\nWhat colour?", "response": f"<think>Look.</think>\n<answer>{answer}</answer>", **kw}
+    return {
+        "id": rid,
+        "image": [image],
+        "question": "<image>\nWhat colour?",
+        "response": f"<think>Look.</think>\n<answer>{answer}</answer>",
+        **kw,
+    }
 
 
 # --------------------------------------------------------------------------- the rule itself
@@ -137,7 +143,14 @@ def test_verify_rejects_each_hostile_record_and_verifies_the_good_ones(s):
     records = s.root / "sft.jsonl"
     code = "<code>\n```python\nprint(6 * 7)\n```\n</code>\n<sandbox_output>42</sandbox_output>\n"
     recs = [_answer_record(f"bad-{how}", p) for how, p in s.paths.items()]
-    recs.append({"id": "good-code", "image": ["images/good.png"], "question": "<image>\nCompute.", "response": "<think>Compute.\n" + code + "Done.</think>\n<answer>42</answer>"})
+    recs.append(
+        {
+            "id": "good-code",
+            "image": ["images/good.png"],
+            "question": "<image>\nCompute.",
+            "response": "<think>Compute.\n" + code + "Done.</think>\n<answer>42</answer>",
+        }
+    )
     recs.append(_answer_record("good-plain", str(s.good)))  # absolute, but inside the records' folder
     records.write_text("".join(json.dumps(r) + "\n" for r in recs))
     kept, rejected = s.tmp / "v" / "kept.jsonl", s.tmp / "v" / "rejected.jsonl"
@@ -146,7 +159,9 @@ def test_verify_rejects_each_hostile_record_and_verifies_the_good_ones(s):
     assert {json.loads(l)["id"] for l in kept.read_text().splitlines()} == {"good-code", "good-plain"}
     rej = {r["id"]: r["rejection"] for r in map(json.loads, rejected.read_text().splitlines())}
     for how, p in s.paths.items():
-        assert rej[f"bad-{how}"]["reason"] == "record_error" and p in rej[f"bad-{how}"]["detail"] and "refused" in rej[f"bad-{how}"]["detail"]
+        assert (
+            rej[f"bad-{how}"]["reason"] == "record_error" and p in rej[f"bad-{how}"]["detail"] and "refused" in rej[f"bad-{how}"]["detail"]
+        )
     s.assert_no_leak(s.tmp / "v")
 
 
@@ -154,7 +169,10 @@ def test_verify_rejects_each_hostile_record_and_verifies_the_good_ones(s):
 
 
 def _vstar_rows(path: Path, images: list[str]) -> Path:
-    rows = [{"question_id": f"q{i}", "image": img, "question": "What colour?", "options": ["A. green", "B. purple"], "answer": "A"} for i, img in enumerate(images)]
+    rows = [
+        {"question_id": f"q{i}", "image": img, "question": "What colour?", "options": ["A. green", "B. purple"], "answer": "A"}
+        for i, img in enumerate(images)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -184,10 +202,16 @@ def test_a_parquet_benchmark_image_struct_path_is_refused(s):
     from thyme.evaluate.benchmarks import MissingImagesError, check_images, load_rows, materialise_images
 
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({
-        "index": ["q0", "q1"], "question": ["What colour?"] * 2, "A": ["green"] * 2, "B": ["purple"] * 2, "answer": ["A", "A"],
-        "image": pa.array([{"bytes": None, "path": "images/good.png"}, {"bytes": None, "path": str(s.secret)}], type=struct),
-    })
+    table = pa.table(
+        {
+            "index": ["q0", "q1"],
+            "question": ["What colour?"] * 2,
+            "A": ["green"] * 2,
+            "B": ["purple"] * 2,
+            "answer": ["A", "A"],
+            "image": pa.array([{"bytes": None, "path": "images/good.png"}, {"bytes": None, "path": str(s.secret)}], type=struct),
+        }
+    )
     data = s.root / "vstar.parquet"
     pq.write_table(table, data)
     rows = load_rows("vstar", data)
@@ -227,7 +251,10 @@ def test_report_embeds_only_files_of_the_run_it_renders(s):
         return {"id": rid, "question": "q", "images": [image], "turns": [], "answer": "A", "stop_reason": "answer"}
 
     rows = [{"question_id": "good", "prediction": "A", "trajectory": traj("good", str(run / "in.png"))}]
-    rows += [{"question_id": how, "prediction": "A", "trajectory": traj(how, p if os.path.isabs(p) else str(run / ".." / p))} for how, p in s.paths.items()]
+    rows += [
+        {"question_id": how, "prediction": "A", "trajectory": traj(how, p if os.path.isabs(p) else str(run / ".." / p))}
+        for how, p in s.paths.items()
+    ]
     rows.append({"question_id": "link-in-run", "prediction": "A", "trajectory": traj("link-in-run", str(run / "link.png"))})
     os.symlink(s.secret, run / "link.png")
     preds = run / "predictions.jsonl"
@@ -279,10 +306,17 @@ def test_convert_refuses_a_parquet_image_struct_path(s):
 
     from thyme.data.convert import ConvertConfig, convert
 
-    features = datasets.Features({"image": datasets.Sequence(datasets.Image(decode=False)), "question": datasets.Value("string"), "response": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Sequence(datasets.Image(decode=False)),
+            "question": datasets.Value("string"),
+            "response": datasets.Value("string"),
+        }
+    )
     cols = {
         "image": [[{"bytes": None, "path": str(s.secret)}], [{"bytes": None, "path": "images/good.png"}]],
-        "question": ["<image>\nq", "<image>\nq"], "response": ["a", "b"],
+        "question": ["<image>\nq", "<image>\nq"],
+        "response": ["a", "b"],
     }
     src = s.root / "data.parquet"
     datasets.Dataset.from_dict(cols, features=features).to_parquet(str(src))

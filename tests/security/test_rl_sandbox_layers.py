@@ -75,8 +75,19 @@ def train_file(tmp_path) -> Path:
 def _train(args: list[str], train_file: Path, tmp_path: Path) -> int:
     from thyme.cli import main
 
-    return main(["train", "rl", "--model", str(tmp_path / "never-loaded"), "--train-file", str(train_file),
-                 "--output-dir", str(tmp_path / "out"), *args])
+    return main(
+        [
+            "train",
+            "rl",
+            "--model",
+            str(tmp_path / "never-loaded"),
+            "--train-file",
+            str(train_file),
+            "--output-dir",
+            str(tmp_path / "out"),
+            *args,
+        ]
+    )
 
 
 @pytest.mark.parametrize("how", ["shipped config", "sandbox section requiring the layer", "no config (the default)"])
@@ -154,7 +165,7 @@ def stub_verl(monkeypatch):
 
     mod = types.ModuleType("verl.experimental.agent_loop.agent_loop")
     mod.AgentLoopBase, mod.AgentLoopMetrics, mod.AgentLoopOutput = AgentLoopBase, dict, dict
-    mod.register = lambda name: (lambda cls: cls)
+    mod.register = lambda name: lambda cls: cls
     for name in ("verl", "verl.experimental", "verl.experimental.agent_loop"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)

@@ -135,7 +135,7 @@ def test_chat_template_renders_the_qwen_format(loaded):
 def test_thyme_text_tokenises_sensibly(loaded):
     tok = loaded[0].tokenizer
     text = (
-        "<think>The sign is small, so I will crop it.\n<code>\n```python\nimport cv2\nimg = cv2.imread(\"/tmp/a.jpg\")\n"
+        '<think>The sign is small, so I will crop it.\n<code>\n```python\nimport cv2\nimg = cv2.imread("/tmp/a.jpg")\n'
         "print(img.shape)\n```\n</code>\n<sandbox_output>(480, 640, 3)\n</sandbox_output></think>\n<answer>B</answer>"
     )
     ids = tok(text, add_special_tokens=False).input_ids

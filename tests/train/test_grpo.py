@@ -15,9 +15,11 @@ import pytest
 
 from ..conftest import CORPUS, corpus_records, needs_corpus
 
-PREFILL = ('<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n'
-           'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
-           'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>')
+PREFILL = (
+    "<think>Zoom in.\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+    'img.crop((0, 0, 300, 200)).save("/mnt/data/temp_processed_images/crop.png")\n'
+    'print("/mnt/data/temp_processed_images/crop.png")\n```\n</code>'
+)
 
 
 def rl_records(path: Path, ids: list[str]) -> Path:
@@ -34,10 +36,25 @@ def rl_records(path: Path, ids: list[str]) -> Path:
 def small(model, files, out, **kw):
     from thyme.train.rl.config import GRPOATSConfig
 
-    base = dict(model=str(model), train_files=[str(f) for f in files], output_dir=str(out), max_pixels=12544, num_generations=2, allow_absolute_paths=True,
-                per_device_train_batch_size=2, gradient_accumulation_steps=1, max_completion_length=16, max_length=2048, max_steps=2,
-                gradient_checkpointing=False, save_strategy="no", learning_rate=1e-4, prefill=PREFILL, seed=0,
-                sandbox={"allow_weaker": True})  # every layer still required: a host without one warns instead of stopping
+    base = dict(
+        model=str(model),
+        train_files=[str(f) for f in files],
+        output_dir=str(out),
+        max_pixels=12544,
+        num_generations=2,
+        allow_absolute_paths=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_completion_length=16,
+        max_length=2048,
+        max_steps=2,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        learning_rate=1e-4,
+        prefill=PREFILL,
+        seed=0,
+        sandbox={"allow_weaker": True},
+    )  # every layer still required: a host without one warns instead of stopping
     base.update(kw)
     return GRPOATSConfig(**base)
 
@@ -74,7 +91,12 @@ def test_two_grpo_ats_steps_end_to_end_and_checkpoint_loads_into_run(cold_start,
     ckpt = Path(out["output_dir"])
     assert (ckpt / "chat_template.jinja").is_file() or (ckpt / "chat_template.json").is_file()
     image = str(CORPUS / "thyme/images/case6-1.jpg")
-    assert main(["run", "--model", str(ckpt), "--image", image, "--question", "What?", "--max-new-tokens", "4", "--max-rounds", "1", "--quiet"]) == 0
+    assert (
+        main(
+            ["run", "--model", str(ckpt), "--image", image, "--question", "What?", "--max-new-tokens", "4", "--max-rounds", "1", "--quiet"]
+        )
+        == 0
+    )
 
 
 @needs_corpus
@@ -211,7 +233,9 @@ def test_ats_code_tokens_mask_keeps_greedy_code_tokens_out_of_the_loss(tiny_chec
 
     prefill = "<think>Zoom in.\n<code>\n```python\n"
     files = [rl_records(tmp_path / "rl.jsonl", ["thyme-case-1"])]
-    trainer = build_trainer(small(tiny_checkpoint, files, tmp_path / "rl", prefill=prefill, ats_code_tokens="mask", max_completion_length=12))
+    trainer = build_trainer(
+        small(tiny_checkpoint, files, tmp_path / "rl", prefill=prefill, ats_code_tokens="mask", max_completion_length=12)
+    )
     rows = [trainer.train_dataset[0], trainer.train_dataset[0]]
     n_pre = len(trainer.processing_class.tokenizer.encode(prefill, add_special_tokens=False))
     seen = {}
@@ -242,9 +266,19 @@ def test_a_masked_rollout_with_a_wrong_image_token_count_never_ends_the_step():
 
     good = Rollout("g#0", "g", [1, PAD, PAD, PAD, 5], completion_ids=[9, 9], env_mask=[1, 1], logprobs=[-0.1, -0.2], images=[img])
     # masked mid-rollout: an output image never got its pad tokens (its feedback failed)
-    broken = Rollout("b#0", "b", [1, PAD, PAD, PAD, 5], completion_ids=[9, PAD], env_mask=[1, 0], logprobs=[-0.1, float("nan")],
-                     images=[img, img], mask_reason="sandbox_error")
-    masked_ok = Rollout("m#0", "m", [1, PAD, PAD, PAD, 5], completion_ids=[9], env_mask=[1], logprobs=[-0.3], images=[img], mask_reason="judge_failed")
+    broken = Rollout(
+        "b#0",
+        "b",
+        [1, PAD, PAD, PAD, 5],
+        completion_ids=[9, PAD],
+        env_mask=[1, 0],
+        logprobs=[-0.1, float("nan")],
+        images=[img, img],
+        mask_reason="sandbox_error",
+    )
+    masked_ok = Rollout(
+        "m#0", "m", [1, PAD, PAD, PAD, 5], completion_ids=[9], env_mask=[1], logprobs=[-0.3], images=[img], mask_reason="judge_failed"
+    )
     rows = trainer_rows([good, broken, masked_ok], im_end=END, image_pad=PAD, pad_count=pad_count)
     assert rows[0].completion_ids == [9, 9] and rows[0].env_mask == [1, 1] and rows[0].images == [img]
     assert (rows[1].prompt_ids, rows[1].completion_ids, rows[1].env_mask, rows[1].images) == ([END], [END], [0], [])

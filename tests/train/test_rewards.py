@@ -59,7 +59,13 @@ class JudgeStub:
                 status, content = item[0], item[1]
                 headers = item[2] if len(item) > 2 else {}
                 if status == 200:
-                    payload = json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+                    payload = json.dumps(
+                        {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                        }
+                    )
                 else:
                     payload = content if isinstance(content, str) else json.dumps(content)
                 data = payload.encode()
@@ -194,7 +200,14 @@ def test_result_reward_reads_the_option_text_when_options_are_known():
 
 
 def test_judge_retries_5xx_429_and_timeouts_then_answers(judge_server):
-    s = judge_server([(500, "overloaded"), (429, "slow down", {"Retry-After": "0"}), ("sleep", 0.6, (200, '{"correct": 1}')), (200, 'Sure: ```json\n{"correct": 1}\n```')])
+    s = judge_server(
+        [
+            (500, "overloaded"),
+            (429, "slow down", {"Retry-After": "0"}),
+            ("sleep", 0.6, (200, '{"correct": 1}')),
+            (200, 'Sure: ```json\n{"correct": 1}\n```'),
+        ]
+    )
     judge = s.client(timeout_s=0.3)
     v = judge.judge("Is it right?", "correct", [0, 1])
     assert v.value == 1 and v.attempts == 4

@@ -48,14 +48,55 @@ def test_todays_defaults_are_kept():
     from thyme.train.rl.config import load_rl_config
 
     c = load_rl_config(None)
-    expect = dict(model="Kwai-Keye/Thyme-SFT", output_dir="runs/rl_grpo_ats", max_pixels=2408448, num_generations=4, max_completion_length=3196,
-                  max_length=10240, max_rounds=4, max_images=6, temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.05, ats=True,
-                  ats_code_tokens="train", mask_truncated=False, repetition_span=32, repetition_repeats=3, repetition_window=1024, engine="hf",
-                  vllm_gpu_memory_utilization=0.55, wrong_result_value=0.0, format_weight=0.5, consistency_weight=0.5, learning_rate=5e-7,
-                  min_lr_rate=0.1, warmup_ratio=0.03, num_train_epochs=2.0, per_device_train_batch_size=1, gradient_accumulation_steps=5,
-                  num_iterations=1, beta=0.01, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, weight_decay=0.1,
-                  max_steps=-1, seed=42, freeze_vision_tower=True, train_merger=True, dtype="auto", gradient_checkpointing=True,
-                  logging_steps=1, save_steps=100, save_total_limit=5, dataloader_num_workers=0, remove_unused_columns=False)
+    expect = dict(
+        model="Kwai-Keye/Thyme-SFT",
+        output_dir="runs/rl_grpo_ats",
+        max_pixels=2408448,
+        num_generations=4,
+        max_completion_length=3196,
+        max_length=10240,
+        max_rounds=4,
+        max_images=6,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.05,
+        ats=True,
+        ats_code_tokens="train",
+        mask_truncated=False,
+        repetition_span=32,
+        repetition_repeats=3,
+        repetition_window=1024,
+        engine="hf",
+        vllm_gpu_memory_utilization=0.55,
+        wrong_result_value=0.0,
+        format_weight=0.5,
+        consistency_weight=0.5,
+        learning_rate=5e-7,
+        min_lr_rate=0.1,
+        warmup_ratio=0.03,
+        num_train_epochs=2.0,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=5,
+        num_iterations=1,
+        beta=0.01,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        max_grad_norm=1.0,
+        weight_decay=0.1,
+        max_steps=-1,
+        seed=42,
+        freeze_vision_tower=True,
+        train_merger=True,
+        dtype="auto",
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_steps=100,
+        save_total_limit=5,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
     for k, v in expect.items():
         assert getattr(c, k) == v, k
     assert c.sandbox.timeout_s == 10 and c.judge.base_url is None
@@ -78,7 +119,9 @@ def test_steps_per_generation_holds_whole_groups():
 def test_sections_beside_or_inside_rl_and_dotted_set_keys(tmp_path):
     from thyme.train.rl.config import RL_REQUIRED_LAYERS, load_rl_config
 
-    beside = _yaml(tmp_path, "rl:\n  learning_rate: 1e-6\n  warmup_steps: 7\nsandbox:\n  timeout_s: 3\njudge:\n  base_url: http://j/v1\n  model: jm\n")
+    beside = _yaml(
+        tmp_path, "rl:\n  learning_rate: 1e-6\n  warmup_steps: 7\nsandbox:\n  timeout_s: 3\njudge:\n  base_url: http://j/v1\n  model: jm\n"
+    )
     c = load_rl_config(beside, {"sandbox.allow_weaker": True, "judge.timeout_s": 5, "vllm_importance_sampling_correction": False})
     assert c.learning_rate == 1e-6 and c.warmup_steps == 7  # a TRL field from YAML; warmup_steps wins over warmup_ratio
     assert c.sandbox.timeout_s == 3 and c.sandbox.allow_weaker is True and c.sandbox.require == RL_REQUIRED_LAYERS
@@ -89,17 +132,20 @@ def test_sections_beside_or_inside_rl_and_dotted_set_keys(tmp_path):
     assert c.learning_rate == 2e-6 and c.sandbox.require == ("seccomp",) and c.judge.model == "short" and c.sandbox.timeout_s == 4
 
 
-@pytest.mark.parametrize("text, overrides, named", [
-    ("rl: {}\nagent: {max_rounds: 3}\n", None, "agent"),                     # a section the stage does not take
-    ("sandbox: [seccomp]\n", None, "sandbox"),                                # a section that is not a mapping
-    ("sandbox: {timeoutt: 3}\n", None, "timeoutt"),                           # a typo inside a section
-    ("", {"sandbox.require": ["nolayer"]}, "nolayer"),                        # a layer that does not exist
-    ("", {"judge_api_key_env": "MY_KEY"}, "THYME_JUDGE_API_KEY"),             # removed: says what replaced it
-    ("", {"learning_rat": 1}, "learning_rat"),
-    ("", {"num_generations": 1}, "num_generations"),                          # Thyme's check
-    ("", {"mask_truncated_completions": True}, "mask_truncated"),             # Thyme's trainer needs TRL's off
-    ("rl: {sandbox: {timeout_s: 1}}\nsandbox: {timeout_s: 2}\n", None, "both"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, named",
+    [
+        ("rl: {}\nagent: {max_rounds: 3}\n", None, "agent"),  # a section the stage does not take
+        ("sandbox: [seccomp]\n", None, "sandbox"),  # a section that is not a mapping
+        ("sandbox: {timeoutt: 3}\n", None, "timeoutt"),  # a typo inside a section
+        ("", {"sandbox.require": ["nolayer"]}, "nolayer"),  # a layer that does not exist
+        ("", {"judge_api_key_env": "MY_KEY"}, "THYME_JUDGE_API_KEY"),  # removed: says what replaced it
+        ("", {"learning_rat": 1}, "learning_rat"),
+        ("", {"num_generations": 1}, "num_generations"),  # Thyme's check
+        ("", {"mask_truncated_completions": True}, "mask_truncated"),  # Thyme's trainer needs TRL's off
+        ("rl: {sandbox: {timeout_s: 1}}\nsandbox: {timeout_s: 2}\n", None, "both"),
+    ],
+)
 def test_bad_configs_are_named(tmp_path, text, overrides, named):
     from thyme.train.rl.config import load_rl_config
 
@@ -156,5 +202,12 @@ def test_train_help_lists_thymes_fields_and_the_trl_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "rl", "--help"])
     out = capsys.readouterr().out
-    for text in ("sandbox:", "judge:", "THYME_JUDGE_API_KEY", "num_generations", "reference scripts/rl.sh --learning_rate 5e-7", "sandbox.allow_weaker"):
+    for text in (
+        "sandbox:",
+        "judge:",
+        "THYME_JUDGE_API_KEY",
+        "num_generations",
+        "reference scripts/rl.sh --learning_rate 5e-7",
+        "sandbox.allow_weaker",
+    ):
         assert text in out, text

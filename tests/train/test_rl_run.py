@@ -23,10 +23,20 @@ except ImportError:  # pragma: no cover - fastapi comes with transformers[servin
     Request = None
 
 #: Small enough for CPU; everything else comes from configs/rl_grpo_ats.yaml.
-SMALL = ["max_pixels=12544", "num_generations=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
-         "max_completion_length=16", "max_length=2048", "gradient_checkpointing=false", "save_steps=1", "learning_rate=1e-4", "seed=0",
-         "sandbox.allow_weaker=true",  # the shipped config requires every layer: a host without one warns instead of stopping
-         "allow_absolute_paths=true"]  # rl_records names the corpus images by absolute paths outside tmp
+SMALL = [
+    "max_pixels=12544",
+    "num_generations=2",
+    "per_device_train_batch_size=2",
+    "gradient_accumulation_steps=1",
+    "max_completion_length=16",
+    "max_length=2048",
+    "gradient_checkpointing=false",
+    "save_steps=1",
+    "learning_rate=1e-4",
+    "seed=0",
+    "sandbox.allow_weaker=true",  # the shipped config requires every layer: a host without one warns instead of stopping
+    "allow_absolute_paths=true",
+]  # rl_records names the corpus images by absolute paths outside tmp
 #: A given answer (the tiny model writes none), so the result and consistency judges are asked.
 ANSWER_PREFILL = "<think>The sign is red.</think>\n<answer>a red sign</answer>"
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "rl_grpo_ats.yaml")
@@ -54,8 +64,12 @@ class JudgeServer:
                 reply = '{"consistent": 1}'
             else:
                 reply = "I am not sure."
-            return {"id": "x", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            }
 
         import uvicorn
 
@@ -100,8 +114,19 @@ def judged_run(tiny_checkpoint, tmp_path_factory):
     records = rl_records(d / "rl.jsonl", ["thyme-case-1"])
     judge = JudgeServer()
     sets = SMALL + [f"judge_base_url={judge.base_url}", "judge_model=judge", f"prefill={ANSWER_PREFILL}"]
-    argv = ["train", "rl", "--config", CONFIG, "--model", str(tiny_checkpoint), "--train-file", str(records),
-            "--output-dir", str(d / "out"), "--json"] + [x for s in sets for x in ("--set", s)]
+    argv = [
+        "train",
+        "rl",
+        "--config",
+        CONFIG,
+        "--model",
+        str(tiny_checkpoint),
+        "--train-file",
+        str(records),
+        "--output-dir",
+        str(d / "out"),
+        "--json",
+    ] + [x for s in sets for x in ("--set", s)]
     yield {"argv": argv, "out": d / "out", "judge": judge, "dir": d}
     judge.close()
 
@@ -132,8 +157,16 @@ def test_thyme_metrics_reach_the_trainer_logs(judged_run):
     ckpt = judged_run["out"] / "checkpoint-1"
     logs = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
     keys = set().union(*(set(x) for x in logs))
-    for k in ("thyme/rewards/format", "thyme/rewards/result", "thyme/rewards/consistency", "thyme/code_execution_rate",
-              "thyme/tool_use_rate", "thyme/rounds", "thyme/repetition_stops", "thyme/masked_rollouts"):
+    for k in (
+        "thyme/rewards/format",
+        "thyme/rewards/result",
+        "thyme/rewards/consistency",
+        "thyme/code_execution_rate",
+        "thyme/tool_use_rate",
+        "thyme/rounds",
+        "thyme/repetition_stops",
+        "thyme/masked_rollouts",
+    ):
         assert k in keys, f"{k} not logged ({sorted(keys)})"
     step = next(x for x in logs if "thyme/masked_rollouts" in x)
     assert step["thyme/masked_rollouts"] == 1.0 and step["thyme/rewards/result"] == 1.0

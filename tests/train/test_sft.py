@@ -37,9 +37,20 @@ def corpus_jsonl(path: Path, ids: list[str]) -> Path:
 
 def tiny_cfg(model, files, out, **kw) -> SFTRunConfig:
     base = dict(
-        model=str(model), train_files=[str(f) for f in files], output_dir=str(out), max_pixels=12544, learning_rate=5e-3,
-        effective_batch_size=2, per_device_train_batch_size=1, gradient_checkpointing=False, dataloader_num_workers=0,
-        logging_steps=1, save_strategy="no", warmup_ratio=0.0, report_to=["none"], seed=0,
+        model=str(model),
+        train_files=[str(f) for f in files],
+        output_dir=str(out),
+        max_pixels=12544,
+        learning_rate=5e-3,
+        effective_batch_size=2,
+        per_device_train_batch_size=1,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        warmup_ratio=0.0,
+        report_to=["none"],
+        seed=0,
         allow_absolute_paths=True,  # corpus_jsonl names the corpus images by absolute paths outside tmp_path
     )
     base.update(kw)
@@ -86,7 +97,7 @@ def test_modality_sampler_keeps_batches_homogeneous_and_covers_every_sample():
     assert len(order) == len(s) == 9 + 6
     assert set(order) == set(range(11))
     for i in range(0, len(order), 3):
-        assert len({has_image[j] for j in order[i: i + 3]}) == 1
+        assert len({has_image[j] for j in order[i : i + 3]}) == 1
     s.set_epoch(0)
     assert list(iter(s)) == order  # deterministic per epoch
     s.set_epoch(1)
@@ -150,7 +161,9 @@ def test_lora_run_saves_a_merged_model_that_loads(tiny_checkpoint, tmp_path):
     from thyme.train.sft import train_sft
 
     files = [corpus_jsonl(tmp_path / "train.jsonl", ["thyme-case-7"])]
-    out = train_sft(tiny_cfg(tiny_checkpoint, files, tmp_path / "lora", max_steps=1, use_lora=True, effective_batch_size=1), show_progress=False)
+    out = train_sft(
+        tiny_cfg(tiny_checkpoint, files, tmp_path / "lora", max_steps=1, use_lora=True, effective_batch_size=1), show_progress=False
+    )
     assert out["merged_dir"] and Path(out["output_dir"], "adapter_config.json").is_file()
     HFBackend(out["merged_dir"])
 
@@ -182,11 +195,31 @@ def test_convert_verify_stage1_stage2_and_run_end_to_end(tiny_checkpoint, tmp_pa
 
     # stage 2 (math annealing) from stage 1, through the command line and the shipped config
     p = run_module(
-        "thyme.cli", "train", "sft", "--config", str(CONFIGS / "sft_stage2_math.yaml"),
-        "--model", str(tmp_path / "stage1"), "--train-file", str(kept), "--output-dir", str(tmp_path / "stage2"),
-        "--max-steps", "2", "--json",
-        *[f"--set={kv}" for kv in ("max_pixels=12544", "effective_batch_size=2", "gradient_checkpointing=false",
-                                   "dataloader_num_workers=0", "report_to=[none]", "save_strategy=no")],
+        "thyme.cli",
+        "train",
+        "sft",
+        "--config",
+        str(CONFIGS / "sft_stage2_math.yaml"),
+        "--model",
+        str(tmp_path / "stage1"),
+        "--train-file",
+        str(kept),
+        "--output-dir",
+        str(tmp_path / "stage2"),
+        "--max-steps",
+        "2",
+        "--json",
+        *[
+            f"--set={kv}"
+            for kv in (
+                "max_pixels=12544",
+                "effective_batch_size=2",
+                "gradient_checkpointing=false",
+                "dataloader_num_workers=0",
+                "report_to=[none]",
+                "save_strategy=no",
+            )
+        ],
     )
     assert p.returncode == 0, p.stderr[-3000:]
     s2 = json.loads(p.stdout.strip().splitlines()[-1])
@@ -196,7 +229,20 @@ def test_convert_verify_stage1_stage2_and_run_end_to_end(tiny_checkpoint, tmp_pa
 
     # the result answers through `thyme run`
     image = CORPUS / "thyme/images/case6-1.jpg"
-    p = run_module("thyme.cli", "run", "--model", str(tmp_path / "stage2"), "--image", str(image), "--question", "What is written?",
-                   "--max-new-tokens", "8", "--max-rounds", "1", "--quiet")
+    p = run_module(
+        "thyme.cli",
+        "run",
+        "--model",
+        str(tmp_path / "stage2"),
+        "--image",
+        str(image),
+        "--question",
+        "What is written?",
+        "--max-new-tokens",
+        "8",
+        "--max-rounds",
+        "1",
+        "--quiet",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().startswith("answer:")

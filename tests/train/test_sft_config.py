@@ -48,13 +48,16 @@ def test_defaults_derived_values_and_trl_fields_by_set():
     assert given.accumulation_steps(8) == 4
 
 
-@pytest.mark.parametrize("overrides, named", [
-    ({"packing": True}, "packing"),
-    ({"remove_unused_columns": True}, "remove_unused_columns"),
-    ({"learning_rate": 0}, "learning_rate"),
-    ({"adam_beta3": 1}, "adam_beta3"),
-    ({"effective_batch_size": None}, "effective_batch_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"packing": True}, "packing"),
+        ({"remove_unused_columns": True}, "remove_unused_columns"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"adam_beta3": 1}, "adam_beta3"),
+        ({"effective_batch_size": None}, "effective_batch_size"),
+    ],
+)
 def test_bad_values_are_named(overrides, named):
     from thyme.train.sft_config import load_sft_config
 

@@ -103,7 +103,13 @@ class _Worker:
     batch_id: int = -1
 
 
-def _worker_main(conn: Any, setup: Callable[[Any], Any], setup_arg: Any, work: Callable[[Any, list[Any]], list[Any]], teardown: Callable[[Any], None] | None) -> None:
+def _worker_main(
+    conn: Any,
+    setup: Callable[[Any], Any],
+    setup_arg: Any,
+    work: Callable[[Any, list[Any]], list[Any]],
+    teardown: Callable[[Any], None] | None,
+) -> None:
     """A worker process: build the state once, then run batches until told to stop."""
     try:
         state = setup(setup_arg)
@@ -282,7 +288,9 @@ def imap_ordered(
                     w.proc.kill()
                     w.proc.join(timeout=5)
                 if not w.ready:
-                    raise ThymeError(f"a worker process could not start: {_exit_reason(w.proc)}", "run with --workers 1 to see the error in this process")
+                    raise ThymeError(
+                        f"a worker process could not start: {_exit_reason(w.proc)}", "run with --workers 1 to see the error in this process"
+                    )
                 pool.remove(w)
                 w.conn.close()
                 lose(w, _exit_reason(w.proc))
@@ -324,7 +332,13 @@ def import_ray() -> Any:
 _RAY_STATE: dict[Any, Any] = {}
 
 
-def ray_task(setup: Callable[[Any], Any], setup_arg: Any, work: Callable[[Any, list[Any]], list[Any]], payloads: list[Any], teardown: Callable[[Any], None] | None = None) -> list[Any]:
+def ray_task(
+    setup: Callable[[Any], Any],
+    setup_arg: Any,
+    work: Callable[[Any, list[Any]], list[Any]],
+    payloads: list[Any],
+    teardown: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """The body of one Ray task: this process's warm state (built once per setup), then ``work``.
 
     Plain Python (the tests call it directly); :func:`ray_imap_ordered` runs it as a Ray task.
@@ -367,7 +381,10 @@ def ray_imap_ordered(
         try:
             ray.init(address=address or None, log_to_driver=False)
         except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError... from ray
-            raise ThymeError(f"cannot start or reach Ray at {address or 'the default address'}: {e}", "start a cluster with `ray start --head` or pass --ray ADDRESS") from None
+            raise ThymeError(
+                f"cannot start or reach Ray at {address or 'the default address'}: {e}",
+                "start a cluster with `ray start --head` or pass --ray ADDRESS",
+            ) from None
     remote = ray.remote(max_retries=1, retry_exceptions=False)(ray_task)
     limit = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     source = iter(jobs)

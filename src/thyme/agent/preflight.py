@@ -89,7 +89,9 @@ def prompt_tokens(backend: Any, question: str, images: list[str], agent_cfg: Any
     shown = [p if shown_tpl is None else shown_tpl.replace("{name}", os.path.basename(p)).replace("{path}", p) for p in images]
     messages = protocol.build_messages(question, images, shown_paths=shown, image_sizes=[image_size(p) for p in images])
     prefill = getattr(agent_cfg, "prefill", "") or ""
-    req = GenerationRequest(messages=messages, assistant_parts=[{"type": "text", "text": prefill}] if prefill else [], max_new_tokens=1, stop=[])
+    req = GenerationRequest(
+        messages=messages, assistant_parts=[{"type": "text", "text": prefill}] if prefill else [], max_new_tokens=1, stop=[]
+    )
     enc = backend.encode([backend.prepare(req)])
     return int(enc["input_ids"].shape[-1])
 

@@ -49,7 +49,9 @@ def parse_record(obj: Any, *, line: int, images_root: str | os.PathLike | None, 
     return _parse(obj, line=line, root=images_root, allow_absolute=allow_absolute, check_counts=False, check_files="inputs")
 
 
-def iter_records(path: str | os.PathLike, *, images_root: str | os.PathLike | None, allow_absolute: bool = False) -> Iterator[tuple[int, Record | RecordError]]:
+def iter_records(
+    path: str | os.PathLike, *, images_root: str | os.PathLike | None, allow_absolute: bool = False
+) -> Iterator[tuple[int, Record | RecordError]]:
     """Yield ``(line_number, Record or RecordError)`` for each non-empty line of ``path``
     (relative paths start from ``images_root``, default the records file's folder).
 
@@ -115,9 +117,7 @@ def score_replay(record: Record, traj: Trajectory) -> dict[str, Any]:
     }
     refs = record.raw.get("reference_outputs")
     if isinstance(refs, list):
-        matches = [
-            _outputs_match(refs[i] if i < len(refs) else [], t.execution) for i, t in enumerate(executed)
-        ]
+        matches = [_outputs_match(refs[i] if i < len(refs) else [], t.execution) for i, t in enumerate(executed)]
         out["outputs_match"] = sum(matches)
         out["outputs_checked"] = len(matches)
     for key in ("benchmark", "question_id"):
@@ -171,7 +171,9 @@ class ReplayConfig:
     """How ``thyme replay`` spreads its work; each field's meaning, default and source:
     ``thyme replay --help``."""
 
-    batch_size: int = setting(8, help="records replayed together in one worker (their code runs concurrently in its sandbox pool)", source="ours")
+    batch_size: int = setting(
+        8, help="records replayed together in one worker (their code runs concurrently in its sandbox pool)", source="ours"
+    )
     workers: int | None = workers_setting()
     ray: str | None = ray_setting()
 
@@ -208,7 +210,9 @@ def _worker_work(state: tuple[Any, _WorkerSetup], payloads: list[tuple[int, Any]
         if not isinstance(item, Record):
             rows[i] = _error_row(n, str(item))
     if batch:
-        for (i, _, _), row in zip(batch, replay_batch([(n, r) for _, n, r in batch], sandbox=sandbox, config=arg.agent_config, artifacts_dir=arg.artifacts_dir)):
+        for (i, _, _), row in zip(
+            batch, replay_batch([(n, r) for _, n, r in batch], sandbox=sandbox, config=arg.agent_config, artifacts_dir=arg.artifacts_dir)
+        ):
             rows[i] = row
     return [rows[i] for i in range(len(payloads))]
 
@@ -218,10 +222,21 @@ def _worker_lost(payload: tuple[int, Any], reason: str) -> dict[str, Any]:
     n, item = payload
     if not isinstance(item, Record):
         return _error_row(n, str(item))
-    return {"id": item.id, "line": n, "key": f"{n}:{item.id}", "ok": False, "error": reason, "stop_reason": "error", "code_blocks": 0, "executed_ok": 0}
+    return {
+        "id": item.id,
+        "line": n,
+        "key": f"{n}:{item.id}",
+        "ok": False,
+        "error": reason,
+        "stop_reason": "error",
+        "code_blocks": 0,
+        "executed_ok": 0,
+    }
 
 
-def replay_batch(batch: list[tuple[int, Record]], *, sandbox: Any, config: AgentConfig, artifacts_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
+def replay_batch(
+    batch: list[tuple[int, Record]], *, sandbox: Any, config: AgentConfig, artifacts_dir: str | os.PathLike | None
+) -> list[dict[str, Any]]:
     """Replay records together in ``sandbox``; one scored result line per ``(line, record)``."""
     backend = ReplayBackend({f"{n}:{r.id}": r.response for n, r in batch})
     rounds = max(len(protocol.split_recorded_response(r.response)) for _, r in batch)
@@ -333,7 +348,14 @@ def replay(
 
                 sandbox_config = sandbox.config if sandbox is not None else SandboxConfig()
             setup = _WorkerSetup(sandbox_config, base, str(artifacts_dir) if artifacts_dir is not None else None)
-            kw = dict(batch_size=batch_size, setup=_worker_setup, setup_arg=setup, work=_worker_work, failed=_worker_lost, teardown=_worker_teardown)
+            kw = dict(
+                batch_size=batch_size,
+                setup=_worker_setup,
+                setup_arg=setup,
+                work=_worker_work,
+                failed=_worker_lost,
+                teardown=_worker_teardown,
+            )
             rows = ray_imap_ordered(todo(), address=ray, **kw) if ray is not None else imap_ordered(todo(), workers=n_workers, **kw)
             for row in rows:
                 emit(row)

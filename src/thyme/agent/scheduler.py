@@ -89,7 +89,17 @@ class Progress:
     rate and ETA count only tasks of this run (not resumed ones). Thread-safe.
     """
 
-    def __init__(self, total: int, *, initial: int = 0, desc: str = "", unit: str = "task", stream: TextIO | None = None, interval_s: float = 30.0, tty: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "task",
+        stream: TextIO | None = None,
+        interval_s: float = 30.0,
+        tty: bool | None = None,
+    ):
         self.total, self.initial, self.desc, self.unit = total, initial, desc, unit
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
@@ -232,8 +242,25 @@ def _default_error_record(key: str, error: BaseException) -> dict[str, Any]:
 class _Run(Generic[T, R]):
     """One :func:`schedule` call's state (the writer and the counters belong to the calling thread)."""
 
-    def __init__(self, writer: ResumableJsonl, key: Callable[[T], str], record: Callable[[T, R], dict[str, Any]], failure: Callable[[dict[str, Any]], str | None], on_record: Callable[[T, dict[str, Any]], None] | None, progress: Progress | None, label: str):
-        self.writer, self.key, self.record, self.failure, self.on_record, self.progress, self.label = writer, key, record, failure, on_record, progress, label
+    def __init__(
+        self,
+        writer: ResumableJsonl,
+        key: Callable[[T], str],
+        record: Callable[[T, R], dict[str, Any]],
+        failure: Callable[[dict[str, Any]], str | None],
+        on_record: Callable[[T, dict[str, Any]], None] | None,
+        progress: Progress | None,
+        label: str,
+    ):
+        self.writer, self.key, self.record, self.failure, self.on_record, self.progress, self.label = (
+            writer,
+            key,
+            record,
+            failure,
+            on_record,
+            progress,
+            label,
+        )
         self.ran = 0
         self.failed = 0
 

@@ -175,8 +175,14 @@ def decide(text: str, finish: str, *, tokens_used: int, caps: Caps, context_open
     return Step(action="finish", end=seg.end, stop_reason="answer" if answer is not None else "no_answer", answer=answer)
 
 
-def feedback_step(parts: list[dict[str, Any]], *, images_in_context: int, tokens_used: int, caps: Caps,
-                  count_tokens: Callable[[list[dict[str, Any]]], int] | None = None) -> FeedbackStep:
+def feedback_step(
+    parts: list[dict[str, Any]],
+    *,
+    images_in_context: int,
+    tokens_used: int,
+    caps: Caps,
+    count_tokens: Callable[[list[dict[str, Any]]], int] | None = None,
+) -> FeedbackStep:
     """Whether an execution's feedback ``parts`` (:func:`thyme.protocol.feedback_parts`) enter
     the context.
 

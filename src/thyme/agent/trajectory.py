@@ -197,5 +197,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
     except OSError:
         return False
-
-

@@ -189,37 +189,68 @@ class OpenAIConfig:
     the API key also from ``OPENAI_API_KEY``). Each field's meaning, default and source:
     ``thyme eval --help``."""
 
-    base_url: str = setting("http://127.0.0.1:8000/v1", help="the server's OpenAI API root (a URL without a path gets /v1 appended)", source="vLLM's default port")
-    model: str = setting("", help="the served model name (vLLM --served-model-name, default the model path/id)", source="required", show_default="none")
+    base_url: str = setting(
+        "http://127.0.0.1:8000/v1",
+        help="the server's OpenAI API root (a URL without a path gets /v1 appended)",
+        source="vLLM's default port",
+    )
+    model: str = setting(
+        "", help="the served model name (vLLM --served-model-name, default the model path/id)", source="required", show_default="none"
+    )
     api_key: str | None = setting(
-        None, help="sent as 'Authorization: Bearer <key>'; none sends EMPTY (vLLM and SGLang accept anything unless started with --api-key); never written to provenance", source="OpenAI API"
+        None,
+        help="sent as 'Authorization: Bearer <key>'; none sends EMPTY (vLLM and SGLang accept anything unless started with --api-key); never written to provenance",
+        source="OpenAI API",
     )
     concurrency: int = setting(16, help="requests in flight at most (the server batches them)", source="ours")
-    min_pixels: int = setting(QWEN_MIN_PIXELS, help="per-image pixel budget applied before upload, lower bound", source="Qwen2.5-VL processor")
-    max_pixels: int = setting(
-        QWEN_MAX_PIXELS, help="per-image pixel budget applied before upload, upper bound (so the model sees what the hf backend's default processor gives it)", source="Qwen2.5-VL processor"
+    min_pixels: int = setting(
+        QWEN_MIN_PIXELS, help="per-image pixel budget applied before upload, lower bound", source="Qwen2.5-VL processor"
     )
-    resize_factor: int = setting(28, help="both image sides become multiples of this (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)", source="Qwen2.5-VL")
-    image_format: Literal["auto", "jpeg", "png"] = setting("auto", help="how images are uploaded (see thyme.backends.openai)", source="ours")
+    max_pixels: int = setting(
+        QWEN_MAX_PIXELS,
+        help="per-image pixel budget applied before upload, upper bound (so the model sees what the hf backend's default processor gives it)",
+        source="Qwen2.5-VL processor",
+    )
+    resize_factor: int = setting(
+        28, help="both image sides become multiples of this (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)", source="Qwen2.5-VL"
+    )
+    image_format: Literal["auto", "jpeg", "png"] = setting(
+        "auto", help="how images are uploaded (see thyme.backends.openai)", source="ours"
+    )
     jpeg_quality: int = setting(95, help="JPEG quality of re-encoded images (1-100)", source="ours")
     timeout_s: float = setting(
-        600.0, help="deadline of one HTTP request in seconds: connect, send and the whole answer (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)", source="ours"
+        600.0,
+        help="deadline of one HTTP request in seconds: connect, send and the whole answer (a 2048-token round on a loaded server can take minutes); connecting is limited to min(10, timeout_s)",
+        source="ours",
     )
-    max_response_mb: float = setting(32.0, help="largest answer read from the server, in MiB (reading stops there: an error naming the URL and the cap)", source="ours")
+    max_response_mb: float = setting(
+        32.0, help="largest answer read from the server, in MiB (reading stops there: an error naming the URL and the cap)", source="ours"
+    )
     proxy: str = setting(
-        "env", help="proxy policy of every call (generation, model listing): 'env' honours HTTP(S)_PROXY/ALL_PROXY/NO_PROXY (loopback always direct), 'none' ignores them, or an http(s):// proxy URL", source="ours"
+        "env",
+        help="proxy policy of every call (generation, model listing): 'env' honours HTTP(S)_PROXY/ALL_PROXY/NO_PROXY (loopback always direct), 'none' ignores them, or an http(s):// proxy URL",
+        source="ours",
     )
-    max_retries: int = setting(5, help="retries of a request after HTTP 408/409/425/429/5xx, a timeout or a connection error", source="ours")
+    max_retries: int = setting(
+        5, help="retries of a request after HTTP 408/409/425/429/5xx, a timeout or a connection error", source="ours"
+    )
     backoff_s: float = setting(1.0, help="first retry delay in seconds (doubles per retry, plus up to 25% jitter)", source="ours")
     max_backoff_s: float = setting(30.0, help="cap on one retry delay (and on an honoured Retry-After)", source="ours")
     continuation: Literal["vllm", "sglang", "completions", "none"] = setting(
         "vllm", help="how the assistant message is continued after a sandbox output (see thyme.backends.openai)", source="ours"
     )
     send_stop: bool = setting(
-        True, help="send the stop strings to the server (they are always applied here too); off for servers whose stop support is broken (transformers serve 5.23 with vision models)", source="ours"
+        True,
+        help="send the stop strings to the server (they are always applied here too); off for servers whose stop support is broken (transformers serve 5.23 with vision models)",
+        source="ours",
     )
     extra_body: dict[str, Any] | None = setting(None, help="JSON fields merged last into every request body", source="ours")
-    tokenizer: str | None = setting(None, help="hub id or folder whose chat template renders prompts for continuation 'completions'", source="ours", show_default="model when it is a local folder")
+    tokenizer: str | None = setting(
+        None,
+        help="hub id or folder whose chat template renders prompts for continuation 'completions'",
+        source="ours",
+        show_default="model when it is a local folder",
+    )
     image_cache_mb: int = setting(512, help="size of the encoded-image cache (data URLs), in MiB", source="ours")
 
     def check(self) -> None:
@@ -227,7 +258,9 @@ class OpenAIConfig:
         if not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://")):
             raise ThymeError(f"--base-url must be an http(s) URL, got {self.base_url!r}", "e.g. --base-url http://127.0.0.1:8000/v1")
         if not self.model:
-            raise ThymeError("no served model name given for the OpenAI-compatible backend", "pass --model NAME (GET <base-url>/models lists them)")
+            raise ThymeError(
+                "no served model name given for the OpenAI-compatible backend", "pass --model NAME (GET <base-url>/models lists them)"
+            )
         if self.continuation not in _CONTINUATIONS:
             raise ThymeError(f"unknown continuation {self.continuation!r}", f"use one of {', '.join(_CONTINUATIONS)}")
         if self.image_format not in _IMAGE_FORMATS:
@@ -237,7 +270,9 @@ class OpenAIConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ThymeError(f"{name} must be a positive integer, got {v!r}")
         if self.min_pixels > self.max_pixels:
-            raise ThymeError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})", "lower --min-pixels or raise --max-pixels")
+            raise ThymeError(
+                f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})", "lower --min-pixels or raise --max-pixels"
+            )
         if not 1 <= int(self.jpeg_quality) <= 100:
             raise ThymeError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality!r}")
         if not (self.timeout_s > 0 and self.max_retries >= 0 and self.backoff_s >= 0 and self.max_backoff_s >= 0):
@@ -263,7 +298,17 @@ class OpenAIServerError(ThymeError):
         attempts: how many times the request was sent.
     """
 
-    def __init__(self, message: str, hint: str | None = None, *, url: str = "", status: int | None = None, body: str = "", retryable: bool = False, attempts: int = 1):
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        url: str = "",
+        status: int | None = None,
+        body: str = "",
+        retryable: bool = False,
+        attempts: int = 1,
+    ):
         super().__init__(message, hint)
         self.url = url
         self.status = status
@@ -280,7 +325,9 @@ class OpenAIBatchError(BatchGenerationError):
 # --------------------------------------------------------------------------- images
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS
+) -> tuple[int, int]:
     """Qwen's target size ``(height, width)``: multiples of ``factor``, pixels in the budget.
 
     transformers' own function (``transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.
@@ -373,14 +420,16 @@ def encode_image(
     else:
         path = os.fspath(src)
         if path.startswith("file://"):
-            path = path[len("file://"):]
+            path = path[len("file://") :]
         im = open_image(path, load=False)
         fmt = (im.format or "").upper()
     w, h = im.size
     try:
         th, tw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
-        raise ImageError(f"cannot fit image {path or '<PIL image>'} ({w}x{h}) to the pixel budget: {e}", "crop or pad it to a less extreme aspect ratio") from e
+        raise ImageError(
+            f"cannot fit image {path or '<PIL image>'} ({w}x{h}) to the pixel budget: {e}", "crop or pad it to a less extreme aspect ratio"
+        ) from e
     if (tw, th) == (w, h) and image_format == "auto" and path is not None and fmt in ("JPEG", "PNG") and im.mode in ("RGB", "L"):
         with open(path, "rb") as f:
             data = f.read()
@@ -423,7 +472,7 @@ class _ImageCache:
         key = None
         if isinstance(src, (str, os.PathLike)):
             p = os.fspath(src)
-            p = p[len("file://"):] if p.startswith("file://") else p
+            p = p[len("file://") :] if p.startswith("file://") else p
             try:
                 st = os.stat(p)
                 key = (os.path.abspath(p), st.st_mtime_ns, st.st_size, settings)
@@ -783,7 +832,9 @@ class OpenAIBackend(Backend):
         if kind == "image":
             src = p.get("image", p.get("path", p.get("url")))
             if src is None:
-                raise ImageError(f"image part without an image: {p!r}", "image parts look like {'type': 'image', 'image': '/path/to/file.jpg'}")
+                raise ImageError(
+                    f"image part without an image: {p!r}", "image parts look like {'type': 'image', 'image': '/path/to/file.jpg'}"
+                )
             if isinstance(src, str) and src.startswith(("data:", "http://", "https://")):
                 return {"type": "image_url", "image_url": {"url": src}}
             return {"type": "image_url", "image_url": {"url": self.encode(src).url}}
@@ -799,7 +850,14 @@ class OpenAIBackend(Backend):
         def enc() -> EncodedImage:
             with self._stats_lock:
                 self.stats["images"] += 1
-            return encode_image(src, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, factor=cfg.resize_factor, image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality)
+            return encode_image(
+                src,
+                min_pixels=cfg.min_pixels,
+                max_pixels=cfg.max_pixels,
+                factor=cfg.resize_factor,
+                image_format=cfg.image_format,
+                jpeg_quality=cfg.jpeg_quality,
+            )
 
         return self._cache.get(src, settings, enc)
 
@@ -869,7 +927,12 @@ class OpenAIBackend(Backend):
         except Exception as e:  # noqa: BLE001 - wrong types in a server's answer fail this request only
             self._count_failed()
             url = self.config.base_url + path
-            raise OpenAIServerError(f"{url} answered HTTP 200 with a malformed completion ({type(e).__name__}: {excerpt(str(e), 200)})", "is this an OpenAI-compatible server?", url=url, status=200) from None
+            raise OpenAIServerError(
+                f"{url} answered HTTP 200 with a malformed completion ({type(e).__name__}: {excerpt(str(e), 200)})",
+                "is this an OpenAI-compatible server?",
+                url=url,
+                status=200,
+            ) from None
 
     async def _post(self, client: Any, path: str, payload: bytes) -> dict[str, Any]:
         cfg = self.config
@@ -884,7 +947,11 @@ class OpenAIBackend(Backend):
                 r = await fetch(client, "POST", url, limits, content=payload)
             except HTTPFailure as e:
                 if e.retryable:  # deadline, connection
-                    hint = "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load" if isinstance(e, RequestTimeout) else "is the server running and is --base-url right (scheme, host, port, /v1)?"
+                    hint = (
+                        "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load"
+                        if isinstance(e, RequestTimeout)
+                        else "is the server running and is --base-url right (scheme, host, port, /v1)?"
+                    )
                     raise Retryable(OpenAIServerError(e.message, hint, url=url, retryable=True, attempts=n)) from None
                 self._count_failed()  # a flood or an unreadable stream: not worth another try
                 raise OpenAIServerError(e.message, e.hint, url=url, status=None, attempts=n) from None
@@ -893,10 +960,19 @@ class OpenAIBackend(Backend):
                     data = r.json()
                 except HTTPFailure as e:
                     self._count_failed()
-                    raise OpenAIServerError(e.message, "is this an OpenAI-compatible server?", url=url, status=200, body=_excerpt(r.text), attempts=n) from None
+                    raise OpenAIServerError(
+                        e.message, "is this an OpenAI-compatible server?", url=url, status=200, body=_excerpt(r.text), attempts=n
+                    ) from None
                 if not isinstance(data, dict):
                     self._count_failed()
-                    raise OpenAIServerError(f"{url} answered HTTP 200 with JSON that is not an object: {_excerpt(r.text)!r}", "is this an OpenAI-compatible server?", url=url, status=200, body=_excerpt(r.text), attempts=n)
+                    raise OpenAIServerError(
+                        f"{url} answered HTTP 200 with JSON that is not an object: {_excerpt(r.text)!r}",
+                        "is this an OpenAI-compatible server?",
+                        url=url,
+                        status=200,
+                        body=_excerpt(r.text),
+                        attempts=n,
+                    )
                 return data
             names = await self._alist_models(client) if r.status_code == 404 else None
             err = self._http_error(url, r, n, names)
@@ -908,7 +984,15 @@ class OpenAIBackend(Backend):
         def give_up(err: BaseException, attempts: int) -> BaseException:
             self._count_failed()
             if isinstance(err, OpenAIServerError) and attempts > 1:
-                return OpenAIServerError(f"{err.message} (gave up after {attempts} attempts)", err.hint, url=err.url, status=err.status, body=err.body, retryable=True, attempts=attempts)
+                return OpenAIServerError(
+                    f"{err.message} (gave up after {attempts} attempts)",
+                    err.hint,
+                    url=err.url,
+                    status=err.status,
+                    body=err.body,
+                    retryable=True,
+                    attempts=attempts,
+                )
             return err
 
         def on_retry(_n: int) -> None:
@@ -916,8 +1000,13 @@ class OpenAIBackend(Backend):
                 self.stats["retries"] += 1
 
         return await retrying(
-            attempt, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s, max_backoff_s=cfg.max_backoff_s,
-            give_up=give_up, on_retry=on_retry, stop_early=lambda: self._closed,
+            attempt,
+            max_retries=cfg.max_retries,
+            backoff_s=cfg.backoff_s,
+            max_backoff_s=cfg.max_backoff_s,
+            give_up=give_up,
+            on_retry=on_retry,
+            stop_early=lambda: self._closed,
         )
 
     def _count_failed(self) -> None:
@@ -941,8 +1030,17 @@ class OpenAIBackend(Backend):
             hint = "check the API key (api_key / --api-key) the server was started with"
         elif status == 404:
             names = [c.get("id") for c in (names or []) if isinstance(c, dict)]
-            hint = f"check --base-url (it usually ends in /v1) and the served model name (--model); the server lists: {names}" if names else "check --base-url (it usually ends in /v1) and the served model name (--model)"
-        elif "continue_final_message" in low or "add_generation_prompt" in low or "include_stop_str_in_output" in low or "no_stop_trim" in low:
+            hint = (
+                f"check --base-url (it usually ends in /v1) and the served model name (--model); the server lists: {names}"
+                if names
+                else "check --base-url (it usually ends in /v1) and the served model name (--model)"
+            )
+        elif (
+            "continue_final_message" in low
+            or "add_generation_prompt" in low
+            or "include_stop_str_in_output" in low
+            or "no_stop_trim" in low
+        ):
             hint = (
                 "this server does not accept the continuation fields we send: use continuation='sglang' for SGLang, "
                 "'completions' for servers with a raw completions endpoint, or 'none' for single-turn requests only"
@@ -986,7 +1084,12 @@ class OpenAIBackend(Backend):
         if stop is not None:
             return Generation(cut, "stop", stop=stop, num_tokens=num_tokens, prompt_tokens=prompt_tokens)
         if finish in ("abort", "error", "cancelled"):
-            raise OpenAIServerError(f"{url}: generation ended with finish_reason {finish!r}", "see the server's log (a prompt over the context length?)", url=url, status=200)
+            raise OpenAIServerError(
+                f"{url}: generation ended with finish_reason {finish!r}",
+                "see the server's log (a prompt over the context length?)",
+                url=url,
+                status=200,
+            )
         if finish == "length":
             return Generation(text, "length", num_tokens=num_tokens, prompt_tokens=prompt_tokens)
         if finish == "stop":
@@ -1029,5 +1132,3 @@ def _model_cards(r: Any) -> list[dict[str, Any]]:
     data = r.json()
     cards = data.get("data", []) if isinstance(data, dict) else []
     return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else []
-
-

@@ -100,7 +100,11 @@ def without_video(processor_class: type) -> type:
     sub = type(
         processor_class.__name__,
         (processor_class,),
-        {"__init__": __init__, "__module__": __name__, "__doc__": f"{processor_class.__name__} without its video processor (no torchvision)."},
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__doc__": f"{processor_class.__name__} without its video processor (no torchvision).",
+        },
     )
     _NO_VIDEO_CLASSES[processor_class] = sub
     return sub
@@ -274,7 +278,9 @@ def _check_budget(min_pixels: int | None, max_pixels: int | None) -> None:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ModelLoadError(f"{name} must be a positive integer (pixels), got {v!r}", "e.g. --max-pixels 1003520 (1280 x 28 x 28)")
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise ModelLoadError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})", "lower --min-pixels or raise --max-pixels")
+        raise ModelLoadError(
+            f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})", "lower --min-pixels or raise --max-pixels"
+        )
 
 
 def _get(size: Any, key: str) -> Any:
@@ -380,7 +386,13 @@ def load_error(what: str, src: str, e: BaseException) -> ModelLoadError:
             "the Hugging Face hub is unreachable (offline?) and the model is not in the local cache: pass a local path, "
             f"or pre-download it on a connected machine (`{download} {src}`) and set HF_HUB_OFFLINE=1"
         )
-    elif "401" in detail or "403" in detail or "gated" in detail.lower() or "Repository Not Found" in detail or "RepositoryNotFound" in detail:
+    elif (
+        "401" in detail
+        or "403" in detail
+        or "gated" in detail.lower()
+        or "Repository Not Found" in detail
+        or "RepositoryNotFound" in detail
+    ):
         hint = f"check the id {src!r} (owner/name), and log in (`{login}`) if the repository is gated or private"
     elif "trust_remote_code" in detail:
         hint = "this checkpoint needs custom code: pass trust_remote_code=True if you trust it"

@@ -168,7 +168,7 @@ def substring_count_reference(s: str, threshold: float = 0.3, tail_length: int =
             break
         counts: dict[str, int] = {}
         for i in range(n - length + 1):
-            sub = t[i:i + length]
+            sub = t[i : i + length]
             counts[sub] = counts.get(sub, 0) + 1
         if any(c > 1 and c * length / n > threshold for c in counts.values()):
             return True
@@ -201,7 +201,7 @@ class RepetitionStoppingCriteria:
         import torch
 
         n = input_ids.shape[1] - self.prompt_len
-        new = input_ids[:, self.prompt_len + self._seen:].tolist()
+        new = input_ids[:, self.prompt_len + self._seen :].tolist()
         self._seen = n
         for b, row in enumerate(new):
             if not self.flags[b] and self.detectors[b].extend(row):

@@ -38,10 +38,19 @@ def add_server_flags(p: argparse.ArgumentParser, group: Any | None = None, *, wh
     from ..backends.openai import OpenAIConfig
     from ..config import add_fields
 
-    g = p.add_argument_group("OpenAI-compatible server (--base-url; YAML section model takes every field)") if settings or group is None else None
+    g = (
+        p.add_argument_group("OpenAI-compatible server (--base-url; YAML section model takes every field)")
+        if settings or group is None
+        else None
+    )
     if where:
         add_fields(group if group is not None else g, OpenAIConfig, ("base_url",), help_prefix="with --model NAME: ")
-        add_fields(group if group is not None else g, OpenAIConfig, ("api_key",), help_prefix=f"for --base-url; else the model section's api_key, else ${OPENAI_KEY_ENV}: ")
+        add_fields(
+            group if group is not None else g,
+            OpenAIConfig,
+            ("api_key",),
+            help_prefix=f"for --base-url; else the model section's api_key, else ${OPENAI_KEY_ENV}: ",
+        )
     if settings:
         add_fields(g, OpenAIConfig, OPENAI_FLAGS, exclude=())
 
@@ -129,5 +138,10 @@ def choose_backend(
             options[k] = config.pop(k, None) or v
     settings: dict[str, Any] = {}
     if kind.config is not None:  # what decides the predictions besides the agent settings
-        settings = {**{label: given.get(o) for o, label in kind.labels}, "model_flags": dict(config), "backend": kind.name, "model": getattr(args, "model", None)}
+        settings = {
+            **{label: given.get(o) for o, label in kind.labels},
+            "model_flags": dict(config),
+            "backend": kind.name,
+            "model": getattr(args, "model", None),
+        }
     return BackendChoice(kind.name, config, options, settings, kind.local)

@@ -46,8 +46,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--index", type=int, required=True, help="which record (counting from 0)")
     q.add_argument("--json", action="store_true", help="print a JSON list of the trained spans' texts")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
-    q.add_argument("--allow-absolute-paths", action="store_true", help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust")
-    q.add_argument("--config", default=None, help="SFT config YAML whose mask settings to use (last_round_only, max_pixels, min_pixels, system_prompt)")
+    q.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust",
+    )
+    q.add_argument(
+        "--config", default=None, help="SFT config YAML whose mask settings to use (last_round_only, max_pixels, min_pixels, system_prompt)"
+    )
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
     return p
@@ -133,7 +139,9 @@ def _show_masks(args: argparse.Namespace) -> int:
         from ..train.sft_config import load_sft_config
 
         sft = load_sft_config(args.config)
-        mask = MaskConfig(last_round_only=sft.last_round_only, min_pixels=sft.min_pixels, max_pixels=sft.max_pixels, system_prompt=sft.system_prompt)
+        mask = MaskConfig(
+            last_round_only=sft.last_round_only, min_pixels=sft.min_pixels, max_pixels=sft.max_pixels, system_prompt=sft.system_prompt
+        )
     if args.max_pixels is not None:
         mask.max_pixels = args.max_pixels
     if args.min_pixels is not None:

@@ -50,8 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from ..testing import openai_server
 
     if args.dev_command == "serve":
-        openai_server.serve(args.model, host=args.host, port=args.port, port_file=args.port_file, served_model_name=args.served_model_name,
-                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, seed=args.seed, threads=args.threads)
+        openai_server.serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            port_file=args.port_file,
+            served_model_name=args.served_model_name,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            seed=args.seed,
+            threads=args.threads,
+        )
     else:
         openai_server.run_transformers_serve(args.model, host=args.host, port=args.port, extra=list(args.extra or []))
     return 0

@@ -38,7 +38,9 @@ HF_FLAGS = ("revision", "dtype", "device_map", "attn_implementation", "min_pixel
 
 def add_config_flag(p: argparse.ArgumentParser, sections: str = "agent/sandbox/model") -> None:
     """``--config FILE.yaml``: the YAML sections (flags override it)."""
-    p.add_argument("--config", default=None, help=f"YAML file with sections {sections} (keys: the long flag names with underscores; flags override it)")
+    p.add_argument(
+        "--config", default=None, help=f"YAML file with sections {sections} (keys: the long flag names with underscores; flags override it)"
+    )
 
 
 def load_sections(args: argparse.Namespace, used: set[str], *, known: set[str] | None = None) -> dict[str, Any]:
@@ -122,7 +124,9 @@ def hf_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
     return build(HFConfig, yaml_cfg.get("model"), args, names=(*HF_FLAGS, "seed"), section_name="model")
 
 
-def given_values(cls: type, section: dict[str, Any] | None, args: argparse.Namespace, names: tuple[str, ...], *, section_name: str) -> dict[str, Any]:
+def given_values(
+    cls: type, section: dict[str, Any] | None, args: argparse.Namespace, names: tuple[str, ...], *, section_name: str
+) -> dict[str, Any]:
     """The settings of ``cls`` given in a YAML section or as flags (flags win), keys checked.
 
     Raises:

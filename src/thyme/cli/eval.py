@@ -46,7 +46,20 @@ from .entry import (
 #: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
 JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")
 #: EvalConfig fields exposed as flags (all of them).
-EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report", "allow_absolute_paths")
+EVAL_FLAGS = (
+    "benchmark",
+    "data",
+    "images_root",
+    "out",
+    "limit",
+    "concurrency",
+    "num_shards",
+    "shard",
+    "schedule",
+    "retry_failed",
+    "report",
+    "allow_absolute_paths",
+)
 #: The backends ``eval`` offers, in the order its messages list them (:mod:`thyme.rollout.registry`).
 EVAL_BACKENDS = ("hf", "openai", "replay")
 
@@ -79,23 +92,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_fields(p, EvalConfig, EVAL_FLAGS)
     src = p.add_argument_group("what answers (one of)")
-    src.add_argument("--model", default=None, help="hub id or local checkpoint (transformers backend); with --base-url: the served model name")
+    src.add_argument(
+        "--model", default=None, help="hub id or local checkpoint (transformers backend); with --base-url: the served model name"
+    )
     add_server_flags(p, src, settings=False)
     add_fields(src, EvalConfig, ("replay",))
     add_hf_flags(p, title="model (transformers backend; pixel budget also for --base-url; YAML section model)")
     add_server_flags(p, where=False)
-    add_agent_flags(p, ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "ats"), title="agent (defaults: the reference's evaluation)")
+    add_agent_flags(
+        p,
+        ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "ats"),
+        title="agent (defaults: the reference's evaluation)",
+    )
     add_sandbox_flags(p)
     add_config_flag(p, "eval/agent/sandbox/model/judge")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in --out (its predictions, metrics and report are removed) instead of resuming")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in --out (its predictions, metrics and report are removed) instead of resuming",
+    )
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even when questions failed (default: exit 1)")
     _add_judge_flags(p)
 
     sub = p.add_subparsers(dest="eval_command", title="sub-command", metavar="score")
-    q = sub.add_parser("score", help="re-score saved predictions (no generation, no images)", description="Score a predictions JSONL (rows with question_id and prediction) against a benchmark file and print metrics.json's content.")
+    q = sub.add_parser(
+        "score",
+        help="re-score saved predictions (no generation, no images)",
+        description="Score a predictions JSONL (rows with question_id and prediction) against a benchmark file and print metrics.json's content.",
+    )
     q.add_argument("--benchmark", required=True, help="vstar, hrbench4k, hrbench8k, mme-realworld, mme-realworld-lite")
     q.add_argument("--data", required=True, help="the benchmark file the predictions answer")
-    q.add_argument("--predictions", required=True, help="predictions.jsonl (question_id, prediction; error/tool_used/rounds used when present)")
+    q.add_argument(
+        "--predictions", required=True, help="predictions.jsonl (question_id, prediction; error/tool_used/rounds used when present)"
+    )
     q.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     q.add_argument("--images-root", default=None, help=argparse.SUPPRESS)
     q.add_argument("--out", default=None, help="also write the metrics JSON to this file")
@@ -130,7 +159,9 @@ def _eval_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
 # --------------------------------------------------------------------------- commands
 
 
-def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None, roots: list[str] | None = None, allow_absolute: bool = False) -> Path:
+def _report_writer(
+    items: list[dict[str, Any]], path: Path, *, title: str | None = None, roots: list[str] | None = None, allow_absolute: bool = False
+) -> Path:
     """The eval's report: embeds only images inside the run folder and the folders the run read
     its images from (``roots``; README: Paths in data)."""
     from ..report import write_report
@@ -140,7 +171,15 @@ def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None
         from ..jsonl import loads_bounded
 
         prov = loads_bounded((path.parent / "metrics.json").read_bytes(), what="metrics.json").get("provenance")
-    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov, roots=[str(path.parent), *(roots or [])], allow_absolute=allow_absolute)
+    return write_report(
+        items,
+        path,
+        title=title,
+        source=f"thyme eval {path.parent.resolve()}",
+        provenance=prov,
+        roots=[str(path.parent), *(roots or [])],
+        allow_absolute=allow_absolute,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,7 +219,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _eval_config(args, yaml_cfg)
     missing = [flag for flag, v in (("--benchmark", cfg.benchmark), ("--data", cfg.data), ("--out", cfg.out)) if not v]
     if missing:
-        raise ThymeError(f"thyme eval needs {', '.join(missing)}", "thyme eval --benchmark NAME --data PATH (--model ID | --base-url URL --model NAME | --replay RECORDS) --out DIR")
+        raise ThymeError(
+            f"thyme eval needs {', '.join(missing)}",
+            "thyme eval --benchmark NAME --data PATH (--model ID | --base-url URL --model NAME | --replay RECORDS) --out DIR",
+        )
     choice = choose_backend(args, yaml_cfg, kinds=EVAL_BACKENDS, replay=cfg.replay, defaults={"concurrency": cfg.concurrency})
     from ..jsonl import ensure_writable
 
@@ -210,7 +252,8 @@ def _run(args: argparse.Namespace) -> int:
         settings=choice.settings,
         report_writer=functools.partial(  # the run folder and the folders its images came from
             _report_writer,
-            roots=[cfg.images_root or str(Path(cfg.data).resolve().parent)] + ([str(Path(cfg.replay).resolve().parent)] if cfg.replay else []),
+            roots=[cfg.images_root or str(Path(cfg.data).resolve().parent)]
+            + ([str(Path(cfg.replay).resolve().parent)] if cfg.replay else []),
             allow_absolute=cfg.allow_absolute_paths,
         ),
         overwrite=args.overwrite,
@@ -226,6 +269,9 @@ def _run(args: argparse.Namespace) -> int:
     if result.ran == 0 and result.skipped == 0:
         print("warning: no question selected; nothing was evaluated", file=sys.stderr)
     if result.failed and not args.allow_failures:
-        print(f"{result.failed} question(s) failed (see their 'error' in {result.predictions_path}; exit status 1, --allow-failures keeps 0)", file=sys.stderr)
+        print(
+            f"{result.failed} question(s) failed (see their 'error' in {result.predictions_path}; exit status 1, --allow-failures keeps 0)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -27,7 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["correct", "wrong", "unscored", "tool", "no-tool"], default=None, help="keep only these trajectories")
     p.add_argument("--limit", type=int, default=None, help="keep at most N trajectories (after --only)")
     p.add_argument("--force", action="store_true", help="overwrite a report written by another command or from another input")
-    p.add_argument("--allow-absolute-paths", action="store_true", help="embed images from anywhere the input names (default: only files inside INPUT's folder, the run it renders, and the --records file's folder)")
+    p.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="embed images from anywhere the input names (default: only files inside INPUT's folder, the run it renders, and the --records file's folder)",
+    )
     return p
 
 
@@ -46,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         before = report_source(out)
         if before != source:
-            what = "is not a thyme report" if before is None else (f"was written by `{before}`" if before else "was written by another thyme command")
+            what = (
+                "is not a thyme report"
+                if before is None
+                else (f"was written by `{before}`" if before else "was written by another thyme command")
+            )
             raise ReportError(f"{out} {what}; not overwriting it", "pass --out NEW.html, or --force to overwrite it")
     ensure_writable(out, what="--out")
     items = load_items(src, records=args.records)
@@ -68,8 +76,14 @@ def run(args: argparse.Namespace) -> int:
     # --records file the user names (a replay's input images live there)
     roots = [str(src if src.is_dir() else src.resolve().parent)] + ([str(Path(args.records).resolve().parent)] if args.records else [])
     path = write_report(
-        items, out, title=args.title, max_image_side=args.max_image_side or MAX_IMAGE_SIDE, source=source, provenance=provenance,
-        roots=roots, allow_absolute=args.allow_absolute_paths,
+        items,
+        out,
+        title=args.title,
+        max_image_side=args.max_image_side or MAX_IMAGE_SIDE,
+        source=source,
+        provenance=provenance,
+        roots=roots,
+        allow_absolute=args.allow_absolute_paths,
     )
     size = path.stat().st_size
     print(f"{path} ({len(items)} trajectories, {size / 1e6:.1f} MB)")

@@ -26,13 +26,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="answer a question about an image with a model")
     p.add_argument("--image", required=True, action="append", help="input image (repeatable; the first is the one the prompt describes)")
     p.add_argument("--question", required=True, help="the question (include options for multiple choice)")
-    p.add_argument("--model", required=True, help="hub id (e.g. Kwai-Keye/Thyme-RL) or local checkpoint folder; with --base-url: the served model name")
+    p.add_argument(
+        "--model", required=True, help="hub id (e.g. Kwai-Keye/Thyme-RL) or local checkpoint folder; with --base-url: the served model name"
+    )
     p.add_argument("--out", default=None, help="write the trajectory JSON here, its images in a folder beside it")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
     add_agent_flags(p)
     add_hf_flags(p, title="model (transformers backend; pixel budget also for --base-url; YAML section model)")
     add_server_flags(p)
-    p.add_argument("--num-samples", type=int, default=1, help="trajectories of this question (sample i uses seed + i); --out keeps them all as OUT-i.json")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="trajectories of this question (sample i uses seed + i); --out keeps them all as OUT-i.json",
+    )
     add_sandbox_flags(p)
     add_config_flag(p)
 

@@ -22,15 +22,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q = ssub.add_parser("exec", help="run one code file against an image")
     q.add_argument("--image", action="append", default=[], help="input image (repeatable)")
     q.add_argument("--code", required=True, help="Python file to run ('-' reads the code from standard input)")
-    q.add_argument("--out-dir", default=None, help=(
-        "copy produced images here: created (mode 0700) if missing; refused before the run (exit 2) when a path component is a "
-        "symbolic link, or it is not a folder, not writable, or owned or writable by another user; outputs never replace a file "
-        "(a taken name gets a numbered one). Default: a fresh private temporary folder (mkdtemp under $TMPDIR), printed"))
+    q.add_argument(
+        "--out-dir",
+        default=None,
+        help=(
+            "copy produced images here: created (mode 0700) if missing; refused before the run (exit 2) when a path component is a "
+            "symbolic link, or it is not a folder, not writable, or owned or writable by another user; outputs never replace a file "
+            "(a taken name gets a numbered one). Default: a fresh private temporary folder (mkdtemp under $TMPDIR), printed"
+        ),
+    )
     q.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_sandbox_flags(q)
     d = ssub.add_parser("doctor", help="which confinement layers are active, what model code may import")
     d.add_argument("--sweep", action="store_true", help="first remove what sandboxes of dead owners left (same as `thyme sandbox sweep`)")
-    w = ssub.add_parser("sweep", help="remove the folders, mounts and cgroups of sandboxes whose owner died (e.g. SIGKILL), without starting one")
+    w = ssub.add_parser(
+        "sweep", help="remove the folders, mounts and cgroups of sandboxes whose owner died (e.g. SIGKILL), without starting one"
+    )
     w.add_argument("--tmpdir", default=None, help="the temporary folder the sandboxes used (default: $TMPDIR, else /tmp)")
 
     return p

@@ -16,10 +16,16 @@ from ..errors import ThymeError
 
 #: ``thyme train STAGE``: help, example config, what ``--train-file`` holds.
 STAGES = {
-    "sft": ("supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)",
-            "configs/sft_stage1.yaml, configs/sft_stage2_math.yaml", "JSONL of SFT records"),
-    "rl": ("GRPO-ATS reinforcement learning with sandbox rollouts (TRL GRPOTrainer)",
-           "configs/rl_grpo_ats.yaml", "JSONL of RL records or benchmark rows"),
+    "sft": (
+        "supervised fine-tuning on Thyme SFT records (TRL SFTTrainer, our collator and masks)",
+        "configs/sft_stage1.yaml, configs/sft_stage2_math.yaml",
+        "JSONL of SFT records",
+    ),
+    "rl": (
+        "GRPO-ATS reinforcement learning with sandbox rollouts (TRL GRPOTrainer)",
+        "configs/rl_grpo_ats.yaml",
+        "JSONL of RL records or benchmark rows",
+    ),
 }
 
 
@@ -43,15 +49,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             stage,
             help=help_text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="settings (YAML keys of --config, or --set KEY=VALUE; --set SECTION.KEY=VALUE for a section's field):\n" + _settings_help(stage),
+            epilog="settings (YAML keys of --config, or --set KEY=VALUE; --set SECTION.KEY=VALUE for a section's field):\n"
+            + _settings_help(stage),
         )
         q.add_argument("--config", default=None, help=f"YAML config ({configs})")
-        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field (YAML value), repeatable: --set learning_rate=2e-5" + (", --set sandbox.allow_weaker=true" if stage == "rl" else ""))
+        q.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field (YAML value), repeatable: --set learning_rate=2e-5"
+            + (", --set sandbox.allow_weaker=true" if stage == "rl" else ""),
+        )
         q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")
         q.add_argument("--train-file", action="append", default=None, help=f"{files} (repeatable; replaces the config's train_files)")
         q.add_argument("--output-dir", default=None, help="where checkpoints and the final model go")
-        q.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir")
+        q.add_argument(
+            "--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir"
+        )
         q.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
         q.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
@@ -64,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.train_command not in STAGES:
         raise ThymeError(f"unknown train command {args.train_command!r}")
     overrides = parse_set(args.set)
-    for key, value in (("model", args.model), ("train_files", args.train_file), ("output_dir", args.output_dir),
-                       ("resume_from_checkpoint", args.resume), ("max_steps", args.max_steps)):
+    for key, value in (
+        ("model", args.model),
+        ("train_files", args.train_file),
+        ("output_dir", args.output_dir),
+        ("resume_from_checkpoint", args.resume),
+        ("max_steps", args.max_steps),
+    ):
         if value is not None:
             overrides[key] = value
     if args.train_command == "rl":

@@ -70,7 +70,15 @@ PATH_RE = re.compile(r"""[^\s"'`()\[\]{}<>,;=*]+\.(?:""" + "|".join(IMAGE_EXTENS
 USER_PATH_RE = re.compile(r'(User Image Path:?\**:?\s*")([^"\n]*)(")')
 #: The model's output folder convention; the sandbox maps it, so it is never "unresolved".
 OUTPUT_ALIAS = OUTPUT_DIR_ALIAS
-_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG": ".png", b"GIF8": ".gif", b"BM": ".bmp", b"RIFF": ".webp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
+_MAGIC = {
+    b"\xff\xd8\xff": ".jpg",
+    b"\x89PNG": ".png",
+    b"GIF8": ".gif",
+    b"BM": ".bmp",
+    b"RIFF": ".webp",
+    b"II*\x00": ".tif",
+    b"MM\x00*": ".tif",
+}
 
 
 @dataclass
@@ -78,16 +86,34 @@ class ConvertConfig:
     """Settings of ``thyme data convert``; each field's meaning, default and source:
     ``thyme data convert --help``."""
 
-    split: str | None = setting(None, help="the split to convert (hub datasets: e.g. wo_thinking_thyme_single_round, 2round, computation); local files form the split train", source="ours", show_default="every split")
-    subset: str | None = setting(None, help="the dataset configuration name (load_dataset(name=...)), if the dataset has several", source="datasets")
+    split: str | None = setting(
+        None,
+        help="the split to convert (hub datasets: e.g. wo_thinking_thyme_single_round, 2round, computation); local files form the split train",
+        source="ours",
+        show_default="every split",
+    )
+    subset: str | None = setting(
+        None, help="the dataset configuration name (load_dataset(name=...)), if the dataset has several", source="datasets"
+    )
     revision: str | None = setting(None, help="hub revision (branch, tag, commit)", source="hub", show_default="the main branch")
     images_dir: str | None = setting(None, help="where image files go", source="ours", show_default="<out stem>_images beside --out")
-    images_root: str | None = setting(None, help="folder relative image paths of the source are resolved against", source="ours", show_default="the source file's folder, or the current folder for hub ids")
+    images_root: str | None = setting(
+        None,
+        help="folder relative image paths of the source are resolved against",
+        source="ours",
+        show_default="the source file's folder, or the current folder for hub ids",
+    )
     workers: int = setting(8, help="threads writing images in parallel", source="ours")
     chunk_size: int = setting(64, help="rows whose images are written together before their lines are appended", source="ours")
     limit: int | None = setting(None, help="stop after this many rows per split", source="ours", show_default="all")
-    allow_absolute_paths: bool = setting(False, help="accept image paths of the source that leave the images root (absolute, .., symlinks pointing out); only for datasets you trust (README: Paths in data)", source="ours")
-    id_prefix: str | None = setting(None, help="prefix of generated ids <prefix>-<row>", source="ours", show_default="the split name, or the first local file's stem")
+    allow_absolute_paths: bool = setting(
+        False,
+        help="accept image paths of the source that leave the images root (absolute, .., symlinks pointing out); only for datasets you trust (README: Paths in data)",
+        source="ours",
+    )
+    id_prefix: str | None = setting(
+        None, help="prefix of generated ids <prefix>-<row>", source="ours", show_default="the split name, or the first local file's stem"
+    )
 
 
 @dataclass
@@ -174,7 +200,9 @@ def _image_value(value: Any, *, images_root: str | os.PathLike | None, allow_abs
                 pass
         if refused is not None:
             raise refused
-        raise RecordError(f"image not found: {value[:200]}", "pass --images-root pointing at the folder the dataset's image paths are relative to")
+        raise RecordError(
+            f"image not found: {value[:200]}", "pass --images-root pointing at the folder the dataset's image paths are relative to"
+        )
     try:
         from PIL import Image
 
@@ -208,7 +236,10 @@ def check_image_bytes(raw: bytes) -> str:
             return im.format or "?"
     except Exception as e:  # not an image, another format, truncated, over a budget
         msg = getattr(e, "message", None) or f"{type(e).__name__}: {str(e)[:200]}"
-        raise RecordError(f"not an accepted, decodable image: {msg}", f"thyme data convert copies only {', '.join(ACCEPTED_FORMATS)} images within the image budgets") from None
+        raise RecordError(
+            f"not an accepted, decodable image: {msg}",
+            f"thyme data convert copies only {', '.join(ACCEPTED_FORMATS)} images within the image budgets",
+        ) from None
 
 
 def _b64(data: str, what: str) -> bytes:
@@ -290,6 +321,7 @@ class PathRewriter:
     def question(self, text: str) -> str:
         """Rewrite the ``User Image Path`` field to the first input, then other paths."""
         if self.first_input is not None:
+
             def user_path(m: re.Match) -> str:
                 self.by_name.setdefault(os.path.basename(m.group(2)), self.first_input)
                 return m.group(1) + self.first_input + m.group(3)
@@ -360,7 +392,10 @@ def local_files(source: str, split: str | None = None) -> tuple[str, list[str]]:
         for f in files:
             by_split.setdefault(_split_of(f, p), []).append(f)
         if split not in by_split:
-            raise ThymeError(f"no file of split {split!r} in {source} (splits found: {', '.join(sorted(by_split))})", "pass one of these to --split, or no --split for every file")
+            raise ThymeError(
+                f"no file of split {split!r} in {source} (splits found: {', '.join(sorted(by_split))})",
+                "pass one of these to --split, or no --split for every file",
+            )
         files = by_split[split]
     kinds = {("parquet" if f.suffix == ".parquet" else "json") for f in files}
     if len(kinds) > 1:
@@ -434,7 +469,9 @@ def open_source(source: str, cfg: ConvertConfig) -> list[tuple[str, Any]]:
         raise
     except Exception as e:
         raise ThymeError(
-            f"cannot open dataset {source!r}" + (f" split {cfg.split!r}" if cfg.split else "") + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            f"cannot open dataset {source!r}"
+            + (f" split {cfg.split!r}" if cfg.split else "")
+            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             "check the hub id / split name and your network (or pass local parquet / JSONL files)",
         ) from e
     out = []
@@ -464,7 +501,10 @@ def row_kind(row: dict[str, Any]) -> str:
         return "sft"
     if isinstance(row.get("messages"), list):
         return "rl"
-    raise RecordError(f"unknown row schema (columns {sorted(row)})", "expected SFT rows (image, question, response) or RL rows (messages, images, solution, question)")
+    raise RecordError(
+        f"unknown row schema (columns {sorted(row)})",
+        "expected SFT rows (image, question, response) or RL rows (messages, images, solution, question)",
+    )
 
 
 def _image_values(row: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -484,7 +524,9 @@ class _Prepared:
     modes: list[int] = field(default_factory=list)
 
 
-def prepare_row(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, *, allow_absolute: bool = False, source_mode: int = IMAGE_MODE) -> _Prepared:
+def prepare_row(
+    row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, *, allow_absolute: bool = False, source_mode: int = IMAGE_MODE
+) -> _Prepared:
     """Read a row's images, check each decodes (:func:`check_image_bytes`) and choose their
     local paths (runs in a worker thread).
 
@@ -592,7 +634,9 @@ def convert(
     if cfg.workers < 1 or cfg.chunk_size < 1:
         raise ThymeError("workers and chunk_size must be >= 1")
     out = ensure_writable(out, what="--out")
-    images_dir = ensure_writable(Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images"), what="--images-dir", folder=True)
+    images_dir = ensure_writable(
+        Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images"), what="--images-dir", folder=True
+    )
     images_root = cfg.images_root
     if images_root is None and is_local_source(source):
         images_root = str(Path(source).resolve().parent if Path(source).is_file() else Path(source).resolve())
@@ -614,7 +658,9 @@ def convert(
         if isinstance(row, int) and sp in progress_state:
             progress_state[sp] = min(int(progress_state[sp]), row)
     tried: set[str] = set()
-    default_prefix = Path(local_files(source)[1][0]).stem if is_local_source(source) and not cfg.split and not is_saved_dataset(source) else None
+    default_prefix = (
+        Path(local_files(source)[1][0]).stem if is_local_source(source) and not cfg.split and not is_saved_dataset(source) else None
+    )
 
     with out_f, ResumableJsonl(errors_path, fresh=True) as err_f, ThreadPoolExecutor(cfg.workers) as pool:
         for split, ds in splits:
@@ -636,7 +682,9 @@ def convert(
                     if rid in done:
                         futures.append((i, rid, None))
                         continue
-                    futures.append((i, rid, pool.submit(_prepare_and_write, row, rid, images_dir, images_root, cfg.allow_absolute_paths, source_mode)))
+                    futures.append(
+                        (i, rid, pool.submit(_prepare_and_write, row, rid, images_dir, images_root, cfg.allow_absolute_paths, source_mode))
+                    )
                 for i, rid, fut in futures:
                     if fut is None:  # written by an earlier run whose progress file lagged behind
                         summary.resumed += 1
@@ -702,7 +750,9 @@ def _iter_rows(ds: Iterable[Any]) -> Iterator[dict[str, Any]]:
         yield dict(row)
 
 
-def _prepare_and_write(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, allow_absolute: bool = False, source_mode: int = IMAGE_MODE) -> tuple[_Prepared, int]:
+def _prepare_and_write(
+    row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, allow_absolute: bool = False, source_mode: int = IMAGE_MODE
+) -> tuple[_Prepared, int]:
     prep = prepare_row(row, rid, images_dir, images_root, allow_absolute=allow_absolute, source_mode=source_mode)
     written = sum(1 for (p, raw, _), mode in zip(prep.images, prep.modes) if _write(p, raw, mode))
     return prep, written

@@ -59,10 +59,18 @@ class MaskConfig:
     ``thyme data show-masks --help``."""
 
     last_round_only: bool = setting(
-        True, help="for records with two or more sandbox outputs, mask everything up to and including the second-to-last </sandbox_output>", source="reference"
+        True,
+        help="for records with two or more sandbox outputs, mask everything up to and including the second-to-last </sandbox_output>",
+        source="reference",
     )
-    min_pixels: int | None = setting(None, help="per-image lower pixel bound", source="processor", show_default="the processor's, 3136 for Qwen2.5-VL")
-    max_pixels: int | None = setting(MAX_PIXELS, help="per-image upper pixel bound, applied to every image of a record (inputs and sandbox outputs)", source="reference MAX_PIXELS, SFT stage 1")
+    min_pixels: int | None = setting(
+        None, help="per-image lower pixel bound", source="processor", show_default="the processor's, 3136 for Qwen2.5-VL"
+    )
+    max_pixels: int | None = setting(
+        MAX_PIXELS,
+        help="per-image upper pixel bound, applied to every image of a record (inputs and sandbox outputs)",
+        source="reference MAX_PIXELS, SFT stage 1",
+    )
     system_prompt: str | None = setting(None, help="the system prompt", source="Thyme's, byte for byte", show_default="Thyme's")
 
 
@@ -136,7 +144,7 @@ class EncodedSample:
 
     def trained_texts(self) -> list[str]:
         """The text of each run of trained tokens (read through the offsets mapping)."""
-        return [self.text[self.offsets[i][0]: self.offsets[j - 1][1]] for i, j in self.trained_runs()]
+        return [self.text[self.offsets[i][0] : self.offsets[j - 1][1]] for i, j in self.trained_runs()]
 
 
 # --------------------------------------------------------------------------- processor helpers
@@ -161,9 +169,12 @@ def image_placeholder(processor: Any) -> str:
     j = 0
     while j < min(len(with_image), len(without)) - i and with_image[-1 - j] == without[-1 - j]:
         j += 1
-    ph = with_image[i: len(with_image) - j]
+    ph = with_image[i : len(with_image) - j]
     if not ph or image_token(processor) not in ph:
-        raise ThymeError("cannot find the image placeholder of this processor's chat template", "a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint is expected")
+        raise ThymeError(
+            "cannot find the image placeholder of this processor's chat template",
+            "a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint is expected",
+        )
     return ph
 
 
@@ -251,8 +262,8 @@ def assistant_pieces(rec: SFTRecord, *, last_round_only: bool, placeholder: str,
     pos = 0
     for s in spans:
         if s.start > pos:
-            pieces.append(Piece(_escape(r[pos: s.start], specials), pos >= cut, "model"))
-        body = r[s.start: s.end]
+            pieces.append(Piece(_escape(r[pos : s.start], specials), pos >= cut, "model"))
+        body = r[s.start : s.end]
         parts = body.split(protocol.IMAGE_PLACEHOLDER)
         pieces.append(Piece(placeholder.join(_escape(p, specials) for p in parts), False, "output"))
         pos = s.end
@@ -290,18 +301,18 @@ def render_record(rec: SFTRecord, processor: Any, cfg: MaskConfig | None = None)
             if chunk:
                 content.append(protocol.text_part(chunk))
     full = _render(processor, messages + [{"role": "assistant", "content": content}])
-    if not full.startswith(head) or not full[len(head):].startswith(assistant_text):
+    if not full.startswith(head) or not full[len(head) :].startswith(assistant_text):
         raise ThymeError(
             f"record {rec.id}: the chat template does not render the assistant text verbatim after the generation prompt",
             "masks need a template that keeps assistant text as is (the Qwen2-VL / Qwen2.5-VL / Qwen3-VL templates do)",
         )
-    tail = full[len(head) + len(assistant_text):]
+    tail = full[len(head) + len(assistant_text) :]
     eos = tok.eos_token or "<|im_end|>"
     pieces = [Piece(head, False, "prompt")] + body
     ends_with_model = bool(body) and body[-1].kind == "model" and body[-1].trained
     if tail.startswith(eos):
         pieces.append(Piece(eos, ends_with_model or not body, "eos"))
-        tail = tail[len(eos):]
+        tail = tail[len(eos) :]
     if tail:
         pieces.append(Piece(tail, False, "end"))
     return pieces, list(rec.inputs) + list(rec.outputs)

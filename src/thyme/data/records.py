@@ -29,7 +29,9 @@ def resolve(path: str, images_root: str | os.PathLike | None, *, allow_absolute:
     return resolve_data_path(path, images_root, allow_absolute=allow_absolute)
 
 
-def parse_sft_record(obj, *, line: int | None = None, images_root: str | os.PathLike | None = None, check_files: bool = True, allow_absolute: bool = False) -> Record:
+def parse_sft_record(
+    obj, *, line: int | None = None, images_root: str | os.PathLike | None = None, check_files: bool = True, allow_absolute: bool = False
+) -> Record:
     """Validate one Thyme SFT record (:func:`thyme.records.parse_record` with the image counts
     checked).
 
@@ -39,10 +41,14 @@ def parse_sft_record(obj, *, line: int | None = None, images_root: str | os.Path
     """
     from ..records import parse_record
 
-    return parse_record(obj, line=line, root=images_root, allow_absolute=allow_absolute, check_counts=True, check_files="all" if check_files else None)
+    return parse_record(
+        obj, line=line, root=images_root, allow_absolute=allow_absolute, check_counts=True, check_files="all" if check_files else None
+    )
 
 
-def read_record(path: str | os.PathLike, index: int, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> Record:
+def read_record(
+    path: str | os.PathLike, index: int, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False
+) -> Record:
     """The ``index``-th record (counting non-empty lines from 0) of a JSONL file.
 
     Raises:

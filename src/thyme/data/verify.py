@@ -51,9 +51,17 @@ class VerifyConfig:
     ``thyme data verify --help``."""
 
     batch_size: int = setting(8, help="records replayed together (their code runs concurrently in the pool)", source="ours")
-    float_rel_tol: float = setting(1e-6, help="relative tolerance for numbers in printed text (the last digits of a float may differ across library versions)", source="ours")
+    float_rel_tol: float = setting(
+        1e-6,
+        help="relative tolerance for numbers in printed text (the last digits of a float may differ across library versions)",
+        source="ours",
+    )
     keep_without_code: bool = setting(True, help="keep records that have no code block (nothing to execute)", source="ours")
-    allow_absolute_paths: bool = setting(False, help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data)", source="ours")
+    allow_absolute_paths: bool = setting(
+        False,
+        help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data)",
+        source="ours",
+    )
     workers: int | None = workers_setting()
     ray: str | None = ray_setting()
 
@@ -139,7 +147,7 @@ def expected_outputs(rec: SFTRecord) -> list[Expected]:
         if end < 0:
             break
         end += len(protocol.CODE_END)
-        span = next((s for s in spans if s.start >= end and r[end: s.start].strip() == ""), None)
+        span = next((s for s in spans if s.start >= end and r[end : s.start].strip() == ""), None)
         by_block.append(span)
         pos = span.end if span is not None else end
     for span in by_block:
@@ -147,7 +155,7 @@ def expected_outputs(rec: SFTRecord) -> list[Expected]:
             out.append(Expected("unknown"))
             continue
         if span.images:
-            paths = outputs[used: used + span.images]
+            paths = outputs[used : used + span.images]
             used += span.images
             out.append(Expected("images", sizes=_image_sizes(paths)))
         elif span.text:
@@ -167,14 +175,22 @@ def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, 
         block that does not (``block`` counts from 1).
     """
     if len(executions) < len(expected):
-        return {"reason": "rounds_mismatch", "detail": f"{len(executions)} of {len(expected)} recorded code blocks ran", "block": len(executions) + 1}
+        return {
+            "reason": "rounds_mismatch",
+            "detail": f"{len(executions)} of {len(expected)} recorded code blocks ran",
+            "block": len(executions) + 1,
+        }
     for k, (exp, ex) in enumerate(zip(expected, executions), 1):
         if exp.kind == "unknown":
             continue
         ok = bool(ex and ex.get("ok"))
         if exp.kind == "error":
             if ok:
-                return {"reason": "unexpected_success", "detail": f"the record shows an error ({exp.text[:120]!r}) but the block ran", "block": k}
+                return {
+                    "reason": "unexpected_success",
+                    "detail": f"the record shows an error ({exp.text[:120]!r}) but the block ran",
+                    "block": k,
+                }
             continue
         if not ok:
             if ex and ex.get("timed_out"):
@@ -196,7 +212,11 @@ def judge(expected: list[Expected], executions: list[dict[str, Any] | None], *, 
                 return {"reason": "text_mismatch", "detail": f"expected {exp.text[:120]!r}, got {stdout[:120]!r}", "block": k}
             continue
         if exp.kind == "empty" and (images or stdout):
-            return {"reason": "text_mismatch", "detail": f"expected no output, got {stdout[:120]!r}" + (f" and {len(images)} image(s)" if images else ""), "block": k}
+            return {
+                "reason": "text_mismatch",
+                "detail": f"expected no output, got {stdout[:120]!r}" + (f" and {len(images)} image(s)" if images else ""),
+                "block": k,
+            }
     return None
 
 
@@ -293,12 +313,29 @@ def verify(
                         write(obj, key, {"reason": "record_error", "detail": e.message, "block": None})
                         continue
                     if not expected:
-                        write(obj, key, None if cfg.keep_without_code else {"reason": "no_code", "detail": "the response has no code block", "block": None})
+                        write(
+                            obj,
+                            key,
+                            None
+                            if cfg.keep_without_code
+                            else {"reason": "no_code", "detail": "the response has no code block", "block": None},
+                        )
                         continue
                     vid = f"v{n}"
                     pending[vid] = (key, obj, rec, expected)
                     # the paths as the record gives them: replay resolves them by the same rule, in the same root
-                    f.write(json.dumps({"id": vid, "image": obj.get("image", obj.get("images")) or [], "question": rec.question, "response": rec.response}, ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": vid,
+                                "image": obj.get("image", obj.get("images")) or [],
+                                "question": rec.question,
+                                "response": rec.response,
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
             if not pending:
                 return summary
             # a sandbox given and no worker count: this process, with it; never more workers than batches
@@ -317,7 +354,9 @@ def verify(
                 executions = [t.get("execution") for t in turns if t.get("code") is not None]
                 sizes = row.get("image_sizes")
                 if isinstance(sizes, list):  # measured where the images were made (they may be gone)
-                    executions = [dict(ex, image_sizes=sizes[k]) if ex is not None and k < len(sizes) else ex for k, ex in enumerate(executions)]
+                    executions = [
+                        dict(ex, image_sizes=sizes[k]) if ex is not None and k < len(sizes) else ex for k, ex in enumerate(executions)
+                    ]
                 write(obj, key, judge(expected, executions, rel_tol=cfg.float_rel_tol))
 
             replay(

@@ -233,7 +233,9 @@ def _letter(v: Any, options: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> list[Row]:
+def load_rows(
+    benchmark: Any, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False
+) -> list[Row]:
     """Read every row of a benchmark data file (any form listed in the module docstring).
 
     Images are not read: file images get their resolved path in :attr:`Row.image` (existence
@@ -276,7 +278,10 @@ def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.
         objects = _iter_parquet(path, root, allow_absolute)
         source = "parquet"
     else:
-        raise BenchmarkDataError(f"unsupported data file type {suffix!r}: {path}", "use a VLMEvalKit .tsv, an official .json/.jsonl/.parquet, or the corpus's normalised .jsonl")
+        raise BenchmarkDataError(
+            f"unsupported data file type {suffix!r}: {path}",
+            "use a VLMEvalKit .tsv, an official .json/.jsonl/.parquet, or the corpus's normalised .jsonl",
+        )
     rows = []
     seen: dict[str, int] = {}
     for i, obj in enumerate(objects):
@@ -312,7 +317,10 @@ def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
                 data = data[key]
                 break
     if not isinstance(data, list):
-        raise BenchmarkDataError(f"{path}: expected a JSON list of questions", "MME-RealWorld's JSON is a list of objects with Question_id, Text, Answer choices, Ground truth")
+        raise BenchmarkDataError(
+            f"{path}: expected a JSON list of questions",
+            "MME-RealWorld's JSON is a list of objects with Question_id, Text, Answer choices, Ground truth",
+        )
     for n, obj in enumerate(data, 1):
         if not isinstance(obj, dict):
             raise BenchmarkDataError(f"{path}: item {n} is not a JSON object")
@@ -387,7 +395,9 @@ def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: 
     if question is None and first_field(obj, "text") is not None:  # V* Bench official
         question, options, instruction = _split_question_and_options(str(obj["text"]))
     if question is None:
-        raise BenchmarkDataError(f"{where}: no question (looked for 'question', 'Text', 'text')", "is this a benchmark file of the form thyme reads?")
+        raise BenchmarkDataError(
+            f"{where}: no question (looked for 'question', 'Text', 'text')", "is this a benchmark file of the form thyme reads?"
+        )
     if not options:
         letter_cols = {c: obj[c] for c in "ABCDEFGHIJ" if c in obj and _clean(obj[c]) is not None}
         if letter_cols:
@@ -395,7 +405,9 @@ def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: 
         else:
             options = parse_options(first_field(obj, "options", "Answer choices", "multi-choice options", "choices"))
     if not options:
-        raise BenchmarkDataError(f"{where}: no options (looked for columns A, B, ... and 'options', 'Answer choices', 'multi-choice options')")
+        raise BenchmarkDataError(
+            f"{where}: no options (looked for columns A, B, ... and 'options', 'Answer choices', 'multi-choice options')"
+        )
     answer = _letter(first_field(obj, "answer", "Ground truth", "label", "gt_answer"), options)
     if answer is None:
         raise BenchmarkDataError(f"{where}: no answer (looked for 'answer', 'Ground truth', 'label')")
@@ -432,7 +444,9 @@ def _looks_base64(s: str) -> bool:
     return len(s) > 256 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", s[:4096]) is not None
 
 
-def _image_of(value: Any, root: Path, allow_absolute: bool = False, where: str | None = None) -> tuple[ImageRef | None, str | None, str | None]:
+def _image_of(
+    value: Any, root: Path, allow_absolute: bool = False, where: str | None = None
+) -> tuple[ImageRef | None, str | None, str | None]:
     if value is None:
         return None, None, None
     if isinstance(value, ImageRef):
@@ -546,7 +560,10 @@ def materialise_images(rows: list[Row], data: str | os.PathLike, cache_dir: str 
         _materialise_parquet(pending, path, cache)
     still = [r for r in pending if r.image is None and r.image_ref.kind != "refused"]
     if still:
-        raise BenchmarkDataError(f"{path}: no image found for question(s) {', '.join(r.key for r in still[:10])}", "the image column refers to rows that are not in the file")
+        raise BenchmarkDataError(
+            f"{path}: no image found for question(s) {', '.join(r.key for r in still[:10])}",
+            "the image column refers to rows that are not in the file",
+        )
 
 
 def _materialise_tsv(rows: list[Row], path: Path, cache: Path) -> None:
@@ -593,7 +610,12 @@ def _materialise_parquet(rows: list[Row], path: Path, cache: Path) -> None:
                 r.image = _write_image(cache, r.key, _decode_b64(value, f"{path}: question {r.key}"), _data_mode(path))
             elif isinstance(value, str):  # a struct's path: the one rule for paths from data
                 try:
-                    r.image = resolve_data_path(value, r.image_ref.root or path.resolve().parent, allow_absolute=r.image_ref.allow_absolute, where=f"{path}: question {r.key}")
+                    r.image = resolve_data_path(
+                        value,
+                        r.image_ref.root or path.resolve().parent,
+                        allow_absolute=r.image_ref.allow_absolute,
+                        where=f"{path}: question {r.key}",
+                    )
                 except RecordError as e:
                     r.image_ref = ImageRef("refused", e.message)
 
@@ -627,6 +649,8 @@ def check_images(rows: list[Row], *, images_root: str | os.PathLike | None, data
     lines = [f"  question {r.key}: {r.image_name or '(no image field)'} -> {r.image or '(none)'}" for r in missing[:20]]
     more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
     raise MissingImagesError(
-        f"{len(missing)} of {len(rows)} image(s) not found for {data} (relative names resolved against {root.resolve()}):\n" + "\n".join(lines) + more,
+        f"{len(missing)} of {len(rows)} image(s) not found for {data} (relative names resolved against {root.resolve()}):\n"
+        + "\n".join(lines)
+        + more,
         "pass --images-root pointing at the folder the data file's image names are relative to (scoring saved predictions with `thyme eval score` needs no images)",
     )

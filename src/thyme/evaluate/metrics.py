@@ -39,7 +39,22 @@ from typing import Any, Iterable
 from .benchmarks import Benchmark, Row, Score, Scored, accuracy
 
 #: Packages whose versions go into the provenance.
-PACKAGES = ("thyme", "torch", "transformers", "tokenizers", "accelerate", "numpy", "pillow", "opencv-python-headless", "openai", "httpx", "math-verify", "vllm", "qwen-vl-utils", "torchvision")
+PACKAGES = (
+    "thyme",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "openai",
+    "httpx",
+    "math-verify",
+    "vllm",
+    "qwen-vl-utils",
+    "torchvision",
+)
 
 
 def score_predictions(
@@ -175,7 +190,9 @@ def git_commit(start: str | os.PathLike | None = None) -> dict[str, Any]:
             return {}
         root = top.stdout.strip()
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30).stdout
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30
+        ).stdout
         return {"commit": head or None, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
         return {}

@@ -66,14 +66,35 @@ class EvalConfig:
     """Settings of one ``thyme eval`` run (YAML section ``eval``; flags override it). Each
     field's meaning, default and source: ``thyme eval --help``."""
 
-    benchmark: str = setting("", help="vstar, hrbench4k, hrbench8k, mme-realworld, mme-realworld-lite", source="required", show_default="none")
-    data: str = setting("", help="benchmark file: VLMEvalKit .tsv, official .json/.jsonl/.parquet, or the corpus's normalised .jsonl", source="required", show_default="none")
-    out: str = setting("", help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume", source="required", show_default="none")
-    images_root: str | None = setting(None, help="folder the data's relative image names start from", source="ours", show_default="the data file's folder")
-    replay: str | None = setting(None, help="Thyme records (JSONL with response, benchmark, question_id) to play back instead of generating", source="ours")
-    allow_absolute_paths: bool = setting(False, help="accept image paths of the data / records that leave their root (absolute, .., symlinks pointing out); only for files you trust (README: Paths in data)", source="ours")
+    benchmark: str = setting(
+        "", help="vstar, hrbench4k, hrbench8k, mme-realworld, mme-realworld-lite", source="required", show_default="none"
+    )
+    data: str = setting(
+        "",
+        help="benchmark file: VLMEvalKit .tsv, official .json/.jsonl/.parquet, or the corpus's normalised .jsonl",
+        source="required",
+        show_default="none",
+    )
+    out: str = setting(
+        "", help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume", source="required", show_default="none"
+    )
+    images_root: str | None = setting(
+        None, help="folder the data's relative image names start from", source="ours", show_default="the data file's folder"
+    )
+    replay: str | None = setting(
+        None, help="Thyme records (JSONL with response, benchmark, question_id) to play back instead of generating", source="ours"
+    )
+    allow_absolute_paths: bool = setting(
+        False,
+        help="accept image paths of the data / records that leave their root (absolute, .., symlinks pointing out); only for files you trust (README: Paths in data)",
+        source="ours",
+    )
     limit: int | None = setting(None, help="evaluate the first N (joined) rows only", source="ours", show_default="all")
-    concurrency: int = setting(8, help="trajectories in flight at once (the batch the agent advances in lockstep rounds; for the hf backend, the generation batch)", source="ours")
+    concurrency: int = setting(
+        8,
+        help="trajectories in flight at once (the batch the agent advances in lockstep rounds; for the hf backend, the generation batch)",
+        source="ours",
+    )
     num_shards: int = setting(1, help="processes sharing the run (one per GPU); shard I takes rows I, I+N, I+2N...", source="ours")
     shard: int = setting(0, help="this process's shard, 0 <= I < num_shards", source="ours")
     retry_failed: bool = setting(True, help="on resume, run again the questions whose earlier attempt failed", source="ours")
@@ -234,7 +255,9 @@ def absolute_trajectory(d: dict[str, Any], out: str | os.PathLike) -> dict[str, 
 # --------------------------------------------------------------------------- replay join
 
 
-def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absolute: bool = False) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+def load_replay_records(
+    path: str | os.PathLike, spec: Benchmark, *, allow_absolute: bool = False
+) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
     """Records of ``path`` that belong to ``spec``, keyed by question id; parsed by
     :func:`thyme.records.parse_record` (image paths relative to the records file's folder and
     inside it, unless ``allow_absolute``).
@@ -254,10 +277,20 @@ def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absol
 
     p = Path(path)
     if not p.is_file():
-        raise ThymeError(f"replay records file not found: {p}", "pass --replay pointing at a JSONL of Thyme records (image, question, response, benchmark, question_id)")
+        raise ThymeError(
+            f"replay records file not found: {p}",
+            "pass --replay pointing at a JSONL of Thyme records (image, question, response, benchmark, question_id)",
+        )
     base = p.resolve().parent
     out: dict[str, ReplayRecord] = {}
-    info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": [], "refused_records": []}
+    info: dict[str, Any] = {
+        "records": str(p.resolve()),
+        "lines": 0,
+        "of_benchmark": 0,
+        "without_join_fields": 0,
+        "duplicate_records": [],
+        "refused_records": [],
+    }
     for n, obj in iter_jsonl(p):
         info["lines"] += 1
         if isinstance(obj, RecordError):
@@ -270,7 +303,10 @@ def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absol
         info["of_benchmark"] += 1
         rid = str(obj.get("id") or f"line-{n}")
         if not isinstance(obj.get("response"), str) or not isinstance(obj.get("question"), str):
-            raise ThymeError(f"{p}: record {rid} (line {n}) lacks 'question' or 'response'", "replay records are Thyme records with image, question and response")
+            raise ThymeError(
+                f"{p}: record {rid} (line {n}) lacks 'question' or 'response'",
+                "replay records are Thyme records with image, question and response",
+            )
         key = row_key(obj["question_id"])
         if key in out:
             info["duplicate_records"].append(rid)
@@ -289,9 +325,7 @@ def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absol
 # --------------------------------------------------------------------------- selection
 
 
-def select_rows(
-    rows: list[Row], cfg: EvalConfig, records: dict[str, ReplayRecord] | None
-) -> tuple[list[Row], list[Row]]:
+def select_rows(rows: list[Row], cfg: EvalConfig, records: dict[str, ReplayRecord] | None) -> tuple[list[Row], list[Row]]:
     """``(all selected rows, this shard's rows)``: replay join, then limit, then sharding."""
     sel = [r for r in rows if r.key in records] if records is not None else list(rows)
     if cfg.limit is not None:
@@ -318,7 +352,9 @@ def _check_config(cfg: EvalConfig) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def prediction_row(spec: Benchmark, row: Row, traj: Trajectory, out: Path, *, shard: int | None = None, record: ReplayRecord | None = None) -> dict[str, Any]:
+def prediction_row(
+    spec: Benchmark, row: Row, traj: Trajectory, out: Path, *, shard: int | None = None, record: ReplayRecord | None = None
+) -> dict[str, Any]:
     """The ``predictions.jsonl`` line of one finished trajectory."""
     error = traj.error if traj.stop_reason == "error" else None
     score = spec.score(row, traj.answer, error=error)
@@ -489,21 +525,49 @@ def run_eval(
         # the sandbox before the backend: layers its config requires but this host lacks stop
         # the run before a model is loaded (ConfinementError names them)
         with contextlib.ExitStack() as stack:
-            sandbox, backend, backend_desc, agent_cfg = _open(stack, cfg, sandbox_cfg, agent_cfg, backend_factory, records, todo, log=log, on_backend=on_backend)
+            sandbox, backend, backend_desc, agent_cfg = _open(
+                stack, cfg, sandbox_cfg, agent_cfg, backend_factory, records, todo, log=log, on_backend=on_backend
+            )
             _check_same_backend(out, prev_info, backend_desc, skipped)
-            _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=False, selected=len(mine), done=skipped, prediction=pred_settings)
+            _write_run_info(
+                run_info_path,
+                cfg,
+                backend_desc,
+                agent_cfg,
+                sandbox_cfg,
+                settings,
+                complete=False,
+                selected=len(mine),
+                done=skipped,
+                prediction=pred_settings,
+            )
             agent = stack.enter_context(Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts"))
             failed += _schedule(cfg, spec, agent, backend, mine, records, done, out, skipped)
     else:
-        log(f"nothing to run: all {len(mine)} question(s) of this {'shard' if cfg.num_shards > 1 else 'run'} already have predictions in {out}")
+        log(
+            f"nothing to run: all {len(mine)} question(s) of this {'shard' if cfg.num_shards > 1 else 'run'} already have predictions in {out}"
+        )
 
     result = EvalResult(out, None, len(todo), skipped, predictions_path(cfg), failed=failed)
     with _run_lock(out):  # marking this shard complete and checking the others is one step
-        _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=True, selected=len(mine), done=len(mine), prediction=pred_settings)
+        _write_run_info(
+            run_info_path,
+            cfg,
+            backend_desc,
+            agent_cfg,
+            sandbox_cfg,
+            settings,
+            complete=True,
+            selected=len(mine),
+            done=len(mine),
+            prediction=pred_settings,
+        )
         if cfg.num_shards > 1 and not _all_shards_complete(out, cfg):
             log(f"shard {cfg.shard} of {cfg.num_shards} done; the last shard to finish merges the predictions and writes metrics.json")
             return result
-        return finalise(cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, report_writer=report_writer, _locked=True)
+        return finalise(
+            cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, report_writer=report_writer, _locked=True
+        )
 
 
 # --------------------------------------------------------------------------- run_eval's steps
@@ -558,7 +622,10 @@ def _check_inputs(cfg: EvalConfig, todo: list[Row], records: dict[str, ReplayRec
         try:
             check_images(todo, images_root=Path(cfg.replay).resolve().parent, data=cfg.replay)
         except MissingImagesError as e:
-            raise MissingImagesError(e.message.replace("relative names resolved against", "record images resolved against"), "replay records' image paths are relative to the records file's folder") from None
+            raise MissingImagesError(
+                e.message.replace("relative names resolved against", "record images resolved against"),
+                "replay records' image paths are relative to the records file's folder",
+            ) from None
     else:
         materialise_images(todo, cfg.data, out / "images")
         check_images(todo, images_root=cfg.images_root, data=cfg.data)
@@ -613,7 +680,17 @@ def _check_same_backend(out: Path, prev_info: dict[str, Any] | None, backend_des
         )
 
 
-def _schedule(cfg: EvalConfig, spec: Benchmark, agent: Agent, backend: Any, mine: list[Row], records: dict[str, ReplayRecord] | None, done: dict[str, dict[str, Any]], out: Path, skipped: int) -> int:
+def _schedule(
+    cfg: EvalConfig,
+    spec: Benchmark,
+    agent: Agent,
+    backend: Any,
+    mine: list[Row],
+    records: dict[str, ReplayRecord] | None,
+    done: dict[str, dict[str, Any]],
+    out: Path,
+    skipped: int,
+) -> int:
     """Run this shard's rows that are not ``done`` through the agent; returns how many failed.
 
     Lockstep (batches of ``concurrency`` rows, one generate call per round) or independent
@@ -631,14 +708,21 @@ def _schedule(cfg: EvalConfig, spec: Benchmark, agent: Agent, backend: Any, mine
         tasks = []
         for r in batch:
             question = records[r.key].question if records is not None else spec.question(r)
-            tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
+            tasks.append(
+                Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id})
+            )
         return agent.run_batch(tasks)
 
     def on_error(batch: list[Row], e: Exception) -> list[Trajectory]:  # the agent records failures itself; a last resort
-        return [_failed_trajectory(r.key, records[r.key].question if records is not None else spec.question(r), [r.image] if r.image else [], e) for r in batch]
+        return [
+            _failed_trajectory(r.key, records[r.key].question if records is not None else spec.question(r), [r.image] if r.image else [], e)
+            for r in batch
+        ]
 
     def line(r: Row, traj: Trajectory) -> dict[str, Any]:
-        return prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
+        return prediction_row(
+            spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None
+        )
 
     def on_record(r: Row, line: dict[str, Any]) -> None:
         tally["correct"] += int(bool(line["correct"]))
@@ -648,8 +732,18 @@ def _schedule(cfg: EvalConfig, spec: Benchmark, agent: Agent, backend: Any, mine
 
     progress = Progress(len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q")
     res = schedule(
-        mine, work, out=predictions_path(cfg), key=lambda r: r.key, record=line, workers=workers, batch_size=batch_size,
-        done=done, on_error=on_error, on_record=on_record, progress=progress, label="question",
+        mine,
+        work,
+        out=predictions_path(cfg),
+        key=lambda r: r.key,
+        record=line,
+        workers=workers,
+        batch_size=batch_size,
+        done=done,
+        on_error=on_error,
+        on_record=on_record,
+        progress=progress,
+        label="question",
     )
     return res.failed
 
@@ -677,7 +771,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _config_signature(cfg: EvalConfig) -> dict[str, Any]:
-    return {"benchmark": cfg.benchmark, "data": str(Path(cfg.data).resolve()), "replay": cfg.replay and str(Path(cfg.replay).resolve()), "limit": cfg.limit, "num_shards": cfg.num_shards}
+    return {
+        "benchmark": cfg.benchmark,
+        "data": str(Path(cfg.data).resolve()),
+        "replay": cfg.replay and str(Path(cfg.replay).resolve()),
+        "limit": cfg.limit,
+        "num_shards": cfg.num_shards,
+    }
 
 
 def _any_run_info(out: Path) -> dict[str, Any] | None:
@@ -689,7 +789,19 @@ def _any_run_info(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def _write_run_info(path: Path, cfg: EvalConfig, backend: dict[str, Any], agent_cfg: Any, sandbox_cfg: Any, settings: dict[str, Any] | None, *, complete: bool, selected: int, done: int, prediction: dict[str, Any] | None = None) -> None:
+def _write_run_info(
+    path: Path,
+    cfg: EvalConfig,
+    backend: dict[str, Any],
+    agent_cfg: Any,
+    sandbox_cfg: Any,
+    settings: dict[str, Any] | None,
+    *,
+    complete: bool,
+    selected: int,
+    done: int,
+    prediction: dict[str, Any] | None = None,
+) -> None:
     info = {
         "signature": _config_signature(cfg),
         "prediction_settings": prediction,
@@ -749,7 +861,9 @@ def finalise(
         metrics = compute_metrics(spec, selected, preds, judge=judge, provenance=_provenance(cfg, out, judge, join_info))
         _atomic_write(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1) + "\n")
     result.metrics = metrics
-    log(f"{spec.title}: overall {metrics['overall']:.4f} over {metrics['counts']['rows']} question(s); metrics written to {out / 'metrics.json'}")
+    log(
+        f"{spec.title}: overall {metrics['overall']:.4f} over {metrics['counts']['rows']} question(s); metrics written to {out / 'metrics.json'}"
+    )
     if cfg.report and report_writer is not None:
         try:
             items = []
@@ -757,7 +871,12 @@ def finalise(
                 p = preds.get(r.key)
                 if p is None:
                     continue
-                traj = p.get("trajectory") or _failed_trajectory(r.key, p.get("question") or spec.question(r), [], RuntimeError(p.get("error") or "no trajectory")).to_dict()
+                traj = (
+                    p.get("trajectory")
+                    or _failed_trajectory(
+                        r.key, p.get("question") or spec.question(r), [], RuntimeError(p.get("error") or "no trajectory")
+                    ).to_dict()
+                )
                 items.append(
                     {
                         "id": r.key,
@@ -770,7 +889,9 @@ def finalise(
                     }
                 )
             path = out / "report.html"
-            report_writer(items, path, title=f"{spec.title}: {metrics['overall']:.1%} ({metrics['counts']['correct']}/{metrics['counts']['rows']})")
+            report_writer(
+                items, path, title=f"{spec.title}: {metrics['overall']:.1%} ({metrics['counts']['correct']}/{metrics['counts']['rows']})"
+            )
             result.report_path = path
         except Exception as e:  # the report is a view: predictions and metrics are already safe
             result.report_error = f"{type(e).__name__}: {e}"
@@ -798,7 +919,10 @@ def _provenance(cfg: EvalConfig, out: Path, judge: Any, join_info: dict[str, Any
             "agent": agent,
             "sandbox": first.get("sandbox"),
             "pixel_budget": {"min_pixels": backend.get("min_pixels"), "max_pixels": backend.get("max_pixels")},
-            "decoding": {k: agent.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "max_rounds", "max_total_tokens", "seed")},
+            "decoding": {
+                k: agent.get(k)
+                for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "max_rounds", "max_total_tokens", "seed")
+            },
             **(first.get("settings") or {}),
         },
         "data": file_fingerprint(cfg.data),
@@ -807,7 +931,9 @@ def _provenance(cfg: EvalConfig, out: Path, judge: Any, join_info: dict[str, Any
     if join_info is not None:
         prov["replay"] = join_info
     if cfg.num_shards > 1:
-        prov["shards"] = [{"shard": i.get("shard"), "backend": (i.get("backend") or {}).get("device"), "selected": i.get("selected")} for i in infos]
+        prov["shards"] = [
+            {"shard": i.get("shard"), "backend": (i.get("backend") or {}).get("device"), "selected": i.get("selected")} for i in infos
+        ]
     prov.update(base_provenance())
     return prov
 
@@ -848,8 +974,16 @@ def rescore(
     keys = {r.key for r in rows}
     if not any(k in keys for k in preds):
         sample = ", ".join(list(preds)[:5])
-        raise ThymeError(f"no prediction of {p} matches a question of {data} (prediction ids: {sample}...)", f"is --benchmark {spec.name} with this --data the run's benchmark?")
-    prov = {"predictions": str(p.resolve()), "data": file_fingerprint(data), "judge": judge.describe() if judge is not None else None, "rescored": True}
+        raise ThymeError(
+            f"no prediction of {p} matches a question of {data} (prediction ids: {sample}...)",
+            f"is --benchmark {spec.name} with this --data the run's benchmark?",
+        )
+    prov = {
+        "predictions": str(p.resolve()),
+        "data": file_fingerprint(data),
+        "judge": judge.describe() if judge is not None else None,
+        "rescored": True,
+    }
     prov.update(base_provenance())
     return compute_metrics(spec, rows, preds, judge=judge, provenance=prov)
 
@@ -862,7 +996,11 @@ def format_metrics(m: dict[str, Any]) -> str:
         lines.append(f"  {cat}: {v['accuracy']:.4f} ({v['correct']}/{v['total']})" if v["accuracy"] is not None else f"  {cat}: -")
     if "hrbench" in m:
         a = m["hrbench"]["average"]
-        lines.append("HR-Bench, mean over {} cycle(s): all {} FSP {} FCP {}".format(m["hrbench"]["num_cycles"], *(f"{a[k]:.4f}" if a[k] is not None else "-" for k in ("all", "FSP", "FCP"))))
+        lines.append(
+            "HR-Bench, mean over {} cycle(s): all {} FSP {} FCP {}".format(
+                m["hrbench"]["num_cycles"], *(f"{a[k]:.4f}" if a[k] is not None else "-" for k in ("all", "FSP", "FCP"))
+            )
+        )
     if "mme_realworld" in m:
         for task, v in m["mme_realworld"].items():
             if isinstance(v, dict):

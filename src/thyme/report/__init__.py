@@ -11,4 +11,17 @@ from .crops import CropRegion, crop_regions, parse_crop_fix
 from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, answers_agree, load_items, load_provenance, to_item
 from .render import report_source, write_report
 
-__all__ = ["MAX_IMAGE_SIDE", "CropRegion", "ReportError", "ReportItem", "answers_agree", "crop_regions", "load_items", "load_provenance", "parse_crop_fix", "report_source", "to_item", "write_report"]
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "CropRegion",
+    "ReportError",
+    "ReportItem",
+    "answers_agree",
+    "crop_regions",
+    "load_items",
+    "load_provenance",
+    "parse_crop_fix",
+    "report_source",
+    "to_item",
+    "write_report",
+]

@@ -102,8 +102,14 @@ class _CropFinder:
             a, b = self._ev(n.left), self._ev(n.right)
             if not (_num(a) and _num(b)):
                 return None
-            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b, ast.Div: lambda: a / b,
-                   ast.FloorDiv: lambda: a // b, ast.Mod: lambda: a % b}
+            ops = {
+                ast.Add: lambda: a + b,
+                ast.Sub: lambda: a - b,
+                ast.Mult: lambda: a * b,
+                ast.Div: lambda: a / b,
+                ast.FloorDiv: lambda: a // b,
+                ast.Mod: lambda: a % b,
+            }
             f = ops.get(type(n.op))
             return f() if f else None
         if isinstance(n, ast.Attribute):
@@ -323,5 +329,3 @@ def crop_regions(code: str | None, image_size: tuple[int, int] | None, fixes: It
         if not any(o.box == r.box and o.requested == r.requested for o in out):
             out.append(r)
     return out
-
-

@@ -216,7 +216,10 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
         if not cand.is_file():
             jsons = sorted(p.glob("*.json"))
             if not jsons:
-                raise ReportError(f"{p} holds no predictions.jsonl and no trajectory JSON files", "pass an eval output folder, a results JSONL or a trajectory JSON")
+                raise ReportError(
+                    f"{p} holds no predictions.jsonl and no trajectory JSON files",
+                    "pass an eval output folder, a results JSONL or a trajectory JSON",
+                )
             return [to_item(_read_json(j), base_dir=j.parent, index=i) for i, j in enumerate(jsons)]
         p = cand
     if not p.is_file():
@@ -224,7 +227,8 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
     joined = _records_by_id(records) if records is not None else {}
     items: list[ReportItem] = []
     not_json = ReportError(
-        f"{p} is not a JSON or JSONL file", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL (thyme replay / eval), or an eval output folder"
+        f"{p} is not a JSON or JSONL file",
+        "pass a trajectory JSON (thyme run --out), a results / predictions JSONL (thyme replay / eval), or an eval output folder",
     )
     if p.suffix == ".json":
         items.append(to_item(_read_json(p), base_dir=p.parent))
@@ -265,7 +269,10 @@ def _read_json(p: Path) -> Any:
     try:
         return loads_bounded(p.read_bytes(), what=str(p))
     except ValueError as e:  # invalid, not UTF-8, too large or too deep (JsonInputError)
-        raise ReportError(f"{p} is not a JSON file ({getattr(e, 'reason', e)})", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL, or an eval output folder") from None
+        raise ReportError(
+            f"{p} is not a JSON file ({getattr(e, 'reason', e)})",
+            "pass a trajectory JSON (thyme run --out), a results / predictions JSONL, or an eval output folder",
+        ) from None
     except OSError as e:
         raise ReportError(f"cannot read {p}: {e}") from None
 
@@ -310,5 +317,3 @@ def _records_by_id(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if isinstance(r, dict) and r.get("id") is not None:
             out[str(r["id"])] = r
     return out
-
-

@@ -111,7 +111,13 @@ class _Embedder:
 
         real = self.allowed(path)
         if real is None:
-            return Embedded(None, None, None, path, "not embedded: outside the folder of the run this report renders (thyme report --allow-absolute-paths embeds it)")
+            return Embedded(
+                None,
+                None,
+                None,
+                path,
+                "not embedded: outside the folder of the run this report renders (thyme report --allow-absolute-paths embeds it)",
+            )
         try:
             im = open_image(real, load=False)  # budgets checked from the header
             has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
@@ -181,8 +187,8 @@ def _split_text(text: str) -> tuple[str, str | None, str]:
         return text, None, ""
     j = text.find("</code>", i)
     if j < 0:
-        return text[:i], text[i + 6:], ""
-    return text[:i], text[i + 6: j], text[j + 7:]
+        return text[:i], text[i + 6 :], ""
+    return text[:i], text[i + 6 : j], text[j + 7 :]
 
 
 def _round_view(t: Any, index: int, prefill: str, embed: _Embedder) -> dict[str, Any]:
@@ -326,7 +332,12 @@ def write_report(
     if int(max_image_side) < 16:
         raise ReportError(f"max_image_side must be at least 16 pixels, got {max_image_side}")
     out = Path(out_html)
-    embed = _Embedder(int(max_image_side), int(jpeg_quality), roots=[os.fspath(r) for r in roots] if roots is not None else [str(out.resolve().parent)], allow_absolute=allow_absolute)
+    embed = _Embedder(
+        int(max_image_side),
+        int(jpeg_quality),
+        roots=[os.fspath(r) for r in roots] if roots is not None else [str(out.resolve().parent)],
+        allow_absolute=allow_absolute,
+    )
     views = [_item_view(i, to_item(it, index=i), embed) for i, it in enumerate(items)]
     if title is None:
         title = f"Thyme trajectory {views[0]['item'].id}" if len(views) == 1 else "Thyme trajectories"
@@ -342,8 +353,15 @@ def write_report(
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
     page = _template().render(
-        title=title, views=views, counts=counts, categories=categories, script=script, csp=csp, code_css=code_css(),
-        source=source or "", provenance=provenance_lines(provenance or {}),
+        title=title,
+        views=views,
+        counts=counts,
+        categories=categories,
+        script=script,
+        csp=csp,
+        code_css=code_css(),
+        source=source or "",
+        provenance=provenance_lines(provenance or {}),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -394,7 +412,11 @@ def provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
     dec = settings.get("decoding") if isinstance(settings.get("decoding"), dict) else None
     if dec:
         add("decoding", ", ".join(f"{k} {v}" for k, v in dec.items() if v is not None))
-    pix = settings.get("pixel_budget") if isinstance(settings.get("pixel_budget"), dict) else {k: prov.get(k) for k in ("min_pixels", "max_pixels")}
+    pix = (
+        settings.get("pixel_budget")
+        if isinstance(settings.get("pixel_budget"), dict)
+        else {k: prov.get(k) for k in ("min_pixels", "max_pixels")}
+    )
     if any(v is not None for v in pix.values()):
         add("pixel budget", ", ".join(f"{k} {v}" for k, v in pix.items() if v is not None))
     data = prov.get("data")
@@ -402,6 +424,19 @@ def provenance_lines(prov: dict[str, Any]) -> list[tuple[str, str]]:
         add("data", data.get("path") or data)
     add("thyme", prov.get("thyme_version") or prov.get("thyme"))
     for k, v in prov.items():
-        if k not in {"model", "revision", "model_commit", "commit", "backend", "settings", "data", "thyme_version", "thyme", "backend_details", "min_pixels", "max_pixels"} and isinstance(v, (str, int, float)):
+        if k not in {
+            "model",
+            "revision",
+            "model_commit",
+            "commit",
+            "backend",
+            "settings",
+            "data",
+            "thyme_version",
+            "thyme",
+            "backend_details",
+            "min_pixels",
+            "max_pixels",
+        } and isinstance(v, (str, int, float)):
             add(k.replace("_", " "), v)
     return out

@@ -15,7 +15,21 @@ from .engines import NAN, Engine, EngineOutput, EngineRow, HFEngine, SamplingSet
 from .vision import VisionCache, vision_cache
 
 __all__ = [
-    "CAP_REASONS", "NAN", "Engine", "EngineOutput", "EngineRow", "HFEngine", "Rollout", "RolloutLimits", "RolloutRunner",
-    "SamplingSettings", "StopResubmitATS", "VLLMColocateEngine", "VLLMServerEngine", "VisionCache", "completion_text",
-    "is_nan", "vision_cache",
+    "CAP_REASONS",
+    "NAN",
+    "Engine",
+    "EngineOutput",
+    "EngineRow",
+    "HFEngine",
+    "Rollout",
+    "RolloutLimits",
+    "RolloutRunner",
+    "SamplingSettings",
+    "StopResubmitATS",
+    "VLLMColocateEngine",
+    "VLLMServerEngine",
+    "VisionCache",
+    "completion_text",
+    "is_nan",
+    "vision_cache",
 ]

@@ -70,8 +70,12 @@ class RolloutLimits:
 
     def caps(self) -> steps.Caps:
         """The caps of :mod:`thyme.agent.step` (``max_total_tokens`` = ``max_length``: the whole sequence)."""
-        return steps.Caps(max_rounds=self.max_rounds, max_new_tokens=self.max_completion_length,
-                          max_total_tokens=self.max_length, max_images=self.max_images)
+        return steps.Caps(
+            max_rounds=self.max_rounds,
+            max_new_tokens=self.max_completion_length,
+            max_total_tokens=self.max_length,
+            max_images=self.max_images,
+        )
 
 
 @dataclass
@@ -135,7 +139,9 @@ class RolloutRunner:
         artifacts_dir: where sandbox output images are kept (referenced by ``rollouts.jsonl``).
     """
 
-    def __init__(self, engine: Engine, processor: Any, sandbox: Any, limits: RolloutLimits, settings: SamplingSettings, artifacts_dir: str | Path):
+    def __init__(
+        self, engine: Engine, processor: Any, sandbox: Any, limits: RolloutLimits, settings: SamplingSettings, artifacts_dir: str | Path
+    ):
         self.engine, self.processor, self.sandbox = engine, processor, sandbox
         self.limits, self.settings = limits, settings
         self.tok = processor.tokenizer
@@ -262,7 +268,7 @@ class RolloutRunner:
                 continue
             r.add(ids, 0)  # given, not sampled: out of the loss
             r.open_code = code_open_after(text)
-            r.open_text = text[text.rfind(protocol.CODE_START):] if r.open_code else ""
+            r.open_text = text[text.rfind(protocol.CODE_START) :] if r.open_code else ""
             if code is not None:
                 turn = Turn(index=-1, text="", finish_reason="prefill", end="code", code=code)
                 self._execute(r, turn)
@@ -380,8 +386,13 @@ class RolloutRunner:
             return len(ids)
 
         try:
-            fb = steps.feedback_step(protocol.feedback_parts(kept, self.limits.feedback), images_in_context=len(r.images),
-                                     tokens_used=len(r.prompt_ids) + len(r.completion_ids), caps=self.limits.caps(), count_tokens=encode)
+            fb = steps.feedback_step(
+                protocol.feedback_parts(kept, self.limits.feedback),
+                images_in_context=len(r.images),
+                tokens_used=len(r.prompt_ids) + len(r.completion_ids),
+                caps=self.limits.caps(),
+                count_tokens=encode,
+            )
         except Exception as e:
             self._mask(r, "sandbox_error", e)
             return

@@ -58,7 +58,9 @@ def resolve(path: str) -> Any:
     try:
         obj: Any = importlib.import_module(module)
     except ImportError as e:
-        raise ThymeError(f"cannot import {module} for {path} ({e})", "install the extra that provides it (see the README's install section)") from e
+        raise ThymeError(
+            f"cannot import {module} for {path} ({e})", "install the extra that provides it (see the README's install section)"
+        ) from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -119,7 +121,9 @@ class Registry:
         """
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "none"
-            raise ThymeError(f"unknown {self.what} {name!r}; known {self.what}s: {known}", f"register a new one with register_{self.what}(name, factory)")
+            raise ThymeError(
+                f"unknown {self.what} {name!r}; known {self.what}s: {known}", f"register a new one with register_{self.what}(name, factory)"
+            )
         if name in self._resolved:
             return self._resolved[name]
         entry = self._entries[name]
@@ -198,7 +202,9 @@ def register_backend(
     Raises:
         ValueError: ``name`` is taken and ``replace`` is false.
     """
-    kind = BackendKind(name, factory, config, option, usage, tuple(reads), tuple(tuple(n) for n in needs), secret, tuple((labels or {}).items()), local)
+    kind = BackendKind(
+        name, factory, config, option, usage, tuple(reads), tuple(tuple(n) for n in needs), secret, tuple((labels or {}).items()), local
+    )
     BACKENDS.register(name, kind, replace=replace)
     return kind
 
@@ -240,7 +246,9 @@ def build_backend(kind: str, config: Any = None, **options: Any) -> Any:
     return factory(config, **options)
 
 
-def select_backend(options: Mapping[str, Any], *, kinds: Iterable[str] | None = None, what: str = "say what answers the questions") -> BackendKind:
+def select_backend(
+    options: Mapping[str, Any], *, kinds: Iterable[str] | None = None, what: str = "say what answers the questions"
+) -> BackendKind:
     """The one backend kind the given options select.
 
     Args:
@@ -297,7 +305,9 @@ def _build_openai(config: Any = None, **options: Any) -> Any:
     try:
         from ..backends.openai import OpenAIBackend
     except ImportError as e:
-        raise ThymeError(f"the OpenAI-compatible backend is not available ({e})", "install thyme with the eval extra: pip install 'thyme[eval]'") from e
+        raise ThymeError(
+            f"the OpenAI-compatible backend is not available ({e})", "install thyme with the eval extra: pip install 'thyme[eval]'"
+        ) from e
     values = {k: v for k, v in {**_settings(config), **options}.items() if v is not None}
     return OpenAIBackend(values.pop("base_url", None), values.pop("model", None), **values)
 
@@ -315,7 +325,8 @@ def _build_replay(config: Any = None, *, replay: str | None = None) -> Any:
 
     if not config:
         raise ThymeError(
-            "the replay backend needs the recorded responses ({trajectory key: response})" + (f"; {replay} is read by the command that joins its records" if replay else ""),
+            "the replay backend needs the recorded responses ({trajectory key: response})"
+            + (f"; {replay} is read by the command that joins its records" if replay else ""),
             "thyme eval --replay RECORDS and thyme replay join the records to their questions",
         )
     return ReplayBackend(dict(config))

@@ -65,7 +65,7 @@ class VisionCache:
 
     def pad_count(self, im: Any) -> int:
         t, h, w = self.grid(im)
-        return t * h * w // (self.merge ** 2)
+        return t * h * w // (self.merge**2)
 
     def pixels(self, images: Sequence[Any]) -> tuple[Any, Any]:
         import torch

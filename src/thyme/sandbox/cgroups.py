@@ -173,7 +173,9 @@ def probe(enabled: bool = True, cpu_weight: int = 100) -> Plan:
 class SessionGroup:
     """One session's cgroup folders (one per hierarchy used), limits set at creation."""
 
-    def __init__(self, plan: Plan, name: str, memory_bytes: int, max_pids: int, cpu_weight: int = 100, cpu_quota_cores: float | None = None):
+    def __init__(
+        self, plan: Plan, name: str, memory_bytes: int, max_pids: int, cpu_weight: int = 100, cpu_quota_cores: float | None = None
+    ):
         """Make the folders and set the limits: ``memory_bytes`` (bytes), ``max_pids`` (tasks),
         ``cpu_weight`` (cgroup v2 scale 1..10000, 100 = the default share; v1 ``cpu.shares`` =
         weight * 1024 / 100) and ``cpu_quota_cores`` (CPUs of time per period, None: no cap).
@@ -292,8 +294,11 @@ class SessionGroup:
         d = self.dirs.get("cpu")
         if d is None:
             return {}
-        names = ({"weight": "cpu.weight", "max": "cpu.max"} if self.plan.kind["cpu"] == "v2"
-                 else {"shares": "cpu.shares", "quota_us": "cpu.cfs_quota_us", "period_us": "cpu.cfs_period_us"})
+        names = (
+            {"weight": "cpu.weight", "max": "cpu.max"}
+            if self.plan.kind["cpu"] == "v2"
+            else {"shares": "cpu.shares", "quota_us": "cpu.cfs_quota_us", "period_us": "cpu.cfs_period_us"}
+        )
         out = {}
         for key, fname in names.items():
             with contextlib.suppress(OSError):
@@ -362,7 +367,7 @@ def sweep_stale() -> list[str]:
                 if not e.name.startswith(PREFIX):
                     continue
                 try:
-                    pid = int(e.name[len(PREFIX):].split("-")[0])
+                    pid = int(e.name[len(PREFIX) :].split("-")[0])
                 except ValueError:
                     continue
                 if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):

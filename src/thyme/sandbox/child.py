@@ -169,7 +169,7 @@ def format_error(e: BaseException) -> ExecError:
         _prune(te, set())
         tb = "".join(te.format())
         if len(tb) > MAX_TRACEBACK:
-            tb = tb[: MAX_TRACEBACK // 2] + "\n[... traceback truncated ...]\n" + tb[-MAX_TRACEBACK // 2:]
+            tb = tb[: MAX_TRACEBACK // 2] + "\n[... traceback truncated ...]\n" + tb[-MAX_TRACEBACK // 2 :]
         message = e.msg if isinstance(e, SyntaxError) and e.msg else _safe_str(e)
         return ExecError(_type_name(type(e)), message, tb, lineno)
     except BaseException as inner:  # noqa: BLE001 - never fail while reporting a failure
@@ -212,7 +212,14 @@ def main(sock_fd: int, capture_fd: int, settings: dict[str, Any], read_paths: li
             os.umask(0o022)
             os.environ.clear()
             os.environ.update(settings.get("env", {}))
-            hooks.configure(settings["dir"], settings["alias"], settings["inputs"], settings["shown"], settings["min_crop_side"], sock if settings.get("decoded_cache") else None)
+            hooks.configure(
+                settings["dir"],
+                settings["alias"],
+                settings["inputs"],
+                settings["shown"],
+                settings["min_crop_side"],
+                sock if settings.get("decoded_cache") else None,
+            )
             layers = confine.apply(settings, read_paths, zygote_pid)
             runner = Runner(settings)
         except BaseException as e:  # noqa: BLE001 - report, then die

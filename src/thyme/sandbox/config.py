@@ -36,9 +36,20 @@ MiB = 2**20
 #: The modules of the ``sandbox-extras`` extra (scikit-image, scikit-learn) the zygote imports when
 #: installed: the sub-packages model code reaches for (scikit-image loads them lazily otherwise).
 OPTIONAL_MODULES: tuple[str, ...] = (
-    "skimage.color", "skimage.exposure", "skimage.feature", "skimage.filters", "skimage.measure", "skimage.morphology",
-    "skimage.restoration", "skimage.segmentation", "skimage.transform", "skimage.util",
-    "sklearn.cluster", "sklearn.decomposition", "sklearn.linear_model", "sklearn.preprocessing",
+    "skimage.color",
+    "skimage.exposure",
+    "skimage.feature",
+    "skimage.filters",
+    "skimage.measure",
+    "skimage.morphology",
+    "skimage.restoration",
+    "skimage.segmentation",
+    "skimage.transform",
+    "skimage.util",
+    "sklearn.cluster",
+    "sklearn.decomposition",
+    "sklearn.linear_model",
+    "sklearn.preprocessing",
 )
 #: pip distribution of each optional top-level package (what doctor tells to install).
 OPTIONAL_DISTRIBUTIONS: dict[str, str] = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
@@ -56,131 +67,174 @@ class SandboxConfig:
 
     timeout_s: float = setting(
         EXEC_TIMEOUT_S,
-        help='Wall-clock limit of one execution, in seconds. The parent enforces it with SIGKILL, so code cannot catch it; the session then loses its variables (state_lost).', source='reference: 10 s', flag='--timeout',
+        help="Wall-clock limit of one execution, in seconds. The parent enforces it with SIGKILL, so code cannot catch it; the session then loses its variables (state_lost).",
+        source="reference: 10 s",
+        flag="--timeout",
     )
     cpu_time_s: float = setting(
         30.0,
-        help='CPU-time limit of one execution, in seconds (all threads together), as RLIMIT_CPU.', source='ours',
+        help="CPU-time limit of one execution, in seconds (all threads together), as RLIMIT_CPU.",
+        source="ours",
     )
     memory_bytes: int = setting(
         4 * GiB,
-        help='Address-space limit of a session process, in bytes (RLIMIT_AS). The warm interpreter already maps ~0.5 GiB and an 8K image decodes to ~130 MB: keep several GiB.', source='ours', show_default='4 GiB',
+        help="Address-space limit of a session process, in bytes (RLIMIT_AS). The warm interpreter already maps ~0.5 GiB and an 8K image decodes to ~130 MB: keep several GiB.",
+        source="ours",
+        show_default="4 GiB",
     )
     max_file_bytes: int = setting(
         256 * MiB,
-        help='Largest file a session may write, in bytes (RLIMIT_FSIZE; bigger writes fail with EFBIG).', source='ours', show_default='256 MiB',
+        help="Largest file a session may write, in bytes (RLIMIT_FSIZE; bigger writes fail with EFBIG).",
+        source="ours",
+        show_default="256 MiB",
     )
     max_open_files: int = setting(
         256,
-        help='Most file descriptors a session process may hold (RLIMIT_NOFILE).', source='ours',
+        help="Most file descriptors a session process may hold (RLIMIT_NOFILE).",
+        source="ours",
     )
     max_processes: int = setting(
         1024,
-        help='RLIMIT_NPROC of the session user (counts threads of every session of that user; a backstop: seccomp already refuses fork).', source='ours',
+        help="RLIMIT_NPROC of the session user (counts threads of every session of that user; a backstop: seccomp already refuses fork).",
+        source="ours",
     )
     max_output_bytes: int = setting(
         65536,
-        help='Most bytes of stdout+stderr returned per execution; longer output is cut and marked.', source='ours',
+        help="Most bytes of stdout+stderr returned per execution; longer output is cut and marked.",
+        source="ours",
     )
     max_workers: int | None = setting(
         None,
-        help='Executions running at the same time (others wait for a slot); None: os.cpu_count().', source='ours', show_default='os.cpu_count()',
+        help="Executions running at the same time (others wait for a slot); None: os.cpu_count().",
+        source="ours",
+        show_default="os.cpu_count()",
     )
     min_crop_side: int = setting(
         MIN_CROP_SIDE,
-        help="Crops of images smaller than this many pixels on a side are grown to it (the README example's published 220x128 output depends on it). 0 disables the growth.", source='reference: 64',
+        help="Crops of images smaller than this many pixels on a side are grown to it (the README example's published 220x128 output depends on it). 0 disables the growth.",
+        source="reference: 64",
     )
     repairs: bool = setting(
         True,
-        help='Apply the named code repairs (dedent, autopep8 on syntax errors, cv2 aliases, crop clamping). Path conventions (output folder alias, missing input paths) always apply.', source='ours',
+        help="Apply the named code repairs (dedent, autopep8 on syntax errors, cv2 aliases, crop clamping). Path conventions (output folder alias, missing input paths) always apply.",
+        source="ours",
     )
     decoded_cache: bool = setting(
         True,
-        help='Serve repeated reads of a session input (cv2.imread with any flags, Image.open) from one decoded copy shared read-only by every session of that image (see :mod:`thyme.sandbox.decoded`). Reads return the same values as without it (a fresh writable array; a lazily loaded image with the same mode, size, format and info).', source='ours',
+        help="Serve repeated reads of a session input (cv2.imread with any flags, Image.open) from one decoded copy shared read-only by every session of that image (see :mod:`thyme.sandbox.decoded`). Reads return the same values as without it (a fresh writable array; a lazily loaded image with the same mode, size, format and info).",
+        source="ours",
     )
     decoded_cache_bytes: int = setting(
         1 * GiB,
-        help='Most bytes of decoded inputs the cache keeps (shared memory, charged to the caller); the least recently used are dropped first (an 8K RGB input is about 130 MB).', source='ours', show_default='1 GiB',
+        help="Most bytes of decoded inputs the cache keeps (shared memory, charged to the caller); the least recently used are dropped first (an 8K RGB input is about 130 MB).",
+        source="ours",
+        show_default="1 GiB",
     )
     root_dir: str | None = setting(
         None,
-        help='Folder that holds session folders; None: a private temporary folder, deleted on close.', source='ours', show_default='a private temporary folder',
+        help="Folder that holds session folders; None: a private temporary folder, deleted on close.",
+        source="ours",
+        show_default="a private temporary folder",
     )
     require: tuple[str, ...] = setting(
         (),
-        help='Layers (names from :data:`LAYERS`) that must be active, else Sandbox() raises :class:`thyme.sandbox.errors.ConfinementError` naming the layer and why it is missing.', source='ours',
+        help="Layers (names from :data:`LAYERS`) that must be active, else Sandbox() raises :class:`thyme.sandbox.errors.ConfinementError` naming the layer and why it is missing.",
+        source="ours",
     )
     output_dir_alias: str = setting(
         OUTPUT_DIR_ALIAS,
-        help="The output folder the model was trained to write to (the o3 convention); it maps to the session folder for reads and writes. Printed text keeps the model's own paths.", source='Thyme SFT data (o3 convention)',
+        help="The output folder the model was trained to write to (the o3 convention); it maps to the session folder for reads and writes. Printed text keeps the model's own paths.",
+        source="Thyme SFT data (o3 convention)",
     )
     network_namespace: bool = setting(
         True,
-        help='Give each session process a private network namespace when allowed (about 1 ms).', source='ours',
+        help="Give each session process a private network namespace when allowed (about 1 ms).",
+        source="ours",
     )
     sandbox_uid: int | None = setting(
         65534,
-        help='User (and group) id session processes run as when the caller is root and session_uid_range is None (nobody); None or 0 keeps root (the identity layer is then reported inactive). With a range, each session gets a uid of its own from it instead.', source='nobody',
+        help="User (and group) id session processes run as when the caller is root and session_uid_range is None (nobody); None or 0 keeps root (the identity layer is then reported inactive). With a range, each session gets a uid of its own from it instead.",
+        source="nobody",
     )
     mount_view: bool = setting(
         True,
-        help='Start the zygote inside bubblewrap (a private mount view: the Python runtime read-only, the sandbox root read-write, nothing else of the host; its own network, IPC and UTS namespaces), see :mod:`thyme.sandbox.mountview`. Falls back to no wrapper, reported by the mount_view layer, when bwrap is missing or namespaces are forbidden.', source='ours',
+        help="Start the zygote inside bubblewrap (a private mount view: the Python runtime read-only, the sandbox root read-write, nothing else of the host; its own network, IPC and UTS namespaces), see :mod:`thyme.sandbox.mountview`. Falls back to no wrapper, reported by the mount_view layer, when bwrap is missing or namespaces are forbidden.",
+        source="ours",
     )
     bwrap: str = setting(
         "bwrap",
-        help='The bubblewrap program: a name looked up on PATH, or a path.', source='ours',
+        help="The bubblewrap program: a name looked up on PATH, or a path.",
+        source="ours",
     )
     allow_weaker: bool = setting(
         False,
-        help='Accept a sandbox that lacks some layers of require: Sandbox() then warns (naming each missing layer and what it protects against) instead of raising ConfinementError. The one switch for hosts that forbid what a layer needs (e.g. Slurm / Kubernetes nodes without user namespaces or bubblewrap).', source='ours',
+        help="Accept a sandbox that lacks some layers of require: Sandbox() then warns (naming each missing layer and what it protects against) instead of raising ConfinementError. The one switch for hosts that forbid what a layer needs (e.g. Slurm / Kubernetes nodes without user namespaces or bubblewrap).",
+        source="ours",
     )
     start_timeout_s: float = setting(
         60.0,
-        help='Longest wait for the zygote to import its modules at start, in seconds.', source='ours',
+        help="Longest wait for the zygote to import its modules at start, in seconds.",
+        source="ours",
     )
     cgroups: bool = setting(
         True,
-        help='Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.', source='ours',
+        help="Use per-session control groups where the host lets the caller create them (cgroup v2, or v1 memory/pids/freezer hierarchies): memory and pids limits and the freezer.",
+        source="ours",
     )
     cgroup_memory_bytes: int | None = setting(
         None,
-        help='The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.', source='ours', show_default='memory_bytes',
+        help="The per-session cgroup memory limit in bytes (None: memory_bytes). Unlike RLIMIT_AS it counts memfds, tmpfs pages and page cache; the kernel kills the session when it is hit.",
+        source="ours",
+        show_default="memory_bytes",
     )
     max_pids: int = setting(
         256,
-        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).", source='ours',
+        help="Most tasks (processes and threads) of one session (cgroup pids.max, else RLIMIT_NPROC of the session's own uid).",
+        source="ours",
     )
     cpu_weight: int = setting(
         100,
-        help="CPU weight of each session's cgroup (cgroup v2 cpu.weight, 1..10000; v1 cpu.shares = weight*1024/100). Equal weights give every busy session an equal share of contended CPU whatever its thread count (64 threads in one session otherwise slowed another 1.4-1.9x). The sandbox's own cgroup gets cpu_weight * max_workers, so against the host's other processes its sessions weigh as much as before.", source='ours (cgroup v2 default weight 100)',
+        help="CPU weight of each session's cgroup (cgroup v2 cpu.weight, 1..10000; v1 cpu.shares = weight*1024/100). Equal weights give every busy session an equal share of contended CPU whatever its thread count (64 threads in one session otherwise slowed another 1.4-1.9x). The sandbox's own cgroup gets cpu_weight * max_workers, so against the host's other processes its sessions weigh as much as before.",
+        source="ours (cgroup v2 default weight 100)",
     )
     cpu_quota_cores: float | None = setting(
         None,
-        help='Most CPUs of time one session may use (cgroup cpu.max / cpu.cfs_quota_us over a 100 ms period), e.g. 1.0; None: no cap (idle CPUs stay usable; the weight still shares contended ones).', source='ours', show_default='no cap',
+        help="Most CPUs of time one session may use (cgroup cpu.max / cpu.cfs_quota_us over a 100 ms period), e.g. 1.0; None: no cap (idle CPUs stay usable; the weight still shares contended ones).",
+        source="ours",
+        show_default="no cap",
     )
     session_uid_range: tuple[int, int] | None = setting(
         (2_000_000_000, 1_000_000),
-        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.", source='ours',
+        help="(first uid, count): when the caller is root, each session runs as a uid of its own drawn from this range (not a uid of the host's users); None: every session runs as sandbox_uid.",
+        source="ours",
     )
     disk_bytes: int = setting(
         256 * MiB,
-        help='Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).', source='ours', show_default='256 MiB',
+        help="Per-session disk budget in bytes, over apparent and allocated size of every file in the session folder; also caps RLIMIT_FSIZE. A run that leaves more gets its folder emptied and an error (DiskBudgetExceeded).",
+        source="ours",
+        show_default="256 MiB",
     )
     disk_tmpfs: bool = setting(
         True,
-        help='When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.', source='ours',
+        help="When the caller is root, give each session folder a tmpfs of disk_bytes (and max_entries inodes) of its own, so the kernel enforces the budget while code runs.",
+        source="ours",
     )
     max_entries: int = setting(
         4096,
-        help='Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).', source='ours',
+        help="Most entries (files, folders, links, anything) a session folder may hold (DiskBudgetExceeded).",
+        source="ours",
     )
     max_output_pixels: int = setting(
         4096 * 4096,
-        help='Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).', source='ours', show_default='4096*4096',
+        help="Largest output image (width x height) the caller accepts; larger ones are refused with an error telling the model to resize (the caller never decodes them).",
+        source="ours",
+        show_default="4096*4096",
     )
     max_output_file_bytes: int = setting(
         64 * MiB,
-        help='Largest output image file, in bytes, the caller reads.', source='ours', show_default='64 MiB',
+        help="Largest output image file, in bytes, the caller reads.",
+        source="ours",
+        show_default="64 MiB",
     )
     optional_modules: tuple[str, ...] = setting(
         OPTIONAL_MODULES,
@@ -192,12 +246,13 @@ class SandboxConfig:
             "the usual ImportError. The default list adds ~0.4 GiB to every session's address space (memory_bytes counts "
             "it), ~0.17 GiB resident to the zygote (shared by its sessions) and ~2 s to its start; () preloads none."
         ),
-        source='ours (issue 16: teachers write code with scikit-image and scikit-learn)',
-        show_default='scikit-image and scikit-learn sub-packages (OPTIONAL_MODULES)',
+        source="ours (issue 16: teachers write code with scikit-image and scikit-learn)",
+        show_default="scikit-image and scikit-learn sub-packages (OPTIONAL_MODULES)",
     )
     env: dict[str, str] = setting(
         default_factory=dict,
-        help='Extra environment variables for session processes (added to the minimal environment).', source='ours',
+        help="Extra environment variables for session processes (added to the minimal environment).",
+        source="ours",
     )
 
     def __post_init__(self) -> None:
@@ -206,7 +261,20 @@ class SandboxConfig:
         for name in ("timeout_s", "cpu_time_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        for name in ("memory_bytes", "max_file_bytes", "max_open_files", "max_output_bytes", "max_workers", "max_processes", "decoded_cache_bytes", "max_pids", "disk_bytes", "max_entries", "max_output_pixels", "max_output_file_bytes"):
+        for name in (
+            "memory_bytes",
+            "max_file_bytes",
+            "max_open_files",
+            "max_output_bytes",
+            "max_workers",
+            "max_processes",
+            "decoded_cache_bytes",
+            "max_pids",
+            "disk_bytes",
+            "max_entries",
+            "max_output_pixels",
+            "max_output_file_bytes",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SandboxConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_open_files < 16:

@@ -127,7 +127,7 @@ def read_cpu_seconds(pid: int) -> float | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rfind(b")") + 2:].split()
+    fields = data[data.rfind(b")") + 2 :].split()
     try:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (IndexError, ValueError):
@@ -258,7 +258,11 @@ def drop_identity(uid: int, keep_read_cap: bool) -> Layer:
         return Layer("identity", False, f"could not switch to uid {uid}: {e}")
     detail = f"uid/gid {uid} (this session's own), no groups, no capabilities"
     if keep_read_cap:  # last resort, reported as a missing layer (threat class "shared identity and host views")
-        return Layer("identity", False, f"uid/gid {uid} but keeps CAP_DAC_READ_SEARCH: the Python runtime is not readable by that user and could not be made readable (no mount view, no private mount namespace)")
+        return Layer(
+            "identity",
+            False,
+            f"uid/gid {uid} but keeps CAP_DAC_READ_SEARCH: the Python runtime is not readable by that user and could not be made readable (no mount view, no private mount namespace)",
+        )
     return Layer("identity", True, detail)
 
 
@@ -297,7 +301,13 @@ def mount_session_tmpfs(path: str, size_bytes: int, inodes: int, uid: int) -> No
     """Mount a tmpfs of ``size_bytes`` bytes and ``inodes`` inodes owned by ``uid`` at ``path``
     (nosuid, nodev, noexec): the session's disk budget, which also bounds ``fallocate`` and the
     number of entries (against threat class "disk exhaustion": no quota, 4 GiB reserved at once). Raises OSError."""
-    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}")
+    mount(
+        "tmpfs",
+        path,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        f"size={int(size_bytes)},nr_inodes={int(inodes)},mode=0700,uid={int(uid)},gid={int(uid)}",
+    )
 
 
 def private_mount_namespace() -> None:
@@ -422,7 +432,9 @@ class LandlockRuleset:
     def __init__(self, abi: int):
         self.abi = abi
         self.handled = _fs_rights(abi)
-        attr = _RulesetAttr(self.handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+        attr = _RulesetAttr(
+            self.handled, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+        )
         size = 8 if abi < 4 else (16 if abi < 6 else 24)
         fd = _syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
         if fd < 0:
@@ -441,7 +453,9 @@ class LandlockRuleset:
             if not stat.S_ISDIR(os.fstat(pfd).st_mode):
                 rights &= _FILE_RIGHTS
             rule = _PathBeneath(rights & self.handled, pfd)
-            r = _syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_long(self.fd), ctypes.c_long(1), ctypes.byref(rule), ctypes.c_uint32(0))
+            r = _syscall(
+                ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_long(self.fd), ctypes.c_long(1), ctypes.byref(rule), ctypes.c_uint32(0)
+            )
             if r != 0:
                 e = ctypes.get_errno()
                 raise OSError(e, f"landlock_add_rule({path}): {os.strerror(e)}")
@@ -462,7 +476,23 @@ class LandlockRuleset:
 
 
 #: System paths a session may read (those that exist): shared libraries, time zones, CPU info.
-SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/localtime", "/etc/timezone", "/etc/mime.types", "/proc/cpuinfo", "/proc/meminfo", "/sys/devices/system/cpu", "/dev/urandom", "/dev/random", "/dev/zero")
+SYSTEM_READ = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/libx32",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/mime.types",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/sys/devices/system/cpu",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+)
 
 
 def runtime_read_paths() -> list[str]:
@@ -515,27 +545,111 @@ def build_landlock(read_paths: Iterable[str], write_dirs: Iterable[str], input_f
 # --------------------------------------------------------------------------- seccomp
 #: Syscalls refused with EPERM (those unknown to the local libseccomp are skipped).
 SECCOMP_DENY = (
-    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    "execve", "execveat", "fork", "vfork",
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "pidfd_send_signal", "tkill",
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "move_mount", "open_tree",
-    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
-    "bpf", "keyctl", "add_key", "request_key", "kexec_load", "kexec_file_load", "reboot",
-    "init_module", "finit_module", "delete_module", "perf_event_open", "userfaultfd",
-    "open_by_handle_at", "name_to_handle_at", "fanotify_init", "acct", "swapon", "swapoff",
-    "quotactl", "quotactl_fd", "syslog", "sethostname", "setdomainname", "iopl", "ioperm",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "vhangup", "lookup_dcookie",
-    "setrlimit", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-    "setgroups", "setfsuid", "setfsgid", "capset", "settimeofday", "clock_settime", "adjtimex",
-    "clock_adjtime", "memfd_secret",
+    "socket",
+    "socketpair",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "tkill",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "perf_event_open",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fanotify_init",
+    "acct",
+    "swapon",
+    "swapoff",
+    "quotactl",
+    "quotactl_fd",
+    "syslog",
+    "sethostname",
+    "setdomainname",
+    "iopl",
+    "ioperm",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "vhangup",
+    "lookup_dcookie",
+    "setrlimit",
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "setgroups",
+    "setfsuid",
+    "setfsgid",
+    "capset",
+    "settimeofday",
+    "clock_settime",
+    "adjtimex",
+    "clock_adjtime",
+    "memfd_secret",
     # threat class "state that outlives the session": SysV IPC and POSIX message queues (state that outlives the session)
-    "shmget", "shmat", "shmdt", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
-    "semget", "semop", "semtimedop", "semctl", "ipc",
-    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+    "shmget",
+    "shmat",
+    "shmdt",
+    "shmctl",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "ipc",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
     # threat class "memory outside the limits": memory that is not address space; threat class "output races and self-resume": timers that deliver signals (SIGCONT)
-    "memfd_create", "timer_create",
+    "memfd_create",
+    "timer_create",
     # threat class "shared identity and host views": watching the host
-    "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_mark",
+    "inotify_init",
+    "inotify_init1",
+    "inotify_add_watch",
+    "fanotify_mark",
 )
 
 #: fcntl commands refused (threat class "output races and self-resume": each lets code have a signal, e.g. SIGCONT, delivered to
@@ -551,9 +665,24 @@ IOCTL_DENY = (0x5452, 0x8901, 0x8902, 0x5410)
 #: Metadata changes refused too when the session runs as the caller's own user (not root): Landlock
 #: does not mediate them, and that user owns the caller's files (chmod ~/.ssh/..., xattrs, times).
 SECCOMP_DENY_METADATA = (
-    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
-    "utime", "utimes", "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr",
-    "removexattr", "lremovexattr", "fremovexattr",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "utime",
+    "utimes",
+    "futimesat",
+    "utimensat",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
 )
 
 
@@ -604,7 +733,11 @@ def apply_seccomp(pid: int, deny_metadata: bool = False) -> Layer:
         f.load()
     except OSError as e:
         return Layer("seccomp", False, f"could not load the filter: {e}")
-    return Layer("seccomp", True, f"{len(added)} syscall rules: no sockets, exec, fork, ptrace, mount, namespaces, SysV IPC, memfd, inotify, chmod/chown/utime/xattr, signal-driven I/O, POSIX timers, fallocate modes; threads allowed")
+    return Layer(
+        "seccomp",
+        True,
+        f"{len(added)} syscall rules: no sockets, exec, fork, ptrace, mount, namespaces, SysV IPC, memfd, inotify, chmod/chown/utime/xattr, signal-driven I/O, POSIX timers, fallocate modes; threads allowed",
+    )
 
 
 def seccomp_available() -> tuple[bool, str]:
@@ -643,14 +776,25 @@ def apply(settings: dict[str, Any], read_paths: list[str], parent_pid: int) -> l
     as_root = euid == 0
     uid = settings.get("uid")
     switch = as_root and uid is not None
-    layers.append(set_rlimits(settings["memory_bytes"], settings["max_file_bytes"], settings["max_open_files"], settings["cpu_time_s"], as_root, settings["max_processes"] if switch else None))
+    layers.append(
+        set_rlimits(
+            settings["memory_bytes"],
+            settings["max_file_bytes"],
+            settings["max_open_files"],
+            settings["cpu_time_s"],
+            as_root,
+            settings["max_processes"] if switch else None,
+        )
+    )
     layers.append(mount_view_layer(settings))
     layers.extend(enter_namespaces(as_root, bool(settings.get("netns", True))))
     if not settings.get("netns", True):
         layers.append(Layer("netns", False, "disabled by SandboxConfig.network_namespace"))
     ruleset, ll_detail = None, ""
     try:
-        ruleset, ll_detail = build_landlock(read_paths + list(settings.get("extra_read", [])), [settings["dir"]] if settings.get("dir") else [], settings["inputs"])
+        ruleset, ll_detail = build_landlock(
+            read_paths + list(settings.get("extra_read", [])), [settings["dir"]] if settings.get("dir") else [], settings["inputs"]
+        )
     except OSError as e:
         ll_detail = f"could not build the ruleset: {e}"
     if switch:
@@ -699,5 +843,7 @@ def apply(settings: dict[str, Any], read_paths: list[str], parent_pid: int) -> l
         nox.append("Landlock grants no execute right")
     layers.append(Layer("no_exec", bool(nox), "; ".join(nox) or "programs can be run"))
     env_ok = set(os.environ) <= set(settings.get("env", {}))
-    layers.append(Layer("env", env_ok, "minimal environment: " + ", ".join(sorted(os.environ)) if env_ok else "unexpected variables present"))
+    layers.append(
+        Layer("env", env_ok, "minimal environment: " + ", ".join(sorted(os.environ)) if env_ok else "unexpected variables present")
+    )
     return sorted(layers, key=lambda l: LAYERS.index(l.name) if l.name in LAYERS else len(LAYERS))

@@ -92,12 +92,12 @@ def read_header(buf: Any) -> tuple[dict[str, Any], int] | None:
     """``(header, end of the JSON header)`` of an entry in ``buf`` (bytes / mmap), or None."""
     if len(buf) < len(MAGIC) + _LEN.size or bytes(buf[: len(MAGIC)]) != MAGIC:
         return None
-    (n,) = _LEN.unpack(bytes(buf[len(MAGIC): len(MAGIC) + _LEN.size]))
+    (n,) = _LEN.unpack(bytes(buf[len(MAGIC) : len(MAGIC) + _LEN.size]))
     start = len(MAGIC) + _LEN.size
     if n > MAX_HEADER or start + n > len(buf):
         return None
     try:
-        header = json.loads(bytes(buf[start: start + n]).decode())
+        header = json.loads(bytes(buf[start : start + n]).decode())
     except (UnicodeDecodeError, ValueError):
         return None
     return (header, start + n) if isinstance(header, dict) else None
@@ -124,7 +124,11 @@ def decode(kind: str, path: str, flags: int | None) -> tuple[dict[str, Any], byt
             import numpy as np
 
             arr = np.ascontiguousarray(arr)
-        return {"ok": True, "kind": kind, "shape": list(arr.shape), "dtype": arr.dtype.str, "nbytes": int(arr.nbytes)}, b"", memoryview(arr).cast("B")
+        return (
+            {"ok": True, "kind": kind, "shape": list(arr.shape), "dtype": arr.dtype.str, "nbytes": int(arr.nbytes)},
+            b"",
+            memoryview(arr).cast("B"),
+        )
     from PIL import Image
 
     im = Image.open(path)
@@ -478,13 +482,13 @@ class SessionReader:
         if parsed is None:
             return False
         # written by the decoder (our code, never model code) and sealed before any session saw it
-        post = pickle.loads(mm[parsed[1]: parsed[1] + n_extra]) if n_extra else {}
+        post = pickle.loads(mm[parsed[1] : parsed[1] + n_extra]) if n_extra else {}
         core = Image.core.new(im.mode, im.size)
         offset, nbytes = int(header["data_offset"]), int(header["nbytes"])
         d = Image._getdecoder(im.mode, "raw", (im.mode, 0, 1))
         try:
             d.setimage(core, (0, 0, *im.size))
-            n, err = d.decode(memoryview(mm)[offset: offset + nbytes])
+            n, err = d.decode(memoryview(mm)[offset : offset + nbytes])
         finally:
             d.cleanup()
         if n >= 0 or err != 0:

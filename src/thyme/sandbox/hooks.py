@@ -125,7 +125,7 @@ def _alias(s: str) -> str | None:
     if norm == a:
         return _S.dir
     if norm.startswith(a + "/"):
-        return _S.dir + norm[len(a):]
+        return _S.dir + norm[len(a) :]
     return None
 
 

@@ -70,7 +70,9 @@ class SessionHost(Protocol):
     @property
     def zygote_generation(self) -> int | None: ...
 
-    def request(self, msg: dict[str, Any], fds: Sequence[int] = (), *, want_fds: bool = False, restart: bool = False) -> tuple[dict[str, Any], list[int], int]: ...
+    def request(
+        self, msg: dict[str, Any], fds: Sequence[int] = (), *, want_fds: bool = False, restart: bool = False
+    ) -> tuple[dict[str, Any], list[int], int]: ...
 
     def execution_slot(self) -> ContextManager[Any]: ...
 
@@ -242,7 +244,7 @@ class SessionProcess:
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
                         data = f.read()
-                    states.append(data[data.rfind(b")") + 2:][:1])
+                    states.append(data[data.rfind(b")") + 2 :][:1])
             except OSError:
                 return
             if all(st in (b"T", b"t", b"Z", b"X") for st in states):

@@ -66,7 +66,9 @@ def _open_nofollow(path: str, create: bool) -> tuple[int, bool]:
                             f"output folder {path}: {shown} is a symbolic link; output folders are opened without following links",
                             hint="name the real folder (e.g. `realpath` of it), or leave --out-dir out for a fresh private folder",
                         ) from None
-                    raise OutDirError(f"output folder {path}: {shown} is not a folder", hint="name a folder (it is created if missing)") from None
+                    raise OutDirError(
+                        f"output folder {path}: {shown} is not a folder", hint="name a folder (it is created if missing)"
+                    ) from None
                 raise
             os.close(fd)
             fd = nfd
@@ -103,7 +105,9 @@ class OutputFolder:
         except OutDirError:
             raise
         except OSError as e:
-            raise OutDirError(f"output folder {self.path}: cannot open or create it ({e.strerror})", hint="name a folder you may write") from None
+            raise OutDirError(
+                f"output folder {self.path}: cannot open or create it ({e.strerror})", hint="name a folder you may write"
+            ) from None
         self._created = self._created or made
         try:
             self._check()
@@ -115,11 +119,15 @@ class OutputFolder:
     def _check(self) -> None:
         st = os.fstat(self.fd)
         if st.st_uid != os.geteuid():
-            raise OutDirError(f"output folder {self.path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})",
-                              hint="its owner could replace what is written there; name a folder of your own")
+            raise OutDirError(
+                f"output folder {self.path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})",
+                hint="its owner could replace what is written there; name a folder of your own",
+            )
         if st.st_mode & 0o022:
-            raise OutDirError(f"output folder {self.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})",
-                              hint="another user could plant links or files there; name a private folder (chmod go-w) or leave --out-dir out")
+            raise OutDirError(
+                f"output folder {self.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})",
+                hint="another user could plant links or files there; name a private folder (chmod go-w) or leave --out-dir out",
+            )
         probe = f".thyme-probe-{secrets.token_hex(6)}"
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd))
@@ -156,8 +164,15 @@ class OutputFolder:
                 pass
 
 
-def exec_file(image: str | os.PathLike | list | None, code_path: str | os.PathLike | None, timeout_s: float | None = None,
-              out_dir: str | os.PathLike | OutputFolder | None = None, config: Any = None, *, code: str | None = None) -> ExecResult:
+def exec_file(
+    image: str | os.PathLike | list | None,
+    code_path: str | os.PathLike | None,
+    timeout_s: float | None = None,
+    out_dir: str | os.PathLike | OutputFolder | None = None,
+    config: Any = None,
+    *,
+    code: str | None = None,
+) -> ExecResult:
     """Run the code in ``code_path`` once, in a fresh sandbox, on ``image`` (one path, a list, or None).
 
     Args:

@@ -58,7 +58,17 @@ def image_kind(head: bytes) -> str | None:
 
 #: PIL plugins the caller may use on an output (what :func:`image_kind` accepts and PIL reads);
 #: ``Image.open(..., formats=...)`` tries no other plugin (against threat class "work the caller does for the code": every PIL plugin ran).
-PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "webp": "WEBP", "pnm": "PPM", "jpeg2000": "JPEG2000", "ico": "ICO"}
+PIL_FORMATS = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "webp": "WEBP",
+    "pnm": "PPM",
+    "jpeg2000": "JPEG2000",
+    "ico": "ICO",
+}
 
 #: Largest output file the caller copies or decodes, in bytes, unless told otherwise.
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -93,7 +103,9 @@ def open_output(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, os.
         if st.st_nlink != 1:
             raise OutputRefused(f"output {os.path.basename(path)!r} has {st.st_nlink} links (hard links to other files are refused)")
         if st.st_size > max_bytes or st.st_blocks * 512 > max_bytes + (1 << 16):
-            raise OutputRefused(f"output {os.path.basename(path)!r} is larger than the {max_bytes}-byte budget ({st.st_size} bytes, {st.st_blocks * 512} allocated)")
+            raise OutputRefused(
+                f"output {os.path.basename(path)!r} is larger than the {max_bytes}-byte budget ({st.st_size} bytes, {st.st_blocks * 512} allocated)"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -142,7 +154,9 @@ def image_info(data: bytes) -> tuple[str, int, int]:
             with Image.open(io.BytesIO(data), formats=[PIL_FORMATS[kind]]) as im:
                 w, h = im.size
     except Image.DecompressionBombError:
-        raise OutputRefused(f"a {kind} image of more pixels than PIL will open; resize it in the code (e.g. cv2.resize or Image.thumbnail) before saving") from None
+        raise OutputRefused(
+            f"a {kind} image of more pixels than PIL will open; resize it in the code (e.g. cv2.resize or Image.thumbnail) before saving"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any PIL failure on hostile bytes is a refusal
         raise OutputRefused(f"unreadable {kind} header: {type(e).__name__}") from None
     return kind, int(w), int(h)
@@ -157,7 +171,9 @@ def check_pixels(kind: str, w: int, h: int, max_pixels: int, name: str = "output
         )
 
 
-def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS, *, dir_fd: int | None = None) -> str:
+def copy_output(
+    path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS, *, dir_fd: int | None = None
+) -> str:
     """Copy an output image to ``dest`` (created, never overwritten) from one checked descriptor.
 
     The bytes copied are the ones checked: a regular single-link file of at most ``max_bytes``
@@ -177,7 +193,7 @@ def copy_output(path: str, dest: str, max_bytes: int = DEFAULT_MAX_BYTES, max_pi
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):

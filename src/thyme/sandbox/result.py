@@ -53,7 +53,12 @@ class ExecError:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExecError":
         lineno = d.get("lineno")
-        return cls(type=str(d["type"]), message=str(d.get("message", "")), traceback=str(d.get("traceback", "")), lineno=None if lineno is None else int(lineno))
+        return cls(
+            type=str(d["type"]),
+            message=str(d.get("message", "")),
+            traceback=str(d.get("traceback", "")),
+            lineno=None if lineno is None else int(lineno),
+        )
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}" if self.message else self.type

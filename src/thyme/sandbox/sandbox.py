@@ -125,7 +125,13 @@ class Sandbox:
         self.mnt_ns = mountview.mount_namespace_id()
         self.inputs = InputStore(self.root_dir)
         self.decoded_cache = decoded.DecodedCache(cfg.decoded_cache_bytes) if cfg.decoded_cache else None
-        self._state: dict[str, Any] = {"zygote": None, "root": self.root_dir, "own_root": own, "owner_pid": os.getpid(), "decoded": self.decoded_cache}
+        self._state: dict[str, Any] = {
+            "zygote": None,
+            "root": self.root_dir,
+            "own_root": own,
+            "owner_pid": os.getpid(),
+            "decoded": self.decoded_cache,
+        }
         self._finalizer = weakref.finalize(self, _finalize_sandbox, self._state)
         self.disk_detail = ""
         self.tmpfs_sessions = False
@@ -171,13 +177,18 @@ class Sandbox:
         by = {l.name: l for l in self.layers}
         self.missing_layers: list[tuple[str, str]] = [
             (name, by[name].detail if name in by else "it is not reported by the session process")
-            for name in cfg.require if name not in by or not by[name].active
+            for name in cfg.require
+            if name not in by or not by[name].active
         ]
         if self.missing_layers:
             if not cfg.allow_weaker:
                 self.close()
                 raise ConfinementError(*self.missing_layers[0], missing=self.missing_layers)
-            warnings.warn(describe_missing(self.missing_layers) + "\n(accepted: SandboxConfig.allow_weaker is set)", SandboxWeakerWarning, stacklevel=2)
+            warnings.warn(
+                describe_missing(self.missing_layers) + "\n(accepted: SandboxConfig.allow_weaker is set)",
+                SandboxWeakerWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ zygote
     def _start_zygote(self) -> None:
@@ -192,7 +203,11 @@ class Sandbox:
             else:
                 ro = mountview.runtime_binds(pkg_dir)
                 prefix = mountview.bwrap_argv(
-                    bwrap, ro=ro, rw=[self.root_dir, self.mpl_dir], chdir=self.root_dir, as_root=self.is_root,
+                    bwrap,
+                    ro=ro,
+                    rw=[self.root_dir, self.mpl_dir],
+                    chdir=self.root_dir,
+                    as_root=self.is_root,
                     die_with_parent=threading.current_thread() is threading.main_thread(),
                 )
                 try:
@@ -214,20 +229,31 @@ class Sandbox:
         on_main = threading.current_thread() is threading.main_thread()
         # under bwrap the zygote's parent is bwrap (which dies with the owner): no owner check
         opts = {
-            "owner_pid": None if prefix else os.getpid(), "owner": os.getpid(), "pdeathsig": bool(prefix) or on_main,
-            "check_uid": self.uid if self.uid is not None else os.geteuid(), "root_dir": self.root_dir,
+            "owner_pid": None if prefix else os.getpid(),
+            "owner": os.getpid(),
+            "pdeathsig": bool(prefix) or on_main,
+            "check_uid": self.uid if self.uid is not None else os.geteuid(),
+            "root_dir": self.root_dir,
             # a zygote whose owner dies without close() removes the folder the owner made
-            "cleanup_root": self.root_dir if self._state["own_root"] else None, "cleanup_uid": self.uid,
+            "cleanup_root": self.root_dir if self._state["own_root"] else None,
+            "cleanup_uid": self.uid,
             # without bubblewrap, a root zygote covers unreadable ancestors of the runtime (threat class "shared identity and host views")
-            "make_readable": not prefix and self.is_root and self.uid is not None, "extra_read": [self.mpl_dir],
+            "make_readable": not prefix and self.is_root and self.uid is not None,
+            "extra_read": [self.mpl_dir],
             "in_mount_view": bool(prefix),
             "optional": list(self.config.optional_modules),
         }
         try:
             proc = subprocess.Popen(
                 prefix + [sys.executable, "-s", "-m", "thyme.sandbox.zygote", str(child.fileno()), json.dumps(opts)],
-                env=env, cwd=self.root_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                pass_fds=[child.fileno()], close_fds=True, start_new_session=True,
+                env=env,
+                cwd=self.root_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                pass_fds=[child.fileno()],
+                close_fds=True,
+                start_new_session=True,
             )
         except OSError as e:
             parent.close()
@@ -252,7 +278,9 @@ class Sandbox:
         z.hello = hello
         self._state["zygote"] = z
 
-    def request(self, msg: dict[str, Any], fds: Sequence[int] = (), *, want_fds: bool = False, restart: bool = False) -> tuple[dict[str, Any], list[int], int]:
+    def request(
+        self, msg: dict[str, Any], fds: Sequence[int] = (), *, want_fds: bool = False, restart: bool = False
+    ) -> tuple[dict[str, Any], list[int], int]:
         """One request/reply with the zygote: ``(reply, fds, generation)``; restarts a dead one if asked."""
         with self._lock:
             if self._closed:
@@ -270,7 +298,9 @@ class Sandbox:
                     z = self._state["zygote"]
                 try:
                     wire.send_msg(z.sock, msg, list(fds))
-                    reply, got = wire.recv_msg(z.sock, max_bytes=MAX_REPLY_BYTES, deadline=time.monotonic() + CONTROL_TIMEOUT_S, want_fds=want_fds)
+                    reply, got = wire.recv_msg(
+                        z.sock, max_bytes=MAX_REPLY_BYTES, deadline=time.monotonic() + CONTROL_TIMEOUT_S, want_fds=want_fds
+                    )
                     return reply, got, z.gen
                 except (wire.WireError, OSError) as e:
                     tail = z.log_tail()
@@ -469,7 +499,9 @@ class Sandbox:
         return Session(self, list(images), shown_paths)
 
     @contextlib.asynccontextmanager
-    async def asession(self, images: Iterable[str | os.PathLike] = (), shown_paths: Sequence[str] | None = None) -> AsyncIterator["Session"]:
+    async def asession(
+        self, images: Iterable[str | os.PathLike] = (), shown_paths: Sequence[str] | None = None
+    ) -> AsyncIterator["Session"]:
         """``async with sandbox.asession(images) as s: await s.arun(code)``."""
         s = await asyncio.to_thread(self.session, images, shown_paths)
         try:

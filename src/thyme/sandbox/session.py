@@ -75,21 +75,29 @@ class Session:
         self._releases: list[tuple[InputStore, tuple]] = []
         self.uid = sandbox.allocate_uid()
         self._groups: list[cgroups.SessionGroup] = []
-        self._finalizer = weakref.finalize(self, finalize_session, os.getpid(), state, self._fds, [self.dir], sandbox.orphans, self._releases, self._groups)
+        self._finalizer = weakref.finalize(
+            self, finalize_session, os.getpid(), state, self._fds, [self.dir], sandbox.orphans, self._releases, self._groups
+        )
         try:
             cfg = sandbox.config
             self.tmpfs = False
             if sandbox.tmpfs_sessions:
                 try:  # threat class "disk exhaustion": a size- and inode-limited file system of its own
-                    confine.mount_session_tmpfs(self.dir, int(cfg.disk_bytes), int(cfg.max_entries) + 16, self.uid if self.uid is not None else os.geteuid())
+                    confine.mount_session_tmpfs(
+                        self.dir, int(cfg.disk_bytes), int(cfg.max_entries) + 16, self.uid if self.uid is not None else os.geteuid()
+                    )
                     self.tmpfs = True
                 except OSError as e:
                     sandbox.note_disk_detail(f"no per-session tmpfs ({e})")
             if self.uid is not None and not self.tmpfs:
                 os.chown(self.dir, self.uid, self.uid)
             group = cgroups.SessionGroup(
-                sandbox.cgroup_plan, f"s-{self.id}", int(cfg.cgroup_memory_bytes or cfg.memory_bytes), int(cfg.max_pids),
-                cpu_weight=int(cfg.cpu_weight), cpu_quota_cores=cfg.cpu_quota_cores,
+                sandbox.cgroup_plan,
+                f"s-{self.id}",
+                int(cfg.cgroup_memory_bytes or cfg.memory_bytes),
+                int(cfg.max_pids),
+                cpu_weight=int(cfg.cpu_weight),
+                cpu_quota_cores=cfg.cpu_quota_cores,
             )
             self._groups.append(group)
             self._proc = SessionProcess(sandbox, group, state)
@@ -116,7 +124,9 @@ class Session:
         st = os.stat(path)
         runs_as = sb.uid if sb.uid is not None else os.geteuid()
         gid = sb.uid if sb.uid is not None else os.getegid()
-        visible = (not sb.mount_view or path.startswith(sb.root_dir.rstrip("/") + "/")) and not any(path.startswith(h.rstrip("/") + "/") for h in sb.hidden)
+        visible = (not sb.mount_view or path.startswith(sb.root_dir.rstrip("/") + "/")) and not any(
+            path.startswith(h.rstrip("/") + "/") for h in sb.hidden
+        )
         if visible and st.st_uid != runs_as and (sb.keep_read_cap or accessible_to(path, runs_as, gid)):
             return path
         may_link = not visible and st.st_uid != runs_as and not st.st_mode & 0o022
@@ -158,7 +168,11 @@ class Session:
     def _spawn(self) -> None:
         hello = self._proc.spawn(self._settings, self._cap_fd)
         layers = hello.get("layers")
-        self.layers = [Layer(str(d.get("name")), bool(d.get("active")), str(d.get("detail", ""))[:1000]) for d in layers if isinstance(d, dict)] if isinstance(layers, list) else []
+        self.layers = (
+            [Layer(str(d.get("name")), bool(d.get("active")), str(d.get("detail", ""))[:1000]) for d in layers if isinstance(d, dict)]
+            if isinstance(layers, list)
+            else []
+        )
         self.layers = [l for l in self.layers if l.name not in _CALLER_LAYERS] + self._caller_layers()
         self.layers.sort(key=lambda l: LAYERS.index(l.name) if l.name in LAYERS else len(LAYERS))
 
@@ -175,18 +189,47 @@ class Session:
 
         own_uid = self.uid is not None and self.uid != sb.uid
         out = [
-            cg("memory", f"memory.max {int(cfg.cgroup_memory_bytes or cfg.memory_bytes) // 2**20} MiB per session (memfd, tmpfs and page cache count)", f"RLIMIT_AS {int(cfg.memory_bytes) // 2**20} MiB, seccomp refuses memfd_create, oom_score_adj 1000"),
-            cg("pids", f"pids.max {int(cfg.max_pids)} per session", f"RLIMIT_NPROC {int(cfg.max_pids)} of the session's own uid" if own_uid else f"RLIMIT_NPROC {int(cfg.max_processes)} (shared uid); seccomp refuses fork"),
-            cg("cpu", f"cpu weight {int(cfg.cpu_weight)} per session (sessions share the CPU by weight, whatever their thread count)"
-               + (f", at most {cfg.cpu_quota_cores:g} CPUs" if cfg.cpu_quota_cores else ""),
-               "none: a session with many threads takes CPU time from the others (only the host's scheduler bounds it)"),
-            cg("freezer", "the session is frozen between runs (code cannot thaw itself)", "SIGSTOP between runs; seccomp refuses F_SETSIG/F_SETOWN/O_ASYNC/F_NOTIFY/F_SETLEASE, FIOASYNC and timer_create (no self-resume)"),
+            cg(
+                "memory",
+                f"memory.max {int(cfg.cgroup_memory_bytes or cfg.memory_bytes) // 2**20} MiB per session (memfd, tmpfs and page cache count)",
+                f"RLIMIT_AS {int(cfg.memory_bytes) // 2**20} MiB, seccomp refuses memfd_create, oom_score_adj 1000",
+            ),
+            cg(
+                "pids",
+                f"pids.max {int(cfg.max_pids)} per session",
+                f"RLIMIT_NPROC {int(cfg.max_pids)} of the session's own uid"
+                if own_uid
+                else f"RLIMIT_NPROC {int(cfg.max_processes)} (shared uid); seccomp refuses fork",
+            ),
+            cg(
+                "cpu",
+                f"cpu weight {int(cfg.cpu_weight)} per session (sessions share the CPU by weight, whatever their thread count)"
+                + (f", at most {cfg.cpu_quota_cores:g} CPUs" if cfg.cpu_quota_cores else ""),
+                "none: a session with many threads takes CPU time from the others (only the host's scheduler bounds it)",
+            ),
+            cg(
+                "freezer",
+                "the session is frozen between runs (code cannot thaw itself)",
+                "SIGSTOP between runs; seccomp refuses F_SETSIG/F_SETOWN/O_ASYNC/F_NOTIFY/F_SETLEASE, FIOASYNC and timer_create (no self-resume)",
+            ),
         ]
         fsize = f"RLIMIT_FSIZE {min(int(cfg.max_file_bytes), int(cfg.disk_bytes)) // 2**20} MiB per file, fallocate mode 0 only"
         if self.tmpfs:
-            out.append(Layer("disk", True, f"per-session tmpfs of {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries) + 16} inodes; {fsize}; the caller copies at most max_output_file_bytes per output"))
+            out.append(
+                Layer(
+                    "disk",
+                    True,
+                    f"per-session tmpfs of {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries) + 16} inodes; {fsize}; the caller copies at most max_output_file_bytes per output",
+                )
+            )
         else:
-            out.append(Layer("disk", False, f"{sb.disk_detail}; enforced instead: {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries)} entries counted by apparent and allocated size after each run (over budget: folder emptied, outputs refused), {fsize}"))
+            out.append(
+                Layer(
+                    "disk",
+                    False,
+                    f"{sb.disk_detail}; enforced instead: {int(cfg.disk_bytes) // 2**20} MiB and {int(cfg.max_entries)} entries counted by apparent and allocated size after each run (over budget: folder emptied, outputs refused), {fsize}",
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ run
@@ -234,12 +277,19 @@ class Session:
             ok, error, fixes = parsed
             return ExecResult(ok=ok, stdout=stdout, error=error, images=images, fixes=fixes, duration_s=duration)
         if failure == "timeout":
-            error = ExecError("TimeoutError", f"the code ran longer than the {limit:g} s time limit and was stopped; the session's variables are lost (files in its folder are kept)")
+            error = ExecError(
+                "TimeoutError",
+                f"the code ran longer than the {limit:g} s time limit and was stopped; the session's variables are lost (files in its folder are kept)",
+            )
         elif failure != "closed":
-            error = ExecError("SandboxError", f"the session process broke the result protocol ({failure}) and was stopped; its variables are lost")
+            error = ExecError(
+                "SandboxError", f"the session process broke the result protocol ({failure}) and was stopped; its variables are lost"
+            )
         else:
             error = ExecError(*death_error(end_info, cfg.cpu_time_s))
-        return ExecResult(ok=False, stdout=stdout, error=error, images=images, timed_out=failure == "timeout", state_lost=True, duration_s=duration)
+        return ExecResult(
+            ok=False, stdout=stdout, error=error, images=images, timed_out=failure == "timeout", state_lost=True, duration_s=duration
+        )
 
     def _collect(self) -> tuple[list[str], ExecError | None]:
         """New output images of the run (checked from one descriptor each: regular, one link,
@@ -253,11 +303,16 @@ class Session:
         sc = outputs.scan(self.dir, int(cfg.max_entries))
         budget = int(cfg.disk_bytes)
         if sc.truncated or sc.apparent > budget or sc.allocated > budget:
-            what = (f"more than {int(cfg.max_entries)} entries (files, folders, links) or deeper than {outputs.MAX_DEPTH} levels" if sc.truncated
-                    else f"{max(sc.apparent, sc.allocated)} bytes, over the {budget}-byte disk budget")
+            what = (
+                f"more than {int(cfg.max_entries)} entries (files, folders, links) or deeper than {outputs.MAX_DEPTH} levels"
+                if sc.truncated
+                else f"{max(sc.apparent, sc.allocated)} bytes, over the {budget}-byte disk budget"
+            )
             self._wipe_folder()
             self._snap = {}
-            return [], ExecError("DiskBudgetExceeded", f"the session folder held {what}; its files were deleted and no output image is returned")
+            return [], ExecError(
+                "DiskBudgetExceeded", f"the session folder held {what}; its files were deleted and no output image is returned"
+            )
         images = outputs.new_images(self._snap, sc.files)
         self._snap = sc.files
         kept, refused = [], []
@@ -368,7 +423,8 @@ class Session:
         valid = (
             cache is not None
             and isinstance(rid, int)
-            and isinstance(index, int) and not isinstance(index, bool)
+            and isinstance(index, int)
+            and not isinstance(index, bool)
             and 0 <= index < len(self.images)
             and decoded.flags_ok(kind, flags)
         )
@@ -382,7 +438,9 @@ class Session:
             else:  # a private copy, made from the original as it was at session start
                 key = self._input_keys[index]
             if key is not None:
-                settings = dict(self._settings, dir=None, inputs=[path], netns=False, extra_read=[], max_file_bytes=int(self._sb.config.memory_bytes))
+                settings = dict(
+                    self._settings, dir=None, inputs=[path], netns=False, extra_read=[], max_file_bytes=int(self._sb.config.memory_bytes)
+                )
                 job = {"kind": kind, "path": path, "flags": flags}
                 try:
                     fd = cache.fetch((key, kind, flags), lambda dl: self._sb.produce_decoded(settings, job, dl), deadline)
@@ -391,7 +449,9 @@ class Session:
                 except (OSError, SandboxError, ValueError):  # the caller's own trouble: read it yourself
                     fd = None
         try:
-            wire.send_msg(sock, {"op": "decoded", "rid": rid if isinstance(rid, int) else None, "ok": fd is not None}, [fd] if fd is not None else [])
+            wire.send_msg(
+                sock, {"op": "decoded", "rid": rid if isinstance(rid, int) else None, "ok": fd is not None}, [fd] if fd is not None else []
+            )
         finally:
             if fd is not None:
                 os.close(fd)
@@ -458,7 +518,9 @@ def parse_reply(msg: dict[str, Any]) -> tuple[bool, ExecError | None, list[Fix]]
             if not isinstance(f, dict) or not isinstance(f.get("name"), str):
                 return None
             line = f.get("line")
-            fixes.append(Fix(f["name"][:100], _text(f.get("detail"))[:1000], line if isinstance(line, int) and not isinstance(line, bool) else None))
+            fixes.append(
+                Fix(f["name"][:100], _text(f.get("detail"))[:1000], line if isinstance(line, int) and not isinstance(line, bool) else None)
+            )
         ok = msg.get("ok") is True and error is None
         return ok, error, fixes
     except (TypeError, ValueError, AttributeError, RecursionError, MemoryError):

@@ -30,7 +30,7 @@ def _process_identity(pid: int | str = "self") -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        fields = data[data.rfind(b")") + 2:].split()
+        fields = data[data.rfind(b")") + 2 :].split()
         real_pid = os.getpid() if pid == "self" else int(pid)
         return f"{real_pid} {int(fields[19])} {os.stat(f'/proc/{pid}/ns/pid').st_ino}"
     except (OSError, ValueError, IndexError):
@@ -55,8 +55,12 @@ class SweepReport:
 
     def lines(self) -> list[str]:
         """One human-readable line per removed item (``removed root ...``)."""
-        return ([f"unmounted {m}" for m in self.mounts] + [f"removed root {r}" for r in self.roots]
-                + [f"removed cgroup {c}" for c in self.cgroups] + [f"could not remove {k}" for k in self.kept])
+        return (
+            [f"unmounted {m}" for m in self.mounts]
+            + [f"removed root {r}" for r in self.roots]
+            + [f"removed cgroup {c}" for c in self.cgroups]
+            + [f"could not remove {k}" for k in self.kept]
+        )
 
 
 def sweep(base: str | None = None) -> SweepReport:

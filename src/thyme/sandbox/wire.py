@@ -137,7 +137,9 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None, fds: list[i
     return b"".join(chunks)
 
 
-def recv_msg(sock: socket.socket, max_bytes: int = 1 << 20, deadline: float | None = None, want_fds: bool = False, max_depth: int | None = None) -> tuple[dict[str, Any], list[int]]:
+def recv_msg(
+    sock: socket.socket, max_bytes: int = 1 << 20, deadline: float | None = None, want_fds: bool = False, max_depth: int | None = None
+) -> tuple[dict[str, Any], list[int]]:
     """Receive one message: ``(object, fds)``.
 
     Args:

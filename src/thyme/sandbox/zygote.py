@@ -328,7 +328,13 @@ def cleanup_root(root: str, session_uid: int | None) -> None:
 
     if session_uid and os.geteuid() == 0 and session_uid != 0:
         try:  # listed here: the session user may cross the root folder, not list it
-            folders = [(e.path, e.stat(follow_symlinks=False).st_uid) for top in (root, os.path.join(root, "sessions")) if os.path.isdir(top) for e in os.scandir(top) if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)]
+            folders = [
+                (e.path, e.stat(follow_symlinks=False).st_uid)
+                for top in (root, os.path.join(root, "sessions"))
+                if os.path.isdir(top)
+                for e in os.scandir(top)
+                if e.name.startswith("s-") and e.is_dir(follow_symlinks=False)
+            ]
         except OSError:
             folders = []
         for folder, owner in folders:  # each session has its own uid: empty it as that uid
@@ -406,21 +412,26 @@ def main(argv: list[str]) -> int:
                 proc_hidden = f"not hidden: {e}"
                 fix_error = fix_error or str(e)
         if isinstance(uid, int) and opts.get("root_dir"):  # as this view shows them
-            readable = all(confine.accessible_to(p, uid, uid) for p in z.read_paths) and confine.accessible_to(opts["root_dir"], uid, uid, read=False)
-        wire.send_msg(sock, {
-            "op": "hello",
-            "pid": os.getpid(),
-            "start_s": round(time.perf_counter() - t0, 4),
-            "landlock_abi": confine.landlock_abi(),
-            "seccomp": [ok, why],
-            "read_paths": z.read_paths,
-            "readable": readable,
-            "hidden": hidden,
-            "fix_error": fix_error,
-            "proc": proc_hidden,
-            "optional": optional,
-            "threads": thread_count(),
-        })
+            readable = all(confine.accessible_to(p, uid, uid) for p in z.read_paths) and confine.accessible_to(
+                opts["root_dir"], uid, uid, read=False
+            )
+        wire.send_msg(
+            sock,
+            {
+                "op": "hello",
+                "pid": os.getpid(),
+                "start_s": round(time.perf_counter() - t0, 4),
+                "landlock_abi": confine.landlock_abi(),
+                "seccomp": [ok, why],
+                "read_paths": z.read_paths,
+                "readable": readable,
+                "hidden": hidden,
+                "fix_error": fix_error,
+                "proc": proc_hidden,
+                "optional": optional,
+                "threads": thread_count(),
+            },
+        )
     except BaseException as e:  # noqa: BLE001
         try:
             wire.send_msg(sock, {"op": "failed", "error": f"{type(e).__name__}: {e}"})

@@ -37,7 +37,6 @@ ANSWER_PREFIXES = (
 )
 
 
-
 def final_answer(completion: str) -> str | None:
     """The first ``<answer>`` of ``completion`` (``\\boxed{}`` unwrapped), prefixes removed;
     a completion without answer tags is taken as the answer itself when it has no ``<think>``."""
@@ -55,10 +54,8 @@ def strip_prefixes(answer: str) -> str:
     low = s.lower()
     for p in ANSWER_PREFIXES:
         if low.startswith(p):
-            return s[len(p):].lstrip(" :\t\n").strip()
+            return s[len(p) :].lstrip(" :\t\n").strip()
     return s
-
-
 
 
 def answer_part(prediction: str) -> str:
@@ -66,9 +63,8 @@ def answer_part(prediction: str) -> str:
     i = prediction.find("<answer>")
     if i >= 0:
         j = prediction.find("</answer>", i)
-        return prediction[i + len("<answer>"): j if j >= 0 else len(prediction)].strip()
+        return prediction[i + len("<answer>") : j if j >= 0 else len(prediction)].strip()
     return prediction
-
 
 
 _LATEX_NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\^\{?\\circ\}?|\\%|%|\$")
@@ -86,15 +82,12 @@ def normalise_answer(s: str) -> str:
     return re.sub(r"\s+", "", s).lower()
 
 
-
-
-
 def bare(v: Any) -> str:
     """Trimmed, without math delimiters (``$...$``, ``$$...$$``, ``\\(...\\)``) or a final period."""
     s = str(v).strip()
     for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if len(s) > len(a) + len(b) and s.startswith(a) and s.endswith(b):
-            s = s[len(a): len(s) - len(b)].strip()
+            s = s[len(a) : len(s) - len(b)].strip()
             break
     return s[:-1].rstrip() if s.endswith(".") and len(s) > 1 else s
 

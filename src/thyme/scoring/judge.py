@@ -65,7 +65,9 @@ class JudgeConfig:
     key also from ``THYME_JUDGE_API_KEY``). Each field's meaning, default and source:
     ``thyme eval --help``."""
 
-    base_url: str | None = setting(None, help="OpenAI-compatible server of the judge, e.g. http://127.0.0.1:8001/v1 (no judge without it)", source="ours")
+    base_url: str | None = setting(
+        None, help="OpenAI-compatible server of the judge, e.g. http://127.0.0.1:8001/v1 (no judge without it)", source="ours"
+    )
     model: str | None = setting(None, help="served model name of the judge", source="paper: Qwen2.5-VL-72B-Instruct, text only")
     api_key: str | None = setting(None, help="sent as 'Authorization: Bearer'; none sends none", source="OpenAI API")
     timeout_s: float = setting(60.0, help="deadline of one HTTP request in seconds: connect, send and the whole reply", source="ours")
@@ -79,9 +81,13 @@ class JudgeConfig:
     response_format: Literal["json_schema", "json_object", "none"] = setting(
         "json_schema", help="how the JSON reply is constrained: json_schema (constrained decoding), json_object or none", source="ours"
     )
-    max_response_mb: float = setting(4.0, help="largest reply read from the judge server, in MiB (reading stops there; that verdict fails)", source="ours")
+    max_response_mb: float = setting(
+        4.0, help="largest reply read from the judge server, in MiB (reading stops there; that verdict fails)", source="ours"
+    )
     proxy: str = setting(
-        "env", help="proxy policy: 'env' honours HTTP(S)_PROXY/ALL_PROXY/NO_PROXY (loopback always direct), 'none' ignores them, or an http(s):// proxy URL", source="ours"
+        "env",
+        help="proxy policy: 'env' honours HTTP(S)_PROXY/ALL_PROXY/NO_PROXY (loopback always direct), 'none' ignores them, or an http(s):// proxy URL",
+        source="ours",
     )
 
     def limits(self) -> HTTPLimits:
@@ -92,7 +98,9 @@ class JudgeConfig:
         if not (isinstance(self.max_response_mb, (int, float)) and self.max_response_mb > 0):
             raise ThymeError(f"judge max_response_mb must be a positive number of MiB, got {self.max_response_mb!r}")
         t = float(self.timeout_s)
-        return HTTPLimits(deadline_s=t, connect_s=min(10.0, t), max_response_bytes=int(self.max_response_mb * 1024 * 1024), proxy=self.proxy)
+        return HTTPLimits(
+            deadline_s=t, connect_s=min(10.0, t), max_response_bytes=int(self.max_response_mb * 1024 * 1024), proxy=self.proxy
+        )
 
 
 @dataclass
@@ -239,7 +247,10 @@ class JudgeClient:
 
     def __init__(self, config: JudgeConfig):
         if not config.base_url or not config.model:
-            raise ThymeError("the judge needs a server URL and a model name", "pass --judge-base-url URL --judge-model NAME (any OpenAI-compatible server: vLLM, SGLang...)")
+            raise ThymeError(
+                "the judge needs a server URL and a model name",
+                "pass --judge-base-url URL --judge-model NAME (any OpenAI-compatible server: vLLM, SGLang...)",
+            )
         config.limits()  # a bad timeout, size cap or proxy setting is named here, not per verdict
         self.config = config
         self.url = config.base_url.rstrip("/") + "/chat/completions"
@@ -307,7 +318,9 @@ class JudgeClient:
                 try:
                     return _reply_text(resp.json()), n
                 except Exception as e:  # noqa: BLE001 - not JSON, too deep, wrong types: this verdict only
-                    raise JudgeError(f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}: {excerpt(str(e), 200)}): {excerpt(resp.text, 300)}") from None
+                    raise JudgeError(
+                        f"judge server {c.base_url} answered 200 without a chat completion ({type(e).__name__}: {excerpt(str(e), 200)}): {excerpt(resp.text, 300)}"
+                    ) from None
             if is_retryable_status(resp.status_code):
                 raise Retryable(JudgeError(f"HTTP {resp.status_code}: {excerpt(resp.text, 300)}"), resp.headers.get("retry-after"))
             raise JudgeRequestError(
@@ -317,7 +330,9 @@ class JudgeClient:
 
         def give_up(err: BaseException, attempts: int) -> BaseException:
             last = err.message if isinstance(err, ThymeError) else str(err)
-            return JudgeError(f"judge server {c.base_url} failed after {attempts} attempt(s): {last}", "is the judge server up and not overloaded?")
+            return JudgeError(
+                f"judge server {c.base_url} failed after {attempts} attempt(s): {last}", "is the judge server up and not overloaded?"
+            )
 
         return await retrying(attempt, max_retries=c.max_retries, backoff_s=c.backoff_s, max_backoff_s=c.max_backoff_s, give_up=give_up)
 
@@ -357,7 +372,9 @@ class JudgeClient:
                     return Verdict(parse_verdict(text, key, allowed), text, attempts)
                 except Exception as e:  # noqa: BLE001 - any parse failure is a bad reply: ask again
                     problem = excerpt(str(e), 300)
-            raise JudgeError(f"judge reply was not the JSON asked for ({{{key!r}: one of {list(allowed)}}}) after {attempts} request(s): {problem}")
+            raise JudgeError(
+                f"judge reply was not the JSON asked for ({{{key!r}: one of {list(allowed)}}}) after {attempts} request(s): {problem}"
+            )
         except JudgeError:
             raise
         except ThymeError as e:

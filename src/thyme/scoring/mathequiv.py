@@ -30,6 +30,3 @@ def math_equivalent(answer: str, gt: str) -> bool | None:
         return bool(verify(g, a))
     except Exception:
         return None
-
-
-

@@ -74,8 +74,6 @@ def can_infer_text(prediction: str, options: dict[str, str]) -> str | None:
     return cands[0] if len(cands) == 1 else None
 
 
-
-
 #: An answer that starts with its option: "A", "(A) ...", "A. ...", "A: ...", "A) ...".
 _LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:\s*[.:)]|\s*$))")
 
@@ -97,8 +95,6 @@ def option_letter(answer: str, gt: str, options: dict[str, str]) -> str | None:
     if letter is None and options:
         letter = can_infer_text(answer, dict(options))
     return letter
-
-
 
 
 #: MME-RealWorld's answer prefixes (with the missing commas of the original restored).
@@ -129,7 +125,6 @@ class Extraction:
     rule: str
 
 
-
 def vlmevalkit_extract(prediction: str, options: dict[str, str]) -> Extraction:
     """VLMEvalKit's ``can_infer`` (V* Bench, HR-Bench)."""
     letter = can_infer_option(prediction, list(options))
@@ -157,5 +152,3 @@ def mme_extract(prediction: str, options: dict[str, str]) -> Extraction:
             if s in f"({letter}) {text}".lower():
                 return Extraction(letter, "choice-text")
     return Extraction(None, "none")
-
-

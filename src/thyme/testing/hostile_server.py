@@ -39,19 +39,36 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MODES = (
-    "ok", "slow_ok", "trickle", "trickle_headers", "flood", "flood_declared", "nest", "nest_content", "brace_bomb",
-    "hang", "not_json", "html", "wrong_types", "gzip_bomb", "notfound",
+    "ok",
+    "slow_ok",
+    "trickle",
+    "trickle_headers",
+    "flood",
+    "flood_declared",
+    "nest",
+    "nest_content",
+    "brace_bomb",
+    "hang",
+    "not_json",
+    "html",
+    "wrong_types",
+    "gzip_bomb",
+    "notfound",
 )
 _MARKER = re.compile(rb"THYME-HOSTILE:([a-z_]+)")
 
 
 def completion(content: Any) -> bytes:
     """A minimal chat-completions body with ``content`` as the assistant message."""
-    return json.dumps({
-        "id": "hostile", "object": "chat.completion", "model": "hostile",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
-    }).encode()
+    return json.dumps(
+        {
+            "id": "hostile",
+            "object": "chat.completion",
+            "model": "hostile",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+        }
+    ).encode()
 
 
 def deep_json(depth: int = 100000) -> bytes:
@@ -69,7 +86,9 @@ class HostileServer:
         flood_bytes: body size of the ``flood`` modes.
     """
 
-    def __init__(self, default: str = "ok", *, models_mode: str = "ok", ok_content: str = '{"correct": 1}', flood_bytes: int = 100 * 1024 * 1024):
+    def __init__(
+        self, default: str = "ok", *, models_mode: str = "ok", ok_content: str = '{"correct": 1}', flood_bytes: int = 100 * 1024 * 1024
+    ):
         self.default = default
         self.models_mode = models_mode
         self.ok_content = ok_content
@@ -161,13 +180,15 @@ class HostileServer:
             for i in range(len(body)):
                 if self.stop.is_set():
                     return
-                w.write(body[i: i + 1])
+                w.write(body[i : i + 1])
                 self._count(mode, 1)
                 time.sleep(0.2)
             return
         if mode == "trickle_headers":
             body = completion(self.ok_content)
-            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n" + "X-Pad: " + "a" * 400 + "\r\n\r\n"
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n" + "X-Pad: " + "a" * 400 + "\r\n\r\n"
+            )
             for ch in head.encode():
                 if self.stop.is_set():
                     return
@@ -205,7 +226,13 @@ class HostileServer:
         if mode == "html":
             return plain(200, b"<!doctype html><html><body><h1>Welcome to nginx!</h1></body></html>", "text/html")
         if mode == "wrong_types":
-            body = json.dumps({"choices": [{"message": {"content": {"text": 5}}, "finish_reason": 7}], "usage": {"completion_tokens": "many"}, "data": "x"}).encode()
+            body = json.dumps(
+                {
+                    "choices": [{"message": {"content": {"text": 5}}, "finish_reason": 7}],
+                    "usage": {"completion_tokens": "many"},
+                    "data": "x",
+                }
+            ).encode()
             return plain(200, body)
         if mode == "gzip_bomb":
             return plain(200, gzip.compress(b" " * (8 * 1024 * 1024)), extra={"Content-Encoding": "gzip"})

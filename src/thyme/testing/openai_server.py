@@ -68,13 +68,37 @@ except ImportError:  # pragma: no cover - the serve command then explains what t
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 CHAT_FIELDS = {
-    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "repetition_penalty", "seed", "stop", "include_stop_str_in_output", "skip_special_tokens",
-    "continue_final_message", "add_generation_prompt", "n", "stream",
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "continue_final_message",
+    "add_generation_prompt",
+    "n",
+    "stream",
 }
 COMPLETION_FIELDS = {
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-    "stop", "include_stop_str_in_output", "skip_special_tokens", "n", "stream",
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "n",
+    "stream",
 }
 DEFAULT_MAX_TOKENS = 512
 
@@ -405,7 +429,9 @@ def build_app(backend: Any, served_model_name: str, *, max_batch: int = 8, batch
     app.state.generator = gen
 
     def error(status: int, message: str) -> JSONResponse:
-        kind = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError"}.get(status, "ServerError" if status >= 500 else "Error")
+        kind = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError"}.get(
+            status, "ServerError" if status >= 500 else "Error"
+        )
         return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status)
 
     async def handle(request: Request, endpoint: str) -> JSONResponse:
@@ -448,15 +474,36 @@ def build_app(backend: Any, served_model_name: str, *, max_batch: int = 8, batch
             rid = uuid.uuid4().hex
             if endpoint == "chat":
                 out = {
-                    "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": served_model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": ch["text"]}, "logprobs": None,
-                                 "finish_reason": ch["finish_reason"], "stop_reason": ch["stop_reason"]}],
+                    "id": f"chatcmpl-{rid}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": served_model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": ch["text"]},
+                            "logprobs": None,
+                            "finish_reason": ch["finish_reason"],
+                            "stop_reason": ch["stop_reason"],
+                        }
+                    ],
                     "usage": usage,
                 }
             else:
                 out = {
-                    "id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": served_model_name,
-                    "choices": [{"index": 0, "text": ch["text"], "logprobs": None, "finish_reason": ch["finish_reason"], "stop_reason": ch["stop_reason"]}],
+                    "id": f"cmpl-{rid}",
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": served_model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": ch["text"],
+                            "logprobs": None,
+                            "finish_reason": ch["finish_reason"],
+                            "stop_reason": ch["stop_reason"],
+                        }
+                    ],
                     "usage": usage,
                 }
             entry["status"] = 200
@@ -474,7 +521,10 @@ def build_app(backend: Any, served_model_name: str, *, max_batch: int = 8, batch
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "owned_by": "thyme-dev", "root": getattr(backend, "model_id", None)}]}
+        return {
+            "object": "list",
+            "data": [{"id": served_model_name, "object": "model", "owned_by": "thyme-dev", "root": getattr(backend, "model_id", None)}],
+        }
 
     @app.get("/health")
     async def health():
@@ -506,8 +556,18 @@ def build_app(backend: Any, served_model_name: str, *, max_batch: int = 8, batch
     return app
 
 
-def serve(model: str, *, host: str = "127.0.0.1", port: int = 0, port_file: str | None = None, served_model_name: str | None = None,
-          max_batch: int = 8, batch_wait_ms: float = 10.0, seed: int | None = None, threads: int | None = None) -> None:
+def serve(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    port_file: str | None = None,
+    served_model_name: str | None = None,
+    max_batch: int = 8,
+    batch_wait_ms: float = 10.0,
+    seed: int | None = None,
+    threads: int | None = None,
+) -> None:
     """Load ``model`` with the ``hf`` backend and serve it until interrupted (blocks).
 
     Raises:

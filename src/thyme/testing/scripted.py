@@ -28,8 +28,9 @@ from ..backends.repetition import RepetitionDetector, RepetitionRule
 from ..rollout.engines.base import Engine, EngineOutput, EngineRow, SamplingSettings
 
 
-def emit(tokenizer: Any, segment: str, *, max_new_tokens: int, stops: Sequence[str], eos_id: int,
-         rule: RepetitionRule) -> tuple[list[int], str]:
+def emit(
+    tokenizer: Any, segment: str, *, max_new_tokens: int, stops: Sequence[str], eos_id: int, rule: RepetitionRule
+) -> tuple[list[int], str]:
     """Generate ``segment``: ``(token_ids, finish)`` (see the module docstring).
 
     ``token_ids`` run through the token that completes a stop string, or through the EOS token
@@ -93,7 +94,9 @@ class ScriptedBackend(Backend):
         out = []
         for i, r in enumerate(requests):
             self.requests.append(r)
-            user = " ".join(p.get("text", "") for m in r.messages if m.get("role") == "user" for p in m.get("content", []) if p.get("type") == "text")
+            user = " ".join(
+                p.get("text", "") for m in r.messages if m.get("role") == "user" for p in m.get("content", []) if p.get("type") == "text"
+            )
             done = "".join(p.get("text", "") for p in r.assistant_parts if p.get("type") == "text")
             seg = _segment(self.scripts, user, done)
             ids, finish = emit(self.tokenizer, seg, max_new_tokens=r.max_new_tokens, stops=r.stop, eos_id=self.eos_id, rule=r.repetition)
@@ -128,6 +131,8 @@ class ScriptedEngine(Engine):
             whole = self.tokenizer.decode(r.ids, skip_special_tokens=False)
             head, _, assistant = whole.rpartition("<|im_start|>assistant")
             seg = _segment(self.scripts, head, assistant)
-            ids, finish = emit(self.tokenizer, seg, max_new_tokens=r.max_new_tokens, stops=settings.stop, eos_id=self.eos_id, rule=settings.repetition)
+            ids, finish = emit(
+                self.tokenizer, seg, max_new_tokens=r.max_new_tokens, stops=settings.stop, eos_id=self.eos_id, rule=settings.repetition
+            )
             outs.append(EngineOutput(token_ids=ids, logprobs=[0.0] * len(ids), finish=finish))
         return outs

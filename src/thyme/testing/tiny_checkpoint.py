@@ -585,9 +585,7 @@ def model_config(arch: str, tokenizer) -> Any:
             num_position_embeddings=2304,
             deepstack_visual_indexes=[0, 1],
         )
-        return AutoConfig.for_model(
-            "qwen3_vl", text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids
-        )
+        return AutoConfig.for_model("qwen3_vl", text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     text = dict(
         common_text,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},

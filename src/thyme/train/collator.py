@@ -92,12 +92,18 @@ def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes | None]]:
                 yield n, off, line
 
 
-def _cache_key(files: list[str], model: str, mask: MaskConfig, max_length: int | None, images_root: str | None, allow_absolute_paths: bool = False) -> str:
+def _cache_key(
+    files: list[str], model: str, mask: MaskConfig, max_length: int | None, images_root: str | None, allow_absolute_paths: bool = False
+) -> str:
     st = []
     for p in files:
         s = os.stat(p)
         st.append([os.path.abspath(p), s.st_size, s.st_mtime_ns])
-    blob = json.dumps([st, os.path.abspath(model) if os.path.exists(model) else model, asdict(mask), max_length, images_root] + ([True] if allow_absolute_paths else []), sort_keys=True)
+    blob = json.dumps(
+        [st, os.path.abspath(model) if os.path.exists(model) else model, asdict(mask), max_length, images_root]
+        + ([True] if allow_absolute_paths else []),
+        sort_keys=True,
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -128,7 +134,9 @@ def build_index(
     """
     for p in files:
         if not Path(p).is_file():
-            raise ThymeError(f"training file not found: {p}", "train_files are JSONL files of Thyme SFT records (thyme data convert / verify)")
+            raise ThymeError(
+                f"training file not found: {p}", "train_files are JSONL files of Thyme SFT records (thyme data convert / verify)"
+            )
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f".thyme_sft_index-{_cache_key(files, model, mask, max_length, images_root, allow_absolute_paths)}.json"
@@ -146,7 +154,9 @@ def build_index(
             stats.records += 1
             bar.update(1)
             try:
-                rec = parse_sft_record(parse_line(line, what=f"record on line {n} of {path}"), line=n, images_root=root, allow_absolute=allow_absolute_paths)
+                rec = parse_sft_record(
+                    parse_line(line, what=f"record on line {n} of {path}"), line=n, images_root=root, allow_absolute=allow_absolute_paths
+                )
                 sample = encode_record(rec, processor, mask, pixels=False)
             except Exception as e:  # one bad record is dropped, the rest trains
                 stats.malformed += 1
@@ -196,7 +206,16 @@ class ThymeSFTCollator:
     the images of all samples in order.
     """
 
-    def __init__(self, processor: Any, mask: MaskConfig, files: list[str], *, images_root: str | None = None, max_length: int | None = None, allow_absolute_paths: bool = False):
+    def __init__(
+        self,
+        processor: Any,
+        mask: MaskConfig,
+        files: list[str],
+        *,
+        images_root: str | None = None,
+        max_length: int | None = None,
+        allow_absolute_paths: bool = False,
+    ):
         self.processor = processor
         self.allow_absolute_paths = allow_absolute_paths
         self.mask = mask
@@ -213,7 +232,11 @@ class ThymeSFTCollator:
             f.seek(int(example["offset"]))
             line = f.readline(json_limits().max_line_bytes + 1)  # bounded (parse_line refuses a longer one)
         root = self.images_root if self.images_root is not None else str(Path(path).resolve().parent)
-        rec = parse_sft_record(parse_line(line, what=f"record at byte {example['offset']} of {path}"), images_root=root, allow_absolute=self.allow_absolute_paths)
+        rec = parse_sft_record(
+            parse_line(line, what=f"record at byte {example['offset']} of {path}"),
+            images_root=root,
+            allow_absolute=self.allow_absolute_paths,
+        )
         sample = encode_record(rec, self.processor, self.mask)
         if self.max_length is not None and len(sample) > self.max_length:
             raise ValueError(f"record {rec.id} has {len(sample)} tokens, above max_length {self.max_length}")
@@ -286,7 +309,7 @@ class ModalityGroupedSampler:
             rng.shuffle(g)
             while len(g) % self.batch_size:
                 g.append(rng.choice(g))
-            blocks.extend(g[i: i + self.batch_size] for i in range(0, len(g), self.batch_size))
+            blocks.extend(g[i : i + self.batch_size] for i in range(0, len(g), self.batch_size))
         rng.shuffle(blocks)
         return blocks
 

@@ -48,7 +48,9 @@ class RewardConfig:
     result_weight: float = setting(1.0, help="weight of the result term", source="paper: 1")
     consistency_weight: float = setting(0.5, help="bonus factor for consistent reasoning on correct answers", source="paper: 0.5")
     format_weight: float = setting(0.5, help="weight of the format term", source="paper: 0.5")
-    consistency_tail_chars: int = setting(500, help="characters of the reasoning's end the consistency judge reads", source="reference: 500")
+    consistency_tail_chars: int = setting(
+        500, help="characters of the reasoning's end the consistency judge reads", source="reference: 500"
+    )
     use_math_verify: bool = setting(True, help="try math-verify equivalence (main thread only; skipped elsewhere)", source="reference")
     judge_result: bool = setting(True, help="ask the judge when no rule says correct (if a judge is given)", source="paper")
     judge_consistency: bool = setting(True, help="ask the judge for consistency (if a judge is given)", source="paper")
@@ -126,7 +128,9 @@ def format_reward(completion: str) -> float:
 # --------------------------------------------------------------------------- result rules
 
 
-def result_rules(answer: str | None, answer_gt: str, options: dict[str, str] | None = None, *, use_math_verify: bool = True) -> RewardScore | None:
+def result_rules(
+    answer: str | None, answer_gt: str, options: dict[str, str] | None = None, *, use_math_verify: bool = True
+) -> RewardScore | None:
     """The rule checks of the result reward: :mod:`thyme.scoring.rules`' ``thyme`` rule set.
 
     Returns:
@@ -185,7 +189,16 @@ def reasoning_tail(completion: str, chars: int = 500) -> str:
 # --------------------------------------------------------------------------- single rewards
 
 
-async def aresult_reward(completion: str, answer_gt: str, *, question: str = "", options: dict[str, str] | None = None, judge: Any = None, config: RewardConfig | None = None, _rules: RewardScore | None | str = "compute") -> RewardScore:
+async def aresult_reward(
+    completion: str,
+    answer_gt: str,
+    *,
+    question: str = "",
+    options: dict[str, str] | None = None,
+    judge: Any = None,
+    config: RewardConfig | None = None,
+    _rules: RewardScore | None | str = "compute",
+) -> RewardScore:
     """Async :func:`result_reward` (the rules run here unless given)."""
     cfg = config or RewardConfig()
     answer = final_answer(completion)
@@ -205,7 +218,15 @@ async def aresult_reward(completion: str, answer_gt: str, *, question: str = "",
     return RewardScore(float(v.value), True, "judge", v.raw[:200])
 
 
-def result_reward(completion: str, answer_gt: str, *, question: str = "", options: dict[str, str] | None = None, judge: Any = None, config: RewardConfig | None = None) -> RewardScore:
+def result_reward(
+    completion: str,
+    answer_gt: str,
+    *,
+    question: str = "",
+    options: dict[str, str] | None = None,
+    judge: Any = None,
+    config: RewardConfig | None = None,
+) -> RewardScore:
     """Whether the completion's final answer is correct (see the module docstring).
 
     Args:
@@ -237,7 +258,9 @@ async def aconsistency_reward(completion: str, *, question: str = "", judge: Any
     from ..scoring.judge import JudgeError, JudgeRequestError
 
     try:
-        v = await judge.ajudge(consistency_judge_prompt(question, reasoning_tail(completion, cfg.consistency_tail_chars), answer), "consistent", [0, 1])
+        v = await judge.ajudge(
+            consistency_judge_prompt(question, reasoning_tail(completion, cfg.consistency_tail_chars), answer), "consistent", [0, 1]
+        )
     except JudgeRequestError:
         raise
     except JudgeError as e:
@@ -269,18 +292,25 @@ def combine(format_value: float, result: RewardScore, consistency: RewardScore, 
 # --------------------------------------------------------------------------- batches
 
 
-async def acompute_rewards(items: Sequence[RewardInput], *, judge: Any = None, config: RewardConfig | None = None, rules: list[RewardScore | None] | None = None) -> list[RewardBreakdown]:
+async def acompute_rewards(
+    items: Sequence[RewardInput], *, judge: Any = None, config: RewardConfig | None = None, rules: list[RewardScore | None] | None = None
+) -> list[RewardBreakdown]:
     """Async :func:`compute_rewards` (math-verify is skipped unless ``rules`` are given,
     because a running event loop may not be in the main thread)."""
     cfg = config or RewardConfig()
     if rules is None:
-        rules = [result_rules(final_answer(it.completion), it.answer_gt, it.options, use_math_verify=cfg.use_math_verify and in_main_thread()) for it in items]
+        rules = [
+            result_rules(final_answer(it.completion), it.answer_gt, it.options, use_math_verify=cfg.use_math_verify and in_main_thread())
+            for it in items
+        ]
     sem = asyncio.Semaphore(max(1, getattr(getattr(judge, "config", None), "concurrency", 16)))
 
     async def one(it: RewardInput, rule: RewardScore | None) -> RewardBreakdown:
         async with sem:
             fmt = format_reward(it.completion)
-            result = await aresult_reward(it.completion, it.answer_gt, question=it.question, options=it.options, judge=judge, config=cfg, _rules=rule)
+            result = await aresult_reward(
+                it.completion, it.answer_gt, question=it.question, options=it.options, judge=judge, config=cfg, _rules=rule
+            )
             if result.valid and result.value == 1.0:
                 consistency = await aconsistency_reward(it.completion, question=it.question, judge=judge, config=cfg)
             else:

@@ -37,7 +37,9 @@ _REPORTERS = {"tensorboard": ("tensorboard", "tensorboard==2.21.0"), "wandb": ("
 
 def mask_config(cfg: SFTRunConfig) -> MaskConfig:
     """The masking settings of a run."""
-    return MaskConfig(last_round_only=cfg.last_round_only, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, system_prompt=cfg.system_prompt)
+    return MaskConfig(
+        last_round_only=cfg.last_round_only, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, system_prompt=cfg.system_prompt
+    )
 
 
 def check_reporters(report_to: list[str]) -> None:
@@ -50,7 +52,10 @@ def check_reporters(report_to: list[str]) -> None:
 
     for r in report_to:
         if r in _REPORTERS and importlib.util.find_spec(_REPORTERS[r][0]) is None:
-            raise ThymeError(f"report_to includes {r!r} but the {_REPORTERS[r][0]} package is not installed", f"pip install {_REPORTERS[r][1]}, or set report_to: [none]")
+            raise ThymeError(
+                f"report_to includes {r!r} but the {_REPORTERS[r][0]} package is not installed",
+                f"pip install {_REPORTERS[r][1]}, or set report_to: [none]",
+            )
 
 
 def freeze_vision(model: Any, *, train_merger: bool = False) -> int:
@@ -181,8 +186,15 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     os.makedirs(cfg.output_dir, exist_ok=True)
     with state.main_process_first():  # rank 0 builds the index, the others read its cache
         cols, stats = build_index(
-            cfg.train_files, processor, mask, model=cfg.model, images_root=cfg.images_root, allow_absolute_paths=cfg.allow_absolute_paths,
-            max_length=cfg.max_length, cache_dir=cfg.output_dir, show_progress=show_progress and state.is_main_process,
+            cfg.train_files,
+            processor,
+            mask,
+            model=cfg.model,
+            images_root=cfg.images_root,
+            allow_absolute_paths=cfg.allow_absolute_paths,
+            max_length=cfg.max_length,
+            cache_dir=cfg.output_dir,
+            show_progress=show_progress and state.is_main_process,
         )
     logger.info("index: %s", stats)
     check_dropped(stats, cfg, log=None if state.is_main_process else (lambda s: None))
@@ -194,10 +206,20 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
         )
-    collator = ThymeSFTCollator(processor, mask, cfg.train_files, images_root=cfg.images_root, max_length=cfg.max_length, allow_absolute_paths=cfg.allow_absolute_paths)
+    collator = ThymeSFTCollator(
+        processor,
+        mask,
+        cfg.train_files,
+        images_root=cfg.images_root,
+        max_length=cfg.max_length,
+        allow_absolute_paths=cfg.allow_absolute_paths,
+    )
     trainer = _trainer_class()(
         model=model,
         args=args,

@@ -47,33 +47,67 @@ class ThymeSFTSettings:
     is in its metadata (``thyme train sft --help`` lists them).
     """
 
-    model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", help="base checkpoint (hub id or folder); stage 2 starts from stage 1's output_dir.", source='ours')
-    train_files: list[str] = setting(default_factory=list, help='JSONL files of Thyme SFT records (thyme data convert / verify output).', source='ours')
-    images_root: str | None = setting(None, help="folder relative image paths start from (default: each file's folder).", source='ours')
-    allow_absolute_paths: bool = setting(False, help="accept image paths that leave images_root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data).", source='ours')
-    last_round_only: bool = setting(True, help='mask everything up to the second-to-last </sandbox_output> for records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).', source='reference')
-    max_pixels: int | None = setting(MAX_PIXELS, help='per-image pixel budget, every image of a record.', source='reference')
-    min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source='ours')
-    system_prompt: str | None = setting(None, help="system prompt (none: Thyme's, byte for byte).", source='ours')
-    max_length: int | None = setting(10240, help="samples longer than this many tokens (image tokens included) are dropped, as the reference's trainer did; dropped samples are counted in the log.", source='paper / reference stage 1')
-    max_dropped_fraction: float = setting(0.01, help="stop before training when more than this fraction of the records is dropped (too long, malformed, images missing); the reasons and the first ids are printed either way (1.0 never stops).", source="ours")
+    model: str = setting(
+        "Qwen/Qwen2.5-VL-7B-Instruct", help="base checkpoint (hub id or folder); stage 2 starts from stage 1's output_dir.", source="ours"
+    )
+    train_files: list[str] = setting(
+        default_factory=list, help="JSONL files of Thyme SFT records (thyme data convert / verify output).", source="ours"
+    )
+    images_root: str | None = setting(None, help="folder relative image paths start from (default: each file's folder).", source="ours")
+    allow_absolute_paths: bool = setting(
+        False,
+        help="accept image paths that leave images_root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data).",
+        source="ours",
+    )
+    last_round_only: bool = setting(
+        True,
+        help="mask everything up to the second-to-last </sandbox_output> for records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).",
+        source="reference",
+    )
+    max_pixels: int | None = setting(MAX_PIXELS, help="per-image pixel budget, every image of a record.", source="reference")
+    min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source="ours")
+    system_prompt: str | None = setting(None, help="system prompt (none: Thyme's, byte for byte).", source="ours")
+    max_length: int | None = setting(
+        10240,
+        help="samples longer than this many tokens (image tokens included) are dropped, as the reference's trainer did; dropped samples are counted in the log.",
+        source="paper / reference stage 1",
+    )
+    max_dropped_fraction: float = setting(
+        0.01,
+        help="stop before training when more than this fraction of the records is dropped (too long, malformed, images missing); the reasons and the first ids are printed either way (1.0 never stops).",
+        source="ours",
+    )
 
-    effective_batch_size: int | None = setting(128, help='global batch in samples, see the module docstring.', source='paper / reference stage 1')
-    warmup_ratio: float | None = setting(0.05, help="linear warm-up fraction (TRL's warmup_steps wins when set; null: warmup_steps).", source='reference')
+    effective_batch_size: int | None = setting(
+        128, help="global batch in samples, see the module docstring.", source="paper / reference stage 1"
+    )
+    warmup_ratio: float | None = setting(
+        0.05, help="linear warm-up fraction (TRL's warmup_steps wins when set; null: warmup_steps).", source="reference"
+    )
 
-    freeze_vision_tower: bool = setting(True, help="freeze the vision encoder (reference --freeze_vit true, with ms-swift's default that also freezes the merger / aligner).", source='paper / reference stage 1')
-    train_merger: bool = setting(False, help='keep the vision-language merger trainable even when the tower is frozen.', source='ours')
-    dtype: str = setting("auto", help="weights' dtype: auto (bfloat16 with a CUDA GPU, float32 otherwise), bfloat16, float16, float32.", source='ours')
-    attn_implementation: str | None = setting(None, help="sdpa, flash_attention_2 (the reference's), eager or None.", source='reference')
+    freeze_vision_tower: bool = setting(
+        True,
+        help="freeze the vision encoder (reference --freeze_vit true, with ms-swift's default that also freezes the merger / aligner).",
+        source="paper / reference stage 1",
+    )
+    train_merger: bool = setting(False, help="keep the vision-language merger trainable even when the tower is frozen.", source="ours")
+    dtype: str = setting(
+        "auto", help="weights' dtype: auto (bfloat16 with a CUDA GPU, float32 otherwise), bfloat16, float16, float32.", source="ours"
+    )
+    attn_implementation: str | None = setting(None, help="sdpa, flash_attention_2 (the reference's), eager or None.", source="reference")
 
-    use_lora: bool = setting(False, help='train LoRA adapters instead of the full model.', source='ours')
-    lora_r: int = setting(8, help="LoRA adapter rank.", source='ms-swift default')
-    lora_alpha: int = setting(32, help="LoRA adapter scale (alpha).", source='ms-swift default')
-    lora_dropout: float = setting(0.05, help="LoRA adapter dropout.", source='ms-swift default')
-    lora_target_modules: Any = setting(LANGUAGE_MODEL_LINEAR, help="regex or list of module names.", source='ours', show_default="the language model's linear layers")
-    merge_lora: bool = setting(True, help='at the end, also save the merged full model to <output_dir>/merged (loads in thyme run).', source='ours')
+    use_lora: bool = setting(False, help="train LoRA adapters instead of the full model.", source="ours")
+    lora_r: int = setting(8, help="LoRA adapter rank.", source="ms-swift default")
+    lora_alpha: int = setting(32, help="LoRA adapter scale (alpha).", source="ms-swift default")
+    lora_dropout: float = setting(0.05, help="LoRA adapter dropout.", source="ms-swift default")
+    lora_target_modules: Any = setting(
+        LANGUAGE_MODEL_LINEAR, help="regex or list of module names.", source="ours", show_default="the language model's linear layers"
+    )
+    merge_lora: bool = setting(
+        True, help="at the end, also save the merged full model to <output_dir>/merged (loads in thyme run).", source="ours"
+    )
 
-    group_by_modality: bool = setting(False, help='batches hold only image samples or only text-only samples (stage 2).', source='ours')
+    group_by_modality: bool = setting(False, help="batches hold only image samples or only text-only samples (stage 2).", source="ours")
 
     def __post_init__(self) -> None:
         if isinstance(self.train_files, str):
@@ -91,7 +125,11 @@ TRL_DEFAULTS: dict[str, tuple[Any, str, str | None]] = {
     "learning_rate": (1e-5, "paper / reference stage 1", "peak learning rate (stage 2: 1e-6)."),
     "num_train_epochs": (3.0, "paper / reference stage 1", None),
     "per_device_train_batch_size": (1, "reference", None),
-    "gradient_accumulation_steps": (None, "ours", "micro-steps per optimizer step (none: derived from effective_batch_size and the world size)."),
+    "gradient_accumulation_steps": (
+        None,
+        "ours",
+        "micro-steps per optimizer step (none: derived from effective_batch_size and the world size).",
+    ),
     "lr_scheduler_type": ("cosine", "ms-swift default", None),
     "weight_decay": (0.1, "ms-swift default", None),
     "max_grad_norm": (1.0, "ours", None),
@@ -181,8 +219,11 @@ def _sft_post_init(self: Any) -> None:
         self.warmup_steps = float(self.warmup_ratio)  # transformers 5: a float < 1 is a ratio
     if self.save_steps is None:
         self.save_steps = 500
-    if getattr(self, "activation_checkpointing", None) is None and "activation_checkpointing" in type(self).__dataclass_fields__ \
-            and self.gradient_checkpointing is not None:
+    if (
+        getattr(self, "activation_checkpointing", None) is None
+        and "activation_checkpointing" in type(self).__dataclass_fields__
+        and self.gradient_checkpointing is not None
+    ):
         # transformers >= 5.11 names it activation_checkpointing (gradient_checkpointing: a deprecated alias)
         self.activation_checkpointing, self.gradient_checkpointing = bool(self.gradient_checkpointing), None
     SFTConfig.__post_init__(self)
@@ -200,10 +241,13 @@ def sft_config_class() -> type:
         if _CLASS is None:
             from trl import SFTConfig
 
-            doc = ("Everything ``thyme train sft`` needs: a ``trl.SFTConfig`` (TRL's fields, help and checks) with "
-                   "Thyme's fields (:class:`ThymeSFTSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`.")
-            _CLASS = derive_config_class("SFTRunConfig", ThymeSFTSettings, SFTConfig, TRL_DEFAULTS,
-                                         post_init=_sft_post_init, module=__name__, doc=doc)
+            doc = (
+                "Everything ``thyme train sft`` needs: a ``trl.SFTConfig`` (TRL's fields, help and checks) with "
+                "Thyme's fields (:class:`ThymeSFTSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
+            )
+            _CLASS = derive_config_class(
+                "SFTRunConfig", ThymeSFTSettings, SFTConfig, TRL_DEFAULTS, post_init=_sft_post_init, module=__name__, doc=doc
+            )
             _CLASS.accumulation_steps = accumulation_steps
         return _CLASS
 
@@ -221,7 +265,9 @@ def settings_help() -> str:
     from ..config import help_text
 
     lines = [f"  {f.name}: {help_text(f)}" for f in dataclasses.fields(ThymeSFTSettings)]
-    lines.append("  TRL SFTConfig fields with Thyme's defaults (any other SFTConfig / TrainingArguments field is accepted too; TRL's docs):")
+    lines.append(
+        "  TRL SFTConfig fields with Thyme's defaults (any other SFTConfig / TrainingArguments field is accepted too; TRL's docs):"
+    )
     for name, (default, source, own_help) in TRL_DEFAULTS.items():
         shown = "none" if default is None else repr(default) if isinstance(default, str) else str(default)
         lines.append(f"  {name}: {own_help + ' ' if own_help else ''}(default {shown}; {source})")

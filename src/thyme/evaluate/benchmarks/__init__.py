@@ -41,7 +41,9 @@ from .registry import BENCHMARKS, find_benchmark, get_benchmark, register
 BenchmarkSpec = Benchmark
 
 
-def load_rows(benchmark: str | Benchmark, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> list[Row]:
+def load_rows(
+    benchmark: str | Benchmark, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False
+) -> list[Row]:
     """Read every row of ``benchmark``'s data file (see :func:`thyme.evaluate.data.load_rows`).
 
     Raises:
@@ -51,9 +53,24 @@ def load_rows(benchmark: str | Benchmark, data: str | os.PathLike, *, images_roo
 
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "BenchmarkDataError", "BenchmarkSpec", "ImageRef", "MissingImagesError", "Row", "Score", "Scored",
-    "accuracy", "check_images", "find_benchmark", "get_benchmark", "load_rows", "materialise_images", "missing_images",
-    "parse_option_line", "parse_options", "register", "row_key",
+    "BENCHMARKS",
+    "Benchmark",
+    "BenchmarkDataError",
+    "BenchmarkSpec",
+    "ImageRef",
+    "MissingImagesError",
+    "Row",
+    "Score",
+    "Scored",
+    "accuracy",
+    "check_images",
+    "find_benchmark",
+    "get_benchmark",
+    "load_rows",
+    "materialise_images",
+    "missing_images",
+    "parse_option_line",
+    "parse_options",
+    "register",
+    "row_key",
 ]
-
-

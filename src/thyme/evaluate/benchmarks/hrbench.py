@@ -49,5 +49,13 @@ class HRBench(Benchmark):
         return {"hrbench": {"average": average, "cycles": per_cycle, "num_cycles": len(per_cycle)}}
 
 
-HRBENCH_4K = register(HRBench("hrbench4k", "HR-Bench 4K", "vlmevalkit", ("hrbench_4k", "hr_bench_4k", "hr-bench-4k", "hrbench4k"), categories=("single", "cross")))
-HRBENCH_8K = register(HRBench("hrbench8k", "HR-Bench 8K", "vlmevalkit", ("hrbench_8k", "hr_bench_8k", "hr-bench-8k", "hrbench8k"), categories=("single", "cross")))
+HRBENCH_4K = register(
+    HRBench(
+        "hrbench4k", "HR-Bench 4K", "vlmevalkit", ("hrbench_4k", "hr_bench_4k", "hr-bench-4k", "hrbench4k"), categories=("single", "cross")
+    )
+)
+HRBENCH_8K = register(
+    HRBench(
+        "hrbench8k", "HR-Bench 8K", "vlmevalkit", ("hrbench_8k", "hr_bench_8k", "hr-bench-8k", "hrbench8k"), categories=("single", "cross")
+    )
+)

@@ -90,4 +90,12 @@ _MME_TASKS = {"perception": "Perception", "reasoning": "Reasoning", "reason": "R
 
 
 MME_REALWORLD = register(MMERealWorld("mme-realworld", "MME-RealWorld", "mme", ("mme_realworld", "mmerealworld"), categories=_CATEGORIES))
-MME_REALWORLD_LITE = register(MMERealWorld("mme-realworld-lite", "MME-RealWorld-Lite", "mme", ("mme_realworld_lite", "mmerealworldlite", "mme-realworld-lite"), categories=_CATEGORIES))
+MME_REALWORLD_LITE = register(
+    MMERealWorld(
+        "mme-realworld-lite",
+        "MME-RealWorld-Lite",
+        "mme",
+        ("mme_realworld_lite", "mmerealworldlite", "mme-realworld-lite"),
+        categories=_CATEGORIES,
+    )
+)

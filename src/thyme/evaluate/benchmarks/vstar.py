@@ -9,4 +9,12 @@ from __future__ import annotations
 from .base import Benchmark
 from .registry import register
 
-VSTAR = register(Benchmark("vstar", "V* Bench", "vlmevalkit", ("vstarbench", "vstar_bench", "v*", "v*bench"), categories=("direct_attributes", "relative_position")))
+VSTAR = register(
+    Benchmark(
+        "vstar",
+        "V* Bench",
+        "vlmevalkit",
+        ("vstarbench", "vstar_bench", "v*", "v*bench"),
+        categories=("direct_attributes", "relative_position"),
+    )
+)

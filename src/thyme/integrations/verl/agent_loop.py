@@ -135,8 +135,9 @@ class _Shared:
                 pass
 
 
-def rollout_to_output(ro: Rollout, *, mask_truncated: bool = False, with_logprobs: bool = True,
-                      generate_s: float = 0.0, tool_s: float = 0.0) -> AgentLoopOutput:
+def rollout_to_output(
+    ro: Rollout, *, mask_truncated: bool = False, with_logprobs: bool = True, generate_s: float = 0.0, tool_s: float = 0.0
+) -> AgentLoopOutput:
     """One :class:`Rollout` -> veRL's ``AgentLoopOutput`` (see the module docstring).
 
     ``response_mask`` is the rollout's ``env_mask`` (1 model tokens, 0 sandbox tokens and
@@ -162,7 +163,10 @@ def rollout_to_output(ro: Rollout, *, mask_truncated: bool = False, with_logprob
         "thyme_model_code_blocks": int(ro.model_code_blocks),
     }
     return AgentLoopOutput(
-        prompt_ids=list(ro.prompt_ids), response_ids=ids, response_mask=mask, response_logprobs=lps,
+        prompt_ids=list(ro.prompt_ids),
+        response_ids=ids,
+        response_mask=mask,
+        response_logprobs=lps,
         multi_modal_data={"images": list(ro.images)} if ro.images else {},
         num_turns=1 + (len(traj.turns) if traj is not None else 0),
         metrics=AgentLoopMetrics(generate_sequences=float(generate_s), tool_calls=float(tool_s)),
@@ -181,8 +185,10 @@ class _SampleRunner(RolloutRunner):
     def render_prompt(self, messages: list[dict[str, Any]], images: list[Any]) -> list[int]:
         ids = super().render_prompt(messages, images)
         if len(ids) > self.prompt_length:
-            raise ThymeError(f"prompt has {len(ids)} tokens > rollout.prompt_length={self.prompt_length}",
-                             "raise actor_rollout_ref.rollout.prompt_length or lower the checkpoint's max_pixels")
+            raise ThymeError(
+                f"prompt has {len(ids)} tokens > rollout.prompt_length={self.prompt_length}",
+                "raise actor_rollout_ref.rollout.prompt_length or lower the checkpoint's max_pixels",
+            )
         self.limits = replace(self.limits, max_length=min(self.limits.max_length, len(ids) + self.response_length))
         return ids
 
@@ -208,8 +214,10 @@ class ThymeAgentLoop(AgentLoopBase):
         self.prompt_length = int(self.rollout_config.prompt_length)
         self.response_length = int(self.rollout_config.response_length)
         if any(k in (self.mm_processor_kwargs or {}) for k in _PIXEL_KEYS):
-            raise ThymeError("data.mm_processor_kwargs sets a pixel budget that thyme_agent's image pads would not see",
-                             "set min_pixels / max_pixels in the checkpoint's preprocessor_config.json instead")
+            raise ThymeError(
+                "data.mm_processor_kwargs sets a pixel budget that thyme_agent's image pads would not see",
+                "set min_pixels / max_pixels in the checkpoint's preprocessor_config.json instead",
+            )
         self.artifacts_dir = Path(self.cfg.output_dir or os.path.join(tempfile.gettempdir(), "thyme-verl")) / "rollout_images"
         # the sandbox now, not at the first rollout: a layer the thyme.sandbox section requires
         # but this host lacks stops the worker here, naming it
@@ -219,12 +227,24 @@ class ThymeAgentLoop(AgentLoopBase):
         """The project's rollout core for this sample (limits from ``thyme:``; sampling from veRL)."""
         cfg = self.cfg
         sandbox, _ = _Shared.get(cfg, self.options["rollout_threads"])
-        limits = RolloutLimits(cfg.max_rounds, cfg.max_completion_length, cfg.max_length,
-                               cfg.max_images, cfg.ats_code_tokens, protocol.FeedbackConfig(separator=cfg.feedback_separator), cfg.prefill)
+        limits = RolloutLimits(
+            cfg.max_rounds,
+            cfg.max_completion_length,
+            cfg.max_length,
+            cfg.max_images,
+            cfg.ats_code_tokens,
+            protocol.FeedbackConfig(separator=cfg.feedback_separator),
+            cfg.prefill,
+        )
         top_k = int(sampling_params.get("top_k", 0) or 0)
-        settings = SamplingSettings(float(sampling_params.get("temperature", cfg.temperature)), float(sampling_params.get("top_p", 1.0)),
-                                    top_k if top_k > 0 else 0, float(sampling_params.get("repetition_penalty", 1.0)), cfg.ats,
-                                    repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window))
+        settings = SamplingSettings(
+            float(sampling_params.get("temperature", cfg.temperature)),
+            float(sampling_params.get("top_p", 1.0)),
+            top_k if top_k > 0 else 0,
+            float(sampling_params.get("repetition_penalty", 1.0)),
+            cfg.ats,
+            repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window),
+        )
         runner = _SampleRunner(engine, self.processor, sandbox, limits, settings, self.artifacts_dir / engine.request_id)
         runner.prompt_length, runner.response_length = self.prompt_length, self.response_length
         return runner
@@ -232,14 +252,23 @@ class ThymeAgentLoop(AgentLoopBase):
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         extra = kwargs.get("extra_info") or {}
         if "thyme" not in extra:
-            raise ThymeError("thyme_agent: the row has no extra_info['thyme']",
-                             "convert the data with: python -m thyme.integrations.verl.data OUT.parquet RECORDS.jsonl")
+            raise ThymeError(
+                "thyme_agent: the row has no extra_info['thyme']",
+                "convert the data with: python -m thyme.integrations.verl.data OUT.parquet RECORDS.jsonl",
+            )
         prompt = RLPrompt.from_json(extra["thyme"]) if isinstance(extra["thyme"], str) else RLPrompt(**extra["thyme"])
         _, executor = _Shared.get(self.cfg, self.options["rollout_threads"])
         loop = asyncio.get_running_loop()
-        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=end_of_turn_ids(self.tokenizer),
-                                  suppress_ids=never_sampled_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
-                                  timeout_s=self.options["call_timeout_s"])
+        engine = VerlServerEngine(
+            self.server_manager,
+            self.tokenizer,
+            loop,
+            uuid.uuid4().hex,
+            eos_ids=end_of_turn_ids(self.tokenizer),
+            suppress_ids=never_sampled_ids(self.tokenizer),
+            logprobs=bool(sampling_params.get("logprobs", True)),
+            timeout_s=self.options["call_timeout_s"],
+        )
         runner = self.runner(engine, sampling_params)
         t0 = time.perf_counter()
         seed = sampling_params.get("seed")
@@ -251,5 +280,10 @@ class ThymeAgentLoop(AgentLoopBase):
         if ro.mask_reason == "input_error":
             raise ThymeError(f"thyme_agent: input of {prompt.id} unusable: {ro.trajectory.error}")
         timings = ro.trajectory.timings or {}
-        return rollout_to_output(ro, mask_truncated=self.cfg.mask_truncated, with_logprobs=bool(sampling_params.get("logprobs", True)),
-                                 generate_s=timings.get("generate_s", time.perf_counter() - t0), tool_s=timings.get("execute_s", 0.0))
+        return rollout_to_output(
+            ro,
+            mask_truncated=self.cfg.mask_truncated,
+            with_logprobs=bool(sampling_params.get("logprobs", True)),
+            generate_s=timings.get("generate_s", time.perf_counter() - t0),
+            tool_s=timings.get("execute_s", 0.0),
+        )

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--images-root" in args:
         i = args.index("--images-root")
         root = args[i + 1] if i + 1 < len(args) else None
-        del args[i:i + 2]
+        del args[i : i + 2]
     if len(args) < 2 or any(a.startswith("-") for a in args) or root == "":
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2

@@ -51,8 +51,18 @@ class VerlServerEngine(StopResubmitATS):
 
     name = "verl_server"
 
-    def __init__(self, server_manager: Any, tokenizer: Any, loop: asyncio.AbstractEventLoop, request_id: str, *,
-                 eos_ids: Sequence[int] = (), suppress_ids: Sequence[int] = (), logprobs: bool = True, timeout_s: float | None = None):
+    def __init__(
+        self,
+        server_manager: Any,
+        tokenizer: Any,
+        loop: asyncio.AbstractEventLoop,
+        request_id: str,
+        *,
+        eos_ids: Sequence[int] = (),
+        suppress_ids: Sequence[int] = (),
+        logprobs: bool = True,
+        timeout_s: float | None = None,
+    ):
         self.server_manager, self.loop, self.request_id = server_manager, loop, request_id
         self.eos_ids = {int(t) for t in eos_ids}
         self.suppress_ids = [int(t) for t in suppress_ids]
@@ -81,8 +91,9 @@ class VerlServerEngine(StopResubmitATS):
     def _raw(self, rows: list[EngineRow], s: SamplingSettings, stop: tuple[str, ...]) -> list[EngineOutput]:
         futures = []
         for r in rows:
-            coro = self.server_manager.generate(self.request_id, prompt_ids=list(r.ids), sampling_params=self.sampling_params(r, s, stop),
-                                                image_data=list(r.images) or None)
+            coro = self.server_manager.generate(
+                self.request_id, prompt_ids=list(r.ids), sampling_params=self.sampling_params(r, s, stop), image_data=list(r.images) or None
+            )
             futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
             self.calls += 1
         try:

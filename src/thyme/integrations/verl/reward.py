@@ -61,12 +61,24 @@ def _prompt(extra: dict[str, Any], ground_truth: Any) -> RLPrompt:
         if ground_truth is not None and str(ground_truth) != "":
             p.solution = str(ground_truth)
         return p
-    return RLPrompt(str(extra.get("index", "row")), [], [], str(ground_truth), str(extra.get("question", "")), dict(extra.get("options") or {}))
+    return RLPrompt(
+        str(extra.get("index", "row")), [], [], str(ground_truth), str(extra.get("question", "")), dict(extra.get("options") or {})
+    )
 
 
-def compute_score(data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: dict[str, Any] | None = None, *,
-                  judge_base_url: str | None = None, judge_model: str | None = None,
-                  wrong_result_value: float = 0.0, format_weight: float = 0.5, consistency_weight: float = 0.5, **other: Any) -> dict[str, float]:
+def compute_score(
+    data_source: Any = None,
+    solution_str: str = "",
+    ground_truth: Any = None,
+    extra_info: dict[str, Any] | None = None,
+    *,
+    judge_base_url: str | None = None,
+    judge_model: str | None = None,
+    wrong_result_value: float = 0.0,
+    format_weight: float = 0.5,
+    consistency_weight: float = 0.5,
+    **other: Any,
+) -> dict[str, float]:
     """Thyme's gated reward of one veRL sample (see the module docstring).
 
     Args:
@@ -86,8 +98,10 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
         is 0.0, so veRL's logged means stay finite (``masked`` tells masked rollouts apart).
     """
     if "judge_api_key_env" in other:
-        raise ThymeError("reward_kwargs.judge_api_key_env was removed",
-                         f"the judge's key is read from the environment variable {JUDGE_API_KEY_ENV}, as in thyme eval and thyme train rl")
+        raise ThymeError(
+            "reward_kwargs.judge_api_key_env was removed",
+            f"the judge's key is read from the environment variable {JUDGE_API_KEY_ENV}, as in thyme eval and thyme train rl",
+        )
     extra = dict(extra_info or {})
     out = {"score": 0.0, "format": 0.0, "result": 0.0, "consistency": 0.0, "masked": 1.0}
     if extra.get("thyme_mask_reason"):
@@ -99,8 +113,14 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
     else:
         traj = Trajectory(id=prompt.id, question=prompt.question, images=[], turns=[Turn(0, solution_str, "stop", "answer")])
     ro = Rollout(traj.id, prompt.id, [], trajectory=traj)
-    scored = score_rollouts([ro], [prompt], judge=_judge(judge_base_url, judge_model), wrong_result_value=wrong_result_value,
-                            format_weight=format_weight, consistency_weight=consistency_weight)[0]
+    scored = score_rollouts(
+        [ro],
+        [prompt],
+        judge=_judge(judge_base_url, judge_model),
+        wrong_result_value=wrong_result_value,
+        format_weight=format_weight,
+        consistency_weight=consistency_weight,
+    )[0]
     if ro.mask_reason is not None or scored["total"] is None:
         return out
     for k in ("format", "result", "consistency"):

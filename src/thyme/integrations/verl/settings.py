@@ -27,15 +27,29 @@ from ...train.rl.config import RL_ALIASES, TRL_DEFAULTS, RLRolloutSettings
 class VerlAgentSettings(RLRolloutSettings):
     """Settings of ``thyme_agent`` (the ``thyme:`` section; per-field help and source)."""
 
-    max_completion_length: int = setting(TRL_DEFAULTS["max_completion_length"][0], help="tokens per engine call (per-round scope, as the reference)",
-                                         source=TRL_DEFAULTS["max_completion_length"][1])
-    temperature: float = setting(TRL_DEFAULTS["temperature"][0], help="sampling temperature outside code blocks when veRL's sampling parameters give none",
-                                 source=TRL_DEFAULTS["temperature"][1])
-    output_dir: str | None = setting(None, help="sandbox images kept under output_dir/rollout_images (keep_rollout_images); none: a temporary folder",
-                                     source="ours", show_default="a temporary folder")
+    max_completion_length: int = setting(
+        TRL_DEFAULTS["max_completion_length"][0],
+        help="tokens per engine call (per-round scope, as the reference)",
+        source=TRL_DEFAULTS["max_completion_length"][1],
+    )
+    temperature: float = setting(
+        TRL_DEFAULTS["temperature"][0],
+        help="sampling temperature outside code blocks when veRL's sampling parameters give none",
+        source=TRL_DEFAULTS["temperature"][1],
+    )
+    output_dir: str | None = setting(
+        None,
+        help="sandbox images kept under output_dir/rollout_images (keep_rollout_images); none: a temporary folder",
+        source="ours",
+        show_default="a temporary folder",
+    )
     rollout_threads: int = setting(256, help="rollouts in flight per agent-loop worker (threads; each waits on the server)", source="ours")
-    call_timeout_s: float | None = setting(None, help="seconds one server call may take before the rollout is masked (none: no limit)", source="ours")
-    keep_rollout_images: bool = setting(False, help="keep sandbox image files under output_dir/rollout_images/<request id> (default: deleted once decoded)", source="ours")
+    call_timeout_s: float | None = setting(
+        None, help="seconds one server call may take before the rollout is masked (none: no limit)", source="ours"
+    )
+    keep_rollout_images: bool = setting(
+        False, help="keep sandbox image files under output_dir/rollout_images/<request id> (default: deleted once decoded)", source="ours"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,7 +60,11 @@ class VerlAgentSettings(RLRolloutSettings):
 
     #: the loop options, as :func:`thyme.integrations.verl.agent_loop.thyme_settings` returns them
     def options(self) -> dict[str, Any]:
-        return {"rollout_threads": int(self.rollout_threads), "call_timeout_s": self.call_timeout_s, "keep_rollout_images": bool(self.keep_rollout_images)}
+        return {
+            "rollout_threads": int(self.rollout_threads),
+            "call_timeout_s": self.call_timeout_s,
+            "keep_rollout_images": bool(self.keep_rollout_images),
+        }
 
 
 def load_agent_settings(section: Any) -> VerlAgentSettings:
@@ -62,5 +80,11 @@ def load_agent_settings(section: Any) -> VerlAgentSettings:
         section = OmegaConf.to_container(section, resolve=True)
     if section is not None and not isinstance(section, dict):
         raise ThymeError(f"the veRL config's thyme: section must be a mapping, got {type(section).__name__}")
-    return load_config(VerlAgentSettings, None, dict(section or {}), section="thyme", aliases=RL_ALIASES,
-                       overrides_source="the veRL config's thyme: section")
+    return load_config(
+        VerlAgentSettings,
+        None,
+        dict(section or {}),
+        section="thyme",
+        aliases=RL_ALIASES,
+        overrides_source="the veRL config's thyme: section",
+    )

@@ -9,5 +9,14 @@ from .base import NAN, Engine, EngineOutput, EngineRow, SamplingSettings
 from .hf import HFEngine
 from .vllm import StopResubmitATS, VLLMColocateEngine, VLLMServerEngine
 
-__all__ = ["NAN", "Engine", "EngineOutput", "EngineRow", "HFEngine", "SamplingSettings", "StopResubmitATS",
-           "VLLMColocateEngine", "VLLMServerEngine"]
+__all__ = [
+    "NAN",
+    "Engine",
+    "EngineOutput",
+    "EngineRow",
+    "HFEngine",
+    "SamplingSettings",
+    "StopResubmitATS",
+    "VLLMColocateEngine",
+    "VLLMServerEngine",
+]

@@ -19,7 +19,6 @@ from ...backends.repetition import TOKEN_RULE, RepetitionRule
 NAN = float("nan")
 
 
-
 @dataclass
 class SamplingSettings:
     """Decoding of one rollout batch (GRPO-ATS: ``temperature`` outside code, greedy inside when ``ats``)."""

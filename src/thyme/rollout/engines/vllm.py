@@ -35,7 +35,9 @@ class StopResubmitATS(Engine):
 
     name = "stop_resubmit_ats"
 
-    def __init__(self, raw: Callable[[list[EngineRow], SamplingSettings, tuple[str, ...]], list[EngineOutput]], tokenizer: Any, max_calls: int = 8):
+    def __init__(
+        self, raw: Callable[[list[EngineRow], SamplingSettings, tuple[str, ...]], list[EngineOutput]], tokenizer: Any, max_calls: int = 8
+    ):
         self.raw, self.tokenizer, self.max_calls = raw, tokenizer, max_calls
 
     def generate(self, rows: list[EngineRow], settings: SamplingSettings) -> list[EngineOutput]:
@@ -48,12 +50,21 @@ class StopResubmitATS(Engine):
             greedy = [i for i in active if state[i]]
             sampled = [i for i in active if not state[i]]
             nxt = []
-            for idx, temp, stop in ((greedy, 0.0, (protocol.CODE_END,) + tuple(s for s in settings.stop if s != protocol.CODE_END)),
-                                    (sampled, settings.temperature, tuple(settings.stop) + (protocol.CODE_START,))):
+            for idx, temp, stop in (
+                (greedy, 0.0, (protocol.CODE_END,) + tuple(s for s in settings.stop if s != protocol.CODE_END)),
+                (sampled, settings.temperature, tuple(settings.stop) + (protocol.CODE_START,)),
+            ):
                 if not idx:
                     continue
-                sub = [EngineRow(ids=rows[i].ids + results[i].token_ids, images=rows[i].images, max_new_tokens=rows[i].max_new_tokens - len(results[i].token_ids),
-                                 code_open=state[i]) for i in idx]
+                sub = [
+                    EngineRow(
+                        ids=rows[i].ids + results[i].token_ids,
+                        images=rows[i].images,
+                        max_new_tokens=rows[i].max_new_tokens - len(results[i].token_ids),
+                        code_open=state[i],
+                    )
+                    for i in idx
+                ]
                 s2 = dataclasses.replace(settings, temperature=temp, ats=False, stop=stop)
                 outs = self.raw(sub, s2, stop)
                 for i, o in zip(idx, outs):
@@ -66,7 +77,13 @@ class StopResubmitATS(Engine):
                     res.calls += 1
                     text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
                     left = rows[i].max_new_tokens - len(res.token_ids)
-                    if o.finish == "stop" and temp > 0 and text.rstrip().endswith(protocol.CODE_START) and left > 0 and res.calls < self.max_calls:
+                    if (
+                        o.finish == "stop"
+                        and temp > 0
+                        and text.rstrip().endswith(protocol.CODE_START)
+                        and left > 0
+                        and res.calls < self.max_calls
+                    ):
                         state[i] = True
                         nxt.append(i)
                     elif o.finish == "stop" and temp == 0 and text.rstrip().endswith(protocol.CODE_END):
@@ -103,9 +120,19 @@ class VLLMColocateEngine(StopResubmitATS):
                 req["multi_modal_data"] = {"image": r.images}
             reqs.append(req)
             bias = {int(t): -100.0 for t in self.suppress_ids}
-            params.append(SamplingParams(temperature=s.temperature, top_p=s.top_p if s.temperature > 0 else 1.0, top_k=(s.top_k or -1) if s.temperature > 0 else -1,
-                                         repetition_penalty=s.repetition_penalty, stop=list(stop), max_tokens=max(1, r.max_new_tokens), logprobs=0,
-                                         logit_bias=bias or None, seed=s.seed))
+            params.append(
+                SamplingParams(
+                    temperature=s.temperature,
+                    top_p=s.top_p if s.temperature > 0 else 1.0,
+                    top_k=(s.top_k or -1) if s.temperature > 0 else -1,
+                    repetition_penalty=s.repetition_penalty,
+                    stop=list(stop),
+                    max_tokens=max(1, r.max_new_tokens),
+                    logprobs=0,
+                    logit_bias=bias or None,
+                    seed=s.seed,
+                )
+            )
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         return [_vllm_output(o.outputs[0], s.repetition) for o in outs]
 
@@ -144,11 +171,23 @@ class VLLMServerEngine(StopResubmitATS):
         feats = self.client.image_features([r.images or None for r in rows])
         outs = []
         for r, f in zip(rows, feats):
-            res = self.client.generate([r.ids], features=[f], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                       repetition_penalty=s.repetition_penalty, max_tokens=max(1, r.max_new_tokens), logprobs=0,
-                                       generation_kwargs=self._generation_kwargs(s, stop))
+            res = self.client.generate(
+                [r.ids],
+                features=[f],
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                repetition_penalty=s.repetition_penalty,
+                max_tokens=max(1, r.max_new_tokens),
+                logprobs=0,
+                generation_kwargs=self._generation_kwargs(s, stop),
+            )
             toks = list(res["completion_ids"][0])
-            lps = [float(x[0]) if x and x[0] is not None else NAN for x in res.get("logprobs", [[[]]])[0]] if res.get("logprobs") else [NAN] * len(toks)
+            lps = (
+                [float(x[0]) if x and x[0] is not None else NAN for x in res.get("logprobs", [[[]]])[0]]
+                if res.get("logprobs")
+                else [NAN] * len(toks)
+            )
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             if toks and toks[-1] in self.eos_ids:
                 finish = "eos"
