@@ -1,4 +1,4 @@
-"""``thyme data``: ``convert``, ``verify``, ``show-masks`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
+"""``thyme data``: ``convert``, ``verify``, ``show-masks``, ``review`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
 
 Errors in the user's input raise :class:`thyme.errors.ThymeError` (the cli prints them, exit 2).
 """
@@ -16,7 +16,7 @@ from .entry import add_sandbox_flags, sandbox_config
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``thyme data {convert,verify,show-masks}`` on an argparse subparsers object."""
+    """Register ``thyme data {convert,verify,show-masks,review}`` on an argparse subparsers object."""
     from ..config import add_fields
     from ..data.convert import ConvertConfig
     from ..data.masks import MaskConfig
@@ -56,6 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
+    _add_review_parser(sub)
     return p
 
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return _verify(args)
     if cmd == "show-masks":
         return _show_masks(args)
+    if cmd == "review":
+        return _review(args)
     raise ThymeError(f"unknown data command {cmd!r}")
 
 
@@ -153,3 +156,103 @@ def _show_masks(args: argparse.Namespace) -> int:
     sample = encode_record(rec, processor, mask)
     print(show_masks(sample, as_json=args.json))
     return 0
+
+
+# --------------------------------------------------------------------------- review (Label Studio)
+
+
+def _add_review_parser(sub: Any) -> None:
+    """``thyme data review {export,import}``: manual review of records in Label Studio."""
+    from ..config import add_fields
+    from ..data.review import ReviewConfig
+
+    r = sub.add_parser("review", help="manual review in Label Studio: export records as tasks, import the reviewers' decisions")
+    rsub = r.add_subparsers(dest="review_command", required=True)
+    q = rsub.add_parser("export", help="write Label Studio tasks (tasks.json) and a labeling config (labeling_config.xml) for records")
+    q.add_argument("records", help="JSONL of Thyme records (e.g. the kept records of thyme data synthesize / verify)")
+    q.add_argument("--out", required=True, help="folder for tasks.json and labeling_config.xml")
+    q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
+    add_fields(q, ReviewConfig, ("image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
+    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
+    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme review <records stem>)")
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+    q = rsub.add_parser("import", help="apply a Label Studio JSON export: accepted records out, rejected ones with the reviewers' reasons")
+    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    q.add_argument("--records", required=True, help="the records file the tasks were exported from")
+    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
+    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
+    q.add_argument("--out", default=None, help="accepted records (default: <records stem>.accepted.jsonl beside the records)")
+    q.add_argument("--rejected", default=None, help="rejected records with their reason (default: <out stem>.rejected.jsonl)")
+    add_fields(q, ReviewConfig, ("min_annotators", "max_export_mb"))
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+
+def _review(args: argparse.Namespace) -> int:
+    import os
+
+    from ..config import build
+    from ..data import review
+
+    cfg = build(review.ReviewConfig, None, args)
+    if args.review_command == "export":
+        client, pid, pushed, batch = None, None, [0], []
+        if args.push:  # the project first, then the tasks in batches as they are written
+            from ..data.labelstudio import LabelStudio
+
+            token = os.environ.get(args.token_env) or ""
+            if not token:
+                hint = "copy it from the server's Account & Settings page"
+                raise ThymeError(f"--push needs a Label Studio API token in ${args.token_env}", hint)
+            client = LabelStudio(args.push, token)
+            title = (args.project_title or f"thyme review {Path(args.records).stem}")[:50]
+            pid = client.create_project(title, review.LABEL_CONFIG)["id"]
+
+        def flush() -> None:
+            if batch:
+                pushed[0] += client.import_tasks(pid, batch)
+                batch.clear()
+
+        def on_task(task: dict[str, Any]) -> None:
+            batch.append(task)
+            if len(batch) >= client.limits.import_batch:
+                flush()
+
+        summary = review.export_review(args.records, args.out, cfg, images_root=args.images_root, on_task=on_task if client else None)
+        out: dict[str, Any] = summary.to_dict()
+        if client is not None:
+            flush()
+            out["project_id"], out["pushed"] = pid, pushed[0]
+            if cfg.image_mode == "local-files" and summary.images_folder:  # Label Studio serves files of a project's storages only
+                out["storage_id"] = client.add_local_storage(pid, summary.images_folder)["id"]
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False))
+        else:
+            print(review.format_export_summary(summary))
+            if client is not None:
+                print(f"pushed {pushed[0]} task(s) to project {pid} at {args.push.rstrip('/')}/projects/{pid}")
+        return 0
+    if args.review_command == "import":
+        out_path = args.out or f"{Path(args.records).with_suffix('')}.accepted.jsonl"
+        export = args.export
+        if (export is None) == (args.from_server is None):
+            raise ThymeError("give either an export file or --from-server URL --project ID", "Label Studio: Export > JSON gives the file")
+        if args.from_server:
+            from ..data.labelstudio import LabelStudio
+
+            if args.project is None:
+                raise ThymeError("--from-server needs --project ID", "the id is in the project's URL (/projects/ID)")
+            token = os.environ.get(args.token_env) or ""
+            if not token:
+                hint = "copy it from the server's Account & Settings page"
+                raise ThymeError(f"--from-server needs a Label Studio API token in ${args.token_env}", hint)
+            export = LabelStudio(args.from_server, token).export_project(args.project)
+            kept = Path(f"{Path(out_path).with_suffix('')}.export.json")  # the decisions applied, kept beside the output
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_bytes(export)
+        s = review.apply_review(export, args.records, out_path, args.rejected, cfg)
+        print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else review.format_import_summary(s))
+        return 0
+    raise ThymeError(f"unknown data review command {args.review_command!r}")

@@ -15,6 +15,7 @@ from ...backends.hf import RowTokenLimit, tokens_to_stop
 from ..vision import vision_cache
 from .base import NAN, Engine, EngineOutput, EngineRow, SamplingSettings
 
+
 class HFEngine(Engine):
     """``model.generate`` on left-padded token rows (CPU / one GPU).
 

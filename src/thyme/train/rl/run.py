@@ -83,8 +83,8 @@ def judge_client(cfg: GRPOATSConfig) -> Any:
 def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any:
     """``factory(trainer) -> RolloutRunner`` on the configured engine (built once the trainer exists)."""
     from ... import protocol
-    from ...chat import end_of_turn_ids, never_sampled_ids
     from ...backends.repetition import RepetitionRule
+    from ...chat import end_of_turn_ids, never_sampled_ids
     from ...rollout import RolloutLimits, RolloutRunner, SamplingSettings
     from ...rollout.registry import EngineContext, build_engine
 
