@@ -372,6 +372,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 #: file or as a flag wins over the variable; an empty variable counts as unset.
 MODEL_API_KEY_ENV = "OPENAI_API_KEY"  # the model server of ``--base-url`` (OpenAI's own name)
 JUDGE_API_KEY_ENV = "THYME_JUDGE_API_KEY"  # the judge server (never the model server's key)
+TEACHER_API_KEY_ENV = "THYME_TEACHER_API_KEY"  # the data-construction teacher(s) and verifier of ``thyme data synthesize``
 
 
 def env_secret(name: str) -> str | None:

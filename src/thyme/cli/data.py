@@ -57,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
     _add_review_parser(sub)
+    _add_synthesize_parser(sub)
     return p
 
 
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return _show_masks(args)
     if cmd == "review":
         return _review(args)
+    if cmd == "synthesize":
+        return _synthesize(args)
     raise ThymeError(f"unknown data command {cmd!r}")
 
 
@@ -256,3 +259,82 @@ def _review(args: argparse.Namespace) -> int:
         print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else review.format_import_summary(s))
         return 0
     raise ThymeError(f"unknown data review command {args.review_command!r}")
+
+
+# --------------------------------------------------------------------------- synthesize (issue 16)
+
+
+def _add_synthesize_parser(sub: Any) -> None:
+    """``thyme data synthesize SEEDS --scenario S --teacher-base-url URL --teacher-model NAME --out OUT.jsonl``."""
+    from ..config import TEACHER_API_KEY_ENV, add_fields
+    from ..data.synthesize import SCENARIOS, SynthConfig, TeacherConfig
+
+    q = sub.add_parser(
+        "synthesize",
+        help="make Thyme SFT data from seed rows with a teacher model (six scenarios, filtered stage by stage)",
+        description=f"Teacher keys come from the environment variable {TEACHER_API_KEY_ENV}.",
+    )
+    q.add_argument(
+        "seeds",
+        help="JSONL / parquet file, save_to_disk folder or hub id of seed rows: image, question, answer, "
+        "bbox (x1, y1, x2, y2 pixels), optional options, scenario",
+    )
+    q.add_argument("--out", required=True, help="kept records (JSONL; rejected rows go to OUT.rejected.jsonl, images to OUT_images/)")
+    q.add_argument("--images-root", default=None, help="folder seed image paths start from (default: the seeds file's folder)")
+    q.add_argument("--json", action="store_true", help="print the summary (funnel included) as one JSON line")
+    q.add_argument("--config", default=None, help="YAML with sections synthesize, teacher, code_teacher, verifier, sandbox (flags win)")
+    add_fields(q, SynthConfig, exclude=("scenario",))
+    q.add_argument(
+        "--scenario", default=None, choices=list(SCENARIOS), help="the scenario of every row (default: each row's 'scenario' column)"
+    )
+    for prefix, what in (
+        ("teacher-", "teacher"),
+        ("code-teacher-", "code teacher for compute (default: the teacher)"),
+        ("verifier-", "consistency verifier (default: the teacher)"),
+    ):
+        add_fields(q.add_argument_group(what), TeacherConfig, prefix=prefix, help_prefix=f"{what}: ")
+    add_sandbox_flags(q)
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from ..agent.scheduler import Progress
+    from ..config import build, check_sections, load_yaml
+    from ..data.synthesize import SynthConfig, TeacherClient, TeacherConfig, format_funnel, synthesize
+    from ..sandbox import Sandbox
+
+    yaml_cfg = load_yaml(args.config)
+    check_sections(yaml_cfg, {"synthesize", "teacher", "code_teacher", "verifier", "sandbox"}, args.config or "")
+    cfg = build(SynthConfig, yaml_cfg.get("synthesize"), args, section_name="synthesize")
+    teacher_cfg = build(TeacherConfig, yaml_cfg.get("teacher"), args, prefix="teacher-", section_name="teacher")
+    teacher = TeacherClient(teacher_cfg, what="teacher")
+
+    def other(prefix: str, section: str, what: str) -> Any:
+        """The code teacher / verifier: the teacher's settings, with those given for it on top."""
+        given = build(TeacherConfig, yaml_cfg.get(section), args, prefix=prefix, section_name=section)
+        if not given.base_url and not given.model:
+            return None
+        values = dict(teacher_cfg.__dict__)
+        values.update({k: getattr(given, k) for k in given.__dict__ if getattr(given, k) != getattr(TeacherConfig(), k)})
+        return TeacherClient(TeacherConfig(**values), what=what)
+
+    code_teacher = other("code-teacher-", "code_teacher", "code-teacher")
+    verifier = other("verifier-", "verifier", "verifier")
+    sb_cfg = sandbox_config(args, yaml_cfg)
+
+    def progress(total: int, initial: int) -> Any:
+        return Progress(total, initial=initial, desc="synthesize", unit="row")
+
+    with Sandbox(sb_cfg) as sandbox:
+        summary = synthesize(
+            args.seeds,
+            args.out,
+            teacher=teacher,
+            sandbox=sandbox,
+            config=cfg,
+            images_root=args.images_root,
+            code_teacher=code_teacher,
+            verifier=verifier,
+            progress=progress,
+        )
+    print(json.dumps(summary.to_dict(), ensure_ascii=False) if args.json else format_funnel(summary))
+    return 0

@@ -30,6 +30,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
+    d = dsub.add_parser("teacher", help="the scripted teacher of `thyme data synthesize` (OpenAI-compatible, loopback only, with faults)")
+    d.add_argument("--host", default="127.0.0.1", help="a loopback address (127.0.0.1, ::1, localhost); others are refused")
+    d.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
+    d.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    d.add_argument(
+        "--fault-rate",
+        action="append",
+        default=[],
+        metavar="KIND=P",
+        help="inject fault KIND (syntax, leak, crash, wrong_box, wrong_answer, inconsistent, bad_verdict, "
+        "http_error, hang) in a share P of rows",
+    )
+    d.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    d.add_argument("--hang-s", type=float, default=3600.0, help="how long a 'hang' fault holds the reply, seconds")
+
     t = dsub.add_parser("transformers-serve", help="`transformers serve` on loopback (works without torchvision)")
     t.add_argument("model")
     t.add_argument("--host", default="127.0.0.1", help="a loopback address (127.0.0.1, ::1, localhost); others are refused")
@@ -46,6 +61,15 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         path = write_tiny_checkpoint(args.dir, arch=args.arch, seed=args.seed)
         print(f"wrote tiny {args.arch} checkpoint to {path} ({time.perf_counter() - t0:.1f} s)")
+        return 0
+    if args.dev_command == "teacher":
+        from ..testing import teacher
+
+        try:
+            rates = teacher.parse_fault_rates(args.fault_rate)
+        except ValueError as e:
+            raise SystemExit(f"thyme dev teacher: {e}") from None
+        teacher.serve(host=args.host, port=args.port, port_file=args.port_file, fault_rates=rates, seed=args.seed, hang_s=args.hang_s)
         return 0
     from ..testing import openai_server
 
