@@ -407,7 +407,9 @@ def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp
     page = (out / "report.html").read_text()
     assert "scripted-model" in page and "rev-1" in page and "temperature" in page
     capsys.readouterr()
-    assert thyme_main(["report", str(out)]) == 2
+    assert thyme_main(["report", str(out)]) == 0  # the README's example: the summary page, beside eval's report
+    assert (out / "summary.html").is_file() and '<a href="report.html">' in (out / "summary.html").read_text()
+    assert thyme_main(["report", str(out), "--trajectories"]) == 2
     assert "was written by `thyme eval" in capsys.readouterr().err
     assert (out / "report.html").read_text() == page
 

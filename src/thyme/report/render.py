@@ -276,7 +276,7 @@ def _item_view(i: int, item: ReportItem, embed: _Embedder) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
-def _template():
+def _template(name: str = "report.html.j2"):
     import jinja2
 
     env = jinja2.Environment(
@@ -287,7 +287,7 @@ def _template():
         lstrip_blocks=True,
     )
     env.filters["px"] = lambda v: "?" if not v else f"{v[0]}x{v[1]}"
-    return env.get_template("report.html.j2")
+    return env.get_template(name)
 
 
 def write_report(
@@ -349,9 +349,7 @@ def write_report(
         "tool": sum(1 for v in views if v["tool"] == "yes"),
     }
     categories = sorted({v["category"] for v in views})
-    script = resources.files("thyme").joinpath("report", "assets", "report.js").read_text(encoding="utf-8")
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
-    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    script, csp = _script_and_csp()
     page = _template().render(
         title=title,
         views=views,
@@ -366,6 +364,31 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _script_and_csp() -> tuple[str, str]:
+    script = resources.files("thyme").joinpath("report", "assets", "report.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    return script, csp
+
+
+def render_page(out_html: str | os.PathLike, *, page: str, title: str, source: str | None = None, **context: Any) -> Path:
+    """Write one of the pages with plots (``page``: ``summary``, ``compare`` or ``training``;
+    :mod:`thyme.report.pages` builds ``context``) with the trajectory report's style, script and
+    Content-Security-Policy; written atomically. Returns the path."""
+    script, csp = _script_and_csp()
+    defaults = {"provenance": [], "plots": [], "facts": [], "table": [], "compare": [], "names": ("A", "B"), "flips": {}, "views": []}
+    defaults["trajectories_link"] = None
+    html_text = _template("pages.html.j2").render(
+        **{**defaults, **context}, page=page, title=title, source=source or "", script=script, csp=csp, code_css=code_css()
+    )
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html_text, encoding="utf-8")
     os.replace(tmp, out)
     return out
 
