@@ -196,3 +196,74 @@ def test_replay_on_a_local_ray_instance(tmp_path):
         ray.shutdown()
     assert (s.trajectories, s.failed, s.executed_ok, s.outputs_match) == (10, 0, 10, 10)
     assert [r["id"] for r in rows] == [r["id"] + "-0" for r in corpus_records()]
+
+
+# --------------------------------------------------------------------------- Ctrl-C with workers (issue 18, defect 7)
+
+
+def _quick_then_sleeping(path: Path, quick: int, sleeping: int) -> Path:
+    def record(rid: str, seconds: float) -> dict:
+        src = f"import time\ntime.sleep({seconds})\nprint(1)"
+        return {
+            "id": rid,
+            "image": [],
+            "question": "q",
+            "response": f"<think>\n<code>\n```python\n{src}\n```\n</code>\n<sandbox_output>1</sandbox_output></think>\n<answer>1</answer>",
+        }
+
+    with path.open("w") as f:
+        for i in range(quick):
+            f.write(json.dumps(record(f"q{i}", 0)) + "\n")
+        for i in range(sleeping):
+            f.write(json.dumps(record(f"s{i}", 120)) + "\n")
+    return path
+
+
+def _ctrl_c(args: list[str], wait_for: Path, lines: int) -> tuple[int, str]:
+    """Run ``thyme ARGS`` in its own process group; once ``wait_for`` has ``lines`` lines,
+    send SIGINT to the whole group (what a terminal's Ctrl-C does: every worker gets it too)."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thyme.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (wait_for.exists() and wait_for.read_text().count("\n") >= lines):
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(2.0)  # the sleeping records are in their workers' sandboxes
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # not the 120 s the code sleeps
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("command", ["replay", "verify"])
+def test_ctrl_c_with_two_workers_prints_no_traceback_and_keeps_the_results(tmp_path, command):
+    records = _quick_then_sleeping(tmp_path / "r.jsonl", 2, 2)
+    if command == "replay":
+        out = tmp_path / "o.jsonl"
+        args = ["replay", str(records), "--workers", "2", "--batch-size", "1", "--timeout", "300", "--out", str(out)]
+    else:
+        out = tmp_path / "k.jsonl"
+        args = ["data", "verify", str(records), "--workers", "2", "--batch-size", "1", "--timeout", "300", "--kept", str(out)]
+    rc, err = _ctrl_c(args, out, 2)
+    assert rc == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted" in err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["q0", "q1"]  # kept, in order

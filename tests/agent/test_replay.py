@@ -125,3 +125,34 @@ def test_empty_records_warn_and_an_unwritable_out_is_one_clear_error(tmp_path):
     p = run_cli("replay", str(empty), "--out", str(blocker / "res.jsonl"))
     assert p.returncode == 2, p.stderr
     assert "cannot write --out" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- issue 18, defect 7 and progress
+
+
+def test_replay_of_a_text_file_is_one_clear_error(tmp_path):
+    text = tmp_path / "notes.md"
+    text.write_text("# Notes\n\nnot records at all\n[1, 2]\n")
+    p = run_cli("replay", str(text))
+    assert p.returncode == 2, p.stderr
+    assert "FAIL" not in p.stdout and p.stderr.count("error:") == 1, (p.stdout, p.stderr)
+    assert "is not a JSONL file of records: no line is a JSON object (line 1:" in p.stderr
+    # one JSON object among the lines: a records file with bad lines, each reported, the run goes on
+    text.write_text('not json\n{"id": "x"}\n')
+    p = run_cli("replay", str(text), "--allow-failures")
+    assert p.returncode == 0 and p.stdout.count("FAIL") == 2, (p.stdout, p.stderr)
+
+
+def test_replay_off_a_terminal_logs_progress_lines_and_keeps_result_lines_on_stdout(tmp_path):
+    def record(rid, src):
+        return {"id": rid, "image": [], "question": "q", "response": f"<code>\n```python\n{src}\n```\n</code>\n<answer>1</answer>"}
+
+    records = tmp_path / "r.jsonl"
+    rows = [record(f"r{i}", "import time; time.sleep(0.3); print(1)") for i in range(4)] + ['{"id": "broken"}']
+    records.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in rows))
+    p = run_cli("replay", str(records), "--workers", "1", "--batch-size", "1", "--progress-interval", "0.1", "--allow-failures")
+    assert p.returncode == 0, p.stderr
+    progress = [l for l in p.stderr.splitlines() if l.startswith("replay: ")]
+    assert len(progress) >= 2, p.stderr
+    assert progress[-1].startswith("replay: 5/5 record done, 1 failed,") and "took" in progress[-1]
+    assert p.stdout.count("FAIL line 5") == 1 and "replay: " not in p.stdout

@@ -212,7 +212,7 @@ def test_convert_retries_rows_that_failed_on_an_earlier_run(tmp_path):
     s2 = convert(str(src), out, ConvertConfig(chunk_size=1, images_root=str(tmp_path / "elsewhere")))
     assert (s2.written, s2.failed) == (1, 0), s2
     assert sorted(json.loads(l)["id"] for l in out.read_text().splitlines()) == ["a", "b"]
-    assert errors.read_text() == ""  # no row fails any more
+    assert not errors.exists()  # no row fails any more: no empty errors file (issue 18, defect 4)
 
 
 def test_convert_split_of_a_local_folder_save_to_disk_and_empty_files(tmp_path):

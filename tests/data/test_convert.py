@@ -171,3 +171,124 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
         convert("Kwai-Keye/Thyme-SFT", tmp_path / "o.jsonl", ConvertConfig(split="computation"))
     with pytest.raises(ThymeError, match="source not found"):
         convert(str(tmp_path / "nope.parquet"), tmp_path / "o.jsonl")
+
+
+# --------------------------------------------------------------------------- issue 18: rows unchanged, bad lines listed
+
+
+def _joins(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """What ``eval --replay`` joins from a records file: per benchmark, (question key, record id)."""
+    from thyme.evaluate.benchmarks import find_benchmark
+    from thyme.evaluate.runner import load_replay_records
+
+    out = {}
+    for name in ("hrbench4k", "mme-realworld-lite", "mme-realworld"):
+        recs, _ = load_replay_records(path, find_benchmark(name))
+        out[name] = sorted((k, r.id) for k, r in recs.items())
+    return out
+
+
+def _corpus_parquet(path: Path) -> Path:
+    """The corpus trajectories as a parquet file (a column holds one type: question ids as strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = corpus_records()
+    for r in rows:
+        r["question_id"] = str(r["question_id"])
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return path
+
+
+@needs_corpus
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_converted_corpus_keeps_its_rows_verifies_and_joins_as_the_source(tmp_path, kind):
+    from thyme.data.verify import verify
+    from thyme.sandbox import Sandbox
+
+    traj = CORPUS / "thyme" / "trajectories.jsonl"
+    src = traj if kind == "jsonl" else _corpus_parquet(tmp_path / "traj.parquet")
+    out = tmp_path / "out" / "conv.jsonl"
+    s = convert(str(src), out, ConvertConfig(images_root=str(CORPUS / "thyme")))
+    assert (s.written, s.failed) == (10, 0)
+    source = corpus_records()
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    for a, b in zip(source, recs):  # every column but the rewritten paths comes through unchanged
+        for k in set(a) - {"image", "question", "response", "question_id"}:
+            if k == "reference_outputs" and kind == "parquet":  # one struct per column: absent fields read as null
+                b[k] = [[{f: v for f, v in e.items() if v is not None} for e in blk] for blk in b[k]]
+            assert b[k] == a[k], (a["id"], k)
+        assert b["question_id"] == (a["question_id"] if kind == "jsonl" else str(a["question_id"]))
+    assert not (tmp_path / "out" / "conv.errors.jsonl").exists()  # nothing failed: no empty errors file
+    assert _joins(out) == _joins(traj)
+    with Sandbox() as sandbox:
+        v = verify(out, sandbox=sandbox, kept_path=tmp_path / "k.jsonl", rejected_path=tmp_path / "r.jsonl")
+    assert (v.kept, v.rejected) == (10, 0), (tmp_path / "r.jsonl").read_text()
+
+
+def test_a_malformed_jsonl_line_goes_to_the_errors_file_with_its_line_and_the_run_goes_on(tmp_path):
+    good = {"question": "What is 1+1?", "response": "<answer>2</answer>", "question_id": 7, "extra": [1, "a", {"b": None}]}
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps(good) + "\n\n{not json\n" + json.dumps(dict(good, question_id="x/y")) + "\n[1, 2]\n")
+    out = tmp_path / "out" / "rows.jsonl"
+    s = convert(str(src), out)
+    assert (s.written, s.failed) == (2, 2)
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [7, "x/y"] and recs[0]["extra"] == good["extra"]
+    errs = [json.loads(l) for l in (tmp_path / "out" / "rows.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["row"]) for e in errs] == [(3, 1), (5, 3)]
+    assert "line 3" in errs[0]["error"] and errs[1]["file"] == str(src)
+    assert not (tmp_path / "out" / "rows_images").exists()  # no image written: no empty folder
+
+
+def test_convert_cli_reports_a_bad_line_without_a_network_hint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"question": "q", "response": "r"}\n{oops\n')
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    p = subprocess.run(
+        [sys.executable, "-m", "thyme.cli", "data", "convert", str(src), "--out", str(tmp_path / "o.jsonl"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["failed"] == 1 and "network" not in p.stderr
+
+
+def test_convert_off_a_terminal_logs_progress_with_failures(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"question": f"q{i}", "response": "r"}) + "\n" for i in range(5)) + "{oops\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = [
+        sys.executable,
+        "-m",
+        "thyme.cli",
+        "data",
+        "convert",
+        str(src),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--progress-interval",
+        "0.05",
+    ]
+    p = subprocess.run([*args, "--chunk-size", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith("convert: ")]
+    assert lines and lines[-1].startswith("convert: 6/6 row done, 1 failed,"), p.stderr
+    # a rerun resumes: nothing more to do, the start moved to what was done (no rate from earlier work)
+    (tmp_path / "o.errors.jsonl").unlink()
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and "row done" not in p.stderr, p.stderr

@@ -104,3 +104,50 @@ def test_text_comparison_and_judging_units():
     assert judge([Expected("text", text="1"), Expected("text", text="2")], [{"ok": True, "stdout": "1"}])["reason"] == "rounds_mismatch"
     assert judge([Expected("unknown")], [{"ok": False}]) is None
     assert judge([Expected("text", text="1")], [{"ok": False, "timed_out": True}])["reason"] == "timeout"
+
+
+# --------------------------------------------------------------------------- issue 18, defect 7 and progress
+
+
+def test_verify_writes_in_input_order_whatever_is_judged_first(tmp_path):
+    lines = [
+        rec("a-code", ("print(6 * 7)", "42")),
+        {"id": "b-no-code", "image": [], "question": "q", "response": "<think>easy</think>\n<answer>1</answer>"},
+        {"id": "c-broken", "image": [], "question": "q"},
+        rec("d-wrong", ("print(1)", "2")),
+        rec("e-code", ("print(2)", "2")),
+        {"id": "f-no-code", "image": [], "question": "q", "response": "<answer>1</answer>"},
+    ]
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    kept, rejected = tmp_path / "k.jsonl", tmp_path / "x.jsonl"
+    order = []
+    with Sandbox() as sandbox:
+        verify(records, sandbox=sandbox, kept_path=kept, rejected_path=rejected, on_result=lambda obj, rej: order.append(obj["id"]))
+    assert [json.loads(l)["id"] for l in kept.read_text().splitlines()] == ["a-code", "b-no-code", "e-code", "f-no-code"]
+    assert [json.loads(l)["id"] for l in rejected.read_text().splitlines()] == ["c-broken", "d-wrong"]
+    assert order == [x["id"] for x in lines]
+
+
+def test_verify_of_an_empty_file_says_so_and_of_a_text_file_gives_one_clear_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    p = run_cli("verify", str(empty), "--workers", "1")
+    assert p.returncode == 0 and "holds no records; nothing to verify" in p.stderr, p.stderr
+    text = tmp_path / "notes.jsonl"
+    text.write_text("a note\nanother line\nand a third\n")
+    p = run_cli("verify", str(text), "--workers", "1")
+    assert p.returncode == 2 and p.stderr.count("error:") == 1 and "no line is a JSON object" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "notes.rejected.jsonl").exists()
+
+
+def test_verify_off_a_terminal_logs_progress_lines(tmp_path):
+    lines = [rec(f"r{i}", ("import time; time.sleep(0.3); print(1)", "1")) for i in range(4)] + [rec("bad", ("print(1)", "2"))]
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    p = run_cli("verify", str(records), "--workers", "1", "--batch-size", "1", "--progress-interval", "0.1")
+    assert p.returncode == 0, p.stderr
+    progress = [l for l in p.stderr.splitlines() if l.startswith("verify: ")]
+    assert len(progress) >= 2, p.stderr  # periodic lines, then the last one
+    assert progress[-1].startswith("verify: 5/5 record done, 1 failed,") and "took" in progress[-1]
+    assert any("ETA" in l for l in progress[:-1]) or "0/5" in progress[0]

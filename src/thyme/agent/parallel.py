@@ -14,6 +14,11 @@ batch it held: each of those jobs is retried once, alone, on a fresh worker; a j
 second time yields ``failed(job, reason)`` instead of a result. A worker that cannot start
 (``setup`` raises or the process dies before it is ready) is an error of the whole run.
 
+Ctrl-C: a terminal sends SIGINT to every process of the foreground group; workers are started
+with it ignored (no traceback per worker), the parent's ``KeyboardInterrupt`` ends the run, and
+its workers get SIGTERM (their ``teardown`` runs) instead of being waited for: results yielded
+so far are the caller's to keep.
+
 On Ray (:func:`ray_imap_ordered`, an optional extra: ``pip install 'thyme[ray]'``) the same
 ``setup``/``work`` pair runs as Ray tasks; each Ray worker process builds its state once and
 keeps it warm for the tasks it runs after; Ray retries a task whose worker died once
@@ -59,6 +64,19 @@ def workers_setting() -> Any:
         source="ours",
         show_default="the usable cores, len(os.sched_getaffinity(0))",
         metavar="N",
+    )
+
+
+def progress_interval_setting() -> Any:
+    """The ``progress_interval_s`` field of a long command's config (replay, verify, convert):
+    off a terminal (Slurm, nohup, CI) a progress line every so many seconds
+    (:class:`thyme.agent.scheduler.Progress`)."""
+    return setting(
+        30.0,
+        help="seconds between progress lines (done/total, rate, ETA, failures so far) when standard error is not a terminal; 0: none",
+        source="ours",
+        flag="--progress-interval",
+        metavar="SECONDS",
     )
 
 
@@ -110,7 +128,14 @@ def _worker_main(
     work: Callable[[Any, list[Any]], list[Any]],
     teardown: Callable[[Any], None] | None,
 ) -> None:
-    """A worker process: build the state once, then run batches until told to stop."""
+    """A worker process: build the state once, then run batches until told to stop.
+
+    A terminal's Ctrl-C reaches every process of the foreground group: the worker ignores it
+    (the parent stops the run, and ends its workers with SIGTERM, which runs ``teardown``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         state = setup(setup_arg)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -143,6 +168,26 @@ def _worker_main(
                 teardown(state)
             except Exception:
                 pass
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # quietly (no traceback), through the finally that tears down
+
+
+def _start_ignoring_sigint(proc: Any) -> None:
+    """Start ``proc`` with SIGINT ignored from its first instruction: a Ctrl-C while the spawned
+    interpreter still imports (before :func:`_worker_main` runs) prints no traceback there."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_reason(proc: Any) -> str:
@@ -201,7 +246,7 @@ def imap_ordered(
     def start() -> _Worker:
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_worker_main, args=(child, setup, setup_arg, work, teardown), daemon=True, name="thyme-worker")
-        proc.start()
+        _start_ignoring_sigint(proc)
         child.close()
         w = _Worker(proc, parent)
         pool.append(w)
@@ -242,6 +287,7 @@ def imap_ordered(
         except (OSError, EOFError):  # died in between: its death is seen by the loop below
             pass
 
+    aborted = True  # until the loop ends normally: Ctrl-C, an error, the consumer gone
     try:
         for _ in range(max(1, workers)):
             start()
@@ -251,6 +297,7 @@ def imap_ordered(
                 yield results.pop(next_seq)
                 next_seq += 1
             if exhausted and not pending and next_seq >= read and not any(w.batch for w in pool):
+                aborted = False
                 return
             for w in pool:
                 if w.ready and not w.batch:
@@ -299,11 +346,14 @@ def imap_ordered(
     finally:
         for w in pool:
             try:
-                w.conn.send(("stop",))
+                if aborted and w.proc.is_alive():  # work in flight is not waited for
+                    w.proc.terminate()
+                else:
+                    w.conn.send(("stop",))
             except (OSError, EOFError, ValueError):
                 pass
         for w in pool:
-            w.proc.join(timeout=30)
+            w.proc.join(timeout=10 if aborted else 30)
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join(timeout=5)

@@ -31,7 +31,7 @@ from ..records import Record as _Record
 from ..records import iter_records as _iter
 from ..records import parse_record as _parse
 from .loop import Agent, AgentConfig, Task
-from .parallel import imap_ordered, import_ray, ray_imap_ordered, ray_setting, resolve_workers, workers_setting
+from .parallel import imap_ordered, import_ray, progress_interval_setting, ray_imap_ordered, ray_setting, resolve_workers, workers_setting
 from .trajectory import Trajectory
 
 #: A parsed Thyme record (:class:`thyme.records.Record`; its ``prompt`` is what the model is
@@ -61,12 +61,40 @@ def iter_records(
     return _iter(path, root=images_root, allow_absolute=allow_absolute, check_counts=False, check_files="inputs")
 
 
+def require_json_objects(path: str | os.PathLike, *, what: str = "records") -> None:
+    """Refuse a file none of whose lines is a JSON object (an image, an HTML report, a CSV
+    passed by mistake) with one clear error, instead of one failure per line of text (as
+    ``thyme report`` does). Lines are read until the first object (bounded:
+    :func:`thyme.jsonl.iter_jsonl`); an empty file passes (its callers say it holds nothing).
+
+    Raises:
+        ThymeError: naming the file and why its first line is not a record; RecordError: the
+            file cannot be read.
+    """
+    from ..errors import ThymeError
+    from ..jsonl import iter_jsonl
+
+    first: str | None = None
+    for n, obj in iter_jsonl(path):
+        if isinstance(obj, dict):
+            return
+        if first is None:
+            reason = getattr(obj, "reason", None) or getattr(obj, "message", None) or f"a JSON {type(obj).__name__}, not an object"
+            first = f"line {n}: {reason}"
+    if first is not None:
+        raise ThymeError(
+            f"{path} is not a JSONL file of {what}: no line is a JSON object ({first})",
+            "pass a JSONL file of Thyme records (image, question, response), one JSON object per line",
+        )
+
+
 def _outputs_match(reference: list[dict[str, Any]], execution: dict[str, Any] | None) -> bool:
     """Whether one code block's outputs match the reference sandbox's (sizes or text)."""
     if execution is None or not execution.get("ok"):
         return False
-    ref_images = [r for r in reference if "size" in r]
-    ref_texts = [r["text"] for r in reference if "text" in r]
+    # a null field is an absent one (a parquet source unifies the entries' structs)
+    ref_images = [r for r in reference if isinstance(r, dict) and r.get("size") is not None]
+    ref_texts = [r["text"] for r in reference if isinstance(r, dict) and r.get("text") is not None]
     if ref_images:
         from ..imageio import image_size
 
@@ -176,6 +204,7 @@ class ReplayConfig:
     )
     workers: int | None = workers_setting()
     ray: str | None = ray_setting()
+    progress_interval_s: float = progress_interval_setting()
 
 
 @dataclass
@@ -298,6 +327,9 @@ def replay(
         on_row: called with each record's result line as it is written.
         allow_absolute_paths: the user's opt-in to image paths outside ``images_root``.
 
+    Raises:
+        ThymeError: no line of ``records_path`` is a JSON object (:func:`require_json_objects`).
+
     Returns:
         The totals (``resumed``: records an earlier run finished). A malformed record or a
         failing execution is counted as failed; the run goes on. A last line torn by an
@@ -305,6 +337,7 @@ def replay(
         while replaying it is failed with the reason.
     """
     n_workers = resolve_workers(workers)
+    require_json_objects(records_path)
     if ray is not None:
         import_ray()  # a clear error naming the extra, before anything is opened
     summary = ReplaySummary()

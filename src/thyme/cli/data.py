@@ -78,58 +78,68 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..config import build
     from ..data.convert import ConvertConfig, convert, format_summary
+    from .replay import CountingProgress
 
     cfg = build(ConvertConfig, None, args)
-    bar = tqdm(desc="convert", unit="row", file=sys.stderr, disable=None)
+    bar = CountingProgress(None, desc="convert", unit="row", interval_s=cfg.progress_interval_s)
 
-    def progress(n: int, total: int | None) -> None:
-        if total is not None and bar.total != total:
-            bar.total = total
-        bar.n = n
-        bar.refresh()
+    def progress(n: int, total: int | None, failed: int, resumed: int) -> None:
+        bar.update(n, resumed=resumed, failed=failed, total=total)
 
-    summary = convert(args.source, args.out, cfg, progress=progress)
+    try:
+        summary = convert(args.source, args.out, cfg, progress=progress)
+    except BaseException:
+        bar.close(summary=False)
+        raise
     bar.close()
     print(json.dumps(summary.to_dict(), ensure_ascii=False) if args.json else format_summary(summary))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..agent.parallel import resolve_workers
+    from ..agent.replay import require_json_objects
     from ..config import build
     from ..data.verify import VerifyConfig, format_summary, verify
+    from ..jsonl import count_lines
     from ..sandbox import Sandbox
+    from .replay import CountingProgress
 
     records = Path(args.records)
     if not records.is_file():
         raise ThymeError(f"records file not found: {records}", "pass a JSONL file of Thyme SFT records")
+    require_json_objects(records, what="SFT records")  # an image or a CSV: one clear error
     stem = records.with_suffix("")
     kept = args.kept or f"{stem}.kept.jsonl"
     rejected = args.rejected or f"{stem}.rejected.jsonl"
     cfg = build(VerifyConfig, None, args)
     sb_cfg = sandbox_config(args, {})
-    from ..jsonl import count_lines
-
     total = count_lines(records)  # bounded memory; a non-UTF-8 line counts too
-    bar = tqdm(total=total, desc="verify", unit="record", file=sys.stderr, disable=None)
-    last = [0]
+    if total == 0:
+        print(f"warning: {records} holds no records; nothing to verify", file=sys.stderr)
+    bar = CountingProgress(total, desc="verify", unit="record", interval_s=cfg.progress_interval_s)
+    seen = [0]
+    rejected_n = [0]
 
-    def progress(n: int) -> None:
-        bar.update(n - last[0])
-        last[0] = n
+    def on_result(obj: Any, rejection: dict[str, Any] | None) -> None:
+        seen[0] += 1
+        rejected_n[0] += rejection is not None
 
-    kw = dict(kept_path=kept, rejected_path=rejected, images_root=args.images_root, config=cfg, progress=progress)
-    if resolve_workers(cfg.workers) == 1 and cfg.ray is None:
-        with Sandbox(sb_cfg) as sandbox:
-            summary = verify(records, sandbox=sandbox, **kw)
-    else:  # each worker starts its own sandbox from this config
-        summary = verify(records, sandbox_config=sb_cfg, **kw)
+    def progress(n: int) -> None:  # n counts the records an earlier run verified; a rejection is a failure
+        bar.update(n, resumed=n - seen[0], failed=rejected_n[0])
+
+    kw = dict(kept_path=kept, rejected_path=rejected, images_root=args.images_root, config=cfg, progress=progress, on_result=on_result)
+    try:
+        if resolve_workers(cfg.workers) == 1 and cfg.ray is None:
+            with Sandbox(sb_cfg) as sandbox:
+                summary = verify(records, sandbox=sandbox, **kw)
+        else:  # each worker starts its own sandbox from this config
+            summary = verify(records, sandbox_config=sb_cfg, **kw)
+    except BaseException:
+        bar.close(summary=False)
+        raise
     bar.close()
     print(json.dumps(summary.to_dict(), ensure_ascii=False) if args.json else format_summary(summary))
     return 0

@@ -38,11 +38,88 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class CountingProgress:
+    """Feeds a :class:`thyme.agent.scheduler.Progress` (tqdm on a terminal, a line every
+    ``interval_s`` seconds off one) from the cumulative counts replay, verify and convert report.
 
+    Work an earlier run did (``resumed``) moves the progress's start, so the rate and ETA count
+    only this run's work. Counts that go down start a new part (convert's next split): the
+    total and the count go on from where the last part ended.
+    """
+
+    def __init__(self, total: int | None, *, desc: str, unit: str, interval_s: float):
+        self.known_total = total is not None
+        self.args = dict(desc=desc, unit=unit, interval_s=interval_s)
+        # an unknown total (convert): started at the first count, which convert reports as soon
+        # as a split is open, so no line reads "0/0" while the source opens
+        self._progress: Any = self._start(total) if total is not None else None
+        self.last = 0
+        self.offset = 0
+        self.resumed = 0
+        self.failed = 0
+
+    def _start(self, total: int) -> Any:
+        from ..agent.scheduler import Progress
+
+        return Progress(total, **self.args)
+
+    @property
+    def progress(self) -> Any:
+        """The :class:`thyme.agent.scheduler.Progress` (started with total 0 if no count came yet)."""
+        if self._progress is None:
+            self._progress = self._start(0)
+        return self._progress
+
+    def update(self, done: int, *, resumed: int = 0, failed: int | None = None, total: int | None = None) -> None:
+        """``done`` of this part finished, ``resumed`` of them by an earlier run, ``failed`` of
+        this run's failed (when known), of ``total`` (when known)."""
+        if self._progress is None:
+            self._progress = self._start(total if total is not None else done)
+        p = self.progress
+        if done < self.last:  # a new part
+            self.offset += self.last
+            self.last = self.resumed = 0
+        if total is not None:
+            p.total = self.offset + total
+        elif not self.known_total:
+            p.total = max(p.total, self.offset + done)
+        moved = resumed - self.resumed
+        if moved:  # done before this run: where it starts
+            self.resumed = resumed
+            p.initial += moved
+            p.advance(moved)
+            bar = getattr(p, "_bar", None)
+            if bar is not None:
+                bar.initial = bar.initial + moved
+        new_failed = 0 if failed is None else max(0, failed - self.failed)
+        if failed is not None:
+            self.failed = failed
+        ran = done - self.last - moved
+        if ran > 0 or new_failed:
+            p.advance(max(0, ran), failed=new_failed)
+        self.last = done
+
+    def print(self, text: str) -> None:
+        """A result line on standard output (above the bar on a terminal)."""
+        bar = getattr(self.progress, "_bar", None)
+        if bar is not None:
+            bar.write(text, file=sys.stdout)
+        else:
+            print(text, file=sys.stdout, flush=True)
+
+    def fail(self) -> None:
+        """One more failure (without a count change)."""
+        self.failed += 1
+        self.progress.advance(0, failed=1)
+
+    def close(self, *, summary: bool = True) -> None:
+        if self._progress is not None:
+            self._progress.close(summary=summary)
+
+
+def run(args: argparse.Namespace) -> int:
     from ..agent.parallel import resolve_workers
-    from ..agent.replay import ReplayConfig, count_records, format_row, replay
+    from ..agent.replay import ReplayConfig, count_records, format_row, replay, require_json_objects
     from ..config import build
     from ..sandbox import Sandbox
 
@@ -55,21 +132,24 @@ def run(args: argparse.Namespace) -> int:
         raise ThymeError(f"--images-root is not a folder: {images_root}")
     if args.out:
         ensure_writable(args.out, what="--out")
+    require_json_objects(records)  # an image or a CSV: one clear error, not one FAIL line per line of text
     total = count_records(records)
     if total == 0:
         print(f"warning: {records} holds no records; nothing to replay", file=sys.stderr)
-    bar = tqdm(total=total, desc="replay", unit="record", file=sys.stderr, disable=None)
-    last = [0]
-
-    def progress(n: int) -> None:
-        if last[0] == 0 and n and bar.n == 0:  # the first call of a resumed run: start the bar there
-            bar.n = bar.initial = bar.last_print_n = n
-            bar.refresh()
-        else:
-            bar.update(n - last[0])
-        last[0] = n
-
     run_cfg = build(ReplayConfig, None, args)
+    bar = CountingProgress(total, desc="replay", unit="record", interval_s=run_cfg.progress_interval_s)
+    seen = [0]
+
+    def progress(n: int) -> None:  # n counts the records an earlier run replayed (on_row does not see them)
+        bar.update(n, resumed=n - seen[0])
+
+    def on_row(row: dict[str, Any]) -> None:
+        seen[0] += 1
+        if not row.get("ok"):
+            bar.fail()
+        if not args.json:
+            bar.print(format_row(row))
+
     workers = min(resolve_workers(run_cfg.workers), max(1, -(-total // max(1, run_cfg.batch_size))))  # no idle workers
     sb_cfg = sandbox_config(args, yaml_cfg)
     kw = dict(
@@ -81,13 +161,17 @@ def run(args: argparse.Namespace) -> int:
         workers=workers,
         ray=run_cfg.ray,
         progress=progress,
-        on_row=None if args.json else (lambda row: bar.write(format_row(row), file=sys.stdout)),
+        on_row=on_row,
     )
-    if workers == 1 and run_cfg.ray is None:
-        with Sandbox(sb_cfg) as sandbox:
-            summary = replay(records, sandbox=sandbox, **kw)
-    else:  # each worker starts its own sandbox from this config
-        summary = replay(records, sandbox_config=sb_cfg, **kw)
+    try:
+        if workers == 1 and run_cfg.ray is None:
+            with Sandbox(sb_cfg) as sandbox:
+                summary = replay(records, sandbox=sandbox, **kw)
+        else:  # each worker starts its own sandbox from this config
+            summary = replay(records, sandbox_config=sb_cfg, **kw)
+    except BaseException:
+        bar.close(summary=False)
+        raise
     bar.close()
     d = summary.to_dict()
     if not args.json:

@@ -9,7 +9,10 @@ Sources (paper Sec. 3 data; the Thyme repository's "Data Preparation" steps):
   "solution", "question"}``;
 
 given as a hub id (read with ``datasets.load_dataset(..., streaming=True)``, the loader users
-run) or as local parquet / JSON / JSONL files (read the same way). Images may come embedded
+run), as local parquet files (read the same way) or as local JSONL / JSON files (read as written,
+:class:`JsonRows`: every value keeps its JSON type, where the ``datasets`` JSON loader rewrites a
+column of mixed types as JSON strings; a line that is not a JSON object is that row's error,
+named by file and line). Images may come embedded
 (``{"bytes", "path"}`` of a ``datasets.Image`` feature), as raw bytes, as base64 strings
 (``data:image/...;base64,`` or bare) or as paths (resolved against ``images_root``, the
 source's folder by default, and refused when they leave it: absolute elsewhere, ``..``, a symlink
@@ -33,8 +36,9 @@ thread pool and the chunk's lines are appended once its images are on disk. A pr
 (``<out>.progress.json``) records the rows done per split, so a rerun resumes where it stopped
 (a row whose lines were written but not yet counted is recognised by its ``id`` and not
 written twice). Rows that cannot be converted (missing image, unknown schema) go to
-``<out stem>.errors.jsonl`` with the reason; the run goes on, and a rerun tries them again (say
+``<out stem>.errors.jsonl`` with the reason (and, for a local JSONL line, its file and line); the run goes on, and a rerun tries them again (say
 with the ``--images-root`` that was missing; the errors file then lists the rows that still fail).
+No errors file is left when no row failed, and no images folder when no image was written.
 Local sources: a file, a folder (``--split`` keeps the split's files: a sub-folder named after
 it or file names starting with it, as the hub lays them out), or a ``save_to_disk`` folder. An
 empty source is an error that says so.
@@ -55,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..agent.parallel import progress_interval_setting
 from ..config import setting
 from ..constants import OUTPUT_DIR_ALIAS
 from ..errors import RecordError, ThymeError
@@ -114,6 +119,7 @@ class ConvertConfig:
     id_prefix: str | None = setting(
         None, help="prefix of generated ids <prefix>-<row>", source="ours", show_default="the split name, or the first local file's stem"
     )
+    progress_interval_s: float = progress_interval_setting()
 
 
 @dataclass
@@ -452,6 +458,8 @@ def open_source(source: str, cfg: ConvertConfig) -> list[tuple[str, Any]]:
             splits = _open_saved(source, cfg)
         elif is_local_source(source):
             builder, files = local_files(source, cfg.split)
+            if builder == "json":  # read as written: no schema inferred, a bad line is that row's error
+                return [(cfg.split or "train", JsonRows(files))]
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
             splits = [(cfg.split or "train", ds)]
         else:
@@ -484,7 +492,92 @@ def open_source(source: str, cfg: ConvertConfig) -> list[tuple[str, Any]]:
     return out
 
 
+class JsonRows:
+    """The rows of local JSON Lines files (or ``.json`` files holding one array of rows), read
+    as they are written: every value keeps its JSON type. The ``datasets`` JSON loader infers
+    one Arrow schema per column and rewrites a column whose values mix types (``question_id``
+    ``179`` and ``"perception/..."``, ``reference_outputs`` entries) as JSON-encoded strings;
+    this reader does not (issue 18, defect 1).
+
+    Iterating yields each non-empty line's object, or a :class:`BadRow` naming the file and
+    the line (invalid JSON, not an object, over the bounded reader's limits:
+    :func:`thyme.jsonl.iter_jsonl`), which :func:`convert` writes to the errors file while the run
+    goes on (defect 4). Rows count from 0 over the files in order; :meth:`skip` resumes.
+    """
+
+    def __init__(self, files: list[str], start: int = 0):
+        self.files = list(files)
+        self.start = start
+        self.info = None
+
+    def skip(self, n: int) -> "JsonRows":
+        return JsonRows(self.files, self.start + n)
+
+    def total(self) -> int:
+        """Rows of the files (non-empty lines; a JSON array's length), for progress."""
+        from ..jsonl import count_lines
+
+        n = 0
+        for f in self.files:
+            n += len(self._array(f)) if self._is_array(f) else count_lines(f)
+        return n
+
+    @staticmethod
+    def _is_array(f: str) -> bool:
+        with open(f, "rb") as fh:
+            return fh.read(4096).lstrip().startswith(b"[")
+
+    @staticmethod
+    def _array(f: str) -> list[Any]:
+        from ..jsonl import loads_bounded
+
+        size = os.path.getsize(f)
+        try:
+            rows = loads_bounded(Path(f).read_bytes(), max_bytes=max(size, 1), what=f)
+        except ValueError as e:
+            raise ThymeError(f"{f} is not a JSON array of rows ({getattr(e, 'reason', e)})", "pass JSON Lines (one row per line)") from None
+        if not isinstance(rows, list):  # pragma: no cover - _is_array saw "["
+            raise ThymeError(f"{f} is not a JSON array of rows")
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        from ..jsonl import iter_jsonl
+
+        i = 0
+        for f in self.files:
+            if self._is_array(f):
+                items: Iterable[tuple[int, Any]] = ((k + 1, v) for k, v in enumerate(self._array(f)))
+                where = "item"
+            else:
+                items = iter_jsonl(f)
+                where = "line"
+            for n, obj in items:
+                i += 1
+                if i <= self.start:
+                    continue
+                if isinstance(obj, RecordError):
+                    yield BadRow(f, n, obj.message)
+                elif not isinstance(obj, dict):
+                    yield BadRow(f, n, f"{f}, {where} {n}: expected a JSON object, got {type(obj).__name__}")
+                else:
+                    yield obj
+
+
+@dataclass
+class BadRow:
+    """A row of a local file that could not be read (:class:`JsonRows`): where, and why."""
+
+    file: str
+    line: int
+    error: str
+
+
 def _split_total(ds: Any, split: str) -> int | None:
+    if isinstance(ds, JsonRows):
+        try:
+            return ds.total()
+        except (OSError, ThymeError):
+            return None
     try:
         info = ds.info.splits
         return int(info[split].num_examples) if info and split in info else None
@@ -614,7 +707,7 @@ def convert(
     out: str | os.PathLike,
     config: ConvertConfig | None = None,
     *,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Callable[[int, int | None, int, int], None] | None = None,
 ) -> ConvertSummary:
     """Convert a released Thyme dataset (hub id or local files) to local JSONL + images.
 
@@ -622,7 +715,9 @@ def convert(
         source: hub id (``Kwai-Keye/Thyme-SFT``) or a parquet / JSON / JSONL file or folder.
         out: the records file to write (appended to; a rerun resumes).
         config: see :class:`ConvertConfig`.
-        progress: called with ``(rows done in this split, split total or None)`` after each chunk.
+        progress: called with ``(rows done in this split, split total or None, rows failed so
+            far in this run, rows of the split an earlier run did)`` once a split is open and
+            after each of its chunks.
 
     Returns:
         The totals; failures are in ``<out stem>.errors.jsonl``.
@@ -634,9 +729,9 @@ def convert(
     if cfg.workers < 1 or cfg.chunk_size < 1:
         raise ThymeError("workers and chunk_size must be >= 1")
     out = ensure_writable(out, what="--out")
-    images_dir = ensure_writable(
-        Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images"), what="--images-dir", folder=True
-    )
+    images_dir_path = Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images")
+    images_dir_existed = images_dir_path.exists()
+    images_dir = ensure_writable(images_dir_path, what="--images-dir", folder=True)
     images_root = cfg.images_root
     if images_root is None and is_local_source(source):
         images_root = str(Path(source).resolve().parent if Path(source).is_file() else Path(source).resolve())
@@ -670,6 +765,8 @@ def convert(
             total = _split_total(ds, split)
             if cfg.limit is not None:
                 total = min(total, cfg.limit) if total is not None else cfg.limit
+            if progress:  # the split is open: its total (when known) and where it starts
+                progress(start, total, summary.failed, start)
             it: Iterable[Any] = ds.skip(start) if start else ds
             n = start
             chunk: list[tuple[int, dict[str, Any]]] = []
@@ -678,6 +775,9 @@ def convert(
                 nonlocal n
                 futures = []
                 for i, row in chunk:
+                    if isinstance(row, BadRow):  # unreadable: listed with its line, the run goes on
+                        futures.append((i, f"{prefix}-{i}", row))
+                        continue
                     rid = str(row["id"]) if row.get("id") is not None else f"{prefix}-{i}"
                     if rid in done:
                         futures.append((i, rid, None))
@@ -691,6 +791,10 @@ def convert(
                         continue
                     summary.rows += 1
                     tried.add(rid)
+                    if isinstance(fut, BadRow):
+                        summary.failed += 1
+                        err_f.write({"id": rid, "split": split, "row": i, "file": fut.file, "line": fut.line, "error": fut.error})
+                        continue
                     try:
                         prep, written = fut.result()
                         rec, unresolved = finish_row(prep)
@@ -712,7 +816,7 @@ def convert(
                 _save_progress(prog_path, progress_state)
                 chunk.clear()
                 if progress:
-                    progress(n, total)
+                    progress(n, total, summary.failed, start)
 
             for i, row in enumerate(_iter_rows(it), start):
                 if cfg.limit is not None and i >= cfg.limit:
@@ -726,7 +830,22 @@ def convert(
             if str(e.get("id")) not in tried and str(e.get("id")) not in done:
                 err_f.write(e)
                 summary.failed += 1
+    # nothing failed: no empty errors file; no image written: no empty images folder
+    _remove_if_empty(errors_path, images_dir if not images_dir_existed else None)
     return summary
+
+
+def _remove_if_empty(errors_path: Path, images_dir: Path | None) -> None:
+    try:
+        if errors_path.is_file() and errors_path.stat().st_size == 0:
+            errors_path.unlink()
+    except OSError:
+        pass
+    if images_dir is not None:
+        try:
+            images_dir.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _source_mode(source: str) -> int:
@@ -745,9 +864,9 @@ def _source_mode(source: str) -> int:
     return mode & IMAGE_MODE
 
 
-def _iter_rows(ds: Iterable[Any]) -> Iterator[dict[str, Any]]:
+def _iter_rows(ds: Iterable[Any]) -> Iterator[dict[str, Any] | BadRow]:
     for row in ds:
-        yield dict(row)
+        yield row if isinstance(row, BadRow) else dict(row)
 
 
 def _prepare_and_write(

@@ -20,8 +20,9 @@ Kept records are written to the kept file as they were (plus ``_verify_key``); r
 missing image, an image path outside the images root: :mod:`thyme.records`), ``replay_error`` (the run itself failed), ``rounds_mismatch`` (fewer blocks ran
 than recorded), ``code_error`` (a block failed that the record shows working), ``timeout``,
 ``image_mismatch`` (count or sizes), ``text_mismatch``, ``unexpected_success`` (the record shows
-an error, the block ran). Both files are appended as records finish; a rerun skips the records
-already in either file.
+an error, the block ran). Both files are appended as records finish, in input order (a record
+judged without running waits for the records before it); a rerun skips the records already in
+either file. A file none of whose lines is a JSON object is refused with one clear error.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import json
 import os
 import re
 import tempfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import protocol
-from ..agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
+from ..agent.parallel import import_ray, progress_interval_setting, ray_setting, resolve_workers, workers_setting
 from ..config import setting
 from ..errors import RecordError, ThymeError
 from ..jsonl import ResumableJsonl, ensure_writable
@@ -64,6 +66,7 @@ class VerifyConfig:
     )
     workers: int | None = workers_setting()
     ray: str | None = ray_setting()
+    progress_interval_s: float = progress_interval_setting()
 
 
 @dataclass
@@ -124,8 +127,10 @@ def expected_outputs(rec: SFTRecord) -> list[Expected]:
         out = []
         for k in range(n_blocks):
             ref = refs[k] if k < len(refs) and isinstance(refs[k], list) else []
-            sizes = [list(r["size"]) for r in ref if isinstance(r, dict) and "size" in r]
-            texts = [str(r["text"]) for r in ref if isinstance(r, dict) and "text" in r]
+            # a null field is an absent one: a parquet source unifies the entries' structs, so an
+            # image entry carries "text": null and a text entry "size": null
+            sizes = [list(r["size"]) for r in ref if isinstance(r, dict) and r.get("size") is not None]
+            texts = [str(r["text"]) for r in ref if isinstance(r, dict) and r.get("text") is not None]
             if sizes:
                 out.append(Expected("images", sizes=sizes))
             elif texts:
@@ -256,12 +261,13 @@ def verify(
         RecordError / ThymeError: the records file cannot be read.
     """
     from ..agent import AgentConfig
-    from ..agent.replay import replay
+    from ..agent.replay import replay, require_json_objects
 
     cfg = config or VerifyConfig()
     if cfg.ray is not None:
         import_ray()  # a clear error naming the extra, before anything is written
     records_path = Path(records_path)
+    require_json_objects(records_path)  # an image or a CSV: one clear error, not a rejection per line
     root = Path(images_root) if images_root is not None else records_path.parent
     kept_path, rejected_path = Path(kept_path), Path(rejected_path)
     for p, what in ((kept_path, "--kept"), (rejected_path, "--rejected")):
@@ -292,6 +298,18 @@ def verify(
         if progress:
             progress(finished + summary.resumed)  # resumed records count: the bar starts where the last run stopped
 
+    # results are written in input order (as replay writes its own): a record judged at once (malformed,
+    # no code) waits for the records before it that are still replaying
+    order: deque[str] = deque()
+    ready: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+
+    def finish(obj: Any, key: str, rejection: dict[str, Any] | None) -> None:
+        ready[key] = (obj, rejection)
+        while order and order[0] in ready:
+            k = order.popleft()
+            done_obj, done_rejection = ready.pop(k)
+            write(done_obj, k, done_rejection)
+
     pending: dict[str, tuple[str, dict[str, Any], SFTRecord, list[Expected]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="thyme-verify-") as tmp:
@@ -303,17 +321,21 @@ def verify(
                     if key in done:
                         summary.resumed += 1
                         continue
+                    order.append(key)
                     if isinstance(obj, RecordError):
-                        write({"line": n}, key, {"reason": "record_error", "detail": obj.message, "block": None})
+                        finish({"line": n}, key, {"reason": "record_error", "detail": obj.message, "block": None})
                         continue
                     try:
                         rec = parse_sft_record(obj, line=n, images_root=root, allow_absolute=cfg.allow_absolute_paths)
                         expected = expected_outputs(rec)
                     except (RecordError, ThymeError) as e:
-                        write(obj, key, {"reason": "record_error", "detail": e.message, "block": None})
+                        finish(obj, key, {"reason": "record_error", "detail": e.message, "block": None})
+                        continue
+                    except (TypeError, ValueError) as e:  # a malformed reference_outputs entry
+                        finish(obj, key, {"reason": "record_error", "detail": f"reference_outputs: {type(e).__name__}: {e}", "block": None})
                         continue
                     if not expected:
-                        write(
+                        finish(
                             obj,
                             key,
                             None
@@ -348,7 +370,7 @@ def verify(
                     return
                 key, obj, rec, expected = item
                 if not row.get("ok"):
-                    write(obj, key, {"reason": "replay_error", "detail": str(row.get("error")), "block": None})
+                    finish(obj, key, {"reason": "replay_error", "detail": str(row.get("error")), "block": None})
                     return
                 turns = (row.get("trajectory") or {}).get("turns", [])
                 executions = [t.get("execution") for t in turns if t.get("code") is not None]
@@ -357,7 +379,7 @@ def verify(
                     executions = [
                         dict(ex, image_sizes=sizes[k]) if ex is not None and k < len(sizes) else ex for k, ex in enumerate(executions)
                     ]
-                write(obj, key, judge(expected, executions, rel_tol=cfg.float_rel_tol))
+                finish(obj, key, judge(expected, executions, rel_tol=cfg.float_rel_tol))
 
             replay(
                 todo,
@@ -372,7 +394,7 @@ def verify(
                 on_row=on_row,
             )
             for _vid, (key, obj, _, _) in list(pending.items()):  # replay reported nothing for them
-                write(obj, key, {"reason": "replay_error", "detail": "no result from replay", "block": None})
+                finish(obj, key, {"reason": "replay_error", "detail": "no result from replay", "block": None})
     finally:
         kept_f.close()
         rej_f.close()
