@@ -125,6 +125,21 @@ class Progress:
             self._ticker = threading.Thread(target=self._tick, name="thyme-progress", daemon=True)
             self._ticker.start()
 
+    def skip(self, n: int) -> None:
+        """Count ``n`` items done by an earlier run: they move the start, not the rate."""
+        self.initial += n
+        self.advance(n)
+        if self._bar is not None:
+            self._bar.initial = self._bar.initial + n
+
+    def write(self, text: str, file: Any = None) -> None:
+        """A result line (above the bar on a terminal), on ``file`` (default standard output)."""
+        out = file if file is not None else sys.stdout
+        if self._bar is not None:
+            self._bar.write(text, file=out)
+        else:
+            print(text, file=out, flush=True)
+
     def line(self) -> str:
         """The log line for the current state."""
         with self._lock:

@@ -86,11 +86,7 @@ class CountingProgress:
         moved = resumed - self.resumed
         if moved:  # done before this run: where it starts
             self.resumed = resumed
-            p.initial += moved
-            p.advance(moved)
-            bar = getattr(p, "_bar", None)
-            if bar is not None:
-                bar.initial = bar.initial + moved
+            p.skip(moved)
         new_failed = 0 if failed is None else max(0, failed - self.failed)
         if failed is not None:
             self.failed = failed
@@ -101,11 +97,7 @@ class CountingProgress:
 
     def print(self, text: str) -> None:
         """A result line on standard output (above the bar on a terminal)."""
-        bar = getattr(self.progress, "_bar", None)
-        if bar is not None:
-            bar.write(text, file=sys.stdout)
-        else:
-            print(text, file=sys.stdout, flush=True)
+        self.progress.write(text, file=sys.stdout)
 
     def fail(self) -> None:
         """One more failure (without a count change)."""
