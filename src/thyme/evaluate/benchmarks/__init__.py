@@ -29,6 +29,7 @@ from ..data import (
     row_key,
 )
 from ..data import load_rows as _load_rows
+
 # isort: off
 # each module registers its benchmarks on import, in this order (the order users see listed)
 from . import vstar  # noqa: F401
