@@ -67,6 +67,7 @@ class GRPOATSConfig:
     sandbox_timeout: float = _f(10.0, "seconds per code execution", "reference EXEC_TIME_LIMIT=10")
     feedback_separator: str = _f("\n", "text between </code> and <sandbox_output>", "released Thyme records")
     engine: str = _f("hf", "generation engine: hf (transformers generate; CPU / one GPU), vllm_colocate, vllm_server", "ours (reference: vLLM colocate)")
+    kv_cache: bool = _f(False, "engine hf: keep each rollout's KV cache across rounds (round k prefills only the sandbox feedback); off by default because rows then generate one at a time instead of in one batch, which is slower for GRPO groups on a GPU; cleared after every optimiser step", "ours (issue 14: HF KV cache across rounds)")
     vllm_gpu_memory_utilization: float = _f(0.55, "vLLM colocate memory share", RLSH + " --vllm_gpu_memory_utilization 0.55")
     vllm_server_base_url: str | None = _f(None, "vLLM server URL (engine vllm_server), e.g. http://host:8000", "TRL vllm_server_base_url")
     vllm_enable_sleep_mode: bool = _f(False, "offload vLLM weights between generations (saves memory, colocate)", "TRL vllm_enable_sleep_mode")

@@ -105,7 +105,7 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
             eos.append(tok.eos_token_id)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
         if cfg.engine == "hf":
-            engine: Any = HFEngine(model, processor, suppress, eos, pad)
+            engine: Any = HFEngine(model, processor, suppress, eos, pad, kv_cache=cfg.kv_cache)
         elif cfg.engine == "vllm_colocate":
             engine = VLLMColocateEngine(trainer.vllm_generation.llm, tok, suppress)
         else:
