@@ -1,14 +1,30 @@
 """Backend ``hf``: a Qwen VL-family model run in-process with Hugging Face transformers.
 
-Every call re-encodes each request's whole conversation: the chat-template rendering of
+The first round of a trajectory (and every round with ``kv_cache=False``, or for a request
+without a ``key``) encodes the whole conversation: the chat-template rendering of
 ``request.messages`` with the generation prompt, followed by the assistant message so far
 (``request.assistant_parts``: model text verbatim, images as the model's image placeholder
 ``<|vision_start|><|image_pad|><|vision_end|>``), with all images of the conversation passed to
-the processor in order of appearance. Images the sandbox produced mid-trajectory therefore
-always reach the vision tower. (The reference implementation reused a KV cache across rounds
-and so dropped such images; no cache is kept here, at the price of re-encoding the prompt each
-round.) ``continue_final_message`` is not used: transformers strips the trailing whitespace of
-the final message with it, which would change the text the model is continuing.
+the processor in order of appearance. ``continue_final_message`` is not used: transformers
+strips the trailing whitespace of the final message with it, which would change the text the
+model is continuing.
+
+KV cache (``kv_cache=True``, the default; ``HFConfig.kv_cache``, ``--no-kv-cache``): the
+trajectory named by ``request.key`` is kept as token ids: the first round's ids as above, then
+the ids the model sampled, as sampled (never re-tokenised), then each new assistant part as ids
+(text tokenised, each new image as ``<|vision_start|>`` + its pad count from the same image
+processor + ``<|vision_end|>``). :class:`thyme.backends.kv_cache.KVCacheSession` continues them, so
+round ``k`` prefills only the new tokens; every image still reaches the vision tower (once, in the
+round it arrives). A request's assistant parts must extend what is kept: sampled ids whose text
+the trajectory did not keep (a discarded segment under ``on_error="regenerate"``, text decoded
+past a stop string, a special token the text omits) are cut back to the longest prefix the text
+keeps (``kv_counts["retokenized"]``) and the cache with them; a request whose messages or earlier
+parts changed is rebuilt from scratch (``kv_counts["rebuilds"]``). Requests run one at a time
+(a batch of one each) on this path. Greedy text equals the re-encode's whenever the sampled ids
+are the tokeniser's own encoding of their text (a trained model's usually are; where they are
+not, the cache path continues what was sampled, as the RL token driver does). The agent calls
+:meth:`HFBackend.release` when a trajectory finishes; at most ``kv_cache_max`` trajectories are
+kept (least recently used dropped).
 
 Decoding: greedy when ``temperature == 0`` (Thyme's evaluation setting), else sampling with
 ``temperature`` / ``top_p`` / ``top_k``; ``repetition_penalty`` in both. Requests whose decoding
@@ -270,6 +286,7 @@ class HFBackend(Backend):
             "min_pixels": lo,
             "max_pixels": hi,
             "seed": self.seed,
+            "kv_cache": self.kv_cache,
             "transformers": transformers.__version__,
             "load_s": self.load_s,
         }

@@ -51,10 +51,15 @@ Use (a token driver: ids as sampled, feedback appended as ids)::
     ids = prompt_ids + out.token_ids + feedback_ids          # feedback with a new image's pads
     out = sess.generate(ids, [image, crop], 1024, generation_config=gc, ...)  # prefills the suffix
 
-A driver whose rows carry no trajectory name (the RL engine's ``generate(rows)``; the
-message-level backend, whose requests re-render the conversation) takes a session per row from
-:class:`KVCachePool` (matched by cached prefix). A re-rendered conversation whose text
-re-tokenises differently from the sampled ids keeps the cache up to the first differing token.
+Users: the message-level backend (:class:`thyme.backends.hf.HFBackend`, ``thyme run`` /
+``thyme eval --model``) keeps one session per trajectory (``GenerationRequest.key``) with the
+trajectory's token ids; a driver whose rows carry no trajectory name (the RL engine's
+``generate(rows)``, :class:`thyme.rollout.engines.hf.HFEngine`) takes a session per row from
+:class:`KVCachePool` (matched by cached prefix). Ids that do not extend the cached ones keep the
+cache up to the first differing token.
+
+This module sits on the backends floor so that the backend can use it;
+:mod:`thyme.rollout.kv_cache` re-exports it for the token driver.
 """
 
 from __future__ import annotations
