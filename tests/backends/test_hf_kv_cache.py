@@ -225,3 +225,29 @@ def test_token_driver_with_the_cache_equals_the_batched_engine(backend, tmp_path
     assert st.calls == 3 and st.full_prefills == 1 and st.fallbacks == 0 and st.images_encoded == 4
     engine.clear_kv_cache()
     assert engine.kv_pool.sessions == []
+
+
+@needs_corpus
+def test_a_failing_request_fails_alone_and_the_lru_bound_holds(backend, tmp_path):
+    from thyme.backends.base import BatchGenerationError, GenerationRequest
+    from thyme.errors import ImageError
+
+    backend.kv_cache, saved = True, backend.kv_cache_max
+    backend.kv_cache_max = 1
+    try:
+        msgs = protocol.build_messages("What is this?", [str(IMAGE)], image_sizes=[(2496, 1392)])
+        good = GenerationRequest(msgs, [protocol.text_part("<think>a")], max_new_tokens=4, key="good")
+        bad = GenerationRequest(msgs, [protocol.text_part("<think>a"), protocol.image_part(str(tmp_path / "missing.png"))], max_new_tokens=4, key="bad")
+        with pytest.raises(BatchGenerationError) as ei:
+            backend.generate([good, bad])
+        g, e = ei.value.generations, ei.value.errors
+        assert g[0] is not None and g[0].num_tokens > 0 and e[0] is None
+        assert g[1] is None and isinstance(e[1], ImageError)
+        assert list(backend._kv) == ["good"]  # the failed trajectory keeps nothing
+        other = dataclasses.replace(good, key="other")
+        backend.generate([other])
+        assert list(backend._kv) == ["other"]  # at most kv_cache_max trajectories kept
+    finally:
+        backend.kv_cache_max = saved
+        for k in list(backend._kv):
+            backend.release(k)

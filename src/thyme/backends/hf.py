@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -257,6 +258,7 @@ class HFBackend(Backend):
         self._kv: OrderedDict[Any, _KVTrajectory] = OrderedDict()  # least recently used first
         self._kv_retired = KVCacheStats()
         self.kv_counts = {"rebuilds": 0, "retokenized": 0, "released": 0}
+        self._kv_lock = threading.RLock()  # eval's independent schedule calls generate from several threads
 
     # ------------------------------------------------------------------ provenance
 
@@ -493,10 +495,11 @@ class HFBackend(Backend):
     def release(self, key: Any) -> None:
         """Drop the token ids and KV cache kept for trajectory ``key`` (the agent calls this when
         the trajectory finishes); unknown keys are ignored."""
-        st = self._kv.pop(key, None)
-        if st is not None:
-            self._retire(st)
-            self.kv_counts["released"] += 1
+        with self._kv_lock:
+            st = self._kv.pop(key, None)
+            if st is not None:
+                self._retire(st)
+                self.kv_counts["released"] += 1
 
     def kv_cache_stats(self) -> dict[str, int]:
         """Counters of the cache path: :class:`~thyme.backends.kv_cache.KVCacheStats` summed over
@@ -522,6 +525,10 @@ class HFBackend(Backend):
         """One request at a time, each continuing its trajectory's kept ids (module docstring,
         "KV cache"). Requests without a key are re-encoded (batched) as without a cache. A request
         that fails fails alone (:class:`~thyme.backends.base.BatchGenerationError`)."""
+        with self._kv_lock:
+            return self._generate_cached_locked(requests, stream)
+
+    def _generate_cached_locked(self, requests: list[GenerationRequest], stream: StreamCallback | None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
         errors: list[BaseException | None] = [None] * len(requests)
         plain = [i for i, r in enumerate(requests) if r.key is None]
