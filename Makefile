@@ -7,7 +7,7 @@ CORPUS ?= ../shared/corpus
 VERL_VENV := .venv-verl
 VERL_BIN := $(VERL_VENV)/bin
 # veRL tests (thyme.integrations.verl) and the core's RL/agent/protocol tests in veRL's own environment
-VERL_TESTS := tests/test_verl_agent_loop.py tests/test_protocol.py tests/test_agent.py tests/test_rl_ats.py tests/test_rl_grpo.py
+VERL_TESTS := tests/integrations/test_verl_agent_loop.py tests/test_protocol.py tests/agent/test_loop.py tests/agent/test_step.py tests/rollout/test_ats.py tests/train/test_grpo.py
 
 .PHONY: venv demo test clean venv-verl test-verl
 

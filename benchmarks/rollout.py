@@ -19,7 +19,7 @@ Printed (one JSON line), all measured in this one run:
   block, as sampled rows diverge): each row's code started during the engine call, as soon as
   its block closes (shipped), against every block run after the call;
 - ``engine_calls_per_code_block`` over the model-written blocks (HF engine: 1.0; the vLLM
-  engines' stop-and-resubmit gives 2.0, see tests/test_rl_engines.py);
+  engines' stop-and-resubmit gives 2.0, see tests/rollout/test_engines.py);
 - the repetition detector's cost per token against the reference's substring count per check
   (the reference runs it once per round on the last 1000 characters).
 

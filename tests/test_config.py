@@ -246,9 +246,9 @@ def test_defaults_yaml_flags_precedence_and_field_metadata():
     from thyme.sandbox import SandboxConfig
     from thyme.scoring.judge import JudgeConfig
     from thyme.train.rewards import RewardConfig
-    from thyme.train.sft_config import SFTRunConfig
+    from thyme.train.sft_config import ThymeSFTSettings  # SFTRunConfig = TRL's SFTConfig (TRL's help) + these
 
-    for cls in (AgentConfig, SandboxConfig, EvalConfig, OpenAIConfig, HFConfig, JudgeConfig, RewardConfig, ConvertConfig, VerifyConfig, MaskConfig, SFTRunConfig):
+    for cls in (AgentConfig, SandboxConfig, EvalConfig, OpenAIConfig, HFConfig, JudgeConfig, RewardConfig, ConvertConfig, VerifyConfig, MaskConfig, ThymeSFTSettings):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help") and f.metadata.get("source"), (cls.__name__, f.name)
             assert "(default" in help_text(f)

@@ -10,6 +10,15 @@ dataclass, e.g.::
 
 Unknown sections or keys are errors (a typo must not silently fall back to a default).
 
+The training stages (``thyme train sft|rl``) read their YAML with :func:`load_config`: the
+trainer's fields at the top level or under ``sft:`` / ``rl:``, and beside them the same
+sections as above where the stage has them (``sandbox:``, ``judge:``: fields of the stage config
+whose default is a config dataclass); ``--set key=value`` overrides a field, ``--set
+section.key=value`` a section's field. Their configs subclass the library's own
+(``trl.GRPOConfig``, ``trl.SFTConfig``) through :func:`derive_config_class`, adding only
+Thyme's fields. Secrets come from one environment variable each (:data:`JUDGE_API_KEY_ENV`,
+:data:`MODEL_API_KEY_ENV`), the same in every command.
+
 One source of truth: every field of a config dataclass is declared with :func:`setting`, which
 puts its default, its help text and its source (paper / reference / ours) into the field's
 metadata. :func:`add_fields` generates the command-line flags (and their ``--help`` texts) from
@@ -358,37 +367,135 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *, section: str) -> T:
-    """A flat config dataclass from its defaults <- a YAML file <- ``overrides`` (``--set``).
+#: Environment variables that hold secrets: one per secret, read the same way by every command
+#: that needs it (``thyme eval``, ``thyme train rl``, the veRL reward). A key given in a config
+#: file or as a flag wins over the variable; an empty variable counts as unset.
+MODEL_API_KEY_ENV = "OPENAI_API_KEY"  # the model server of ``--base-url`` (OpenAI's own name)
+JUDGE_API_KEY_ENV = "THYME_JUDGE_API_KEY"  # the judge server (never the model server's key)
 
-    The file holds the fields at its top level or under one ``section:`` key (``sft``, ``rl``).
+
+def env_secret(name: str) -> str | None:
+    """The secret held by environment variable ``name`` (empty or unset: ``None``)."""
+    return os.environ.get(name) or None
+
+
+def section_fields(cls: type) -> dict[str, type]:
+    """The fields of dataclass ``cls`` that are sections of their own (their default is a
+    dataclass instance, e.g. ``sandbox: SandboxConfig``): ``{field name: section class}``."""
+    out: dict[str, type] = {}
+    for name, f in _fields(cls).items():
+        d = field_default(f)
+        if dataclasses.is_dataclass(d) and not isinstance(d, type):
+            out[name] = type(d)
+    return out
+
+
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    section: str,
+    aliases: dict[str, str | None] | None = None,
+    defaults: dict[str, Any] | None = None,
+    overrides_source: str = "--set",
+) -> T:
+    """A stage config dataclass from its defaults <- a YAML file <- ``overrides`` (``--set``).
+
+    The file holds the stage's fields at its top level or under one ``section:`` key (``sft``,
+    ``rl``). Fields whose default is itself a config dataclass (:func:`section_fields`, e.g.
+    ``sandbox`` or ``judge``) are sections: in the file they are mappings, at the top level
+    beside the ``section:`` key or inside it (``sandbox: {allow_weaker: true}``), and a
+    ``--set`` key reaches one of their fields with a dot (``sandbox.allow_weaker=true``). A
+    section's values apply over the field's default instance, so a section that sets one key
+    keeps the stage's defaults for the others (the RL stage's required sandbox layers).
+
     Numbers written the YAML 1.1 way (``1e-5`` reads as a string) become numbers; an int where
     a float is expected becomes a float; an explicit ``null`` is kept (it can switch a setting off).
 
+    Args:
+        aliases: old or short key -> its field (``"judge_model": "judge.model"``); ``None``:
+            the key was removed, the error says so (the value of ``aliases`` is then ignored).
+        defaults: values applied before the file (a caller's own defaults).
+        overrides_source: how errors name where ``overrides`` came from.
+
     Raises:
-        ThymeError: an unreadable file, other sections beside ``section``, unknown keys (named,
-            with the known ones), a value that is not the number it must be, or a value the
-            class's own checks (``__post_init__``) refuse.
+        ThymeError: an unreadable file, other top-level keys beside ``section`` that are not
+            sections, unknown keys (named, with the known ones), a section that is not a
+            mapping, a value that is not the number it must be, or a value the class's own
+            checks (``__post_init__``) refuse.
     """
     data = load_yaml(path)
+    sections = section_fields(cls)
     if section in data and isinstance(data[section], dict):
         extra = set(data) - {section}
-        if extra:
-            raise ThymeError(f"{path}: unknown section(s) {sorted(extra)} beside '{section}'")
-        data = data[section]
+        stray = sorted(extra - set(sections))
+        if stray:
+            raise ThymeError(f"{path}: unknown section(s) {stray} beside '{section}'", f"sections this file may hold: {sorted({section, *sections})}")
+        inner = dict(data[section])
+        for name in sorted(extra):
+            if name in inner:
+                raise ThymeError(f"{path}: '{name}' is given both inside '{section}' and beside it; keep one")
+            inner[name] = data[name]
+        data = inner
     fields = _fields(cls)
     hints = _hints(cls)
     values: dict[str, Any] = {}
-    for source, new in ((f"config file {path}", data), ("--set", overrides or {})):
-        unknown = [k for k in new if k not in fields]
-        if unknown:
-            raise ThymeError(f"{source}: unknown setting(s) {unknown} for {cls.__name__}", f"known settings: {sorted(fields)}")
-        for k, v in new.items():
-            values[k] = _coerce(k, v, hints.get(k, fields[k].type), source)
+    nested: dict[str, dict[str, Any]] = {}
+    for source, new in (("defaults", defaults or {}), (f"config file {path}", data), (overrides_source, overrides or {})):
+        for key, v in new.items():
+            key = _resolve_alias(str(key), aliases or {}, source)
+            head, dot, rest = key.partition(".")
+            if head not in fields or (dot and head not in sections):
+                raise ThymeError(f"{source}: unknown setting(s) {[key]} for {cls.__name__}", f"known settings: {sorted(fields)}")
+            if head in sections:
+                if dot:
+                    nested.setdefault(head, {})[rest] = v
+                elif v is None:
+                    continue  # an empty section (``sandbox:`` with nothing under it)
+                elif isinstance(v, dict):
+                    nested.setdefault(head, {}).update({str(k): x for k, x in v.items()})
+                else:
+                    raise ThymeError(f"{source}: '{head}' is a section: give a mapping of its settings, got {type(v).__name__}",
+                                     f"e.g. {head}: {{...}} in the file, or --set {head}.KEY=VALUE")
+                continue
+            values[key] = _coerce(key, v, hints.get(key, fields[key].type), source)
+    for head, given in nested.items():
+        values[head] = _apply_section(field_default(fields[head]), given, head)
     try:
         return cls(**values)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ThymeError(f"{cls.__name__}: {e}") from None
+
+
+def _resolve_alias(key: str, aliases: dict[str, str | None], source: str) -> str:
+    if key not in aliases:
+        return key
+    target = aliases[key]
+    if target is None:
+        raise ThymeError(f"{source}: setting '{key}' was removed", _REMOVED_HINTS.get(key, "see the README"))
+    return target
+
+
+#: Why a removed key is gone, keyed by its name (the error's hint).
+_REMOVED_HINTS: dict[str, str] = {
+    "judge_api_key_env": f"the judge's key is read from the environment variable {JUDGE_API_KEY_ENV} (or the judge section's api_key)",
+}
+
+
+def _apply_section(base: Any, given: dict[str, Any], name: str) -> Any:
+    """``base`` (a config dataclass instance) with the section's values applied (keys checked,
+    numbers coerced, the class's own checks run again)."""
+    cls = type(base)
+    where = f"config section '{name}'"
+    check_keys(cls, given, source=where)
+    fields = _fields(cls)
+    hints = _hints(cls)
+    values = {k: _coerce(k, v, hints.get(k, fields[k].type), where) for k, v in given.items()}
+    try:
+        return dataclasses.replace(base, **values)
+    except (TypeError, ValueError) as e:
+        raise ThymeError(f"{where}: {e}") from None
 
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
@@ -406,3 +513,76 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                     raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
     return value
 
+
+
+def derive_config_class(
+    name: str,
+    own: type,
+    base: type,
+    defaults: dict[str, tuple[Any, str, str | None]],
+    *,
+    post_init: Any,
+    module: str,
+    doc: str,
+) -> type:
+    """A dataclass subclass of a library's config ``base`` (``trl.GRPOConfig``, ``trl.SFTConfig``)
+    and Thyme's own fields ``own``, with Thyme's defaults for some of the library's fields.
+
+    Every field of ``base`` keeps its name, type and the library's help text; ``defaults`` maps a
+    field of ``base`` to ``(default, source, help)``: ``help`` ``None`` keeps the library's text,
+    a text replaces it where Thyme gives the field another meaning. A name ``base`` does not have
+    (another version of the library) is skipped. ``post_init`` becomes ``__post_init__``.
+    """
+    fields = getattr(base, "__dataclass_fields__", {})
+    specs = []
+    for field_name, (default, source, own_help) in defaults.items():
+        f = fields.get(field_name)
+        if f is None:
+            continue
+        help_ = own_help or f.metadata.get("help", "")
+        if isinstance(default, (list, dict)):
+            spec = setting(default_factory=lambda d=default: type(d)(d), help=help_, source=source)
+        else:
+            spec = setting(default, help=help_, source=source)
+        specs.append((field_name, f.type, spec))
+    cls = dataclasses.make_dataclass(name, specs, bases=(own, base), namespace={"__post_init__": post_init, "__doc__": doc, "__module__": module})
+    cls.__qualname__ = name
+    return cls
+
+
+def _yaml_value(v: Any) -> Any:
+    import enum
+
+    if isinstance(v, enum.Enum):
+        return v.value
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: _yaml_value(x) for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, dict):
+        return {str(k): _yaml_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_yaml_value(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def record_of(cfg: Any, own: type, base: type, defaults: dict[str, Any], *, redact: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """A YAML-safe record of a :func:`derive_config_class` config: every field of ``own``
+    (sections as mappings), and each field of ``base`` that is in ``defaults`` or differs from
+    ``base``'s default. ``redact`` names ``section.field`` values written as ``<redacted>``."""
+    out: dict[str, Any] = {}
+    own_names = {f.name for f in dataclasses.fields(own)}
+    base_fields = {f.name: f for f in dataclasses.fields(base)}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in own_names:
+            out[f.name] = _yaml_value(v)
+        elif f.name in base_fields and f.init:
+            d = field_default(base_fields[f.name])
+            if f.name in defaults or _yaml_value(v) != _yaml_value(None if d is dataclasses.MISSING else d):
+                out[f.name] = _yaml_value(v)
+    for path in redact:
+        head, _, key = path.partition(".")
+        if isinstance(out.get(head), dict) and out[head].get(key):
+            out[head][key] = "<redacted>"
+    return out

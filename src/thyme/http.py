@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
@@ -124,43 +123,18 @@ class Retryable(Exception):
 # --------------------------------------------------------------------------- JSON
 
 
-def json_depth_exceeds(obj: Any, max_depth: int) -> bool:
-    """Whether ``obj`` (parsed JSON) nests dicts / lists deeper than ``max_depth``; iterative,
-    linear in the number of containers and items."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if d > max_depth:
-            return True
-        items = o.values() if isinstance(o, dict) else o if isinstance(o, list) else ()
-        for v in items:
-            if isinstance(v, (dict, list)):
-                stack.append((v, d + 1))
-    return False
-
-
 def loads_bounded(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` with a nesting limit; every failure is a ``ValueError``.
-
-    Args:
-        text: the JSON document (bytes are decoded as UTF-8).
-        max_depth: most nested dicts / lists accepted (a scalar is depth 0, ``[1]`` depth 1).
+    """A server reply parsed by the project's one bounded JSON reader
+    (:func:`thyme.jsonl.loads_bounded`, depth checked before parsing, linear time); the size was
+    already capped by the client (``max_response_bytes``), so only the depth limit applies here.
 
     Raises:
-        ValueError: invalid JSON or UTF-8, nesting over ``max_depth`` (also when Python's own
-            parser hits its recursion limit first), or any other parse failure.
+        ValueError: (:class:`thyme.jsonl.JsonInputError`) invalid JSON or UTF-8, nesting over
+            ``max_depth``, or any other parse failure.
     """
-    try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure is the document's
-        raise ValueError(f"cannot parse JSON ({type(e).__name__}: {e})") from None
-    if isinstance(obj, (dict, list)) and json_depth_exceeds(obj, max_depth):
-        raise ValueError(f"JSON nested deeper than {max_depth} levels")
-    return obj
+    from .jsonl import loads_bounded as _loads
+
+    return _loads(text, max_bytes=max(1, len(text)), max_depth=max_depth, what="server reply")
 
 
 # --------------------------------------------------------------------------- settings

@@ -15,11 +15,11 @@ import pytest
 from thyme.backends.base import GenerationRequest
 from thyme.backends.openai import OpenAIBackend, OpenAIBatchError, OpenAIServerError
 from thyme.cli import main as thyme_main
-from thyme.http import HTTPLimits, RequestTimeout, ResponseTooLarge, fetch_sync, loads_bounded, resolve_proxy
+from thyme.http import HTTPLimits, ResponseTooLarge, fetch_sync, loads_bounded, resolve_proxy
 from thyme.scoring.judge import JudgeClient, JudgeConfig, JudgeError, Verdict, parse_verdict
 from thyme.testing.hostile_server import HostileServer
 
-from ..test_eval_data import hrbench_tsv
+from ..evaluate.test_benchmark_data import hrbench_tsv
 
 DEADLINE = 1.0
 BOUND = 3 * DEADLINE
@@ -65,7 +65,7 @@ def test_backend_batch_each_hostile_request_fails_alone_within_its_deadline(serv
         assert "deadline" in str(by_mode[m]) and server.url() in str(by_mode[m])
     for m in ("flood", "flood_declared"):
         assert "over the cap of 4194304 bytes" in str(by_mode[m]) and server.url() in str(by_mode[m])
-    assert "nested deeper than 64" in str(by_mode["nest"])
+    assert "over the limit of 64 (max_depth)" in str(by_mode["nest"])
     assert "not usable JSON" in str(by_mode["not_json"]) and "Welcome to nginx" in str(by_mode["html"])
     assert "malformed completion" in str(by_mode["wrong_types"])
     assert "compressed" in str(by_mode["gzip_bomb"])
@@ -137,7 +137,7 @@ def test_judge_batch_each_hostile_verdict_fails_alone_within_its_deadline(server
     by_mode = dict(zip(modes[1:-1], verdicts[1:-1]))
     assert all(isinstance(v, JudgeError) for v in by_mode.values()), by_mode
     assert "deadline" in str(by_mode["hang"]) and "over the cap" in str(by_mode["flood"])
-    assert "nested deeper" in str(by_mode["nest"]) and "not the JSON asked for" in str(by_mode["nest_content"])
+    assert "over the limit of 64 (max_depth)" in str(by_mode["nest"]) and "not the JSON asked for" in str(by_mode["nest_content"])
     assert "content is a dict" in str(by_mode["wrong_types"])
     # 200000 "{" before the verdict: read at once (the old parser's quadratic worst case)
     (v,) = _judge(server.url()).judge_many(["THYME-HOSTILE:brace_bomb"], "correct", [0, 1])
@@ -189,7 +189,7 @@ def test_rl_scoring_with_a_hostile_judge_masks_only_the_rollouts_that_needed_it(
     # before: a RecursionError left compute_rewards, and score_rollouts masked every rollout
     from thyme.agent import Trajectory, Turn
     from thyme.train.rl.data import RLPrompt
-    from thyme.train.rl.rollout import Rollout
+    from thyme.rollout import Rollout
     from thyme.train.rl.trainer import score_rollouts
 
     def ro(i, text):

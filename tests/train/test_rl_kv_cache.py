@@ -5,7 +5,7 @@ values of weights the optimiser step is about to change)."""
 from __future__ import annotations
 
 from ..conftest import needs_corpus
-from ..test_rl_grpo import rl_records, small
+from .test_grpo import rl_records, small
 
 
 def test_the_rl_switch_is_off_by_default():

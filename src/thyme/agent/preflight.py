@@ -54,7 +54,7 @@ def check_images_decode(paths: Iterable[str | os.PathLike], *, workers: int = 4)
     if errors:
         first = errors[0]
         more = f" ({len(errors) - 1} more image(s) fail too)" if len(errors) > 1 else ""
-        raise ImageError(first.message + more, first.hint)
+        raise type(first)(first.message + more, first.hint)  # an ImageBudgetError stays one
 
 
 def context_limit(backend: Any) -> int | None:

@@ -7,8 +7,9 @@ records carrying ``reference_outputs`` (the corpus format), whether each block's
 match the reference sandbox's: the same image sizes, or the same printed text.
 
 Record format (Thyme SFT records, one JSON object per line):
-``image`` (list: input image first, then recorded sandbox outputs; relative paths are
-resolved against ``--images-root``; may be empty for text-only questions), ``question``
+``image`` (list: input image first, then recorded sandbox outputs; relative paths start
+from the records file's folder or ``--images-root`` and must stay inside it unless
+``--allow-absolute-paths``: :mod:`thyme.records`; may be empty for text-only questions), ``question``
 (leading ``<image>`` placeholder allowed), ``response``; optional ``id``,
 ``model_answer``, ``reference_outputs`` (per code block, a list of ``{"image", "size":
 [w, h]}`` or ``{"text"}``), ``benchmark``, ``question_id``.
@@ -25,73 +26,38 @@ from .. import protocol
 from ..backends.replay import ReplayBackend
 from ..config import setting
 from ..errors import RecordError
-from ..jsonl import ResumableJsonl, iter_jsonl
+from ..jsonl import ResumableJsonl
+from ..records import Record as _Record
+from ..records import iter_records as _iter
+from ..records import parse_record as _parse
 from .loop import Agent, AgentConfig, Task
 from .parallel import imap_ordered, import_ray, ray_imap_ordered, ray_setting, resolve_workers, workers_setting
 from .trajectory import Trajectory
 
 
-@dataclass
-class Record:
-    """A parsed Thyme record."""
-
-    id: str
-    question: str
-    response: str
-    images: list[str]
-    raw: dict[str, Any]
+#: A parsed Thyme record (:class:`thyme.records.Record`; its ``prompt`` is what the model is
+#: asked, its ``inputs`` the input images).
+Record = _Record
 
 
-def parse_record(obj: Any, *, line: int, images_root: str | os.PathLike | None) -> Record:
-    """Validate one record.
+def parse_record(obj: Any, *, line: int, images_root: str | os.PathLike | None, allow_absolute: bool = False) -> Record:
+    """Validate one record for replay (:func:`thyme.records.parse_record`: inputs must exist;
+    image counts are not checked; every path inside ``images_root`` unless ``allow_absolute``).
 
     Raises:
-        RecordError: naming the line and the field that is wrong.
+        RecordError: naming the line and the field that is wrong (PathRefused: a path outside the root).
     """
-    where = f"record on line {line}"
-    if not isinstance(obj, dict):
-        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("question", "response"):
-        if not isinstance(obj.get(key), str):
-            raise RecordError(f"{where}: field {key!r} is missing or not a string", "Thyme records have 'image', 'question' and 'response'")
-    imgs = obj.get("image", obj.get("images", []))
-    if isinstance(imgs, str):
-        imgs = [imgs]
-    if not isinstance(imgs, list) or not all(isinstance(p, str) for p in imgs):
-        raise RecordError(f"{where}: field 'image' must be a list of paths")
-    n_placeholders = obj["question"].count(protocol.IMAGE_PLACEHOLDER)
-    inputs = imgs[: max(1, n_placeholders)] if imgs else []
-    root = Path(images_root) if images_root is not None else Path.cwd()
-    resolved = []
-    for p in inputs:
-        q = Path(p) if os.path.isabs(p) else root / p
-        if not q.exists():
-            raise RecordError(f"{where}: input image not found: {q}", "pass --images-root pointing at the folder the record's paths are relative to")
-        resolved.append(str(q.resolve()))
-    rid = obj.get("id")
-    return Record(
-        id=str(rid) if rid is not None else f"line-{line}",
-        question=protocol.strip_question_placeholder(obj["question"]),
-        response=obj["response"],
-        images=resolved,
-        raw=obj,
-    )
+    return _parse(obj, line=line, root=images_root, allow_absolute=allow_absolute, check_counts=False, check_files="inputs")
 
 
-def iter_records(path: str | os.PathLike, *, images_root: str | os.PathLike | None) -> Iterator[tuple[int, Record | RecordError]]:
-    """Yield ``(line_number, Record or RecordError)`` for each non-empty line of ``path``.
+def iter_records(path: str | os.PathLike, *, images_root: str | os.PathLike | None, allow_absolute: bool = False) -> Iterator[tuple[int, Record | RecordError]]:
+    """Yield ``(line_number, Record or RecordError)`` for each non-empty line of ``path``
+    (relative paths start from ``images_root``, default the records file's folder).
 
     Raises:
         RecordError: when ``path`` itself cannot be read.
     """
-    for n, obj in iter_jsonl(path):
-        if isinstance(obj, RecordError):
-            yield n, obj
-            continue
-        try:
-            yield n, parse_record(obj, line=n, images_root=images_root)
-        except RecordError as e:
-            yield n, e
+    return _iter(path, root=images_root, allow_absolute=allow_absolute, check_counts=False, check_files="inputs")
 
 
 def _outputs_match(reference: list[dict[str, Any]], execution: dict[str, Any] | None) -> bool:
@@ -101,12 +67,11 @@ def _outputs_match(reference: list[dict[str, Any]], execution: dict[str, Any] | 
     ref_images = [r for r in reference if "size" in r]
     ref_texts = [r["text"] for r in reference if "text" in r]
     if ref_images:
-        from PIL import Image
+        from ..imageio import image_size
 
         sizes = []
         for p in execution.get("images", []):
-            with Image.open(p) as im:
-                sizes.append(list(im.size))
+            sizes.append(list(image_size(p)))  # header only, budgets checked
         return sizes == [list(r["size"]) for r in ref_images]
     if ref_texts:
         return execution.get("stdout", "").strip() == "\n".join(t.strip() for t in ref_texts)
@@ -262,7 +227,7 @@ def replay_batch(batch: list[tuple[int, Record]], *, sandbox: Any, config: Agent
     backend = ReplayBackend({f"{n}:{r.id}": r.response for n, r in batch})
     rounds = max(len(protocol.split_recorded_response(r.response)) for _, r in batch)
     cfg = AgentConfig(**{**config.__dict__, "max_rounds": max(config.max_rounds, rounds)})
-    tasks = [Task(r.question, r.images, id=f"{n}:{r.id}") for n, r in batch]
+    tasks = [Task(r.prompt, r.inputs, id=f"{n}:{r.id}") for n, r in batch]
     rows = []
     with Agent(backend, sandbox, cfg, artifacts_dir=artifacts_dir) as agent:
         trajs = agent.run_batch(tasks)
@@ -289,6 +254,7 @@ def replay(
     artifacts_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    allow_absolute_paths: bool = False,
 ) -> ReplaySummary:
     """Re-execute every record of ``records_path``; see the module docstring.
 
@@ -300,7 +266,8 @@ def replay(
             (default: ``sandbox.config``, else the defaults). With ``workers=1`` and no
             ``sandbox``, one is started from it for the run.
         images_root: folder the records' relative image paths are resolved against
-            (default: the current folder).
+            (default: the records file's folder). A path that resolves outside it (absolute,
+            ``..``, a symlink pointing out) fails its record (:func:`thyme.records.resolve_data_path`).
         out_path: JSONL written as records finish (one line per record, ``trajectory``
             included), in input order whatever the number of workers. When it already exists,
             records listed there are skipped and their lines count towards the summary: a
@@ -315,6 +282,7 @@ def replay(
         progress: called with the number of records finished (resumed ones included: once
             at the start when there are some), after each batch (each record with workers).
         on_row: called with each record's result line as it is written.
+        allow_absolute_paths: the user's opt-in to image paths outside ``images_root``.
 
     Returns:
         The totals (``resumed``: records an earlier run finished). A malformed record or a
@@ -352,7 +320,7 @@ def replay(
 
     def todo() -> Iterator[tuple[int, Record | str]]:
         """The records not done yet, in input order (a malformed one as its message)."""
-        for n, item in iter_records(records_path, images_root=images_root):
+        for n, item in iter_records(records_path, images_root=images_root, allow_absolute=allow_absolute_paths):
             if isinstance(item, RecordError):
                 if f"{n}:error" not in done:
                     yield n, str(item)
@@ -442,6 +410,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def count_records(path: str | os.PathLike) -> int:
-    """Number of non-empty lines (for progress bars)."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    """Number of non-empty lines (for progress bars), in bounded memory (:func:`thyme.jsonl.count_lines`)."""
+    from ..jsonl import count_lines
+
+    return count_lines(path)

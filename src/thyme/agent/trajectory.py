@@ -174,7 +174,9 @@ class Trajectory:
     def load(cls, path: str | os.PathLike) -> "Trajectory":
         """Read a trajectory written by :meth:`save`; relative image paths become absolute."""
         path = Path(path)
-        traj = cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        from ..jsonl import loads_bounded
+
+        traj = cls.from_dict(loads_bounded(path.read_bytes(), what=str(path)))
         base = path.parent
 
         def absolute(p: str) -> str:

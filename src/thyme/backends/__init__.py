@@ -9,6 +9,9 @@
 - :mod:`thyme.backends.ats`         greedy-inside-``<code>`` logits processor (GRPO-ATS)
 - :mod:`thyme.backends.repetition`  the rolling-hash repetition detector
 
+Commands build them by name through :func:`thyme.rollout.registry.build_backend`
+(``"hf"``, ``"openai"``, ``"replay"``; plugins: :func:`thyme.rollout.registry.register_backend`).
+
 Floor 2: knows the protocol's stop strings, nothing of the sandbox; must not import the agent
 or anything above it.
 """

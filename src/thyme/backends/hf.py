@@ -1039,3 +1039,8 @@ def _have_accelerate() -> bool:
     except ImportError:
         return False
     return True
+
+
+#: Public names of the helpers other packages use (the RL runner, the test server).
+placeholder_token_ids = _placeholder_token_ids
+Prepared = _Prepared

@@ -351,7 +351,7 @@ def encode_image(
     """
     from PIL import Image
 
-    from ..imageio import open_image
+    from ..imageio import load_image, open_image
 
     path = None
     if isinstance(src, Image.Image):
@@ -374,8 +374,7 @@ def encode_image(
         mime = "image/jpeg" if fmt == "JPEG" else "image/png"
         return EncodedImage(_data_url(mime, data), mime, (w, h), (w, h), False, len(data))
     try:
-        im.load()
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        rgb = load_image(im, path or "<PIL image>", mode="RGB")  # under the decode budget
         if (tw, th) != (w, h):
             rgb = rgb.resize((tw, th), Image.Resampling.BICUBIC)
     except ImageError:

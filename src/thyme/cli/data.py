@@ -46,6 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--index", type=int, required=True, help="which record (counting from 0)")
     q.add_argument("--json", action="store_true", help="print a JSON list of the trained spans' texts")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
+    q.add_argument("--allow-absolute-paths", action="store_true", help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust")
     q.add_argument("--config", default=None, help="SFT config YAML whose mask settings to use (last_round_only, max_pixels, min_pixels, system_prompt)")
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
@@ -101,8 +102,9 @@ def _verify(args: argparse.Namespace) -> int:
     rejected = args.rejected or f"{stem}.rejected.jsonl"
     cfg = build(VerifyConfig, None, args)
     sb_cfg = sandbox_config(args, {})
-    with open(records, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
+    from ..jsonl import count_lines
+
+    total = count_lines(records)  # bounded memory; a non-UTF-8 line counts too
     bar = tqdm(total=total, desc="verify", unit="record", file=sys.stderr, disable=None)
     last = [0]
 
@@ -138,7 +140,7 @@ def _show_masks(args: argparse.Namespace) -> int:
         mask.min_pixels = args.min_pixels
     if args.all_rounds:
         mask.last_round_only = False
-    rec = read_record(args.records, args.index, images_root=args.images_root)
+    rec = read_record(args.records, args.index, images_root=args.images_root, allow_absolute=args.allow_absolute_paths)
     processor = prepare_processor(load_processor(args.model), mask)
     sample = encode_record(rec, processor, mask)
     print(show_masks(sample, as_json=args.json))

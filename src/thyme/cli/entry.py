@@ -23,10 +23,9 @@ RUNTIME_SECTIONS = ("agent", "sandbox", "model")
 #: Every section any command knows: a command ignores (with a note) the ones it does not use.
 ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge")
 
-#: Environment variable holding the OpenAI-compatible server's key (``--api-key`` / YAML win).
-OPENAI_KEY_ENV = "OPENAI_API_KEY"
-#: Environment variable holding the judge server's key (``--judge-api-key`` / YAML win).
-JUDGE_KEY_ENV = "THYME_JUDGE_API_KEY"
+#: Environment variables of the model server's and the judge's keys (``--api-key`` /
+#: ``--judge-api-key`` / YAML win), named once in :mod:`thyme.config` for every command.
+from ..config import JUDGE_API_KEY_ENV as JUDGE_KEY_ENV, MODEL_API_KEY_ENV as OPENAI_KEY_ENV  # noqa: E402, F401 (re-exported)
 
 #: Agent fields exposed as flags (``--max-new-tokens``...); the rest are YAML-only.
 AGENT_FLAGS = ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "prefill", "ats")
@@ -54,9 +53,13 @@ def load_sections(args: argparse.Namespace, used: set[str], *, known: set[str] |
 
     path = getattr(args, "config", None)
     data = load_yaml(path)
-    known = set(known or ()) | set(ALL_SECTIONS) | set(used)
+    known = set(known or ()) | set(ALL_SECTIONS) | set(used) | {"images"}
     check_sections(data, known, str(path))
-    for name in sorted(set(data) - set(used)):
+    if data.get("images") is not None:  # every command: the caller's image budgets (thyme.imageio.ImageLimits)
+        from ..imageio import configure_images
+
+        configure_images(data["images"])
+    for name in sorted(set(data) - set(used) - {"images"}):
         print(f"note: {path}: section '{name}' is not used by this command; ignored", file=sys.stderr)
     for name, section in data.items():
         if section is not None and not isinstance(section, dict):

@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
+from .backend import OPENAI_FLAGS, BackendChoice, add_server_flags, choose_backend  # noqa: F401 - OPENAI_FLAGS: kept importable here
 from .entry import (
-    HF_FLAGS,
     JUDGE_KEY_ENV,
-    OPENAI_KEY_ENV,
     add_agent_flags,
     add_config_flag,
     add_hf_flags,
     add_sandbox_flags,
     agent_config,
     env_key,
-    given_values,
     load_sections,
     sandbox_config,
 )
@@ -48,11 +47,9 @@ from .entry import (
 #: Judge fields exposed as ``--judge-*`` flags; the key also from ``THYME_JUDGE_API_KEY``.
 JUDGE_FLAGS = ("base_url", "model", "api_key", "response_format", "timeout_s", "max_retries")
 #: EvalConfig fields exposed as flags (all of them).
-EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report")
-#: OpenAIConfig fields exposed as flags for ``--base-url`` (pixel budget: the model group's flags).
-OPENAI_FLAGS = ("continuation", "send_stop", "image_format", "timeout_s", "max_retries", "extra_body", "tokenizer")
-#: Model flags that only the transformers backend reads (an error with ``--base-url``).
-HF_ONLY_FLAGS = ("revision", "dtype", "device_map", "attn_implementation")
+EVAL_FLAGS = ("benchmark", "data", "images_root", "out", "limit", "concurrency", "num_shards", "shard", "schedule", "retry_failed", "report", "allow_absolute_paths")
+#: The backends ``eval`` offers, in the order its messages list them (:mod:`thyme.rollout.registry`).
+EVAL_BACKENDS = ("hf", "openai", "replay")
 
 
 def _add_judge_flags(p: argparse.ArgumentParser) -> None:
@@ -68,7 +65,6 @@ def _add_judge_flags(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``eval`` (with its ``score`` sub-command) on the ``thyme`` sub-parsers."""
-    from ..backends.openai import OpenAIConfig
     from ..config import add_fields
     from ..evaluate.runner import EvalConfig
 
@@ -85,11 +81,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_fields(p, EvalConfig, EVAL_FLAGS)
     src = p.add_argument_group("what answers (one of)")
     src.add_argument("--model", default=None, help="hub id or local checkpoint (transformers backend); with --base-url: the served model name")
-    add_fields(src, OpenAIConfig, ("base_url",), help_prefix="with --model NAME: ")
-    add_fields(src, OpenAIConfig, ("api_key",), help_prefix=f"for --base-url; else the model section's api_key, else ${OPENAI_KEY_ENV}: ")
+    add_server_flags(p, src, settings=False)
     add_fields(src, EvalConfig, ("replay",))
     add_hf_flags(p, title="model (transformers backend; pixel budget also for --base-url; YAML section model)")
-    add_fields(p.add_argument_group("OpenAI-compatible server (--base-url; YAML section model takes every field)"), OpenAIConfig, OPENAI_FLAGS, exclude=())
+    add_server_flags(p, where=False)
     add_agent_flags(p, ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error", "shown_path", "ats"), title="agent (defaults: the reference's evaluation)")
     add_sandbox_flags(p)
     add_config_flag(p, "eval/agent/sandbox/model/judge")
@@ -133,66 +128,20 @@ def _eval_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]):
     return build(EvalConfig, yaml_cfg.get("eval"), args, names=(*EVAL_FLAGS, "replay"), section_name="eval")
 
 
-def _model_kwargs(args: argparse.Namespace, yaml_cfg: dict[str, Any], *, openai: bool) -> dict[str, Any]:
-    """The model section and the model flags given (flags win), checked against the backend's config.
-
-    Raises:
-        ThymeError: a key the backend does not know (named, with the known ones), or a
-            transformers-only flag with ``--base-url``.
-    """
-    section = yaml_cfg.get("model")
-    if not openai:
-        from ..backends.hf import HFConfig
-
-        return given_values(HFConfig, section, args, (*HF_FLAGS, "seed"), section_name="model")
-    given = [f"--{k.replace('_', '-')}" for k in HF_ONLY_FLAGS if getattr(args, k, None) is not None]
-    if given:
-        raise ThymeError(f"{', '.join(given)} only apply to the transformers backend (--model without --base-url)", "the server loads the model; drop these flags")
-    try:
-        from ..backends.openai import OpenAIConfig
-    except ImportError:  # the eval extra is missing: the factory says so
-        return {k: v for k, v in {**(section or {}), "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}.items() if v is not None}
-    return given_values(OpenAIConfig, section, args, ("min_pixels", "max_pixels", *OPENAI_FLAGS), section_name="model")
-
-
-def openai_backend_factory(base_url: str, model: str, *, api_key: str | None, concurrency: int, model_kw: dict[str, Any]):
-    """A factory building :class:`thyme.backends.openai.OpenAIBackend` (imported lazily) with
-    every setting of the model section and flags (``model_kw``, keys already checked)."""
-
-    def build():
-        try:
-            from ..backends.openai import OpenAIBackend
-        except ImportError as e:
-            raise ThymeError(f"the OpenAI-compatible backend is not available ({e})", "install thyme with the eval extra: pip install 'thyme[eval]'") from e
-        kw: dict[str, Any] = {"concurrency": concurrency, **model_kw}
-        if api_key is not None:
-            kw["api_key"] = api_key
-        return OpenAIBackend(base_url, model, **{k: v for k, v in kw.items() if v is not None})
-
-    return build
-
-
-def hf_backend_factory(model: str, model_kw: dict[str, Any]):
-    """A factory building :class:`thyme.backends.hf.HFBackend` (loads the model when called)."""
-
-    def build():
-        from ..backends.hf import HFBackend
-
-        return HFBackend(model, **model_kw)
-
-    return build
-
-
 # --------------------------------------------------------------------------- commands
 
 
-def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
+def _report_writer(items: list[dict[str, Any]], path: Path, *, title: str | None = None, roots: list[str] | None = None, allow_absolute: bool = False) -> Path:
+    """The eval's report: embeds only images inside the run folder and the folders the run read
+    its images from (``roots``; README: Paths in data)."""
     from ..report import write_report
 
     prov = None
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        prov = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8")).get("provenance")
-    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov)
+        from ..jsonl import loads_bounded
+
+        prov = loads_bounded((path.parent / "metrics.json").read_bytes(), what="metrics.json").get("provenance")
+    return write_report(items, path, title=title, source=f"thyme eval {path.parent.resolve()}", provenance=prov, roots=[str(path.parent), *(roots or [])], allow_absolute=allow_absolute)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,36 +182,16 @@ def _run(args: argparse.Namespace) -> int:
     missing = [flag for flag, v in (("--benchmark", cfg.benchmark), ("--data", cfg.data), ("--out", cfg.out)) if not v]
     if missing:
         raise ThymeError(f"thyme eval needs {', '.join(missing)}", "thyme eval --benchmark NAME --data PATH (--model ID | --base-url URL --model NAME | --replay RECORDS) --out DIR")
-    sources = [name for name, on in (("--replay", bool(cfg.replay)), ("--base-url", bool(args.base_url)), ("--model", bool(args.model) and not args.base_url)) if on]
-    if len(sources) != 1:
-        raise ThymeError(
-            "say what answers the questions: exactly one of --model ID, --base-url URL --model NAME, or --replay RECORDS" + (f" (got {', '.join(sources)})" if sources else ""),
-        )
-    if args.base_url and not args.model:
-        raise ThymeError("--base-url needs --model NAME (the model name the server serves)")
+    choice = choose_backend(args, yaml_cfg, kinds=EVAL_BACKENDS, replay=cfg.replay, defaults={"concurrency": cfg.concurrency})
     from ..jsonl import ensure_writable
 
     ensure_writable(cfg.out, what="--out", folder=True)  # before any data is read or model loaded
     agent_cfg = agent_config(args, yaml_cfg)
     sandbox_cfg = sandbox_config(args, yaml_cfg)
-    factory = None
-    settings: dict[str, Any] = {}
+    factory = None if cfg.replay else choice.factory()  # replay: run_eval reads the records
     precheck = on_backend = None
-    if args.base_url:
-        model_kw = _model_kwargs(args, yaml_cfg, openai=True)
-        api_key = args.api_key or model_kw.pop("api_key", None) or env_key(OPENAI_KEY_ENV)
-        model_kw.pop("api_key", None)
-        model_kw.pop("base_url", None)  # --base-url says where
-        model_kw.pop("model", None)  # --model says which
-        concurrency = model_kw.pop("concurrency", None) or cfg.concurrency
-        factory = openai_backend_factory(args.base_url, args.model, api_key=api_key, concurrency=concurrency, model_kw=model_kw)
-        settings = {"base_url": args.base_url, "served_model": args.model, "model_flags": model_kw, "backend": "openai", "model": args.model}
-    elif args.model:
-        model_kw = _model_kwargs(args, yaml_cfg, openai=False)
+    if choice.local:  # a model loaded here: its inputs are checked before it loads, its prompts after
         from ..agent.preflight import check_images_decode, check_prompt_fits
-
-        factory = hf_backend_factory(args.model, model_kw)
-        settings = {"model_flags": model_kw, "backend": "hf", "model": args.model}
 
         def precheck(rows: list[Any]) -> None:  # before the model loads
             check_images_decode([r.image for r in rows if r.image])
@@ -279,8 +208,12 @@ def _run(args: argparse.Namespace) -> int:
         sandbox_config=sandbox_cfg,
         backend_factory=factory,
         judge=_judge(args, yaml_cfg),
-        settings=settings,
-        report_writer=_report_writer,
+        settings=choice.settings,
+        report_writer=functools.partial(  # the run folder and the folders its images came from
+            _report_writer,
+            roots=[cfg.images_root or str(Path(cfg.data).resolve().parent)] + ([str(Path(cfg.replay).resolve().parent)] if cfg.replay else []),
+            allow_absolute=cfg.allow_absolute_paths,
+        ),
         overwrite=args.overwrite,
         precheck=precheck,
         on_backend=on_backend,

@@ -18,6 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("replay", help="re-execute recorded Thyme trajectories in the sandbox")
     p.add_argument("records", help="JSONL of Thyme records (image, question, response)")
     p.add_argument("--images-root", default=None, help="folder the records' relative image paths start from (default: the records file's folder)")
+    p.add_argument("--allow-absolute-paths", action="store_true", help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust")
     p.add_argument("--out", default=None, help="results JSONL, written as records finish; rerun to resume")
     p.add_argument("--json", action="store_true", help="print the totals as one JSON line at the end")
     from ..agent.replay import ReplayConfig
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     sb_cfg = sandbox_config(args, yaml_cfg)
     kw = dict(
         images_root=images_root,
+        allow_absolute_paths=args.allow_absolute_paths,
         out_path=args.out,
         config=agent_config(args, yaml_cfg),
         batch_size=run_cfg.batch_size,

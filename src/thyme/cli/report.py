@@ -27,6 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["correct", "wrong", "unscored", "tool", "no-tool"], default=None, help="keep only these trajectories")
     p.add_argument("--limit", type=int, default=None, help="keep at most N trajectories (after --only)")
     p.add_argument("--force", action="store_true", help="overwrite a report written by another command or from another input")
+    p.add_argument("--allow-absolute-paths", action="store_true", help="embed images from anywhere the input names (default: only files inside INPUT's folder, the run it renders, and the --records file's folder)")
     return p
 
 
@@ -63,7 +64,13 @@ def run(args: argparse.Namespace) -> int:
         if args.limit < 0:
             raise ReportError(f"--limit must be >= 0, got {args.limit}")
         items = items[: args.limit]
-    path = write_report(items, out, title=args.title, max_image_side=args.max_image_side or MAX_IMAGE_SIDE, source=source, provenance=provenance)
+    # only files of the run it renders are embedded: INPUT's folder, and the folder of the
+    # --records file the user names (a replay's input images live there)
+    roots = [str(src if src.is_dir() else src.resolve().parent)] + ([str(Path(args.records).resolve().parent)] if args.records else [])
+    path = write_report(
+        items, out, title=args.title, max_image_side=args.max_image_side or MAX_IMAGE_SIDE, source=source, provenance=provenance,
+        roots=roots, allow_absolute=args.allow_absolute_paths,
+    )
     size = path.stat().st_size
     print(f"{path} ({len(items)} trajectories, {size / 1e6:.1f} MB)")
     return 0

@@ -1,4 +1,11 @@
-"""``thyme run``: answer a question about an image with a model (hf backend), streaming the trajectory."""
+"""``thyme run``: answer a question about an image with a model, streaming the trajectory.
+
+The model is a checkpoint loaded here (``--model ID``, the ``hf`` backend) or one served by a
+vLLM / SGLang / OpenAI-compatible server (``--base-url URL --model NAME``, the ``openai``
+backend, with the same flags and ``model:`` section as ``thyme eval --base-url``); the kind is
+chosen by :func:`thyme.cli.backend.choose_backend` and built by the registry
+(:func:`thyme.rollout.registry.build_backend`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,11 @@ import os
 import sys
 from typing import Any
 
-from .entry import add_agent_flags, add_config_flag, add_hf_flags, add_sandbox_flags, agent_config, hf_config, load_sections, sandbox_config
+from .backend import add_server_flags, choose_backend
+from .entry import add_agent_flags, add_config_flag, add_hf_flags, add_sandbox_flags, agent_config, load_sections, sandbox_config
+
+#: The backends ``run`` offers, in the order its messages list them (:mod:`thyme.rollout.registry`).
+RUN_BACKENDS = ("hf", "openai")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -15,11 +26,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="answer a question about an image with a model")
     p.add_argument("--image", required=True, action="append", help="input image (repeatable; the first is the one the prompt describes)")
     p.add_argument("--question", required=True, help="the question (include options for multiple choice)")
-    p.add_argument("--model", required=True, help="hub id (e.g. Kwai-Keye/Thyme-RL) or local checkpoint folder")
+    p.add_argument("--model", required=True, help="hub id (e.g. Kwai-Keye/Thyme-RL) or local checkpoint folder; with --base-url: the served model name")
     p.add_argument("--out", default=None, help="write the trajectory JSON here, its images in a folder beside it")
     p.add_argument("--quiet", action="store_true", help="print only the answer")
     add_agent_flags(p)
-    add_hf_flags(p)
+    add_hf_flags(p, title="model (transformers backend; pixel budget also for --base-url; YAML section model)")
+    add_server_flags(p)
     p.add_argument("--num-samples", type=int, default=1, help="trajectories of this question (sample i uses seed + i); --out keeps them all as OUT-i.json")
     add_sandbox_flags(p)
     add_config_flag(p)
@@ -39,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         ensure_writable(args.out, what="--out")  # a finished trajectory is never thrown away
     check_images_decode(args.image)  # missing, unreadable, truncated: exit 2
     agent_cfg = agent_config(args, yaml_cfg)
-    model_cfg = hf_config(args, yaml_cfg)
+    choice = choose_backend(args, yaml_cfg, kinds=RUN_BACKENDS)  # unknown settings stop us before loading
     images = [os.path.abspath(p) for p in args.image]
 
     def on_event(i: int, kind: str, payload: Any) -> None:
@@ -55,13 +67,12 @@ def run(args: argparse.Namespace) -> int:
 
     # the sandbox first: layers its config requires but this host lacks stop us before the model loads
     with Sandbox(sandbox_config(args, yaml_cfg)) as sandbox:
-        from ..backends.hf import HFBackend
-
         if not args.quiet:
-            print(f"loading {args.model} ...", file=sys.stderr)
-        backend = HFBackend.from_config(args.model, model_cfg)
+            print(f"loading {args.model} ..." if choice.local else f"using {args.model} at {args.base_url} ...", file=sys.stderr)
+        backend = choice.factory()()
         with backend, Agent(backend, sandbox, agent_cfg) as agent:
-            check_prompt_fits(backend, [("the question", args.question, images)], agent_cfg)
+            if choice.local:
+                check_prompt_fits(backend, [("the question", args.question, images)], agent_cfg)
             if agent_cfg.prefill and not args.quiet:
                 sys.stdout.write(agent_cfg.prefill)
             n = max(1, int(getattr(args, "num_samples", 1) or 1))

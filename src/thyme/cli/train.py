@@ -12,7 +12,6 @@ import argparse
 import json
 from typing import Any
 
-from ..config import describe
 from ..errors import ThymeError
 
 
@@ -25,14 +24,15 @@ STAGES = {
 }
 
 
-def _config_class(stage: str) -> type:
+def _settings_help(stage: str) -> str:
+    """The settings a stage's ``--help`` lists (built without importing TRL)."""
     if stage == "rl":
-        from ..train.rl.config import GRPOATSConfig
+        from ..train.rl.config import settings_help
 
-        return GRPOATSConfig
-    from ..train.sft_config import SFTRunConfig
+        return settings_help()
+    from ..train.sft_config import settings_help as sft_settings_help
 
-    return SFTRunConfig
+    return sft_settings_help()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,10 +44,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             stage,
             help=help_text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="settings (YAML keys of --config, or --set KEY=VALUE):\n" + describe(_config_class(stage)),
+            epilog="settings (YAML keys of --config, or --set KEY=VALUE; --set SECTION.KEY=VALUE for a section's field):\n" + _settings_help(stage),
         )
         q.add_argument("--config", default=None, help=f"YAML config ({configs})")
-        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value), repeatable: --set learning_rate=2e-5")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (YAML value), repeatable: --set learning_rate=2e-5" + (", --set sandbox.allow_weaker=true" if stage == "rl" else ""))
         q.add_argument("--model", default=None, help="base checkpoint (overrides the config's model)")
         q.add_argument("--train-file", action="append", default=None, help=f"{files} (repeatable; replaces the config's train_files)")
         q.add_argument("--output-dir", default=None, help="where checkpoints and the final model go")

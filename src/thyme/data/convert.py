@@ -11,7 +11,13 @@ Sources (paper Sec. 3 data; the Thyme repository's "Data Preparation" steps):
 given as a hub id (read with ``datasets.load_dataset(..., streaming=True)``, the loader users
 run) or as local parquet / JSON / JSONL files (read the same way). Images may come embedded
 (``{"bytes", "path"}`` of a ``datasets.Image`` feature), as raw bytes, as base64 strings
-(``data:image/...;base64,`` or bare) or as paths (resolved against ``images_root``).
+(``data:image/...;base64,`` or bare) or as paths (resolved against ``images_root``, the
+source's folder by default, and refused when they leave it: absolute elsewhere, ``..``, a symlink
+pointing out; :func:`thyme.records.resolve_data_path`, ``--allow-absolute-paths`` opts out; a
+``datasets.Image`` struct's ``path`` included). Every image must decode as PNG, JPEG, WebP, BMP,
+GIF or TIFF (:func:`check_image_bytes`); a row with one that does not fails (errors file) and
+nothing of it is copied. Image files are written with the permission bits of their source (the
+file read, or the data file for embedded images; hub datasets: ``0o644``), at most ``0o644``.
 
 Output: one JSONL line per row in the same schema (``image`` / ``images`` now local absolute
 paths, an ``id`` added when the row has none) and the image files under ``images_dir``
@@ -53,6 +59,7 @@ from ..config import setting
 from ..constants import OUTPUT_DIR_ALIAS
 from ..errors import RecordError, ThymeError
 from ..jsonl import ResumableJsonl, ensure_writable
+from ..records import PathRefused, resolve_data_path
 
 #: File extensions treated as image paths inside text.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
@@ -79,6 +86,7 @@ class ConvertConfig:
     workers: int = setting(8, help="threads writing images in parallel", source="ours")
     chunk_size: int = setting(64, help="rows whose images are written together before their lines are appended", source="ours")
     limit: int | None = setting(None, help="stop after this many rows per split", source="ours", show_default="all")
+    allow_absolute_paths: bool = setting(False, help="accept image paths of the source that leave the images root (absolute, .., symlinks pointing out); only for datasets you trust (README: Paths in data)", source="ours")
     id_prefix: str | None = setting(None, help="prefix of generated ids <prefix>-<row>", source="ours", show_default="the split name, or the first local file's stem")
 
 
@@ -116,38 +124,56 @@ class ConvertSummary:
 # --------------------------------------------------------------------------- images
 
 
-def image_bytes(value: Any, *, images_root: str | os.PathLike | None = None) -> tuple[bytes, str | None]:
+def image_bytes(value: Any, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> tuple[bytes, str | None]:
     """The encoded bytes of one image value, and its original file name when known.
 
     Accepts a ``datasets.Image`` value (``{"bytes": ..., "path": ...}``), raw ``bytes``, a
-    base64 string (with or without a ``data:image/...;base64,`` prefix), a path (absolute, or
-    relative to ``images_root``) or a PIL image (saved as PNG unless it has a format).
+    base64 string (with or without a ``data:image/...;base64,`` prefix), a path (relative to
+    ``images_root`` and inside it: :func:`thyme.records.resolve_data_path`; the struct's
+    ``path`` too) or a PIL image (saved as PNG unless it has a format). The bytes are not
+    checked here (:func:`check_image_bytes` is).
 
     Raises:
-        RecordError: the value is none of these, or names a file that does not exist.
+        RecordError: the value is none of these, or names a file that does not exist;
+            PathRefused: a path outside ``images_root`` (unless ``allow_absolute``).
     """
+    return _image_value(value, images_root=images_root, allow_absolute=allow_absolute)[:2]
+
+
+def _image_value(value: Any, *, images_root: str | os.PathLike | None, allow_absolute: bool) -> tuple[bytes, str | None, int | None]:
+    """:func:`image_bytes` plus the permission bits of the file read (``None``: not a file)."""
     if isinstance(value, dict):
         b = value.get("bytes")
         p = value.get("path")
         if b:
-            return bytes(b), os.path.basename(p) if p else None
+            return bytes(b), os.path.basename(p) if isinstance(p, str) and p else None, None
         if p:
-            return image_bytes(p, images_root=images_root)
+            return _image_value(p, images_root=images_root, allow_absolute=allow_absolute)
         raise RecordError("image value has neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), None
+        return bytes(value), None, None
     if isinstance(value, str):
         if value.startswith("data:image/"):
             head, _, data = value.partition(",")
-            return _b64(data, "data URL"), None
-        p = Path(value) if os.path.isabs(value) else Path(images_root or ".") / value
-        if len(value) < 1024 and p.is_file():
-            return p.read_bytes(), os.path.basename(value)
+            return _b64(data, "data URL"), None, None
+        refused: RecordError | None = None
+        if len(value) < 1024:
+            try:
+                real = resolve_data_path(value, images_root if images_root is not None else ".", allow_absolute=allow_absolute)
+            except PathRefused as e:  # maybe base64 that starts with "/" (JPEG: "/9j/"): tried below
+                refused, real = e, None
+            except RecordError:
+                real = None
+            if real is not None and os.path.isfile(real):
+                with open(real, "rb") as f:
+                    return f.read(), os.path.basename(value), os.fstat(f.fileno()).st_mode & 0o777
         if len(value) >= 64 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", value[:4096]):
             try:
-                return _b64(value, "base64 string"), None
+                return _b64(value, "base64 string"), None, None
             except RecordError:
                 pass
+        if refused is not None:
+            raise refused
         raise RecordError(f"image not found: {value[:200]}", "pass --images-root pointing at the folder the dataset's image paths are relative to")
     try:
         from PIL import Image
@@ -155,10 +181,34 @@ def image_bytes(value: Any, *, images_root: str | os.PathLike | None = None) -> 
         if isinstance(value, Image.Image):
             buf = io.BytesIO()
             value.save(buf, format=value.format or "PNG")
-            return buf.getvalue(), None
+            return buf.getvalue(), None, None
     except ImportError:  # pragma: no cover
         pass
     raise RecordError(f"unsupported image value of type {type(value).__name__}", "images may be embedded bytes, base64 strings or paths")
+
+
+#: Formats ``thyme data convert`` copies (PIL's names); anything else is a per-row error.
+def check_image_bytes(raw: bytes) -> str:
+    """Check that ``raw`` decodes, fully, as an image of an accepted format
+    (:data:`thyme.imageio.ACCEPTED_FORMATS`) within the caller's image budgets (the one image
+    opener, :func:`thyme.imageio.open_image_bytes`: pixels, decoded bytes and compression ratio
+    from the header before decoding), so a text file renamed ``.png``, a truncated image or a
+    decompression bomb is never copied.
+
+    Returns:
+        The format name.
+
+    Raises:
+        RecordError: naming the reason (not an image, another format, too large, truncated).
+    """
+    from ..imageio import ACCEPTED_FORMATS, open_image_bytes
+
+    try:
+        with open_image_bytes(raw, name=f"embedded image ({len(raw)} bytes)") as im:
+            return im.format or "?"
+    except Exception as e:  # not an image, another format, truncated, over a budget
+        msg = getattr(e, "message", None) or f"{type(e).__name__}: {str(e)[:200]}"
+        raise RecordError(f"not an accepted, decodable image: {msg}", f"thyme data convert copies only {', '.join(ACCEPTED_FORMATS)} images within the image budgets") from None
 
 
 def _b64(data: str, what: str) -> bytes:
@@ -194,8 +244,17 @@ def local_image_path(images_dir: Path, rid: str, k: int, name: str | None, raw: 
     return images_dir / bucket / f"{_safe_name(rid)}-{k}-{base}"
 
 
-def _write(path: Path, raw: bytes) -> bool:
-    """Write ``raw`` to ``path`` unless the same bytes are there (resuming); True when written."""
+#: Permission bits of the image files convert writes, at most: readable by others (sandbox
+#: sessions run as another user and read inputs) only when the source was.
+IMAGE_MODE = 0o644
+
+
+def _write(path: Path, raw: bytes, mode: int = IMAGE_MODE) -> bool:
+    """Write ``raw`` to ``path`` unless the same bytes are there (resuming); True when written.
+
+    The file gets ``mode & 0o644``: a copied image keeps at most its source's permission bits
+    (README: Paths in data), never more than owner read-write and read for the others.
+    """
     try:
         if path.stat().st_size == len(raw):
             return False
@@ -203,8 +262,10 @@ def _write(path: Path, raw: bytes) -> bool:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(raw)
-    os.chmod(tmp, 0o644)  # sandbox sessions run as another user and must read inputs
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.chmod(tmp, mode & IMAGE_MODE)
     os.replace(tmp, path)
     return True
 
@@ -420,17 +481,35 @@ class _Prepared:
     row: dict[str, Any]
     key: str
     images: list[tuple[Path, bytes, str | None]]
+    modes: list[int] = field(default_factory=list)
 
 
-def prepare_row(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None) -> _Prepared:
-    """Decode a row's images and choose their local paths (runs in a worker thread)."""
+def prepare_row(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, *, allow_absolute: bool = False, source_mode: int = IMAGE_MODE) -> _Prepared:
+    """Read a row's images, check each decodes (:func:`check_image_bytes`) and choose their
+    local paths (runs in a worker thread).
+
+    Args:
+        images_root: the folder the row's image paths are relative to (and must stay in).
+        allow_absolute: the user's opt-in to paths outside it.
+        source_mode: permission bits of the data file (embedded images get at most these).
+
+    Raises:
+        RecordError: naming the image (``image k``) and why: a refused path, a missing file, bytes
+            that are not an accepted image.
+    """
     row_kind(row)
     key, values = _image_values(row)
     images = []
+    modes = []
     for k, v in enumerate(values):
-        raw, name = image_bytes(v, images_root=images_root)
+        try:
+            raw, name, mode = _image_value(v, images_root=images_root, allow_absolute=allow_absolute)
+            check_image_bytes(raw)
+        except RecordError as e:
+            raise type(e)(f"image {k}: {e.message}", e.hint) if not isinstance(e, PathRefused) else e from None
         images.append((local_image_path(images_dir, rid, k, name, raw), raw, name))
-    return _Prepared(rid, row, key, images)
+        modes.append((mode if mode is not None else source_mode) & IMAGE_MODE)
+    return _Prepared(rid, row, key, images, modes)
 
 
 def finish_row(prep: _Prepared) -> tuple[dict[str, Any], list[str]]:
@@ -516,7 +595,8 @@ def convert(
     images_dir = ensure_writable(Path(cfg.images_dir) if cfg.images_dir else out.with_name(out.stem + "_images"), what="--images-dir", folder=True)
     images_root = cfg.images_root
     if images_root is None and is_local_source(source):
-        images_root = str(Path(source).parent if Path(source).is_file() else Path(source))
+        images_root = str(Path(source).resolve().parent if Path(source).is_file() else Path(source).resolve())
+    source_mode = _source_mode(source)
     errors_path = out.with_name(out.stem + ".errors.jsonl")
     prog_path = _progress_path(out)
     progress_state: dict[str, int] = json.loads(prog_path.read_text()) if prog_path.exists() else {}
@@ -556,7 +636,7 @@ def convert(
                     if rid in done:
                         futures.append((i, rid, None))
                         continue
-                    futures.append((i, rid, pool.submit(_prepare_and_write, row, rid, images_dir, images_root)))
+                    futures.append((i, rid, pool.submit(_prepare_and_write, row, rid, images_dir, images_root, cfg.allow_absolute_paths, source_mode)))
                 for i, rid, fut in futures:
                     if fut is None:  # written by an earlier run whose progress file lagged behind
                         summary.resumed += 1
@@ -601,14 +681,30 @@ def convert(
     return summary
 
 
+def _source_mode(source: str) -> int:
+    """Permission bits embedded images may get: those every local data file shares (a private
+    dataset gives private copies); a hub dataset is public (:data:`IMAGE_MODE`)."""
+    p = Path(source)
+    if not p.exists():
+        return IMAGE_MODE
+    files = [p] if p.is_file() else [q for q in p.rglob("*") if q.is_file() and q.suffix in (".parquet", ".jsonl", ".json", ".arrow")]
+    mode = IMAGE_MODE
+    for f in files[:10000]:
+        try:
+            mode &= f.stat().st_mode
+        except OSError:
+            pass
+    return mode & IMAGE_MODE
+
+
 def _iter_rows(ds: Iterable[Any]) -> Iterator[dict[str, Any]]:
     for row in ds:
         yield dict(row)
 
 
-def _prepare_and_write(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None) -> tuple[_Prepared, int]:
-    prep = prepare_row(row, rid, images_dir, images_root)
-    written = sum(1 for p, raw, _ in prep.images if _write(p, raw))
+def _prepare_and_write(row: dict[str, Any], rid: str, images_dir: Path, images_root: str | None, allow_absolute: bool = False, source_mode: int = IMAGE_MODE) -> tuple[_Prepared, int]:
+    prep = prepare_row(row, rid, images_dir, images_root, allow_absolute=allow_absolute, source_mode=source_mode)
+    written = sum(1 for (p, raw, _), mode in zip(prep.images, prep.modes) if _write(p, raw, mode))
     return prep, written
 
 

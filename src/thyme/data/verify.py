@@ -17,7 +17,7 @@ placeholders sized from the record's ``image`` list after the inputs, its text a
 
 Kept records are written to the kept file as they were (plus ``_verify_key``); rejected ones to the rejected file with
 ``rejection: {"reason", "detail", "block"}``, ``reason`` one of ``record_error`` (malformed,
-missing image), ``replay_error`` (the run itself failed), ``rounds_mismatch`` (fewer blocks ran
+missing image, an image path outside the images root: :mod:`thyme.records`), ``replay_error`` (the run itself failed), ``rounds_mismatch`` (fewer blocks ran
 than recorded), ``code_error`` (a block failed that the record shows working), ``timeout``,
 ``image_mismatch`` (count or sizes), ``text_mismatch``, ``unexpected_success`` (the record shows
 an error, the block ran). Both files are appended as records finish; a rerun skips the records
@@ -53,6 +53,7 @@ class VerifyConfig:
     batch_size: int = setting(8, help="records replayed together (their code runs concurrently in the pool)", source="ours")
     float_rel_tol: float = setting(1e-6, help="relative tolerance for numbers in printed text (the last digits of a float may differ across library versions)", source="ours")
     keep_without_code: bool = setting(True, help="keep records that have no code block (nothing to execute)", source="ours")
+    allow_absolute_paths: bool = setting(False, help="accept image paths that leave the images root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data)", source="ours")
     workers: int | None = workers_setting()
     ray: str | None = ray_setting()
 
@@ -286,7 +287,7 @@ def verify(
                         write({"line": n}, key, {"reason": "record_error", "detail": obj.message, "block": None})
                         continue
                     try:
-                        rec = parse_sft_record(obj, line=n, images_root=root)
+                        rec = parse_sft_record(obj, line=n, images_root=root, allow_absolute=cfg.allow_absolute_paths)
                         expected = expected_outputs(rec)
                     except (RecordError, ThymeError) as e:
                         write(obj, key, {"reason": "record_error", "detail": e.message, "block": None})
@@ -296,7 +297,8 @@ def verify(
                         continue
                     vid = f"v{n}"
                     pending[vid] = (key, obj, rec, expected)
-                    f.write(json.dumps({"id": vid, "image": rec.inputs + rec.outputs, "question": rec.question, "response": rec.response}, ensure_ascii=False) + "\n")
+                    # the paths as the record gives them: replay resolves them by the same rule, in the same root
+                    f.write(json.dumps({"id": vid, "image": obj.get("image", obj.get("images")) or [], "question": rec.question, "response": rec.response}, ensure_ascii=False) + "\n")
             if not pending:
                 return summary
             # a sandbox given and no worker count: this process, with it; never more workers than batches
@@ -322,7 +324,8 @@ def verify(
                 todo,
                 sandbox=sandbox,
                 sandbox_config=sandbox_config,
-                images_root=None,
+                images_root=root,
+                allow_absolute_paths=cfg.allow_absolute_paths,
                 config=AgentConfig(max_images=10_000, max_total_tokens=10**9),
                 batch_size=cfg.batch_size,
                 workers=workers,

@@ -34,7 +34,6 @@ import ast
 import base64
 import binascii
 import csv
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import RecordError, ThymeError
 from ..jsonl import iter_jsonl
+from ..records import resolve_data_path
 
 
 class BenchmarkDataError(ThymeError):
@@ -66,12 +66,17 @@ class ImageRef:
         kind: ``"file"`` (``value`` is a resolved path), ``"b64"`` (``value`` is base64 text),
             ``"bytes"`` (``value`` is the encoded image), ``"tsv"`` / ``"parquet"`` (the image
             is embedded in the data file at row ``value``; read by :func:`materialise_images`),
-            ``"ref"`` (VLMEvalKit: the image of the row whose ``index`` is ``value``).
+            ``"ref"`` (VLMEvalKit: the image of the row whose ``index`` is ``value``),
+            ``"refused"`` (``value`` is why: a path outside the images root, :mod:`thyme.records`).
         value: see ``kind``.
+        root: the folder a path found later (a parquet struct's ``path``) is relative to.
+        allow_absolute: the user's opt-in to paths outside ``root``.
     """
 
     kind: str
     value: Any
+    root: str | None = None
+    allow_absolute: bool = False
 
 
 @dataclass
@@ -228,7 +233,7 @@ def _letter(v: Any, options: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None) -> list[Row]:
+def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> list[Row]:
     """Read every row of a benchmark data file (any form listed in the module docstring).
 
     Images are not read: file images get their resolved path in :attr:`Row.image` (existence
@@ -240,6 +245,10 @@ def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.
             the benchmark's own fields; :func:`thyme.evaluate.benchmarks.load_rows` takes a name).
         data: the data file.
         images_root: folder relative image paths start from (default: the data file's folder).
+            A path that resolves outside it (absolute, ``..``, a symlink pointing out) is
+            refused (:func:`thyme.records.resolve_data_path`): the row's image is an
+            :class:`ImageRef` ``"refused"`` that :func:`check_images` lists with the reason.
+        allow_absolute: the user's opt-in to such paths (``--allow-absolute-paths``).
 
     Returns:
         The rows in file order (:attr:`Row.position` 0, 1, ...).
@@ -252,7 +261,7 @@ def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.
     path = Path(data)
     if not path.is_file():
         raise BenchmarkDataError(f"benchmark data file not found: {path}", "pass --data pointing at a .tsv, .jsonl, .json or .parquet file")
-    root = Path(images_root) if images_root is not None else path.parent
+    root = Path(images_root) if images_root is not None else path.resolve().parent
     suffix = path.suffix.lower()
     if suffix == ".tsv":
         objects = _iter_tsv(path, keep_image=False)
@@ -264,14 +273,14 @@ def load_rows(benchmark: Any, data: str | os.PathLike, *, images_root: str | os.
         objects = _iter_json(path)
         source = "json"
     elif suffix in (".parquet", ".pq"):
-        objects = _iter_parquet(path)
+        objects = _iter_parquet(path, root, allow_absolute)
         source = "parquet"
     else:
         raise BenchmarkDataError(f"unsupported data file type {suffix!r}: {path}", "use a VLMEvalKit .tsv, an official .json/.jsonl/.parquet, or the corpus's normalised .jsonl")
     rows = []
     seen: dict[str, int] = {}
     for i, obj in enumerate(objects):
-        row = _row_from_object(obj, spec, i, source, path, root)
+        row = _row_from_object(obj, spec, i, source, path, root, allow_absolute)
         base = row_key(row.question_id)
         seen[base] = seen.get(base, 0) + 1
         row.occurrence = seen[base]  # a repeated id (MME-RealWorld-Lite has some) stays its own row
@@ -291,10 +300,12 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BenchmarkDataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    from ..jsonl import JsonInputError, loads_bounded
+
+    try:  # the whole file is the document (its size is the user's choice); depth is bounded
+        data = loads_bounded(path.read_bytes(), max_bytes=max(1, path.stat().st_size), what=str(path))
+    except JsonInputError as e:
+        raise BenchmarkDataError(f"{path} is not valid JSON ({e.reason})") from None
     if isinstance(data, dict):
         for key in ("data", "questions", "rows"):
             if isinstance(data.get(key), list):
@@ -334,7 +345,7 @@ def _iter_tsv(path: Path, *, keep_image: bool) -> Iterator[dict[str, Any]]:
             yield obj
 
 
-def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
+def _iter_parquet(path: Path, root: Path | None = None, allow_absolute: bool = False) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow comes with datasets
@@ -350,7 +361,7 @@ def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
     for batch in pf.iter_batches(columns=meta_cols or None, batch_size=1024):
         for rec in batch.to_pylist():
             if image_cols:
-                rec[image_cols[0]] = ImageRef("parquet", n)
+                rec[image_cols[0]] = ImageRef("parquet", n, str(root or path.resolve().parent), allow_absolute)
             n += 1
             yield rec
 
@@ -365,7 +376,7 @@ def first_field(obj: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: Path, root: Path) -> Row:
+def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: Path, root: Path, allow_absolute: bool = False) -> Row:
     where = f"{path}: row {i + 1}"
     qid = first_field(obj, "question_id", "Question_id", "index", "id", "qid")
     if qid is None:
@@ -395,7 +406,7 @@ def _row_from_object(obj: dict[str, Any], spec: Any, i: int, source: str, path: 
         category = first_field(obj, "Subtask")
         l2 = first_field(obj, "Category")
     image_value = first_field(obj, "image", "Image", "image_path")
-    image_ref, image_path, image_name = _image_of(image_value, root)
+    image_ref, image_path, image_name = _image_of(image_value, root, allow_absolute, where)
     extra = {k: v for k, v in obj.items() if k in ("note", "Dataset", "source", "bbox", "target_object") and _clean(v) is not None}
     if instruction:
         extra["instruction"] = instruction
@@ -421,7 +432,7 @@ def _looks_base64(s: str) -> bool:
     return len(s) > 256 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", s[:4096]) is not None
 
 
-def _image_of(value: Any, root: Path) -> tuple[ImageRef | None, str | None, str | None]:
+def _image_of(value: Any, root: Path, allow_absolute: bool = False, where: str | None = None) -> tuple[ImageRef | None, str | None, str | None]:
     if value is None:
         return None, None, None
     if isinstance(value, ImageRef):
@@ -448,8 +459,10 @@ def _image_of(value: Any, root: Path) -> tuple[ImageRef | None, str | None, str 
             pass
     if _looks_base64(s):
         return ImageRef("b64", s), None, "<base64 image>"
-    p = Path(s).expanduser()
-    resolved = os.path.abspath(p if p.is_absolute() else root / p)
+    try:  # the one rule for paths from data (no ~ expansion: the file is not the user)
+        resolved = resolve_data_path(s, root, allow_absolute=allow_absolute, where=where)
+    except RecordError as e:
+        return ImageRef("refused", e.message), None, s
     return ImageRef("file", resolved), resolved, s
 
 
@@ -481,13 +494,25 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:100] or "image"
 
 
-def _write_image(cache_dir: Path, stem: str, data: bytes) -> str:
+def _data_mode(data: Path) -> int:
+    """Permission bits of images decoded from ``data``: at most ``0o644``, and no more than the
+    data file's own (a private TSV gives private images; the sandbox copies inputs its session
+    user cannot read)."""
+    try:
+        return data.stat().st_mode & 0o644
+    except OSError:
+        return 0o600
+
+
+def _write_image(cache_dir: Path, stem: str, data: bytes, mode: int = 0o644) -> str:
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / (_safe(stem) + _image_ext(data))
     if not out.exists() or out.stat().st_size != len(data):
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode & 0o644)
         os.replace(tmp, out)
     return str(out)
 
@@ -509,9 +534,9 @@ def materialise_images(rows: list[Row], data: str | os.PathLike, cache_dir: str 
         return
     for r in todo:
         if r.image_ref.kind == "b64":
-            r.image = _write_image(cache, f"{r.key}", _decode_b64(r.image_ref.value, f"{path}: question {r.key}"))
+            r.image = _write_image(cache, f"{r.key}", _decode_b64(r.image_ref.value, f"{path}: question {r.key}"), _data_mode(path))
         elif r.image_ref.kind == "bytes":
-            r.image = _write_image(cache, f"{r.key}", r.image_ref.value)
+            r.image = _write_image(cache, f"{r.key}", r.image_ref.value, _data_mode(path))
     pending = [r for r in todo if r.image is None]
     if not pending:
         return
@@ -519,7 +544,7 @@ def materialise_images(rows: list[Row], data: str | os.PathLike, cache_dir: str 
         _materialise_tsv(pending, path, cache)
     elif path.suffix.lower() in (".parquet", ".pq"):
         _materialise_parquet(pending, path, cache)
-    still = [r for r in pending if r.image is None]
+    still = [r for r in pending if r.image is None and r.image_ref.kind != "refused"]
     if still:
         raise BenchmarkDataError(f"{path}: no image found for question(s) {', '.join(r.key for r in still[:10])}", "the image column refers to rows that are not in the file")
 
@@ -538,7 +563,7 @@ def _materialise_tsv(rows: list[Row], path: Path, cache: Path) -> None:
             img = (rec.get("image") or "").strip()
             if len(img) <= 64:
                 continue  # itself a reference; its target is handled on its own line
-            file = _write_image(cache, idx, _decode_b64(img, f"{path}: row {i + 1}"))
+            file = _write_image(cache, idx, _decode_b64(img, f"{path}: row {i + 1}"), _data_mode(path))
             written[idx] = file
             if r is not None:
                 r.image = file
@@ -563,12 +588,14 @@ def _materialise_parquet(rows: list[Row], path: Path, cache: Path) -> None:
             if isinstance(value, dict):
                 value = value.get("bytes") or value.get("path")
             if isinstance(value, (bytes, bytearray)):
-                r.image = _write_image(cache, r.key, bytes(value))
+                r.image = _write_image(cache, r.key, bytes(value), _data_mode(path))
             elif isinstance(value, str) and _looks_base64(value):
-                r.image = _write_image(cache, r.key, _decode_b64(value, f"{path}: question {r.key}"))
-            elif isinstance(value, str):
-                p = Path(value)
-                r.image = str(p if p.is_absolute() else path.parent / p)
+                r.image = _write_image(cache, r.key, _decode_b64(value, f"{path}: question {r.key}"), _data_mode(path))
+            elif isinstance(value, str):  # a struct's path: the one rule for paths from data
+                try:
+                    r.image = resolve_data_path(value, r.image_ref.root or path.resolve().parent, allow_absolute=r.image_ref.allow_absolute, where=f"{path}: question {r.key}")
+                except RecordError as e:
+                    r.image_ref = ImageRef("refused", e.message)
 
 
 def missing_images(rows: Iterable[Row]) -> list[Row]:
@@ -582,8 +609,17 @@ def check_images(rows: list[Row], *, images_root: str | os.PathLike | None, data
     Raises:
         MissingImagesError: naming up to 20 missing images (question id, the name the data
             file gives, the path tried), the count, and the folder relative names were resolved
-            against.
+            against; or, first, every row whose image path was refused (outside the images
+            root: :mod:`thyme.records`), with the reason and the opt-in. Checked before any
+            model loads, as missing images are.
     """
+    refused = [r for r in rows if r.image is None and r.image_ref is not None and r.image_ref.kind == "refused"]
+    if refused:
+        from ..records import ALLOW_HINT
+
+        lines = [f"  question {r.key}: {r.image_ref.value}" for r in refused[:20]]
+        more = f"\n  ... and {len(refused) - 20} more" if len(refused) > 20 else ""
+        raise MissingImagesError(f"{len(refused)} of {len(rows)} image path(s) of {data} refused:\n" + "\n".join(lines) + more, ALLOW_HINT)
     missing = missing_images(rows)
     if not missing:
         return

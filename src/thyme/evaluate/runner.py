@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -47,7 +46,7 @@ from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..config import setting
 from ..errors import ThymeError
-from ..jsonl import ResumableJsonl, ensure_writable
+from ..jsonl import ensure_writable
 from .benchmarks import Benchmark, MissingImagesError, Row, check_images, find_benchmark, get_benchmark, load_rows, materialise_images, row_key
 from .metrics import base_provenance, compute_metrics, file_fingerprint
 
@@ -62,6 +61,7 @@ class EvalConfig:
     out: str = setting("", help="output folder (predictions.jsonl, metrics.json, report.html); reuse it to resume", source="required", show_default="none")
     images_root: str | None = setting(None, help="folder the data's relative image names start from", source="ours", show_default="the data file's folder")
     replay: str | None = setting(None, help="Thyme records (JSONL with response, benchmark, question_id) to play back instead of generating", source="ours")
+    allow_absolute_paths: bool = setting(False, help="accept image paths of the data / records that leave their root (absolute, .., symlinks pointing out); only for files you trust (README: Paths in data)", source="ours")
     limit: int | None = setting(None, help="evaluate the first N (joined) rows only", source="ours", show_default="all")
     concurrency: int = setting(8, help="trajectories in flight at once (the batch the agent advances in lockstep rounds; for the hf backend, the generation batch)", source="ours")
     num_shards: int = setting(1, help="processes sharing the run (one per GPU); shard I takes rows I, I+N, I+2N...", source="ours")
@@ -127,23 +127,32 @@ def predictions_path(cfg: EvalConfig) -> Path:
     return Path(cfg.out) / f"predictions{_shard_suffix(cfg)}.jsonl"
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def read_predictions(path: str | os.PathLike, *, skipped: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{row key: last line written for it}`` from a predictions JSONL.
 
     The row key is the line's ``key`` field (written by the runner), else its ``question_id``
     (the n-th line with the same id is the id's n-th row). Lines that are not JSON objects with a ``question_id`` (e.g. one cut by an interruption)
-    are skipped. A line with an error never replaces an earlier line without one.
+    are skipped (``skipped``: a list that gets the message of each line that is not valid JSON,
+    too long or too deep, naming the line). A line with an error never replaces an earlier line without one.
+
+    A predictions file is data: the image paths of its trajectories are never opened here; the
+    report embeds only files inside the run folder (:func:`thyme.report.write_report` ``roots``).
     """
+
     out: dict[str, dict[str, Any]] = {}
     p = Path(path)
     if not p.is_file():
         return out
     occurrences: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for line in f:
+    from ..jsonl import iter_lines_bounded, parse_line
+
+    with p.open("rb") as f:
+        for n, line in iter_lines_bounded(f):  # bounded: a huge or deep line is skipped too
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                obj = parse_line(line, what=f"line {n} of {p}")
+            except ValueError as e:
+                if skipped is not None and (line is None or line.strip()):
+                    skipped.append(getattr(e, "message", str(e)))
                 continue
             if not isinstance(obj, dict) or "question_id" not in obj:
                 continue
@@ -215,51 +224,55 @@ def absolute_trajectory(d: dict[str, Any], out: str | os.PathLike) -> dict[str, 
 # --------------------------------------------------------------------------- replay join
 
 
-def load_replay_records(path: str | os.PathLike, spec: Benchmark) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
-    """Records of ``path`` that belong to ``spec``, keyed by question id.
+def load_replay_records(path: str | os.PathLike, spec: Benchmark, *, allow_absolute: bool = False) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+    """Records of ``path`` that belong to ``spec``, keyed by question id; parsed by
+    :func:`thyme.records.parse_record` (image paths relative to the records file's folder and
+    inside it, unless ``allow_absolute``).
 
     Returns:
         ``(records, info)``; ``info`` has ``records`` (path), ``lines``, ``of_benchmark``,
-        ``without_join_fields`` and ``duplicate_records`` (ids of records whose question
-        already had a record).
+        ``without_join_fields``, ``duplicate_records`` (ids of records whose question already
+        had a record) and ``refused_records`` (``{"id", "line", "error"}`` of records whose
+        image path leaves the records' folder: they are not joined, the others are run).
 
     Raises:
-        ThymeError: the file is missing or a matching record is malformed.
+        ThymeError: the file is missing, a line is not JSON, or a matching record is malformed.
     """
+    from ..errors import RecordError
+    from ..jsonl import iter_jsonl
+    from ..records import PathRefused, parse_record
+
     p = Path(path)
     if not p.is_file():
         raise ThymeError(f"replay records file not found: {p}", "pass --replay pointing at a JSONL of Thyme records (image, question, response, benchmark, question_id)")
     base = p.resolve().parent
     out: dict[str, ReplayRecord] = {}
-    info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": []}
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            info["lines"] += 1
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ThymeError(f"{p}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
-                info["without_join_fields"] += 1
-                continue
-            if find_benchmark(obj["benchmark"]) is not spec:
-                continue
-            info["of_benchmark"] += 1
-            rid = str(obj.get("id") or f"line-{n}")
-            if not isinstance(obj.get("response"), str) or not isinstance(obj.get("question"), str):
-                raise ThymeError(f"{p}: record {rid} (line {n}) lacks 'question' or 'response'", "replay records are Thyme records with image, question and response")
-            key = row_key(obj["question_id"])
-            if key in out:
-                info["duplicate_records"].append(rid)
-                continue
-            imgs = obj.get("image", obj.get("images", [])) or []
-            if isinstance(imgs, str):
-                imgs = [imgs]
-            n_inputs = max(1, obj["question"].count(protocol.IMAGE_PLACEHOLDER)) if imgs else 0
-            images = [q if os.path.isabs(q) else str(base / q) for q in imgs[:n_inputs]]
-            out[key] = ReplayRecord(rid, protocol.strip_question_placeholder(obj["question"]), obj["response"], images, n, obj)
+    info: dict[str, Any] = {"records": str(p.resolve()), "lines": 0, "of_benchmark": 0, "without_join_fields": 0, "duplicate_records": [], "refused_records": []}
+    for n, obj in iter_jsonl(p):
+        info["lines"] += 1
+        if isinstance(obj, RecordError):
+            raise ThymeError(f"{p}: line {n} is not valid JSON ({getattr(obj, 'reason', obj.message)})", obj.hint)
+        if not isinstance(obj, dict) or obj.get("question_id") is None or not obj.get("benchmark"):
+            info["without_join_fields"] += 1
+            continue
+        if find_benchmark(obj["benchmark"]) is not spec:
+            continue
+        info["of_benchmark"] += 1
+        rid = str(obj.get("id") or f"line-{n}")
+        if not isinstance(obj.get("response"), str) or not isinstance(obj.get("question"), str):
+            raise ThymeError(f"{p}: record {rid} (line {n}) lacks 'question' or 'response'", "replay records are Thyme records with image, question and response")
+        key = row_key(obj["question_id"])
+        if key in out:
+            info["duplicate_records"].append(rid)
+            continue
+        try:
+            rec = parse_record(obj, line=n, source=p, root=base, allow_absolute=allow_absolute, check_counts=False, check_files=None)
+        except PathRefused as e:  # this record is refused; the others run
+            info["refused_records"].append({"id": rid, "line": n, "error": str(e)})
+            continue
+        except RecordError as e:
+            raise ThymeError(e.message, e.hint) from None
+        out[key] = ReplayRecord(rid, rec.prompt, rec.response, rec.inputs, n, obj)
     return out, info
 
 
@@ -403,7 +416,9 @@ def run_eval(
     precheck: Callable[[list[Row]], None] | None = None,
     on_backend: Callable[[Any, list[Row]], None] | None = None,
 ) -> EvalResult:
-    """Run (or resume) an evaluation; see the module docstring.
+    """Run (or resume) an evaluation; see the module docstring. Prepare (rows, replay join,
+    resume state, images, sandbox, backend) -> schedule (:func:`thyme.agent.scheduler.schedule`)
+    -> finalise (merge shards, metrics, report).
 
     Args:
         cfg: what to run and where to write.
@@ -432,10 +447,9 @@ def run_eval(
 
     Raises:
         ThymeError: bad arguments, unreadable data, missing images (all listed), unknown benchmark.
+        KeyboardInterrupt: Ctrl-C; the predictions written so far are kept (a rerun resumes).
     """
-    from tqdm import tqdm
-
-    from ..sandbox import Sandbox, SandboxConfig
+    from ..sandbox import SandboxConfig
 
     log = log or (lambda s: print(s, file=sys.stderr))
     _check_config(cfg)
@@ -443,157 +457,191 @@ def run_eval(
     out = ensure_writable(cfg.out, what="--out", folder=True)
     if overwrite:
         _clear_run(out)
-    rows = load_rows(spec, cfg.data, images_root=cfg.images_root)
-    records = None
-    join_info = None
-    if cfg.replay:
-        records, join_info = load_replay_records(cfg.replay, spec)
-        keys = {r.key for r in rows}
-        join_info["matched"] = sum(1 for r in rows if r.key in records)
-        join_info["rows_without_record"] = len(rows) - join_info["matched"]
-        join_info["records_without_row"] = sorted(records[k].id for k in records if k not in keys)
-        if join_info["matched"] == 0:
-            raise ThymeError(
-                f"no record of {cfg.replay} matches a row of {cfg.data} (benchmark {spec.name}: {join_info['of_benchmark']} record(s) of this benchmark)",
-                "records join rows by their 'benchmark' and 'question_id' fields",
-            )
+    rows = load_rows(spec, cfg.data, images_root=cfg.images_root, allow_absolute=cfg.allow_absolute_paths)
+    records, join_info = _join_replay(cfg, spec, rows) if cfg.replay else (None, None)
     selected, mine = select_rows(rows, cfg, records)
     agent_cfg = agent_config or AgentConfig()
     sandbox_cfg = sandbox_config or SandboxConfig()
     pred_settings = prediction_settings(cfg, agent_cfg, settings)
 
-    done = read_all_predictions(out)
     run_info_path = out / f"run{_shard_suffix(cfg)}.json"
     prev_info = _read_json(run_info_path)
-    if done:
-        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
-    if cfg.retry_failed:
-        done = {k: v for k, v in done.items() if not v.get("error")}
+    done = _resume_state(cfg, out, prev_info, pred_settings)
     todo = [r for r in mine if r.key not in done]
     skipped = len(mine) - len(todo)
-    pred_path = predictions_path(cfg)
-    tally = {"failed": sum(1 for r in mine if done.get(r.key, {}).get("error"))}
+    failed = sum(1 for r in mine if done.get(r.key, {}).get("error"))
     backend_desc: dict[str, Any] = (prev_info or {}).get("backend") or {}
 
     if todo:
-        # images first: fail before loading a model
-        if records is not None:
-            for r in todo:
-                rec = records[r.key]
-                r.image = rec.images[0] if rec.images else None
-                raw = rec.raw.get("image")
-                r.image_name = (raw[0] if raw else None) if isinstance(raw, list) else raw
-            try:
-                check_images(todo, images_root=Path(cfg.replay).resolve().parent, data=cfg.replay)
-            except MissingImagesError as e:
-                raise MissingImagesError(e.message.replace("relative names resolved against", "record images resolved against"), "replay records' image paths are relative to the records file's folder") from None
-        else:
-            materialise_images(todo, cfg.data, out / "images")
-            check_images(todo, images_root=cfg.images_root, data=cfg.data)
+        _check_inputs(cfg, todo, records, out)
         if precheck is not None:
             precheck(todo)
-
         # the sandbox before the backend: layers its config requires but this host lacks stop
         # the run before a model is loaded (ConfinementError names them)
-        stack = contextlib.ExitStack()
-        sandbox = stack.enter_context(Sandbox(sandbox_cfg))
-        try:
-            if records is not None:
-                from ..backends.replay import ReplayBackend
-
-                backend = stack.enter_context(ReplayBackend({r.key: records[r.key].response for r in todo}))
-                rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
-                agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
-                backend_desc = {"backend": "replay", "records": str(Path(cfg.replay).resolve())}
-            else:
-                if backend_factory is None:
-                    raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
-                log(f"loading backend for {len(todo)} question(s) ...")
-                backend = backend_factory()
-                stack.enter_context(backend)
-                try:
-                    backend_desc = backend.describe()
-                except Exception as e:  # provenance must not stop a run
-                    backend_desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
-                if on_backend is not None:
-                    on_backend(backend, todo)
-            prev_backend = (prev_info or {}).get("backend") or {}
-            ident = ("backend", "model", "revision")
-            if skipped and prev_backend and tuple(prev_backend.get(k) for k in ident) != tuple(backend_desc.get(k) for k in ident):
-                raise ThymeError(
-                    f"{out} holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r} (revision {prev_backend.get('revision')!r}); "
-                    f"this run's backend is {backend_desc.get('backend')} {backend_desc.get('model')!r} (revision {backend_desc.get('revision')!r}): resuming would mix them",
-                    "pass a new --out, or --overwrite to start afresh in this folder",
-                )
+        with contextlib.ExitStack() as stack:
+            sandbox, backend, backend_desc, agent_cfg = _open(stack, cfg, sandbox_cfg, agent_cfg, backend_factory, records, todo, log=log, on_backend=on_backend)
+            _check_same_backend(out, prev_info, backend_desc, skipped)
             _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=False, selected=len(mine), done=skipped, prediction=pred_settings)
-
-        except BaseException:
-            stack.close()
-            raise
-        pred_path.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q", file=sys.stderr, disable=None, dynamic_ncols=True)
-        tally["correct"] = sum(1 for r in mine if done.get(r.key, {}).get("correct"))
-        tally["finished"] = skipped
-        caps = getattr(backend, "capabilities", None)
-        independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
-        if independent:  # every trajectory on its own: a slow or failing request holds up no other
-            groups, workers = [[r] for r in todo], cfg.concurrency
-        else:  # lockstep rounds over batches of `concurrency` (one generate call per round)
-            groups, workers = [todo[i : i + cfg.concurrency] for i in range(0, len(todo), cfg.concurrency)], 1
-        try:
-            with stack, Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts") as agent, ResumableJsonl(pred_path, key=lambda d: d.get("key"), fsync=True) as f:
-
-                def run_group(batch: list[Row]) -> tuple[list[Row], list[Trajectory]]:
-                    tasks = []
-                    for r in batch:
-                        question = records[r.key].question if records is not None else spec.question(r)
-                        tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
-                    try:
-                        return batch, agent.run_batch(tasks)
-                    except Exception as e:  # the agent records failures itself; this is a last resort
-                        return batch, [_failed_trajectory(t.id, t.question, t.images, e) for t in tasks]
-
-                def emit(batch: list[Row], trajs: list[Trajectory]) -> None:
-                    for r, traj in zip(batch, trajs):
-                        line = prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
-                        f.write(line)
-                        tally["correct"] += int(bool(line["correct"]))
-                        tally["finished"] += 1
-                        tally["failed"] += int(bool(line["error"]))
-                        if line["error"]:
-                            bar.write(f"question {r.key} failed: {line['error'].splitlines()[0][:200]}", file=sys.stderr)
-                    bar.update(len(batch))
-                    bar.set_postfix(acc=f"{tally['correct'] / max(1, tally['finished']):.3f}")
-
-                if workers == 1:
-                    for g in groups:
-                        emit(*run_group(g))
-                else:
-                    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thyme-eval")
-                    interrupted = False
-                    try:
-                        pending = {pool.submit(run_group, g) for g in groups}
-                        while pending:  # short waits: Ctrl-C is seen within a second
-                            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                            for fut in finished:
-                                emit(*fut.result())  # written by this thread only
-                    except BaseException:
-                        interrupted = True
-                        raise
-                    finally:  # on Ctrl-C, do not wait for trajectories in flight
-                        pool.shutdown(wait=not interrupted, cancel_futures=True)
-        finally:
-            bar.close()
+            agent = stack.enter_context(Agent(backend, sandbox, agent_cfg, artifacts_dir=out / "artifacts"))
+            failed += _schedule(cfg, spec, agent, backend, mine, records, done, out, skipped)
     else:
         log(f"nothing to run: all {len(mine)} question(s) of this {'shard' if cfg.num_shards > 1 else 'run'} already have predictions in {out}")
 
-    result = EvalResult(out, None, len(todo), skipped, pred_path, failed=tally["failed"])
+    result = EvalResult(out, None, len(todo), skipped, predictions_path(cfg), failed=failed)
     with _run_lock(out):  # marking this shard complete and checking the others is one step
         _write_run_info(run_info_path, cfg, backend_desc, agent_cfg, sandbox_cfg, settings, complete=True, selected=len(mine), done=len(mine), prediction=pred_settings)
         if cfg.num_shards > 1 and not _all_shards_complete(out, cfg):
             log(f"shard {cfg.shard} of {cfg.num_shards} done; the last shard to finish merges the predictions and writes metrics.json")
             return result
         return finalise(cfg, spec, rows, selected, judge=judge, join_info=join_info, result=result, log=log, report_writer=report_writer, _locked=True)
+
+
+# --------------------------------------------------------------------------- run_eval's steps
+
+
+def _resume_state(cfg: EvalConfig, out: Path, prev_info: dict[str, Any] | None, pred_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The predictions ``out`` already has that this run keeps (failed ones are run again with
+    ``retry_failed``), by row key.
+
+    Raises:
+        ThymeError: they were made with other settings (:func:`_check_resume`).
+    """
+    done = read_all_predictions(out)
+    if done:
+        _check_resume(out, prev_info or _any_run_info(out), pred_settings)
+    if cfg.retry_failed:
+        done = {k: v for k, v in done.items() if not v.get("error")}
+    return done
+
+
+def _join_replay(cfg: EvalConfig, spec: Benchmark, rows: list[Row]) -> tuple[dict[str, ReplayRecord], dict[str, Any]]:
+    """The replay records of ``cfg.replay`` joined to ``rows``, and the join's provenance.
+
+    Raises:
+        ThymeError: no record matches a row.
+    """
+    records, join_info = load_replay_records(cfg.replay, spec, allow_absolute=cfg.allow_absolute_paths)
+    keys = {r.key for r in rows}
+    join_info["matched"] = sum(1 for r in rows if r.key in records)
+    join_info["rows_without_record"] = len(rows) - join_info["matched"]
+    join_info["records_without_row"] = sorted(records[k].id for k in records if k not in keys)
+    if join_info["matched"] == 0:
+        raise ThymeError(
+            f"no record of {cfg.replay} matches a row of {cfg.data} (benchmark {spec.name}: {join_info['of_benchmark']} record(s) of this benchmark)",
+            "records join rows by their 'benchmark' and 'question_id' fields",
+        )
+    return records, join_info
+
+
+def _check_inputs(cfg: EvalConfig, todo: list[Row], records: dict[str, ReplayRecord] | None, out: Path) -> None:
+    """Every image of the rows to run is there (all missing ones listed): before any model loads.
+
+    Raises:
+        MissingImagesError: naming the images that are not there.
+    """
+    if records is not None:
+        for r in todo:
+            rec = records[r.key]
+            r.image = rec.images[0] if rec.images else None
+            raw = rec.raw.get("image")
+            r.image_name = (raw[0] if raw else None) if isinstance(raw, list) else raw
+        try:
+            check_images(todo, images_root=Path(cfg.replay).resolve().parent, data=cfg.replay)
+        except MissingImagesError as e:
+            raise MissingImagesError(e.message.replace("relative names resolved against", "record images resolved against"), "replay records' image paths are relative to the records file's folder") from None
+    else:
+        materialise_images(todo, cfg.data, out / "images")
+        check_images(todo, images_root=cfg.images_root, data=cfg.data)
+
+
+def _open(
+    stack: contextlib.ExitStack,
+    cfg: EvalConfig,
+    sandbox_cfg: Any,
+    agent_cfg: AgentConfig,
+    backend_factory: Callable[[], Any] | None,
+    records: dict[str, ReplayRecord] | None,
+    todo: list[Row],
+    *,
+    log: Callable[[str], None],
+    on_backend: Callable[[Any, list[Row]], None] | None,
+) -> tuple[Any, Any, dict[str, Any], AgentConfig]:
+    """The sandbox, then the backend (replay: the records' responses, built by the registry), entered on ``stack``;
+    returns ``(sandbox, backend, its description, the agent config to run with)``."""
+    from ..rollout.registry import build_backend
+    from ..sandbox import Sandbox
+
+    sandbox = stack.enter_context(Sandbox(sandbox_cfg))
+    if records is not None:
+        backend = stack.enter_context(build_backend("replay", {r.key: records[r.key].response for r in todo}))
+        rounds = max(len(protocol.split_recorded_response(records[r.key].response)) for r in todo)
+        agent_cfg = dataclasses.replace(agent_cfg, max_rounds=max(agent_cfg.max_rounds, rounds))
+        return sandbox, backend, {"backend": "replay", "records": str(Path(cfg.replay).resolve())}, agent_cfg
+    if backend_factory is None:
+        raise ThymeError("no backend to generate with", "pass --model ID, --base-url URL --model NAME, or --replay RECORDS")
+    log(f"loading backend for {len(todo)} question(s) ...")
+    backend = backend_factory()
+    stack.enter_context(backend)
+    try:
+        desc = backend.describe()
+    except Exception as e:  # provenance must not stop a run
+        desc = {"backend": getattr(backend, "name", type(backend).__name__), "describe_error": str(e)}
+    if on_backend is not None:
+        on_backend(backend, todo)
+    return sandbox, backend, desc, agent_cfg
+
+
+def _check_same_backend(out: Path, prev_info: dict[str, Any] | None, backend_desc: dict[str, Any], skipped: int) -> None:
+    """Refuse to resume predictions of another backend, model or revision into ``out``."""
+    prev_backend = (prev_info or {}).get("backend") or {}
+    ident = ("backend", "model", "revision")
+    if skipped and prev_backend and tuple(prev_backend.get(k) for k in ident) != tuple(backend_desc.get(k) for k in ident):
+        raise ThymeError(
+            f"{out} holds predictions of {prev_backend.get('backend')} {prev_backend.get('model')!r} (revision {prev_backend.get('revision')!r}); "
+            f"this run's backend is {backend_desc.get('backend')} {backend_desc.get('model')!r} (revision {backend_desc.get('revision')!r}): resuming would mix them",
+            "pass a new --out, or --overwrite to start afresh in this folder",
+        )
+
+
+def _schedule(cfg: EvalConfig, spec: Benchmark, agent: Agent, backend: Any, mine: list[Row], records: dict[str, ReplayRecord] | None, done: dict[str, dict[str, Any]], out: Path, skipped: int) -> int:
+    """Run this shard's rows that are not ``done`` through the agent; returns how many failed.
+
+    Lockstep (batches of ``concurrency`` rows, one generate call per round) or independent
+    (``concurrency`` workers, one row each): ``cfg.schedule``, ``auto`` following the backend's
+    ``capabilities.independent_requests``.
+    """
+    from ..agent.scheduler import Progress, schedule
+
+    caps = getattr(backend, "capabilities", None)
+    independent = cfg.schedule == "independent" or (cfg.schedule == "auto" and bool(caps and caps.independent_requests))
+    workers, batch_size = (cfg.concurrency, 1) if independent else (1, cfg.concurrency)
+    tally = {"correct": sum(1 for r in mine if done.get(r.key, {}).get("correct")), "finished": skipped}
+
+    def work(batch: list[Row]) -> list[Trajectory]:
+        tasks = []
+        for r in batch:
+            question = records[r.key].question if records is not None else spec.question(r)
+            tasks.append(Task(question, [r.image] if r.image else [], id=r.key, meta={"benchmark": spec.name, "question_id": r.question_id}))
+        return agent.run_batch(tasks)
+
+    def on_error(batch: list[Row], e: Exception) -> list[Trajectory]:  # the agent records failures itself; a last resort
+        return [_failed_trajectory(r.key, records[r.key].question if records is not None else spec.question(r), [r.image] if r.image else [], e) for r in batch]
+
+    def line(r: Row, traj: Trajectory) -> dict[str, Any]:
+        return prediction_row(spec, r, traj, out, shard=cfg.shard if cfg.num_shards > 1 else None, record=records[r.key] if records is not None else None)
+
+    def on_record(r: Row, line: dict[str, Any]) -> None:
+        tally["correct"] += int(bool(line["correct"]))
+        tally["finished"] += 1
+        acc = tally["correct"] / max(1, tally["finished"])
+        progress.set_status(f"acc {acc:.3f}", acc=f"{acc:.3f}")
+
+    progress = Progress(len(mine), initial=skipped, desc=f"eval {spec.name}", unit="q")
+    res = schedule(
+        mine, work, out=predictions_path(cfg), key=lambda r: r.key, record=line, workers=workers, batch_size=batch_size,
+        done=done, on_error=on_error, on_record=on_record, progress=progress, label="question",
+    )
+    return res.failed
 
 
 @contextlib.contextmanager
@@ -610,9 +658,11 @@ def _run_lock(out: Path):
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    from ..jsonl import loads_bounded
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return loads_bounded(path.read_bytes(), what=str(path))
+    except (OSError, ValueError):
         return None
 
 
@@ -779,7 +829,10 @@ def rescore(
     if not p.is_file():
         raise ThymeError(f"predictions file not found: {p}", "pass --predictions pointing at a predictions.jsonl")
     rows = load_rows(spec, data)
-    preds = read_predictions(p)
+    skipped: list[str] = []
+    preds = read_predictions(p, skipped=skipped)
+    for msg in skipped:  # a bad line is named; the other lines are scored
+        print(f"warning: {msg}; skipped", file=sys.stderr)
     if not preds:
         raise ThymeError(f"{p} has no prediction rows", "each line needs 'question_id' and 'prediction'")
     keys = {r.key for r in rows}

@@ -229,8 +229,10 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
     if p.suffix == ".json":
         items.append(to_item(_read_json(p), base_dir=p.parent))
     else:
-        with p.open(encoding="utf-8") as f:
-            lines = iter(f)
+        from ..jsonl import JsonInputError, iter_lines_bounded, parse_line
+
+        with p.open("rb") as f:
+            lines = (ln for _, ln in iter_lines_bounded(f))  # bounded: a huge line is not held
             n = 0
             while True:
                 try:
@@ -240,14 +242,14 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
                 except UnicodeDecodeError:  # an image, an HTML report... passed by mistake
                     raise not_json from None
                 n += 1
-                if not line.strip():
+                if line is not None and not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
+                    row = parse_line(line, what=f"{p}, line {n}")
+                except JsonInputError as e:
                     if not items:
-                        raise ReportError(f"{p} is not a JSON or JSONL file (line {n}: {e.msg})", not_json.hint) from None
-                    raise ReportError(f"{p}, line {n}: invalid JSON ({e.msg})", "an interrupted run may have cut the last line: delete it") from None
+                        raise ReportError(f"{p} is not a JSON or JSONL file (line {n}: {e.reason})", not_json.hint) from None
+                    raise ReportError(f"{p}, line {n}: {e.reason}", "an interrupted run may have cut the last line: delete it") from None
                 if not isinstance(row, dict):
                     raise ReportError(f"{p}, line {n}: expected a JSON object")
                 rec = joined.get(str(row.get("id")))
@@ -258,10 +260,12 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
 
 
 def _read_json(p: Path) -> Any:
+    from ..jsonl import loads_bounded
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{p} is not a JSON file ({e})", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL, or an eval output folder") from None
+        return loads_bounded(p.read_bytes(), what=str(p))
+    except ValueError as e:  # invalid, not UTF-8, too large or too deep (JsonInputError)
+        raise ReportError(f"{p} is not a JSON file ({getattr(e, 'reason', e)})", "pass a trajectory JSON (thyme run --out), a results / predictions JSONL, or an eval output folder") from None
     except OSError as e:
         raise ReportError(f"cannot read {p}: {e}") from None
 
@@ -275,7 +279,9 @@ def load_provenance(path: str | os.PathLike, items: list[ReportItem] | None = No
     metrics = folder / "metrics.json"
     if metrics.is_file() and (p.is_dir() or p.name.startswith("predictions")):
         try:
-            prov = json.loads(metrics.read_text(encoding="utf-8")).get("provenance")
+            from ..jsonl import loads_bounded
+
+            prov = loads_bounded(metrics.read_bytes(), what=str(metrics)).get("provenance")
             if isinstance(prov, dict):
                 return prov
         except (OSError, ValueError, AttributeError):
@@ -294,15 +300,13 @@ def load_provenance(path: str | os.PathLike, items: list[ReportItem] | None = No
 
 def _records_by_id(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
+    from ..jsonl import iter_jsonl
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
+        lines = [obj for _, obj in iter_jsonl(path)]  # a bad line is a RecordError: skipped below
+    except (OSError, ThymeError) as e:
         raise ReportError(f"cannot read records {path}: {e}") from None
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for r in lines:
         if isinstance(r, dict) and r.get("id") is not None:
             out[str(r["id"])] = r
     return out

@@ -73,10 +73,31 @@ class Embedded:
 
 
 class _Embedder:
-    def __init__(self, max_side: int, quality: int = 85):
+    """Embeds image files as data URLs; only files inside ``roots`` (after resolving symlinks;
+    :func:`thyme.records.resolve_data_path`), unless ``allow_absolute``: paths in a report's input
+    are data, and a page must never carry a host file the run did not produce or read."""
+
+    def __init__(self, max_side: int, quality: int = 85, *, roots: list[str] | None = None, allow_absolute: bool = False):
         self.max_side = max_side
         self.quality = quality
+        self.roots = list(roots or [])
+        self.allow_absolute = allow_absolute
         self.cache: dict[str, Embedded] = {}
+
+    def allowed(self, path: str) -> str | None:
+        """``path`` resolved when it may be read (inside a root), else ``None``."""
+        from ..records import resolve_data_path
+
+        if not isinstance(path, str) or not path:
+            return None
+        if self.allow_absolute:
+            return os.path.realpath(path)
+        for root in self.roots:
+            try:
+                return resolve_data_path(path, root)
+            except ThymeError:
+                continue
+        return None
 
     def __call__(self, path: str) -> Embedded:
         hit = self.cache.get(path)
@@ -87,16 +108,19 @@ class _Embedder:
     def _embed(self, path: str) -> Embedded:
         from PIL import Image
 
-        from ..imageio import open_image
+        from ..imageio import load_image, open_image
 
+        real = self.allowed(path)
+        if real is None:
+            return Embedded(None, None, None, path, "not embedded: outside the folder of the run this report renders (thyme report --allow-absolute-paths embeds it)")
         try:
-            im = open_image(path)
+            im = open_image(real, load=False)  # budgets checked from the header
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            im = load_image(im, real, mode="RGBA" if has_alpha else "RGB")  # under the decode budget
         except ThymeError as e:
             return Embedded(None, None, None, path, e.message)
         size = im.size
         try:
-            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
-            im = im.convert("RGBA" if has_alpha else "RGB")
             if max(size) > self.max_side:
                 im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
             buf = io.BytesIO()
@@ -208,9 +232,10 @@ def _item_view(i: int, item: ReportItem, embed: _Embedder) -> dict[str, Any]:
         stop_reason = t.stop_reason
         tool = bool(t.tool_used)
         size = None
-        if t.images:
+        first = embed.allowed(t.images[0]) if t.images else None
+        if first is not None:
             try:
-                size = image_size(t.images[0])
+                size = image_size(first)
             except ThymeError:
                 size = None
         for k, turn in enumerate([x for x in t.turns]):
@@ -269,6 +294,8 @@ def write_report(
     jpeg_quality: int = 85,
     source: str | None = None,
     provenance: dict[str, Any] | None = None,
+    roots: list[str | os.PathLike] | None = None,
+    allow_absolute: bool = False,
 ) -> Path:
     """Write the self-contained HTML report of ``items``.
 
@@ -285,6 +312,10 @@ def write_report(
             another's report unasked (:func:`report_source`).
         provenance: ``label -> value`` shown under the title (model, revision, backend,
             decoding...; :func:`provenance_lines`).
+        roots: the folders of the run being rendered: only image files inside one of them
+            (after resolving symlinks) are embedded, others are shown as "not embedded"
+            (default: ``out_html``'s folder; README: Paths in data).
+        allow_absolute: embed image files wherever they are (the user's opt-in).
 
     Returns:
         The written file's path. The page size is about 100-200 KB per embedded image at the
@@ -295,7 +326,8 @@ def write_report(
     """
     if int(max_image_side) < 16:
         raise ReportError(f"max_image_side must be at least 16 pixels, got {max_image_side}")
-    embed = _Embedder(int(max_image_side), int(jpeg_quality))
+    out = Path(out_html)
+    embed = _Embedder(int(max_image_side), int(jpeg_quality), roots=[os.fspath(r) for r in roots] if roots is not None else [str(out.resolve().parent)], allow_absolute=allow_absolute)
     views = [_item_view(i, to_item(it, index=i), embed) for i, it in enumerate(items)]
     if title is None:
         title = f"Thyme trajectory {views[0]['item'].id}" if len(views) == 1 else "Thyme trajectories"
@@ -314,7 +346,6 @@ def write_report(
         title=title, views=views, counts=counts, categories=categories, script=script, csp=csp, code_css=code_css(),
         source=source or "", provenance=provenance_lines(provenance or {}),
     )
-    out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import protocol
+from .. import chat, protocol
 from ..agent import step as steps
 from ..agent.step import CAP_REASONS
 from ..agent.trajectory import Trajectory, Turn
@@ -140,10 +140,10 @@ class RolloutRunner:
         self.limits, self.settings = limits, settings
         self.tok = processor.tokenizer
         self.artifacts_dir = Path(artifacts_dir)
-        self.image_pad = self.tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_start = self.tok.convert_tokens_to_ids("<|vision_start|>")
-        self.vision_end = self.tok.convert_tokens_to_ids("<|vision_end|>")
-        self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.image_pad = self.tok.convert_tokens_to_ids(chat.IMAGE_PAD)
+        self.vision_start = self.tok.convert_tokens_to_ids(chat.VISION_START)
+        self.vision_end = self.tok.convert_tokens_to_ids(chat.VISION_END)
+        self.im_end = self.tok.convert_tokens_to_ids(chat.IM_END)
         self.merge = int(getattr(processor.image_processor, "merge_size", 2))
         self.vision = vision_cache(processor)
         self._early: ThreadPoolExecutor | None = None  # set during run(): code started during an engine call

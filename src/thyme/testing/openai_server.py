@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import os
 import queue
 import socket
@@ -98,7 +97,7 @@ def decode_data_url(url: str) -> tuple[Any, dict[str, Any]]:
         BadRequest: not a base64 data URL of a readable image (remote URLs are refused: the
             server has no network).
     """
-    from PIL import Image
+    from ..imageio import open_image_bytes
 
     if not isinstance(url, str) or not url.startswith("data:"):
         raise BadRequest(f"only data: image URLs are supported by this server, got {str(url)[:60]!r}")
@@ -107,8 +106,7 @@ def decode_data_url(url: str) -> tuple[Any, dict[str, Any]]:
         raise BadRequest("image data URLs must be base64-encoded")
     try:
         raw = base64.b64decode(b64, validate=True)
-        im = Image.open(io.BytesIO(raw))
-        im.load()
+        im = open_image_bytes(raw, name="image data URL")  # budgets checked from the header
     except Exception as e:
         raise BadRequest(f"cannot decode image data URL: {type(e).__name__}: {e}") from None
     info = {"mime": head[5:].split(";")[0], "bytes": len(raw), "size": list(im.size), "format": im.format}
@@ -263,7 +261,7 @@ def parse_completion(body: Any, served: str) -> ParsedRequest:
 
 def _vllm_style_backend(model: str, seed: int | None = None):
     """An ``HFBackend`` whose prompts are rendered as vLLM renders chat requests."""
-    from ..backends.hf import HFBackend, _Prepared
+    from ..backends.hf import HFBackend, Prepared as _Prepared
 
     class VLLMStyleBackend(HFBackend):
         def render_prompt(self, request):  # noqa: D401 - see module docstring

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from ..data.masks import IGNORE_INDEX, EncodedSample, MaskConfig, encode_record
 from ..data.records import parse_sft_record
 from ..errors import ThymeError
+from ..jsonl import JsonInputError, json_limits, parse_line
 
 
 @dataclass
@@ -50,11 +51,14 @@ class IndexStats:
 
 def _drop_reason(e: BaseException) -> str:
     from ..errors import ImageError, RecordError
+    from ..records import PathRefused
 
-    if isinstance(e, json.JSONDecodeError):
+    if isinstance(e, (json.JSONDecodeError, JsonInputError)):
         return "invalid JSON"
     if isinstance(e, ImageError):
         return "image missing or unreadable"
+    if isinstance(e, PathRefused):
+        return "image path outside the images root (allow_absolute_paths opts in)"
     if isinstance(e, RecordError):
         return "malformed record"
     return f"cannot be encoded ({type(e).__name__})"
@@ -68,26 +72,32 @@ def _line_id(line: bytes, where: str) -> str:
     return str(rid) if rid is not None else where
 
 
-def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes]]:
-    """``(line number, byte offset, line)`` of every non-empty line."""
+def _iter_offsets(path: str) -> Iterator[tuple[int, int, bytes | None]]:
+    """``(line number, byte offset, line)`` of every non-empty line (``None``: a line longer
+    than the JSON line limit, skipped unread: :func:`thyme.jsonl.iter_lines_bounded`)."""
+    limit = json_limits().max_line_bytes
     with open(path, "rb") as f:
         n = 0
         while True:
             off = f.tell()
-            line = f.readline()
+            line = f.readline(limit + 1)
             if not line:
                 return
             n += 1
-            if line.strip():
+            if len(line) > limit and not (len(line) == limit + 1 and line.endswith(b"\n")):
+                while not line.endswith(b"\n") and line:
+                    line = f.readline(1 << 20)
+                yield n, off, None
+            elif line.strip():
                 yield n, off, line
 
 
-def _cache_key(files: list[str], model: str, mask: MaskConfig, max_length: int | None, images_root: str | None) -> str:
+def _cache_key(files: list[str], model: str, mask: MaskConfig, max_length: int | None, images_root: str | None, allow_absolute_paths: bool = False) -> str:
     st = []
     for p in files:
         s = os.stat(p)
         st.append([os.path.abspath(p), s.st_size, s.st_mtime_ns])
-    blob = json.dumps([st, os.path.abspath(model) if os.path.exists(model) else model, asdict(mask), max_length, images_root], sort_keys=True)
+    blob = json.dumps([st, os.path.abspath(model) if os.path.exists(model) else model, asdict(mask), max_length, images_root] + ([True] if allow_absolute_paths else []), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -101,8 +111,13 @@ def build_index(
     max_length: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    allow_absolute_paths: bool = False,
 ) -> tuple[dict[str, list], IndexStats]:
     """Index the records of ``files`` for training.
+
+    Image paths follow :mod:`thyme.records`' rule (inside ``images_root`` or each file's folder;
+    ``allow_absolute_paths`` is the user's opt-in to others): a record naming a path outside is
+    dropped as malformed, with its reason, like any bad record.
 
     Returns:
         ``(columns, stats)``: columns ``file`` (index into ``files``), ``offset`` (byte offset of
@@ -116,7 +131,7 @@ def build_index(
             raise ThymeError(f"training file not found: {p}", "train_files are JSONL files of Thyme SFT records (thyme data convert / verify)")
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f".thyme_sft_index-{_cache_key(files, model, mask, max_length, images_root)}.json"
+        cache = Path(cache_dir) / f".thyme_sft_index-{_cache_key(files, model, mask, max_length, images_root, allow_absolute_paths)}.json"
         if cache.is_file():
             data = json.loads(cache.read_text())
             return data["columns"], IndexStats(**data["stats"])
@@ -126,12 +141,12 @@ def build_index(
     stats = IndexStats()
     bar = tqdm(desc="indexing records", unit="record", disable=not show_progress or None)
     for fi, path in enumerate(files):
-        root = images_root if images_root is not None else str(Path(path).parent)
+        root = images_root if images_root is not None else str(Path(path).resolve().parent)
         for n, off, line in _iter_offsets(path):
             stats.records += 1
             bar.update(1)
             try:
-                rec = parse_sft_record(json.loads(line), line=n, images_root=root)
+                rec = parse_sft_record(parse_line(line, what=f"record on line {n} of {path}"), line=n, images_root=root, allow_absolute=allow_absolute_paths)
                 sample = encode_record(rec, processor, mask, pixels=False)
             except Exception as e:  # one bad record is dropped, the rest trains
                 stats.malformed += 1
@@ -172,6 +187,7 @@ class ThymeSFTCollator:
         mask: masking settings.
         files: the indexed files (``file`` column indexes them).
         images_root: folder relative image paths start from (default: each file's folder).
+        allow_absolute_paths: the user's opt-in to image paths outside it (:mod:`thyme.records`).
         max_length: refuse (ValueError) a sample longer than this (the index already dropped them).
 
     Returns (``__call__``): ``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``
@@ -180,8 +196,9 @@ class ThymeSFTCollator:
     the images of all samples in order.
     """
 
-    def __init__(self, processor: Any, mask: MaskConfig, files: list[str], *, images_root: str | None = None, max_length: int | None = None):
+    def __init__(self, processor: Any, mask: MaskConfig, files: list[str], *, images_root: str | None = None, max_length: int | None = None, allow_absolute_paths: bool = False):
         self.processor = processor
+        self.allow_absolute_paths = allow_absolute_paths
         self.mask = mask
         self.files = list(files)
         self.images_root = images_root
@@ -194,9 +211,9 @@ class ThymeSFTCollator:
         path = self.files[int(example["file"])]
         with open(path, "rb") as f:
             f.seek(int(example["offset"]))
-            line = f.readline()
-        root = self.images_root if self.images_root is not None else str(Path(path).parent)
-        rec = parse_sft_record(json.loads(line), images_root=root)
+            line = f.readline(json_limits().max_line_bytes + 1)  # bounded (parse_line refuses a longer one)
+        root = self.images_root if self.images_root is not None else str(Path(path).resolve().parent)
+        rec = parse_sft_record(parse_line(line, what=f"record at byte {example['offset']} of {path}"), images_root=root, allow_absolute=self.allow_absolute_paths)
         sample = encode_record(rec, self.processor, self.mask)
         if self.max_length is not None and len(sample) > self.max_length:
             raise ValueError(f"record {rec.id} has {len(sample)} tokens, above max_length {self.max_length}")

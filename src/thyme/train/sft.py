@@ -16,7 +16,6 @@ the gradient-accumulation steps (see :mod:`thyme.train.sft_config`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import yaml
 from ..data.masks import MaskConfig, prepare_processor
 from ..errors import ThymeError
 from .collator import IndexStats, ModalityGroupedSampler, ThymeSFTCollator, build_index
-from .sft_config import SFTRunConfig
+from .sft_config import SFTRunConfig, config_record
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +162,6 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     """
     import datasets
     from accelerate import PartialState
-    from trl import SFTConfig
 
     from ..backends.processors import load_processor
 
@@ -183,44 +181,14 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     os.makedirs(cfg.output_dir, exist_ok=True)
     with state.main_process_first():  # rank 0 builds the index, the others read its cache
         cols, stats = build_index(
-            cfg.train_files, processor, mask, model=cfg.model, images_root=cfg.images_root,
+            cfg.train_files, processor, mask, model=cfg.model, images_root=cfg.images_root, allow_absolute_paths=cfg.allow_absolute_paths,
             max_length=cfg.max_length, cache_dir=cfg.output_dir, show_progress=show_progress and state.is_main_process,
         )
     logger.info("index: %s", stats)
     check_dropped(stats, cfg, log=None if state.is_main_process else (lambda s: None))
     model = load_model(cfg)
     dataset = datasets.Dataset.from_dict({k: cols[k] for k in ("file", "offset", "has_image", "length")})
-    bf16 = cfg.bf16 if cfg.bf16 is not None else _cuda()
-    args = SFTConfig(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=accum,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
-        bf16=bf16,
-        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
-        dataloader_pin_memory=_cuda(),
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy=cfg.save_strategy,
-        save_steps=cfg.save_steps if cfg.save_steps is not None else 500,
-        save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to,
-        run_name=cfg.run_name,
-        deepspeed=cfg.deepspeed,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
-        packing=False,
-        padding_free=False,
-    )
+    args = trainer_args(cfg, accum)
     peft_config = None
     if cfg.use_lora:
         from peft import LoraConfig
@@ -229,7 +197,7 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
         )
-    collator = ThymeSFTCollator(processor, mask, cfg.train_files, images_root=cfg.images_root, max_length=cfg.max_length)
+    collator = ThymeSFTCollator(processor, mask, cfg.train_files, images_root=cfg.images_root, max_length=cfg.max_length, allow_absolute_paths=cfg.allow_absolute_paths)
     trainer = _trainer_class()(
         model=model,
         args=args,
@@ -243,19 +211,16 @@ def build_trainer(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show
     return trainer, stats
 
 
-def _checkpointing_args(args_cls: Any, on: bool) -> dict[str, Any]:
-    """Activation recomputation under the name this transformers takes: ``activation_checkpointing``
-    (with ``gradient_checkpointing=None``) from transformers 5.11 on, ``gradient_checkpointing``
-    before (5.10.x, the veRL 0.9 environment)."""
-    if "activation_checkpointing" in getattr(args_cls, "__dataclass_fields__", {}):
-        return {"activation_checkpointing": on, "gradient_checkpointing": None}
-    return {"gradient_checkpointing": on}
+def trainer_args(cfg: SFTRunConfig, accumulation: int) -> Any:
+    """The ``SFTConfig`` the trainer gets: ``cfg`` itself (a ``trl.SFTConfig``), copied with the
+    accumulation steps of this world size and TRL's ``max_length`` unset (Thyme's drops longer
+    samples while indexing; TRL's would truncate)."""
+    import copy
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    args = copy.copy(cfg)
+    args.gradient_accumulation_steps = int(accumulation)
+    args.max_length = None
+    return args
 
 
 def resolve_resume(cfg: Any) -> str | None:
@@ -294,7 +259,7 @@ def train_sft(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show_pro
     trainer.save_model(cfg.output_dir)  # weights (or adapter) + processor + chat template
     merged_dir = None
     if trainer.args.should_save:
-        Path(cfg.output_dir, "thyme_sft_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+        Path(cfg.output_dir, "thyme_sft_config.yaml").write_text(yaml.safe_dump(config_record(cfg), sort_keys=False), encoding="utf-8")
         if cfg.use_lora and cfg.merge_lora:
             merged_dir = str(Path(cfg.output_dir) / "merged")
             model = trainer.accelerator.unwrap_model(trainer.model)

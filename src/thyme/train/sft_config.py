@@ -1,4 +1,12 @@
-"""Configuration of Thyme SFT (``thyme train sft``): one dataclass, the paper's defaults.
+"""Configuration of Thyme SFT (``thyme train sft``): TRL's ``SFTConfig`` plus Thyme's fields.
+
+:class:`SFTRunConfig` *is* a ``trl.SFTConfig`` (a subclass): every TRL / transformers training
+argument keeps its name, type and TRL's help, and can be set in the YAML file or with ``--set``.
+Thyme adds only its own fields (:class:`ThymeSFTSettings`: data, masks, the pixel budget, the
+effective batch, model loading, LoRA) and sets the defaults of the TRL fields in
+:data:`TRL_DEFAULTS`, each with its source. ``max_length`` is Thyme's (samples longer are
+dropped, not truncated; the trainer gets TRL's ``max_length`` unset). ``SFTRunConfig`` is built
+on first use (importing it imports TRL); :class:`ThymeSFTSettings` does not import TRL.
 
 Stage 1 (paper Sec. 3.2; reference ``scripts/sft_stage1.sh``): Qwen2.5-VL-7B-Instruct, full
 fine-tune, lr 1e-5, 3 epochs, global batch 128, max length 10240 tokens, per-image pixel budget
@@ -20,11 +28,11 @@ ran; 1 GPU x 1 x 128 on one GPU). Or set ``gradient_accumulation_steps`` and
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-
-from ..config import load_config, setting
+from ..config import derive_config_class, load_config, record_of, setting
 from ..constants import MAX_PIXELS
 from ..errors import ThymeError
 
@@ -33,8 +41,8 @@ LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_
 
 
 @dataclass
-class SFTRunConfig:
-    """Everything ``thyme train sft`` needs (YAML keys: the field names; ``--set KEY=VALUE``).
+class ThymeSFTSettings:
+    """Thyme's fields of ``thyme train sft`` (YAML keys: the field names; ``--set KEY=VALUE``).
     Every field has the paper's / reference's value; each field's meaning, default and source
     is in its metadata (``thyme train sft --help`` lists them).
     """
@@ -42,7 +50,7 @@ class SFTRunConfig:
     model: str = setting("Qwen/Qwen2.5-VL-7B-Instruct", help="base checkpoint (hub id or folder); stage 2 starts from stage 1's output_dir.", source='ours')
     train_files: list[str] = setting(default_factory=list, help='JSONL files of Thyme SFT records (thyme data convert / verify output).', source='ours')
     images_root: str | None = setting(None, help="folder relative image paths start from (default: each file's folder).", source='ours')
-    output_dir: str = setting("runs/sft_stage1", help='checkpoints, logs and the final model (with processor and chat template).', source='ours')
+    allow_absolute_paths: bool = setting(False, help="accept image paths that leave images_root (absolute, .., symlinks pointing out); only for records you trust (README: Paths in data).", source='ours')
     last_round_only: bool = setting(True, help='mask everything up to the second-to-last </sandbox_output> for records with two or more sandbox outputs (reference; see :mod:`thyme.data.masks`).', source='reference')
     max_pixels: int | None = setting(MAX_PIXELS, help='per-image pixel budget, every image of a record.', source='reference')
     min_pixels: int | None = setting(None, help="per-image lower bound (none: the processor's, 3136).", source='ours')
@@ -50,24 +58,13 @@ class SFTRunConfig:
     max_length: int | None = setting(10240, help="samples longer than this many tokens (image tokens included) are dropped, as the reference's trainer did; dropped samples are counted in the log.", source='paper / reference stage 1')
     max_dropped_fraction: float = setting(0.01, help="stop before training when more than this fraction of the records is dropped (too long, malformed, images missing); the reasons and the first ids are printed either way (1.0 never stops).", source="ours")
 
-    learning_rate: float = setting(1e-5, help='peak learning rate (stage 2: 1e-6).', source='paper / reference stage 1')
-    num_train_epochs: float = setting(3.0, help='epochs (both stages).', source='paper / reference stage 1')
     effective_batch_size: int | None = setting(128, help='global batch in samples, see the module docstring.', source='paper / reference stage 1')
-    per_device_train_batch_size: int = setting(1, help='samples per device per micro-step.', source='reference')
-    gradient_accumulation_steps: int | None = setting(None, help='micro-steps per optimizer step (none: derived from effective_batch_size).', source='ours')
-    warmup_ratio: float = setting(0.05, help='linear warm-up fraction.', source='reference')
-    lr_scheduler_type: str = setting("cosine", help="schedule after warm-up.", source='ms-swift default')
-    weight_decay: float = setting(0.1, help="AdamW weight decay (the reference's scripts kept it).", source='ms-swift default')
-    max_grad_norm: float = setting(1.0, help='gradient clipping.', source='ours')
-    max_steps: int = setting(-1, help='stop after this many optimizer steps (-1: run the epochs).', source='ours')
-    seed: int = setting(42, help='seed of sampling and initialisation.', source='ours')
+    warmup_ratio: float | None = setting(0.05, help="linear warm-up fraction (TRL's warmup_steps wins when set; null: warmup_steps).", source='reference')
 
     freeze_vision_tower: bool = setting(True, help="freeze the vision encoder (reference --freeze_vit true, with ms-swift's default that also freezes the merger / aligner).", source='paper / reference stage 1')
     train_merger: bool = setting(False, help='keep the vision-language merger trainable even when the tower is frozen.', source='ours')
     dtype: str = setting("auto", help="weights' dtype: auto (bfloat16 with a CUDA GPU, float32 otherwise), bfloat16, float16, float32.", source='ours')
-    bf16: bool | None = setting(None, help='bf16 mixed precision (none: on with a CUDA GPU, as the reference).', source='reference')
     attn_implementation: str | None = setting(None, help="sdpa, flash_attention_2 (the reference's), eager or None.", source='reference')
-    gradient_checkpointing: bool = setting(True, help='recompute activations in the backward pass (saves memory).', source='ours')
 
     use_lora: bool = setting(False, help='train LoRA adapters instead of the full model.', source='ours')
     lora_r: int = setting(8, help="LoRA adapter rank.", source='ms-swift default')
@@ -77,59 +74,171 @@ class SFTRunConfig:
     merge_lora: bool = setting(True, help='at the end, also save the merged full model to <output_dir>/merged (loads in thyme run).', source='ours')
 
     group_by_modality: bool = setting(False, help='batches hold only image samples or only text-only samples (stage 2).', source='ours')
-    dataloader_num_workers: int = setting(4, help='data-loading processes (rendering and image processing).', source='ours')
-
-    logging_steps: int = setting(5, help='log every this many optimizer steps.', source='reference')
-    save_strategy: str = setting("epoch", help='epoch (reference), steps or no.', source='reference')
-    save_steps: int | None = setting(None, help='with save_strategy: steps.', source='ours')
-    save_total_limit: int | None = setting(5, help='checkpoints kept.', source='reference')
-    report_to: list[str] = setting(default_factory=lambda: ["none"], help="[tensorboard], [wandb], [none]... (transformers' integrations).", source='ours')
-    run_name: str | None = setting(None, help='run name for the trackers.', source='ours')
-    resume_from_checkpoint: str | None = setting(None, help='latest (the newest checkpoint in output_dir), a checkpoint folder, or None.', source='ours')
-    deepspeed: str | None = setting(None, help='DeepSpeed JSON (configs/deepspeed_zero2.json / _zero3.json), used under accelerate launch.', source='ours')
 
     def __post_init__(self) -> None:
         if isinstance(self.train_files, str):
             self.train_files = [self.train_files]
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        for name in ("learning_rate", "num_train_epochs"):
-            if not float(getattr(self, name)) > 0:
-                raise ThymeError(f"SFT config: {name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.max_dropped_fraction) <= 1.0:
             raise ThymeError(f"SFT config: max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction!r}")
-        if self.per_device_train_batch_size < 1:
-            raise ThymeError("SFT config: per_device_train_batch_size must be >= 1")
-        if self.effective_batch_size is None and self.gradient_accumulation_steps is None:
-            raise ThymeError("SFT config: set effective_batch_size or gradient_accumulation_steps")
-        if self.save_strategy is False:  # YAML 1.1 reads a bare `no` as false
-            self.save_strategy = "no"
-        if self.save_strategy not in ("epoch", "steps", "no"):
-            raise ThymeError(f"SFT config: save_strategy must be epoch, steps or no, got {self.save_strategy!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ThymeError(f"SFT config: dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
-    def accumulation_steps(self, world_size: int) -> int:
-        """Gradient-accumulation steps for ``world_size`` processes.
 
-        Raises:
-            ThymeError: ``effective_batch_size`` is not a multiple of per-device batch x world size.
-        """
-        if self.gradient_accumulation_steps is not None:
-            return int(self.gradient_accumulation_steps)
-        per_step = self.per_device_train_batch_size * max(1, world_size)
-        if self.effective_batch_size % per_step:
-            raise ThymeError(
-                f"effective_batch_size {self.effective_batch_size} is not a multiple of per_device_train_batch_size "
-                f"({self.per_device_train_batch_size}) x world size ({world_size})",
-                "change per_device_train_batch_size, the number of processes, or set gradient_accumulation_steps",
-            )
-        return max(1, self.effective_batch_size // per_step)
+#: TRL ``SFTConfig`` fields whose default Thyme sets: ``name: (default, source, help)`` (help
+#: ``None``: TRL's own text; a text where Thyme's meaning differs).
+TRL_DEFAULTS: dict[str, tuple[Any, str, str | None]] = {
+    "output_dir": ("runs/sft_stage1", "ours", "checkpoints, logs and the final model (with processor and chat template)."),
+    "learning_rate": (1e-5, "paper / reference stage 1", "peak learning rate (stage 2: 1e-6)."),
+    "num_train_epochs": (3.0, "paper / reference stage 1", None),
+    "per_device_train_batch_size": (1, "reference", None),
+    "gradient_accumulation_steps": (None, "ours", "micro-steps per optimizer step (none: derived from effective_batch_size and the world size)."),
+    "lr_scheduler_type": ("cosine", "ms-swift default", None),
+    "weight_decay": (0.1, "ms-swift default", None),
+    "max_grad_norm": (1.0, "ours", None),
+    "max_steps": (-1, "ours", None),
+    "seed": (42, "ours", None),
+    "bf16": (None, "reference", "bf16 mixed precision (none: on with a CUDA GPU, as the reference)."),
+    "gradient_checkpointing": (True, "ours", "recompute activations in the backward pass (saves memory)."),
+    "dataloader_num_workers": (4, "ours", None),
+    "logging_steps": (5, "reference", None),
+    "logging_first_step": (True, "ours", None),
+    "save_strategy": ("epoch", "reference", None),
+    "save_steps": (None, "ours", "with save_strategy: steps (none: 500)."),
+    "save_total_limit": (5, "reference", None),
+    "report_to": (["none"], "ours", None),
+    "remove_unused_columns": (False, "ours: the collator reads the index columns", None),
+    "dataset_kwargs": ({"skip_prepare_dataset": True}, "ours: the collator renders and masks the records", None),
+}
+
+#: TRL fields Thyme's trainer needs at one value (a config that sets another is refused).
+TRL_FIXED: dict[str, tuple[Any, str]] = {
+    "remove_unused_columns": (False, "the collator reads the index columns"),
+    "packing": (False, "TRL refuses packing for vision data"),
+    "padding_free": (False, "TRL refuses padding-free batches for vision data"),
+}
 
 
-def load_sft_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SFTRunConfig:
-    """Defaults <- YAML file (top-level keys or an ``sft:`` section) <- ``overrides``
-    (:func:`thyme.config.load_config`).
+def _world_size() -> int:
+    """Processes of this run as the launcher says (accelerate / torchrun set ``WORLD_SIZE``)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def accumulation_steps(self: Any, world_size: int) -> int:
+    """Gradient-accumulation steps for ``world_size`` processes (``gradient_accumulation_steps``
+    when the config gives it, else ``effective_batch_size / (per_device x world)``).
+
+    Raises:
+        ThymeError: ``effective_batch_size`` is not a multiple of per-device batch x world size.
+    """
+    if getattr(self, "_accumulation_given", self.gradient_accumulation_steps is not None):
+        return int(self.gradient_accumulation_steps)
+    per_step = self.per_device_train_batch_size * max(1, world_size)
+    if self.effective_batch_size % per_step:
+        raise ThymeError(
+            f"effective_batch_size {self.effective_batch_size} is not a multiple of per_device_train_batch_size "
+            f"({self.per_device_train_batch_size}) x world size ({world_size})",
+            "change per_device_train_batch_size, the number of processes, or set gradient_accumulation_steps",
+        )
+    return max(1, self.effective_batch_size // per_step)
+
+
+def _sft_post_init(self: Any) -> None:
+    """Thyme's checks and the TRL values Thyme derives, then ``SFTConfig.__post_init__``."""
+    from trl import SFTConfig
+
+    ThymeSFTSettings.__post_init__(self)
+    if isinstance(self.report_to, str) and self.report_to != "none":
+        self.report_to = [self.report_to]
+    for name in ("learning_rate", "num_train_epochs"):
+        if not float(getattr(self, name)) > 0:
+            raise ThymeError(f"SFT config: {name} must be > 0, got {getattr(self, name)!r}")
+    if self.per_device_train_batch_size < 1:
+        raise ThymeError("SFT config: per_device_train_batch_size must be >= 1")
+    if self.effective_batch_size is None and self.gradient_accumulation_steps is None:
+        raise ThymeError("SFT config: set effective_batch_size or gradient_accumulation_steps")
+    if self.save_strategy is False:  # YAML 1.1 reads a bare `no` as false
+        self.save_strategy = "no"
+    if str(getattr(self.save_strategy, "value", self.save_strategy)) not in ("epoch", "steps", "no"):
+        raise ThymeError(f"SFT config: save_strategy must be epoch, steps or no, got {self.save_strategy!r}")
+    for name, (value, why) in TRL_FIXED.items():
+        if getattr(self, name, value) != value:
+            raise ThymeError(f"SFT config: {name} must be {value}: {why}")
+    if not hasattr(self, "_accumulation_given"):
+        self._accumulation_given = self.gradient_accumulation_steps is not None
+    if not self._accumulation_given:
+        self.gradient_accumulation_steps = accumulation_steps(self, _world_size())
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if self.bf16 is None:
+        self.bf16 = cuda
+    if not cuda:
+        self.dataloader_pin_memory = False
+    if self.warmup_ratio is not None and not self.warmup_steps:
+        self.warmup_steps = float(self.warmup_ratio)  # transformers 5: a float < 1 is a ratio
+    if self.save_steps is None:
+        self.save_steps = 500
+    if getattr(self, "activation_checkpointing", None) is None and "activation_checkpointing" in type(self).__dataclass_fields__ \
+            and self.gradient_checkpointing is not None:
+        # transformers >= 5.11 names it activation_checkpointing (gradient_checkpointing: a deprecated alias)
+        self.activation_checkpointing, self.gradient_checkpointing = bool(self.gradient_checkpointing), None
+    SFTConfig.__post_init__(self)
+
+
+_CLASS: type | None = None
+_CLASS_LOCK = threading.Lock()
+
+
+def sft_config_class() -> type:
+    """``SFTRunConfig``: a dataclass subclass of ``trl.SFTConfig`` and :class:`ThymeSFTSettings`,
+    with :data:`TRL_DEFAULTS` applied (built once; imports TRL)."""
+    global _CLASS
+    with _CLASS_LOCK:
+        if _CLASS is None:
+            from trl import SFTConfig
+
+            doc = ("Everything ``thyme train sft`` needs: a ``trl.SFTConfig`` (TRL's fields, help and checks) with "
+                   "Thyme's fields (:class:`ThymeSFTSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`.")
+            _CLASS = derive_config_class("SFTRunConfig", ThymeSFTSettings, SFTConfig, TRL_DEFAULTS,
+                                         post_init=_sft_post_init, module=__name__, doc=doc)
+            _CLASS.accumulation_steps = accumulation_steps
+        return _CLASS
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``from thyme.train.sft_config import SFTRunConfig``
+    if name == "SFTRunConfig":
+        return sft_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def settings_help() -> str:
+    """The settings ``thyme train sft --help`` lists (without importing TRL)."""
+    from ..config import help_text
+
+    import dataclasses
+
+    lines = [f"  {f.name}: {help_text(f)}" for f in dataclasses.fields(ThymeSFTSettings)]
+    lines.append("  TRL SFTConfig fields with Thyme's defaults (any other SFTConfig / TrainingArguments field is accepted too; TRL's docs):")
+    for name, (default, source, own_help) in TRL_DEFAULTS.items():
+        shown = "none" if default is None else repr(default) if isinstance(default, str) else str(default)
+        lines.append(f"  {name}: {own_help + ' ' if own_help else ''}(default {shown}; {source})")
+    return "\n".join(lines)
+
+
+def config_record(cfg: Any) -> dict[str, Any]:
+    """What a run writes to ``thyme_sft_config.yaml``: Thyme's fields and the TRL fields Thyme
+    sets or that differ from TRL's defaults (YAML-safe)."""
+    from trl import SFTConfig
+
+    return record_of(cfg, ThymeSFTSettings, SFTConfig, TRL_DEFAULTS)
+
+
+def load_sft_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """``SFTRunConfig`` from defaults <- YAML file (top-level keys or an ``sft:`` section) <-
+    ``overrides`` (:func:`thyme.config.load_config`).
 
     Relative paths in the YAML (``train_files``, ``output_dir``, ``images_root``, ``deepspeed``,
     ``model`` when it names an existing folder) stay relative to the current folder, as the
@@ -138,4 +247,4 @@ def load_sft_config(path: str | os.PathLike | None = None, overrides: dict[str, 
     Raises:
         ThymeError: unknown keys (naming them), bad values, unreadable file.
     """
-    return load_config(SFTRunConfig, path, overrides, section="sft")
+    return load_config(sft_config_class(), path, overrides, section="sft")

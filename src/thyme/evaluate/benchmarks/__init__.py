@@ -39,13 +39,13 @@ from .registry import BENCHMARKS, find_benchmark, get_benchmark, register
 BenchmarkSpec = Benchmark
 
 
-def load_rows(benchmark: str | Benchmark, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None) -> list[Row]:
+def load_rows(benchmark: str | Benchmark, data: str | os.PathLike, *, images_root: str | os.PathLike | None = None, allow_absolute: bool = False) -> list[Row]:
     """Read every row of ``benchmark``'s data file (see :func:`thyme.evaluate.data.load_rows`).
 
     Raises:
         BenchmarkDataError: unknown benchmark, or a missing / unreadable file or row.
     """
-    return _load_rows(get_benchmark(benchmark), data, images_root=images_root)
+    return _load_rows(get_benchmark(benchmark), data, images_root=images_root, allow_absolute=allow_absolute)
 
 
 __all__ = [

@@ -26,16 +26,20 @@ segments), ``metrics`` and ``extra_fields`` (``thyme_trajectory``: the :class:`T
 JSON, read by :func:`thyme.integrations.verl.reward.compute_score`; stop and mask reasons,
 counters).
 
-Settings: the ``thyme:`` section of the veRL config, keys of
-:class:`thyme.train.rl.config.GRPOATSConfig` (``max_rounds``, ``max_completion_length``,
-``max_length``, ``max_images``, ``ats``, ``ats_code_tokens``, ``repetition_*``, ``prefill``,
-``sandbox_timeout``, ``feedback_separator``, ``mask_truncated``, ``output_dir``), plus
-``rollout_threads`` (worker threads per veRL agent-loop worker, default 256) and
-``call_timeout_s`` (one server call, default none) and ``keep_rollout_images`` (default false:
-a sample's sandbox image files are deleted once the rollout holds them decoded, so a long run
-does not fill the disk; true keeps them under ``output_dir/rollout_images/<request id>``, where
-``thyme_trajectory`` points). Sampling (``temperature``, ``top_p``,
-``top_k``) comes from veRL's ``actor_rollout_ref.rollout``. ``max_length`` is also capped by
+Settings: the ``thyme:`` section of the veRL config
+(:class:`thyme.integrations.verl.settings.VerlAgentSettings`): the rollout keys ``thyme train rl``
+has too (``max_rounds``, ``max_completion_length``, ``max_length``, ``max_images``, ``ats``,
+``ats_code_tokens``, ``repetition_*``, ``prefill``, ``feedback_separator``, ``mask_truncated``,
+``output_dir``), the ``sandbox`` section (a :class:`thyme.sandbox.SandboxConfig`; by default
+every confinement layer required: the sandbox starts when the agent loop is built, so a host
+that lacks a layer stops the worker before any rollout, naming it; ``allow_weaker: true`` opts
+out with a warning), plus ``rollout_threads`` (worker threads per veRL agent-loop worker,
+default 256) and ``call_timeout_s`` (one server call, default none) and ``keep_rollout_images``
+(default false: a sample's sandbox image files are deleted once the rollout holds them decoded,
+so a long run does not fill the disk; true keeps them under
+``output_dir/rollout_images/<request id>``, where ``thyme_trajectory`` points). Sampling
+(``temperature``, ``top_p``, ``top_k``) comes from veRL's ``actor_rollout_ref.rollout``.
+``max_length`` is also capped by
 ``len(prompt) + rollout.response_length`` so a rollout always fits veRL's response tensor (a
 cap ends the rollout at a token boundary, never inside an image block, with ``stop_reason``
 ``token_cap``); a prompt over ``rollout.prompt_length`` is an error (veRL's own rule for
@@ -67,50 +71,28 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 
 from ... import protocol
 from ...backends.repetition import RepetitionRule
+from ...chat import end_of_turn_ids, never_sampled_ids
 from ...errors import ThymeError
-from ...train.rl.config import GRPOATSConfig, load_rl_config
 from ...train.rl.data import RLPrompt
 from ...rollout import CAP_REASONS, Rollout, RolloutLimits, RolloutRunner, SamplingSettings
 from .engine import VerlServerEngine
+from .settings import VerlAgentSettings, load_agent_settings
 
 logger = logging.getLogger(__name__)
 
-#: Keys of the ``thyme:`` section that are not :class:`GRPOATSConfig` fields.
-LOOP_KEYS = {"rollout_threads": 256, "call_timeout_s": None, "keep_rollout_images": False}
 #: Pixel-budget keys veRL could pass to its processor at the training forward only.
 _PIXEL_KEYS = ("min_pixels", "max_pixels", "size")
 
 
-def thyme_settings(section: Any) -> tuple[GRPOATSConfig, dict[str, Any]]:
-    """The ``thyme:`` section of a veRL config -> (:class:`GRPOATSConfig`, loop options).
+def thyme_settings(section: Any) -> tuple[VerlAgentSettings, dict[str, Any]]:
+    """The ``thyme:`` section of a veRL config -> (:class:`VerlAgentSettings`, loop options
+    ``rollout_threads``, ``call_timeout_s``, ``keep_rollout_images``).
 
     Raises:
         ThymeError: unknown keys (naming them) or bad values, as ``thyme train rl --set`` does.
     """
-    if section is not None and not isinstance(section, dict):
-        from omegaconf import OmegaConf
-
-        section = OmegaConf.to_container(section, resolve=True)
-    data = dict(section or {})
-    extra = {k: data.pop(k, v) for k, v in LOOP_KEYS.items()}
-    return load_rl_config(None, overrides=data), extra
-
-
-def placeholder_ids(tokenizer: Any) -> list[int]:
-    """Ids of the vision placeholders (never sampled): image / video pad, vision start / end."""
-    out = []
-    for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"):
-        v = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(v, int) and v != tokenizer.unk_token_id:
-            out.append(v)
-    return out
-
-
-def eos_ids(tokenizer: Any) -> list[int]:
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    return eos
+    cfg = load_agent_settings(section)
+    return cfg, cfg.options()
 
 
 class _Shared:
@@ -123,7 +105,7 @@ class _Shared:
     sandbox_factory: Any = None
 
     @classmethod
-    def get(cls, cfg: GRPOATSConfig, threads: int) -> tuple[Any, ThreadPoolExecutor]:
+    def get(cls, cfg: VerlAgentSettings, threads: int) -> tuple[Any, ThreadPoolExecutor]:
         with cls.lock:
             if cls.sandbox is None:
                 if cls.sandbox_factory is not None:
@@ -131,7 +113,7 @@ class _Shared:
                 else:
                     from ...sandbox import Sandbox
 
-                    cls.sandbox = Sandbox(timeout_s=cfg.sandbox_timeout)
+                    cls.sandbox = Sandbox(cfg.sandbox)  # ConfinementError: a required layer is missing here
                     atexit.register(cls.close)
             if cls.executor is None:
                 # our own threads: a rollout blocks its thread while it waits on the event loop,
@@ -228,8 +210,10 @@ class ThymeAgentLoop(AgentLoopBase):
         if any(k in (self.mm_processor_kwargs or {}) for k in _PIXEL_KEYS):
             raise ThymeError("data.mm_processor_kwargs sets a pixel budget that thyme_agent's image pads would not see",
                              "set min_pixels / max_pixels in the checkpoint's preprocessor_config.json instead")
-        out = self.cfg.output_dir if self.cfg.output_dir and self.cfg.output_dir != GRPOATSConfig.output_dir else None
-        self.artifacts_dir = Path(out or os.path.join(tempfile.gettempdir(), "thyme-verl")) / "rollout_images"
+        self.artifacts_dir = Path(self.cfg.output_dir or os.path.join(tempfile.gettempdir(), "thyme-verl")) / "rollout_images"
+        # the sandbox now, not at the first rollout: a layer the thyme.sandbox section requires
+        # but this host lacks stops the worker here, naming it
+        _Shared.get(self.cfg, self.options["rollout_threads"])
 
     def runner(self, engine: Any, sampling_params: dict[str, Any]) -> RolloutRunner:
         """The project's rollout core for this sample (limits from ``thyme:``; sampling from veRL)."""
@@ -253,8 +237,8 @@ class ThymeAgentLoop(AgentLoopBase):
         prompt = RLPrompt.from_json(extra["thyme"]) if isinstance(extra["thyme"], str) else RLPrompt(**extra["thyme"])
         _, executor = _Shared.get(self.cfg, self.options["rollout_threads"])
         loop = asyncio.get_running_loop()
-        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=eos_ids(self.tokenizer),
-                                  suppress_ids=placeholder_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
+        engine = VerlServerEngine(self.server_manager, self.tokenizer, loop, uuid.uuid4().hex, eos_ids=end_of_turn_ids(self.tokenizer),
+                                  suppress_ids=never_sampled_ids(self.tokenizer), logprobs=bool(sampling_params.get("logprobs", True)),
                                   timeout_s=self.options["call_timeout_s"])
         runner = self.runner(engine, sampling_params)
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ The score is the TRL path's (:func:`thyme.train.rl.trainer.score_rollouts`, the 
 paper Sec. 3.3): ``Result * (1 + 0.5 * Consistency) + 0.5 * Format``, consistency only when the
 result is right, ``wrong_result_value`` 0 (paper) or -1 (reference), the judge any
 OpenAI-compatible server (``judge_base_url``, ``judge_model``, key from the environment variable
-``judge_api_key_env``). It reads the completion as the rewards do everywhere in the project
+``THYME_JUDGE_API_KEY``). It reads the completion as the rewards do everywhere in the project
 (:func:`thyme.rollout.completion_text`: the assistant message with sandbox images as
 ``<image>``), rebuilt from ``extra_info["thyme_trajectory"]`` (``thyme_agent``); without it
 (another agent loop) ``solution_str`` is scored as the completion.
@@ -24,12 +24,13 @@ GRPO advantage still counts that 0 in its group's statistics.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from typing import Any
 
 from ...agent import Trajectory, Turn
+from ...config import JUDGE_API_KEY_ENV, env_secret
+from ...errors import ThymeError
+from ...jsonl import loads_bounded
 from ...train.rl.data import RLPrompt
 from ...rollout import Rollout
 from ...train.rl.trainer import score_rollouts
@@ -41,15 +42,15 @@ _lock = threading.Lock()
 KEYS = ("score", "format", "result", "consistency", "masked")
 
 
-def _judge(base_url: str | None, model: str | None, key_env: str) -> Any:
+def _judge(base_url: str | None, model: str | None) -> Any:
     if not base_url:
         return None
-    k = (base_url, model or "", key_env)
+    k = (base_url, model or "")
     with _lock:
         if k not in _judges:
             from ...scoring.judge import JudgeClient, JudgeConfig
 
-            _judges[k] = JudgeClient(JudgeConfig(base_url=base_url, model=model, api_key=os.environ.get(key_env)))
+            _judges[k] = JudgeClient(JudgeConfig(base_url=base_url, model=model, api_key=env_secret(JUDGE_API_KEY_ENV)))
         return _judges[k]
 
 
@@ -64,8 +65,8 @@ def _prompt(extra: dict[str, Any], ground_truth: Any) -> RLPrompt:
 
 
 def compute_score(data_source: Any = None, solution_str: str = "", ground_truth: Any = None, extra_info: dict[str, Any] | None = None, *,
-                  judge_base_url: str | None = None, judge_model: str | None = None, judge_api_key_env: str = "OPENAI_API_KEY",
-                  wrong_result_value: float = 0.0, format_weight: float = 0.5, consistency_weight: float = 0.5, **_: Any) -> dict[str, float]:
+                  judge_base_url: str | None = None, judge_model: str | None = None,
+                  wrong_result_value: float = 0.0, format_weight: float = 0.5, consistency_weight: float = 0.5, **other: Any) -> dict[str, float]:
     """Thyme's gated reward of one veRL sample (see the module docstring).
 
     Args:
@@ -74,7 +75,9 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
         ground_truth: ``reward_model.ground_truth`` (the reference answer; overrides the prompt's).
         extra_info: the row's ``extra_info`` (``thyme``: :class:`RLPrompt` JSON) plus
             ``thyme_agent``'s ``extra_fields`` (``thyme_trajectory``, ``thyme_mask_reason``).
-        judge_base_url / judge_model / judge_api_key_env: the OpenAI-compatible judge (none: rules only).
+        judge_base_url / judge_model: the OpenAI-compatible judge (none: rules only); its key comes
+            from the environment variable ``THYME_JUDGE_API_KEY`` (as in ``thyme eval`` and
+            ``thyme train rl``).
         wrong_result_value: 0 (paper) or -1 (reference) for a decided-wrong result.
 
     Returns:
@@ -82,6 +85,9 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
         not computed (consistency of a wrong answer or without a judge, all of a masked rollout)
         is 0.0, so veRL's logged means stay finite (``masked`` tells masked rollouts apart).
     """
+    if "judge_api_key_env" in other:
+        raise ThymeError("reward_kwargs.judge_api_key_env was removed",
+                         f"the judge's key is read from the environment variable {JUDGE_API_KEY_ENV}, as in thyme eval and thyme train rl")
     extra = dict(extra_info or {})
     out = {"score": 0.0, "format": 0.0, "result": 0.0, "consistency": 0.0, "masked": 1.0}
     if extra.get("thyme_mask_reason"):
@@ -89,11 +95,11 @@ def compute_score(data_source: Any = None, solution_str: str = "", ground_truth:
     prompt = _prompt(extra, ground_truth)
     raw = extra.get("thyme_trajectory")
     if raw:
-        traj = Trajectory.from_dict(json.loads(raw) if isinstance(raw, str) else dict(raw))
+        traj = Trajectory.from_dict(loads_bounded(raw, what="thyme_trajectory") if isinstance(raw, str) else dict(raw))
     else:
         traj = Trajectory(id=prompt.id, question=prompt.question, images=[], turns=[Turn(0, solution_str, "stop", "answer")])
     ro = Rollout(traj.id, prompt.id, [], trajectory=traj)
-    scored = score_rollouts([ro], [prompt], judge=_judge(judge_base_url, judge_model, judge_api_key_env), wrong_result_value=wrong_result_value,
+    scored = score_rollouts([ro], [prompt], judge=_judge(judge_base_url, judge_model), wrong_result_value=wrong_result_value,
                             format_weight=format_weight, consistency_weight=consistency_weight)[0]
     if ro.mask_reason is not None or scored["total"] is None:
         return out

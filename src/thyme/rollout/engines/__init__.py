@@ -7,7 +7,7 @@
 
 from .base import NAN, Engine, EngineOutput, EngineRow, SamplingSettings
 from .hf import HFEngine
-from .vllm import StopResubmitATS, VLLMColocateEngine, VLLMServerEngine, placeholder_ids
+from .vllm import StopResubmitATS, VLLMColocateEngine, VLLMServerEngine
 
 __all__ = ["NAN", "Engine", "EngineOutput", "EngineRow", "HFEngine", "SamplingSettings", "StopResubmitATS",
-           "VLLMColocateEngine", "VLLMServerEngine", "placeholder_ids"]
+           "VLLMColocateEngine", "VLLMServerEngine"]

@@ -46,10 +46,14 @@ class HFEngine(Engine):
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.kv_pool = None
         if kv_cache:
-            from ..kv_cache import KVCachePool
+            self.enable_kv_cache(kv_cache_max)
 
-            # identity matching: the token driver keeps one PIL object per image for the whole rollout
-            self.kv_pool = KVCachePool(model, processor, vision=vision_cache(processor), match_images="identity", max_sessions=kv_cache_max)
+    def enable_kv_cache(self, max_sessions: int = 256) -> None:
+        """Keep each row's KV cache across rounds from now on (see the module docstring)."""
+        from ..kv_cache import KVCachePool
+
+        # identity matching: the token driver keeps one PIL object per image for the whole rollout
+        self.kv_pool = KVCachePool(self.model, self.processor, vision=vision_cache(self.processor), match_images="identity", max_sessions=max_sessions)
 
     def clear_kv_cache(self) -> None:
         """Drop every row's KV cache (after a weight update: the cached keys / values belong to the

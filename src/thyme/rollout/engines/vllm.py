@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 from ... import protocol
+from ...chat import placeholder_ids
 from ...backends.repetition import RepetitionDetector, RepetitionRule
 from .base import NAN, Engine, EngineOutput, EngineRow, SamplingSettings
 
@@ -166,21 +167,3 @@ class VLLMServerEngine(StopResubmitATS):
         if s.seed is not None:
             kw["seed"] = int(s.seed)
         return kw
-
-
-#: The vision placeholder tokens of the Qwen VL chat format: never sampled by a policy.
-PLACEHOLDER_TOKENS = ("<|image_pad|>", "<|video_pad|>")
-
-
-def placeholder_ids(tokenizer: Any) -> list[int]:
-    """Ids of :data:`PLACEHOLDER_TOKENS` that ``tokenizer`` knows (none when it knows none)."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    out = []
-    for t in PLACEHOLDER_TOKENS:
-        try:
-            i = tokenizer.convert_tokens_to_ids(t)
-        except Exception:  # noqa: BLE001 - a tokenizer without them suppresses nothing
-            continue
-        if isinstance(i, int) and i >= 0 and i != unk:
-            out.append(i)
-    return out

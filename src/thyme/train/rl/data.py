@@ -26,8 +26,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from ... import protocol
-from ...errors import ThymeError
+from ...errors import RecordError, ThymeError
 from ...imageio import image_size
+from ...records import resolve_data_path
 
 
 @dataclass
@@ -58,9 +59,10 @@ class RLPrompt:
         return cls(**json.loads(s))
 
 
-def _resolve(p: str, root: Path) -> str:
-    q = Path(os.path.expanduser(str(p)))
-    return str(q if q.is_absolute() else (root / q).resolve())
+def _resolve(p: Any, root: Path, *, allow_absolute: bool = False, where: str | None = None) -> str:
+    """An image path of a train row, by the one rule for paths from data
+    (:func:`thyme.records.resolve_data_path`: inside ``root`` unless ``allow_absolute``)."""
+    return resolve_data_path(p, root, allow_absolute=allow_absolute, where=where)
 
 
 def _text(content: Any) -> str:
@@ -69,15 +71,20 @@ def _text(content: Any) -> str:
     return "".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
 
 
-def from_rl_record(row: dict[str, Any], rid: str, root: Path) -> RLPrompt:
+def from_rl_record(row: dict[str, Any], rid: str, root: Path, *, allow_absolute: bool = False) -> RLPrompt:
     """An RL record -> :class:`RLPrompt` (see the module docstring).
 
     Raises:
-        ThymeError: no user turn, no solution, or placeholder / image count mismatch.
+        ThymeError: no user turn, no solution, or placeholder / image count mismatch;
+            :class:`thyme.records.PathRefused`: an image path outside ``root``.
     """
-    images = [_resolve(p, root) for p in (row.get("images") or row.get("image") or [])]
-    if isinstance(row.get("images"), str):
-        images = [_resolve(row["images"], root)]
+    where = f"RL record {rid}"
+    raw = row.get("images") or row.get("image") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ThymeError(f"{where}: 'images' must be a list of image paths")
+    images = [_resolve(p, root, allow_absolute=allow_absolute, where=where) for p in raw]
     system = next((m for m in row["messages"] if m.get("role") == "system"), None)
     user = next((m for m in row["messages"] if m.get("role") == "user"), None)
     if user is None:
@@ -99,7 +106,7 @@ def from_rl_record(row: dict[str, Any], rid: str, root: Path) -> RLPrompt:
     return RLPrompt(rid, msgs, images, str(solution), protocol.strip_question_placeholder(str(question)), {})
 
 
-def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: str | None = None) -> RLPrompt:
+def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: str | None = None, *, allow_absolute: bool = False) -> RLPrompt:
     """A benchmark row (question, options, answer, image) -> :class:`RLPrompt` in the Thyme prompt."""
     from ...evaluate.benchmarks import parse_options
     from ...evaluate.prompts import build_question
@@ -107,7 +114,7 @@ def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: st
     options = parse_options(row.get("options")) if row.get("options") is not None else {}
     question = build_question(SimpleNamespace(hint=row.get("hint"), question=str(row["question"]), options=options))
     img = row.get("image")
-    images = [_resolve(img, root)] if isinstance(img, str) and img else []
+    images = [_resolve(img, root, allow_absolute=allow_absolute, where=f"benchmark row {rid}")] if isinstance(img, str) and img else []
     shown = [shown_path.replace("{name}", os.path.basename(p)).replace("{path}", p) if shown_path else p for p in images]
     sizes = []
     for p in images:
@@ -119,28 +126,51 @@ def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: st
     return RLPrompt(rid, msgs, images, str(row.get("answer", "")).strip(), question, options)
 
 
-def load_prompts(files: list[str], *, images_root: str | None = None, shown_path: str | None = None) -> list[RLPrompt]:
+def load_prompts(files: list[str], *, images_root: str | None = None, shown_path: str | None = None, allow_absolute_paths: bool = False) -> list[RLPrompt]:
     """Read every row of ``files`` (JSONL): RL records or benchmark rows.
 
+    Every line is read; a bad line (invalid JSON, not an object, an unknown row form, a
+    malformed record, an image path outside the images root: :mod:`thyme.records`) is collected,
+    and when there are any, one error names each (file and line, the reason) before the model
+    loads: an RL run never trains on a silently shortened train set (README, ``thyme train rl``).
+
+    Args:
+        images_root: folder relative image paths start from (default: each file's folder).
+        allow_absolute_paths: the user's opt-in to image paths outside it.
+
     Raises:
-        ThymeError: a missing file, a malformed line (naming file and line), an unknown row form.
+        ThymeError: a missing file, no rows, or the bad lines (up to 10 listed, and the count).
     """
     from ...jsonl import iter_jsonl
 
     out: list[RLPrompt] = []
+    bad: list[str] = []
     for f in files:
         path = Path(f)
         if not path.is_file():
             raise ThymeError(f"train file not found: {f}", "pass JSONL of RL records or benchmark rows")
-        root = Path(images_root) if images_root else path.parent
+        root = Path(images_root) if images_root else path.resolve().parent
         for line, row in iter_jsonl(path):
+            at = f"{f}:{line}"
+            if isinstance(row, RecordError):
+                bad.append(f"{at}: {row.message}")
+                continue
+            if not isinstance(row, dict):
+                bad.append(f"{at}: expected a JSON object, got {type(row).__name__}")
+                continue
             rid = str(row.get("id", row.get("question_id", f"{path.name}:{line}")))
-            if isinstance(row.get("messages"), list):
-                out.append(from_rl_record(row, rid, root))
-            elif "question" in row and ("answer" in row or "solution" in row):
-                out.append(from_benchmark_row(row, rid, root, shown_path))
-            else:
-                raise ThymeError(f"{f}:{line}: unknown row form (keys {sorted(row)})", "expected RL records (messages, images, solution) or benchmark rows (question, options, answer, image)")
+            try:
+                if isinstance(row.get("messages"), list):
+                    out.append(from_rl_record(row, rid, root, allow_absolute=allow_absolute_paths))
+                elif "question" in row and ("answer" in row or "solution" in row):
+                    out.append(from_benchmark_row(row, rid, root, shown_path, allow_absolute=allow_absolute_paths))
+                else:
+                    bad.append(f"{at}: unknown row form (keys {sorted(row)[:20]}); expected RL records (messages, images, solution) or benchmark rows (question, options, answer, image)")
+            except ThymeError as e:
+                bad.append(f"{at}: {e.message}" + (f" ({e.hint})" if e.hint else ""))
+    if bad:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ThymeError(f"{len(bad)} bad line(s) in the train files:\n" + "\n".join(f"  {b}" for b in bad[:10]) + more, "fix or remove these lines (nothing was trained)")
     if not out:
         raise ThymeError(f"no rows in {files}")
     return out

@@ -1,12 +1,14 @@
 """``thyme train rl``: build everything from a :class:`~thyme.train.rl.config.GRPOATSConfig` and train.
 
-:func:`train_rl` loads the processor (pixel budget applied: the rollouts' pad counts and the
-training forward share it) and the policy (vision tower frozen, merger trainable as the
-reference), reads the prompts (:mod:`thyme.train.rl.data`), starts the warm sandbox pool and the
-judge client, builds TRL's ``GRPOConfig`` from the config (TRL names pass through), picks the
-engine (``hf`` | ``vllm_colocate`` | ``vllm_server``), trains :class:`ThymeGRPOTrainer`, saves
-the final model with processor and chat template (``thyme run --model <output_dir>`` loads it)
-and returns the summary dict that ``--json`` prints.
+:func:`train_rl` reads the prompts and checks their images (:mod:`thyme.train.rl.data`), starts
+the warm sandbox pool from the config's ``sandbox`` section (before anything loads: a layer the
+section requires but this host lacks stops the run with a ConfinementError naming it), loads the
+processor (pixel budget applied: the rollouts' pad counts and the training forward share it) and
+the policy (vision tower frozen, merger trainable as the reference), builds the judge client from
+the ``judge`` section, hands the config itself to the trainer as its ``GRPOConfig`` (it is one;
+the judge's key left out), picks the engine (``hf`` | ``vllm_colocate`` | ``vllm_server``),
+trains :class:`ThymeGRPOTrainer`, saves the final model with processor and chat template
+(``thyme run --model <output_dir>`` loads it) and returns the summary dict that ``--json`` prints.
 
 Single process: ``thyme train rl --config configs/rl_grpo_ats.yaml``. Many GPUs:
 ``accelerate launch --config_file configs/accelerate_zero3.yaml -m thyme.cli train rl
@@ -15,6 +17,7 @@ Single process: ``thyme train rl --config configs/rl_grpo_ats.yaml``. Many GPUs:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -24,7 +27,7 @@ from typing import Any
 import yaml
 
 from ...errors import ThymeError
-from .config import GRPOATSConfig
+from .config import GRPOATSConfig, config_record
 
 logger = logging.getLogger(__name__)
 
@@ -37,83 +40,76 @@ def _dtype(cfg: GRPOATSConfig) -> Any:
     return getattr(torch, cfg.dtype)
 
 
-def steps_per_generation(cfg: GRPOATSConfig, world: int) -> int:
-    """Micro-steps per generation batch: ``gradient_accumulation_steps`` when its batch holds whole
-    groups (the reference: 8 GPUs x 1 x 5 = 40 = 10 groups of 4), else the smallest count that does
-    (1 process x 1 x 4 = one group of 4); an explicit ``steps_per_generation`` wins."""
-    if cfg.steps_per_generation:
-        return int(cfg.steps_per_generation)
-    per = cfg.per_device_train_batch_size * max(1, world)
-    if (per * cfg.gradient_accumulation_steps) % cfg.num_generations == 0:
-        return cfg.gradient_accumulation_steps
-    s = 1
-    while (per * s) % cfg.num_generations:
-        s += 1
-    return s
+def trainer_args(cfg: GRPOATSConfig) -> Any:
+    """The ``GRPOConfig`` the trainer gets: ``cfg`` itself (a ``trl.GRPOConfig``), copied without
+    the judge's key (the trainer pickles and logs its arguments)."""
+    args = copy.copy(cfg)
+    if cfg.judge.api_key:
+        args.judge = dataclasses.replace(cfg.judge, api_key=None)
+    return args
 
 
-def grpo_args(cfg: GRPOATSConfig, world: int) -> Any:
-    """TRL ``GRPOConfig`` of a run (TRL-named fields pass through)."""
-    import torch
-    from trl import GRPOConfig
+def start_sandbox(cfg: GRPOATSConfig) -> Any:
+    """The run's sandbox from the config's ``sandbox`` section, started before anything loads.
 
-    cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda
-    kw: dict[str, Any] = dict(
-        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, steps_per_generation=steps_per_generation(cfg, world),
-        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-        beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, num_iterations=cfg.num_iterations,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_rate} if cfg.lr_scheduler_type == "cosine_with_min_lr" else None,
-        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, seed=cfg.seed,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, bf16=bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=cfg.logging_steps, save_strategy=cfg.save_strategy,
-        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, report_to=cfg.report_to, run_name=cfg.run_name,
-        deepspeed=cfg.deepspeed, remove_unused_columns=False, dataloader_num_workers=cfg.dataloader_num_workers,
-        dataloader_pin_memory=cuda, mask_truncated_completions=False, log_completions=False,
-        use_vllm=cfg.engine != "hf",
-    )
-    if cfg.engine == "vllm_colocate":
-        kw.update(vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode,
-                  vllm_max_model_length=cfg.max_length)
-    elif cfg.engine == "vllm_server":
-        kw.update(vllm_mode="server", vllm_server_base_url=cfg.vllm_server_base_url)
-    if kw["gradient_checkpointing"]:
-        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return GRPOConfig(**kw)
+    Raises:
+        ConfinementError: a layer of ``sandbox.require`` is not active here (named, with why and
+            what running without it gives up), unless ``sandbox.allow_weaker``: then it warns.
+    """
+    from ...sandbox import Sandbox
+
+    sandbox = Sandbox(cfg.sandbox)
+    if sandbox.missing_layers:
+        logger.warning("RL sandbox runs without required layer(s) %s (sandbox.allow_weaker is set)",
+                       ", ".join(name for name, _ in sandbox.missing_layers))
+    return sandbox
+
+
+def judge_client(cfg: GRPOATSConfig) -> Any:
+    """The judge of the config's ``judge`` section (None without ``base_url``); its key is the
+    section's ``api_key`` or the environment variable ``THYME_JUDGE_API_KEY``."""
+    if not cfg.judge.base_url:
+        return None
+    from ...config import JUDGE_API_KEY_ENV, MODEL_API_KEY_ENV, env_secret
+    from ...scoring.judge import JudgeClient
+
+    key = cfg.judge.api_key or env_secret(JUDGE_API_KEY_ENV)
+    if key is None and env_secret(MODEL_API_KEY_ENV):
+        logger.warning("the judge gets no key: %s is not set (%s is the model server's key and is no longer sent to the judge)",
+                       JUDGE_API_KEY_ENV, MODEL_API_KEY_ENV)
+    return JudgeClient(dataclasses.replace(cfg.judge, api_key=key))
 
 
 def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any:
     """``factory(trainer) -> RolloutRunner`` on the configured engine (built once the trainer exists)."""
     from ... import protocol
-    from ...backends.hf import _placeholder_token_ids
+    from ...chat import end_of_turn_ids, never_sampled_ids
     from ...backends.repetition import RepetitionRule
-    from ...rollout import HFEngine, RolloutLimits, RolloutRunner, SamplingSettings, VLLMColocateEngine, VLLMServerEngine
+    from ...rollout import RolloutLimits, RolloutRunner, SamplingSettings
+    from ...rollout.registry import EngineContext, build_engine
 
     def factory(trainer: Any) -> RolloutRunner:
         model = trainer.accelerator.unwrap_model(trainer.model)
         tok = processor.tokenizer
-        suppress = _placeholder_token_ids(processor, model)
-        for t in ("<|vision_start|>", "<|vision_end|>"):
-            v = tok.convert_tokens_to_ids(t)
-            if isinstance(v, int) and v != tok.unk_token_id:
-                suppress.append(v)
-        eos = [tok.convert_tokens_to_ids("<|im_end|>")]
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
+        suppress = never_sampled_ids(tok, getattr(model, "config", None), processor)
+        eos = end_of_turn_ids(tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-        if cfg.engine == "hf":
-            engine: Any = HFEngine(model, processor, suppress, eos, pad, kv_cache=cfg.kv_cache)
-        elif cfg.engine == "vllm_colocate":
-            engine = VLLMColocateEngine(trainer.vllm_generation.llm, tok, suppress)
-        else:
-            engine = VLLMServerEngine(trainer.vllm_generation.vllm_client, tok, eos)
-        limits = RolloutLimits(cfg.max_rounds, cfg.max_completion_length, cfg.max_length, cfg.max_images, cfg.ats_code_tokens,
-                               protocol.FeedbackConfig(separator=cfg.feedback_separator), cfg.prefill)
-        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.ats,
-                                    repetition=RepetitionRule(cfg.repetition_span, cfg.repetition_repeats, cfg.repetition_window))
+        engine = build_engine(cfg.engine, EngineContext(
+            model=model, processor=processor, suppress_ids=tuple(suppress), eos_ids=tuple(eos), pad_id=pad,
+            llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
+            client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
+        ))
+        if cfg.kv_cache and cfg.engine == "hf":
+            engine.enable_kv_cache()  # HFEngine: a KV cache per rollout across rounds, cleared by the trainer each step
+        limits = RolloutLimits(
+            max_rounds=cfg.max_rounds, max_completion_length=cfg.max_completion_length, max_length=cfg.max_length,
+            max_images=cfg.max_images, ats_code_tokens=cfg.ats_code_tokens,
+            feedback=protocol.FeedbackConfig(separator=cfg.feedback_separator), prefill=cfg.prefill,
+        )
+        settings = SamplingSettings(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, ats=cfg.ats,
+            repetition=RepetitionRule(span=cfg.repetition_span, repeats=cfg.repetition_repeats, window=cfg.repetition_window),
+        )
         return RolloutRunner(engine, processor, sandbox, limits, settings, Path(cfg.output_dir) / "rollout_images")
 
     return factory
@@ -122,7 +118,6 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
 def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, callbacks: list[Any] | None = None) -> Any:
     """Everything up to ``trainer.train()``. ``sandbox`` / ``judge`` may be injected (tests)."""
     import datasets
-    from accelerate import PartialState
     from transformers import AutoModelForImageTextToText
 
     from ...backends.processors import check_model_source, hub_kwargs, load_error, load_processor
@@ -133,35 +128,37 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
     if not cfg.train_files:
         raise ThymeError("no train_files in the RL config", "pass --train-file RECORDS.jsonl (RL records or benchmark rows)")
     check_reporters(cfg.report_to)
-    prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path)
+    prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path, allow_absolute_paths=cfg.allow_absolute_paths)
     check_prompt_images(prompts, images_root=cfg.images_root, decode=cfg.check_images)
-    state = PartialState()
-    processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    check_model_source(cfg.model)
+    if judge is None:
+        judge = judge_client(cfg)  # a judge section it cannot use is an input error: before anything starts
+    # the sandbox first (as thyme run): a layer the config requires but this host lacks stops
+    # the run here, before the model loads
+    own_sandbox = sandbox is None
+    if own_sandbox:
+        sandbox = start_sandbox(cfg)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=_dtype(cfg), **hub_kwargs(cfg.model),
-                                                            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
-    except Exception as e:
-        raise load_error("model", cfg.model, e) from e
-    if cfg.freeze_vision_tower:
-        freeze_vision(model, train_merger=cfg.train_merger)
-    if sandbox is None:
-        from ...sandbox import Sandbox
-
-        sandbox = Sandbox(timeout_s=cfg.sandbox_timeout)
-    if judge is None and cfg.judge_base_url:
-        from ...scoring.judge import JudgeClient, JudgeConfig
-
-        judge = JudgeClient(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env)))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    args = grpo_args(cfg, state.num_processes)
-    dataset = datasets.Dataset.from_dict(to_dataset_rows(prompts))
-    trainer = trainer_class()(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks,
-        runner_factory=make_runner_factory(cfg, processor, sandbox), judge=judge,
-        reward_options={"wrong_result_value": cfg.wrong_result_value, "format_weight": cfg.format_weight, "consistency_weight": cfg.consistency_weight},
-        mask_truncated=cfg.mask_truncated, rollouts_path=str(Path(cfg.output_dir) / "rollouts.jsonl"),
-    )
+        processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        check_model_source(cfg.model)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=_dtype(cfg), **hub_kwargs(cfg.model),
+                                                                **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
+        except Exception as e:
+            raise load_error("model", cfg.model, e) from e
+        if cfg.freeze_vision_tower:
+            freeze_vision(model, train_merger=cfg.train_merger)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        dataset = datasets.Dataset.from_dict(to_dataset_rows(prompts))
+        trainer = trainer_class()(
+            model=model, args=trainer_args(cfg), train_dataset=dataset, processing_class=processor, callbacks=callbacks,
+            runner_factory=make_runner_factory(cfg, processor, sandbox), judge=judge,
+            reward_options={"wrong_result_value": cfg.wrong_result_value, "format_weight": cfg.format_weight, "consistency_weight": cfg.consistency_weight},
+            mask_truncated=cfg.mask_truncated, rollouts_path=str(Path(cfg.output_dir) / "rollouts.jsonl"),
+        )
+    except BaseException:
+        if own_sandbox:
+            sandbox.close()
+        raise
     trainer._thyme_sandbox = sandbox
     return trainer
 
@@ -204,7 +201,7 @@ def train_rl(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, call
         trainer.train(resume_from_checkpoint=resolve_resume(cfg))
         trainer.save_model(cfg.output_dir)  # weights + processor + chat template
         if trainer.args.should_save:
-            Path(cfg.output_dir, "thyme_rl_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+            Path(cfg.output_dir, "thyme_rl_config.yaml").write_text(yaml.safe_dump(config_record(cfg), sort_keys=False), encoding="utf-8")
         return summary(trainer, cfg)
     finally:
         if own_sandbox:
