@@ -172,7 +172,8 @@ class HFBackend(Backend):
         kv_cache: keep each trajectory's context as token ids and its KV cache across rounds
             (:class:`thyme.backends.kv_cache.KVCacheSession`, keyed by ``request.key``): round
             ``k`` prefills only what is new. ``False``: every round re-encodes the whole
-            conversation (batched). Requests without a ``key`` always take the re-encode path.
+            conversation (batched). Requests without a ``key`` (or with an unhashable one) always
+            take the re-encode path.
         kv_cache_max: trajectories whose caches are kept at once (least recently used dropped
             first; :meth:`release` drops a finished one at once).
 
@@ -384,7 +385,7 @@ class HFBackend(Backend):
         """
         if not requests:
             return []
-        if self.kv_cache and any(r.key is not None for r in requests):
+        if self.kv_cache and any(_cache_key(r.key) for r in requests):
             return self._generate_cached(requests, stream)
         prepared = [self.prepare(r) for r in requests]  # opens every image first: fail before generating
         groups: dict[tuple, list[int]] = {}
@@ -531,7 +532,7 @@ class HFBackend(Backend):
     def _generate_cached_locked(self, requests: list[GenerationRequest], stream: StreamCallback | None) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
         errors: list[BaseException | None] = [None] * len(requests)
-        plain = [i for i, r in enumerate(requests) if r.key is None]
+        plain = [i for i, r in enumerate(requests) if not _cache_key(r.key)]
         if plain:
             saved, self.kv_cache = self.kv_cache, False
             try:
@@ -542,7 +543,7 @@ class HFBackend(Backend):
         pixels = _Pixels(self.processor)
         contexts: dict[int, tuple[_KVTrajectory, list[int], list[Any]]] = {}
         for i, r in enumerate(requests):  # every context (and image) first: fail before generating
-            if r.key is None:
+            if not _cache_key(r.key):
                 continue
             try:
                 contexts[i] = self._context(r, pixels)
@@ -790,6 +791,18 @@ class _Cursor:
                 out.append(("text", rem))
             start += 1
         return out + list(self.items[start:])
+
+
+def _cache_key(key: Any) -> bool:
+    """A request key that names a trajectory for the KV cache: not None and hashable (a server
+    front end that passes one-off unhashable keys keeps the re-encode path)."""
+    if key is None:
+        return False
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 def _same_source(a: Any, b: Any) -> bool:
