@@ -6,7 +6,7 @@ round 2; again; round 3. Two ways to generate each round, on the same ids and im
 
 - ``reencode``: today's path, ``model.generate`` on the whole sequence with every image's
   ``pixel_values`` (vision tower on all images and prefill of all tokens, every round);
-- ``cache``: :class:`thyme.rollout.kv_cache.KVCacheSession`, which prefills only the new suffix
+- ``cache``: :class:`thyme.backends.kv_cache.KVCacheSession`, which prefills only the new suffix
   (the last sampled token, the feedback text and the new image's vision tokens).
 
 Image-processor results are computed once per image and shared by both paths (as the RL
@@ -16,7 +16,17 @@ and 3, the whole trajectory, and cache / re-encode ratios for each (wall clock a
 time: the latter is steadier on a shared machine), plus the prefill token counts and whether
 both paths produced the same tokens (they must; the exit status is 1 otherwise).
 
-    PYTHONPATH=src python benchmarks/kv_cache.py [--arch qwen2_5_vl] [--max-pixels 2408448] [--new-tokens 24] [--repeats 3]
+    PYTHONPATH=src python benchmarks/kv_cache.py [--arch qwen2_5_vl] [--max-pixels 2408448] [--new-tokens 24] [--repeats 3] [--no-agent]
+
+Then the same comparison through the path ``thyme run`` / ``thyme eval --model`` take
+(``--no-agent`` skips it): :class:`thyme.agent.Agent` with :class:`thyme.backends.hf.HFBackend`
+and the real sandbox, ``kv_cache`` on (token ids kept per trajectory, suffix prefill) against
+off (the whole conversation re-encoded by the processor every round, image processor included).
+A tiny random model writes no code, so rounds 1 and 2 are forced (a logits processor added to
+each ``generate`` call makes it emit a fixed crop segment, the same in both runs); round 3 is free
+greedy decoding. Printed: rounds 2 and 3 generate latency, generate time of the trajectory and
+total trajectory time (sandbox included), cache / re-encode ratios, and whether both produced
+the same text.
 
 The input image is the corpus photo ``thyme/images/case1-1.jpg`` (2419 x 4032) when
 ``--corpus`` has it, else a generated photo-sized image; ``--max-pixels`` sets the budget
@@ -61,6 +71,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=24, help="tokens generated per round (EOS suppressed)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable figures on a shared machine)")
+    ap.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True, help="also measure through Agent + HFBackend (thyme run's path)")
     args = ap.parse_args()
 
     import numpy as np
@@ -69,7 +80,7 @@ def main() -> int:
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     from thyme.backends.processors import load_processor
-    from thyme.rollout.kv_cache import KVCacheSession
+    from thyme.backends.kv_cache import KVCacheSession
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -176,8 +187,100 @@ def main() -> int:
         q = res["ratio_cache_over_reencode"][clock]
         print(f"{'ratio':10s}" + "".join(f"{q[k]:10.2f}" for k in keys) + "   (cache / re-encode)")
     print(json.dumps(res))
+    ok = same
+    if args.agent:
+        ok = agent_benchmark(args, path, photo if photo.is_file() else None) and ok
     tmp.cleanup()
-    return 0 if same else 1
+    return 0 if ok else 1
+
+
+def _crop_segment(box, name, lead):
+    return (f"{lead}<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+            f"crop = img.crop({box}).resize((448, 448))\npath = '/mnt/data/temp_processed_images/{name}.png'\n"
+            "crop.save(path)\nprint(path)\n```\n</code>\n")
+
+
+def agent_benchmark(args, path, photo) -> bool:
+    """Agent + HFBackend, kv_cache on against off (see the module docstring). Returns whether
+    both runs produced the same trajectory text."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from thyme.agent import Agent, AgentConfig
+    from thyme.backends.hf import HFBackend
+    from thyme.sandbox import Sandbox
+
+    tmp = tempfile.TemporaryDirectory()
+    if photo is None:
+        photo = Path(tmp.name) / "photo.png"
+        Image.fromarray((np.random.RandomState(0).rand(4032, 2419, 3) * 255).astype("uint8")).save(photo)
+    backend = HFBackend(str(path), dtype="float32", max_pixels=args.max_pixels, seed=0)
+    tok = backend.tokenizer
+    segments = [_crop_segment((400, 600, 1000, 1200), "crop1", "<think>Zoom in."), _crop_segment((1200, 2000, 1800, 2400), "crop2", " Once more.")]
+    scripts = [tok.encode(s, add_special_tokens=False) for s in segments]
+    orig = backend.model.generate
+
+    class Force:
+        def __init__(self, script):
+            self.script, self.start = script, None
+
+        def __call__(self, input_ids, scores):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            n = input_ids.shape[1] - self.start
+            if n < len(self.script):
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, self.script[n]] = 0.0
+            return scores
+
+    calls = {"n": 0}
+
+    def generate(*a, logits_processor=None, **kw):
+        k, calls["n"] = calls["n"], calls["n"] + 1
+        procs = list(logits_processor or []) + ([Force(scripts[k])] if k < len(scripts) else [])
+        return orig(*a, logits_processor=procs, **kw)
+
+    backend.model.generate = generate
+    cfg = AgentConfig(max_new_tokens=max(args.new_tokens, max(len(s) for s in scripts) + 8), max_rounds=3)
+    runs = {"cache": [], "reencode": []}
+
+    def one(kind):
+        backend.kv_cache = kind == "cache"
+        calls["n"] = 0
+        with Sandbox() as sandbox, Agent(backend, sandbox, cfg, artifacts_dir=Path(tmp.name) / kind) as agent:
+            traj = agent.run("What is written on the sign?", [str(photo)], id="bench")
+        gen = [t.generate_s for t in traj.turns]
+        return {"rounds_s": gen, "generate_s": sum(gen), "total_s": traj.timings["total_s"], "texts": [t.text for t in traj.turns],
+                "stop": traj.stop_reason, "error": traj.error}
+
+    one("cache")  # warm-up
+    for _ in range(args.repeats):
+        for kind in ("reencode", "cache"):
+            runs[kind].append(one(kind))
+    del backend.model.generate
+    stats = backend.kv_cache_stats()
+    first = runs["cache"][0]
+    same = all(r["texts"] == first["texts"] and r["error"] is None and len(r["rounds_s"]) == 3 for k in runs for r in runs[k])
+    keys = ("round2_s", "round3_s", "generate_s", "total_s")
+
+    def med(kind):
+        rs = runs[kind]
+        return dict(zip(keys, [statistics.median(r["rounds_s"][1] for r in rs), statistics.median(r["rounds_s"][2] for r in rs),
+                               statistics.median(r["generate_s"] for r in rs), statistics.median(r["total_s"] for r in rs)]))
+
+    res = {"path": "Agent + HFBackend (thyme run)", "repeats": args.repeats, "same_text": same, "stop_reason": first["stop"],
+           "cache": med("cache"), "reencode": med("reencode"), "kv_cache_stats": stats}
+    res["ratio_cache_over_reencode"] = {k: res["cache"][k] / res["reencode"][k] for k in keys}
+    print(f"\nthyme run path (Agent + HFBackend + sandbox), kv_cache on vs off: rounds 1-2 forced crops, round 3 free; "
+          f"median of {args.repeats}; same text: {same}")
+    print(f"{'wall s':10s}{'round 2':>10s}{'round 3':>10s}{'generate':>10s}{'total':>10s}")
+    for kind in ("reencode", "cache"):
+        print(f"{kind:10s}" + "".join(f"{res[kind][k]:10.3f}" for k in keys))
+    print(f"{'ratio':10s}" + "".join(f"{res['ratio_cache_over_reencode'][k]:10.2f}" for k in keys) + "   (cache / re-encode)")
+    print(json.dumps(res))
+    backend.close()
+    tmp.cleanup()
+    return same
 
 
 if __name__ == "__main__":

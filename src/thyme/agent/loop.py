@@ -359,6 +359,12 @@ class Agent:
         if not s.done:
             s.done = True
             s.traj.stop_reason = reason
+        release = getattr(self.backend, "release", None)  # a backend that keeps per-trajectory state (HF KV cache)
+        if callable(release):
+            try:
+                release(s.traj.id)
+            except Exception:  # noqa: BLE001 - freeing memory must not fail a finished trajectory
+                pass
 
     def _fail(self, s: _State, e: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=5))

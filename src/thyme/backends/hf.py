@@ -1,14 +1,30 @@
 """Backend ``hf``: a Qwen VL-family model run in-process with Hugging Face transformers.
 
-Every call re-encodes each request's whole conversation: the chat-template rendering of
+The first round of a trajectory (and every round with ``kv_cache=False``, or for a request
+without a ``key``) encodes the whole conversation: the chat-template rendering of
 ``request.messages`` with the generation prompt, followed by the assistant message so far
 (``request.assistant_parts``: model text verbatim, images as the model's image placeholder
 ``<|vision_start|><|image_pad|><|vision_end|>``), with all images of the conversation passed to
-the processor in order of appearance. Images the sandbox produced mid-trajectory therefore
-always reach the vision tower. (The reference implementation reused a KV cache across rounds
-and so dropped such images; no cache is kept here, at the price of re-encoding the prompt each
-round.) ``continue_final_message`` is not used: transformers strips the trailing whitespace of
-the final message with it, which would change the text the model is continuing.
+the processor in order of appearance. ``continue_final_message`` is not used: transformers
+strips the trailing whitespace of the final message with it, which would change the text the
+model is continuing.
+
+KV cache (``kv_cache=True``, the default; ``HFConfig.kv_cache``, ``--no-kv-cache``): the
+trajectory named by ``request.key`` is kept as token ids: the first round's ids as above, then
+the ids the model sampled, as sampled (never re-tokenised), then each new assistant part as ids
+(text tokenised, each new image as ``<|vision_start|>`` + its pad count from the same image
+processor + ``<|vision_end|>``). :class:`thyme.backends.kv_cache.KVCacheSession` continues them, so
+round ``k`` prefills only the new tokens; every image still reaches the vision tower (once, in the
+round it arrives). A request's assistant parts must extend what is kept: sampled ids whose text
+the trajectory did not keep (a discarded segment under ``on_error="regenerate"``, text decoded
+past a stop string, a special token the text omits) are cut back to the longest prefix the text
+keeps (``kv_counts["retokenized"]``) and the cache with them; a request whose messages or earlier
+parts changed is rebuilt from scratch (``kv_counts["rebuilds"]``). Requests run one at a time
+(a batch of one each) on this path. Greedy text equals the re-encode's whenever the sampled ids
+are the tokeniser's own encoding of their text (a trained model's usually are; where they are
+not, the cache path continues what was sampled, as the RL token driver does). The agent calls
+:meth:`HFBackend.release` when a trajectory finishes; at most ``kv_cache_max`` trajectories are
+kept (least recently used dropped).
 
 Decoding: greedy when ``temperature == 0`` (Thyme's evaluation setting), else sampling with
 ``temperature`` / ``top_p`` / ``top_k``; ``repetition_penalty`` in both. Requests whose decoding
@@ -28,15 +44,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from .. import protocol
 from ..config import setting
 from ..errors import ImageError, ModelLoadError
 from ..imageio import open_image
-from .base import Backend, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
+from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
+from .kv_cache import KVCacheSession, KVCacheStats
 from .processors import check_model_source, hub_kwargs, load_error, load_processor, pixel_budget
 
 #: The Qwen VL image placeholder, as the Qwen2-VL / Qwen2.5-VL / Qwen3-VL chat templates render
@@ -119,6 +138,12 @@ class HFConfig:
     max_pixels: int | None = setting(None, help="per-image pixel budget, upper bound", source="processor", show_default="the processor's")
     seed: int | None = setting(None, help="default sampling seed for requests without one (each sampling call seeds torch with seed + round)", source="ours", show_default="torch's global RNG")
     trust_remote_code: bool = setting(False, help="run the checkpoint's own modelling code (forwarded to transformers)", source="transformers")
+    kv_cache: bool = setting(
+        True,
+        help="keep each trajectory's KV cache across rounds: round k prefills only the new sandbox output and its images' "
+        "vision tokens (requests then run one at a time); --no-kv-cache re-encodes the whole conversation every round, batched",
+        source="ours (issue 14: local HF multi-round inference keeps its KV cache across rounds)",
+    )
 
 
 @dataclass
@@ -144,6 +169,13 @@ class HFBackend(Backend):
         seed: default sampling seed for requests without one (each sampling call seeds torch with
             ``seed + request.round``); ``None``: torch's global RNG as it is.
         trust_remote_code: forwarded to transformers.
+        kv_cache: keep each trajectory's context as token ids and its KV cache across rounds
+            (:class:`thyme.backends.kv_cache.KVCacheSession`, keyed by ``request.key``): round
+            ``k`` prefills only what is new. ``False``: every round re-encodes the whole
+            conversation (batched). Requests without a ``key`` (or with an unhashable one) always
+            take the re-encode path.
+        kv_cache_max: trajectories whose caches are kept at once (least recently used dropped
+            first; :meth:`release` drops a finished one at once).
 
     Raises:
         ModelLoadError: the model or its processor cannot be loaded (missing path, offline and
@@ -165,6 +197,8 @@ class HFBackend(Backend):
         max_pixels: int | None = None,
         seed: int | None = None,
         trust_remote_code: bool = False,
+        kv_cache: bool = True,
+        kv_cache_max: int = 64,
     ):
         import torch
         from transformers import AutoModelForImageTextToText
@@ -218,6 +252,14 @@ class HFBackend(Backend):
         self._special_strings = _special_token_strings(tok)
         # sandbox output never carries any added token of this tokenizer (issue 10, class 9)
         protocol.register_tokens(protocol.tokenizer_token_strings(tok))
+        self.kv_cache = bool(kv_cache)
+        if kv_cache_max < 1:
+            raise ModelLoadError(f"kv_cache_max={kv_cache_max}", "keep at least one trajectory's cache")
+        self.kv_cache_max = int(kv_cache_max)
+        self._kv: OrderedDict[Any, _KVTrajectory] = OrderedDict()  # least recently used first
+        self._kv_retired = KVCacheStats()
+        self.kv_counts = {"rebuilds": 0, "retokenized": 0, "released": 0}
+        self._kv_lock = threading.RLock()  # eval's independent schedule calls generate from several threads
 
     # ------------------------------------------------------------------ provenance
 
@@ -247,12 +289,15 @@ class HFBackend(Backend):
             "min_pixels": lo,
             "max_pixels": hi,
             "seed": self.seed,
+            "kv_cache": self.kv_cache,
             "transformers": transformers.__version__,
             "load_s": self.load_s,
         }
 
     def close(self) -> None:
         """Drop the model (frees its memory once no other reference is held)."""
+        for key in list(getattr(self, "_kv", {})):
+            self.release(key)
         for attr in ("model", "processor"):
             if hasattr(self, attr):
                 delattr(self, attr)
@@ -340,6 +385,8 @@ class HFBackend(Backend):
         """
         if not requests:
             return []
+        if self.kv_cache and any(_cache_key(r.key) for r in requests):
+            return self._generate_cached(requests, stream)
         prepared = [self.prepare(r) for r in requests]  # opens every image first: fail before generating
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -444,6 +491,203 @@ class HFBackend(Backend):
                 streamer.flush(row, g.text)
         return results
 
+    # ------------------------------------------------------------------ KV cache across rounds
+
+    def release(self, key: Any) -> None:
+        """Drop the token ids and KV cache kept for trajectory ``key`` (the agent calls this when
+        the trajectory finishes); unknown keys are ignored."""
+        with self._kv_lock:
+            st = self._kv.pop(key, None)
+            if st is not None:
+                self._retire(st)
+                self.kv_counts["released"] += 1
+
+    def kv_cache_stats(self) -> dict[str, int]:
+        """Counters of the cache path: :class:`~thyme.backends.kv_cache.KVCacheStats` summed over
+        every trajectory (``calls``, ``prefill_tokens``, ``reused_tokens``, ``full_prefills``,
+        ``fallbacks``, ``images_encoded``), plus ``rebuilds`` (a request whose prompt or earlier
+        assistant parts did not extend what was kept: its ids were rebuilt from scratch),
+        ``retokenized`` (kept sampled ids cut back because the trajectory's text went another way:
+        a discarded segment, a stop inside a token, a special token) and ``released``."""
+        import dataclasses
+
+        tot = dataclasses.asdict(self._kv_retired)
+        for st in self._kv.values():
+            for k, v in dataclasses.asdict(st.session.stats).items():
+                tot[k] += v
+        return {**tot, **self.kv_counts}
+
+    def _retire(self, st: "_KVTrajectory") -> None:
+        for f, v in vars(st.session.stats).items():
+            setattr(self._kv_retired, f, getattr(self._kv_retired, f) + v)
+        st.session.reset()
+
+    def _generate_cached(self, requests: list[GenerationRequest], stream: StreamCallback | None) -> list[Generation]:
+        """One request at a time, each continuing its trajectory's kept ids (module docstring,
+        "KV cache"). Requests without a key are re-encoded (batched) as without a cache. A request
+        that fails fails alone (:class:`~thyme.backends.base.BatchGenerationError`)."""
+        with self._kv_lock:
+            return self._generate_cached_locked(requests, stream)
+
+    def _generate_cached_locked(self, requests: list[GenerationRequest], stream: StreamCallback | None) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(requests)
+        errors: list[BaseException | None] = [None] * len(requests)
+        plain = [i for i, r in enumerate(requests) if not _cache_key(r.key)]
+        if plain:
+            saved, self.kv_cache = self.kv_cache, False
+            try:
+                for i, g in zip(plain, self.generate([requests[i] for i in plain], stream=None if stream is None else (lambda j, d: stream(plain[j], d)))):
+                    results[i] = g
+            finally:
+                self.kv_cache = saved
+        pixels = _Pixels(self.processor)
+        contexts: dict[int, tuple[_KVTrajectory, list[int], list[Any]]] = {}
+        for i, r in enumerate(requests):  # every context (and image) first: fail before generating
+            if not _cache_key(r.key):
+                continue
+            try:
+                contexts[i] = self._context(r, pixels)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self.release(r.key)
+                errors[i] = e
+        for i, (st, ids, images) in contexts.items():
+            try:
+                results[i] = self._generate_one(i, requests[i], st, ids, images, pixels, stream)
+            except Exception as e:  # noqa: BLE001
+                self.release(requests[i].key)
+                errors[i] = e
+        if any(e is not None for e in errors):
+            if len(requests) == 1:
+                raise errors[0]  # type: ignore[misc]
+            raise BatchGenerationError(results, errors)
+        return results  # type: ignore[return-value]
+
+    def _assistant_items(self, r: GenerationRequest) -> list[tuple[str, Any]]:
+        """The assistant parts as the prompt renders them: ``("text", escaped text)`` (adjacent
+        text merged) and ``("image", source)``."""
+        items: list[tuple[str, Any]] = []
+        for part in r.assistant_parts:
+            kind = part.get("type")
+            if kind == "text":
+                t = self._escape_specials(part.get("text", ""))
+                if items and items[-1][0] == "text":
+                    items[-1] = ("text", items[-1][1] + t)
+                elif t:
+                    items.append(("text", t))
+            elif kind == "image":
+                items.append(("image", _image_source(part)))
+            else:
+                raise ValueError(f"unsupported assistant part type {kind!r} (expected 'text' or 'image')")
+        return items
+
+    def _context(self, r: GenerationRequest, pixels: "_Pixels") -> tuple["_KVTrajectory", list[int], list[Any]]:
+        """The trajectory's state, brought up to ``r``: the kept entries that ``r``'s assistant
+        parts extend, then the rest of ``r`` appended as ids (text tokenised, each new image as
+        ``<|vision_start|>`` + its pad count of ``<|image_pad|>`` + ``<|vision_end|>``).
+        Returns ``(state, ids, images)``."""
+        import json
+
+        sig = json.dumps(r.messages, sort_keys=True, default=str)
+        items = self._assistant_items(r)
+        st = self._kv.get(r.key)
+        cur = _Cursor(items)
+        if st is not None and (st.sig != sig or not st.base.match(cur)):
+            self.kv_counts["rebuilds"] += 1
+            st.entries = []
+            st.base = None  # type: ignore[assignment]
+        if st is None or st.base is None:
+            prepared = self.prepare(r)  # round 0 (or a rebuild): exactly the re-encode's ids
+            enc = self.encode([prepared])
+            ids = [int(t) for t in enc["input_ids"][0].tolist()]
+            pixels.preload(prepared.images, enc.get("pixel_values"), enc.get("image_grid_thw"))
+            base = _KVEntry("base", ids, items=items, images=list(prepared.images))
+            if st is None:
+                session = KVCacheSession(self.model, self.processor, vision=pixels, match_images="identity")
+                st = _KVTrajectory(sig, base, session)
+            else:
+                st.sig, st.base = sig, base
+            self._kv[r.key] = st
+            cur = _Cursor(items)
+            base.match(cur)
+        else:
+            kept: list[_KVEntry] = []
+            for e in st.entries:
+                if e.kind == "image":
+                    if not cur.take_image(e.source):
+                        break
+                    kept.append(e)
+                    continue
+                if cur.take_text(e.text):
+                    kept.append(e)
+                    continue
+                k = cur.longest_prefix(e.ids, self._decode_raw)
+                self.kv_counts["retokenized"] += 1
+                if k > 0:
+                    kept.append(_KVEntry("text", e.ids[:k], text=self._decode_raw(e.ids[:k])))
+                    cur.take_text(kept[-1].text)
+                break
+            st.entries = kept
+        for kind, val in cur.rest():
+            if kind == "text":
+                st.entries.append(_KVEntry("text", self.tokenizer.encode(val, add_special_tokens=False), text=val))
+            else:
+                im = _open(val)
+                n = pixels.pad_count(im, st.session.merge)
+                ids = [self._vision_start, *([st.session.image_token_id] * n), self._vision_end]
+                st.entries.append(_KVEntry("image", ids, source=val, images=[im]))
+        st.session.vision = pixels
+        self._kv.move_to_end(r.key)
+        while len(self._kv) > self.kv_cache_max:
+            _, old = self._kv.popitem(last=False)
+            self._retire(old)
+        ids = list(st.base.ids)
+        images = list(st.base.images)
+        for e in st.entries:
+            ids += e.ids
+            images += e.images
+        return st, ids, images
+
+    @property
+    def _vision_start(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+
+    @property
+    def _vision_end(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+
+    def _decode_raw(self, toks: list[int]) -> str:
+        return self.tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _generate_one(self, i: int, r: GenerationRequest, st: "_KVTrajectory", ids: list[int], images: list[Any],
+                      pixels: "_Pixels", stream: StreamCallback | None) -> Generation:
+        from .ats import code_open_after
+        from .repetition import sequence_loops
+
+        limit = max(0, int(r.max_new_tokens))
+        if limit == 0:
+            return Generation("", "length", prompt_tokens=len(ids))
+        gc = self._generation_config(r, limit)
+        stops = list(r.stop or ())
+        streamer = _BatchStreamer(self.tokenizer, [i], [stops], [limit], self.eos_token_ids, stream) if stream is not None else None
+        opened = code_open_after("".join(p.get("text", "") for p in r.assistant_parts if p.get("type") == "text"))
+        try:
+            out = st.session.generate(
+                ids, images, limit, generation_config=gc, seed=self._seed_for(r) if gc.do_sample else None,
+                ats=bool(r.ats), code_open=opened, repetition=r.repetition, logprobs=False, streamer=streamer,
+            )
+        finally:
+            pixels.clear()
+        toks = out.token_ids[:limit]
+        g = self._finish_row(toks, stops)
+        if out.looped and g.finish_reason == "length" and sequence_loops([t for t in toks if t != self.pad_token_id], r.repetition):
+            g.finish_reason = "repetition"
+        g.prompt_tokens = len(ids)
+        if streamer is not None:
+            streamer.flush(0, g.text)
+        if toks:  # the sampled ids, as sampled: the next round continues them
+            st.entries.append(_KVEntry("text", list(toks), text=self._decode_raw(toks)))
+        return g
+
     def _decode(self, toks: list[int]) -> str:
         return self.tokenizer.decode(toks, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
@@ -462,6 +706,146 @@ class HFBackend(Backend):
     def _tokens_to_stop(self, toks: list[int], stops: list[str]) -> int:
         """Smallest k such that the first k tokens already contain a stop string."""
         return tokens_to_stop(self._decode, toks, stops) or len(toks)
+
+
+# --------------------------------------------------------------------------- KV-cache state
+
+
+@dataclass
+class _KVEntry:
+    """A piece of a trajectory's kept context: ``base`` (what the first request rendered, as the
+    re-encode renders it: prompt and assistant parts so far), ``text`` (ids whose raw decoding is
+    ``text``: sampled ids, or feedback text tokenised) or ``image`` (one image's vision block)."""
+
+    kind: str
+    ids: list[int]
+    text: str = ""
+    source: Any = None
+    items: list[tuple[str, Any]] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+
+    def match(self, cur: "_Cursor") -> bool:
+        """Advance ``cur`` over a base entry's items; False when the request does not extend them."""
+        for kind, val in self.items:
+            if not (cur.take_text(val) if kind == "text" else cur.take_image(val)):
+                return False
+        return True
+
+
+@dataclass
+class _KVTrajectory:
+    sig: str
+    base: _KVEntry
+    session: KVCacheSession
+    entries: list[_KVEntry] = field(default_factory=list)
+
+
+class _Cursor:
+    """A position in a request's assistant items (``("text", str)`` / ``("image", source)``)."""
+
+    def __init__(self, items: list[tuple[str, Any]]):
+        self.items, self.i, self.off = items, 0, 0
+
+    def _rem(self) -> str | None:
+        if self.i < len(self.items) and self.items[self.i][0] == "text":
+            return self.items[self.i][1][self.off :]
+        return None
+
+    def take_text(self, t: str) -> bool:
+        if not t:
+            return True
+        rem = self._rem()
+        if rem is None or not rem.startswith(t):
+            return False
+        self.off += len(t)
+        return True
+
+    def take_image(self, src: Any) -> bool:
+        if self._rem() == "":
+            self.i, self.off = self.i + 1, 0
+        if self.i < len(self.items) and self.items[self.i][0] == "image" and _same_source(self.items[self.i][1], src):
+            self.i, self.off = self.i + 1, 0
+            return True
+        return False
+
+    def longest_prefix(self, ids: list[int], decode: Callable[[list[int]], str]) -> int:
+        """Largest ``k`` such that ``decode(ids[:k])`` starts the remaining text (0 if none)."""
+        rem = self._rem() or ""
+        lo, hi = 0, len(ids)
+        while lo < hi:  # prefix property, ignoring an incomplete trailing character
+            mid = (lo + hi + 1) // 2
+            if rem.startswith(decode(ids[:mid]).rstrip("\ufffd")):
+                lo = mid
+            else:
+                hi = mid - 1
+        while lo > 0 and not rem.startswith(decode(ids[:lo])):
+            lo -= 1
+        return lo
+
+    def rest(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        rem = self._rem()
+        start = self.i
+        if rem is not None:
+            if rem:
+                out.append(("text", rem))
+            start += 1
+        return out + list(self.items[start:])
+
+
+def _cache_key(key: Any) -> bool:
+    """A request key that names a trajectory for the KV cache: not None and hashable (a server
+    front end that passes one-off unhashable keys keeps the re-encode path)."""
+    if key is None:
+        return False
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)) and os.fspath(a) == os.fspath(b))
+
+
+class _Pixels:
+    """Image-processor results of one backend call, shared by the pad counts and the vision tower
+    (each new image is processed once), keyed by image object."""
+
+    def __init__(self, processor: Any):
+        self.ip = processor.image_processor
+        self.cache: dict[int, tuple[Any, Any, Any]] = {}  # id -> (image, pixel rows, grid (1, 3))
+
+    def preload(self, images: list[Any], pv: Any, grids: Any) -> None:
+        if not images or pv is None or grids is None:
+            return
+        at = 0
+        for im, g in zip(images, grids):
+            n = int(g.prod().item())
+            self.cache[id(im)] = (im, pv[at : at + n], g.view(1, 3))
+            at += n
+
+    def _get(self, im: Any) -> tuple[Any, Any]:
+        hit = self.cache.get(id(im))
+        if hit is None or hit[0] is not im:
+            out = self.ip(images=[im], return_tensors="pt")
+            hit = (im, out["pixel_values"], out["image_grid_thw"])
+            self.cache[id(im)] = hit
+        return hit[1], hit[2]
+
+    def pad_count(self, im: Any, merge: int) -> int:
+        g = self._get(im)[1][0]
+        return int(g.prod().item()) // (merge * merge)
+
+    def pixels(self, images: list[Any]) -> tuple[Any, Any]:
+        import torch
+
+        got = [self._get(im) for im in images]
+        return torch.cat([p for p, _ in got], 0), torch.cat([g for _, g in got], 0)
+
+    def clear(self) -> None:
+        self.cache.clear()
 
 
 # --------------------------------------------------------------------------- generation helpers

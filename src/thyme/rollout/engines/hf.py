@@ -5,6 +5,12 @@ the rolling-hash stopping criterion (:class:`thyme.backends.repetition.Repetitio
 with :attr:`SamplingSettings.repetition`), log-probs by :class:`thyme.backends.ats.LogprobRecorder`;
 a row whose segment reaches ``</code>`` is reported during the call (``on_stop``) so its code
 can start while the other rows keep generating.
+
+With ``kv_cache=True`` each row continues its own KV cache from the previous round
+(:class:`thyme.rollout.kv_cache.KVCachePool`, rows matched by cached prefix): round ``k``
+prefills only the feedback and its images' vision tokens, but rows run one at a time (a batch of
+one each) instead of in one left-padded batch. The caches hold the current weights' keys /
+values: :meth:`HFEngine.clear_kv_cache` after every optimiser step (the GRPO trainer does).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class HFEngine(Engine):
     name = "hf"
     early_stops = True
 
-    def __init__(self, model: Any, processor: Any, suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int):
+    def __init__(self, model: Any, processor: Any, suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int,
+                 *, kv_cache: bool = False, kv_cache_max: int = 256):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -38,6 +45,22 @@ class HFEngine(Engine):
         self.eos_ids = list(eos_ids)
         self.pad_id = int(pad_id)
         self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.kv_pool = None
+        if kv_cache:
+            self.enable_kv_cache(kv_cache_max)
+
+    def enable_kv_cache(self, max_sessions: int = 256) -> None:
+        """Keep each row's KV cache across rounds from now on (see the module docstring)."""
+        from ..kv_cache import KVCachePool
+
+        # identity matching: the token driver keeps one PIL object per image for the whole rollout
+        self.kv_pool = KVCachePool(self.model, self.processor, vision=vision_cache(self.processor), match_images="identity", max_sessions=max_sessions)
+
+    def clear_kv_cache(self) -> None:
+        """Drop every row's KV cache (after a weight update: the cached keys / values belong to the
+        old weights). No-op without ``kv_cache``."""
+        if self.kv_pool is not None:
+            self.kv_pool.clear()
 
     def generate(self, rows: list[EngineRow], settings: SamplingSettings, on_stop: Callable[[int, list[int]], None] | None = None) -> list[EngineOutput]:
         import torch
@@ -48,6 +71,8 @@ class HFEngine(Engine):
 
         if not rows:
             return []
+        if self.kv_pool is not None:
+            return self._generate_cached(rows, settings, on_stop)
         L = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         att = torch.zeros((len(rows), L), dtype=torch.long)
@@ -98,6 +123,34 @@ class HFEngine(Engine):
         for b, (toks, r) in enumerate(zip(new, rows)):
             toks = toks[: r.max_new_tokens]
             outs.append(self._finish(toks, lps[b][: len(toks)], r, rep.flags[b], ats.forced[b] if ats else [], settings.stop))
+        return outs
+
+    def _generate_cached(self, rows: list[EngineRow], settings: SamplingSettings,
+                         on_stop: Callable[[int, list[int]], None] | None) -> list[EngineOutput]:
+        """Rows one at a time, each on the pool session holding its previous round; a row that
+        ends at a stop string is reported (``on_stop``) before the next row starts."""
+        from transformers import GenerationConfig
+
+        sample = settings.temperature > 0
+        sessions = self.kv_pool.assign([r.ids for r in rows])
+        outs = []
+        for b, (sess, r) in enumerate(zip(sessions, rows)):
+            gc = GenerationConfig(
+                do_sample=sample, max_new_tokens=r.max_new_tokens, temperature=settings.temperature if sample else 1.0,
+                top_p=settings.top_p if sample else 1.0, top_k=settings.top_k if sample else 0, repetition_penalty=settings.repetition_penalty,
+                eos_token_id=self.eos_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
+                stop_strings=list(settings.stop), num_beams=1,
+            )
+            g = sess.generate(r.ids, r.images, r.max_new_tokens, generation_config=gc, ats=settings.ats, code_open=r.code_open,
+                              repetition=settings.repetition, logprobs=True,
+                              seed=settings.seed if (b == 0 and settings.seed is not None) else None)
+            o = self._finish(g.token_ids[: r.max_new_tokens], g.logprobs, r, g.looped, g.forced, settings.stop)
+            outs.append(o)
+            if on_stop is not None and o.finish == "stop" and b < len(rows) - 1:
+                try:
+                    on_stop(b, list(o.token_ids))
+                except Exception:  # noqa: BLE001 - the caller runs the code after the call instead
+                    pass
         return outs
 
     def stop_cut(self, toks: list[int], stops: Sequence[str]) -> tuple[list[int], int | None, int | None]:

@@ -127,6 +127,7 @@ class ThymeRLSettings(RLRolloutSettings):
 
     # ---- generation engine
     engine: str = _f("hf", "generation engine: hf (transformers generate; CPU / one GPU), vllm_colocate, vllm_server (sets TRL's use_vllm and vllm_mode)", "ours (reference: vLLM colocate)")
+    kv_cache: bool = _f(False, "engine hf: keep each rollout's KV cache across rounds (round k prefills only the sandbox feedback); off by default because rows then generate one at a time instead of in one batch, which is slower for GRPO groups on a GPU; cleared after every optimiser step", "ours (issue 14: HF KV cache across rounds)")
 
     # ---- rewards
     wrong_result_value: float = _f(0.0, "Result of a wrong answer: 0 (paper) or -1 (reference judge default VQA_NORM=1)", "paper Sec. 3.3 / reference agent_rm.py")

@@ -99,6 +99,8 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
             llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
             client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
         ))
+        if cfg.kv_cache and cfg.engine == "hf":
+            engine.enable_kv_cache()  # HFEngine: a KV cache per rollout across rounds, cleared by the trainer each step
         limits = RolloutLimits(
             max_rounds=cfg.max_rounds, max_completion_length=cfg.max_completion_length, max_length=cfg.max_length,
             max_images=cfg.max_images, ats_code_tokens=cfg.ats_code_tokens,

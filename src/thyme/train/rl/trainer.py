@@ -197,7 +197,14 @@ def trainer_class() -> type:
                 self._last_loaded_step = self.state.global_step
             rows = [RLPrompt.from_json(x["thyme"]) for x in self._rows]
             seed = None if self.args.seed is None else int(self.args.seed) * 100003 + int(self.state.global_step) * 101 + self.accelerator.process_index
-            rollouts = self.runner.run(rows, seed=seed)
+            clear_kv = getattr(self.runner.engine, "clear_kv_cache", None)  # HF engine with kv_cache: caches of the old weights
+            if clear_kv is not None:
+                clear_kv()
+            try:
+                rollouts = self.runner.run(rows, seed=seed)
+            finally:
+                if clear_kv is not None:
+                    clear_kv()  # the next optimiser step changes the weights; free the memory for the training forward
             rewards = score_rollouts(rollouts, rows, judge=self.judge, **self.reward_options)
             for r in rollouts:
                 if self.mask_truncated and r.mask_reason is None and r.stop_reason in CAP_REASONS:
