@@ -71,7 +71,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=24, help="tokens generated per round (EOS suppressed)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable figures on a shared machine)")
-    ap.add_argument("--agent", action=argparse.BooleanOptionalAction, default=True, help="also measure through Agent + HFBackend (thyme run's path)")
+    ap.add_argument(
+        "--agent", action=argparse.BooleanOptionalAction, default=True, help="also measure through Agent + HFBackend (thyme run's path)"
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -79,8 +81,8 @@ def main() -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from thyme.backends.processors import load_processor
     from thyme.backends.kv_cache import KVCacheSession
+    from thyme.backends.processors import load_processor
     from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -103,33 +105,52 @@ def main() -> int:
     for im in [im0] + crops:
         vision.one(im)  # image processor once, outside every timing
 
-    msgs = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant that reasons with Python code."}]},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written on the sign? Crop and zoom if needed."}]}]
+    msgs = [
+        {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant that reasons with Python code."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written on the sign? Crop and zoom if needed."}]},
+    ]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ids0 = tok(text, add_special_tokens=True)["input_ids"]
 
     def expand(ids, im):
         g = vision.one(im)[1][0]
         k = ids.index(pad)
-        return ids[:k] + [pad] * (int(g.prod()) // 4) + ids[k + 1:]
+        return ids[:k] + [pad] * (int(g.prod()) // 4) + ids[k + 1 :]
 
     def feedback(im, r):
         g = vision.one(im)[1][0]
         text = f"Saved /mnt/data/temp_processed_images/crop_{r}.png (600x600)\n</sandbox_output>"
-        return (tok.encode("\n<sandbox_output>", add_special_tokens=False) + [vs] + [pad] * (int(g.prod()) // 4) + [ve]
-                + tok.encode(text, add_special_tokens=False))
+        return (
+            tok.encode("\n<sandbox_output>", add_special_tokens=False)
+            + [vs]
+            + [pad] * (int(g.prod()) // 4)
+            + [ve]
+            + tok.encode(text, add_special_tokens=False)
+        )
 
     prompt = expand(ids0, im0)
-    gc = GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=eos[1],
-                          suppress_tokens=eos + [pad, vs, ve])
+    gc = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=args.new_tokens,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=eos[1],
+        suppress_tokens=eos + [pad, vs, ve],
+    )
 
     def reencode(ids, images):
         x = torch.tensor([ids])
         pv, grid = vision.pixels(images)
         with torch.no_grad():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), mm_token_type_ids=(x == pad).long(),
-                                 pixel_values=pv, image_grid_thw=grid, generation_config=gc)
-        return out[0, len(ids):].tolist()
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                mm_token_type_ids=(x == pad).long(),
+                pixel_values=pv,
+                image_grid_thw=grid,
+                generation_config=gc,
+            )
+        return out[0, len(ids) :].tolist()
 
     def trajectory(kind):
         sess = KVCacheSession(model, proc, vision=vision, match_images="identity") if kind == "cache" else None
@@ -149,8 +170,15 @@ def main() -> int:
             if r < 2:
                 ids = ids + new + feedback(crops[r], r)
                 images = images + [crops[r]]
-        return {"rounds_s": times, "total_s": time.perf_counter() - t_all, "rounds_cpu_s": cpu, "total_cpu_s": time.process_time() - c_all,
-                "tokens": toks, "prefill": prefill, "context": len(ids)}
+        return {
+            "rounds_s": times,
+            "total_s": time.perf_counter() - t_all,
+            "rounds_cpu_s": cpu,
+            "total_cpu_s": time.process_time() - c_all,
+            "tokens": toks,
+            "prefill": prefill,
+            "context": len(ids),
+        }
 
     trajectory("cache")  # warm-up (allocator, first-call paths), not timed
     runs = {"cache": [], "reencode": []}
@@ -164,21 +192,40 @@ def main() -> int:
 
     same = all(a["tokens"] == b["tokens"] for a in runs["cache"] for b in runs["reencode"])
     res = {
-        "arch": args.arch, "input_image": source, "max_pixels": args.max_pixels, "threads": args.threads, "repeats": args.repeats,
-        "new_tokens_per_round": args.new_tokens, "prompt_tokens": len(prompt), "final_context_tokens": runs["cache"][0]["context"],
+        "arch": args.arch,
+        "input_image": source,
+        "max_pixels": args.max_pixels,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "new_tokens_per_round": args.new_tokens,
+        "prompt_tokens": len(prompt),
+        "final_context_tokens": runs["cache"][0]["context"],
         "prefill_tokens": {k: runs[k][0]["prefill"] for k in runs},
         "same_tokens": same,
     }
     keys = ("round1_s", "round2_s", "round3_s", "total_s")
     for kind in runs:
-        res[kind] = {"wall": dict(zip(keys, [med(kind, "rounds_s", 0), med(kind, "rounds_s", 1), med(kind, "rounds_s", 2), med(kind, "total_s")])),
-                     "cpu": dict(zip(keys, [med(kind, "rounds_cpu_s", 0), med(kind, "rounds_cpu_s", 1), med(kind, "rounds_cpu_s", 2), med(kind, "total_cpu_s")]))}
-    res["ratio_cache_over_reencode"] = {clock: {k: res["cache"][clock][k] / res["reencode"][clock][k] for k in keys} for clock in ("wall", "cpu")}
+        res[kind] = {
+            "wall": dict(zip(keys, [med(kind, "rounds_s", 0), med(kind, "rounds_s", 1), med(kind, "rounds_s", 2), med(kind, "total_s")])),
+            "cpu": dict(
+                zip(
+                    keys,
+                    [med(kind, "rounds_cpu_s", 0), med(kind, "rounds_cpu_s", 1), med(kind, "rounds_cpu_s", 2), med(kind, "total_cpu_s")],
+                )
+            ),
+        }
+    res["ratio_cache_over_reencode"] = {
+        clock: {k: res["cache"][clock][k] / res["reencode"][clock][k] for k in keys} for clock in ("wall", "cpu")
+    }
 
-    print(f"KV cache vs full re-encode: {args.arch} tiny checkpoint, input image {source} at max_pixels={args.max_pixels}, "
-          f"{args.new_tokens} tokens/round, median of {args.repeats}, {args.threads} thread(s)")
-    print(f"prompt {len(prompt)} tokens, final context {res['final_context_tokens']} tokens; prefill tokens per round: "
-          f"cache {res['prefill_tokens']['cache']}, re-encode {res['prefill_tokens']['reencode']}; same tokens: {same}")
+    print(
+        f"KV cache vs full re-encode: {args.arch} tiny checkpoint, input image {source} at max_pixels={args.max_pixels}, "
+        f"{args.new_tokens} tokens/round, median of {args.repeats}, {args.threads} thread(s)"
+    )
+    print(
+        f"prompt {len(prompt)} tokens, final context {res['final_context_tokens']} tokens; prefill tokens per round: "
+        f"cache {res['prefill_tokens']['cache']}, re-encode {res['prefill_tokens']['reencode']}; same tokens: {same}"
+    )
     for clock in ("wall", "cpu"):
         print(f"{clock + ' s':10s}{'round 1':>10s}{'round 2':>10s}{'round 3':>10s}{'total':>10s}")
         for kind in ("reencode", "cache"):
@@ -195,9 +242,11 @@ def main() -> int:
 
 
 def _crop_segment(box, name, lead):
-    return (f"{lead}<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
-            f"crop = img.crop({box}).resize((448, 448))\npath = '/mnt/data/temp_processed_images/{name}.png'\n"
-            "crop.save(path)\nprint(path)\n```\n</code>\n")
+    return (
+        f"{lead}<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+        f"crop = img.crop({box}).resize((448, 448))\npath = '/mnt/data/temp_processed_images/{name}.png'\n"
+        "crop.save(path)\nprint(path)\n```\n</code>\n"
+    )
 
 
 def agent_benchmark(args, path, photo) -> bool:
@@ -217,7 +266,10 @@ def agent_benchmark(args, path, photo) -> bool:
         Image.fromarray((np.random.RandomState(0).rand(4032, 2419, 3) * 255).astype("uint8")).save(photo)
     backend = HFBackend(str(path), dtype="float32", max_pixels=args.max_pixels, seed=0)
     tok = backend.tokenizer
-    segments = [_crop_segment((400, 600, 1000, 1200), "crop1", "<think>Zoom in."), _crop_segment((1200, 2000, 1800, 2400), "crop2", " Once more.")]
+    segments = [
+        _crop_segment((400, 600, 1000, 1200), "crop1", "<think>Zoom in."),
+        _crop_segment((1200, 2000, 1800, 2400), "crop2", " Once more."),
+    ]
     scripts = [tok.encode(s, add_special_tokens=False) for s in segments]
     orig = backend.model.generate
 
@@ -250,8 +302,14 @@ def agent_benchmark(args, path, photo) -> bool:
         with Sandbox() as sandbox, Agent(backend, sandbox, cfg, artifacts_dir=Path(tmp.name) / kind) as agent:
             traj = agent.run("What is written on the sign?", [str(photo)], id="bench")
         gen = [t.generate_s for t in traj.turns]
-        return {"rounds_s": gen, "generate_s": sum(gen), "total_s": traj.timings["total_s"], "texts": [t.text for t in traj.turns],
-                "stop": traj.stop_reason, "error": traj.error}
+        return {
+            "rounds_s": gen,
+            "generate_s": sum(gen),
+            "total_s": traj.timings["total_s"],
+            "texts": [t.text for t in traj.turns],
+            "stop": traj.stop_reason,
+            "error": traj.error,
+        }
 
     one("cache")  # warm-up
     for _ in range(args.repeats):
@@ -265,14 +323,32 @@ def agent_benchmark(args, path, photo) -> bool:
 
     def med(kind):
         rs = runs[kind]
-        return dict(zip(keys, [statistics.median(r["rounds_s"][1] for r in rs), statistics.median(r["rounds_s"][2] for r in rs),
-                               statistics.median(r["generate_s"] for r in rs), statistics.median(r["total_s"] for r in rs)]))
+        return dict(
+            zip(
+                keys,
+                [
+                    statistics.median(r["rounds_s"][1] for r in rs),
+                    statistics.median(r["rounds_s"][2] for r in rs),
+                    statistics.median(r["generate_s"] for r in rs),
+                    statistics.median(r["total_s"] for r in rs),
+                ],
+            )
+        )
 
-    res = {"path": "Agent + HFBackend (thyme run)", "repeats": args.repeats, "same_text": same, "stop_reason": first["stop"],
-           "cache": med("cache"), "reencode": med("reencode"), "kv_cache_stats": stats}
+    res = {
+        "path": "Agent + HFBackend (thyme run)",
+        "repeats": args.repeats,
+        "same_text": same,
+        "stop_reason": first["stop"],
+        "cache": med("cache"),
+        "reencode": med("reencode"),
+        "kv_cache_stats": stats,
+    }
     res["ratio_cache_over_reencode"] = {k: res["cache"][k] / res["reencode"][k] for k in keys}
-    print(f"\nthyme run path (Agent + HFBackend + sandbox), kv_cache on vs off: rounds 1-2 forced crops, round 3 free; "
-          f"median of {args.repeats}; same text: {same}")
+    print(
+        f"\nthyme run path (Agent + HFBackend + sandbox), kv_cache on vs off: rounds 1-2 forced crops, round 3 free; "
+        f"median of {args.repeats}; same text: {same}"
+    )
     print(f"{'wall s':10s}{'round 2':>10s}{'round 3':>10s}{'generate':>10s}{'total':>10s}")
     for kind in ("reencode", "cache"):
         print(f"{kind:10s}" + "".join(f"{res[kind][k]:10.3f}" for k in keys))

@@ -35,7 +35,7 @@ def crop_code(box: tuple[int, int, int, int], name: str, lead: str = " Zoom in."
     )
 
 
-PREFILL = crop_code((1550, 2650, 1850, 2750), "sign", lead="<think>The sign is small.")[: -1]  # the prefill ends at </code>
+PREFILL = crop_code((1550, 2650, 1850, 2750), "sign", lead="<think>The sign is small.")[:-1]  # the prefill ends at </code>
 ROUND0 = crop_code((1000, 2000, 1400, 2300), "second")
 ROUND1 = crop_code((400, 800, 800, 1100), "third", lead=" Once more.")
 FAILING = " Try.<code>\n```python\nraise ValueError('nope')\n```\n</code>\n"
@@ -106,7 +106,9 @@ def _run(backend, tmp_path, *, kv: bool, segments: list[str], **agent_kw):
 
 
 def _summary(traj):
-    return [(t.text, t.finish_reason, t.end, t.num_tokens, [p.get("text") for p in t.feedback if p["type"] == "text"]) for t in traj.turns], traj.stop_reason
+    return [
+        (t.text, t.finish_reason, t.end, t.num_tokens, [p.get("text") for p in t.feedback if p["type"] == "text"]) for t in traj.turns
+    ], traj.stop_reason
 
 
 @needs_corpus
@@ -237,7 +239,9 @@ def test_a_failing_request_fails_alone_and_the_lru_bound_holds(backend, tmp_path
     try:
         msgs = protocol.build_messages("What is this?", [str(IMAGE)], image_sizes=[(2496, 1392)])
         good = GenerationRequest(msgs, [protocol.text_part("<think>a")], max_new_tokens=4, key="good")
-        bad = GenerationRequest(msgs, [protocol.text_part("<think>a"), protocol.image_part(str(tmp_path / "missing.png"))], max_new_tokens=4, key="bad")
+        bad = GenerationRequest(
+            msgs, [protocol.text_part("<think>a"), protocol.image_part(str(tmp_path / "missing.png"))], max_new_tokens=4, key="bad"
+        )
         with pytest.raises(BatchGenerationError) as ei:
             backend.generate([good, bad])
         g, e = ei.value.generations, ei.value.errors

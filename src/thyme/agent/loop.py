@@ -60,28 +60,54 @@ class AgentConfig:
         "'regenerate': hide it and generate the segment again (the reference's evaluation; with greedy decoding the retry repeats itself)",
         source="reference RL",
     )
-    max_regenerations: int = setting(2, help="retries per round when on_error is 'regenerate'; the error is shown after the last one", source="ours")
+    max_regenerations: int = setting(
+        2, help="retries per round when on_error is 'regenerate'; the error is shown after the last one", source="ours"
+    )
     shown_path: str | None = setting(
         None,
         help="the image path shown to the model in the user prompt and bound to image_path in the sandbox; "
         "none shows the real path; may use {name} (the file name) and {path}",
         source="reference: the real path",
     )
-    prefill: str = setting("", help="text the assistant message starts with (e.g. '<think>', or a whole code segment ending in </code>, which is run first, to force a tool call)", source="ours")
-    repetition_span: int = setting(32, help="rolling-hash loop rule: a run of this many generated tokens seen repetition_repeats times within repetition_window ends the segment (repetition); the same rule and names as thyme train rl", source="paper Sec. 3.3 Rabin-Karp; rule ours")
+    prefill: str = setting(
+        "",
+        help="text the assistant message starts with (e.g. '<think>', or a whole code segment ending in </code>, which is run first, to force a tool call)",
+        source="ours",
+    )
+    repetition_span: int = setting(
+        32,
+        help="rolling-hash loop rule: a run of this many generated tokens seen repetition_repeats times within repetition_window ends the segment (repetition); the same rule and names as thyme train rl",
+        source="paper Sec. 3.3 Rabin-Karp; rule ours",
+    )
     repetition_repeats: int = setting(3, help="rolling-hash loop rule: occurrences of one run that make a loop", source="ours")
-    repetition_window: int = setting(1024, help="rolling-hash loop rule: generated tokens looked back over (text-only backends: characters of a segment that ran out of tokens)", source="ours")
-    max_output_chars: int = setting(MAX_OUTPUT_CHARS, help="printed sandbox text shown to the model, at most, in characters", source="reference")
+    repetition_window: int = setting(
+        1024,
+        help="rolling-hash loop rule: generated tokens looked back over (text-only backends: characters of a segment that ran out of tokens)",
+        source="ours",
+    )
+    max_output_chars: int = setting(
+        MAX_OUTPUT_CHARS, help="printed sandbox text shown to the model, at most, in characters", source="reference"
+    )
     show_traceback: bool = setting(False, help="show the model code's traceback instead of 'Type: message (line n)'", source="ours")
     feedback_separator: str = setting(
-        "\n", help="text between </code> and <sandbox_output> ('\\n' as in the released Thyme records; '' as the reference's evaluation)", source="Thyme SFT records"
+        "\n",
+        help="text between </code> and <sandbox_output> ('\\n' as in the released Thyme records; '' as the reference's evaluation)",
+        source="Thyme SFT records",
     )
-    ats: bool = setting(False, help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)", source="paper Sec. 3.3")
+    ats: bool = setting(
+        False,
+        help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)",
+        source="paper Sec. 3.3",
+    )
 
     def caps(self) -> steps.Caps:
         """The caps of :mod:`thyme.agent.step` (``max_total_tokens``: generated tokens)."""
-        return steps.Caps(max_rounds=self.max_rounds, max_new_tokens=self.max_new_tokens,
-                          max_total_tokens=self.max_total_tokens, max_images=self.max_images)
+        return steps.Caps(
+            max_rounds=self.max_rounds,
+            max_new_tokens=self.max_new_tokens,
+            max_total_tokens=self.max_total_tokens,
+            max_images=self.max_images,
+        )
 
     def repetition_rule(self) -> RepetitionRule:
         """The loop rule (:class:`thyme.backends.repetition.RepetitionRule`; raises ValueError when invalid)."""
@@ -131,7 +157,14 @@ class Agent:
             trajectory); default a temporary folder removed by :meth:`close`.
     """
 
-    def __init__(self, backend: Backend, sandbox: SandboxProtocol, config: AgentConfig | None = None, *, artifacts_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        sandbox: SandboxProtocol,
+        config: AgentConfig | None = None,
+        *,
+        artifacts_dir: str | os.PathLike | None = None,
+    ):
         self.backend = backend
         self.sandbox = sandbox
         self.config = config or AgentConfig()
@@ -139,7 +172,9 @@ class Agent:
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else Path(tempfile.mkdtemp(prefix="thyme-artifacts-"))
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.feedback_config = protocol.FeedbackConfig(
-            max_output_chars=self.config.max_output_chars, show_traceback=self.config.show_traceback, separator=self.config.feedback_separator
+            max_output_chars=self.config.max_output_chars,
+            show_traceback=self.config.show_traceback,
+            separator=self.config.feedback_separator,
         )
         self.caps = self.config.caps()
         self.repetition = self.config.repetition_rule()
@@ -155,7 +190,9 @@ class Agent:
         self.close()
 
     # ------------------------------------------------------------------ public
-    def run(self, question: str, images: list[str] | None = None, *, id: str | None = None, on_event: EventCallback | None = None) -> Trajectory:
+    def run(
+        self, question: str, images: list[str] | None = None, *, id: str | None = None, on_event: EventCallback | None = None
+    ) -> Trajectory:
         """Answer one question; see :meth:`run_batch`."""
         return self.run_batch([Task(question, list(images or []), id)], on_event=on_event)[0]
 
@@ -209,7 +246,9 @@ class Agent:
         traj_id = task.id or uuid.uuid4().hex[:12]
         images = [str(p) for p in task.images]
         shown = [self._shown(p) for p in images]
-        traj = Trajectory(id=str(traj_id), question=task.question, images=images, shown_paths=shown, prefill=cfg.prefill, meta=dict(task.meta))
+        traj = Trajectory(
+            id=str(traj_id), question=task.question, images=images, shown_paths=shown, prefill=cfg.prefill, meta=dict(task.meta)
+        )
         traj.timings = {"generate_s": 0.0, "execute_s": 0.0}
         out_dir = self.artifacts_dir / _safe_name(traj.id)
         state = _State(i, traj, [], None, out_dir)
@@ -257,7 +296,7 @@ class Agent:
             requests = [self._request(s, rnd) for s in pending]
             stream = None
             if on_event is not None:
-                stream = lambda j, delta: on_event(pending[j].index, "text", delta)  # noqa: E731
+                stream = lambda j, delta, p=pending: on_event(p[j].index, "text", delta)
             g0 = time.perf_counter()
             try:
                 gens = self.backend.generate(requests, stream=stream)
@@ -343,7 +382,9 @@ class Agent:
         # keep the images: the session folder disappears with the session
         kept = replace(result, images=[k for k in (self._keep_image(s, p) for p in result.images) if k is not None])
         t.execution = kept.to_dict()
-        fb = steps.feedback_step(protocol.feedback_parts(kept, self.feedback_config), images_in_context=s.n_images, tokens_used=s.tokens, caps=self.caps)
+        fb = steps.feedback_step(
+            protocol.feedback_parts(kept, self.feedback_config), images_in_context=s.n_images, tokens_used=s.tokens, caps=self.caps
+        )
         t.feedback = fb.parts
         if fb.action == "finish":
             self._finish(s, fb.stop_reason)

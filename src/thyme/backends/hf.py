@@ -50,7 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-from .. import protocol
+from .. import chat, protocol
 from ..config import setting
 from ..errors import ImageError, ModelLoadError
 from ..imageio import open_image
@@ -60,7 +60,7 @@ from .processors import check_model_source, hub_kwargs, load_error, load_process
 
 #: The Qwen VL image placeholder, as the Qwen2-VL / Qwen2.5-VL / Qwen3-VL chat templates render
 #: ``{"type": "image"}``; the processor expands ``<|image_pad|>`` to one token per merged patch.
-QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_IMAGE_PLACEHOLDER = chat.IMAGE_PLACEHOLDER
 
 _ZWSP = "\u200b"
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -86,7 +86,9 @@ def vision_tower(model: Any) -> Any:
             mod = getattr(owner, name, None)
             if mod is not None:
                 return mod
-    raise AttributeError(f"no vision tower found on {type(model).__name__} (looked for .model.visual, .visual, .vision_tower, .vision_model)")
+    raise AttributeError(
+        f"no vision tower found on {type(model).__name__} (looked for .model.visual, .visual, .vision_tower, .vision_model)"
+    )
 
 
 @contextlib.contextmanager
@@ -130,14 +132,30 @@ class HFConfig:
     ``thyme eval --model``); each field's meaning, default and source: ``thyme run --help``.
     ``HFBackend(model, **dataclasses.asdict(cfg))`` or :meth:`HFBackend.from_config`."""
 
-    revision: str | None = setting(None, help="model revision on the hub (branch, tag or commit)", source="hub", show_default="the main branch")
+    revision: str | None = setting(
+        None, help="model revision on the hub (branch, tag or commit)", source="hub", show_default="the main branch"
+    )
     dtype: str = setting("auto", help="auto (the checkpoint's, e.g. bfloat16), bfloat16, float16 or float32", source="transformers")
-    device_map: str | None = setting(None, help="passed to from_pretrained, e.g. auto, cuda:0, cpu", source="ours", show_default="auto with a CUDA GPU and accelerate, else the CPU")
-    attn_implementation: str | None = setting(None, help="e.g. sdpa, flash_attention_2, eager", source="transformers", show_default="transformers' choice")
+    device_map: str | None = setting(
+        None,
+        help="passed to from_pretrained, e.g. auto, cuda:0, cpu",
+        source="ours",
+        show_default="auto with a CUDA GPU and accelerate, else the CPU",
+    )
+    attn_implementation: str | None = setting(
+        None, help="e.g. sdpa, flash_attention_2, eager", source="transformers", show_default="transformers' choice"
+    )
     min_pixels: int | None = setting(None, help="per-image pixel budget, lower bound", source="processor", show_default="the processor's")
     max_pixels: int | None = setting(None, help="per-image pixel budget, upper bound", source="processor", show_default="the processor's")
-    seed: int | None = setting(None, help="default sampling seed for requests without one (each sampling call seeds torch with seed + round)", source="ours", show_default="torch's global RNG")
-    trust_remote_code: bool = setting(False, help="run the checkpoint's own modelling code (forwarded to transformers)", source="transformers")
+    seed: int | None = setting(
+        None,
+        help="default sampling seed for requests without one (each sampling call seeds torch with seed + round)",
+        source="ours",
+        show_default="torch's global RNG",
+    )
+    trust_remote_code: bool = setting(
+        False, help="run the checkpoint's own modelling code (forwarded to transformers)", source="transformers"
+    )
     kv_cache: bool = setting(
         True,
         help="keep each trajectory's KV cache across rounds: round k prefills only the new sandbox output and its images' "
@@ -248,7 +266,7 @@ class HFBackend(Backend):
         self.eos_token_ids: list[int] = [int(i) for i in eos_ids]
         pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
-        self.suppress_token_ids = _placeholder_token_ids(self.processor, self.model)
+        self.suppress_token_ids = chat.placeholder_ids(self.processor.tokenizer, getattr(self.model, "config", None), self.processor)
         self._special_strings = _special_token_strings(tok)
         # sandbox output never carries any added token of this tokenizer (issue 10, class 9)
         protocol.register_tokens(protocol.tokenizer_token_strings(tok))
@@ -392,7 +410,7 @@ class HFBackend(Backend):
         for i, r in enumerate(requests):
             groups.setdefault(self._decoding_key(r), []).append(i)
         results: list[Generation | None] = [None] * len(requests)
-        for key, idx in groups.items():
+        for _key, idx in groups.items():
             outs = self._generate_group([requests[i] for i in idx], [prepared[i] for i in idx], idx, stream)
             for i, g in zip(idx, outs):
                 results[i] = g
@@ -405,7 +423,16 @@ class HFBackend(Backend):
     def _decoding_key(self, r: GenerationRequest) -> tuple:
         stops = tuple(r.stop or ())
         if r.temperature and r.temperature > 0:
-            return ("sample", float(r.temperature), float(r.top_p), int(r.top_k or 0), float(r.repetition_penalty), self._seed_for(r), stops, bool(r.ats))
+            return (
+                "sample",
+                float(r.temperature),
+                float(r.top_p),
+                int(r.top_k or 0),
+                float(r.repetition_penalty),
+                self._seed_for(r),
+                stops,
+                bool(r.ats),
+            )
         return ("greedy", float(r.repetition_penalty), stops)
 
     def _generation_config(self, r: GenerationRequest, max_new_tokens: int) -> Any:
@@ -483,7 +510,11 @@ class HFBackend(Backend):
         results = []
         for row, (r, toks, limit) in enumerate(zip(reqs, new, limits)):
             g = self._finish_row(toks[:limit], list(r.stop or ()))
-            if repetition.flags[row] and g.finish_reason == "length" and sequence_loops([t for t in toks[:limit] if t != self.pad_token_id], r.repetition):
+            if (
+                repetition.flags[row]
+                and g.finish_reason == "length"
+                and sequence_loops([t for t in toks[:limit] if t != self.pad_token_id], r.repetition)
+            ):
                 g.finish_reason = "repetition"
             g.prompt_tokens = int(prompt_tokens[row])
             results.append(g)
@@ -536,7 +567,10 @@ class HFBackend(Backend):
         if plain:
             saved, self.kv_cache = self.kv_cache, False
             try:
-                for i, g in zip(plain, self.generate([requests[i] for i in plain], stream=None if stream is None else (lambda j, d: stream(plain[j], d)))):
+                for i, g in zip(
+                    plain,
+                    self.generate([requests[i] for i in plain], stream=None if stream is None else (lambda j, d: stream(plain[j], d))),
+                ):
                     results[i] = g
             finally:
                 self.kv_cache = saved
@@ -649,17 +683,25 @@ class HFBackend(Backend):
 
     @property
     def _vision_start(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+        return int(self.tokenizer.convert_tokens_to_ids(chat.VISION_START))
 
     @property
     def _vision_end(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+        return int(self.tokenizer.convert_tokens_to_ids(chat.VISION_END))
 
     def _decode_raw(self, toks: list[int]) -> str:
         return self.tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _generate_one(self, i: int, r: GenerationRequest, st: "_KVTrajectory", ids: list[int], images: list[Any],
-                      pixels: "_Pixels", stream: StreamCallback | None) -> Generation:
+    def _generate_one(
+        self,
+        i: int,
+        r: GenerationRequest,
+        st: "_KVTrajectory",
+        ids: list[int],
+        images: list[Any],
+        pixels: "_Pixels",
+        stream: StreamCallback | None,
+    ) -> Generation:
         from .ats import code_open_after
         from .repetition import sequence_loops
 
@@ -672,8 +714,16 @@ class HFBackend(Backend):
         opened = code_open_after("".join(p.get("text", "") for p in r.assistant_parts if p.get("type") == "text"))
         try:
             out = st.session.generate(
-                ids, images, limit, generation_config=gc, seed=self._seed_for(r) if gc.do_sample else None,
-                ats=bool(r.ats), code_open=opened, repetition=r.repetition, logprobs=False, streamer=streamer,
+                ids,
+                images,
+                limit,
+                generation_config=gc,
+                seed=self._seed_for(r) if gc.do_sample else None,
+                ats=bool(r.ats),
+                code_open=opened,
+                repetition=r.repetition,
+                logprobs=False,
+                streamer=streamer,
             )
         finally:
             pixels.clear()
@@ -858,6 +908,7 @@ def tokens_to_stop(decode: Callable[[list[int]], str], toks: list[int], stops: S
     Shared by this backend and the RL engines (:mod:`thyme.rollout.engines`), which count the
     tokens of a segment up to its stop string the same way.
     """
+
     def has(k: int) -> bool:
         text = decode(toks[:k])
         return any(st in text for st in stops)
@@ -898,7 +949,9 @@ class _BatchStreamer:
     UTF-8 sequence) is held back. :meth:`flush` emits what remains of the final text.
     """
 
-    def __init__(self, tokenizer, indices: list[int], stops: list[list[str]], limits: list[int], eos_ids: list[int], callback: StreamCallback):
+    def __init__(
+        self, tokenizer, indices: list[int], stops: list[list[str]], limits: list[int], eos_ids: list[int], callback: StreamCallback
+    ):
         self.tokenizer = tokenizer
         self.indices = indices
         self.stops = stops
@@ -984,9 +1037,7 @@ def _image_placeholder(processor: Any) -> str:
     """What the chat template renders for ``{"type": "image"}``: the difference between a user
     turn with and without an image part (Qwen VL: :data:`QWEN_IMAGE_PLACEHOLDER`)."""
     try:
-        a = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], tokenize=False
-        )
+        a = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], tokenize=False)
         b = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False)
         a = a[0] if isinstance(a, list) else a
         b = b[0] if isinstance(b, list) else b
@@ -1002,21 +1053,6 @@ def _image_placeholder(processor: Any) -> str:
     except Exception:
         pass
     return QWEN_IMAGE_PLACEHOLDER
-
-
-def _placeholder_token_ids(processor: Any, model: Any) -> list[int]:
-    ids = set()
-    for attr in ("image_token_id", "video_token_id"):
-        for owner in (getattr(model, "config", None), processor):
-            v = getattr(owner, attr, None)
-            if isinstance(v, int):
-                ids.add(v)
-    tok = processor.tokenizer
-    for t in ("<|image_pad|>", "<|video_pad|>"):
-        v = tok.convert_tokens_to_ids(t)
-        if isinstance(v, int) and v != tok.unk_token_id and v is not None:
-            ids.add(v)
-    return sorted(ids)
 
 
 def _special_token_strings(tok: Any) -> list[str]:
@@ -1055,5 +1091,4 @@ def _have_accelerate() -> bool:
 
 
 #: Public names of the helpers other packages use (the RL runner, the test server).
-placeholder_token_ids = _placeholder_token_ids
 Prepared = _Prepared

@@ -366,7 +366,9 @@ class KVCacheSession:
             raise ValueError("ids hold video tokens: the KV-cache session supports images only")
         runs = image_runs(ids, self.image_token_id)
         if len(runs) != len(images):
-            raise ValueError(f"ids hold {len(runs)} image-pad runs but {len(images)} images were passed: pass every image of the context, in order")
+            raise ValueError(
+                f"ids hold {len(runs)} image-pad runs but {len(images)} images were passed: pass every image of the context, in order"
+            )
 
         p0 = len(self.cached_ids)
         p = self._reusable(ids, images, runs)
@@ -383,9 +385,11 @@ class KVCacheSession:
             pv, grid_new = self._pixels(new_images)
             grids += [tuple(int(x) for x in g) for g in grid_new.tolist()]
         for j, ((s, e), g) in enumerate(zip(runs, grids)):
-            want = g[0] * g[1] * g[2] // (self.merge ** 2)
+            want = g[0] * g[1] * g[2] // (self.merge**2)
             if e - s != want:
-                raise ValueError(f"image {j}: {e - s} pad tokens in ids but {want} under the processor's pixel budget (grid {g}): render ids with the same processor")
+                raise ValueError(
+                    f"image {j}: {e - s} pad tokens in ids but {want} under the processor's pixel budget (grid {g}): render ids with the same processor"
+                )
 
         dev = self.model.device
         L = len(ids)
@@ -394,15 +398,29 @@ class KVCacheSession:
         text_pos = torch.arange(L, dtype=torch.long).view(1, 1, L)
         if grids:
             vis_pos, _ = self.model.model.get_rope_index(
-                input_ids.to(dev), mm_token_type_ids=mm.to(dev), image_grid_thw=torch.tensor(grids, dtype=torch.long, device=dev),
+                input_ids.to(dev),
+                mm_token_type_ids=mm.to(dev),
+                image_grid_thw=torch.tensor(grids, dtype=torch.long, device=dev),
                 attention_mask=torch.ones_like(input_ids, device=dev),
             )
             position_ids = torch.cat([text_pos.to(dev), vis_pos], dim=0)
         else:
             position_ids = torch.cat([text_pos, text_pos.expand(3, 1, L)], dim=0).to(dev)
 
-        gc = self._generation_config(generation_config, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                     stop_strings, eos_token_id, pad_token_id, suppress_tokens, GenerationConfig)
+        gc = self._generation_config(
+            generation_config,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            stop_strings,
+            eos_token_id,
+            pad_token_id,
+            suppress_tokens,
+            GenerationConfig,
+        )
         gc.return_dict_in_generate = True  # the cache comes back with the sequences
         gc.use_cache = True
         sample = bool(gc.do_sample)
@@ -440,8 +458,12 @@ class KVCacheSession:
         try:
             with torch.no_grad():
                 out = self.model.generate(
-                    **kwargs, generation_config=gc, tokenizer=self.tokenizer, logits_processor=procs or None,
-                    stopping_criteria=StoppingCriteriaList(crit) if crit else None, streamer=streamer,
+                    **kwargs,
+                    generation_config=gc,
+                    tokenizer=self.tokenizer,
+                    logits_processor=procs or None,
+                    stopping_criteria=StoppingCriteriaList(crit) if crit else None,
+                    streamer=streamer,
                 )
         except BaseException:
             self.reset()  # the cache may hold a half-written forward
@@ -475,9 +497,21 @@ class KVCacheSession:
             new_images=len(new_images),
         )
 
-    def _generation_config(self, gc: Any, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                           repetition_penalty: float, stop_strings: Sequence[str], eos_token_id: Any, pad_token_id: Any,
-                           suppress_tokens: Any, GenerationConfig: Any) -> Any:
+    def _generation_config(
+        self,
+        gc: Any,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        repetition_penalty: float,
+        stop_strings: Sequence[str],
+        eos_token_id: Any,
+        pad_token_id: Any,
+        suppress_tokens: Any,
+        GenerationConfig: Any,
+    ) -> Any:
         import copy
 
         if gc is not None:
@@ -496,11 +530,16 @@ class KVCacheSession:
                 pad_token_id = self.tokenizer.pad_token_id
         sample = bool(do_sample and temperature > 0)
         return GenerationConfig(
-            do_sample=sample, max_new_tokens=int(max_new_tokens), num_beams=1,
-            temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
-            top_k=int(top_k) if sample else 0, repetition_penalty=float(repetition_penalty),
+            do_sample=sample,
+            max_new_tokens=int(max_new_tokens),
+            num_beams=1,
+            temperature=float(temperature) if sample else 1.0,
+            top_p=float(top_p) if sample else 1.0,
+            top_k=int(top_k) if sample else 0,
+            repetition_penalty=float(repetition_penalty),
             eos_token_id=list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id,
-            pad_token_id=pad_token_id, suppress_tokens=list(suppress_tokens) if suppress_tokens else None,
+            pad_token_id=pad_token_id,
+            suppress_tokens=list(suppress_tokens) if suppress_tokens else None,
             stop_strings=list(stop_strings) if stop_strings else None,
         )
 

@@ -33,7 +33,7 @@ AGENT_FLAGS = ("max_new_tokens", "max_rounds", "temperature", "seed", "on_error"
 #: Sandbox fields exposed as flags (``--timeout``, ``--min-crop-side``).
 SANDBOX_FLAGS = ("timeout_s", "min_crop_side")
 #: Loading settings of the hf backend exposed as flags (``seed`` is the agent's flag, shared).
-HF_FLAGS = ("revision", "dtype", "device_map", "attn_implementation", "min_pixels", "max_pixels")
+HF_FLAGS = ("revision", "dtype", "device_map", "attn_implementation", "min_pixels", "max_pixels", "kv_cache")
 
 
 def add_config_flag(p: argparse.ArgumentParser, sections: str = "agent/sandbox/model") -> None:

@@ -36,8 +36,17 @@ class HFEngine(Engine):
     name = "hf"
     early_stops = True
 
-    def __init__(self, model: Any, processor: Any, suppress_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int,
-                 *, kv_cache: bool = False, kv_cache_max: int = 256):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        suppress_ids: Sequence[int],
+        eos_ids: Sequence[int],
+        pad_id: int,
+        *,
+        kv_cache: bool = False,
+        kv_cache_max: int = 256,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -54,7 +63,9 @@ class HFEngine(Engine):
         from ..kv_cache import KVCachePool
 
         # identity matching: the token driver keeps one PIL object per image for the whole rollout
-        self.kv_pool = KVCachePool(self.model, self.processor, vision=vision_cache(self.processor), match_images="identity", max_sessions=max_sessions)
+        self.kv_pool = KVCachePool(
+            self.model, self.processor, vision=vision_cache(self.processor), match_images="identity", max_sessions=max_sessions
+        )
 
     def clear_kv_cache(self) -> None:
         """Drop every row's KV cache (after a weight update: the cached keys / values belong to the
@@ -62,7 +73,9 @@ class HFEngine(Engine):
         if self.kv_pool is not None:
             self.kv_pool.clear()
 
-    def generate(self, rows: list[EngineRow], settings: SamplingSettings, on_stop: Callable[[int, list[int]], None] | None = None) -> list[EngineOutput]:
+    def generate(
+        self, rows: list[EngineRow], settings: SamplingSettings, on_stop: Callable[[int, list[int]], None] | None = None
+    ) -> list[EngineOutput]:
         import torch
         from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -77,8 +90,8 @@ class HFEngine(Engine):
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         att = torch.zeros((len(rows), L), dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, L - len(r.ids):] = torch.tensor(r.ids)
-            att[b, L - len(r.ids):] = 1
+            ids[b, L - len(r.ids) :] = torch.tensor(r.ids)
+            att[b, L - len(r.ids) :] = 1
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": att}
         images = [im for r in rows for im in r.images]
         if images:
@@ -89,10 +102,17 @@ class HFEngine(Engine):
         max_new = max(r.max_new_tokens for r in rows)
         sample = settings.temperature > 0
         gc = GenerationConfig(
-            do_sample=sample, max_new_tokens=max_new, temperature=settings.temperature if sample else 1.0,
-            top_p=settings.top_p if sample else 1.0, top_k=settings.top_k if sample else 0, repetition_penalty=settings.repetition_penalty,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
-            stop_strings=list(settings.stop), num_beams=1,
+            do_sample=sample,
+            max_new_tokens=max_new,
+            temperature=settings.temperature if sample else 1.0,
+            top_p=settings.top_p if sample else 1.0,
+            top_k=settings.top_k if sample else 0,
+            repetition_penalty=settings.repetition_penalty,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress_ids or None,
+            stop_strings=list(settings.stop),
+            num_beams=1,
         )
         rep = RepetitionStoppingCriteria(L, len(rows), settings.repetition)
         procs = []
@@ -111,8 +131,13 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self.model.generate(**inputs, generation_config=gc, tokenizer=self.tokenizer, logits_processor=procs,
-                                          stopping_criteria=StoppingCriteriaList(crit))
+                out = self.model.generate(
+                    **inputs,
+                    generation_config=gc,
+                    tokenizer=self.tokenizer,
+                    logits_processor=procs,
+                    stopping_criteria=StoppingCriteriaList(crit),
+                )
         finally:
             if was_training:
                 self.model.train()
@@ -125,8 +150,9 @@ class HFEngine(Engine):
             outs.append(self._finish(toks, lps[b][: len(toks)], r, rep.flags[b], ats.forced[b] if ats else [], settings.stop))
         return outs
 
-    def _generate_cached(self, rows: list[EngineRow], settings: SamplingSettings,
-                         on_stop: Callable[[int, list[int]], None] | None) -> list[EngineOutput]:
+    def _generate_cached(
+        self, rows: list[EngineRow], settings: SamplingSettings, on_stop: Callable[[int, list[int]], None] | None
+    ) -> list[EngineOutput]:
         """Rows one at a time, each on the pool session holding its previous round; a row that
         ends at a stop string is reported (``on_stop``) before the next row starts."""
         from transformers import GenerationConfig
@@ -136,14 +162,29 @@ class HFEngine(Engine):
         outs = []
         for b, (sess, r) in enumerate(zip(sessions, rows)):
             gc = GenerationConfig(
-                do_sample=sample, max_new_tokens=r.max_new_tokens, temperature=settings.temperature if sample else 1.0,
-                top_p=settings.top_p if sample else 1.0, top_k=settings.top_k if sample else 0, repetition_penalty=settings.repetition_penalty,
-                eos_token_id=self.eos_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids or None,
-                stop_strings=list(settings.stop), num_beams=1,
+                do_sample=sample,
+                max_new_tokens=r.max_new_tokens,
+                temperature=settings.temperature if sample else 1.0,
+                top_p=settings.top_p if sample else 1.0,
+                top_k=settings.top_k if sample else 0,
+                repetition_penalty=settings.repetition_penalty,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                suppress_tokens=self.suppress_ids or None,
+                stop_strings=list(settings.stop),
+                num_beams=1,
             )
-            g = sess.generate(r.ids, r.images, r.max_new_tokens, generation_config=gc, ats=settings.ats, code_open=r.code_open,
-                              repetition=settings.repetition, logprobs=True,
-                              seed=settings.seed if (b == 0 and settings.seed is not None) else None)
+            g = sess.generate(
+                r.ids,
+                r.images,
+                r.max_new_tokens,
+                generation_config=gc,
+                ats=settings.ats,
+                code_open=r.code_open,
+                repetition=settings.repetition,
+                logprobs=True,
+                seed=settings.seed if (b == 0 and settings.seed is not None) else None,
+            )
             o = self._finish(g.token_ids[: r.max_new_tokens], g.logprobs, r, g.looped, g.forced, settings.stop)
             outs.append(o)
             if on_stop is not None and o.finish == "stop" and b < len(rows) - 1:
@@ -162,7 +203,9 @@ class HFEngine(Engine):
         k = tokens_to_stop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), body, stops)
         return body, k, eos_at
 
-    def _finish(self, toks: list[int], lps: list[float], r: EngineRow, looped: bool, forced: list[int], stops: Sequence[str]) -> EngineOutput:
+    def _finish(
+        self, toks: list[int], lps: list[float], r: EngineRow, looped: bool, forced: list[int], stops: Sequence[str]
+    ) -> EngineOutput:
         body, k, eos_at = self.stop_cut(toks, stops)
         if eos_at is not None:
             toks = toks[: eos_at + 1]
@@ -189,7 +232,9 @@ class _StopNotifier:
     decode of the last 16 tokens of each row not yet seen to stop; the exact cut (the engine's
     :meth:`HFEngine.stop_cut`, the same as its output) only when that tail holds a stop string."""
 
-    def __init__(self, engine: HFEngine, prompt_len: int, limits: list[int], stops: Sequence[str], callback: Callable[[int, list[int]], None]):
+    def __init__(
+        self, engine: HFEngine, prompt_len: int, limits: list[int], stops: Sequence[str], callback: Callable[[int, list[int]], None]
+    ):
         self.engine, self.P, self.limits, self.stops, self.callback = engine, prompt_len, limits, tuple(stops), callback
         self.seen = [False] * len(limits)
 
@@ -205,10 +250,10 @@ class _StopNotifier:
             if last in eos or last == self.engine.pad_id:
                 self.seen[b] = True  # ended without a stop string (or already cut): not ours
                 continue
-            tail = self.engine.tokenizer.decode(input_ids[b, max(self.P, input_ids.shape[1] - 16):].tolist(), skip_special_tokens=True)
+            tail = self.engine.tokenizer.decode(input_ids[b, max(self.P, input_ids.shape[1] - 16) :].tolist(), skip_special_tokens=True)
             if not any(st in tail for st in self.stops):
                 continue  # checked every step: a stop completed now ends in the last tokens
-            toks = input_ids[b, self.P:].tolist()
+            toks = input_ids[b, self.P :].tolist()
             body, k, _ = self.engine.stop_cut(toks, self.stops)
             if k is None:
                 continue

@@ -82,19 +82,34 @@ class RLRolloutSettings:
     max_length: int = _f(10240, "total tokens of a rollout (prompt, images and completion)", RLSH + " --max_length 10240")
     max_rounds: int = _f(4, "engine calls (generation rounds) per rollout", "reference GEN_ITER_LIMIT=4")
     max_images: int = _f(6, "images per rollout, input included", RLSH + " vllm_limit_mm_per_prompt image=6")
-    ats: bool = _f(True, "adaptive temperature sampling: tokens inside an open <code> block greedy, others at temperature", "paper Sec. 3.3 (GRPO-ATS)")
-    ats_code_tokens: str = _f("train", "greedy code tokens: 'train' (in the loss, as the reference) or 'mask' (out of loss, KL and normaliser); their sampling log-probs are NaN either way", "reference trains them; mask: ours")
-    mask_truncated: bool = _f(False, "drop rollouts that hit a cap (length, token_cap, image_cap, max_rounds, repetition) from the loss (Mini-o3's exceed mask)", "reference: off (overlong_filter is inert in O3 mode)")
+    ats: bool = _f(
+        True, "adaptive temperature sampling: tokens inside an open <code> block greedy, others at temperature", "paper Sec. 3.3 (GRPO-ATS)"
+    )
+    ats_code_tokens: str = _f(
+        "train",
+        "greedy code tokens: 'train' (in the loss, as the reference) or 'mask' (out of loss, KL and normaliser); their sampling log-probs are NaN either way",
+        "reference trains them; mask: ours",
+    )
+    mask_truncated: bool = _f(
+        False,
+        "drop rollouts that hit a cap (length, token_cap, image_cap, max_rounds, repetition) from the loss (Mini-o3's exceed mask)",
+        "reference: off (overlong_filter is inert in O3 mode)",
+    )
     repetition_span: int = _f(32, "rolling-hash loop rule: span of tokens", "paper Sec. 3.3 Rabin-Karp; rule ours")
     repetition_repeats: int = _f(3, "rolling-hash loop rule: occurrences of one span that stop a segment", "ours")
     repetition_window: int = _f(1024, "rolling-hash loop rule: tokens looked back over", "ours")
-    prefill: str = _f("", "text every rollout's assistant message starts with (given: out of the loss); a code segment ending in </code> runs before the first call", "ours (thyme run --prefill)")
+    prefill: str = _f(
+        "",
+        "text every rollout's assistant message starts with (given: out of the loss); a code segment ending in </code> runs before the first call",
+        "ours (thyme run --prefill)",
+    )
     feedback_separator: str = _f("\n", "text between </code> and <sandbox_output>", "released Thyme records")
     sandbox: SandboxConfig = setting(
         default_factory=rl_sandbox_config,
         help="the sandbox section (fields of thyme.sandbox.SandboxConfig, as in thyme run / eval configs): require lists the layers that must be active, "
         "else the run stops before the model loads naming the layer; allow_weaker: true accepts a weaker sandbox with a warning; timeout_s: seconds per code execution",
-        source="ours (reference EXEC_TIME_LIMIT=10 s)", show_default="every confinement layer required, timeout_s 10",
+        source="ours (reference EXEC_TIME_LIMIT=10 s)",
+        show_default="every confinement layer required, timeout_s 10",
     )
 
     def __post_init__(self) -> None:
@@ -116,33 +131,68 @@ class ThymeRLSettings(RLRolloutSettings):
     """Thyme's fields of ``thyme train rl`` (those TRL's ``GRPOConfig`` does not have)."""
 
     # ---- data and model
-    model: str = _f("Kwai-Keye/Thyme-SFT", "policy checkpoint to start from (the SFT model; hub id or folder)", "paper Sec. 3.3: RL starts from the SFT model")
-    train_files: list = _f([], "JSONL files: RL records (messages, images, solution, question) or benchmark rows (question, options, answer, image)", "thyme data convert output / benchmark annotations")
+    model: str = _f(
+        "Kwai-Keye/Thyme-SFT",
+        "policy checkpoint to start from (the SFT model; hub id or folder)",
+        "paper Sec. 3.3: RL starts from the SFT model",
+    )
+    train_files: list = _f(
+        [],
+        "JSONL files: RL records (messages, images, solution, question) or benchmark rows (question, options, answer, image)",
+        "thyme data convert output / benchmark annotations",
+    )
     images_root: str | None = _f(None, "folder relative image paths start from (default: each file's folder)", "ours")
-    allow_absolute_paths: bool = _f(False, "accept image paths that leave images_root (absolute, .., symlinks pointing out); only for train files you trust (README: Paths in data)", "ours")
-    max_pixels: int | None = _f(2408448, "per-image pixel budget, input and sandbox images, rollout and training forward alike", RLSH + " --max_pixels")
+    allow_absolute_paths: bool = _f(
+        False,
+        "accept image paths that leave images_root (absolute, .., symlinks pointing out); only for train files you trust (README: Paths in data)",
+        "ours",
+    )
+    max_pixels: int | None = _f(
+        2408448, "per-image pixel budget, input and sandbox images, rollout and training forward alike", RLSH + " --max_pixels"
+    )
     min_pixels: int | None = _f(None, "per-image lower pixel bound (None: the processor's)", "processor default")
     shown_path: str | None = _f(None, "image path shown in the prompt ({name}, {path}); None: the real path", "reference: real paths")
-    check_images: bool = _f(True, "before the model loads, decode every train image fully (a missing image is always an error: its rollouts would be masked at every step)", "ours (as thyme run / thyme eval check their inputs)")
+    check_images: bool = _f(
+        True,
+        "before the model loads, decode every train image fully (a missing image is always an error: its rollouts would be masked at every step)",
+        "ours (as thyme run / thyme eval check their inputs)",
+    )
 
     # ---- generation engine
-    engine: str = _f("hf", "generation engine: hf (transformers generate; CPU / one GPU), vllm_colocate, vllm_server (sets TRL's use_vllm and vllm_mode)", "ours (reference: vLLM colocate)")
-    kv_cache: bool = _f(False, "engine hf: keep each rollout's KV cache across rounds (round k prefills only the sandbox feedback); off by default because rows then generate one at a time instead of in one batch, which is slower for GRPO groups on a GPU; cleared after every optimiser step", "ours (issue 14: HF KV cache across rounds)")
+    engine: str = _f(
+        "hf",
+        "generation engine: hf (transformers generate; CPU / one GPU), vllm_colocate, vllm_server (sets TRL's use_vllm and vllm_mode)",
+        "ours (reference: vLLM colocate)",
+    )
+    kv_cache: bool = _f(
+        False,
+        "engine hf: keep each rollout's KV cache across rounds (round k prefills only the sandbox feedback); off by default because rows then generate one at a time instead of in one batch, which is slower for GRPO groups on a GPU; cleared after every optimiser step",
+        "ours (issue 14: HF KV cache across rounds)",
+    )
 
     # ---- rewards
-    wrong_result_value: float = _f(0.0, "Result of a wrong answer: 0 (paper) or -1 (reference judge default VQA_NORM=1)", "paper Sec. 3.3 / reference agent_rm.py")
+    wrong_result_value: float = _f(
+        0.0, "Result of a wrong answer: 0 (paper) or -1 (reference judge default VQA_NORM=1)", "paper Sec. 3.3 / reference agent_rm.py"
+    )
     format_weight: float = _f(0.5, "weight of the format reward", "paper; reference FMT_WEIGHT=0.5")
     consistency_weight: float = _f(0.5, "bonus factor for consistent reasoning on correct answers", "paper; reference CST_WEIGHT=0.5")
     judge: JudgeConfig = setting(
         default_factory=JudgeConfig,
         help="the judge section (fields of thyme.scoring.judge.JudgeConfig, as in thyme eval configs): base_url (none: rules only, no consistency), model, "
         "api_key (else the environment variable THYME_JUDGE_API_KEY), timeouts and retries; judge_base_url / judge_model are short for judge.base_url / judge.model",
-        source="reference REWARD_API_ADDRESS (Qwen2.5-VL-72B-Instruct-AWQ)", show_default="no judge",
+        source="reference REWARD_API_ADDRESS (Qwen2.5-VL-72B-Instruct-AWQ)",
+        show_default="no judge",
     )
 
     # ---- optimisation (what TRL names differently)
-    min_lr_rate: float = _f(0.1, "final learning rate as a fraction of the peak (lr_scheduler_type cosine_with_min_lr; TRL's lr_scheduler_kwargs win when given)", RLSH + " min_lr_rate 0.1")
-    warmup_ratio: float | None = _f(0.03, "warm-up fraction of the steps (TRL's warmup_steps wins when set; null: warmup_steps)", RLSH + " --warmup_ratio 0.03")
+    min_lr_rate: float = _f(
+        0.1,
+        "final learning rate as a fraction of the peak (lr_scheduler_type cosine_with_min_lr; TRL's lr_scheduler_kwargs win when given)",
+        RLSH + " min_lr_rate 0.1",
+    )
+    warmup_ratio: float | None = _f(
+        0.03, "warm-up fraction of the steps (TRL's warmup_steps wins when set; null: warmup_steps)", RLSH + " --warmup_ratio 0.03"
+    )
 
     # ---- model
     freeze_vision_tower: bool = _f(True, "freeze the vision encoder (merger too unless train_merger)", "paper: ViT frozen")
@@ -173,25 +223,38 @@ class ThymeRLSettings(RLRolloutSettings):
 TRL_DEFAULTS: dict[str, tuple[Any, str, str | None]] = {
     "output_dir": ("runs/rl_grpo_ats", "ours", "checkpoints, rollouts.jsonl, final model with processor and chat template"),
     "num_generations": (4, RLSH + " --num_generations 4", None),
-    "max_completion_length": (3196, RLSH + " --max_completion_length 3196; completion_length_limit_scope=per_round",
-                              "tokens per engine call (per-round scope, as the reference); the whole rollout is capped by max_length"),
+    "max_completion_length": (
+        3196,
+        RLSH + " --max_completion_length 3196; completion_length_limit_scope=per_round",
+        "tokens per engine call (per-round scope, as the reference); the whole rollout is capped by max_length",
+    ),
     "temperature": (1.0, RLSH + " --temperature 1.0", "sampling temperature outside code blocks (and of the training forward)"),
     "top_p": (0.9, RLSH + " --top_p 0.9", "nucleus sampling; set 1.0 with vLLM importance sampling (logprob mismatch otherwise)"),
     "top_k": (50, RLSH + " --top_k 50", "top-k sampling (0: off); set 0 with vLLM importance sampling"),
-    "repetition_penalty": (1.05, RLSH + " --repetition_penalty 1.05", "repetition penalty of the rollouts; 1.0 with vLLM importance sampling"),
+    "repetition_penalty": (
+        1.05,
+        RLSH + " --repetition_penalty 1.05",
+        "repetition penalty of the rollouts; 1.0 with vLLM importance sampling",
+    ),
     "vllm_gpu_memory_utilization": (0.55, RLSH + " --vllm_gpu_memory_utilization 0.55", None),
     "learning_rate": (5e-7, RLSH + " --learning_rate 5e-7", None),
     "lr_scheduler_type": ("cosine_with_min_lr", RLSH + " --lr_scheduler_type cosine_with_min_lr", None),
     "num_train_epochs": (2.0, RLSH + " --num_train_epochs 2", None),
     "per_device_train_batch_size": (1, RLSH + " --per_device_train_batch_size 1", None),
     "gradient_accumulation_steps": (5, RLSH + " --gradient_accumulation_steps 5", None),
-    "steps_per_generation": (None, "TRL steps_per_generation; the whole-groups rule: ours",
-                             "micro-steps per generation batch (None: gradient_accumulation_steps, or the smallest count whose batch holds whole groups)"),
+    "steps_per_generation": (
+        None,
+        "TRL steps_per_generation; the whole-groups rule: ours",
+        "micro-steps per generation batch (None: gradient_accumulation_steps, or the smallest count whose batch holds whole groups)",
+    ),
     "num_iterations": (1, RLSH + " --num_iterations 1", None),
     "beta": (0.01, RLSH + " --beta 0.01 (paper text: 0.001)", None),
     "epsilon": (0.2, "swift GRPOArgumentsMixin default 0.2", None),
-    "loss_type": ("dapo", "paper Sec. 3.3 normaliser; TRL 1.16 default",
-                  "TRL loss; dapo divides by the global count of model tokens = the paper's 1/sum|tau_i| (sandbox tokens excluded)"),
+    "loss_type": (
+        "dapo",
+        "paper Sec. 3.3 normaliser; TRL 1.16 default",
+        "TRL loss; dapo divides by the global count of model tokens = the paper's 1/sum|tau_i| (sandbox tokens excluded)",
+    ),
     "scale_rewards": ("group", "reference default (scale_rewards True)", None),
     "max_grad_norm": (1.0, "transformers default", None),
     "weight_decay": (0.1, "ms-swift default", None),
@@ -252,7 +315,10 @@ def _grpo_ats_post_init(self: Any) -> None:
         (self.num_generations is not None and self.num_generations >= 2, "num_generations must be >= 2 (advantages are group-relative)"),
         (self.max_completion_length is not None and self.max_completion_length >= 1, "max_completion_length must be positive"),
         (self.engine != "vllm_server" or bool(self.vllm_server_base_url), "engine vllm_server needs vllm_server_base_url"),
-        (str(getattr(self.save_strategy, "value", self.save_strategy)) in ("steps", "epoch", "no", "best"), "save_strategy must be steps, epoch or no"),
+        (
+            str(getattr(self.save_strategy, "value", self.save_strategy)) in ("steps", "epoch", "no", "best"),
+            "save_strategy must be steps, epoch or no",
+        ),
     ]
     for name, (value, why) in TRL_FIXED.items():
         checks.append((getattr(self, name, value) == value, f"{name} must be {value}: {why}"))
@@ -280,12 +346,16 @@ def _grpo_ats_post_init(self: Any) -> None:
     elif self.engine == "vllm_server":
         self.vllm_mode = "server"
     world = _world_size()
-    if self.generation_batch_size is not None and self.steps_per_generation is not None \
-            and self.generation_batch_size == self.per_device_train_batch_size * world * self.steps_per_generation:
+    if (
+        self.generation_batch_size is not None
+        and self.steps_per_generation is not None
+        and self.generation_batch_size == self.per_device_train_batch_size * world * self.steps_per_generation
+    ):
         self.generation_batch_size = None  # both derived by an earlier __post_init__ (a copy): derive again
     if self.generation_batch_size is None:
-        self.steps_per_generation = generation_steps(self.per_device_train_batch_size, self.gradient_accumulation_steps,
-                                                     self.num_generations, world, self.steps_per_generation)
+        self.steps_per_generation = generation_steps(
+            self.per_device_train_batch_size, self.gradient_accumulation_steps, self.num_generations, world, self.steps_per_generation
+        )
     GRPOConfig.__post_init__(self)
 
 
@@ -310,10 +380,13 @@ def grpo_ats_config_class() -> type:
         if _CLASS is None:
             from trl import GRPOConfig
 
-            doc = ("Everything ``thyme train rl`` needs: a ``trl.GRPOConfig`` (TRL's fields, help and checks) with "
-                   "Thyme's fields (:class:`ThymeRLSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`.")
-            _CLASS = derive_config_class("GRPOATSConfig", ThymeRLSettings, GRPOConfig, TRL_DEFAULTS,
-                                         post_init=_grpo_ats_post_init, module=__name__, doc=doc)
+            doc = (
+                "Everything ``thyme train rl`` needs: a ``trl.GRPOConfig`` (TRL's fields, help and checks) with "
+                "Thyme's fields (:class:`ThymeRLSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
+            )
+            _CLASS = derive_config_class(
+                "GRPOATSConfig", ThymeRLSettings, GRPOConfig, TRL_DEFAULTS, post_init=_grpo_ats_post_init, module=__name__, doc=doc
+            )
         return _CLASS
 
 
@@ -329,7 +402,9 @@ def settings_help() -> str:
     lines = []
     for f in dataclasses.fields(ThymeRLSettings):
         lines.append(f"  {f.name}: {help_text(f)}")
-    lines.append("  TRL GRPOConfig fields with Thyme's defaults (any other GRPOConfig / TrainingArguments field is accepted too; TRL's docs):")
+    lines.append(
+        "  TRL GRPOConfig fields with Thyme's defaults (any other GRPOConfig / TrainingArguments field is accepted too; TRL's docs):"
+    )
     for name, (default, source, own_help) in TRL_DEFAULTS.items():
         shown = "none" if default is None else repr(default) if isinstance(default, str) else str(default)
         lines.append(f"  {name}: {own_help + ' ' if own_help else ''}(default {shown}; {source})")

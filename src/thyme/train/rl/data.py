@@ -100,13 +100,17 @@ def from_rl_record(row: dict[str, Any], rid: str, root: Path, *, allow_absolute:
     if solution is None:
         raise ThymeError(f"RL record {rid}: no solution")
     content = [protocol.image_part(p) for p in images] + [protocol.text_part(text)]
-    msgs = [{"role": "system", "content": [protocol.text_part(_text(system["content"]) if system else protocol.SYSTEM_PROMPT)]},
-            {"role": "user", "content": content}]
+    msgs = [
+        {"role": "system", "content": [protocol.text_part(_text(system["content"]) if system else protocol.SYSTEM_PROMPT)]},
+        {"role": "user", "content": content},
+    ]
     question = row.get("question") or text
     return RLPrompt(rid, msgs, images, str(solution), protocol.strip_question_placeholder(str(question)), {})
 
 
-def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: str | None = None, *, allow_absolute: bool = False) -> RLPrompt:
+def from_benchmark_row(
+    row: dict[str, Any], rid: str, root: Path, shown_path: str | None = None, *, allow_absolute: bool = False
+) -> RLPrompt:
     """A benchmark row (question, options, answer, image) -> :class:`RLPrompt` in the Thyme prompt."""
     from ...evaluate.benchmarks import parse_options
     from ...evaluate.prompts import build_question
@@ -126,7 +130,9 @@ def from_benchmark_row(row: dict[str, Any], rid: str, root: Path, shown_path: st
     return RLPrompt(rid, msgs, images, str(row.get("answer", "")).strip(), question, options)
 
 
-def load_prompts(files: list[str], *, images_root: str | None = None, shown_path: str | None = None, allow_absolute_paths: bool = False) -> list[RLPrompt]:
+def load_prompts(
+    files: list[str], *, images_root: str | None = None, shown_path: str | None = None, allow_absolute_paths: bool = False
+) -> list[RLPrompt]:
     """Read every row of ``files`` (JSONL): RL records or benchmark rows.
 
     Every line is read; a bad line (invalid JSON, not an object, an unknown row form, a
@@ -165,12 +171,17 @@ def load_prompts(files: list[str], *, images_root: str | None = None, shown_path
                 elif "question" in row and ("answer" in row or "solution" in row):
                     out.append(from_benchmark_row(row, rid, root, shown_path, allow_absolute=allow_absolute_paths))
                 else:
-                    bad.append(f"{at}: unknown row form (keys {sorted(row)[:20]}); expected RL records (messages, images, solution) or benchmark rows (question, options, answer, image)")
+                    bad.append(
+                        f"{at}: unknown row form (keys {sorted(row)[:20]}); expected RL records (messages, images, solution) or benchmark rows (question, options, answer, image)"
+                    )
             except ThymeError as e:
                 bad.append(f"{at}: {e.message}" + (f" ({e.hint})" if e.hint else ""))
     if bad:
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ThymeError(f"{len(bad)} bad line(s) in the train files:\n" + "\n".join(f"  {b}" for b in bad[:10]) + more, "fix or remove these lines (nothing was trained)")
+        raise ThymeError(
+            f"{len(bad)} bad line(s) in the train files:\n" + "\n".join(f"  {b}" for b in bad[:10]) + more,
+            "fix or remove these lines (nothing was trained)",
+        )
     if not out:
         raise ThymeError(f"no rows in {files}")
     return out
@@ -213,9 +224,15 @@ def rl_record(question: str, image: str, solution: str, *, rid: str | None = Non
         size = image_size(image)
     except Exception:
         size = None
-    user = protocol.IMAGE_PLACEHOLDER + "\n" + protocol.user_prompt_text(question, image, size)[len(protocol.IMAGE_PLACEHOLDER):].lstrip("\n")
-    rec = {"messages": [{"role": "system", "content": protocol.SYSTEM_PROMPT}, {"role": "user", "content": user}],
-           "images": [image], "solution": solution, "question": question}
+    user = (
+        protocol.IMAGE_PLACEHOLDER + "\n" + protocol.user_prompt_text(question, image, size)[len(protocol.IMAGE_PLACEHOLDER) :].lstrip("\n")
+    )
+    rec = {
+        "messages": [{"role": "system", "content": protocol.SYSTEM_PROMPT}, {"role": "user", "content": user}],
+        "images": [image],
+        "solution": solution,
+        "question": question,
+    }
     if rid is not None:
         rec["id"] = rid
     return rec

@@ -60,8 +60,10 @@ def start_sandbox(cfg: GRPOATSConfig) -> Any:
 
     sandbox = Sandbox(cfg.sandbox)
     if sandbox.missing_layers:
-        logger.warning("RL sandbox runs without required layer(s) %s (sandbox.allow_weaker is set)",
-                       ", ".join(name for name, _ in sandbox.missing_layers))
+        logger.warning(
+            "RL sandbox runs without required layer(s) %s (sandbox.allow_weaker is set)",
+            ", ".join(name for name, _ in sandbox.missing_layers),
+        )
     return sandbox
 
 
@@ -75,8 +77,11 @@ def judge_client(cfg: GRPOATSConfig) -> Any:
 
     key = cfg.judge.api_key or env_secret(JUDGE_API_KEY_ENV)
     if key is None and env_secret(MODEL_API_KEY_ENV):
-        logger.warning("the judge gets no key: %s is not set (%s is the model server's key and is no longer sent to the judge)",
-                       JUDGE_API_KEY_ENV, MODEL_API_KEY_ENV)
+        logger.warning(
+            "the judge gets no key: %s is not set (%s is the model server's key and is no longer sent to the judge)",
+            JUDGE_API_KEY_ENV,
+            MODEL_API_KEY_ENV,
+        )
     return JudgeClient(dataclasses.replace(cfg.judge, api_key=key))
 
 
@@ -94,20 +99,35 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
         suppress = never_sampled_ids(tok, getattr(model, "config", None), processor)
         eos = end_of_turn_ids(tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-        engine = build_engine(cfg.engine, EngineContext(
-            model=model, processor=processor, suppress_ids=tuple(suppress), eos_ids=tuple(eos), pad_id=pad,
-            llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
-            client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
-        ))
+        engine = build_engine(
+            cfg.engine,
+            EngineContext(
+                model=model,
+                processor=processor,
+                suppress_ids=tuple(suppress),
+                eos_ids=tuple(eos),
+                pad_id=pad,
+                llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
+                client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
+            ),
+        )
         if cfg.kv_cache and cfg.engine == "hf":
             engine.enable_kv_cache()  # HFEngine: a KV cache per rollout across rounds, cleared by the trainer each step
         limits = RolloutLimits(
-            max_rounds=cfg.max_rounds, max_completion_length=cfg.max_completion_length, max_length=cfg.max_length,
-            max_images=cfg.max_images, ats_code_tokens=cfg.ats_code_tokens,
-            feedback=protocol.FeedbackConfig(separator=cfg.feedback_separator), prefill=cfg.prefill,
+            max_rounds=cfg.max_rounds,
+            max_completion_length=cfg.max_completion_length,
+            max_length=cfg.max_length,
+            max_images=cfg.max_images,
+            ats_code_tokens=cfg.ats_code_tokens,
+            feedback=protocol.FeedbackConfig(separator=cfg.feedback_separator),
+            prefill=cfg.prefill,
         )
         settings = SamplingSettings(
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, ats=cfg.ats,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            repetition_penalty=cfg.repetition_penalty,
+            ats=cfg.ats,
             repetition=RepetitionRule(span=cfg.repetition_span, repeats=cfg.repetition_repeats, window=cfg.repetition_window),
         )
         return RolloutRunner(engine, processor, sandbox, limits, settings, Path(cfg.output_dir) / "rollout_images")
@@ -128,7 +148,9 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
     if not cfg.train_files:
         raise ThymeError("no train_files in the RL config", "pass --train-file RECORDS.jsonl (RL records or benchmark rows)")
     check_reporters(cfg.report_to)
-    prompts = load_prompts(cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path, allow_absolute_paths=cfg.allow_absolute_paths)
+    prompts = load_prompts(
+        cfg.train_files, images_root=cfg.images_root, shown_path=cfg.shown_path, allow_absolute_paths=cfg.allow_absolute_paths
+    )
     check_prompt_images(prompts, images_root=cfg.images_root, decode=cfg.check_images)
     if judge is None:
         judge = judge_client(cfg)  # a judge section it cannot use is an input error: before anything starts
@@ -141,8 +163,12 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
         processor = load_processor(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         check_model_source(cfg.model)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=_dtype(cfg), **hub_kwargs(cfg.model),
-                                                                **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
+            model = AutoModelForImageTextToText.from_pretrained(
+                cfg.model,
+                dtype=_dtype(cfg),
+                **hub_kwargs(cfg.model),
+                **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
+            )
         except Exception as e:
             raise load_error("model", cfg.model, e) from e
         if cfg.freeze_vision_tower:
@@ -150,10 +176,20 @@ def build_trainer(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None,
         os.makedirs(cfg.output_dir, exist_ok=True)
         dataset = datasets.Dataset.from_dict(to_dataset_rows(prompts))
         trainer = trainer_class()(
-            model=model, args=trainer_args(cfg), train_dataset=dataset, processing_class=processor, callbacks=callbacks,
-            runner_factory=make_runner_factory(cfg, processor, sandbox), judge=judge,
-            reward_options={"wrong_result_value": cfg.wrong_result_value, "format_weight": cfg.format_weight, "consistency_weight": cfg.consistency_weight},
-            mask_truncated=cfg.mask_truncated, rollouts_path=str(Path(cfg.output_dir) / "rollouts.jsonl"),
+            model=model,
+            args=trainer_args(cfg),
+            train_dataset=dataset,
+            processing_class=processor,
+            callbacks=callbacks,
+            runner_factory=make_runner_factory(cfg, processor, sandbox),
+            judge=judge,
+            reward_options={
+                "wrong_result_value": cfg.wrong_result_value,
+                "format_weight": cfg.format_weight,
+                "consistency_weight": cfg.consistency_weight,
+            },
+            mask_truncated=cfg.mask_truncated,
+            rollouts_path=str(Path(cfg.output_dir) / "rollouts.jsonl"),
         )
     except BaseException:
         if own_sandbox:

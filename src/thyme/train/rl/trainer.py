@@ -46,8 +46,15 @@ class RolloutImageError(ThymeError):
     """A rollout's image pad tokens and image features disagree (names the rollout)."""
 
 
-def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge: Any = None, wrong_result_value: float = 0.0,
-                   format_weight: float = 0.5, consistency_weight: float = 0.5) -> list[dict[str, Any]]:
+def score_rollouts(
+    rollouts: Sequence[Rollout],
+    prompts: Sequence[Any],
+    *,
+    judge: Any = None,
+    wrong_result_value: float = 0.0,
+    format_weight: float = 0.5,
+    consistency_weight: float = 0.5,
+) -> list[dict[str, Any]]:
     """Thyme's reward per rollout: ``Result * (1 + w_c * Consistency) + w_f * Format`` (paper Sec. 3.3).
 
     Uses :func:`thyme.rewards.compute_rewards` (rules, then the judge). ``wrong_result_value``
@@ -78,8 +85,13 @@ def score_rollouts(rollouts: Sequence[Rollout], prompts: Sequence[Any], *, judge
         if result.valid and result.value == 0.0 and result.method != "no_answer" and wrong_result_value:
             result = RewardScore(float(wrong_result_value), True, result.method, result.detail)
         total = combine(b.format.value or 0.0, result, b.consistency, cfg)
-        out[i] = {"format": b.format.value, "result": result.value, "consistency": b.consistency.value,
-                  "methods": {"result": result.method, "consistency": b.consistency.method}, "total": total}
+        out[i] = {
+            "format": b.format.value,
+            "result": result.value,
+            "consistency": b.consistency.value,
+            "methods": {"result": result.method, "consistency": b.consistency.method},
+            "total": total,
+        }
         if total is None:  # a judge call failed (retries and re-asks spent): masked, never a silent 0
             failed = [f"{name}: {sc.detail}" for name, sc in (("result", result), ("consistency", b.consistency)) if not sc.valid]
             rollouts[i].mask_reason = "judge_failed"
@@ -129,9 +141,13 @@ def trainer_rows(rollouts: Sequence[Rollout], *, im_end: int, image_pad: int, pa
         have = sum(1 for t in prompt + ids if t == image_pad)
         if want != have:
             if r.mask_reason is None:
-                raise RolloutImageError(f"rollout {r.id}: {have} image pad tokens but {want} image features ({len(images)} images)",
-                                        "the pad counts must come from the trainer's image processor (same max_pixels)")
-            logger.warning("rollout %s (masked: %s): %d image pad tokens but %d image features; sent as an empty row", r.id, r.mask_reason, have, want)
+                raise RolloutImageError(
+                    f"rollout {r.id}: {have} image pad tokens but {want} image features ({len(images)} images)",
+                    "the pad counts must come from the trainer's image processor (same max_pixels)",
+                )
+            logger.warning(
+                "rollout %s (masked: %s): %d image pad tokens but %d image features; sent as an empty row", r.id, r.mask_reason, have, want
+            )
             prompt, ids, mask, lps, images = [im_end], [im_end], [0], [float("nan")], []
         rows.append(TrainerRow(prompt_ids=prompt, completion_ids=ids, env_mask=mask, logprobs=lps, images=images))
     return rows
@@ -154,8 +170,16 @@ def trainer_class() -> type:
         """See the module docstring. Extra arguments: ``runner_factory(trainer) -> RolloutRunner``,
         ``judge``, ``reward_options`` (dict for :func:`score_rollouts`), ``mask_truncated``, ``rollouts_path``."""
 
-        def __init__(self, *args: Any, runner_factory: Any, judge: Any = None, reward_options: dict | None = None,
-                     mask_truncated: bool = False, rollouts_path: str | None = None, **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            runner_factory: Any,
+            judge: Any = None,
+            reward_options: dict | None = None,
+            mask_truncated: bool = False,
+            rollouts_path: str | None = None,
+            **kwargs: Any,
+        ):
             kwargs.setdefault("reward_funcs", [_thyme_reward])
             super().__init__(*args, **kwargs)
             self._runner_factory = runner_factory
@@ -171,8 +195,19 @@ def trainer_class() -> type:
             self._rows: list[dict[str, Any]] = []
             self._last: list[Rollout] = []
             self._last_rewards: list[dict[str, Any]] = []
-            self.totals = {"rollouts": 0, "masked_rollouts": 0, "code_blocks": 0, "code_executed_ok": 0, "engine_calls": 0,
-                           "code_engine_calls": 0, "model_code_blocks": 0, "reward_sum": 0.0, "reward_n": 0, "mask_reasons": {}, "stop_reasons": {}}
+            self.totals = {
+                "rollouts": 0,
+                "masked_rollouts": 0,
+                "code_blocks": 0,
+                "code_executed_ok": 0,
+                "engine_calls": 0,
+                "code_engine_calls": 0,
+                "model_code_blocks": 0,
+                "reward_sum": 0.0,
+                "reward_n": 0,
+                "mask_reasons": {},
+                "stop_reasons": {},
+            }
 
         @property
         def runner(self) -> RolloutRunner:
@@ -196,7 +231,11 @@ def trainer_class() -> type:
                 self.vllm_generation.sync_weights()
                 self._last_loaded_step = self.state.global_step
             rows = [RLPrompt.from_json(x["thyme"]) for x in self._rows]
-            seed = None if self.args.seed is None else int(self.args.seed) * 100003 + int(self.state.global_step) * 101 + self.accelerator.process_index
+            seed = (
+                None
+                if self.args.seed is None
+                else int(self.args.seed) * 100003 + int(self.state.global_step) * 101 + self.accelerator.process_index
+            )
             clear_kv = getattr(self.runner.engine, "clear_kv_cache", None)  # HF engine with kv_cache: caches of the old weights
             if clear_kv is not None:
                 clear_kv()
@@ -229,8 +268,16 @@ def trainer_class() -> type:
             has_images = any(any_images)
             if mode == "train":
                 self.state.num_input_tokens_seen += sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-            return (prompt_ids, completion_ids, env_mask, completions, logprobs, {"thyme_reward": totals},
-                    (any_images if has_images else None), (any_images if has_images else [[] for _ in range(n)]))
+            return (
+                prompt_ids,
+                completion_ids,
+                env_mask,
+                completions,
+                logprobs,
+                {"thyme_reward": totals},
+                (any_images if has_images else None),
+                (any_images if has_images else [[] for _ in range(n)]),
+            )
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
             n = kwargs.get("num_images")
@@ -238,7 +285,7 @@ def trainer_class() -> type:
                 raise RolloutImageError(f"{sum(n)} rollout images expected in the training forward but no pixel_values arrived")
             if kwargs.get("pixel_values") is not None and self.runner is not None:
                 pads = int((input_ids == self.runner.image_pad).sum().item())
-                merge = self.runner.merge ** 2
+                merge = self.runner.merge**2
                 feats = int(kwargs["image_grid_thw"].prod(-1).sum().item()) // merge if kwargs.get("image_grid_thw") is not None else pads
                 if pads != feats:
                     raise RolloutImageError(f"training forward: {pads} image pad tokens but {feats} image features")
@@ -264,9 +311,11 @@ def trainer_class() -> type:
             vals = [rw["total"] for rw in rewards if rw["total"] is not None]
             t["reward_sum"] += sum(vals)
             t["reward_n"] += len(vals)
+
             def mean(xs):
                 xs = [x for x in xs if x is not None]
                 return float(sum(xs) / len(xs)) if xs else 0.0
+
             code = sum(r.code_blocks for r in rollouts)
             return {
                 "thyme/rewards/format": mean([rw["format"] for rw in rewards]),
@@ -287,10 +336,20 @@ def trainer_class() -> type:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
                 for r, rw, adv in zip(self._last, self._last_rewards, advantages):
-                    line = {"step": int(self.state.global_step), "id": r.id, "group": r.group, "trajectory": r.trajectory.to_dict(),
-                            "reward": rw, "advantage": float(adv), "mask_reason": r.mask_reason, "stop_reason": r.stop_reason,
-                            "engine_calls": r.engine_calls, "model_tokens": int(sum(r.env_mask)), "sandbox_tokens": int(len(r.env_mask) - sum(r.env_mask)),
-                            "images": len(r.images)}
+                    line = {
+                        "step": int(self.state.global_step),
+                        "id": r.id,
+                        "group": r.group,
+                        "trajectory": r.trajectory.to_dict(),
+                        "reward": rw,
+                        "advantage": float(adv),
+                        "mask_reason": r.mask_reason,
+                        "stop_reason": r.stop_reason,
+                        "engine_calls": r.engine_calls,
+                        "model_tokens": int(sum(r.env_mask)),
+                        "sandbox_tokens": int(len(r.env_mask) - sum(r.env_mask)),
+                        "images": len(r.images),
+                    }
                     f.write(json.dumps(line, ensure_ascii=False, default=_json_default) + "\n")
 
     return ThymeGRPOTrainer
