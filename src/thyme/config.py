@@ -35,9 +35,10 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Callable, Literal, TypeVar, Union
 
 import yaml
 
@@ -517,6 +518,24 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 if typ is float or float not in args:
                     raise ThymeError(f"{source}: {name} must be a number, got {value!r}") from None
     return value
+
+
+def built_once(build: Callable[[], type]) -> Callable[[], type]:
+    """``build`` wrapped so that it runs once per process, under a lock, and its class is returned
+    to every later caller: the config classes derived from a library's config
+    (:func:`derive_config_class`) import that library, so they are built on first use, and two
+    threads must never build two distinct classes (``isinstance`` would then fail across them)."""
+    lock = threading.Lock()
+    box: list[type] = []
+
+    def get() -> type:
+        with lock:
+            if not box:
+                box.append(build())
+        return box[0]
+
+    get.__doc__ = build.__doc__
+    return get
 
 
 def derive_config_class(

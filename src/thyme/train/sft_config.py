@@ -28,11 +28,10 @@ ran; 1 GPU x 1 x 128 on one GPU). Or set ``gradient_accumulation_steps`` and
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import derive_config_class, load_config, record_of, setting
+from ..config import built_once, derive_config_class, load_config, record_of, setting
 from ..constants import MAX_PIXELS
 from ..errors import ThymeError
 
@@ -229,27 +228,21 @@ def _sft_post_init(self: Any) -> None:
     SFTConfig.__post_init__(self)
 
 
-_CLASS: type | None = None
-_CLASS_LOCK = threading.Lock()
-
-
-def sft_config_class() -> type:
+def _build_sft_config_class() -> type:
     """``SFTRunConfig``: a dataclass subclass of ``trl.SFTConfig`` and :class:`ThymeSFTSettings`,
     with :data:`TRL_DEFAULTS` applied (built once; imports TRL)."""
-    global _CLASS
-    with _CLASS_LOCK:
-        if _CLASS is None:
-            from trl import SFTConfig
+    from trl import SFTConfig
 
-            doc = (
-                "Everything ``thyme train sft`` needs: a ``trl.SFTConfig`` (TRL's fields, help and checks) with "
-                "Thyme's fields (:class:`ThymeSFTSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
-            )
-            _CLASS = derive_config_class(
-                "SFTRunConfig", ThymeSFTSettings, SFTConfig, TRL_DEFAULTS, post_init=_sft_post_init, module=__name__, doc=doc
-            )
-            _CLASS.accumulation_steps = accumulation_steps
-        return _CLASS
+    doc = (
+        "Everything ``thyme train sft`` needs: a ``trl.SFTConfig`` (TRL's fields, help and checks) with "
+        "Thyme's fields (:class:`ThymeSFTSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
+    )
+    cls = derive_config_class("SFTRunConfig", ThymeSFTSettings, SFTConfig, TRL_DEFAULTS, post_init=_sft_post_init, module=__name__, doc=doc)
+    cls.accumulation_steps = accumulation_steps
+    return cls
+
+
+sft_config_class = built_once(_build_sft_config_class)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: ``from thyme.train.sft_config import SFTRunConfig``

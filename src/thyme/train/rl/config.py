@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import derive_config_class, help_text, load_config, record_of, setting
+from ...config import built_once, derive_config_class, help_text, load_config, record_of, setting
 from ...errors import ThymeError
 from ...sandbox.config import LAYERS, SandboxConfig
 from ...scoring.judge import JudgeConfig
@@ -368,26 +367,21 @@ def config_record(cfg: Any) -> dict[str, Any]:
     return record_of(cfg, ThymeRLSettings, GRPOConfig, TRL_DEFAULTS, redact=("judge.api_key",))
 
 
-_CLASS: type | None = None
-_CLASS_LOCK = threading.Lock()
-
-
-def grpo_ats_config_class() -> type:
+def _build_grpo_ats_config_class() -> type:
     """``GRPOATSConfig``: a dataclass subclass of ``trl.GRPOConfig`` and :class:`ThymeRLSettings`,
     with :data:`TRL_DEFAULTS` applied (built once; imports TRL)."""
-    global _CLASS
-    with _CLASS_LOCK:
-        if _CLASS is None:
-            from trl import GRPOConfig
+    from trl import GRPOConfig
 
-            doc = (
-                "Everything ``thyme train rl`` needs: a ``trl.GRPOConfig`` (TRL's fields, help and checks) with "
-                "Thyme's fields (:class:`ThymeRLSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
-            )
-            _CLASS = derive_config_class(
-                "GRPOATSConfig", ThymeRLSettings, GRPOConfig, TRL_DEFAULTS, post_init=_grpo_ats_post_init, module=__name__, doc=doc
-            )
-        return _CLASS
+    doc = (
+        "Everything ``thyme train rl`` needs: a ``trl.GRPOConfig`` (TRL's fields, help and checks) with "
+        "Thyme's fields (:class:`ThymeRLSettings`) and Thyme's defaults for the TRL fields in :data:`TRL_DEFAULTS`."
+    )
+    return derive_config_class(
+        "GRPOATSConfig", ThymeRLSettings, GRPOConfig, TRL_DEFAULTS, post_init=_grpo_ats_post_init, module=__name__, doc=doc
+    )
+
+
+grpo_ats_config_class = built_once(_build_grpo_ats_config_class)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: ``from thyme.train.rl.config import GRPOATSConfig``
