@@ -109,6 +109,7 @@ def setting(
     metavar: str | None = None,
     show_default: str | None = None,
     const: Any = None,
+    valid: dict[str, float] | None = None,
 ) -> Any:
     """A dataclass field carrying its default, its help text and its source.
 
@@ -124,11 +125,52 @@ def setting(
             (``"os.cpu_count()"``, ``"the processor's"``).
         const: the flag's value when it is given without one (``--ray`` alone); the flag then
             takes an optional value.
+        valid: the range of values that make sense, as bounds ``{"ge": 1}``, ``{"gt": 0, "le": 1}``
+            (keys ``ge``, ``gt``, ``le``, ``lt``); checked by :func:`check_ranges`, which the
+            dataclass's ``__post_init__`` calls (``None`` values pass).
     """
     metadata = {"help": help, "source": source, "flag": flag, "metavar": metavar, "show_default": show_default, "const": const}
+    if valid:
+        metadata["valid"] = dict(valid)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+_BOUNDS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
+
+
+def valid_range(f: dataclasses.Field) -> str | None:
+    """The range of a field's ``valid`` bounds as text (``">= 1"``, ``"> 0 and <= 1"``); None without."""
+    valid = f.metadata.get("valid")
+    if not valid:
+        return None
+    return " and ".join(f"{_BOUNDS[k][0]} {b:g}" for k, b in valid.items())
+
+
+def check_ranges(obj: Any) -> None:
+    """Check every field of the dataclass instance ``obj`` against its ``valid`` bounds (see
+    :func:`setting`): the one place a value that makes no sense (``max_rounds 0``,
+    ``temperature -1``) is refused, whichever of flag, YAML or code set it.
+
+    Raises:
+        ValueError: naming the field, its flag, the valid range and the value given
+            (:func:`build` turns it into a ThymeError; the cli exits 2).
+    """
+    for f in dataclasses.fields(obj):
+        valid = f.metadata.get("valid")
+        v = getattr(obj, f.name)
+        if not valid or v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{flag_name(f)} ({f.name}) must be a number {valid_range(f)}, got {v!r}")
+        if not all(_BOUNDS[k][1](v, b) for k, b in valid.items()):
+            raise ValueError(f"{flag_name(f)} ({f.name}) must be {valid_range(f)}, got {v!r}")
 
 
 def field_default(f: dataclasses.Field) -> Any:

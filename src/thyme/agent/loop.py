@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 from .. import protocol
 from ..backends.base import Backend, BatchGenerationError, Generation, GenerationRequest
 from ..backends.repetition import RepetitionRule
-from ..config import setting
+from ..config import check_ranges, setting
 from ..constants import MAX_NEW_TOKENS, MAX_OUTPUT_CHARS, MAX_ROUNDS
 from ..errors import ThymeError
 from ..imageio import image_size
@@ -45,14 +45,16 @@ class AgentConfig:
     evaluation; each field's meaning, default and source: ``thyme run --help`` (or
     :func:`thyme.config.help_text` on ``dataclasses.fields(AgentConfig)``)."""
 
-    max_rounds: int = setting(MAX_ROUNDS, help="generation rounds per trajectory", source="reference eval: up to 5")
-    max_new_tokens: int = setting(MAX_NEW_TOKENS, help="tokens per generation round", source="reference eval")
-    max_total_tokens: int = setting(10240, help="cap on generated tokens over all rounds of a trajectory", source="ours")
-    max_images: int = setting(6, help="cap on images in the conversation, input included", source="reference RL errors out above 6")
-    temperature: float = setting(0.0, help="sampling temperature; 0 is greedy", source="reference eval decoding")
-    top_p: float = setting(1.0, help="nucleus sampling when temperature > 0", source="ours")
-    top_k: int = setting(0, help="top-k sampling when temperature > 0 (0: off)", source="ours")
-    repetition_penalty: float = setting(1.0, help="repetition penalty when temperature > 0", source="ours")
+    max_rounds: int = setting(MAX_ROUNDS, help="generation rounds per trajectory", source="reference eval: up to 5", valid={"ge": 1})
+    max_new_tokens: int = setting(MAX_NEW_TOKENS, help="tokens per generation round", source="reference eval", valid={"ge": 1})
+    max_total_tokens: int = setting(10240, help="cap on generated tokens over all rounds of a trajectory", source="ours", valid={"ge": 1})
+    max_images: int = setting(
+        6, help="cap on images in the conversation, input included", source="reference RL errors out above 6", valid={"ge": 1}
+    )
+    temperature: float = setting(0.0, help="sampling temperature; 0 is greedy", source="reference eval decoding", valid={"ge": 0})
+    top_p: float = setting(1.0, help="nucleus sampling when temperature > 0", source="ours", valid={"gt": 0, "le": 1})
+    top_k: int = setting(0, help="top-k sampling when temperature > 0 (0: off)", source="ours", valid={"ge": 0})
+    repetition_penalty: float = setting(1.0, help="repetition penalty when temperature > 0", source="ours", valid={"gt": 0})
     seed: int | None = setting(None, help="base seed; trajectory i of a batch uses seed + i", source="ours")
     on_error: Literal["show", "regenerate"] = setting(
         "show",
@@ -61,7 +63,7 @@ class AgentConfig:
         source="reference RL",
     )
     max_regenerations: int = setting(
-        2, help="retries per round when on_error is 'regenerate'; the error is shown after the last one", source="ours"
+        2, help="retries per round when on_error is 'regenerate'; the error is shown after the last one", source="ours", valid={"ge": 0}
     )
     shown_path: str | None = setting(
         None,
@@ -99,6 +101,9 @@ class AgentConfig:
         help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)",
         source="paper Sec. 3.3",
     )
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # ValueError naming the flag and the valid range
 
     def caps(self) -> steps.Caps:
         """The caps of :mod:`thyme.agent.step` (``max_total_tokens``: generated tokens)."""

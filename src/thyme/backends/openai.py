@@ -634,6 +634,45 @@ class OpenAIBackend(Backend):
         except Exception:  # noqa: BLE001 - a listing is best effort, whatever the server sent
             return []
 
+    def check_server(self) -> None:
+        """Check once, before a run, that the server answers and serves :attr:`OpenAIConfig.model`
+        (``GET /models``, the limits of every call, a deadline of min(10, timeout_s) s): a server
+        that is down or a mistyped URL would otherwise cost every question its retries.
+
+        A server that does not list models (HTTP 404 and the like) passes: its requests say more.
+
+        Raises:
+            ThymeError: the server cannot be reached (refused, no such host, no answer in time),
+                rejects the key (HTTP 401/403), or lists models and not this one; each names
+                the URL and what was wrong.
+        """
+        cfg = self.config
+        url = cfg.base_url + "/models"
+        try:
+            r = fetch_sync("GET", url, self._limits(min(10.0, cfg.timeout_s)), headers=self._headers())
+        except HTTPFailure as e:
+            raise ThymeError(
+                f"the model server at {cfg.base_url} cannot be reached: {e.message}",
+                "is the server running, and is --base-url right (scheme, host, port, /v1)?",
+            ) from None
+        if r.status_code in (401, 403):
+            raise ThymeError(
+                f"the model server at {cfg.base_url} refused the API key (HTTP {r.status_code} on GET /models)",
+                "pass the key the server was started with (--api-key, or the model section's api_key)",
+            )
+        try:
+            cards = _model_cards(r)
+        except Exception:  # noqa: BLE001 - an unreadable listing says nothing about the model
+            cards = []
+        names = [c.get("id") for c in cards if isinstance(c.get("id"), str)]
+        if names and cfg.model not in names:
+            raise ThymeError(
+                f"the model server at {cfg.base_url} does not serve model {cfg.model!r}; it serves {names[:20]}",
+                "pass the served model name as --model",
+            )
+        if names:
+            self._server_info = next(c for c in cards if c.get("id") == cfg.model)
+
     async def _alist_models(self, client: Any) -> list[dict[str, Any]]:
         """:meth:`list_models` on the backend's loop and client (never blocks the loop)."""
         url = self.config.base_url + "/models"

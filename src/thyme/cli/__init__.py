@@ -27,7 +27,7 @@ import importlib
 import sys
 from typing import Any
 
-from .entry import guarded
+from .entry import guarded, leave_now
 
 #: ``thyme`` sub-commands, in ``--help`` order: each a module of this package.
 COMMANDS = ("run", "replay", "sandbox", "eval", "data", "train", "report", "dev")
@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return guarded(_module(args.command).run, args)
+    status = guarded(_module(args.command).run, args)
+    if status == 130 and argv is None:  # Ctrl-C on the process's own command line: out within a second
+        leave_now(status)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

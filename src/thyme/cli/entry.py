@@ -155,3 +155,78 @@ def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def missing_folders(path: str | os.PathLike, *, folder: bool = False) -> list[str]:
+    """The folders a command would create to write ``path`` (``folder``: ``path`` is itself a
+    folder), outermost first: what :func:`remove_empty_folders` may take away again."""
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    p = p if folder else p.parent
+    out = []
+    while not p.exists() and p != p.parent:
+        out.append(str(p))
+        p = p.parent
+    return out[::-1]
+
+
+def remove_empty_folders(folders: list[str], *, disposable: tuple[str, ...] = ()) -> None:
+    """Remove the folders of :func:`missing_folders` that a failed command created and left
+    without results (innermost first). A folder is removed when it is empty but for the
+    ``disposable`` sub-folders (derived files the command can make again, e.g. ``eval``'s
+    ``images`` extracted from the data, removed with it); a folder with anything else is kept."""
+    import shutil
+
+    for d in reversed(folders):
+        try:
+            names = os.listdir(d)
+            if any(n not in disposable or not os.path.isdir(os.path.join(d, n)) or os.path.islink(os.path.join(d, n)) for n in names):
+                return
+            for n in names:
+                shutil.rmtree(os.path.join(d, n))
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def leave_now(status: int) -> None:
+    """End the process at once with ``status`` after a Ctrl-C (the ``thyme`` command line only).
+
+    The command has already stopped and written what it had; the atexit handlers still run
+    (logging, temporary folders), but not the interpreter's teardown of its modules, which
+    takes seconds with torch loaded, nor its wait for worker threads still in flight. A further
+    Ctrl-C meanwhile ends it at once with the same status, without a traceback.
+    """
+    import atexit
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    except ValueError:  # not the main thread
+        pass
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+                pass
+        os._exit(status)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer flag with a lower bound (``--num-samples``): a value
+    below it is a usage error naming the flag and the range (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+
+    return parse

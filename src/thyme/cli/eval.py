@@ -40,6 +40,8 @@ from .entry import (
     agent_config,
     env_key,
     load_sections,
+    missing_folders,
+    remove_empty_folders,
     sandbox_config,
 )
 
@@ -213,8 +215,6 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluate.runner import format_metrics, run_eval
-
     yaml_cfg = load_sections(args, {"eval", "agent", "sandbox", "model", "judge"})
     cfg = _eval_config(args, yaml_cfg)
     missing = [flag for flag, v in (("--benchmark", cfg.benchmark), ("--data", cfg.data), ("--out", cfg.out)) if not v]
@@ -223,6 +223,17 @@ def _run(args: argparse.Namespace) -> int:
             f"thyme eval needs {', '.join(missing)}",
             "thyme eval --benchmark NAME --data PATH (--model ID | --base-url URL --model NAME | --replay RECORDS) --out DIR",
         )
+    created = missing_folders(cfg.out, folder=True)
+    try:
+        return _evaluate(args, yaml_cfg, cfg)
+    except BaseException:  # a failed run leaves no empty --out folder behind (results so far are kept)
+        remove_empty_folders(created, disposable=("images",))
+        raise
+
+
+def _evaluate(args: argparse.Namespace, yaml_cfg: dict[str, Any], cfg: Any) -> int:
+    from ..evaluate.runner import format_metrics, run_eval
+
     choice = choose_backend(args, yaml_cfg, kinds=EVAL_BACKENDS, replay=cfg.replay, defaults={"concurrency": cfg.concurrency})
     from ..jsonl import ensure_writable
 

@@ -67,6 +67,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         q.add_argument(
             "--resume", nargs="?", const="latest", default=None, help="resume from a checkpoint folder, or the latest in output_dir"
         )
+        q.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start afresh in an output_dir holding an earlier run (removes its checkpoints, model files"
+            + (" and rollouts" if stage == "rl" else "")
+            + "; other files stay)",
+        )
         q.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
         q.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return p
@@ -92,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
         from ..train.rl.config import load_rl_config
         from ..train.rl.run import train_rl
 
-        result = train_rl(load_rl_config(args.config, overrides))
+        result = train_rl(load_rl_config(args.config, overrides), overwrite=args.overwrite)
     else:
         from ..train.sft import train_sft
         from ..train.sft_config import load_sft_config
 
-        result = train_sft(load_sft_config(args.config, overrides))
+        result = train_sft(load_sft_config(args.config, overrides), overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

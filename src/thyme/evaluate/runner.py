@@ -659,6 +659,9 @@ def _open(
     log(f"loading backend for {len(todo)} question(s) ...")
     backend = backend_factory()
     stack.enter_context(backend)
+    check_server = getattr(backend, "check_server", None)
+    if callable(check_server):  # a server backend: down, mistyped URL, wrong model name stop here, once
+        check_server()
     try:
         desc = backend.describe()
     except Exception as e:  # provenance must not stop a run

@@ -245,6 +245,107 @@ def trainer_args(cfg: SFTRunConfig, accumulation: int) -> Any:
     return args
 
 
+#: What a finished (or interrupted) training run leaves in its ``output_dir`` (TRL's checkpoints,
+#: the saved model with its processor, Thyme's config record and RL rollouts): the files
+#: ``--overwrite`` removes. Anything else in the folder is the user's and is never touched.
+RUN_DIRS = ("checkpoint-*", "merged", "rollout_images")
+RUN_FILES = (
+    "thyme_sft_config.yaml",
+    "thyme_rl_config.yaml",
+    "rollouts.jsonl",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "training_args.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+)
+#: The files whose presence means "a run was here" (a model alone may be a hand-placed base
+#: checkpoint; these are written only by a training run).
+_RUN_MARKERS = ("checkpoint-*", "thyme_sft_config.yaml", "thyme_rl_config.yaml", "rollouts.jsonl", "training_args.bin")
+
+
+def earlier_run(output_dir: str | os.PathLike) -> list[str]:
+    """The names in ``output_dir`` that show an earlier training run (sorted; empty: none)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted({p.name for pat in _RUN_MARKERS for p in d.glob(pat)})
+
+
+def prepare_output_dir(cfg: Any, *, overwrite: bool = False, stage: str = "sft") -> None:
+    """Refuse to train into an ``output_dir`` holding an earlier run unless resuming or told to
+    start afresh (``cfg``: a stage config with ``output_dir``, ``resume_from_checkpoint`` and
+    ``model``). Runs before anything loads.
+
+    A new run there would overwrite the old model silently, leave the old checkpoints beside the
+    new ones (a later ``--resume latest`` would pick the old run) and append to ``rollouts.jsonl``.
+    With ``overwrite`` the old run's files (:data:`RUN_DIRS`, :data:`RUN_FILES`, the Trainer's
+    ``runs/*`` TensorBoard event folders and its model card ``README.md``) are removed first (by
+    the main process only); the folder's other content is kept.
+
+    Raises:
+        ThymeError: an earlier run is there (naming what was found, ``--resume`` and
+            ``--overwrite``); ``overwrite`` together with a resume; ``overwrite`` of the folder
+            the model is loaded from.
+    """
+    import shutil
+
+    out = Path(cfg.output_dir)
+    if overwrite and cfg.resume_from_checkpoint:
+        raise ThymeError("--overwrite and --resume contradict each other", "pass one of them")
+    found = earlier_run(out)
+    if not found or cfg.resume_from_checkpoint:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ThymeError(
+            f"output_dir {out} holds an earlier training run ({shown}); a new run would overwrite its model"
+            " and mix its checkpoints" + (" and rollouts" if stage == "rl" else ""),
+            "pass --resume to continue it, --overwrite to start afresh in this folder (removes the old run's checkpoints,"
+            " model files and rollouts), or a new --output-dir",
+        )
+    if Path(str(cfg.model)).is_dir() and Path(str(cfg.model)).resolve() == out.resolve():
+        raise ThymeError(
+            f"--overwrite would remove the model this run starts from ({cfg.model} is the output_dir)",
+            "pass a new --output-dir, or copy the model elsewhere first",
+        )
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # the main process clears the folder
+    for pat in RUN_DIRS:
+        for p in out.glob(pat):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+    for pat in RUN_FILES:
+        for p in out.glob(pat):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+    logs = out / "runs"  # the Trainer's TensorBoard logs: a folder per run holding only event files
+    for d in logs.glob("*") if logs.is_dir() and not logs.is_symlink() else ():
+        if d.is_dir() and not d.is_symlink() and all(f.name.startswith("events.out.tfevents.") for f in d.iterdir()):
+            shutil.rmtree(d)
+    card = out / "README.md"  # the model card the Trainer writes (a user's README is kept)
+    if card.is_file() and not card.is_symlink() and "generated_from_trainer" in card.read_text(encoding="utf-8", errors="replace")[:2000]:
+        card.unlink()
+    logger.info("--overwrite: removed the earlier run's files from %s", out)
+
+
 def resolve_resume(cfg: Any) -> str | None:
     """The checkpoint to resume from (``cfg``: a stage config with ``resume_from_checkpoint`` and
     ``output_dir``; SFT and RL alike): ``latest`` -> newest ``checkpoint-*`` in ``output_dir`` (or none).
@@ -264,7 +365,9 @@ def resolve_resume(cfg: Any) -> str | None:
     return r
 
 
-def train_sft(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show_progress: bool = True) -> dict[str, Any]:
+def train_sft(
+    cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show_progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Run one SFT stage; see the module docstring.
 
     Returns:
@@ -272,9 +375,13 @@ def train_sft(cfg: SFTRunConfig, *, callbacks: list[Any] | None = None, show_pro
         "dropped_malformed", "with_image", "text_only", "gradient_accumulation_steps",
         "effective_batch_size", "merged_dir"}``.
 
+    ``overwrite``: start afresh in an ``output_dir`` holding an earlier run (see
+    :func:`prepare_output_dir`, which refuses otherwise unless resuming).
+
     Raises:
         ThymeError / ModelLoadError: bad configuration or inputs (before any training).
     """
+    prepare_output_dir(cfg, overwrite=overwrite, stage="sft")
     trainer, stats = build_trainer(cfg, callbacks=callbacks, show_progress=show_progress)
     resume = resolve_resume(cfg)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -221,15 +221,20 @@ def summary(trainer: Any, cfg: GRPOATSConfig) -> dict[str, Any]:
     }
 
 
-def train_rl(cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def train_rl(
+    cfg: GRPOATSConfig, *, sandbox: Any = None, judge: Any = None, callbacks: list[Any] | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Run GRPO-ATS; returns :func:`summary` (``global_step``, ``output_dir``, ``rollouts``,
     ``masked_rollouts``, ``code_blocks``, ``code_executed_ok``, ``engine_calls_per_code_block``,
-    ``reward_mean``...).
+    ``reward_mean``...). ``overwrite``: start afresh in an ``output_dir`` holding an earlier run
+    (:func:`thyme.train.sft.prepare_output_dir` refuses otherwise unless resuming).
 
     Raises:
         ThymeError / ModelLoadError: bad configuration or inputs (before any training).
     """
-    from ..sft import resolve_resume  # the SFT stage's rule: 'latest' or a checkpoint folder
+    from ..sft import prepare_output_dir, resolve_resume  # the SFT stage's rules: 'latest' or a checkpoint folder
+
+    prepare_output_dir(cfg, overwrite=overwrite, stage="rl")
 
     own_sandbox = sandbox is None
     trainer = build_trainer(cfg, sandbox=sandbox, judge=judge, callbacks=callbacks)
