@@ -473,7 +473,8 @@ def load_config(
     sections = section_fields(cls)
     if section in data and isinstance(data[section], dict):
         extra = set(data) - {section}
-        stray = sorted(extra - set(sections))
+        alias_sections = {a.split(".", 1)[0] for a in (aliases or {}) if "." in a}
+        stray = sorted(extra - set(sections) - alias_sections)
         if stray:
             raise ThymeError(
                 f"{path}: unknown section(s) {stray} beside '{section}'", f"sections this file may hold: {sorted({section, *sections})}"
@@ -489,7 +490,7 @@ def load_config(
     values: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     for source, new in (("defaults", defaults or {}), (f"config file {path}", data), (overrides_source, overrides or {})):
-        for key, v in new.items():
+        for key, v in _expand_aliased_sections(new, aliases or {}, set(fields)):
             key = _resolve_alias(str(key), aliases or {}, source)
             head, dot, rest = key.partition(".")
             if head not in fields or (dot and head not in sections):
@@ -514,6 +515,20 @@ def load_config(
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ThymeError(f"{cls.__name__}: {e}") from None
+
+
+def _expand_aliased_sections(given: dict[str, Any], aliases: dict[str, str | None], fields: set[str]) -> list[tuple[str, Any]]:
+    """``given``'s items, with each mapping under a name that is no field but that ``aliases``
+    knows as a section (an ``"agent.max_rounds"`` entry makes ``agent`` one) spelled out as dotted
+    keys, so a run/eval section (``agent: {max_rounds: 4}``) reaches the fields it maps to."""
+    out: list[tuple[str, Any]] = []
+    for key, v in given.items():
+        key = str(key)
+        if key not in fields and isinstance(v, dict) and any(a.startswith(key + ".") for a in aliases):
+            out.extend((f"{key}.{k}", x) for k, x in v.items())
+        else:
+            out.append((key, v))
+    return out
 
 
 def _resolve_alias(key: str, aliases: dict[str, str | None], source: str) -> str:

@@ -135,7 +135,7 @@ def test_sections_beside_or_inside_rl_and_dotted_set_keys(tmp_path):
 @pytest.mark.parametrize(
     "text, overrides, named",
     [
-        ("rl: {}\nagent: {max_rounds: 3}\n", None, "agent"),  # a section the stage does not take
+        ("rl: {}\neval: {limit: 3}\n", None, "eval"),  # a section the stage does not take (agent: is taken: its keys map to the RL loop fields)
         ("sandbox: [seccomp]\n", None, "sandbox"),  # a section that is not a mapping
         ("sandbox: {timeoutt: 3}\n", None, "timeoutt"),  # a typo inside a section
         ("", {"sandbox.require": ["nolayer"]}, "nolayer"),  # a layer that does not exist
@@ -211,3 +211,19 @@ def test_train_help_lists_thymes_fields_and_the_trl_defaults(capsys):
         "sandbox.allow_weaker",
     ):
         assert text in out, text
+
+
+def test_the_agent_section_of_run_and_eval_sets_the_rl_loop_fields(tmp_path):
+    """One YAML `agent:` section serves eval and RL: its keys reach the RL fields they map to,
+    inside or beside the `rl:` key and through --set; a key RL has no use for is an error."""
+    from thyme.errors import ThymeError
+    from thyme.train.rl.config import load_rl_config
+
+    cfg_file = tmp_path / "rl.yaml"
+    cfg_file.write_text("rl:\n  model: m\nagent:\n  max_rounds: 3\n  max_new_tokens: 512\n  temperature: 0.7\n  ats: false\n")
+    cfg = load_rl_config(str(cfg_file), {"agent.repetition_span": 16})
+    assert (cfg.max_rounds, cfg.max_completion_length, cfg.temperature, cfg.ats, cfg.repetition_span) == (3, 512, 0.7, False, 16)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rl:\n  model: m\nagent:\n  on_error: regenerate\n")
+    with pytest.raises(ThymeError, match="agent.on_error"):
+        load_rl_config(str(bad))

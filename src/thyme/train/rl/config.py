@@ -58,11 +58,32 @@ def rl_sandbox_config() -> SandboxConfig:
 
 #: Old or short keys still read: ``--set judge_model=...`` is ``--set judge.model=...``; ``None``:
 #: removed (the error says what replaced it).
+#: The ``agent:`` section of run / eval (:class:`thyme.agent.loop.AgentConfig`) as the RL fields
+#: it maps to, so one YAML section can hold the loop settings for eval and RL alike (a key of
+#: ``agent`` that RL has no use for, e.g. ``on_error``, is an error naming it).
+AGENT_SECTION: dict[str, str] = {
+    "max_rounds": "max_rounds",
+    "max_new_tokens": "max_completion_length",
+    "max_images": "max_images",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "ats": "ats",
+    "prefill": "prefill",
+    "feedback_separator": "feedback_separator",
+    "repetition_span": "repetition_span",
+    "repetition_repeats": "repetition_repeats",
+    "repetition_window": "repetition_window",
+    "shown_path": "shown_path",
+}
+
 RL_ALIASES: dict[str, str | None] = {
     "judge_base_url": "judge.base_url",
     "judge_model": "judge.model",
     "sandbox_timeout": "sandbox.timeout_s",
     "judge_api_key_env": None,
+    **{f"agent.{k}": v for k, v in AGENT_SECTION.items()},
 }
 
 
