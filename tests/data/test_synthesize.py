@@ -421,3 +421,92 @@ def test_code_teacher_and_verifier_endpoints(tmp_path, sandbox):
             config=SynthConfig(verify_consistency=False),
         )
     assert s2.kept == 2
+
+
+# --------------------------------------------------------------------------- --workers / --ray (the sandbox side)
+
+
+def _strip_times(path: Path) -> list[dict]:
+    """The lines of ``path`` by key, without the stage wall times (the only field that varies run to
+    run; lines are written as rows finish, so with --concurrency above 1 their order does too)."""
+    out = []
+    for r in lines(path):
+        r["synthesis"].pop("stage_s", None)
+        out.append(r)
+    return sorted(out, key=lambda r: int(r["key"].split(":")[0]))
+
+
+def _worker_rows() -> list[dict]:
+    return [
+        seed("thyme-case-1", "crop"),
+        seed("thyme-case-9", "multi_round"),  # two rounds: the second job replays the first block
+        seed("thyme-case-9", "crop", fault="crash"),  # rejected at execute on a worker
+        seed("thyme-readme-17127", "crop"),
+        seed("thyme-case-1", "multi_round", fault="wrong_box"),
+    ]
+
+
+def _run_tree(root: Path, rows, url, **cfg) -> tuple[object, list[dict], list[dict], dict[str, bytes]]:
+    root.mkdir()
+    teacher = TeacherClient(TeacherConfig(base_url=url, model="scripted", timeout_s=30.0, max_retries=0))
+    sandbox = cfg.pop("sandbox", None)
+    s = synthesize(
+        write_seeds(root / "seeds.jsonl", rows),
+        root / "out.jsonl",
+        teacher=teacher,
+        sandbox=sandbox,
+        images_root=CORPUS,
+        config=SynthConfig(concurrency=3, **cfg),
+    )
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "out_images").rglob("*")) if p.is_file()}
+    return s, _strip_times(root / "out.jsonl"), _strip_times(rejected_path_of(root / "out.jsonl")), files
+
+
+def test_two_sandbox_workers_write_what_one_process_writes(tmp_path, sandbox):
+    rows = _worker_rows()
+    with running_teacher() as (url, _):
+        s1, kept1, rej1, files1 = _run_tree(tmp_path / "one", rows, url, sandbox=sandbox, workers=1)
+        s2, kept2, rej2, files2 = _run_tree(tmp_path / "two", rows, url, workers=2)
+    assert s1.kept == 3 and s1.rejected == 2, s1.reasons
+    assert (s2.kept, s2.rejected, s2.reasons, s2.funnel["all"]["goal"]) == (s1.kept, s1.rejected, s1.reasons, s1.funnel["all"]["goal"])
+    assert kept2 == kept1 and rej2 == rej1  # the same records and rejections
+    assert [r["key"] for r in kept2] == [f"{n}:{rows[n - 1]['id']}:{rows[n - 1]['scenario']}" for n in (1, 2, 4)]
+    assert files2 == files1 and any("out2_" in k for k in files1)  # the images the workers saved, byte for byte
+
+
+def test_a_lost_job_rejects_only_its_row_at_execute():
+    from concurrent.futures import Future
+
+    from thyme.data.synthesize import stages as st
+    from thyme.data.synthesize.workers import _Session
+
+    class Pool:
+        def submit(self, job):
+            f = Future()
+            f.set_result(("lost", "the worker process was killed by SIGKILL twice while this record was in flight"))
+            return f
+
+    with pytest.raises(st.Rejected) as e, _Session(Pool(), [], None) as s:
+        s.run("print(1)")
+    assert (e.value.rejection.stage, e.value.rejection.reason) == ("execute", "worker_lost")
+    assert "SIGKILL" in e.value.rejection.detail
+
+
+def test_synthesize_on_a_local_ray_instance(tmp_path, sandbox):
+    ray = pytest.importorskip("ray")
+    rows = _worker_rows()[:3]
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "src")}},
+    )
+    try:
+        with running_teacher() as (url, _):  # one teacher: its address is in every record
+            s2, kept2, rej2, files2 = _run_tree(tmp_path / "ray", rows, url, ray="")
+            s1, kept1, rej1, files1 = _run_tree(tmp_path / "one", rows, url, sandbox=sandbox, workers=1)
+    finally:
+        ray.shutdown()
+    assert (s1.kept, s1.rejected) == (2, 1)
+    assert kept2 == kept1 and rej2 == rej1 and files2 == files1

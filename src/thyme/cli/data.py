@@ -307,6 +307,7 @@ def _add_synthesize_parser(sub: Any) -> None:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
+    from ..agent.parallel import resolve_workers
     from ..agent.scheduler import Progress
     from ..config import build, check_sections, load_yaml
     from ..data.synthesize import SynthConfig, TeacherClient, TeacherConfig, format_funnel, synthesize
@@ -334,17 +335,11 @@ def _synthesize(args: argparse.Namespace) -> int:
     def progress(total: int, initial: int) -> Any:
         return Progress(total, initial=initial, desc="synthesize", unit="row")
 
-    with Sandbox(sb_cfg) as sandbox:
-        summary = synthesize(
-            args.seeds,
-            args.out,
-            teacher=teacher,
-            sandbox=sandbox,
-            config=cfg,
-            images_root=args.images_root,
-            code_teacher=code_teacher,
-            verifier=verifier,
-            progress=progress,
-        )
+    kw = dict(config=cfg, images_root=args.images_root, code_teacher=code_teacher, verifier=verifier, progress=progress)
+    if resolve_workers(cfg.workers) == 1 and cfg.ray is None:
+        with Sandbox(sb_cfg) as sandbox:
+            summary = synthesize(args.seeds, args.out, teacher=teacher, sandbox=sandbox, **kw)
+    else:  # each worker starts its own sandbox from this config; the teacher calls stay here
+        summary = synthesize(args.seeds, args.out, teacher=teacher, sandbox_config=sb_cfg, **kw)
     print(json.dumps(summary.to_dict(), ensure_ascii=False) if args.json else format_funnel(summary))
     return 0

@@ -2,7 +2,8 @@
 
 :mod:`.scenarios` (the six scenarios, seeded transforms, prompt files), :mod:`.teacher` (the
 OpenAI-compatible teacher client), :mod:`.stages` (the stage rules and rejection reasons),
-:mod:`.pipeline` (rows in, funnel and records out).
+:mod:`.pipeline` (rows in, funnel and records out), :mod:`.workers` (the sandbox side on
+``--workers`` processes or Ray, the teacher calls staying in the caller).
 """
 
 from .pipeline import SynthConfig, SynthSummary, format_funnel, funnel_of, load_seeds, rejected_path_of, synthesize

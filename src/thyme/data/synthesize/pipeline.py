@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import protocol
+from ...agent.parallel import import_ray, ray_setting, resolve_workers, workers_setting
 from ...config import setting
 from ...errors import RecordError, ThymeError
 from ...jsonl import ResumableJsonl, ensure_writable, iter_jsonl
@@ -70,6 +71,8 @@ class SynthConfig:
         True, help="run the MLLM consistency verifier (off: the stage passes every row; for dry runs only)", source="paper Sec. 3.1"
     )
     allow_absolute_paths: bool = setting(False, help="accept seed image paths that leave the images root", source="ours")
+    workers: int | None = workers_setting()
+    ray: str | None = ray_setting()
 
 
 @dataclass
@@ -671,24 +674,45 @@ def synthesize(
     out: str | os.PathLike,
     *,
     teacher: TeacherClient,
-    sandbox: Any,
+    sandbox: Any = None,
     config: SynthConfig | None = None,
     images_root: str | os.PathLike | None = None,
     code_teacher: TeacherClient | None = None,
     verifier: TeacherClient | None = None,
     progress: Any = None,
+    sandbox_config: Any = None,
 ) -> SynthSummary:
     """Run the pipeline (module docstring) over ``seeds``, writing ``out`` and ``OUT.rejected.jsonl``.
 
     Args:
+        sandbox: a :class:`thyme.sandbox.Sandbox` running every row's code in this process
+            (used when ``config.workers`` is ``None`` or 1 and ``config.ray`` is ``None``).
+        sandbox_config: what each worker builds its sandbox from with ``config.workers`` > 1
+            or ``config.ray`` (:mod:`.workers`; default: ``sandbox``'s config, else the defaults).
+            The records written are the same, line for line, as with one process.
         progress: a :class:`thyme.agent.scheduler.Progress` factory ``(total, initial) -> Progress``, or ``None``.
 
     Raises:
-        ThymeError: seeds unreadable, unknown scenario, bad prompts, outputs not writable.
+        ThymeError: seeds unreadable, unknown scenario, bad prompts, outputs not writable, Ray
+            missing (``config.ray``), the sandbox workers could not start or failed.
     """
     from ...agent.scheduler import schedule
 
     cfg = config or SynthConfig()
+    n_workers = 1 if cfg.workers is None and sandbox is not None else resolve_workers(cfg.workers)
+    pool: Any = None
+    if n_workers > 1 or cfg.ray is not None:
+        from .workers import WorkerSandbox
+
+        if cfg.ray is not None:
+            import_ray()  # a clear error naming the extra, before anything is opened
+        if sandbox_config is None:
+            from ...sandbox.config import SandboxConfig
+
+            sandbox_config = sandbox.config if sandbox is not None else SandboxConfig()
+        pool = sandbox = WorkerSandbox(sandbox_config, workers=n_workers, ray=cfg.ray)
+    elif sandbox is None:
+        raise ThymeError("synthesize needs a sandbox in this process, or workers (config.workers > 1 or config.ray)")
     t0 = time.monotonic()
     out = Path(out)
     rej = rejected_path_of(out)
@@ -722,6 +746,8 @@ def synthesize(
 
     prog = progress(len(rows), summary.resumed) if progress else None
     try:
+        if pool is not None:
+            pool.start()
         schedule(
             rows,
             lambda batch: [synth.run_row(r) for r in batch],
@@ -741,8 +767,16 @@ def synthesize(
                 synth._rejected(_Row(r, images_dir, out.parent), st.Rejection("input", "internal_error", str(e))) for r in batch
             ],
         )
+    except BaseException:
+        if pool is not None:
+            pool.close(abort=True)
+        raise
     finally:
         writer.close()
+    if pool is not None:
+        pool.close()
+        if pool.error is not None:
+            raise pool.error
     summary.funnel, summary.reasons, summary.teacher_tokens = funnel_of(out, rej)
     summary.wall_s = round(time.monotonic() - t0, 3)
     return summary
