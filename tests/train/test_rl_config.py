@@ -135,7 +135,11 @@ def test_sections_beside_or_inside_rl_and_dotted_set_keys(tmp_path):
 @pytest.mark.parametrize(
     "text, overrides, named",
     [
-        ("rl: {}\neval: {limit: 3}\n", None, "eval"),  # a section the stage does not take (agent: is taken: its keys map to the RL loop fields)
+        (
+            "rl: {}\neval: {limit: 3}\n",
+            None,
+            "eval",
+        ),  # a section the stage does not take (agent: is taken: its keys map to the RL loop fields)
         ("sandbox: [seccomp]\n", None, "sandbox"),  # a section that is not a mapping
         ("sandbox: {timeoutt: 3}\n", None, "timeoutt"),  # a typo inside a section
         ("", {"sandbox.require": ["nolayer"]}, "nolayer"),  # a layer that does not exist
