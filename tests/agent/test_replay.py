@@ -115,6 +115,33 @@ def test_a_torn_last_line_is_cut_and_its_record_replayed_again(tmp_path):
     assert (s.trajectories, s.resumed, s.failed) == (2, 1, 0)
 
 
+@needs_corpus
+def test_rerun_after_the_results_file_is_deleted_keeps_each_image_once(tmp_path):
+    """Issue 18 defect 8: the images of records whose rows are not in the results file are an
+    earlier run's orphans; a rerun replays those records and keeps each image once."""
+    good = [dict(r, image=[str(CORPUS / "thyme" / p) for p in r["image"]]) for r in corpus_records()[:2]]
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in good))
+    out = tmp_path / "res.jsonl"
+    images = tmp_path / "res_images"
+
+    def files() -> list[tuple[str, int]]:  # (trajectory folder, images in it): names carry the code's random suffixes
+        return sorted((d.name, sum(1 for p in d.rglob("*") if p.is_file())) for d in images.iterdir())
+
+    with Sandbox() as sandbox:
+        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)
+        first = files()
+        assert first, "the corpus records produce images"
+        out.unlink()  # the results are gone, the images stay
+        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)
+        assert files() == first  # not twice (name-1.png...)
+        rows = [json.loads(l) for l in out.read_text().splitlines()]
+        lines = out.read_text().splitlines()
+        out.write_text(lines[0] + "\n")  # the second record's row lost: only its images are orphans
+        replay(records, sandbox=sandbox, out_path=out, config=AgentConfig(), allow_absolute_paths=True)
+        assert files() == first and len(rows) == 2
+
+
 def test_empty_records_warn_and_an_unwritable_out_is_one_clear_error(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -18,6 +18,7 @@ from the records file's folder or ``--images-root`` and must stay inside it unle
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -352,6 +353,7 @@ def replay(
         summary.resumed = len(out_f.existing)
         if artifacts_dir is None:
             artifacts_dir = out_path.with_name(out_path.stem + "_images")
+        _drop_orphan_images(Path(artifacts_dir), out_f.existing)
 
     def emit(row: dict[str, Any]) -> None:
         summary.add(row)
@@ -434,6 +436,27 @@ def replay(
         if out_f is not None:
             out_f.close()
     return summary
+
+
+def _drop_orphan_images(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """Remove the per-trajectory image folders under ``folder`` (this replay's own output images)
+    that no recorded row refers to: they belong to records an earlier run did not finish writing
+    (or whose results file was deleted), which this run replays again and would otherwise keep
+    twice (issue 18, defect 8)."""
+    if not folder.is_dir():
+        return
+    import json
+
+    text = json.dumps(rows, ensure_ascii=False)
+    keep = set()
+    for prefix in (folder.name + "/", str(folder) + "/"):
+        start = 0
+        while (i := text.find(prefix, start)) >= 0:
+            start = i + len(prefix)
+            keep.add(text[start:].split("/", 1)[0])
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def format_row(row: dict[str, Any]) -> str:
