@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite starts hundreds of sandboxes: none preloads the optional libraries (~2 s each) unless a
+# test asks for them (tests/sandbox/test_optional_libraries.py names OPTIONAL_MODULES itself).
+# Set in the environment, so the commands the tests run as subprocesses see it too.
+os.environ.setdefault("THYME_SANDBOX_OPTIONAL_MODULES", "")
+
 REPO = Path(__file__).resolve().parents[1]
 #: Real material nobody on the project wrote (Thyme-7B trajectories, benchmark rows, images).
 CORPUS = (REPO.parent / "shared" / "corpus").resolve()

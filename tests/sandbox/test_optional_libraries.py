@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from thyme.sandbox import Sandbox, SandboxConfig, doctor
+from thyme.sandbox.config import OPTIONAL_MODULES
 from thyme.sandbox.zygote import preload_optional
 
 from .conftest import MODES, make_sandbox
@@ -71,7 +72,7 @@ def test_teacher_code_with_scikit_image_and_scikit_learn_runs_as_written_and_is_
     want_centers = [round(c, 3) for c in sorted(float(c) for c in km.cluster_centers_.ravel())]
     assert want_centers[0] < 116 < 130 < want_centers[1]  # ink and paper, as built
 
-    sb = make_sandbox(mode)
+    sb = make_sandbox(mode, optional_modules=OPTIONAL_MODULES)  # the shipped list (the suite preloads none)
     with sb:
         loaded = sb.optional_modules
         assert loaded["skimage.exposure"][0] and loaded["sklearn.cluster"][0], loaded
@@ -93,7 +94,7 @@ def test_teacher_code_with_scikit_image_and_scikit_learn_runs_as_written_and_is_
 def test_doctor_lists_the_optional_libraries_and_what_the_zygote_preloaded():
     pytest.importorskip("skimage", reason="the sandbox-extras extra is not installed")
     pytest.importorskip("sklearn", reason="the sandbox-extras extra is not installed")
-    records = {r.name: r for r in doctor()}
+    records = {r.name: r for r in doctor(SandboxConfig(optional_modules=OPTIONAL_MODULES))}  # the shipped list
     for top, sub in (("skimage", "exposure"), ("sklearn", "cluster")):
         rec = records[f"optional:{top}"]
         assert rec.active, rec.detail
@@ -123,7 +124,7 @@ def test_a_missing_optional_module_is_listed_and_fails_as_the_models_import_erro
 def test_with_the_extras_the_zygote_stays_single_threaded_holds_no_new_socket_and_writes_nothing():
     pytest.importorskip("sklearn", reason="the sandbox-extras extra is not installed")
     seen = {}
-    for label, modules in (("none", ()), ("extras", SandboxConfig().optional_modules)):
+    for label, modules in (("none", ()), ("extras", OPTIONAL_MODULES)):
         with Sandbox(mount_view=False, optional_modules=modules, timeout_s=10) as sb:
             assert all(ok for ok, _ in sb.optional_modules.values()), sb.optional_modules
             pid = sb.zygote_pid

@@ -51,6 +51,19 @@ OPTIONAL_MODULES: tuple[str, ...] = (
     "sklearn.linear_model",
     "sklearn.preprocessing",
 )
+#: Environment variable replacing :data:`OPTIONAL_MODULES` as the default (comma-separated; empty: none).
+OPTIONAL_MODULES_ENV = "THYME_SANDBOX_OPTIONAL_MODULES"
+
+
+def optional_modules_default() -> tuple[str, ...]:
+    """The default of ``SandboxConfig.optional_modules``: :data:`OPTIONAL_MODULES`, or the names in
+    ``$THYME_SANDBOX_OPTIONAL_MODULES`` when it is set (comma-separated; empty: preload none)."""
+    raw = os.environ.get(OPTIONAL_MODULES_ENV)
+    if raw is None:
+        return OPTIONAL_MODULES
+    return tuple(m.strip() for m in raw.split(",") if m.strip())
+
+
 #: pip distribution of each optional top-level package (what doctor tells to install).
 OPTIONAL_DISTRIBUTIONS: dict[str, str] = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -237,14 +250,16 @@ class SandboxConfig:
         show_default="64 MiB",
     )
     optional_modules: tuple[str, ...] = setting(
-        OPTIONAL_MODULES,
+        default_factory=lambda: optional_modules_default(),
         help=(
             "Modules the warm zygote imports before any session, only where installed (pip install 'thyme[sandbox-extras]' "
             "adds scikit-image and scikit-learn), so model code that uses them runs as written without paying their import "
             "in every session: dotted names; each name of a module's __all__ is resolved too (scikit-image loads its "
             "sub-modules lazily). A missing one is skipped (thyme sandbox doctor lists it) and model code importing it gets "
             "the usual ImportError. The default list adds ~0.4 GiB to every session's address space (memory_bytes counts "
-            "it), ~0.17 GiB resident to the zygote (shared by its sessions) and ~2 s to its start; () preloads none."
+            "it), ~0.17 GiB resident to the zygote (shared by its sessions) and ~2 s to its start; () preloads none. "
+            "The environment variable THYME_SANDBOX_OPTIONAL_MODULES (names separated by commas; empty: none) replaces "
+            "the default list, for every command at once (the test suite sets it empty: its hundreds of sandboxes skip the 2 s)."
         ),
         source="ours (issue 16: teachers write code with scikit-image and scikit-learn)",
         show_default="scikit-image and scikit-learn sub-packages (OPTIONAL_MODULES)",
