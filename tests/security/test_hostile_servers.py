@@ -122,7 +122,11 @@ def test_a_404_hint_never_blocks_the_event_loop_of_the_other_requests():
     e = ei.value.errors[0]
     assert isinstance(e, OpenAIServerError) and e.status == 404 and all(x is None for x in ei.value.errors[1:])
     assert sorted(done) == [1, 2, 3]
-    assert took - max(done.values()) > 1.5  # the good answers came while the 404's listing still waited (3 s)
+    assert any(c == "GET" and p.rstrip("/").endswith("/models") for c, p, _, _ in s.requests)  # the hint's listing was asked
+    # the good answers are not held up by the listing, which hangs up to its 3 s deadline (a blocking
+    # call in the shared loop held them until then); whether the 404 itself returned before or after
+    # them depends on when the listing's connection was served, so only the good answers are timed
+    assert max(done.values()) < 1.5, (done, took)
 
 
 # --------------------------------------------------------------------------- the judge
