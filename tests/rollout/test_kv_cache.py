@@ -1,4 +1,4 @@
-"""The KV cache across rounds (thyme.rollout.kv_cache) against today's full re-encode.
+"""The KV cache across rounds (thyme.backends.kv_cache) against today's full re-encode.
 
 On tiny random checkpoints of the three Qwen VL architectures, a 3-round trajectory whose
 feedback brings a new image each round gives token-for-token the same greedy outputs (and the
@@ -20,8 +20,8 @@ from PIL import Image
 
 from thyme.backends.ats import GreedyInsideCode, LogprobRecorder
 from thyme.backends.hf import capture_vision_inputs
+from thyme.backends.kv_cache import KVCachePool, KVCacheSession, image_runs
 from thyme.backends.repetition import RepetitionRule, RepetitionStoppingCriteria
-from thyme.rollout.kv_cache import KVCachePool, KVCacheSession, image_runs
 from thyme.testing.tiny_checkpoint import ARCHS
 
 from ..conftest import CORPUS

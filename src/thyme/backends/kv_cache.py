@@ -58,8 +58,8 @@ trajectory's token ids; a driver whose rows carry no trajectory name (the RL eng
 :class:`KVCachePool` (matched by cached prefix). Ids that do not extend the cached ones keep the
 cache up to the first differing token.
 
-This module sits on the backends floor so that the backend can use it;
-:mod:`thyme.rollout.kv_cache` re-exports it for the token driver.
+This module sits on the backends floor so that the message-level backend can use it; the token
+driver's engine (:class:`thyme.rollout.engines.hf.HFEngine`) imports it from here too.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
-from .backend import OPENAI_FLAGS, BackendChoice, add_server_flags, choose_backend  # noqa: F401 - OPENAI_FLAGS: kept importable here
+from .backend import add_server_flags, choose_backend
 from .entry import (
     JUDGE_KEY_ENV,
     add_agent_flags,

@@ -7,7 +7,7 @@ a row whose segment reaches ``</code>`` is reported during the call (``on_stop``
 can start while the other rows keep generating.
 
 With ``kv_cache=True`` each row continues its own KV cache from the previous round
-(:class:`thyme.rollout.kv_cache.KVCachePool`, rows matched by cached prefix): round ``k``
+(:class:`thyme.backends.kv_cache.KVCachePool`, rows matched by cached prefix): round ``k``
 prefills only the feedback and its images' vision tokens, but rows run one at a time (a batch of
 one each) instead of in one left-padded batch. The caches hold the current weights' keys /
 values: :meth:`HFEngine.clear_kv_cache` after every optimiser step (the GRPO trainer does).
@@ -60,7 +60,7 @@ class HFEngine(Engine):
 
     def enable_kv_cache(self, max_sessions: int = 256) -> None:
         """Keep each row's KV cache across rounds from now on (see the module docstring)."""
-        from ..kv_cache import KVCachePool
+        from ...backends.kv_cache import KVCachePool
 
         # identity matching: the token driver keeps one PIL object per image for the whole rollout
         self.kv_pool = KVCachePool(
