@@ -94,12 +94,12 @@ def test_a_symlink_planted_under_the_output_name_is_not_followed(work):
     [
         (lambda p: p.write_text("x"), "not a folder"),
         (lambda p: (p.mkdir(), os.chmod(p, 0o777)), "writable by other users"),
-        (lambda p: (p.mkdir(), os.chmod(p, 0o555)), "not writable"),
+        # root writes into a read-only folder, so that case exists only for other users; as root
+        # (CI) the ownership case below stands in for it
+        *([(lambda p: (p.mkdir(), os.chmod(p, 0o555)), "not writable")] if os.geteuid() != 0 else []),
     ],
 )
 def test_a_bad_out_dir_fails_before_the_run_with_status_2(work, monkeypatch, make, why):
-    if why == "not writable" and os.geteuid() == 0:
-        pytest.skip("root writes into a read-only folder: covered by the ownership check below")
     bad = work / "cwd" / "bad"
     make(bad)
     from thyme import cli, sandbox
