@@ -121,11 +121,11 @@ def test_eval_resume_onto_another_backend_model_is_refused(tmp_path):
 
 
 def test_eval_exits_1_when_questions_failed_unless_allowed(tmp_path, monkeypatch, capsys):
-    import thyme.cli.eval as cli_eval
+    import thyme.cli.backend as cli_backend
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
     monkeypatch.setattr(
-        cli_eval.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT, fail_keys={"2"})
+        cli_backend.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT, fail_keys={"2"})
     )  # the registry's build, swapped
     argv = ["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--concurrency", "1", "--no-report"]
     assert thyme_main([*argv, "--out", str(tmp_path / "o1")]) == 1
@@ -395,10 +395,10 @@ def test_report_non_json_input_overwrite_guard_and_provenance(tmp_path, capsys):
 
 
 def test_eval_report_shows_provenance_and_thyme_report_does_not_overwrite_it(tmp_path, monkeypatch, capsys):
-    import thyme.cli.eval as cli_eval
+    import thyme.cli.backend as cli_backend
 
     tsv = hrbench_tsv(tmp_path / "hr.tsv")
-    monkeypatch.setattr(cli_eval.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT))
+    monkeypatch.setattr(cli_backend.BackendChoice, "factory", lambda self: lambda: Scripted(SCRIPT))
     out = tmp_path / "o"
     assert (
         thyme_main(["eval", "--benchmark", "hrbench4k", "--data", str(tsv), "--model", "some/model", "--out", str(out), "--limit", "1"])
