@@ -131,19 +131,34 @@ def _emit(script: Script, tok, ctx: list[int], max_tokens: int, stop: list[str],
 
 
 class FakeLLM:
-    """``vllm.LLM`` stand-in: ``generate(requests, params)`` continues each request from the script."""
+    """``vllm.LLM`` stand-in: ``generate(requests, params)`` continues each request from the script.
 
-    def __init__(self, script: Script, tok, eos: set[int]):
-        self.script, self.tok, self.eos = script, tok, eos
+    As vLLM does, it expands each single ``<|image_pad|>`` of the prompt to the image's count
+    (``pad_count``; a run of pads sent to it is an error here: the real engine expands it again).
+    """
+
+    def __init__(self, script: Script, tok, eos: set[int], pad_count=None):
+        self.script, self.tok, self.eos, self.pad_count = script, tok, eos, pad_count
         self.calls: list[list[tuple[float, tuple[str, ...], int]]] = []
+
+    def _expand(self, req) -> list[int]:
+        pad = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        ids, images = list(req["prompt_token_ids"]), list(req.get("multi_modal_data", {}).get("image", []))
+        assert not any(a == b == pad for a, b in zip(ids, ids[1:])), "expanded image pads sent to vLLM"
+        assert ids.count(pad) == len(images)
+        if self.pad_count is None:
+            return ids
+        it = iter(images)
+        return [x for t in ids for x in ([pad] * self.pad_count(next(it)) if t == pad else [t])]
 
     def generate(self, reqs, params, use_tqdm=False):
         assert len(reqs) == len(params)
         batch, outs = [], []
         for req, sp in zip(reqs, params):
             assert isinstance(sp, FakeSamplingParams) and sp.logprobs == 0
-            toks, fr, sr = _emit(self.script, self.tok, list(req["prompt_token_ids"]), sp.max_tokens, list(sp.stop), self.eos)
-            n_pads = sum(1 for t in req["prompt_token_ids"] if t == self.tok.convert_tokens_to_ids("<|image_pad|>"))
+            ids = self._expand(req)
+            toks, fr, sr = _emit(self.script, self.tok, ids, sp.max_tokens, list(sp.stop), self.eos)
+            n_pads = sum(1 for t in ids if t == self.tok.convert_tokens_to_ids("<|image_pad|>"))
             batch.append((sp.temperature, tuple(sp.stop), len(req.get("multi_modal_data", {}).get("image", [])), n_pads))
             comp = types.SimpleNamespace(
                 token_ids=toks, logprobs=[{t: _Logprob(SAMPLED_LP)} for t in toks], finish_reason=fr, stop_reason=sr
@@ -236,9 +251,16 @@ def _engines(parts, segments):
     script, tok, eos = _script(parts, segments)
     hf_model = ScriptedHFModel(script, len(tok))
     hf = HFEngine(hf_model, parts[0], [tok.convert_tokens_to_ids("<|image_pad|>")], [eos], tok.pad_token_id)
-    llm = FakeLLM(script, tok, {eos})
+    from thyme.rollout.vision import vision_cache
+
+    llm = FakeLLM(script, tok, {eos}, vision_cache(parts[0]).pad_count)
     client = FakeVLLMClient(script, tok, {eos})
-    return {"hf": hf, "colocate": VLLMColocateEngine(llm, tok), "server": VLLMServerEngine(client, tok, [eos])}, llm, client, hf_model
+    return (
+        {"hf": hf, "colocate": VLLMColocateEngine(llm, tok, ats="resubmit"), "server": VLLMServerEngine(client, tok, [eos])},
+        llm,
+        client,
+        hf_model,
+    )
 
 
 @needs_corpus
@@ -445,3 +467,93 @@ def test_the_vllm_server_engine_suppresses_the_placeholder_ids_as_colocate_does(
     sent.clear()
     VLLMServerEngine(Client(), tok, [eos], suppress_ids=[pad, 5]).generate([row], SamplingSettings(temperature=1.0, ats=False))
     assert set(sent[0]["logit_bias"]) == {pad, 5}
+
+
+# --------------------------------------------------------------------------- vLLM request shape (issue 17)
+
+
+def test_collapse_image_pads_leaves_one_pad_per_image():
+    from thyme.rollout.engines.vllm import collapse_image_pads
+
+    P = 9
+    ids = [1, 2, P, P, P, 3, P, 4, P, P]
+    assert collapse_image_pads(ids, P) == [1, 2, P, 3, P, 4, P]
+    assert collapse_image_pads(ids, None) == ids
+
+
+def test_row_seeds_differ_within_a_group_and_repeat_per_row():
+    from thyme.rollout.engines.base import row_seed
+
+    group = [row_seed(7, f"q1#{k}", 0) for k in range(8)]
+    assert len(set(group)) == 8
+    assert group == [row_seed(7, f"q1#{k}", 0) for k in range(8)]  # reproducible
+    assert row_seed(7, "q1#0", 1) != group[0] and row_seed(8, "q1#0", 0) != group[0]
+    assert all(0 <= s < 2**31 for s in group)
+
+
+def test_the_colocate_request_carries_the_pixel_budget_the_row_seed_and_the_ats_switch(tiny_checkpoint, fake_vllm):
+    import types
+
+    from PIL import Image
+
+    from thyme.backends.processors import load_processor
+    from thyme.rollout import EngineRow, SamplingSettings, VLLMColocateEngine
+    from thyme.rollout.engines.vllm import vllm_pixel_budget
+
+    proc = load_processor(str(tiny_checkpoint), min_pixels=3136, max_pixels=12544)
+    assert vllm_pixel_budget(proc) == {"min_pixels": 3136, "max_pixels": 12544}
+    tok = proc.tokenizer
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    seen = []
+
+    class LLM:
+        def generate(self, reqs, params, use_tqdm=False):
+            seen.append((reqs, params))
+            code = tok.encode("x = 1\n</code>", add_special_tokens=False)
+            comp = types.SimpleNamespace(
+                token_ids=code, logprobs=[{t: _Logprob(-0.25)} for t in code], finish_reason="stop", stop_reason="</code>"
+            )
+            return [types.SimpleNamespace(outputs=[comp]) for _ in reqs]
+
+    im = Image.new("RGB", (64, 64))
+    rows = [EngineRow(ids=[1, pad, pad, pad, 2], images=[im], max_new_tokens=8, code_open=True, seed=100 + k) for k in range(2)]
+    eng = VLLMColocateEngine(LLM(), tok, mm_processor_kwargs=vllm_pixel_budget(proc), ats="processor")
+    outs = eng.generate(rows, SamplingSettings(temperature=1.0, ats=True, seed=5))
+    reqs, params = seen[0]
+    assert len(seen) == 1  # one call: the processor does ATS inside the engine
+    assert reqs[0]["prompt_token_ids"] == [1, pad, 2] and reqs[0]["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 12544}
+    assert [p.seed for p in params] == [100, 101]
+    assert params[0].extra_args == {"thyme_ats": 1, "thyme_code_open": 1}
+    # the block was open from the start: every token through </code> forced, log-prob NaN
+    assert outs[0].forced == list(range(len(outs[0].token_ids))) and all(x != x for x in outs[0].logprobs)
+    assert outs[0].calls == 1 and outs[0].finish == "stop"
+    # rows without their own seed take the batch's; ats off sends no switch
+    seen.clear()
+    eng.generate([EngineRow(ids=[1, 2], images=[], max_new_tokens=8)], SamplingSettings(temperature=1.0, ats=False, seed=5))
+    assert seen[0][1][0].seed == 5 and getattr(seen[0][1][0], "extra_args", None) is None
+    assert "mm_processor_kwargs" not in seen[0][0][0]
+
+
+def test_ats_auto_picks_the_processor_only_where_it_is_registered(monkeypatch, tiny_checkpoint):
+    from thyme.backends.processors import load_processor
+    from thyme.rollout import VLLMColocateEngine, VLLMServerEngine
+    from thyme.rollout.engines import vllm as vllm_engines
+
+    tok = load_processor(str(tiny_checkpoint)).tokenizer
+    monkeypatch.setattr(vllm_engines, "ats_processor_installed", lambda: True)
+    assert VLLMColocateEngine(None, tok).ats_mode == "processor"
+    monkeypatch.setattr(vllm_engines, "ats_processor_installed", lambda: False)
+    assert VLLMColocateEngine(None, tok).ats_mode == "resubmit"
+    assert VLLMServerEngine(None, tok).ats_mode == "resubmit"  # a remote server's plugins cannot be seen
+    with pytest.raises(ValueError, match="ats must be one of"):
+        VLLMColocateEngine(None, tok, ats="fast")
+
+
+def test_this_package_registers_its_vllm_logits_processor():
+    """The entry point vLLM reads (group ``vllm.logits_processors``) names the processor class."""
+    from pathlib import Path
+
+    import tomllib
+
+    eps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert eps["vllm.logits_processors"] == {"thyme_ats": "thyme.backends.vllm_ats:GreedyInsideCodeLogitsProcessor"}

@@ -274,3 +274,32 @@ def test_without_video_keeps_the_class_identity():
     assert issubclass(sub, Qwen2_5_VLProcessor) and sub.__name__ == "Qwen2_5_VLProcessor"
     assert "video_processor" not in sub.get_attributes()
     assert "video_processor" in Qwen2_5_VLProcessor.get_attributes()  # the library class is untouched
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_dim_32_for_vllm(tmp_path, arch):
+    """``head_dim=32`` (vLLM's CPU attention refuses 16): same hidden size, 2 heads over 1 KV
+    head, an M-RoPE section that covers the half head; it loads and generates in transformers."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = write_tiny_checkpoint(tmp_path / arch, arch=arch, head_dim=32)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads) == (2, 1)
+    assert text.hidden_size // text.num_attention_heads == 32 and getattr(text, "head_dim", 32) == 32
+    assert sum(text.rope_parameters["mrope_section"]) == 16
+    processor = load_processor(path)
+    inputs = processor(
+        text=[processor.apply_chat_template(SYSTEM_USER_IMAGE, add_generation_prompt=True, tokenize=False)],
+        images=[_image(160, 96)],
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id])
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_unsupported_head_dim_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="head_dim 24"):
+        write_tiny_checkpoint(tmp_path / "c", head_dim=24)

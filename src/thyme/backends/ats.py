@@ -17,6 +17,10 @@ Off-policy note (kept in the RL docs): greedy tokens are not samples of the T=1 
 record which generated positions were forced (:attr:`GreedyInsideCode.forced`), so a trainer
 can give them NaN sampling log-probs (no importance-sampling correction) or mask them.
 
+The rule is one piece (:class:`CodeBlockTracker`): this processor, vLLM's
+(:mod:`thyme.backends.vllm_ats`, one engine call per code block there too) and the engines that
+recover forced positions after a vLLM call (:func:`forced_positions`) all read tags through it.
+
 Pure transformers/torch; no thyme imports.
 """
 
@@ -35,6 +39,55 @@ def code_open_after(text: str, start_open: bool = False) -> bool:
     if i < 0 and j < 0:
         return start_open
     return i > j
+
+
+#: Key of ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) that switches
+#: :mod:`thyme.backends.vllm_ats` on for one request (value 1).
+ATS_XARG = "thyme_ats"
+#: Optional key: 1 / 0 states whether the context ends inside an open ``<code>`` block (default:
+#: read from the prompt's current assistant turn).
+ATS_CODE_OPEN_XARG = "thyme_code_open"
+
+
+class CodeBlockTracker:
+    """Whether a ``<code>`` block is open, fed one decoded token piece at a time.
+
+    Keeps the last ``len("</code>") - 1`` characters, so a tag split across tokens is seen.
+
+    Args:
+        start_open: the context before the first piece ends inside an open block.
+    """
+
+    __slots__ = ("open", "_tail")
+
+    def __init__(self, start_open: bool = False):
+        self.open = bool(start_open)
+        self._tail = ""
+
+    def feed(self, piece: str) -> bool:
+        """Advance over ``piece`` (decoded text of one token); returns :attr:`open` after it."""
+        text = self._tail + piece
+        self.open = code_open_after(text, self.open)
+        self._tail = text[-_TAIL:]
+        return self.open
+
+
+def forced_positions(decode_one: Any, token_ids: Sequence[int], start_open: bool = False) -> list[int]:
+    """0-based positions of ``token_ids`` that ATS chose greedily: those generated while a block
+    was open (the block's tokens through the one that completes ``</code>``).
+
+    Args:
+        decode_one: ``decode_one(token_id) -> str`` (e.g. ``lambda t: tok.decode([t])``).
+        token_ids: generated ids, in order.
+        start_open: the context ended inside an open block.
+    """
+    tracker = CodeBlockTracker(start_open)
+    out = []
+    for k, tok in enumerate(token_ids):
+        if tracker.open:
+            out.append(k)
+        tracker.feed(decode_one(int(tok)))
+    return out
 
 
 class GreedyInsideCode:
@@ -57,10 +110,13 @@ class GreedyInsideCode:
     def __init__(self, tokenizer: Any, prompt_len: int, start_open: Sequence[bool]):
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
-        self.open = [bool(x) for x in start_open]
-        self._tail = ["" for _ in self.open]
-        self.forced: list[list[int]] = [[] for _ in self.open]
+        self._trackers = [CodeBlockTracker(x) for x in start_open]
+        self.forced: list[list[int]] = [[] for _ in self._trackers]
         self._steps = 0
+
+    @property
+    def open(self) -> list[bool]:
+        return [t.open for t in self._trackers]
 
     def _advance(self, input_ids: Any) -> None:
         n = input_ids.shape[1] - self.prompt_len
@@ -68,10 +124,7 @@ class GreedyInsideCode:
             return
         last = input_ids[:, -1].tolist()
         for b, tok in enumerate(last):
-            piece = self.tokenizer.decode([int(tok)], skip_special_tokens=False)
-            text = self._tail[b] + piece
-            self.open[b] = code_open_after(text, self.open[b])
-            self._tail[b] = text[-_TAIL:]
+            self._trackers[b].feed(self.tokenizer.decode([int(tok)], skip_special_tokens=False))
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch

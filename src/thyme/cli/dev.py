@@ -18,6 +18,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("dir")
     q.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--head-dim",
+        type=int,
+        default=16,
+        choices=[16, 32],
+        help="text attention head size: 32 for vLLM's CPU build (its attention refuses 16); 16 is the test suite's",
+    )
 
     s = dsub.add_parser("serve", help="our vLLM-compatible test server over the hf backend (loopback only)")
     s.add_argument("model", help="checkpoint folder or hub id")
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from ..testing.tiny_checkpoint import write_tiny_checkpoint
 
         t0 = time.perf_counter()
-        path = write_tiny_checkpoint(args.dir, arch=args.arch, seed=args.seed)
+        path = write_tiny_checkpoint(args.dir, arch=args.arch, seed=args.seed, head_dim=args.head_dim)
         print(f"wrote tiny {args.arch} checkpoint to {path} ({time.perf_counter() - t0:.1f} s)")
         return 0
     if args.dev_command == "teacher":

@@ -48,7 +48,7 @@ from ..agent.step import CAP_REASONS
 from ..agent.trajectory import Trajectory, Turn
 from ..backends.ats import code_open_after
 from ..sandbox.outputs import keep_output
-from .engines.base import NAN, Engine, EngineRow, SamplingSettings
+from .engines.base import NAN, Engine, EngineRow, SamplingSettings, row_seed
 from .vision import vision_cache
 
 __all__ = ["CAP_REASONS", "Rollout", "RolloutLimits", "RolloutRunner", "completion_text", "is_nan"]
@@ -195,7 +195,10 @@ class RolloutRunner:
             prompts: one per row, rows of a group consecutive; each has ``id``, ``question``,
                 ``images`` (paths) and ``messages`` (``[system, user]`` content lists, as
                 :func:`thyme.protocol.build_messages` makes them), e.g. ``thyme.train.rl.data.RLPrompt``.
-            seed: base seed; round ``k`` samples with ``seed + k``.
+            seed: base seed; round ``k`` samples with ``seed + k`` (engines that seed the whole
+                batch: HF) and each row with :func:`~thyme.rollout.engines.base.row_seed`
+                ``(seed, rollout id, k)`` (engines that seed per request: vLLM), so the G rows of
+                a group differ and each row is reproducible.
 
         Returns:
             One :class:`Rollout` per row, in order; failures are recorded (``mask_reason``), never raised.
@@ -283,7 +286,15 @@ class RolloutRunner:
             if reason is not None:
                 self._finish(r, reason)
                 continue
-            rows.append(EngineRow(ids=r.prompt_ids + r.completion_ids, images=r.images, max_new_tokens=budget, code_open=r.open_code))
+            rows.append(
+                EngineRow(
+                    ids=r.prompt_ids + r.completion_ids,
+                    images=r.images,
+                    max_new_tokens=budget,
+                    code_open=r.open_code,
+                    seed=None if seed is None else row_seed(seed, r.id, rnd),
+                )
+            )
             live.append(r)
         if not rows:
             return

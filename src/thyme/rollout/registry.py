@@ -346,6 +346,8 @@ class EngineContext:
         pad_id: padding id for batched generation.
         llm: TRL's in-process ``vllm.LLM`` (``vllm_colocate``).
         client: TRL's vLLM server client (``vllm_server``).
+        ats_engine: how the vLLM engines do ATS: ``auto`` / ``processor`` / ``resubmit``
+            (:class:`~thyme.rollout.engines.vllm.VLLMColocateEngine`).
     """
 
     model: Any = None
@@ -355,6 +357,7 @@ class EngineContext:
     pad_id: int = 0
     llm: Any = None
     client: Any = None
+    ats_engine: str = "auto"
 
 
 def _hf_engine(ctx: EngineContext) -> Any:
@@ -364,15 +367,23 @@ def _hf_engine(ctx: EngineContext) -> Any:
 
 
 def _vllm_colocate_engine(ctx: EngineContext) -> Any:
-    from .engines.vllm import VLLMColocateEngine
+    from .engines.vllm import VLLMColocateEngine, vllm_pixel_budget
 
-    return VLLMColocateEngine(ctx.llm, ctx.processor.tokenizer, suppress_ids=list(ctx.suppress_ids))
+    return VLLMColocateEngine(
+        ctx.llm,
+        ctx.processor.tokenizer,
+        suppress_ids=list(ctx.suppress_ids),
+        mm_processor_kwargs=vllm_pixel_budget(ctx.processor),
+        ats=ctx.ats_engine,
+    )
 
 
 def _vllm_server_engine(ctx: EngineContext) -> Any:
     from .engines.vllm import VLLMServerEngine
 
-    return VLLMServerEngine(ctx.client, ctx.processor.tokenizer, eos_ids=list(ctx.eos_ids), suppress_ids=list(ctx.suppress_ids))
+    return VLLMServerEngine(
+        ctx.client, ctx.processor.tokenizer, eos_ids=list(ctx.eos_ids), suppress_ids=list(ctx.suppress_ids), ats=ctx.ats_engine
+    )
 
 
 def build_engine(kind: str, *args: Any, **kwargs: Any) -> Any:

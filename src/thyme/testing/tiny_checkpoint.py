@@ -531,17 +531,31 @@ def _video_processor_config(arch: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- model config
 
 
-def model_config(arch: str, tokenizer) -> Any:
+#: Text head sizes :func:`model_config` makes: 16 (4 heads, 2 KV heads: the default, what the
+#: test suite's checkpoints use) and 32 (2 heads, 1 KV head over the same hidden size: vLLM's CPU
+#: attention supports head sizes 32, 64, 80, ... 512 and kills the engine on 16).
+HEAD_DIMS = (16, 32)
+
+
+def model_config(arch: str, tokenizer, head_dim: int = 16) -> Any:
     """The tiny transformers config of ``arch`` with token ids taken from ``tokenizer``.
 
-    Text: hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16, M-RoPE ``mrope_section``
-    summing to head_dim / 2 (``[2, 3, 3]``; Qwen3-VL interleaved ``[3, 3, 2]``), vocabulary =
-    ``len(tokenizer)``. Vision: depth 2, hidden 64, 4 heads, the real patch sizes; Qwen2.5-VL
-    window attention with the last block full-attention; Qwen3-VL deepstack from both blocks.
+    Text: hidden 64, 2 layers, 4 heads and 2 KV heads of head_dim 16 (``head_dim=32``: 2 heads,
+    1 KV head, for vLLM's CPU build), M-RoPE ``mrope_section`` summing to head_dim / 2
+    (``[2, 3, 3]`` / ``[4, 6, 6]``; Qwen3-VL interleaved ``[3, 3, 2]`` / ``[6, 5, 5]``),
+    vocabulary = ``len(tokenizer)``. Vision: depth 2, hidden 64, 4 heads, the real patch sizes;
+    Qwen2.5-VL window attention with the last block full-attention; Qwen3-VL deepstack from both
+    blocks.
+
+    Raises:
+        ValueError: unknown ``arch`` or a ``head_dim`` not in :data:`HEAD_DIMS`.
     """
     from transformers import AutoConfig
 
     _check_arch(arch)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim!r} is not one of {HEAD_DIMS} (32 for vLLM's CPU attention)")
+    heads = 64 // head_dim
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = len(tokenizer)
     common_text = dict(
@@ -549,8 +563,8 @@ def model_config(arch: str, tokenizer) -> Any:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         hidden_act="silu",
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
@@ -566,8 +580,13 @@ def model_config(arch: str, tokenizer) -> Any:
     if arch == "qwen3_vl":
         text = dict(
             common_text,
-            head_dim=16,
-            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+            head_dim=head_dim,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [3, 3, 2] if head_dim == 16 else [6, 5, 5],
+                "mrope_interleaved": True,
+            },
             attention_bias=False,
             pad_token_id=ids["<|endoftext|>"],
         )
@@ -588,7 +607,7 @@ def model_config(arch: str, tokenizer) -> Any:
         return AutoConfig.for_model("qwen3_vl", text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     text = dict(
         common_text,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3] if head_dim == 16 else [4, 6, 6]},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -631,13 +650,15 @@ def model_config(arch: str, tokenizer) -> Any:
 # --------------------------------------------------------------------------- writer
 
 
-def write_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl", seed: int = 0, head_dim: int = 16) -> Path:
     """Write a tiny random checkpoint of ``arch`` into ``out_dir`` (created if missing).
 
     Args:
         out_dir: target folder; existing files of the same names are overwritten.
         arch: one of :data:`ARCHS` (``qwen2_5_vl``, ``qwen2_vl``, ``qwen3_vl``).
         seed: seeds the random weights (``torch.manual_seed``); the tokenizer is deterministic.
+        head_dim: text attention head size, 16 or 32 (32: servable by vLLM's CPU build; see
+            :data:`HEAD_DIMS`).
 
     Returns:
         The folder, as a :class:`~pathlib.Path`, loadable with
@@ -646,7 +667,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl", 
         ``AutoModelForImageTextToText.from_pretrained(dir)``.
 
     Raises:
-        ValueError: unknown ``arch``.
+        ValueError: unknown ``arch`` or ``head_dim``.
 
     Files: ``config.json``, ``generation_config.json`` (eos ``<|im_end|>`` and ``<|endoftext|>``,
     pad ``<|endoftext|>``, greedy), ``model.safetensors`` (float32, ~1 MB),
@@ -672,7 +693,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl", 
         _write_json(out / "video_preprocessor_config.json", video)
     _write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATES[arch]})
 
-    config = model_config(arch, tokenizer)
+    config = model_config(arch, tokenizer, head_dim=head_dim)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

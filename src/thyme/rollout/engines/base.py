@@ -10,6 +10,7 @@ veRL's server manager (:mod:`thyme.integrations.verl.engine`).
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +43,16 @@ class EngineRow:
         images: every image of ``ids`` in order (PIL RGB), for the vision tower.
         max_new_tokens: cap of this call.
         code_open: the context ends inside an open ``<code>`` block (ATS starts greedy).
+        seed: this row's sampling seed (engines that seed per request: vLLM); ``None``: the
+            batch's :attr:`SamplingSettings.seed`. Rows of one group get distinct seeds
+            (:func:`row_seed`), else a seeded engine returns G identical rollouts.
     """
 
     ids: list[int]
     images: list[Any]
     max_new_tokens: int
     code_open: bool = False
+    seed: int | None = None
 
 
 @dataclass
@@ -67,6 +72,14 @@ class EngineOutput:
     finish: str
     calls: int = 1
     forced: list[int] = field(default_factory=list)
+
+
+def row_seed(base: int, rollout_id: str, round_index: int) -> int:
+    """The seed of one rollout's ``round_index``-th engine call: a 31-bit hash of (``base``,
+    ``rollout_id``, ``round_index``): reproducible per row (the same run gives the same
+    rollout), distinct across the rows of a group (ids ``prompt#k``) and across rounds."""
+    h = hashlib.blake2b(f"{int(base)}\x00{rollout_id}\x00{int(round_index)}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFF
 
 
 class Engine(abc.ABC):

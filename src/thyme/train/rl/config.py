@@ -137,6 +137,7 @@ class RLRolloutSettings:
             self.sandbox = dataclasses.replace(rl_sandbox_config(), **self.sandbox)
         checks = [
             (self.ats_code_tokens in ("train", "mask"), "ats_code_tokens must be train or mask"),
+            (self.ats_engine in ("auto", "processor", "resubmit"), "ats_engine must be auto, processor or resubmit"),
             (self.max_rounds >= 1 and self.max_images >= 1, "max_rounds and max_images must be >= 1"),
             (self.max_length > 0, "max_length must be positive"),
             (isinstance(self.sandbox, SandboxConfig), "sandbox must be a sandbox section (thyme.sandbox.SandboxConfig)"),
@@ -183,6 +184,11 @@ class ThymeRLSettings(RLRolloutSettings):
         "hf",
         "generation engine: hf (transformers generate; CPU / one GPU), vllm_colocate, vllm_server (sets TRL's use_vllm and vllm_mode)",
         "ours (reference: vLLM colocate)",
+    )
+    ats_engine: str = _f(
+        "auto",
+        "how the vLLM engines do ATS: 'processor' (thyme's vLLM logits processor, one engine call per code block; vLLM loads it where thyme is installed), 'resubmit' (stop at <code>, resubmit at temperature 0: two calls per block), 'auto' (vllm_colocate: processor when this environment registers it; vllm_server: resubmit)",
+        "resubmit: reference; processor: ours (issue 17)",
     )
     kv_cache: bool = _f(
         False,

@@ -109,6 +109,7 @@ def make_runner_factory(cfg: GRPOATSConfig, processor: Any, sandbox: Any) -> Any
                 pad_id=pad,
                 llm=getattr(getattr(trainer, "vllm_generation", None), "llm", None),
                 client=getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None),
+                ats_engine=cfg.ats_engine,
             ),
         )
         if cfg.kv_cache and cfg.engine == "hf":
