@@ -136,3 +136,64 @@ class ScriptedEngine(Engine):
             )
             outs.append(EngineOutput(token_ids=ids, logprobs=[0.0] * len(ids), finish=finish))
         return outs
+
+
+class ScriptCursor:
+    """The next token a script makes a real model write, read from the context's token ids.
+
+    Used as a logits processor's brain (vLLM: :mod:`thyme.testing.vllm_script`; transformers:
+    :class:`ScriptLogitsProcessor`), so a random tiny checkpoint writes ``segments`` while the
+    engine's forward, sampling, stop strings and ATS run for real. ``segments[k]`` is the text
+    written after ``k`` sandbox outputs in the current assistant turn (the ids after the last
+    ``<|im_start|>``); the position in it is where the turn's text already matches a prefix of
+    it; text that matches none (a prefill of its own) leaves the model alone (``None``).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        segments: the script (one string per round).
+    """
+
+    def __init__(self, tokenizer: Any, segments: Sequence[str]):
+        from ..chat import IM_END, IM_START, token_id
+
+        self.tokenizer = tokenizer
+        self.segments = [tokenizer.encode(s, add_special_tokens=False) for s in segments]
+        self.im_start = token_id(tokenizer, IM_START)
+        self.im_end = token_id(tokenizer, IM_END)
+
+    def next_token(self, ids: Sequence[int]) -> int | None:
+        """The scripted next token after the context ``ids`` (prompt + output so far), or ``None``."""
+        ids = list(ids)
+        turn = ids[len(ids) - ids[::-1].index(self.im_start) :] if self.im_start in ids else ids[-4096:]
+        text = self.tokenizer.decode(turn, skip_special_tokens=False)
+        end = protocol.OUTPUT_END
+        k = text.count(end)
+        if k >= len(self.segments):
+            return None
+        partial = text.rsplit(end, 1)[-1] if k else (text.split("\n", 1)[-1] if text.startswith("assistant") else text)
+        seg = self.segments[k]
+        for m in range(len(seg) + 1):
+            if self.tokenizer.decode(seg[:m], skip_special_tokens=False) == partial:
+                return seg[m] if m < len(seg) else self.im_end
+        return None
+
+
+class ScriptLogitsProcessor:
+    """transformers logits processor: every row writes the script (:class:`ScriptCursor`); the
+    scripted token gets logit 0, every other ``-inf`` (rows the script does not cover are left
+    alone). Rows of ``input_ids`` are left-padded with ``pad_id``."""
+
+    def __init__(self, cursor: ScriptCursor, pad_id: int | None = None):
+        self.cursor, self.pad_id = cursor, pad_id
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b].tolist()
+            if self.pad_id is not None:
+                while row and row[0] == self.pad_id:
+                    row.pop(0)
+            t = self.cursor.next_token(row)
+            if t is not None:
+                scores[b] = float("-inf")
+                scores[b, t] = 0.0
+        return scores

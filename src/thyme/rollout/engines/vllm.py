@@ -188,6 +188,8 @@ class VLLMColocateEngine(_ProcessorATS):
         ats: ``"processor"`` (one call per code block: :mod:`thyme.backends.vllm_ats`),
             ``"resubmit"`` (two), ``"auto"``: the processor when this environment registers it
             (:func:`ats_processor_installed`; vLLM then loads it), else resubmit.
+        extra_args: merged into every request's ``SamplingParams.extra_args`` (switches of
+            other logits processors, e.g. a test's script: :mod:`thyme.testing.vllm_script`).
     """
 
     name = "vllm_colocate"
@@ -201,8 +203,10 @@ class VLLMColocateEngine(_ProcessorATS):
         image_pad_id: int | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
         ats: str = "auto",
+        extra_args: dict[str, Any] | None = None,
     ):
         self.llm = llm
+        self.extra_args = dict(extra_args or {})
         self.suppress_ids = list(suppress_ids)
         self.image_pad_id = token_id(tokenizer, IMAGE_PAD) if image_pad_id is None else image_pad_id
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
@@ -228,8 +232,11 @@ class VLLMColocateEngine(_ProcessorATS):
             reqs.append(self.request(r))
             seed = r.seed if r.seed is not None else s.seed
             kw: dict[str, Any] = {}
+            xargs = dict(self.extra_args)
             if ats:
-                kw["extra_args"] = {ATS_XARG: 1, ATS_CODE_OPEN_XARG: int(bool(r.code_open))}
+                xargs.update({ATS_XARG: 1, ATS_CODE_OPEN_XARG: int(bool(r.code_open))})
+            if xargs:
+                kw["extra_args"] = xargs
             params.append(
                 SamplingParams(
                     temperature=s.temperature,
