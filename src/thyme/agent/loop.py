@@ -98,7 +98,7 @@ class AgentConfig:
     )
     ats: bool = setting(
         False,
-        help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf)",
+        help="adaptive temperature sampling (GRPO-ATS): greedy inside open <code> blocks, temperature elsewhere (backends with the ats capability: hf; openai against a vLLM server that runs thyme's ATS logits processor, checked before the run)",
         source="paper Sec. 3.3",
     )
 

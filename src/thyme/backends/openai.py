@@ -168,6 +168,7 @@ from ..http import (
     normalise_base_url,
     retrying,
 )
+from .ats import ATS_XARG
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -245,6 +246,11 @@ class OpenAIConfig:
         source="ours",
     )
     extra_body: dict[str, Any] | None = setting(None, help="JSON fields merged last into every request body", source="ours")
+    ats_check: bool = setting(
+        True,
+        help="with --ats (temperature > 0): check once, before the run, that the vLLM server applies thyme's ATS logits processor (a probe at a high temperature inside an open <code> block must come back greedy); a server without it would sample code silently",
+        source="ours (issue 17)",
+    )
     tokenizer: str | None = setting(
         None,
         help="hub id or folder whose chat template renders prompts for continuation 'completions'",
@@ -550,6 +556,8 @@ class OpenAIBackend(Backend):
 
     name = "openai"
     capabilities = Capabilities(independent_requests=True, streaming=False)
+    #: continuations whose server is vLLM: ATS through its logits processor (``vllm_xargs``)
+    ATS_CONTINUATIONS = ("vllm", "completions")
 
     def __init__(self, base_url: str | None = None, model: str | None = None, *, config: OpenAIConfig | None = None, **overrides: Any):
         cfg = config or OpenAIConfig()
@@ -564,6 +572,8 @@ class OpenAIBackend(Backend):
         cfg = dataclasses.replace(cfg, base_url=normalise_base_url(cfg.base_url), api_key="EMPTY" if cfg.api_key is None else cfg.api_key)
         cfg.check()
         self.config = cfg
+        if cfg.continuation in self.ATS_CONTINUATIONS:  # vLLM: ATS in one pass through its logits processor
+            self.capabilities = dataclasses.replace(type(self).capabilities, ats=True)
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failed": 0, "images": 0, "upload_bytes": 0}
         self._stats_lock = threading.Lock()
         self._cache = _ImageCache(int(cfg.image_cache_mb) * 1024 * 1024)
@@ -634,18 +644,86 @@ class OpenAIBackend(Backend):
         except Exception:  # noqa: BLE001 - a listing is best effort, whatever the server sent
             return []
 
-    def check_server(self) -> None:
+    def check_server(self, ats: bool = False) -> None:
         """Check once, before a run, that the server answers and serves :attr:`OpenAIConfig.model`
         (``GET /models``, the limits of every call, a deadline of min(10, timeout_s) s): a server
-        that is down or a mistyped URL would otherwise cost every question its retries.
+        that is down or a mistyped URL would otherwise cost every question its retries. With
+        ``ats`` (the run samples with ``--ats``) and :attr:`OpenAIConfig.ats_check`, also
+        :meth:`check_ats`.
 
         A server that does not list models (HTTP 404 and the like) passes: its requests say more.
 
         Raises:
             ThymeError: the server cannot be reached (refused, no such host, no answer in time),
                 rejects the key (HTTP 401/403), or lists models and not this one; each names
-                the URL and what was wrong.
+                the URL and what was wrong; with ``ats``, what :meth:`check_ats` raises.
         """
+        self._check_listing()
+        if ats and self.config.ats_check:
+            self.check_ats()
+
+    def check_ats(self, probe_tokens: int = 8) -> None:
+        """Check that the server applies thyme's ATS logits processor (:mod:`thyme.backends.vllm_ats`).
+
+        One probe: an assistant message that ends inside an open ``<code>`` block, continued at
+        temperature 50 (near uniform sampling) for ``probe_tokens`` tokens with ``vllm_xargs
+        {"thyme_ats": 1}`` and the top log-prob of each position. With the processor every token
+        is the position's most likely one (vLLM returns the raw log-probs); without it, at that
+        temperature, hardly any is.
+
+        Raises:
+            ThymeError: the probe failed (names the HTTP error), or came back sampled: the
+                server's vLLM has not loaded the processor (names the fixes).
+        """
+        cfg = self.config
+        if cfg.continuation not in self.ATS_CONTINUATIONS:
+            raise ThymeError(
+                f"--ats needs a vLLM server (continuation 'vllm' or 'completions'), not continuation {cfg.continuation!r}",
+                "drop --ats, or serve the model with vLLM and thyme's ATS logits processor",
+            )
+        body = {
+            "model": cfg.model,
+            "messages": [
+                {"role": "user", "content": "Write Python that prints 1."},
+                {"role": "assistant", "content": "<code>\n```python\n"},
+            ],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "max_tokens": int(probe_tokens),
+            "temperature": 50.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "seed": 0,
+            "logprobs": True,
+            "top_logprobs": 1,
+            "vllm_xargs": {ATS_XARG: 1},
+        }
+        url = cfg.base_url + "/chat/completions"
+        try:
+            r = fetch_sync("POST", url, self._limits(min(60.0, cfg.timeout_s)), json_body=body, headers=self._headers())
+        except HTTPFailure as e:
+            raise ThymeError(f"the ATS probe to {url} failed: {e.message}", "is the server up? (or pass ats_check: false)") from None
+        if r.status_code != 200:
+            raise ThymeError(
+                f"the ATS probe to {url} got HTTP {r.status_code}: {_excerpt(r.text, 300)}",
+                "see the server's log (or pass ats_check: false)",
+            )
+        try:
+            content = r.json()["choices"][0]["logprobs"]["content"]
+            greedy = [bool(c["top_logprobs"]) and c["token"] == c["top_logprobs"][0]["token"] for c in content]
+        except Exception:  # noqa: BLE001 - a server without log-probs cannot be checked
+            raise ThymeError(
+                f"the ATS probe to {url} came back without per-token log-probs", "pass ats_check: false if the server applies ATS anyway"
+            ) from None
+        if not greedy or not all(greedy):
+            raise ThymeError(
+                f"the server at {cfg.base_url} ignores --ats: {sum(greedy)} of {len(greedy)} probe tokens inside an open <code> "
+                "block were greedy (its vLLM has not loaded thyme's ATS logits processor)",
+                "install thyme in the server's environment (its entry point registers the processor), or start vLLM with "
+                "--logits-processors thyme.backends.vllm_ats:GreedyInsideCodeLogitsProcessor; or run without --ats",
+            )
+
+    def _check_listing(self) -> None:
         cfg = self.config
         url = cfg.base_url + "/models"
         try:
@@ -850,6 +928,8 @@ class OpenAIBackend(Backend):
             body["continue_final_message"] = True
             if cont == "vllm":
                 body["add_generation_prompt"] = False
+        if request.ats and sampling and cont in self.ATS_CONTINUATIONS:
+            body["vllm_xargs"] = {ATS_XARG: 1}  # thyme.backends.vllm_ats: greedy inside open <code> blocks
         if cfg.extra_body:
             body.update(cfg.extra_body)
         return path, body

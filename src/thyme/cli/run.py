@@ -154,7 +154,10 @@ def _run(args: argparse.Namespace) -> int:
         with backend, Agent(backend, sandbox, agent_cfg) as agent:
             check_server = getattr(backend, "check_server", None)
             if callable(check_server):  # down, mistyped URL, wrong model name: one clear error
-                check_server()
+                if agent_cfg.ats and agent_cfg.temperature > 0 and getattr(backend.capabilities, "ats", False):
+                    check_server(ats=True)  # and that the server applies ATS (openai: thyme's vLLM logits processor)
+                else:
+                    check_server()
             if choice.local:
                 check_prompt_fits(backend, [("the question", args.question, images)], agent_cfg)
             if agent_cfg.prefill and not args.quiet:

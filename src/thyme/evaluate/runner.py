@@ -661,7 +661,10 @@ def _open(
     stack.enter_context(backend)
     check_server = getattr(backend, "check_server", None)
     if callable(check_server):  # a server backend: down, mistyped URL, wrong model name stop here, once
-        check_server()
+        if agent_cfg.ats and agent_cfg.temperature > 0 and getattr(backend.capabilities, "ats", False):
+            check_server(ats=True)  # and that the server applies ATS (openai: thyme's vLLM logits processor)
+        else:
+            check_server()
     try:
         desc = backend.describe()
     except Exception as e:  # provenance must not stop a run
