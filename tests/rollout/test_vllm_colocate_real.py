@@ -274,3 +274,26 @@ def test_scripted_rollouts_agree_across_the_processor_resubmit_and_the_hf_engine
             assert [im.size for im in r.images] == [im.size for im in ref.images], name
     calls = {name: sum(r.code_calls for r in ros) / sum(r.model_code_blocks for r in ros) for name, ros in runs.items()}
     assert calls == {"processor": 1.0, "resubmit": 2.0, "hf": 1.0}
+
+
+def test_greedy_decoding_agrees_with_the_hf_engine_on_an_image_prompt(llm, proc, ckpt, tmp_path):
+    """Unscripted, temperature 0, float32 on both: vLLM's first-round tokens for the rendered
+    prompt (with the input image) equal the HF engine's, so the vision tower, the M-RoPE positions
+    and the pads reach both models the same way."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from thyme.chat import end_of_turn_ids, never_sampled_ids
+    from thyme.rollout import EngineRow, HFEngine, RolloutRunner, SamplingSettings
+
+    tok = proc.tokenizer
+    p = _prompt(tmp_path)
+    img = _image()
+    ids = RolloutRunner(None, proc, None, None, None, tmp_path).render_prompt(p.messages, [img])
+    model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    hf = HFEngine(model, proc, never_sampled_ids(tok), end_of_turn_ids(tok), tok.pad_token_id)
+    row = EngineRow(ids=ids, images=[img], max_new_tokens=16)
+    greedy = SamplingSettings(temperature=0.0, ats=False)
+    a = hf.generate([row], greedy)[0]
+    b = _engine(llm, proc).generate([row], greedy)[0]
+    assert len(a.token_ids) == 16 and a.token_ids == b.token_ids
