@@ -146,6 +146,7 @@ def test_sections_beside_or_inside_rl_and_dotted_set_keys(tmp_path):
         ("", {"judge_api_key_env": "MY_KEY"}, "THYME_JUDGE_API_KEY"),  # removed: says what replaced it
         ("", {"learning_rat": 1}, "learning_rat"),
         ("", {"num_generations": 1}, "num_generations"),  # Thyme's check
+        ("", {"ats_engine": "fast"}, "ats_engine"),  # the vLLM engines' ATS: auto, processor or resubmit
         ("", {"mask_truncated_completions": True}, "mask_truncated"),  # Thyme's trainer needs TRL's off
         ("rl: {sandbox: {timeout_s: 1}}\nsandbox: {timeout_s: 2}\n", None, "both"),
     ],

@@ -137,7 +137,6 @@ class RLRolloutSettings:
             self.sandbox = dataclasses.replace(rl_sandbox_config(), **self.sandbox)
         checks = [
             (self.ats_code_tokens in ("train", "mask"), "ats_code_tokens must be train or mask"),
-            (self.ats_engine in ("auto", "processor", "resubmit"), "ats_engine must be auto, processor or resubmit"),
             (self.max_rounds >= 1 and self.max_images >= 1, "max_rounds and max_images must be >= 1"),
             (self.max_length > 0, "max_length must be positive"),
             (isinstance(self.sandbox, SandboxConfig), "sandbox must be a sandbox section (thyme.sandbox.SandboxConfig)"),
@@ -234,6 +233,7 @@ class ThymeRLSettings(RLRolloutSettings):
             self.train_files = [self.train_files]
         checks = [
             (self.engine in ("hf", "vllm_colocate", "vllm_server"), "engine must be hf, vllm_colocate or vllm_server"),
+            (self.ats_engine in ("auto", "processor", "resubmit"), "ats_engine must be auto, processor or resubmit"),
             (self.wrong_result_value in (0, -1, 0.0, -1.0), "wrong_result_value must be 0 or -1"),
             (self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype must be auto, bfloat16, float16 or float32"),
             (isinstance(self.judge, JudgeConfig), "judge must be a judge section (thyme.scoring.judge.JudgeConfig)"),
