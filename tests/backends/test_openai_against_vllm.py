@@ -172,6 +172,8 @@ def test_eval_base_url_continues_after_a_prefilled_crop_on_real_vllm(vllm_server
                     assert w * h <= int(MAX_PIXELS) and w % 28 == 0 and h % 28 == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts"]["rows"] == 4 and m["tool_use_rate"] == 1.0 and m["provenance"]["backend"] == "openai"
+    card = m["provenance"]["backend_details"]["server_model"]  # the server's own model card (GET /models)
+    assert card["id"] == "tiny" and card["max_model_len"] == 8192 and Path(card["root"]) == vllm_server[2]
 
 
 def test_server_400s_are_per_question_errors_and_the_others_succeed(vllm_server, tmp_path, sent, capsys):
@@ -265,3 +267,31 @@ def test_a_max_new_tokens_over_the_context_is_one_clear_error(vllm_server, tmp_p
     assert "HTTP 400" in err and "max_tokens=9000 cannot be greater than max_model_len=8192" in err, err
     assert "--max-new-tokens" in err and "Traceback" not in err, err
     assert len(sent) == 1 and sent[0]["max_tokens"] == 9000
+
+
+def test_seeded_samples_differ_from_each_other_and_repeat_on_real_vllm(vllm_server, tmp_path, photo, sent, capsys):
+    """`thyme run --num-samples 2 --seed 3 --temperature 1`: sample i asks vLLM for seed 3 + i, so
+    the two samples differ and a second run repeats both (vLLM honours per-request seeds)."""
+
+    def texts(out: Path) -> list[str]:
+        argv = run_argv(vllm_server, photo, out, "")
+        argv += ["--num-samples", "2", "--seed", "3", "--temperature", "1.0", "--max-rounds", "1"]
+        assert thyme_main(argv) == 0, capsys.readouterr().err
+        return [json.loads((out.parent / f"t-{i}.json").read_text())["turns"][0]["text"] for i in range(2)]
+
+    first = texts(tmp_path / "a" / "t.json")
+    assert sorted(b["seed"] for b in sent) == [3, 4] and all(b["temperature"] == 1.0 for b in sent)
+    assert first[0] != first[1] and all(first)
+    assert texts(tmp_path / "b" / "t.json") == first
+
+
+def test_a_model_name_the_server_does_not_serve_stops_before_any_question(vllm_server, tmp_path, sent, capsys):
+    tsv = hrbench_tsv(tmp_path / "hr.tsv")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("agent: {}\n")
+    argv = eval_argv(vllm_server, tsv, tmp_path / "o", cfg)
+    argv[argv.index("--model") + 1] = "not-tiny"
+    rc = thyme_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not serve model 'not-tiny'; it serves ['tiny']" in err and "Traceback" not in err, err
+    assert sent == []  # no generation request was made
