@@ -295,3 +295,68 @@ def test_a_model_name_the_server_does_not_serve_stops_before_any_question(vllm_s
     err = capsys.readouterr().err
     assert rc == 2 and "does not serve model 'not-tiny'; it serves ['tiny']" in err and "Traceback" not in err, err
     assert sent == []  # no generation request was made
+
+
+#: The code block the model is made to write (vLLM's structured outputs, a regex): a crop of the
+#: input image, saved and printed.
+MODEL_CODE = (
+    "<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
+    "img.crop((0, 0, 32, 24)).save('/mnt/data/temp_processed_images/m.png')\n"
+    "print('/mnt/data/temp_processed_images/m.png')\n```\n</code>"
+)
+
+
+def literal_regex(text: str) -> str:
+    """``text`` as a regex matching only itself (metacharacters escaped, newlines as ``\\n``)."""
+    return "".join("\\n" if c == "\n" else ("\\" + c if c in ".^$*+?{}[]\\|()" else c) for c in text)
+
+
+def test_the_model_writes_code_itself_and_the_next_round_continues_after_its_output(vllm_server, tmp_path, sent, capsys):
+    """No prefill: vLLM's structured outputs make the random model write a crop block; the round
+    stops at </code> (kept: include_stop_str_in_output), the sandbox runs it, and the next round
+    continues the assistant message holding the server's own text and the crop."""
+    tsv = hrbench_tsv(tmp_path / "hr.tsv")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("agent: {}\n")
+    extra = json.dumps({"structured_outputs": {"regex": literal_regex(MODEL_CODE)}})
+    argv = eval_argv(vllm_server, tsv, tmp_path / "o", cfg, "--limit", "2", "--extra-body", extra)
+    argv[argv.index("--max-new-tokens") + 1] = "200"
+    assert thyme_main(argv) == 0, capsys.readouterr().err
+    rows = preds(tmp_path / "o")
+    assert sorted(rows) == ["0", "1"]
+    for row in rows.values():
+        traj = row["trajectory"]
+        assert row["error"] is None and row["stop_reason"] == "max_rounds" and row["code_blocks"] == 2
+        for t in traj["turns"]:
+            assert t["text"] == MODEL_CODE and t["finish_reason"] == "stop" and t["end"] == "code"
+            assert t["execution"]["ok"], t["execution"]
+            assert [p["type"] for p in t["feedback"]] == ["text", "image", "text"]
+    first = [b for b in sent if not b.get("continue_final_message")]
+    cont = [b for b in sent if b.get("continue_final_message")]
+    assert len(first) == 2 and len(cont) == 2
+    assert all(b["include_stop_str_in_output"] is True and "</code>" in b["stop"] for b in sent)
+    for b in cont:
+        assert images_in(b) == (1, 1)
+        asst = b["messages"][-1]["content"]
+        assert [p["type"] for p in asst] == ["text", "image_url", "text"]
+        assert asst[0]["text"] == MODEL_CODE + "\n<sandbox_output>" and asst[2]["text"] == "</sandbox_output>"
+
+
+def test_an_answer_after_the_crop_ends_the_trajectory_and_is_scored(vllm_server, tmp_path, sent, capsys):
+    """The prefilled crop runs, then the model (structured outputs) answers ``<answer>A</answer>``:
+    the round stops at </answer> (kept), the answer is extracted and scored per row."""
+    tsv = hrbench_tsv(tmp_path / "hr.tsv")  # ground truths A, B, C, D
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("agent:\n  prefill: " + json.dumps(crop_prefill("1")) + "\n")
+    extra = json.dumps({"structured_outputs": {"regex": literal_regex("<answer>A</answer>")}})
+    argv = eval_argv(vllm_server, tsv, tmp_path / "o", cfg, "--limit", "2", "--extra-body", extra)
+    assert thyme_main(argv) == 0, capsys.readouterr().err
+    rows = preds(tmp_path / "o")
+    for key, correct in (("0", True), ("1", False)):
+        row = rows[key]
+        assert row["error"] is None and row["stop_reason"] == "answer" and row["prediction"] == "A", row
+        assert row["correct"] is correct and row["rounds"] == 1
+        assert_continued_round(row["trajectory"], tmp_path / "o", 1)
+        last = row["trajectory"]["turns"][-1]
+        assert last["text"] == "<answer>A</answer>" and last["finish_reason"] == "stop" and last["end"] == "answer"
+    assert [images_in(b) for b in sent] == [(1, 1), (1, 1)]
