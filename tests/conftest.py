@@ -78,3 +78,35 @@ def _no_bwrap_switch():
         yield
     finally:
         mountview.find_bwrap = real
+
+
+# ----------------------------------------------------------------- a real vLLM server
+#: ``THYME_REQUIRE_VLLM=1`` (``make test-vllm`` / CI): a missing vLLM environment FAILS the tests
+#: that need the real server instead of skipping them.
+REQUIRE_VLLM = os.environ.get("THYME_REQUIRE_VLLM", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """A real vLLM OpenAI server on loopback serving a tiny qwen2_5_vl checkpoint (head size 32,
+    ``--max-model-len 8192``, ``--limit-mm-per-prompt {"image": 6}``), shared by the session:
+    yields ``(base_url, model_name, checkpoint_dir)``.
+
+    Skipped unless ``THYME_VLLM_PYTHON`` names the vLLM environment's Python (the main suite never
+    starts vLLM); with ``THYME_REQUIRE_VLLM=1`` a missing environment fails instead."""
+    from thyme.testing.vllm_server import VLLM_PYTHON_ENV, serve_vllm
+
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        why = f"set {VLLM_PYTHON_ENV} to the vLLM environment's python (make venv-vllm; make test-vllm) to run the real-vLLM tests"
+        if REQUIRE_VLLM:
+            pytest.fail(f"THYME_REQUIRE_VLLM=1 but {why}")
+        pytest.skip(why)
+    if not Path(python).is_file():
+        pytest.fail(f"{VLLM_PYTHON_ENV}={python} is not a file")
+    from thyme.testing.tiny_checkpoint import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("vllm")
+    ckpt = write_tiny_checkpoint(root / "qwen2_5_vl_hd32", arch="qwen2_5_vl", seed=0, head_dim=32)
+    with serve_vllm(ckpt, python=python, served_model_name="tiny", max_model_len=8192, log_path=root / "server.log") as url:
+        yield url, "tiny", ckpt

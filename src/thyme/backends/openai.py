@@ -1164,6 +1164,17 @@ class OpenAIBackend(Backend):
                 "this server does not accept the continuation fields we send: use continuation='sglang' for SGLang, "
                 "'completions' for servers with a raw completions endpoint, or 'none' for single-turn requests only"
             )
+        elif "max_tokens" in low and ("cannot be greater" in low or "too large" in low):
+            # vLLM 0.32: "max_tokens=9000 cannot be greater than max_model_len=8192"; OpenAI:
+            # "max_tokens is too large" (the "too large" rule below would blame the images)
+            hint = "max_new_tokens (--max-new-tokens) is more than the server allows: lower it below the server's --max-model-len"
+        elif "image(s) may be provided" in low or "limit_mm_per_prompt" in low or "limit-mm-per-prompt" in low:
+            # vLLM: "At most 6 image(s) may be provided in one prompt." (its --limit-mm-per-prompt)
+            hint = (
+                "the conversation holds more images than the server accepts in one prompt: lower the agent's max_images "
+                "(YAML agent.max_images; the input image and every sandbox image count) to the server's limit, "
+                "or start the server with a larger --limit-mm-per-prompt"
+            )
         elif status == 413 or "too large" in low:
             hint = "the request is too large: lower max_pixels (--max-pixels)"
         elif "maximum context length" in low or "max_model_len" in low or "context length" in low:
