@@ -388,3 +388,28 @@ def test_sandbox_output_cannot_inject_special_tokens_into_vllms_prompt(vllm_serv
     assert ids, f"vLLM returned no prompt_token_ids: {sorted(body['_response'])}"
     # system, user: two ends of turn, three starts (system, user, the open assistant turn)
     assert ids.count(im_end) == 2 and ids.count(im_start) == 3 and ids.count(vstart) == 1
+
+
+def test_ats_over_http_is_greedy_inside_code_and_checked_before_the_run(vllm_server, tmp_path, photo, sent, capsys):
+    """`thyme run --ats --temperature 1` with a prefill that opens a code block: the server (its
+    environment has thyme, so vLLM loaded the ATS logits processor through the entry point) passes
+    the pre-run probe, every request carries ``vllm_xargs``, and each seeded sample continues the
+    block with exactly the greedy tokens (temperature 0's text), while without --ats the samples
+    differ from it."""
+    prefill = "<think>Zoom in.</think>\n<code>\n```python\n"
+
+    def texts(out: Path, *extra: str) -> list[str]:
+        argv = run_argv(vllm_server, photo, out, prefill) + ["--max-rounds", "1", *extra]
+        assert thyme_main(argv) == 0, capsys.readouterr().err
+        if "--num-samples" in extra:
+            return [json.loads((out.parent / f"t-{i}.json").read_text())["turns"][-1]["text"] for i in range(2)]
+        return [json.loads(out.read_text())["turns"][-1]["text"]]
+
+    greedy = texts(tmp_path / "g" / "t.json", "--temperature", "0")
+    assert greedy[0] and not any("vllm_xargs" in b for b in sent)
+    sent.clear()
+    ats = texts(tmp_path / "a" / "t.json", "--temperature", "1.0", "--seed", "3", "--num-samples", "2", "--ats")
+    assert ats == greedy * 2
+    assert sent and all(b["vllm_xargs"] == {"thyme_ats": 1} and b["temperature"] == 1.0 for b in sent)
+    sampled = texts(tmp_path / "s" / "t.json", "--temperature", "1.0", "--seed", "3", "--num-samples", "2")
+    assert greedy[0] not in sampled

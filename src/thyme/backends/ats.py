@@ -44,6 +44,10 @@ def code_open_after(text: str, start_open: bool = False) -> bool:
 #: Key of ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) that switches
 #: :mod:`thyme.backends.vllm_ats` on for one request (value 1).
 ATS_XARG = "thyme_ats"
+#: Key that makes the processor answer a probe: it forces :data:`ATS_PROBE_REPLY` then
+#: ``<|im_end|>``, so a client can tell for certain that a server applies it.
+ATS_PROBE_XARG = "thyme_ats_probe"
+ATS_PROBE_REPLY = "thyme-ats-ok"
 #: Optional key: 1 / 0 states whether the context ends inside an open ``<code>`` block (default:
 #: read from the prompt's current assistant turn).
 ATS_CODE_OPEN_XARG = "thyme_code_open"

@@ -168,7 +168,7 @@ from ..http import (
     normalise_base_url,
     retrying,
 )
-from .ats import ATS_XARG
+from .ats import ATS_PROBE_REPLY, ATS_PROBE_XARG, ATS_XARG
 from .base import Backend, BatchGenerationError, Capabilities, Generation, GenerationRequest, Part, StreamCallback, truncate_at_stop
 
 Continuation = Literal["vllm", "sglang", "completions", "none"]
@@ -248,7 +248,7 @@ class OpenAIConfig:
     extra_body: dict[str, Any] | None = setting(None, help="JSON fields merged last into every request body", source="ours")
     ats_check: bool = setting(
         True,
-        help="with --ats (temperature > 0): check once, before the run, that the vLLM server applies thyme's ATS logits processor (a probe at a high temperature inside an open <code> block must come back greedy); a server without it would sample code silently",
+        help="with --ats (temperature > 0): check once, before the run, that the vLLM server applies thyme's ATS logits processor (a probe request the processor answers with 'thyme-ats-ok'); a server without it would sample code silently",
         source="ours (issue 17)",
     )
     tokenizer: str | None = setting(
@@ -662,18 +662,16 @@ class OpenAIBackend(Backend):
         if ats and self.config.ats_check:
             self.check_ats()
 
-    def check_ats(self, probe_tokens: int = 8) -> None:
+    def check_ats(self) -> None:
         """Check that the server applies thyme's ATS logits processor (:mod:`thyme.backends.vllm_ats`).
 
-        One probe: an assistant message that ends inside an open ``<code>`` block, continued at
-        temperature 50 (near uniform sampling) for ``probe_tokens`` tokens with ``vllm_xargs
-        {"thyme_ats": 1}`` and the top log-prob of each position. With the processor every token
-        is the position's most likely one (vLLM returns the raw log-probs); without it, at that
-        temperature, hardly any is.
+        One probe request with ``vllm_xargs {"thyme_ats": 1, "thyme_ats_probe": 1}``: the
+        processor answers it with exactly ``thyme-ats-ok`` (forced tokens); a server without it
+        ignores the keys and lets the model write anything.
 
         Raises:
-            ThymeError: the probe failed (names the HTTP error), or came back sampled: the
-                server's vLLM has not loaded the processor (names the fixes).
+            ThymeError: the probe failed (names the HTTP error), or came back without the
+                processor's reply: the server's vLLM has not loaded it (names the fixes).
         """
         cfg = self.config
         if cfg.continuation not in self.ATS_CONTINUATIONS:
@@ -683,20 +681,11 @@ class OpenAIBackend(Backend):
             )
         body = {
             "model": cfg.model,
-            "messages": [
-                {"role": "user", "content": "Write Python that prints 1."},
-                {"role": "assistant", "content": "<code>\n```python\n"},
-            ],
-            "continue_final_message": True,
-            "add_generation_prompt": False,
-            "max_tokens": int(probe_tokens),
-            "temperature": 50.0,
-            "top_p": 1.0,
-            "top_k": -1,
+            "messages": [{"role": "user", "content": "Say ok."}],
+            "max_tokens": 16,
+            "temperature": 1.0,
             "seed": 0,
-            "logprobs": True,
-            "top_logprobs": 1,
-            "vllm_xargs": {ATS_XARG: 1},
+            "vllm_xargs": {ATS_XARG: 1, ATS_PROBE_XARG: 1},
         }
         url = cfg.base_url + "/chat/completions"
         try:
@@ -709,16 +698,13 @@ class OpenAIBackend(Backend):
                 "see the server's log (or pass ats_check: false)",
             )
         try:
-            content = r.json()["choices"][0]["logprobs"]["content"]
-            greedy = [bool(c["top_logprobs"]) and c["token"] == c["top_logprobs"][0]["token"] for c in content]
-        except Exception:  # noqa: BLE001 - a server without log-probs cannot be checked
+            reply = r.json()["choices"][0]["message"]["content"] or ""
+        except Exception:  # noqa: BLE001 - an unreadable answer is no proof either
+            reply = None
+        if not isinstance(reply, str) or reply.strip() != ATS_PROBE_REPLY:
             raise ThymeError(
-                f"the ATS probe to {url} came back without per-token log-probs", "pass ats_check: false if the server applies ATS anyway"
-            ) from None
-        if not greedy or not all(greedy):
-            raise ThymeError(
-                f"the server at {cfg.base_url} ignores --ats: {sum(greedy)} of {len(greedy)} probe tokens inside an open <code> "
-                "block were greedy (its vLLM has not loaded thyme's ATS logits processor)",
+                f"the server at {cfg.base_url} ignores --ats: its answer to the ATS probe was {_excerpt(str(reply), 80)!r}, "
+                f"not {ATS_PROBE_REPLY!r} (its vLLM has not loaded thyme's ATS logits processor)",
                 "install thyme in the server's environment (its entry point registers the processor), or start vLLM with "
                 "--logits-processors thyme.backends.vllm_ats:GreedyInsideCodeLogitsProcessor; or run without --ats",
             )

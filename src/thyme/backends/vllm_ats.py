@@ -18,7 +18,8 @@ Registration (vLLM loads it in the process that samples):
 It acts only on requests that ask for it: ``SamplingParams(extra_args={"thyme_ats": 1})``
 (over HTTP: ``"vllm_xargs": {"thyme_ats": 1}``). Whether the context already ends inside an open
 block is read from the prompt's current assistant turn (the ids after the last
-``<|im_start|>``), or given as ``"thyme_code_open": 0/1``.
+``<|im_start|>``), or given as ``"thyme_code_open": 0/1``. ``"thyme_ats_probe": 1`` beside the
+switch makes it answer ``thyme-ats-ok`` (a client's check that the server loaded it).
 
 Log-probs: vLLM returns the raw (pre-processor) log-probs by default, so a forced token's is the
 model's own; the engines replace them with NaN as the HF engine does (not samples of the
@@ -37,8 +38,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from ..chat import IM_START, placeholder_ids, token_id
-from .ats import ATS_CODE_OPEN_XARG, ATS_XARG, CodeBlockTracker, code_open_after
+from ..chat import IM_END, IM_START, placeholder_ids, token_id
+from .ats import ATS_CODE_OPEN_XARG, ATS_PROBE_REPLY, ATS_PROBE_XARG, ATS_XARG, CodeBlockTracker, code_open_after
 
 #: Prompt tokens decoded, at most, to find an open block when no ``<|im_start|>`` is seen.
 PROMPT_TAIL_TOKENS = 4096
@@ -80,6 +81,20 @@ class _RequestState:
         return out
 
 
+class _Probe:
+    """Answers a client's probe: forces :data:`~thyme.backends.ats.ATS_PROBE_REPLY`, then ``<|im_end|>``."""
+
+    def __init__(self, owner: "GreedyInsideCodeLogitsProcessor"):
+        tok = owner.tokenizer()
+        self.script = tok.encode(ATS_PROBE_REPLY, add_special_tokens=False) + [token_id(tok, IM_END)]
+
+    def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        k = min(len(output_ids), len(self.script) - 1)
+        out = torch.full_like(logits, -math.inf)
+        out[self.script[k]] = 0.0
+        return out
+
+
 class GreedyInsideCodeLogitsProcessor(AdapterLogitsProcessor):
     """vLLM V1 logits processor of GRPO-ATS (see the module docstring).
 
@@ -102,6 +117,8 @@ class GreedyInsideCodeLogitsProcessor(AdapterLogitsProcessor):
         extra = getattr(params, "extra_args", None) or {}
         if not _truthy(extra.get(ATS_XARG)):
             return None
+        if _truthy(extra.get(ATS_PROBE_XARG)):
+            return _Probe(self)
         if params.temperature == 0:
             return None  # greedy everywhere already
         self.tokenizer()  # load before the first step (errors surface at admission)
