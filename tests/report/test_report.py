@@ -17,7 +17,8 @@ from PIL import Image, ImageStat
 
 from thyme.agent import Trajectory, Turn
 from thyme.cli import report as report_commands
-from thyme.report import ReportError, ReportItem, answers_agree, crop_regions, load_items, parse_crop_fix, write_report
+from thyme.report import ReportError, ReportItem, answers_agree, load_items, write_report
+from thyme.scoring.crops import crop_regions, parse_crop_fix
 
 from ..conftest import CORPUS, HAVE_CORPUS, needs_corpus
 

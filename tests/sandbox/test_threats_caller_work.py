@@ -71,7 +71,7 @@ class TestCallerWork:
         ],
     )
     def test_report_arithmetic_is_bounded(self, code):
-        from thyme.report import crop_regions
+        from thyme.scoring.crops import crop_regions
 
         regions = crop_regions(code, (100, 100))  # returns (promptly): no unbounded number or recursion
         assert all(0 <= v <= 100 for r in regions for v in r.box)

@@ -28,7 +28,7 @@ letter (the reference is one letter A-Z and the answer is that letter alone or f
 ``.``, ``)``, ``:`` or a space, or written ``(X)``). Benchmark scoring proper lives in
 :mod:`thyme.evaluate`; pass its verdict as ``correct``.
 
-Crop regions (:func:`crop_regions`): read from the code with a best-effort evaluation of its
+Crop regions (:func:`thyme.scoring.crops.crop_regions`): read from the code with a best-effort evaluation of its
 literal arithmetic (``x1, y1, x2, y2 = 1250, 1030, 1360, 1070``; ``w, h = img.size``;
 ``img.crop((x1, y1, x2, y2))``; ``image[y1:y2, x1:x2]``) on images opened from the input
 (``Image.open`` / ``cv2.imread`` / ``np.array`` of those; paths under the Thyme output folder
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ThymeError
-from .crops import crop_regions
+from ..scoring.crops import crop_regions
 from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, to_item
 
 # --------------------------------------------------------------------------- images

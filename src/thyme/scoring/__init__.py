@@ -5,6 +5,7 @@
 - :mod:`thyme.scoring.mathequiv`  math equivalence (math-verify; main thread only)
 - :mod:`thyme.scoring.rules`      named rule sets (``vlmevalkit``, ``mme``, ``thyme``, ``strict``) -> :class:`Verdict`
 - :mod:`thyme.scoring.judge`      the LLM-judge client for any OpenAI-compatible server
+- :mod:`thyme.scoring.crops`      crop regions read from model code; how much of a target box they cover
 
 Benchmark metrics (:mod:`thyme.evaluate`), the report (:mod:`thyme.report`) and the RL rewards
 (:mod:`thyme.train.rewards`) all call these, so they cannot disagree on a prediction. Floor:

@@ -1,7 +1,14 @@
-"""Crop regions read from model code, for drawing on the input image in the report.
+"""Crop regions read from model code, and whether they found a target box.
 
-A best-effort, bounded evaluation of the code's literal arithmetic, corrected by the
-sandbox's own repair records (see :func:`crop_regions`). Imports nothing of thyme.
+- :func:`crop_regions`: the regions of the input image a turn's code cropped: a best-effort,
+  bounded evaluation of the code's literal arithmetic, corrected by the sandbox's own repair
+  records. The report draws them on the input image.
+- :func:`box_coverage`, :func:`crop_hit`: the share of a known target box (an annotated
+  ``bbox``) that a trajectory's crops cover, and the hit rule of issue 19 ("faithful tool use":
+  did the crop find the target?). ``thyme eval`` (``crop_hit_rate``), the RL logs
+  (``thyme/crop_hit_rate``) and the report all read it from here, so they cannot disagree.
+
+Floor 1 (beside the answer rules): imports only :mod:`thyme.constants`.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ..constants import OUTPUT_DIR_MARKER
 
@@ -329,3 +336,129 @@ def crop_regions(code: str | None, image_size: tuple[int, int] | None, fixes: It
         if not any(o.box == r.box and o.requested == r.requested for o in out):
             out.append(r)
     return out
+
+
+# --------------------------------------------------------------------------- target coverage
+
+#: A crop "finds" the target when it covers at least this share of the target box's area
+#: (issue 19: "a crop covering at least half of the target box"; exactly 0.5 counts as a hit).
+HIT_THRESHOLD = 0.5
+
+Box = tuple[float, float, float, float]
+
+
+def target_box(value: Any) -> Box | None:
+    """A target box read from data, or ``None`` when ``value`` is not one.
+
+    Accepts ``[x1, y1, x2, y2]`` (list or tuple of 4 finite numbers, pixels of the original
+    input image, ``x2 > x1`` and ``y2 > y1``), the same as one box wrapped in a list
+    (``[[x1, y1, x2, y2]]``), or its text form (``"[x1, y1, x2, y2]"`` or ``"x1,y1,x2,y2"``, as a
+    TSV column holds it). Anything else (hostile data: booleans, NaN, huge or empty boxes, more
+    than one box) is ``None``: the row then simply carries no box. Never raises.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > 200:
+            return None
+        text = text.strip("[]() ")
+        try:
+            value = [float(x) for x in text.split(",")]
+        except ValueError:
+            return None
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+        value = value[0]
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_num(v) for v in value):
+        return None
+    x1, y1, x2, y2 = (float(v) for v in value)
+    if not all(abs(v) <= MAX_MAGNITUDE for v in (x1, y1, x2, y2)) or not (x2 > x1 and y2 > y1):
+        return None  # NaN fails the comparisons too
+    return (x1, y1, x2, y2)
+
+
+def box_coverage(crop_box: Sequence[float], target: Sequence[float]) -> float:
+    """Share of ``target``'s area that ``crop_box`` covers, in ``[0, 1]``.
+
+    Both boxes are ``(x1, y1, x2, y2)`` in pixels of the same image (the original input
+    image). 1.0: the crop contains the whole target; 0.0: they do not overlap (or the crop is
+    empty). Not IoU: a large crop around a small target covers all of it, which is what the
+    question of issue 19 asks ("did the crop find the target?").
+
+    Raises:
+        ValueError: ``target`` is not a box of positive area (see :func:`target_box`).
+    """
+    t = target_box(target)
+    if t is None:
+        raise ValueError(f"target box {target!r} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
+    cx1, cy1, cx2, cy2 = (float(v) for v in crop_box)
+    w = min(cx2, t[2]) - max(cx1, t[0])
+    h = min(cy2, t[3]) - max(cy1, t[1])
+    if not (w > 0 and h > 0):
+        return 0.0
+    return min(1.0, (w * h) / ((t[2] - t[0]) * (t[3] - t[1])))
+
+
+@dataclass
+class CropHit:
+    """How a trajectory's crops relate to a target box (:func:`crop_hit`).
+
+    Attributes:
+        regions: every crop of the input image its code made, all rounds, in order.
+        coverages: :func:`box_coverage` of the target by each region (same order).
+        best: the largest coverage (0.0 without crops).
+        hit: ``best >= threshold``.
+        used_code: the trajectory executed at least one code block.
+    """
+
+    regions: list[CropRegion]
+    coverages: list[float]
+    best: float
+    hit: bool
+    used_code: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``crops`` (boxes), ``coverage`` (best, rounded to 4 places), ``hit``."""
+        return {"crops": [list(r.box) for r in self.regions], "coverage": round(self.best, 4), "hit": self.hit}
+
+
+def _turns(trajectory: Any) -> list[tuple[str | None, dict[str, Any] | None]]:
+    turns = trajectory.get("turns") if isinstance(trajectory, dict) else getattr(trajectory, "turns", None)
+    out = []
+    for t in turns or []:
+        code = t.get("code") if isinstance(t, dict) else getattr(t, "code", None)
+        ex = t.get("execution") if isinstance(t, dict) else getattr(t, "execution", None)
+        out.append((code if isinstance(code, str) else None, ex if isinstance(ex, dict) else None))
+    return out
+
+
+def crop_hit(trajectory: Any, target: Sequence[float], image_size: tuple[int, int] | None, threshold: float = HIT_THRESHOLD) -> CropHit:
+    """Did ``trajectory``'s crops find ``target``?
+
+    Args:
+        trajectory: a :class:`thyme.agent.Trajectory` or its dict form (``turns`` with ``code``
+            and ``execution``; read by duck typing, this module does not import the agent).
+        target: the target box ``(x1, y1, x2, y2)`` in pixels of the original input image.
+        image_size: ``(W, H)`` of that input image (``None``: no crop can be placed, no hit).
+        threshold: :data:`HIT_THRESHOLD` by default.
+
+    Only executed turns count (code the sandbox ran), over all rounds. Only crops of the
+    input image count, in its pixels (:func:`crop_regions`): a crop of a crop (``img.crop(a).crop(b)``,
+    or a crop of a saved output re-opened from the output folder) has coordinates relative to
+    the first crop and is not counted; the sandbox's repair records of an image of another size
+    are ignored for the same reason.
+
+    Raises:
+        ValueError: ``target`` is not a box (:func:`box_coverage`).
+    """
+    if target_box(target) is None:
+        raise ValueError(f"target box {target!r} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
+    regions: list[CropRegion] = []
+    used = False
+    for code, ex in _turns(trajectory):
+        if code is None or ex is None:
+            continue
+        used = True
+        for r in crop_regions(code, image_size, ex.get("fixes") or []):
+            regions.append(r)
+    cov = [box_coverage(r.box, target) for r in regions]
+    best = max(cov, default=0.0)
+    return CropHit(regions, cov, best, best >= threshold, used)
