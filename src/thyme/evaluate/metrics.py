@@ -13,12 +13,22 @@ Layout (keys in this order)::
       "tool_use_rate": 0.12,            # rows whose trajectory executed at least one code block
       "mean_rounds": 1.4,               # generation rounds per trajectory
       "mean_code_blocks": 0.2,
+      "crop_hit_rate": 0.4,             # only when rows carry a target box (see below)
+      "crop_hit_rate_code": 0.8,
+      "crop_hit": {"rows_with_box": 10, "hits": 4, "rows_with_box_and_code": 5},
       "provenance": {...}               # model, backend, settings, package versions, git commit
     }
 
 Each benchmark's own breakdown comes from its :meth:`~thyme.evaluate.benchmarks.Benchmark.aggregate`
 (HR-Bench: per option-rotation cycle and their mean, FSP / FCP; MME-RealWorld: task /
 sub-task / category with ``Avg`` at each level, as their evaluation scripts report).
+
+Faithful tool use (issue 19), only when predictions carry a target box (a benchmark row's
+``bbox``, :func:`thyme.evaluate.runner.target_fields`): ``crop_hit_rate`` = rows whose
+trajectory made a crop of the input image covering at least half (:data:`thyme.scoring.crops.HIT_THRESHOLD`)
+of the target box's area / rows with a box (failed and code-free rows count as misses);
+``crop_hit_rate_code`` = the same over the rows with a box whose trajectory ran code (``None``
+when none did). A crop hit says the model looked at the right place, not that it answered right.
 
 Failed samples (``error``), unparsed answers and rows without a prediction count as wrong rows;
 they are never dropped (a run with 1 correct answer and 2 missing reads 1/3, not 1/1), and the
@@ -161,6 +171,13 @@ def compute_metrics(
     metrics["tool_use_rate"] = accuracy(sum(1 for p in tool if p.get("tool_used")), len(tool)) if tool else None
     metrics["mean_rounds"] = round(sum(rounds) / len(rounds), 4) if rounds else None
     metrics["mean_code_blocks"] = round(sum(blocks) / len(blocks), 4) if blocks else None
+    boxed = [p for p in answered if "crop_hit" in p]
+    if boxed:
+        hits = [p for p in boxed if isinstance(p.get("crop_hit"), dict) and p["crop_hit"].get("hit") is True]
+        coded = [p for p in boxed if p.get("tool_used")]
+        metrics["crop_hit_rate"] = accuracy(len(hits), len(boxed))
+        metrics["crop_hit_rate_code"] = accuracy(len(hits), len(coded)) if coded else None
+        metrics["crop_hit"] = {"rows_with_box": len(boxed), "hits": len(hits), "rows_with_box_and_code": len(coded)}
     metrics["provenance"] = provenance or {}
     return metrics
 

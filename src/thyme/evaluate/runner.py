@@ -46,7 +46,9 @@ from .. import protocol
 from ..agent import Agent, AgentConfig, Task, Trajectory
 from ..config import setting
 from ..errors import ThymeError
+from ..imageio import image_size
 from ..jsonl import ensure_writable
+from ..scoring.crops import crop_hit, target_box
 from .benchmarks import (
     Benchmark,
     MissingImagesError,
@@ -376,12 +378,41 @@ def prediction_row(
         "question": traj.question,
         "trajectory": _map_paths(traj.to_dict(), _relative_to(out)),
     }
+    d.update(target_fields(row, traj))
     if shard is not None:
         d["shard"] = shard
     if record is not None:
         d["record_id"] = record.id
         d["prompt_matches_record"] = spec.question(row) == record.question
     return d
+
+
+def target_fields(row: Row, traj: Trajectory) -> dict[str, Any]:
+    """The crop-hit fields of a prediction row whose benchmark row carries a target box.
+
+    A row's ``bbox`` field (JSONL, JSON, parquet, or a TSV column; read by
+    :func:`thyme.scoring.crops.target_box`: ``[x1, y1, x2, y2]`` in pixels of the original
+    input image) gives ``target_box``, ``image_size`` (``[W, H]`` of the input image, read
+    from its header) and ``crop_hit`` (:meth:`thyme.scoring.crops.CropHit.to_dict`: the
+    crops of the input image the code made, the best share of the target they cover, and
+    ``hit`` = that share >= 0.5). Rows without a box (or with a malformed one) get none of
+    these; an unreadable image gives ``crop_hit: null``. Never raises.
+    """
+    box = target_box(row.extra.get("bbox")) if isinstance(row.extra, dict) else None
+    if box is None:
+        return {}
+    size = None
+    path = row.image or (traj.images[0] if traj.images else None)
+    if path:
+        try:
+            size = image_size(path)
+        except (ThymeError, OSError):
+            size = None
+    return {
+        "target_box": list(box),
+        "image_size": list(size) if size else None,
+        "crop_hit": crop_hit(traj, box, size).to_dict() if size else None,
+    }
 
 
 def _failed_trajectory(key: str, question: str, images: list[str], error: BaseException) -> Trajectory:
@@ -1016,4 +1047,10 @@ def format_metrics(m: dict[str, Any]) -> str:
         lines.append("counts: " + ", ".join(extra))
     if m.get("tool_use_rate") is not None:
         lines.append(f"tool use rate: {m['tool_use_rate']:.4f}; mean rounds: {m['mean_rounds']}")
+    if "crop_hit_rate" in m:
+        ch, code = m["crop_hit"], m.get("crop_hit_rate_code")
+        lines.append(
+            f"crop hit rate: {m['crop_hit_rate']:.4f} ({ch['hits']}/{ch['rows_with_box']} rows with a target box)"
+            + (f"; over those that used code: {code:.4f} ({ch['hits']}/{ch['rows_with_box_and_code']})" if code is not None else "")
+        )
     return "\n".join(lines)
