@@ -20,7 +20,8 @@ Overrides, and why (as little as possible):
   but no ``pixel_values`` arrive (the same silent drop, caught at the forward).
 - :meth:`_generate_and_score_completions`: keeps the dataset rows for :meth:`_generate` and,
   after TRL computed the advantages, writes ``rollouts.jsonl`` (trajectory, reward components,
-  advantage, mask reason) and the Thyme metrics.
+  advantage, mask reason) and the Thyme metrics (``thyme/crop_hit_rate`` among them when the
+  step's prompts carry a target box: :func:`crop_hit_metrics`).
 
 Failure isolation: a masked rollout has reward ``None`` (TRL: NaN, excluded from the group's
 mean and std, advantage 0; an all-masked group contributes nothing) and an all-zero
@@ -44,6 +45,49 @@ logger = logging.getLogger(__name__)
 
 class RolloutImageError(ThymeError):
     """A rollout's image pad tokens and image features disagree (names the rollout)."""
+
+
+def crop_hit_metrics(rollouts: Sequence[Rollout], prompts: Sequence[Any]) -> dict[str, float]:
+    """``thyme/crop_hit_rate`` of one step: did the rollouts' crops find their prompt's target box?
+
+    Over the rollouts whose prompt carries a ``bbox`` (``[x1, y1, x2, y2]`` pixels of the
+    original input image, from ``thyme data annotate import`` records; read with
+    :func:`thyme.scoring.crops.target_box`): the share whose code cropped the input image
+    covering at least half of the box (:func:`thyme.scoring.crops.crop_hit`, issue 19), and
+    ``thyme/crop_hit_rate_code`` the same over those of them that ran code. ``rollouts[i]``
+    belongs to ``prompts[i]``; the coverage is measured in the pixels of ``prompt.images[0]``.
+
+    Returns:
+        ``{}`` when no prompt of the step has a box (nothing is logged), else both keys
+        (``thyme/crop_hit_rate_code`` is 0.0 when no rollout with a box ran code, as
+        ``thyme/code_execution_rate`` without code). Never raises: an unreadable image or a
+        malformed box counts as no box.
+    """
+    from ...imageio import image_size
+    from ...scoring.crops import crop_hit, target_box
+
+    sizes: dict[str, tuple[int, int] | None] = {}
+    n = hits = coded = 0
+    for r, p in zip(rollouts, prompts):
+        box = target_box(getattr(p, "bbox", None))
+        images = getattr(p, "images", None) or r.trajectory.images
+        if box is None or not images:
+            continue
+        path = str(images[0])
+        if path not in sizes:
+            try:
+                sizes[path] = image_size(path)
+            except (ThymeError, OSError):
+                sizes[path] = None
+        if sizes[path] is None:
+            continue
+        h = crop_hit(r.trajectory, box, sizes[path])
+        n += 1
+        hits += h.hit
+        coded += h.used_code
+    if not n:
+        return {}
+    return {"thyme/crop_hit_rate": hits / n, "thyme/crop_hit_rate_code": hits / coded if coded else 0.0}
 
 
 def score_rollouts(
@@ -262,7 +306,7 @@ def trainer_class() -> type:
             n = len(rollouts)
             lens = torch.tensor([float(sum(x)) for x in env_mask], device=device)
             m["completions/mean_length"].append(self.accelerator.gather(lens).mean().item())
-            for name, val in self._rollout_metrics(rollouts, rewards).items():
+            for name, val in self._rollout_metrics(rollouts, rewards, rows).items():
                 m[name].append(val)
             any_images = [imgs if imgs else [] for imgs in images]
             has_images = any(any_images)
@@ -292,7 +336,7 @@ def trainer_class() -> type:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size, *args, **kwargs)
 
         # ------------------------------------------------------------ bookkeeping
-        def _rollout_metrics(self, rollouts: list[Rollout], rewards: list[dict[str, Any]]) -> dict[str, float]:
+        def _rollout_metrics(self, rollouts: list[Rollout], rewards: list[dict[str, Any]], prompts: Sequence[Any] = ()) -> dict[str, float]:
             t = self.totals
             n = len(rollouts)
             masked = [r for r in rollouts if r.mask_reason is not None]
@@ -326,6 +370,7 @@ def trainer_class() -> type:
                 "thyme/rounds": mean([float(len(r.trajectory.turns)) for r in rollouts]),
                 "thyme/repetition_stops": float(sum(1 for r in rollouts if r.stop_reason == "repetition")),
                 "thyme/masked_rollouts": float(len(masked)),
+                **crop_hit_metrics(rollouts, prompts),  # only when some prompt of the step has a target box
             }
 
         def _write_rollouts(self, advantages: list[float]) -> None:
