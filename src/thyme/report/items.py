@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ThymeError
+from ..scoring.crops import target_box
 from ..scoring.rules import score_answer
 
 #: Default longest side (pixels) of embedded images.
@@ -43,6 +44,9 @@ class ReportItem:
         error: why the sample failed, if it did.
         options: ``{letter: text}`` of a multiple-choice row (read by its benchmark's rule set).
         extra: more ``label -> value`` facts shown under the answer (strings).
+        target_box: the target box ``(x1, y1, x2, y2)`` in pixels of the first input image,
+            when the row carries one (eval predictions' ``target_box``, an RL record's or a
+            rollout's ``bbox``, the trajectory's ``meta["bbox"]``); drawn beside the crops.
     """
 
     trajectory: Any = None
@@ -56,6 +60,7 @@ class ReportItem:
     error: str | None = None
     options: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+    target_box: tuple[float, float, float, float] | None = None
 
 
 _GT_KEYS = ("answer_gt", "gt_answer", "ground_truth", "gt")
@@ -93,6 +98,8 @@ def to_item(obj: Any, *, base_dir: str | os.PathLike | None = None, index: int =
             item.benchmark = _str(meta["benchmark"])
         if not item.category and meta.get("category") is not None:
             item.category = _str(meta["category"])
+        if item.target_box is None:
+            item.target_box = target_box(meta.get("target_box", meta.get("bbox")))
         if item.ground_truth is None:
             for k in _GT_KEYS:
                 if meta.get(k) is not None:
@@ -163,6 +170,7 @@ def _item_from_row(row: dict[str, Any], base_dir: str | os.PathLike | None) -> R
         error=_str(row.get("error")) if row.get("error") else None,
         options={str(k): _str(v) for k, v in row["options"].items()} if isinstance(row.get("options"), dict) else {},
         extra=extra,
+        target_box=target_box(row["target_box"] if row.get("target_box") is not None else row.get("bbox")),
     )
 
 
@@ -205,7 +213,7 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
     Args:
         path: see the module docstring.
         records: optional Thyme records JSONL (the file a replay ran on): their ``answer_gt``,
-            ``category`` and ``benchmark`` fields are joined to rows by ``id``.
+            ``category``, ``benchmark`` and ``bbox`` (a target box) fields are joined to rows by ``id``.
 
     Raises:
         ReportError: naming the file and the problem (missing, not JSON, a bad line).
@@ -258,7 +266,7 @@ def load_items(path: str | os.PathLike, *, records: str | os.PathLike | None = N
                     raise ReportError(f"{p}, line {n}: expected a JSON object")
                 rec = joined.get(str(row.get("id")))
                 if rec:
-                    row = {**{k: rec[k] for k in ("answer_gt", "category", "benchmark") if k in rec}, **row}
+                    row = {**{k: rec[k] for k in ("answer_gt", "category", "benchmark", "bbox") if k in rec}, **row}
                 items.append(to_item(row, base_dir=p.parent, index=len(items)))
     return items
 

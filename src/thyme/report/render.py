@@ -36,7 +36,10 @@ are outputs, not the input), then corrected with the sandbox's own records: a ``
 / ``crop_min_side`` :class:`~thyme.sandbox.Fix` says ``crop box (l, t, r, b) -> (l', t', r', b')
 on a WxH image`` (or ``crop [y0:y1, x0:x1] -> [...]`` for array slices); on an image of the
 input's size the repaired box is what was really cropped. The report draws the region really
-cropped (solid) and, when a repair changed it, the box the code asked for (dashed).
+cropped (solid) and, when a repair changed it, the box the code asked for (dashed). When the
+item carries a target box (:attr:`ReportItem.target_box`), it is drawn too, in its own colour
+and labelled ``target``, with the share of it the best crop covers (a hit from 50%:
+:func:`thyme.scoring.crops.crop_hit`, the rule of ``thyme eval``'s ``crop_hit_rate``).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ThymeError
-from ..scoring.crops import crop_regions
+from ..scoring.crops import HIT_THRESHOLD, crop_hit, crop_regions
 from .items import MAX_IMAGE_SIDE, ReportError, ReportItem, to_item
 
 # --------------------------------------------------------------------------- images
@@ -252,8 +255,15 @@ def _item_view(i: int, item: ReportItem, embed: _Embedder) -> dict[str, Any]:
             rounds.append(_round_view(turn, n if turn.finish_reason != "prefill" else -1, t.prefill, embed))
             if turn.finish_reason != "prefill":
                 n += 1
+        target = None
+        if item.target_box is not None and size is not None:
+            hit = crop_hit(t, item.target_box, size)
+            box = tuple(int(round(v)) for v in item.target_box)
+            target = {"box": box, "coverage": hit.best, "hit": hit.hit, "threshold": HIT_THRESHOLD}
+            for r, cov in zip(regions, hit.coverages):
+                r["coverage"] = cov
         for j, p in enumerate(t.images):
-            inputs.append({"img": embed(p), "regions": regions if j == 0 else []})
+            inputs.append({"img": embed(p), "regions": regions if j == 0 else [], "target": target if j == 0 else None})
     correct = "unknown" if item.correct is None else ("correct" if item.correct else "wrong")
     for k, r in enumerate(regions, 1):
         r["n"] = k
