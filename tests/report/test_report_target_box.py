@@ -69,3 +69,27 @@ def test_boxes_reach_the_report_from_eval_predictions_and_rl_rollouts(tmp_path):
     replay.write_text(json.dumps({"id": "r1", "trajectory": t}) + "\n")
     (item,) = load_items(replay, records=records)
     assert item.target_box == (20.0, 20.0, 60.0, 60.0)
+
+
+def test_eval_summary_and_training_curves_show_the_crop_hit_rate(tmp_path):
+    from thyme.report import write_summary, write_training
+
+    from .test_pages import _eval_folder, _plots, _rl_folder
+
+    d = _eval_folder(tmp_path, "A")
+    m = json.loads((d / "metrics.json").read_text())
+    assert "crop hit rate" not in write_summary(d, tmp_path / "s0.html").read_text()  # no boxes, no line
+    (d / "metrics.json").write_text(json.dumps({**m, "crop_hit_rate": 0.25, "crop_hit_rate_code": 0.5}))
+    page = write_summary(d, tmp_path / "s.html").read_text()
+    assert "crop hit rate (a crop covers &gt;= half of the target box)</th><td>25.0%" in page
+    assert "crop hit rate, rows that used code</th><td>50.0%" in page
+
+    rl = _rl_folder(tmp_path)
+    state = json.loads((rl / "trainer_state.json").read_text())
+    plain = write_training(rl, tmp_path / "t0.html").read_text()
+    assert "target box" not in plain
+    for e in state["log_history"]:
+        e["thyme/crop_hit_rate"] = 0.5
+    (rl / "trainer_state.json").write_text(json.dumps(state))
+    page = write_training(rl, tmp_path / "t.html").read_text()
+    assert "Tool use" in _plots(page) and "rollouts whose crop covers at least half of the prompt&#39;s target box" in page

@@ -269,9 +269,16 @@ def write_summary(
     for k in ("failed", "unparsed", "missing"):
         if counts.get(k):
             facts.append((k, str(counts[k])))
-    for k, label in (("tool_use_rate", "tool use rate"), ("mean_rounds", "mean rounds"), ("mean_code_blocks", "mean code blocks")):
-        if _num(metrics.get(k)) is not None:
-            facts.append((label, _pct(_num(metrics[k])) if k == "tool_use_rate" else f"{_num(metrics[k]):g}"))
+    for k, label in (
+        ("tool_use_rate", "tool use rate"),
+        ("mean_rounds", "mean rounds"),
+        ("mean_code_blocks", "mean code blocks"),
+        ("crop_hit_rate", "crop hit rate (a crop covers >= half of the target box)"),
+        ("crop_hit_rate_code", "crop hit rate, rows that used code"),
+    ):
+        v = _num(metrics.get(k))
+        if v is not None:
+            facts.append((label, _pct(v) if k in ("tool_use_rate", "crop_hit_rate", "crop_hit_rate_code") else f"{v:g}"))
     if bad:
         facts.append(("unreadable prediction lines (skipped)", str(bad)))
     from .render import provenance_lines, render_page
@@ -479,10 +486,14 @@ def training_plots(history: list[dict[str, Any]], rollouts: list[dict[str, Any]]
             "thyme/tool_use_rate", lambda r: float(any(t.get("execution") for t in _turns(_traj(r)))) if _traj(r) else None
         ),
         "code execution rate": _series_from_log(history, "thyme/code_execution_rate"),
+        "crop hit rate": _series_from_log(history, "thyme/crop_hit_rate"),
     }
     tu = {k: v for k, v in tu.items() if v}
     if tu:
-        plots.append(lines("Tool use", tu, ylabel="fraction", caption="rollouts that ran code, and code blocks that ran without error"))
+        caption = "rollouts that ran code, and code blocks that ran without error"
+        if "crop hit rate" in tu:
+            caption += "; rollouts whose crop covers at least half of the prompt's target box"
+        plots.append(lines("Tool use", tu, ylabel="fraction", caption=caption))
     ro = pick("thyme/rounds", lambda r: float(len(_turns(_traj(r)))) if _traj(r) else None)
     if ro:
         plots.append(lines("Rounds per rollout", {"rounds": ro}, ylabel="mean turns"))
