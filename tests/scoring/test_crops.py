@@ -62,6 +62,7 @@ def test_target_box_reads_the_forms_data_holds_and_refuses_the_rest():
         [3, 2, 1, 4],
         [1, 2, 3, float("inf")],
         [1e300, 0, 2e300, 1],
+        [0, 0, 10**400, 1],
         {"x": 1},
         "9" * 500,
     ):

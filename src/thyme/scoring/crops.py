@@ -369,7 +369,10 @@ def target_box(value: Any) -> Box | None:
         value = value[0]
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_num(v) for v in value):
         return None
-    x1, y1, x2, y2 = (float(v) for v in value)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in value)
+    except OverflowError:  # an int beyond float range
+        return None
     if not all(abs(v) <= MAX_MAGNITUDE for v in (x1, y1, x2, y2)) or not (x2 > x1 and y2 > y1):
         return None  # NaN fails the comparisons too
     return (x1, y1, x2, y2)
