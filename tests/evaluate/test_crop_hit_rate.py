@@ -117,3 +117,15 @@ def test_replayed_real_trajectories_on_hand_annotated_hrbench_boxes(tmp_path):
     assert {q: p["crop_hit"]["hit"] for q, p in preds.items()} == {"179": True, "224": True, "243": False}
     assert preds["179"]["image_size"] == [2419, 4032] and preds["179"]["crop_hit"]["crops"] == [[1550, 2650, 1850, 2750]]
     assert res.metrics["crop_hit_rate"] == round(2 / 3, 6) and res.metrics["crop_hit_rate_code"] == round(2 / 3, 6)
+
+
+def test_a_tsv_bbox_column_reaches_the_predictions(tmp_path):
+    Image.new("RGB", (400, 300), "white").save(tmp_path / "in.png")
+    header = "index\tquestion\tA\tB\tanswer\tcategory\timage_path\tbbox\n"
+    body = "".join(f"{q}\tq{q}\tyes\tno\tA\tdirect_attributes\tin.png\t{'[100, 100, 200, 200]' if q != '5' else ''}\n" for q in CROPS)
+    data = tmp_path / "vstar.tsv"
+    data.write_text(header + body)
+    res = run_eval(
+        EvalConfig(benchmark="vstar", data=str(data), out=str(tmp_path / "o"), report=False), backend_factory=lambda: Scripted(_script)
+    )
+    assert res.metrics["crop_hit"] == {"rows_with_box": 4, "hits": 2, "rows_with_box_and_code": 3}
