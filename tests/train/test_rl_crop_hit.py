@@ -11,6 +11,8 @@ from thyme.rollout import Rollout
 from thyme.train.rl.data import RLPrompt
 from thyme.train.rl.trainer import crop_hit_metrics
 
+from ..conftest import needs_corpus
+
 
 def _rollout(k, crop=None, image="in.png"):
     turns = []
@@ -43,3 +45,40 @@ def test_crop_hit_rate_over_the_rollouts_whose_prompt_has_a_box(tmp_path):
     assert crop_hit_metrics(rollouts[:2], [bad, gone]) == {}
     # boxes but no code anywhere: the code rate is 0.0, not a division by zero
     assert crop_hit_metrics([_rollout(0)], [boxed]) == {"thyme/crop_hit_rate": 0.0, "thyme/crop_hit_rate_code": 0.0}
+
+
+@needs_corpus
+def test_train_rl_logs_crop_hit_rate_on_records_with_a_bbox(tiny_checkpoint, tmp_path, capsys):
+    """The done-when of issue 19: ``thyme train rl`` on records carrying a ``bbox`` logs
+    ``thyme/crop_hit_rate``. Needs ``RLPrompt.bbox`` (the annotation round trip of issue 19 adds it);
+    skipped until then. The box is the hand-annotated sign of ``tests/scoring/test_crops.py``."""
+    import dataclasses
+    import json
+
+    import pytest
+
+    from ..scoring.test_crops import REAL_TARGETS
+    from .test_grpo import rl_records
+    from .test_rl_run import ANSWER_PREFILL, CONFIG, SMALL, JudgeServer, Request, _train
+
+    if "bbox" not in {f.name for f in dataclasses.fields(RLPrompt)}:
+        pytest.skip("RLPrompt carries no bbox yet (issue 19's annotation round trip adds it)")
+    if Request is None:
+        pytest.skip("fastapi/uvicorn not installed (the loopback judge server needs them)")
+    records = rl_records(tmp_path / "rl.jsonl", ["thyme-case-1"])
+    rows = [json.loads(l) for l in records.read_text().splitlines()]
+    for r in rows:
+        r["bbox"] = list(REAL_TARGETS["thyme-case-1"][0])
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge = JudgeServer()
+    try:
+        sets = SMALL + [f"judge_base_url={judge.base_url}", "judge_model=judge", f"prefill={ANSWER_PREFILL}"]
+        argv = ["train", "rl", "--config", CONFIG, "--model", str(tiny_checkpoint), "--train-file", str(records)]
+        argv += ["--output-dir", str(tmp_path / "out"), "--json", "--max-steps", "1"] + [x for s in sets for x in ("--set", s)]
+        _train(argv, capsys)
+    finally:
+        judge.close()
+    logs = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+    step = next(x for x in logs if "thyme/tool_use_rate" in x)
+    assert step["thyme/crop_hit_rate"] == 0.0  # the prefilled answer crops nothing
+    assert step["thyme/crop_hit_rate_code"] == 0.0
