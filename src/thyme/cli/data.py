@@ -1,4 +1,4 @@
-"""``thyme data``: ``convert``, ``verify``, ``show-masks``, ``review`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
+"""``thyme data``: ``convert``, ``verify``, ``show-masks``, ``review``, ``annotate`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
 
 Errors in the user's input raise :class:`thyme.errors.ThymeError` (the cli prints them, exit 2).
 """
@@ -57,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
     _add_review_parser(sub)
+    _add_annotate_parser(sub)
     _add_synthesize_parser(sub)
     return p
 
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return _show_masks(args)
     if cmd == "review":
         return _review(args)
+    if cmd == "annotate":
+        return _annotate(args)
     if cmd == "synthesize":
         return _synthesize(args)
     raise ThymeError(f"unknown data command {cmd!r}")
@@ -269,6 +272,53 @@ def _review(args: argparse.Namespace) -> int:
         print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else review.format_import_summary(s))
         return 0
     raise ThymeError(f"unknown data review command {args.review_command!r}")
+
+
+# --------------------------------------------------------------------------- annotate (Label Studio, RL data)
+
+
+def _add_annotate_parser(sub: Any) -> None:
+    """``thyme data annotate {export,import}``: RL questions with boxes annotated in Label Studio."""
+    from ..config import add_fields
+    from ..data.annotate import AnnotateConfig
+
+    a = sub.add_parser(
+        "annotate", help="RL data: export high-resolution images as Label Studio tasks, import checked annotations as RL records"
+    )
+    asub = a.add_subparsers(dest="annotate_command", required=True)
+    q = asub.add_parser(
+        "export", help="write Label Studio tasks (tasks.json), a labeling config and skipped.jsonl for a folder or list of images"
+    )
+    q.add_argument("images", help="a folder of images (walked recursively) or a text file listing image paths (one a line)")
+    q.add_argument("--out", required=True, help="folder for tasks.json, labeling_config.xml and skipped.jsonl")
+    add_fields(q, AnnotateConfig, ("min_long_side", "image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+    q = asub.add_parser("import", help="check a Label Studio JSON export and write RL records (with bbox, category, annotators)")
+    q.add_argument("export", help="Label Studio export (Export > JSON) of the project")
+    q.add_argument("--out", required=True, help="RL records to write (JSONL)")
+    q.add_argument("--rejected", default=None, help="rejected annotations with their reason (default: <out stem>.rejected.jsonl)")
+    q.add_argument(
+        "--images-root", default=None, help="the folder given to export (task image paths are relative to it; default: the current folder)"
+    )
+    add_fields(q, AnnotateConfig, ("max_area", "min_iou", "min_annotators", "allow_absolute_paths", "max_export_mb"))
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from ..config import build
+    from ..data import annotate
+
+    cfg = build(annotate.AnnotateConfig, None, args)
+    if args.annotate_command == "export":
+        s = annotate.export_annotation(args.images, args.out, cfg, on_skip=annotate.print_skip)
+        print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else annotate.format_export_summary(s))
+        return 0
+    if args.annotate_command == "import":
+        s = annotate.import_annotations(args.export, args.out, args.rejected, cfg, images_root=args.images_root)
+        print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else annotate.format_import_summary(s))
+        return 0
+    raise ThymeError(f"unknown data annotate command {args.annotate_command!r}")
 
 
 # --------------------------------------------------------------------------- synthesize (issue 16)
