@@ -375,3 +375,21 @@ def test_import_cli_prints_the_rule_and_writes_the_default_rejected_file(images,
     assert json.loads((tmp_path / "rl.rejected.jsonl").read_text())["reason"] == "missing_answer"
     bad = _cli("import", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.jsonl"))
     assert bad.returncode == 2 and "missing.json" in bad.stderr
+
+
+def test_server_flags_need_a_token_and_one_source(images, tmp_path):
+    env_less = {k: v for k, v in os.environ.items() if k != "THYME_NO_SUCH_TOKEN"}
+    p = subprocess.run(
+        [sys.executable, "-m", "thyme.cli", "data", "annotate", "export", str(images), "--out", str(tmp_path / "ls")]
+        + ["--push", "http://127.0.0.1:9", "--token-env", "THYME_NO_SUCH_TOKEN"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_less,
+    )
+    assert p.returncode == 2 and "$THYME_NO_SUCH_TOKEN" in p.stderr
+    both = _cli(
+        "import", str(tmp_path / "e.json"), "--out", str(tmp_path / "x.jsonl"), "--from-server", "http://127.0.0.1:9", "--project", "1"
+    )
+    neither = _cli("import", "--out", str(tmp_path / "x.jsonl"))
+    assert both.returncode == neither.returncode == 2 and "either an export file or --from-server" in neither.stderr

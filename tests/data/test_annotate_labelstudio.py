@@ -83,19 +83,29 @@ def _result(box: tuple[int, int, int, int], question: str, answer: str, category
     return out + ([text_result("note", "image", note)] if note else [])
 
 
-def _round_trip(server, tmp_path: Path, request, photos: Path, export_flags: tuple[str, ...] = ()) -> tuple[dict, Path, int]:
+def _round_trip(
+    server, tmp_path: Path, request, photos: Path, export_flags: tuple[str, ...] = (), push: bool = False
+) -> tuple[dict, Path, int]:
+    """Export, the project, two annotators' annotations, the export, import; ``push``: the project
+    made and the tasks imported by ``export --push`` (else through the client)."""
     from thyme.data.annotate import LABEL_CONFIG
 
     one, two = server
-    exported = _thyme("export", str(photos), "--out", str(tmp_path / "ls"), *export_flags)
+    flags = ("--push", URL, "--token-env", "THYME_LABEL_STUDIO_TOKEN", "--project-title", "thyme annotate round trip") if push else ()
+    exported = _thyme("export", str(photos), "--out", str(tmp_path / "ls"), *export_flags, *flags)
     assert (exported["tasks"], exported["skipped"], exported["reasons"]) == (2, 1, {"too small": 1}), exported
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text(encoding="utf-8"))
     config = (tmp_path / "ls" / "labeling_config.xml").read_text(encoding="utf-8")
     assert config == LABEL_CONFIG
 
-    pid = one.create_project("thyme annotate round trip", config)["id"]
+    if push:
+        pid = exported["project_id"]
+        assert exported["pushed"] == 2
+    else:
+        pid = one.create_project("thyme annotate round trip", config)["id"]
     request.addfinalizer(lambda: one.delete_project(pid))
-    assert one.import_tasks(pid, tasks) == 2
+    if not push:
+        assert one.import_tasks(pid, tasks) == 2
     by_image = {t["data"]["thyme_image"]: t for t in one.list_tasks(pid)}
     assert sorted(by_image) == ["shelf.png", "street.png"]
     for t in tasks:  # the tasks travelled intact
@@ -118,7 +128,7 @@ def _round_trip(server, tmp_path: Path, request, photos: Path, export_flags: tup
 
 def test_annotate_round_trip_against_label_studio(server, tmp_path, request):
     photos = _photos(tmp_path / "photos")
-    s, rl, _ = _round_trip(server, tmp_path, request, photos)
+    s, rl, pid = _round_trip(server, tmp_path, request, photos)
     assert (s["tasks"], s["bad_tasks"], s["annotations"], s["kept"], s["rejected"]) == (2, 0, 4, 1, 1), s
 
     (rec,) = [json.loads(l) for l in rl.read_text(encoding="utf-8").splitlines()]
@@ -134,6 +144,24 @@ def test_annotate_round_trip_against_label_studio(server, tmp_path, request):
     assert rej["iou"] == 0 and rej["answers"] == ["jam", "jam"] and len(set(rej["annotators"])) == 2
     assert [d["task"] for d in s["disagreements"]] == [rej["task"]]
 
+    # the same annotations fetched from the server (import --from-server, the second annotator's token): the same records
+    s2 = _thyme(
+        "import",
+        "--out",
+        str(tmp_path / "rl2.jsonl"),
+        "--from-server",
+        URL,
+        "--project",
+        str(pid),
+        "--token-env",
+        "THYME_LABEL_STUDIO_TOKEN_2",
+        "--images-root",
+        str(photos),
+    )
+    assert (s2["kept"], s2["rejected"]) == (1, 1)
+    assert (tmp_path / "rl2.jsonl").read_text(encoding="utf-8") == rl.read_text(encoding="utf-8")
+    assert (tmp_path / "rl2.export.json").is_file()
+
     # the kept record trains unchanged
     from thyme.train.rl.data import load_prompts
 
@@ -142,18 +170,19 @@ def test_annotate_round_trip_against_label_studio(server, tmp_path, request):
 
 
 def test_annotate_local_files_images_are_served_by_label_studio(server, tmp_path, request):
-    """``--image-mode local-files``: Label Studio serves the exported images (the harness starts it
-    with local-file serving) and the round trip gives the same split."""
+    """``--image-mode local-files`` with ``--push``: Label Studio serves the exported images (the
+    harness starts it with local-file serving; ``--push`` made the project and its local-files
+    storage) and the round trip gives the same split."""
     one, _ = server
     if not FILES_ROOT:
         if STRICT:
             pytest.fail("THYME_LABEL_STUDIO_FILES_ROOT is not set (make test-labelstudio sets it)")
         pytest.skip("no local-files root of the server")
     photos = _photos(Path(FILES_ROOT) / "annotate photos")  # a space: the URL must quote it
-    s, _, pid = _round_trip(server, tmp_path, request, photos, ("--image-mode", "local-files", "--local-files-root", FILES_ROOT))
+    flags = ("--image-mode", "local-files", "--local-files-root", FILES_ROOT)
+    s, _, _ = _round_trip(server, tmp_path, request, photos, flags, push=True)  # --push adds the local-files storage
     assert (s["kept"], s["rejected"]) == (1, 1), s
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text(encoding="utf-8"))
-    one.add_local_storage(pid, str(photos.resolve()))
     for t in tasks:
         url = t["data"]["image"]
         assert url.startswith("/data/local-files/?d=annotate%20photos/")
