@@ -192,13 +192,15 @@ def test_box_area_threshold_is_a_setting(images, tmp_path):
     assert s.kept == 1 and kept[0]["bbox"] == [0, 0, 500, 200]
 
 
-def test_two_boxes_and_image_size_mismatch_are_rejected(images, tmp_path):
+def test_two_boxes_a_rotated_box_and_image_size_mismatch_are_rejected(images, tmp_path):
     two = _ann(1, "a")
     two["result"].append(rectangle_result("box", "image", (10, 10, 20, 20), (W, H), "target"))
     other = _ann(2, "b")
     other["result"][0]["original_width"] = W // 2
-    _, kept, rejected = _import(tmp_path, images, [_task(1, two), _task(2, other)])
-    assert kept == [] and [r["reason"] for r in rejected] == ["several_boxes", "image_size_mismatch"]
+    turned = _ann(3, "c")
+    turned["result"][0]["value"]["rotation"] = 30
+    _, kept, rejected = _import(tmp_path, images, [_task(1, two), _task(2, other), _task(3, turned)])
+    assert kept == [] and [r["reason"] for r in rejected] == ["several_boxes", "image_size_mismatch", "box_rotated"]
 
 
 # --------------------------------------------------------------------------- cross-check

@@ -78,6 +78,7 @@ SKIP_REASONS = ("too small", "not an image", "truncated", "over the image budget
 REJECT_REASONS = (
     "missing_box",
     "several_boxes",
+    "box_rotated",
     "box_empty",
     "box_outside_image",
     "box_too_large",
@@ -484,7 +485,7 @@ def check_annotation(a: Annotation, size: tuple[int, int], cfg: AnnotateConfig) 
     if a.original_size is not None and tuple(a.original_size) != (W, H):
         return None, "image_size_mismatch", f"Label Studio saw {a.original_size[0]}x{a.original_size[1]}, the file is {W}x{H}"
     if rot % 360 != 0:
-        return None, "box_outside_image", f"a box rotated by {rot:g} degrees (draw it upright)"
+        return None, "box_rotated", f"a box rotated by {rot:g} degrees (draw it upright)"
     if w <= 0 or h <= 0:
         return None, "box_empty", f"width {w:g}%, height {h:g}%"
     if x < -_EPS or y < -_EPS or x + w > 100 + _EPS or y + h > 100 + _EPS:
