@@ -105,6 +105,12 @@ def test_export_from_a_list_file_refuses_paths_leaving_its_folder(images, tmp_pa
     assert s2.tasks == 3  # the user's opt-in
 
 
+def test_export_of_one_image_file(images, tmp_path):
+    s = A.export_annotation(images / "big.png", tmp_path / "ls")
+    assert (s.files, s.tasks) == (1, 1)
+    assert json.loads((tmp_path / "ls" / "tasks.json").read_text())[0]["data"]["thyme_image"] == "big.png"
+
+
 def test_export_does_not_follow_symlinks_out_of_the_folder(images, tmp_path):
     outside = tmp_path / "secret.png"
     Image.new("RGB", (W, H)).save(outside)

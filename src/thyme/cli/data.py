@@ -289,7 +289,7 @@ def _add_annotate_parser(sub: Any) -> None:
     q = asub.add_parser(
         "export", help="write Label Studio tasks (tasks.json), a labeling config and skipped.jsonl for a folder or list of images"
     )
-    q.add_argument("images", help="a folder of images (walked recursively) or a text file listing image paths (one a line)")
+    q.add_argument("images", help="a folder of images (walked recursively), one image, or a text file listing image paths (one a line)")
     q.add_argument("--out", required=True, help="folder for tasks.json, labeling_config.xml and skipped.jsonl")
     add_fields(q, AnnotateConfig, ("min_long_side", "image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
     q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")

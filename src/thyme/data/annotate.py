@@ -8,7 +8,7 @@ short answer, a rough box (x1, y1, x2, y2) whose crop shows the object, a catego
 no boxes and no categories; these records keep both.
 
 **Export** (:func:`export_annotation`): every file of a folder (recursively; symlinks that leave
-it are refused) or of a list file (one path a line, relative to the list's folder; the path rule
+it are refused), one image file, or the files of a list file (one path a line, relative to the list's folder; the path rule
 of :mod:`thyme.records`) is opened with :mod:`thyme.imageio` (header first, then a full decode
 under the image budgets). An image is kept when its longer side is at least ``min_long_side``;
 every file left out is named with its reason (:data:`SKIP_REASONS`: ``too small``, ``not an
@@ -230,6 +230,11 @@ def _candidates(source: Path, allow_absolute: bool) -> tuple[Path, Iterator[tupl
     if not source.is_file():
         raise ThymeError(f"images not found: {source}", "pass a folder of images or a text file listing image paths (one a line)")
     root = Path(os.path.realpath(source.parent))
+    try:  # one image given: itself
+        with open_image(source, load=False):
+            return root, iter([(source.name, os.path.realpath(source), None)])
+    except ImageError:
+        pass
 
     def listed() -> Iterator[tuple[str, str | None, str | None]]:
         with open(source, "rb") as f:
