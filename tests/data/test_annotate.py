@@ -105,6 +105,15 @@ def test_export_from_a_list_file_refuses_paths_leaving_its_folder(images, tmp_pa
     assert s2.tasks == 3  # the user's opt-in
 
 
+def test_export_leaves_out_an_exif_rotated_image(images, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees in a browser
+    Image.new("RGB", (W, H)).save(images / "turned.jpg", exif=exif.tobytes())
+    s = A.export_annotation(images, tmp_path / "ls")
+    skipped = {r["file"]: r["reason"] for r in map(json.loads, (tmp_path / "ls" / "skipped.jsonl").read_text().splitlines())}
+    assert skipped["turned.jpg"] == "exif rotated" and s.tasks == 2
+
+
 def test_export_of_one_image_file(images, tmp_path):
     s = A.export_annotation(images / "big.png", tmp_path / "ls")
     assert (s.files, s.tasks) == (1, 1)

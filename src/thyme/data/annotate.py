@@ -12,7 +12,8 @@ it are refused), one image file, or the files of a list file (one path a line, r
 of :mod:`thyme.records`) is opened with :mod:`thyme.imageio` (header first, then a full decode
 under the image budgets). An image is kept when its longer side is at least ``min_long_side``;
 every file left out is named with its reason (:data:`SKIP_REASONS`: ``too small``, ``not an
-image``, ``truncated``, ``over the image budget``, ``outside the folder``, ``missing``) on
+image``, ``truncated``, ``over the image budget``, ``exif rotated`` (an EXIF orientation that
+browsers apply and thyme does not), ``outside the folder``, ``missing``) on
 stderr and in ``DIR/skipped.jsonl``. Written: ``DIR/tasks.json`` (Label Studio tasks: ``image``,
 the URL Label Studio shows, by :func:`thyme.data.review.image_url`: a data URL or a
 ``/data/local-files/`` URL; ``thyme_image``, the path relative to the images root; ``thyme_size``
@@ -73,7 +74,7 @@ IMAGE, BOX, QUESTION, ANSWER, CATEGORY, NOTE = "image", "box", "question", "answ
 TARGET = "target"
 
 #: Why export leaves a file out.
-SKIP_REASONS = ("too small", "not an image", "truncated", "over the image budget", "outside the folder", "missing")
+SKIP_REASONS = ("too small", "not an image", "truncated", "over the image budget", "exif rotated", "outside the folder", "missing")
 #: Why import rejects an annotation (``reason`` of a rejected line).
 REJECT_REASONS = (
     "missing_box",
@@ -101,6 +102,7 @@ _MAX_TEXT = 2000
 _MAX_NOTE = 4000
 _MAX_ANNOTATIONS = 1000
 _MAX_RESULTS = 200
+_EXIF_ORIENTATION = 0x0112
 _EPS = 1e-6  # percent: Label Studio's float box edges may pass 100 by rounding
 
 
@@ -273,6 +275,13 @@ def check_image(path: str, min_long_side: int) -> tuple[tuple[int, int] | None, 
         return None, "not an image", e.message
     try:
         size = im.size
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block: the pixels decide below
+            orientation = 1
+        if orientation not in (None, 1):
+            hint = "browsers show it turned, so boxes would not match the pixels thyme reads; save it upright first"
+            return size, "exif rotated", f"EXIF orientation {orientation}: {hint}"
         if max(size) < min_long_side:
             return size, "too small", f"{size[0]}x{size[1]}: the longer side is under {min_long_side} px"
         try:
