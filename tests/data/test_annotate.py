@@ -118,6 +118,8 @@ def test_export_of_one_image_file(images, tmp_path):
     s = A.export_annotation(images / "big.png", tmp_path / "ls")
     assert (s.files, s.tasks) == (1, 1)
     assert json.loads((tmp_path / "ls" / "tasks.json").read_text())[0]["data"]["thyme_image"] == "big.png"
+    s = A.export_annotation(images / "cut.jpg", tmp_path / "ls2")  # named with its reason, not read as a list
+    assert (s.files, s.tasks, s.reasons) == (1, 0, {"truncated": 1})
 
 
 def test_export_does_not_follow_symlinks_out_of_the_folder(images, tmp_path):

@@ -103,6 +103,7 @@ _MAX_NOTE = 4000
 _MAX_ANNOTATIONS = 1000
 _MAX_RESULTS = 200
 _EXIF_ORIENTATION = 0x0112
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _EPS = 1e-6  # percent: Label Studio's float box edges may pass 100 by rounding
 
 
@@ -232,11 +233,16 @@ def _candidates(source: Path, allow_absolute: bool) -> tuple[Path, Iterator[tupl
     if not source.is_file():
         raise ThymeError(f"images not found: {source}", "pass a folder of images or a text file listing image paths (one a line)")
     root = Path(os.path.realpath(source.parent))
-    try:  # one image given: itself
+    one = iter([(source.name, os.path.realpath(source), None)])  # one image given: itself (check_image names its faults)
+    if source.suffix.lower() in _IMAGE_SUFFIXES:
+        return root, one
+    try:
         with open_image(source, load=False):
-            return root, iter([(source.name, os.path.realpath(source), None)])
+            return root, one
+    except ImageBudgetError:
+        return root, one
     except ImageError:
-        pass
+        pass  # a list of paths
 
     def listed() -> Iterator[tuple[str, str | None, str | None]]:
         with open(source, "rb") as f:
