@@ -80,12 +80,18 @@ def test_labeling_config_has_box_question_answer_six_categories_and_note(images,
 
 
 def test_local_files_mode_writes_urls_relative_to_the_document_root(images, tmp_path):
-    cfg = A.AnnotateConfig(image_mode="local-files", local_files_root=str(tmp_path))
-    A.export_annotation(images, tmp_path / "ls", cfg)
+    cfg = A.AnnotateConfig(image_mode="local-files", local_files_root=str(tmp_path), max_image_mb=0.001)
+    s = A.export_annotation(images, tmp_path / "ls", cfg)
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
-    assert tasks[0]["data"]["image"] == "/data/local-files/?d=photos/big.png"
+    assert s.tasks == 2 and tasks[0]["data"]["image"] == "/data/local-files/?d=photos/big.png"  # no data-URL size cap here
     with pytest.raises(ThymeError, match="outside the local-files root"):
         A.export_annotation(images, tmp_path / "ls2", A.AnnotateConfig(image_mode="local-files", local_files_root=str(images / "sub")))
+    assert not (tmp_path / "ls2" / "tasks.json").exists()  # refused before any work
+
+
+def test_an_image_over_max_image_mb_is_left_out_of_data_url_tasks(images, tmp_path):
+    s = A.export_annotation(images, tmp_path / "ls", A.AnnotateConfig(max_image_mb=0.001))
+    assert s.tasks == 0 and s.reasons["too large for a data URL"] == 2
 
 
 def test_export_from_a_list_file_refuses_paths_leaving_its_folder(images, tmp_path):

@@ -13,7 +13,8 @@ of :mod:`thyme.records`) is opened with :mod:`thyme.imageio` (header first, then
 under the image budgets). An image is kept when its longer side is at least ``min_long_side``;
 every file left out is named with its reason (:data:`SKIP_REASONS`: ``too small``, ``not an
 image``, ``truncated``, ``over the image budget``, ``exif rotated`` (an EXIF orientation that
-browsers apply and thyme does not), ``outside the folder``, ``missing``) on
+browsers apply and thyme does not), ``too large for a data URL`` (over ``max_image_mb``),
+``outside the folder``, ``missing``) on
 stderr and in ``DIR/skipped.jsonl``. Written: ``DIR/tasks.json`` (Label Studio tasks: ``image``,
 the URL Label Studio shows, by :func:`thyme.data.review.image_url`: a data URL or a
 ``/data/local-files/`` URL; ``thyme_image``, the path relative to the images root; ``thyme_size``
@@ -74,7 +75,16 @@ IMAGE, BOX, QUESTION, ANSWER, CATEGORY, NOTE = "image", "box", "question", "answ
 TARGET = "target"
 
 #: Why export leaves a file out.
-SKIP_REASONS = ("too small", "not an image", "truncated", "over the image budget", "exif rotated", "outside the folder", "missing")
+SKIP_REASONS = (
+    "too small",
+    "not an image",
+    "truncated",
+    "over the image budget",
+    "too large for a data URL",
+    "exif rotated",
+    "outside the folder",
+    "missing",
+)
 #: Why import rejects an annotation (``reason`` of a rejected line).
 REJECT_REASONS = (
     "missing_box",
@@ -328,6 +338,12 @@ def export_annotation(
     root, files = _candidates(Path(source), cfg.allow_absolute_paths)
     rcfg = ReviewConfig(image_mode=cfg.image_mode, local_files_root=cfg.local_files_root, max_image_mb=cfg.max_image_mb)
     local_root = cfg.local_files_root or os.fspath(root)
+    if cfg.image_mode == "local-files" and not within(os.fspath(root), os.path.realpath(local_root)):
+        raise ThymeError(
+            f"the images ({root}) are outside the local-files root {os.path.realpath(local_root)}",
+            "pass --local-files-root (Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) above the images",
+        )
+    cap = int(cfg.max_image_mb * (1 << 20))
     s = ExportSummary()
     folders: set[str] = set()
     tasks_path, config_path, skipped_path = out / "tasks.json", out / "labeling_config.xml", out / "skipped.jsonl"
@@ -338,13 +354,18 @@ def export_annotation(
             size, detail = None, ""
             if reason is None:
                 size, reason, detail = check_image(real, cfg.min_long_side)
+            if reason is None and cfg.image_mode == "data-url" and os.path.getsize(real) > cap:
+                reason = "too large for a data URL"
+                detail = (
+                    f"{os.path.getsize(real) / 2**20:.1f} MiB, over --max-image-mb {cfg.max_image_mb:g} (or use --image-mode local-files)"
+                )
             if reason is None:
                 try:
                     url = image_url(real, rcfg, local_root)
                 except ThymeError as e:
                     if cfg.image_mode == "local-files":
                         raise
-                    reason, detail = "over the image budget", e.message
+                    reason, detail = "not an image", e.message
             if reason is not None:
                 s.skipped += 1
                 s.reasons[reason] = s.reasons.get(reason, 0) + 1
