@@ -16,13 +16,15 @@ from .entry import add_sandbox_flags, sandbox_config
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``thyme data {convert,verify,show-masks,review}`` on an argparse subparsers object."""
+    """Register ``thyme data {convert,verify,show-masks,review,annotate,synthesize}`` on an argparse subparsers object."""
     from ..config import add_fields
     from ..data.convert import ConvertConfig
     from ..data.masks import MaskConfig
     from ..data.verify import VerifyConfig
 
-    p = subparsers.add_parser("data", help="SFT data: convert released datasets, execution filtering, loss masks")
+    p = subparsers.add_parser(
+        "data", help="SFT and RL data: convert released datasets, execution filtering, loss masks, Label Studio review and annotation"
+    )
     sub = p.add_subparsers(dest="data_command", required=True)
 
     q = sub.add_parser("convert", help="released Thyme datasets (hub id or parquet / JSONL files) to local JSONL + images")
