@@ -76,7 +76,7 @@ LS_VENV := .venv-labelstudio
 LS_BIN := $(LS_VENV)/bin
 LS_VERSION ?= 1.23.2
 # the tests that need the server (they skip in `make test`, fail here without it)
-LS_TESTS := tests/data/test_review_labelstudio.py
+LS_TESTS := tests/data/test_review_labelstudio.py tests/data/test_annotate_labelstudio.py
 
 $(LS_BIN)/label-studio:
 	test -x $(LS_BIN)/python || $(PY) -m venv $(LS_VENV)

@@ -635,3 +635,37 @@ def test_eval_replay_records_with_a_deep_line_stop_with_an_error_naming_it(tmp_p
     p, _ = cli("eval", "--benchmark", "vstar", "--data", str(data), "--replay", str(recs), "--out", str(tmp_path / "o"))
     assert p.returncode == 2, p.stderr
     assert "line 2 is not valid JSON (nested" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------- data annotate (issue 19)
+
+
+def test_annotate_export_names_bombs_without_decoding_them(tmp_path, bombs, no_decode):
+    from thyme.data.annotate import export_annotation
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for b in bombs.values():
+        _local(folder, b)
+    _good(folder / "ok.png", size=(2100, 40))
+    s = export_annotation(folder, tmp_path / "ls")
+    skipped = {r["file"]: r for r in map(json.loads, (tmp_path / "ls" / "skipped.jsonl").read_text().splitlines())}
+    assert s.tasks == 1
+    assert {k: v["reason"] for k, v in skipped.items()} == {"huge.png": "over the image budget", "ratio.png": "over the image budget"}
+    assert "30000x30000" in skipped["huge.png"]["detail"]
+    assert (30000, 30000) not in no_decode and (12000, 12000) not in no_decode
+
+
+def test_annotate_import_refuses_a_huge_or_deep_export_naming_it(tmp_path):
+    from thyme.data.annotate import AnnotateConfig, import_annotations
+    from thyme.errors import ThymeError
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ThymeError, match="deep.json") as e:
+        import_annotations(deep, tmp_path / "rl.jsonl", images_root=tmp_path)
+    assert "Traceback" not in str(e.value)
+    huge = tmp_path / "huge.json"
+    huge.write_text("[" + ",".join(["{}"] * 400000) + "]")  # 1.2 MB
+    with pytest.raises(ThymeError, match="huge.json.*max-export-mb"):
+        import_annotations(huge, tmp_path / "rl.jsonl", cfg=AnnotateConfig(max_export_mb=1), images_root=tmp_path)

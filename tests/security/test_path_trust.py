@@ -418,3 +418,42 @@ def test_eval_images_decoded_from_a_private_tsv_stay_private(s):
     materialise_images(rows, tsv, s.tmp / "cache")
     assert Path(rows[0].image).read_bytes() == s.good.read_bytes()
     assert os.stat(rows[0].image).st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------- data annotate (issue 19)
+
+
+def test_annotate_export_and_import_refuse_paths_leaving_their_root(s):
+    """Export: a symlink in the images folder and list-file lines (absolute, ``..``) naming the
+    secret are left out as "outside the folder"; import: a task whose ``thyme_image`` names it is
+    a ``bad_task``; neither output holds the secret."""
+    from thyme.data.annotate import AnnotateConfig, export_annotation, import_annotations
+    from thyme.data.labelstudio import choices_result, rectangle_result, text_result
+
+    cfg = AnnotateConfig(min_long_side=16)
+    out = s.tmp / "ls"
+    summary = export_annotation(s.root / "images", out, cfg)
+    skipped = {r["file"]: r["reason"] for r in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert skipped == {"link.png": "outside the folder"} and summary.tasks == 1
+    lst = s.root / "list.txt"
+    lst.write_text("\n".join([s.paths["absolute"], s.paths["dotdot"], s.paths["symlink"], "images/good.png"]) + "\n")
+    summary = export_annotation(lst, s.tmp / "ls2", cfg)
+    reasons = [json.loads(l)["reason"] for l in (s.tmp / "ls2" / "skipped.jsonl").read_text().splitlines()]
+    assert reasons == ["outside the folder"] * 3 and summary.tasks == 1
+    s.assert_no_leak(out, s.tmp / "ls2")
+
+    result = [
+        rectangle_result("box", "image", (1, 1, 4, 4), (32, 24), "target"),
+        text_result("question", "image", "q?"),
+        text_result("answer", "image", "a"),
+        choices_result("category", "image", "object"),
+    ]
+    ann = {"id": 1, "completed_by": 1, "result": result}
+    tasks = [{"id": i, "data": {"thyme_image": p}, "annotations": [ann]} for i, p in enumerate(s.paths.values())]
+    tasks.append({"id": 9, "data": {"thyme_image": "images/good.png"}, "annotations": [ann]})
+    (s.tmp / "export.json").write_text(json.dumps(tasks))
+    r = import_annotations(s.tmp / "export.json", s.tmp / "rl.jsonl", cfg=AnnotateConfig(max_area=0.5), images_root=s.root)
+    rejected = [json.loads(l) for l in (s.tmp / "rl.rejected.jsonl").read_text().splitlines()]
+    assert r.kept == 1 and [x["reason"] for x in rejected] == ["bad_task"] * 3
+    assert all("refused" in x["detail"] for x in rejected)
+    s.assert_no_leak(s.tmp / "rl.jsonl", s.tmp / "rl.rejected.jsonl")

@@ -1,4 +1,4 @@
-"""``thyme data``: ``convert``, ``verify``, ``show-masks``, ``review`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
+"""``thyme data``: ``convert``, ``verify``, ``show-masks``, ``review``, ``annotate`` (wired into :mod:`thyme.cli` by ``add_parser``/``run``).
 
 Errors in the user's input raise :class:`thyme.errors.ThymeError` (the cli prints them, exit 2).
 """
@@ -16,13 +16,15 @@ from .entry import add_sandbox_flags, sandbox_config
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``thyme data {convert,verify,show-masks,review}`` on an argparse subparsers object."""
+    """Register ``thyme data {convert,verify,show-masks,review,annotate,synthesize}`` on an argparse subparsers object."""
     from ..config import add_fields
     from ..data.convert import ConvertConfig
     from ..data.masks import MaskConfig
     from ..data.verify import VerifyConfig
 
-    p = subparsers.add_parser("data", help="SFT data: convert released datasets, execution filtering, loss masks")
+    p = subparsers.add_parser(
+        "data", help="SFT and RL data: convert released datasets, execution filtering, loss masks, Label Studio review and annotation"
+    )
     sub = p.add_subparsers(dest="data_command", required=True)
 
     q = sub.add_parser("convert", help="released Thyme datasets (hub id or parquet / JSONL files) to local JSONL + images")
@@ -57,6 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_fields(q, MaskConfig, ("max_pixels", "min_pixels"))
     q.add_argument("--all-rounds", action="store_true", help="train every round (turn last_round_only off)")
     _add_review_parser(sub)
+    _add_annotate_parser(sub)
     _add_synthesize_parser(sub)
     return p
 
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return _show_masks(args)
     if cmd == "review":
         return _review(args)
+    if cmd == "annotate":
+        return _annotate(args)
     if cmd == "synthesize":
         return _synthesize(args)
     raise ThymeError(f"unknown data command {cmd!r}")
@@ -269,6 +274,109 @@ def _review(args: argparse.Namespace) -> int:
         print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else review.format_import_summary(s))
         return 0
     raise ThymeError(f"unknown data review command {args.review_command!r}")
+
+
+# --------------------------------------------------------------------------- annotate (Label Studio, RL data)
+
+
+def _add_annotate_parser(sub: Any) -> None:
+    """``thyme data annotate {export,import}``: RL questions with boxes annotated in Label Studio."""
+    from ..config import add_fields
+    from ..data.annotate import AnnotateConfig
+
+    a = sub.add_parser(
+        "annotate", help="RL data: export high-resolution images as Label Studio tasks, import checked annotations as RL records"
+    )
+    asub = a.add_subparsers(dest="annotate_command", required=True)
+    q = asub.add_parser(
+        "export", help="write Label Studio tasks (tasks.json), a labeling config and skipped.jsonl for a folder or list of images"
+    )
+    q.add_argument("images", help="a folder of images (walked recursively), one image, or a text file listing image paths (one a line)")
+    q.add_argument("--out", required=True, help="folder for tasks.json, labeling_config.xml and skipped.jsonl")
+    add_fields(q, AnnotateConfig, ("min_long_side", "image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
+    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
+    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme annotate <folder name>)")
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+    q = asub.add_parser("import", help="check a Label Studio JSON export and write RL records (with bbox, category, annotators)")
+    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    q.add_argument("--out", required=True, help="RL records to write (JSONL)")
+    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
+    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
+    q.add_argument("--rejected", default=None, help="rejected annotations with their reason (default: <out stem>.rejected.jsonl)")
+    q.add_argument(
+        "--images-root", default=None, help="the folder given to export (task image paths are relative to it; default: the current folder)"
+    )
+    add_fields(q, AnnotateConfig, ("max_area", "min_iou", "min_annotators", "allow_absolute_paths", "max_export_mb"))
+    q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from ..config import build
+    from ..data import annotate
+
+    cfg = build(annotate.AnnotateConfig, None, args)
+
+    def client(url: str, flag: str) -> Any:
+        import os
+
+        from ..data.labelstudio import LabelStudio
+
+        token = os.environ.get(args.token_env) or ""
+        if not token:
+            raise ThymeError(
+                f"{flag} needs a Label Studio API token in ${args.token_env}", "copy it from the server's Account & Settings page"
+            )
+        return LabelStudio(url, token)
+
+    if args.annotate_command == "export":
+        ls, pid, pushed, batch = None, None, [0], []
+        if args.push:  # the project first, then the tasks in batches as they are written
+            ls = client(args.push, "--push")
+            title = (args.project_title or f"thyme annotate {Path(args.images).resolve().name}")[:50]
+            pid = ls.create_project(title, annotate.LABEL_CONFIG)["id"]
+
+        def flush() -> None:
+            if batch:
+                pushed[0] += ls.import_tasks(pid, batch)
+                batch.clear()
+
+        def on_task(task: dict[str, Any]) -> None:
+            batch.append(task)
+            if len(batch) >= ls.limits.import_batch:
+                flush()
+
+        s = annotate.export_annotation(args.images, args.out, cfg, on_skip=annotate.print_skip, on_task=on_task if ls else None)
+        out: dict[str, Any] = s.to_dict()
+        if ls is not None:
+            flush()
+            out["project_id"], out["pushed"] = pid, pushed[0]
+            if cfg.image_mode == "local-files" and s.images_folder:  # Label Studio serves files of a project's storages only
+                out["storage_id"] = ls.add_local_storage(pid, s.images_folder)["id"]
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False))
+        else:
+            print(annotate.format_export_summary(s))
+            if ls is not None:
+                print(f"pushed {pushed[0]} task(s) to project {pid} at {args.push.rstrip('/')}/projects/{pid}")
+        return 0
+    if args.annotate_command == "import":
+        export = args.export
+        if (export is None) == (args.from_server is None):
+            raise ThymeError("give either an export file or --from-server URL --project ID", "Label Studio: Export > JSON gives the file")
+        if args.from_server:
+            if args.project is None:
+                raise ThymeError("--from-server needs --project ID", "the id is in the project's URL (/projects/ID)")
+            export = client(args.from_server, "--from-server").export_project(args.project)
+            kept = Path(f"{Path(args.out).with_suffix('')}.export.json")  # the annotations imported, kept beside the output
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_bytes(export)
+        s = annotate.import_annotations(export, args.out, args.rejected, cfg, images_root=args.images_root)
+        print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else annotate.format_import_summary(s))
+        return 0
+    raise ThymeError(f"unknown data annotate command {args.annotate_command!r}")
 
 
 # --------------------------------------------------------------------------- synthesize (issue 16)

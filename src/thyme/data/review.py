@@ -152,7 +152,14 @@ def fingerprint(question: str, response: str) -> str:
     return hashlib.sha256(question.encode("utf-8", "surrogatepass") + b"\0" + response.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _image_url(path: str, cfg: ReviewConfig, local_root: str | None) -> str:
+def image_url(path: str, cfg: ReviewConfig, local_root: str | None) -> str:
+    """The URL a task shows ``path`` by (``cfg.image_mode``): a data URL, or a
+    ``/data/local-files/?d=`` URL relative to ``local_root`` (also used by :mod:`thyme.data.annotate`).
+
+    Raises:
+        RecordError: outside ``local_root``, over ``max_image_mb``, or a format Label Studio may not show.
+        ImageError: not an image.
+    """
     if cfg.image_mode == "local-files":
         root = os.path.realpath(local_root or ".")
         real = os.path.realpath(path)
@@ -210,7 +217,7 @@ def record_to_task(rec: Record, cfg: ReviewConfig | None = None, *, local_root: 
     """
     cfg = cfg or ReviewConfig()
     try:
-        images = [_image_url(p, cfg, local_root) for p in rec.inputs + rec.outputs]
+        images = [image_url(p, cfg, local_root) for p in rec.inputs + rec.outputs]
     except OSError as e:
         raise RecordError(f"record {rec.id}: cannot read an image: {e}") from None
     answer = protocol.extract_answer(rec.response, allow_unterminated=True)

@@ -221,6 +221,9 @@ class RolloutRunner:
             rid = f"{p.id}#{k}"
             traj = Trajectory(id=rid, question=p.question, images=list(p.images), shown_paths=list(p.images), prefill=self.limits.prefill)
             traj.timings = {"generate_s": 0.0, "execute_s": 0.0}
+            target = getattr(p, "target_meta", None)  # the target box / category of annotated RL records (rollouts.jsonl)
+            if target is not None:
+                traj.meta.update(target())
             ro = Rollout(id=rid, group=p.id, prompt_ids=[], trajectory=traj)
             try:
                 ro.images = [load(x) for x in p.images]

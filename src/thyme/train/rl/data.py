@@ -42,6 +42,12 @@ class RLPrompt:
         solution: the reference answer (a letter for multiple choice).
         question: the question as the judge sees it (options included).
         options: ``{letter: text}`` for multiple choice (else empty).
+        bbox: the target box ``[x1, y1, x2, y2]`` in pixels of the original input image, when
+            the row carries one (``thyme data annotate import`` records), else ``None``.
+        category: the question's category (:data:`thyme.data.annotate.CATEGORIES`), or ``None``.
+        extra: other annotation fields of the row carried along (``annotators``, ``image_size``).
+        ``bbox``, ``category`` and ``extra`` travel into each rollout's ``trajectory.meta``
+        (``rollouts.jsonl``).
     """
 
     id: str
@@ -50,6 +56,18 @@ class RLPrompt:
     solution: str
     question: str
     options: dict[str, str] = field(default_factory=dict)
+    bbox: list[float] | None = None
+    category: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def target_meta(self) -> dict[str, Any]:
+        """``bbox``, ``category`` and ``extra`` as one dict (only those present), for a trajectory's ``meta``."""
+        meta: dict[str, Any] = dict(self.extra)
+        if self.bbox is not None:
+            meta["bbox"] = list(self.bbox)
+        if self.category is not None:
+            meta["category"] = self.category
+        return meta
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -69,6 +87,40 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
+
+
+#: Row fields besides ``bbox`` / ``category`` that travel along in :attr:`RLPrompt.extra`.
+EXTRA_FIELDS = ("annotators", "image_size")
+
+
+def row_target(row: dict[str, Any], where: str) -> tuple[list[float] | None, str | None, dict[str, Any]]:
+    """``bbox``, ``category`` and the :data:`EXTRA_FIELDS` of a train row, checked (rows are untrusted).
+
+    Raises:
+        ThymeError: ``bbox`` not four finite numbers with x1 < x2 and y1 < y2, ``category`` not a
+            string, or an extra field that is not a short list.
+    """
+    import math
+
+    bbox = row.get("bbox")
+    if bbox is not None:
+        ok = isinstance(bbox, list) and len(bbox) == 4
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+        if not ok or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+            raise ThymeError(f"{where}: 'bbox' must be [x1, y1, x2, y2] pixels with x1 < x2 and y1 < y2, got {str(bbox)[:100]}")
+        bbox = [float(v) for v in bbox]
+    cat = row.get("category")
+    if cat is not None and (not isinstance(cat, str) or len(cat) > 200):
+        raise ThymeError(f"{where}: 'category' must be a short string")
+    extra: dict[str, Any] = {}
+    for k in EXTRA_FIELDS:
+        v = row.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, list) or len(v) > 100 or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+            raise ThymeError(f"{where}: '{k}' must be a list of at most 100 strings or integers")
+        extra[k] = [x[:200] if isinstance(x, str) else x for x in v]
+    return bbox, cat, extra
 
 
 def from_rl_record(row: dict[str, Any], rid: str, root: Path, *, allow_absolute: bool = False) -> RLPrompt:
@@ -105,7 +157,8 @@ def from_rl_record(row: dict[str, Any], rid: str, root: Path, *, allow_absolute:
         {"role": "user", "content": content},
     ]
     question = row.get("question") or text
-    return RLPrompt(rid, msgs, images, str(solution), protocol.strip_question_placeholder(str(question)), {})
+    bbox, category, extra = row_target(row, where)
+    return RLPrompt(rid, msgs, images, str(solution), protocol.strip_question_placeholder(str(question)), {}, bbox, category, extra)
 
 
 def from_benchmark_row(
