@@ -50,8 +50,9 @@ def test_crop_hit_rate_over_the_rollouts_whose_prompt_has_a_box(tmp_path):
 @needs_corpus
 def test_train_rl_logs_crop_hit_rate_on_records_with_a_bbox(tiny_checkpoint, tmp_path, capsys):
     """The done-when of issue 19: ``thyme train rl`` on records carrying a ``bbox`` logs
-    ``thyme/crop_hit_rate``. Needs ``RLPrompt.bbox`` (the annotation round trip of issue 19 adds it);
-    skipped until then. The box is the hand-annotated sign of ``tests/scoring/test_crops.py``."""
+    ``thyme/crop_hit_rate`` (records of ``thyme data annotate import`` carry the same ``bbox``
+    field: tests/train/test_rl_annotated_records.py). The box is the hand-annotated sign of
+    ``tests/scoring/test_crops.py``."""
     import dataclasses
     import json
 
@@ -61,8 +62,7 @@ def test_train_rl_logs_crop_hit_rate_on_records_with_a_bbox(tiny_checkpoint, tmp
     from .test_grpo import rl_records
     from .test_rl_run import ANSWER_PREFILL, CONFIG, SMALL, JudgeServer, Request, _train
 
-    if "bbox" not in {f.name for f in dataclasses.fields(RLPrompt)}:
-        pytest.skip("RLPrompt carries no bbox yet (issue 19's annotation round trip adds it)")
+    assert "bbox" in {f.name for f in dataclasses.fields(RLPrompt)}
     if Request is None:
         pytest.skip("fastapi/uvicorn not installed (the loopback judge server needs them)")
     records = rl_records(tmp_path / "rl.jsonl", ["thyme-case-1"])
