@@ -65,7 +65,7 @@ from ..imageio import ImageBudgetError, image_size, load_image, open_image
 from ..jsonl import ensure_writable, iter_lines_bounded
 from ..records import PathRefused, resolve_data_path, within
 from ..scoring.answers import bare, normalise_answer
-from .review import ReviewConfig, _clean, _text, image_url, read_export
+from .review import ReviewConfig, clean_text, image_url, read_export, value_text
 
 #: The six categories of the paper (App. A), spelled as the labeling config offers them.
 CATEGORIES = ("OCR", "attribute", "location", "quantity", "object", "chart understanding")
@@ -459,7 +459,7 @@ def parse_annotation(ann: Any) -> Annotation | None:
     result = ann.get("result")
     if not isinstance(result, list):
         raise RecordError(f"annotation {aid}: 'result' is not a list")
-    a = Annotation(_clean(str(who), 200, one_line=True), aid)
+    a = Annotation(clean_text(str(who), 200, one_line=True), aid)
     for item in result[:_MAX_RESULTS]:
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
             continue
@@ -473,13 +473,13 @@ def parse_annotation(ann: Any) -> Annotation | None:
             if isinstance(ow, int) and isinstance(oh, int) and not isinstance(ow, bool) and not isinstance(oh, bool):
                 a.original_size = (ow, oh)
         elif name == QUESTION and "text" in value:
-            a.question = _text(value["text"], _MAX_TEXT).strip()
+            a.question = value_text(value["text"], _MAX_TEXT).strip()
         elif name == ANSWER and "text" in value:
-            a.answer = _text(value["text"], _MAX_TEXT).strip()
+            a.answer = value_text(value["text"], _MAX_TEXT).strip()
         elif name == CATEGORY and "choices" in value:
-            a.category = _text(value["choices"], 200, one_line=True)
+            a.category = value_text(value["choices"], 200, one_line=True)
         elif name == NOTE and "text" in value:
-            a.note = _text(value["text"], _MAX_NOTE)
+            a.note = value_text(value["text"], _MAX_NOTE)
     return a
 
 
@@ -626,7 +626,7 @@ def _task_image(task: dict[str, Any], images_root: Path, allow_absolute: bool, w
         size = image_size(path)
     except ImageError as e:
         raise RecordError(f"{where}: {e.message}", "pass --images-root: the folder given to thyme data annotate export") from None
-    return _clean(rel, 1000, one_line=True), path, size
+    return clean_text(rel, 1000, one_line=True), path, size
 
 
 def import_annotations(
@@ -681,7 +681,7 @@ def import_annotations(
                     raise RecordError(f"{where}: 'annotations' is not a list")
             except RecordError as e:
                 s.bad_tasks += 1
-                reject({"task": tid, "reason": "bad_task", "detail": _clean(e.message, 1000, one_line=True)})
+                reject({"task": tid, "reason": "bad_task", "detail": clean_text(e.message, 1000, one_line=True)})
                 continue
             base = {"task": tid, "image": rel}
             latest: dict[str, Annotation] = {}
@@ -689,7 +689,7 @@ def import_annotations(
                 try:
                     a = parse_annotation(ann)
                 except RecordError as e:
-                    reject({**base, "reason": "bad_annotation", "detail": f"{where}: {_clean(e.message, 1000, one_line=True)}"})
+                    reject({**base, "reason": "bad_annotation", "detail": f"{where}: {clean_text(e.message, 1000, one_line=True)}"})
                     continue
                 if a is None:
                     continue
@@ -756,4 +756,4 @@ def format_import_summary(s: ImportSummary) -> str:
 def print_skip(item: dict[str, Any], file: Any = None) -> None:
     """One file left out by export, as a line on stderr (``file``): ``skipped NAME: REASON (detail)``."""
     name = re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", item["file"])
-    print(f"skipped {name}: {item['reason']} ({_clean(item['detail'], 500, one_line=True)})", file=file or sys.stderr)
+    print(f"skipped {name}: {item['reason']} ({clean_text(item['detail'], 500, one_line=True)})", file=file or sys.stderr)

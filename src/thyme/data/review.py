@@ -405,18 +405,18 @@ def decide(votes: Iterable[Vote], min_annotators: int = 1) -> Decision:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def _clean(s: str, limit: int, *, one_line: bool = False) -> str:
+def clean_text(s: str, limit: int, *, one_line: bool = False) -> str:
     """Text from the export, bounded and without control characters (an escape sequence in a
     reviewer name or note must not reach the terminal that prints the summary)."""
     s = _CONTROL.sub("", s[:limit])
     return " ".join(s.split()) if one_line else s
 
 
-def _text(v: Any, limit: int, *, one_line: bool = False) -> str:
+def value_text(v: Any, limit: int, *, one_line: bool = False) -> str:
     """The first string of a Label Studio value list, bounded and cleaned."""
     if isinstance(v, list):
         v = next((x for x in v if isinstance(x, str)), "")
-    return _clean(v, limit, one_line=one_line) if isinstance(v, str) else ""
+    return clean_text(v, limit, one_line=one_line) if isinstance(v, str) else ""
 
 
 def parse_annotation(ann: Any, task_id: int | None) -> Vote | None:
@@ -445,9 +445,9 @@ def parse_annotation(ann: Any, task_id: int | None) -> Vote | None:
             continue
         name, value = item.get("from_name"), item["value"]
         if name in (DECISION, REASON) and "choices" in value:
-            got[name] = _text(value["choices"], _MAX_REASON, one_line=True)
+            got[name] = value_text(value["choices"], _MAX_REASON, one_line=True)
         elif name == NOTE and "text" in value:
-            got[NOTE] = _text(value["text"], _MAX_NOTE)
+            got[NOTE] = value_text(value["text"], _MAX_NOTE)
     decision = got.get(DECISION, "").strip().lower()
     if decision not in (ACCEPT, REJECT):
         raise RecordError(
@@ -455,7 +455,12 @@ def parse_annotation(ann: Any, task_id: int | None) -> Vote | None:
             "was the project made with thyme's labeling_config.xml?",
         )
     return Vote(
-        _clean(str(who), 200, one_line=True), decision, got.get(REASON, "") if decision == REJECT else "", got.get(NOTE, ""), aid, task_id
+        clean_text(str(who), 200, one_line=True),
+        decision,
+        got.get(REASON, "") if decision == REJECT else "",
+        got.get(NOTE, ""),
+        aid,
+        task_id,
     )
 
 
@@ -525,7 +530,7 @@ def _task_ref(task: dict[str, Any]) -> tuple[int | None, int | None, str, str]:
     if not isinstance(data, dict):
         raise RecordError("'data' is not an object")
     line, sha, rid = data.get("thyme_line"), data.get("thyme_sha256"), data.get("thyme_id")
-    rid = _clean(str(rid), 200, one_line=True) if rid is not None else None
+    rid = clean_text(str(rid), 200, one_line=True) if rid is not None else None
     if not isinstance(sha, str) or len(sha) != 64:
         raise RecordError("its data carry no thyme_sha256 (not a task from thyme data review export)")
     line = line if isinstance(line, int) and not isinstance(line, bool) else None
@@ -577,7 +582,7 @@ def apply_review(
 
     def error(task_no: int, tid: int | None, msg: str) -> None:
         if len(s.errors) < 200:
-            s.errors.append({"task": tid if tid is not None else f"#{task_no}", "error": _clean(msg, 500, one_line=True)})
+            s.errors.append({"task": tid if tid is not None else f"#{task_no}", "error": clean_text(msg, 500, one_line=True)})
 
     votes: dict[int, list[Vote]] = {}
     for n, task in enumerate(tasks, 1):
