@@ -1,0 +1,242 @@
+"""The HTTP surface of ``thyme serve``: an OpenAI-compatible FastAPI app over a :class:`Service`.
+
+Routes:
+
+- ``POST /v1/chat/completions``: the whole Thyme loop per request (:mod:`thyme.serve.service`);
+  ``choices[0].message.content`` is the answer (``content: full``: the whole response text),
+  the extra field ``thyme`` the trajectory, ``usage`` the generated tokens. ``stream: true``:
+  server-sent events, ``data: {chunk}`` lines then ``data: [DONE]``: the model's text as
+  ``delta.reasoning_content`` deltas (``delta.content`` when ``content: full``), each sandbox
+  output as a chunk whose ``thyme`` field is the event (plain clients ignore it), the answer
+  as ``delta.content`` in the last chunk (``content: answer``), which also carries
+  ``finish_reason``, ``usage`` and the whole ``thyme`` trajectory.
+- ``GET /health``, ``GET /v1/models``.
+
+Access: with an API key set, every request needs ``Authorization: Bearer KEY`` (401 otherwise;
+compared in constant time). Errors are OpenAI-shaped bodies ``{"error": {message, type,
+param, code}}``: 400 (a limit, named in ``param``), 401, 429 (``Retry-After``), 500 (the
+trajectory failed: its error without traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import shutil
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .inputs import RequestError
+from .service import Service, feedback_event, finish_reason, trajectory_field, usage
+
+
+def _max_body(service: Service) -> int:
+    """Largest request body read (bytes): base64 (4/3) of max_images * max_image_bytes, the question, 1 MiB of the rest."""
+    c = service.config
+    return (c.max_images * c.max_image_bytes * 4) // 3 + c.max_question_chars * 4 + (1 << 20)
+
+
+def build_app(service: Service, *, api_key: str | None = None) -> Any:
+    """The FastAPI app serving ``service`` (module docstring); ``api_key``: the bearer token every
+    request must carry (None: none needed; only for loopback, which the command enforces)."""
+    app = FastAPI(title="thyme serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def error(e: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(service.config.retry_after_s)} if e.status == 429 else None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Any) -> Any:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return error(
+                    RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401, kind="authentication_error")
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Any:
+        return {"status": "ok", "running": service.running, "queued": service.admitted - service.running}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "thyme"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        service.counts["requests"] += 1
+        try:
+            body = await _read_json(request, _max_body(service))
+            if body.get("n") not in (None, 1):
+                raise RequestError("only n=1 is served (one trajectory per request)", param="n")
+            await service.acquire()
+        except RequestError as e:
+            service.counts["errors"] += 1
+            return error(e)
+        try:
+            folder, parsed, cfg, limits = await asyncio.to_thread(service.prepare, body)
+        except BaseException as e:
+            service.release()
+            if isinstance(e, RequestError):
+                service.counts["errors"] += 1
+                return error(e)
+            raise
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), service.model_name, service.config.content)
+
+        def finish(fut: Any) -> None:
+            """Free the session and the request's folder once the trajectory has ended."""
+
+            def now(_f: Any = None) -> None:
+                shutil.rmtree(folder, ignore_errors=True)
+                loop.call_soon_threadsafe(service.release)
+
+            if fut.done():
+                now()
+            else:
+                fut.add_done_callback(now)
+
+        if not body.get("stream"):
+            fut = loop.run_in_executor(service.pool, service.run, folder, parsed, cfg, None, cancel)
+            try:
+                traj = await asyncio.shield(fut)
+                payload = reply.completion(traj, limits)  # reads the sandbox images before the folder goes
+            except asyncio.CancelledError:  # the client went away: stop the trajectory
+                cancel.set()
+                raise
+            finally:
+                finish(fut)
+            if traj.stop_reason == "error":
+                service.counts["errors"] += 1
+                return JSONResponse({**_trajectory_error(payload["thyme"]), "thyme": payload["thyme"]}, status_code=500)
+            return JSONResponse(payload)
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_event(kind: str, payload: Any) -> None:
+            if kind == "text":
+                loop.call_soon_threadsafe(queue.put_nowait, ("text", payload))
+            elif kind == "feedback":
+                loop.call_soon_threadsafe(queue.put_nowait, ("feedback", feedback_event(payload)))
+
+        fut = loop.run_in_executor(service.pool, service.run, folder, parsed, cfg, on_event, cancel)
+        fut.add_done_callback(lambda _f: queue.put_nowait(("end", None)))
+
+        async def stream() -> Any:
+            ended = False
+            try:
+                yield _sse(reply.chunk({"role": "assistant", "content": ""}))
+                key = "content" if reply.content_mode == "full" else "reasoning_content"
+                while True:
+                    kind, payload = await queue.get()
+                    if kind == "text":
+                        yield _sse(reply.chunk({key: payload}))
+                    elif kind == "feedback":
+                        yield _sse(reply.chunk({"content": payload["text"]} if reply.content_mode == "full" else {}, thyme=payload))
+                    else:
+                        break
+                traj = fut.result()
+                field = trajectory_field(traj, limits)
+                if traj.stop_reason == "error":
+                    service.counts["errors"] += 1
+                    yield _sse({**_trajectory_error(field), "thyme": field})
+                else:
+                    delta = {"content": traj.answer or ""} if reply.content_mode == "answer" else {}
+                    last = reply.chunk(delta, finish=finish_reason(traj), thyme={"event": "done", **field})
+                    last["usage"] = usage(traj)
+                    yield _sse(last)
+                yield "data: [DONE]\n\n"
+                ended = True
+            finally:
+                if not ended:
+                    cancel.set()  # the client went away: the trajectory stops at its next event
+
+        # the session is freed when the trajectory ends, whether or not the stream was read
+        finish(fut)
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _trajectory_error(field: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"the trajectory failed: {field.get('error')}",
+            "type": "trajectory_error",
+            "param": None,
+            "code": "trajectory_error",
+        }
+    }
+
+
+class _Reply:
+    """The fixed parts of one response (id, created, model) and its content mode."""
+
+    def __init__(self, rid: str, created: int, model: str, content_mode: str):
+        self.rid, self.created, self.model, self.content_mode = rid, created, model, content_mode
+
+    def chunk(self, delta: dict[str, Any], *, finish: str | None = None, thyme: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.rid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if thyme is not None:
+            out["thyme"] = thyme
+        return out
+
+    def completion(self, traj: Any, limits: Any) -> dict[str, Any]:
+        content = (traj.answer or "") if self.content_mode == "answer" else traj.response_text()
+        return {
+            "id": self.rid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(traj)}],
+            "usage": usage(traj),
+            "thyme": trajectory_field(traj, limits),
+        }
+
+
+async def _read_json(request: Any, cap: int) -> dict[str, Any]:
+    """The request body as a JSON object, at most ``cap`` bytes read.
+
+    Raises:
+        RequestError: too large (413), not JSON, not an object.
+    """
+    from ..http import loads_bounded
+
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > cap:
+        raise RequestError(f"the request body is larger than {cap} bytes", status=413, param="max_image_bytes", kind="limit_exceeded")
+    chunks, n = [], 0
+    async for c in request.stream():
+        n += len(c)
+        if n > cap:
+            raise RequestError(f"the request body is larger than {cap} bytes", status=413, param="max_image_bytes", kind="limit_exceeded")
+        chunks.append(c)
+    try:
+        body = loads_bounded(b"".join(chunks))
+    except ValueError as e:
+        raise RequestError(f"the request body is not JSON ({e})", param="body") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", param="body")
+    return body
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
