@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +96,36 @@ def bind(host: str, port: int, port_file: str | None = None) -> socket.socket:
     return sock
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (uvicorn re-raises it once the requests in flight have drained)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def run_app(app: Any, sock: socket.socket, *, log_level: str = "warning") -> None:
-    """Serve ``app`` on ``sock`` with uvicorn until Ctrl-C / SIGTERM (in-flight requests drain)."""
+    """Serve ``app`` on ``sock`` with uvicorn until Ctrl-C / SIGTERM (in-flight requests drain).
+
+    SIGTERM returns normally once drained (so the sandbox and the backend are closed by the
+    caller); Ctrl-C raises ``KeyboardInterrupt`` after the drain (the command exits 130).
+    """
+    import signal
+
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     print(f"thyme serve: http://{host if ':' not in host else f'[{host}]'}:{port}/v1", file=sys.stderr, flush=True)
-    server.run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    try:
+        server.run(sockets=[sock])
+    except _Terminated:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def serve(service: Any, config: ServeConfig, *, key: str | None, port_file: str | None = None) -> None:

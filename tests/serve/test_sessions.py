@@ -1,0 +1,97 @@
+"""Load on ``thyme serve``: at most ``max_sessions`` trajectories run, a bounded queue waits, 429
+with ``Retry-After`` beyond; one failing request answers alone and never affects the others."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from thyme.backends.base import Backend
+
+from .conftest import running_server, user_message
+
+
+class Gate(Backend):
+    """The scripted backend, held while ``gate`` is closed for questions containing 'slow', and
+    failing for questions containing 'boom' (an upstream error)."""
+
+    name = "gate"
+
+    def __init__(self, inner):
+        self.inner, self.gate, self.waiting = inner, threading.Event(), 0
+        self.capabilities = inner.capabilities
+
+    def generate(self, requests, stream=None):
+        text = json.dumps([r.messages for r in requests])
+        if "boom" in text:
+            raise ConnectionError("upstream exploded")
+        if "slow" in text:
+            self.waiting += 1
+            assert self.gate.wait(60), "the test never opened the gate"
+        return self.inner.generate(requests, stream=stream)
+
+
+def _post(url, question, **kw):
+    return httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": user_message(question), **kw}, timeout=90)
+
+
+def _until(cond, what):
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_beyond_sessions_and_queue_a_request_gets_429_with_retry_after(scripted, sandbox):
+    backend = Gate(scripted)
+    with running_server(backend, sandbox, max_sessions=1, max_queue=1, retry_after_s=7) as srv, ThreadPoolExecutor(2) as ex:
+        running = ex.submit(_post, srv.url, "slow one")
+        _until(lambda: backend.waiting == 1, "the first request never reached the model")
+        queued = ex.submit(_post, srv.url, "slow two")
+        _until(lambda: srv.service.admitted == 2, "the second request was never queued")
+        r = _post(srv.url, "a third")
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "7"
+        assert r.json()["error"]["param"] == "max_sessions"
+        assert srv.service.running == 1  # the queued one waits for the session
+        backend.gate.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+        assert srv.service.admitted == 0
+        assert _post(srv.url, "a fourth").json()["choices"][0]["message"]["content"] == "B"  # the slot came back
+
+
+def test_a_failing_request_does_not_affect_a_concurrent_good_one(scripted, sandbox):
+    backend = Gate(scripted)
+    with running_server(backend, sandbox, max_sessions=3) as srv, ThreadPoolExecutor(3) as ex:
+        good = ex.submit(_post, srv.url, "slow and good")
+        _until(lambda: backend.waiting == 1, "the good request never reached the model")
+        bad = _post(srv.url, "boom")
+        broken = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"messages": user_message(url="data:image/png;base64,AAAA")},
+            timeout=30,
+        )
+        backend.gate.set()
+        ok = good.result()
+    assert bad.status_code == 500
+    err = bad.json()["error"]
+    assert err["type"] == "trajectory_error" and "upstream exploded" in err["message"] and "Traceback" not in err["message"]
+    assert broken.status_code == 400
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "B"
+
+
+def test_a_failing_streamed_request_ends_with_an_error_event(scripted, sandbox):
+    backend = Gate(scripted)
+    with running_server(backend, sandbox) as srv:
+        with httpx.stream(
+            "POST", srv.url + "/v1/chat/completions", json={"messages": user_message("boom"), "stream": True}, timeout=60
+        ) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert srv.service.admitted == 0
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: ") :])
+    assert "upstream exploded" in last["error"]["message"]
