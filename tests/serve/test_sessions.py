@@ -95,3 +95,31 @@ def test_a_failing_streamed_request_ends_with_an_error_event(scripted, sandbox):
     assert lines[-1] == "data: [DONE]"
     last = json.loads(lines[-2][len("data: ") :])
     assert "upstream exploded" in last["error"]["message"]
+
+
+def test_a_client_that_disconnects_stops_its_trajectory_and_frees_its_session(scripted, sandbox):
+    backend = Gate(scripted)
+    with running_server(backend, sandbox, max_sessions=1, max_queue=0) as srv:
+        with httpx.stream(
+            "POST", srv.url + "/v1/chat/completions", json={"messages": user_message("slow"), "stream": True}, timeout=60
+        ) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+            _until(lambda: backend.waiting == 1, "the request never reached the model")
+        _until(lambda: srv.service.counts["disconnected"] == 1, "the disconnect was not seen")
+        backend.gate.set()  # the model's next text event stops the trajectory
+        _until(lambda: srv.service.admitted == 0, "the session was not freed")
+        assert len(scripted.requests) == 1  # no second round after the disconnect
+        assert _post(srv.url, "after").json()["choices"][0]["message"]["content"] == "B"
+
+
+def test_a_plain_request_whose_client_goes_away_stops_too(scripted, sandbox):
+    backend = Gate(scripted)
+    with running_server(backend, sandbox, max_sessions=1, max_queue=0) as srv, ThreadPoolExecutor(1) as ex:
+        gone = ex.submit(lambda: httpx.post(srv.url + "/v1/chat/completions", json={"messages": user_message("slow")}, timeout=1.5))
+        _until(lambda: backend.waiting == 1, "the request never reached the model")
+        assert isinstance(gone.exception(), httpx.TimeoutException)  # the client gave up and closed
+        _until(lambda: srv.service.counts["disconnected"] == 1, "the disconnect was not seen")
+        backend.gate.set()
+        _until(lambda: srv.service.admitted == 0, "the session was not freed")
+        assert len(scripted.requests) == 1

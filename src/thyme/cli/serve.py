@@ -60,15 +60,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def serve_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
+    """:class:`thyme.serve.ServeConfig` from defaults <- section ``serve`` <- flags.
+
+    Raises:
+        ThymeError: an unknown key in the section, or a value out of range.
+    """
+    from ..config import build
+    from ..serve import ServeConfig
+
+    return build(ServeConfig, yaml_cfg.get("serve"), args, names=SERVE_FLAGS, section_name="serve")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``thyme serve`` until Ctrl-C / SIGTERM."""
-    from ..config import build
     from ..sandbox import Sandbox
-    from ..serve import ServeConfig, Service
+    from ..serve import Service
     from ..serve.server import api_key, check_access, serve
 
-    yaml_cfg = load_sections(args, {"serve", "agent", "sandbox", "model"}, known={"serve"})
-    cfg = build(ServeConfig, yaml_cfg.get("serve"), args, names=SERVE_FLAGS, section_name="serve")
+    yaml_cfg = load_sections(args, {"serve", "agent", "sandbox", "model"})
+    cfg = serve_config(args, yaml_cfg)
     key = api_key(args.api_key_file)
     check_access(cfg.host, key)  # before anything loads
     agent_cfg = agent_config(args, yaml_cfg)

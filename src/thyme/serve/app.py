@@ -54,16 +54,8 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return error(
-                    RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401, kind="authentication_error")
-                )
-        return await call_next(request)
+    if api_key is not None:  # a plain ASGI layer (BaseHTTPMiddleware would hide client disconnects)
+        app.add_middleware(_BearerAuth, key=api_key, refuse=error)
 
     @app.get("/health")
     async def health() -> Any:
@@ -111,10 +103,16 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
         if not body.get("stream"):
             fut = loop.run_in_executor(service.pool, service.run, folder, parsed, cfg, None, cancel)
             try:
-                traj = await asyncio.shield(fut)
+                while not fut.done():  # a client that goes away stops its trajectory at its next event
+                    await asyncio.wait({fut}, timeout=0.5)
+                    if not fut.done() and not cancel.is_set() and await request.is_disconnected():
+                        cancel.set()
+                        service.counts["disconnected"] += 1
+                traj = fut.result()
                 payload = reply.completion(traj, limits)  # reads the sandbox images before the folder goes
             except asyncio.CancelledError:  # the client went away: stop the trajectory
                 cancel.set()
+                service.counts["disconnected"] += 1
                 raise
             finally:
                 finish(fut)
@@ -162,12 +160,33 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             finally:
                 if not ended:
                     cancel.set()  # the client went away: the trajectory stops at its next event
+                    service.counts["disconnected"] += 1
 
         # the session is freed when the trajectory ends, whether or not the stream was read
         finish(fut)
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` (compared in
+    constant time); otherwise ``refuse`` answers 401."""
+
+    def __init__(self, app: Any, *, key: str, refuse: Any):
+        self.app, self.key, self.refuse = app, key.encode(), refuse
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = self.refuse(
+                    RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401, kind="authentication_error")
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _trajectory_error(field: dict[str, Any]) -> dict[str, Any]:

@@ -204,7 +204,7 @@ class Service:
         self.admitted = 0  # running + queued (event-loop thread only)
         self.running = 0
         self._slots: asyncio.Semaphore | None = None
-        self.counts = {"requests": 0, "errors": 0, "refused": 0}
+        self.counts = {"requests": 0, "errors": 0, "refused": 0, "disconnected": 0}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
