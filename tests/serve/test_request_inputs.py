@@ -119,3 +119,45 @@ def test_the_server_answers_400_naming_the_rule(scripted, sandbox, tmp_path):
         assert r.status_code == 400
         assert srv.service.admitted == 0  # a refused request holds no session
     assert not scripted.requests  # nothing reached the model
+
+
+@pytest.fixture
+def media_server(tmp_path):
+    """A loopback HTTP server serving one PNG at /a.png (and a 404 elsewhere)."""
+    import http.server
+    import threading
+
+    raw = png_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/a.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_url_is_fetched_only_when_allowed_and_private_hosts_need_their_own_switch(tmp_path, media_server, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "*")
+    url = media_server + "/a.png"
+    assert _refused(tmp_path, user_message(url=url)).param == "allow_url_fetch"
+    assert _refused(tmp_path, user_message(url=url), allow_url_fetch=True).param == "allow_private_urls"  # loopback: not public
+    p = _parse(tmp_path, user_message(url=url), allow_url_fetch=True, allow_private_urls=True)
+    assert open(p.images[0], "rb").read() == png_bytes()
+    assert "HTTP 404" in _refused(tmp_path, user_message(url=media_server + "/nope"), allow_url_fetch=True, allow_private_urls=True).message
+    e = _refused(tmp_path, user_message(url=url), allow_url_fetch=True, allow_private_urls=True, max_image_bytes=50)
+    assert e.param == "max_image_bytes"

@@ -26,6 +26,7 @@ SERVE_FLAGS = (
     "content",
     "allow_path",
     "allow_url_fetch",
+    "allow_private_urls",
     "max_sessions",
     "max_queue",
     "retry_after_s",

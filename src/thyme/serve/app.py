@@ -10,7 +10,8 @@ Routes:
   output as a chunk whose ``thyme`` field is the event (plain clients ignore it), the answer
   as ``delta.content`` in the last chunk (``content: answer``), which also carries
   ``finish_reason``, ``usage`` and the whole ``thyme`` trajectory.
-- ``GET /health``, ``GET /v1/models``.
+- ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text: requests, in flight,
+  queued, rounds, sandbox and generation seconds, disconnects, errors by kind).
 
 Access: with an API key set, every request needs ``Authorization: Bearer KEY`` (401 otherwise;
 compared in constant time). Errors are OpenAI-shaped bodies ``{"error": {message, type,
@@ -30,7 +31,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .inputs import RequestError
 from .service import Service, feedback_event, finish_reason, trajectory_field, usage
@@ -49,6 +50,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
     app.state.service = service
 
     def error(e: RequestError) -> JSONResponse:
+        service.errors[e.kind] = service.errors.get(e.kind, 0) + 1
         headers = {"Retry-After": str(service.config.retry_after_s)} if e.status == 429 else None
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
@@ -60,6 +62,10 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
     @app.get("/health")
     async def health() -> Any:
         return {"status": "ok", "running": service.running, "queued": service.admitted - service.running}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return PlainTextResponse(service.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -74,14 +80,12 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                 raise RequestError("only n=1 is served (one trajectory per request)", param="n")
             await service.acquire()
         except RequestError as e:
-            service.counts["errors"] += 1
             return error(e)
         try:
             folder, parsed, cfg, limits = await asyncio.to_thread(service.prepare, body)
         except BaseException as e:
             service.release()
             if isinstance(e, RequestError):
-                service.counts["errors"] += 1
                 return error(e)
             raise
         cancel = threading.Event()
@@ -117,7 +121,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             finally:
                 finish(fut)
             if traj.stop_reason == "error":
-                service.counts["errors"] += 1
+                service.errors["trajectory_error"] = service.errors.get("trajectory_error", 0) + 1
                 return JSONResponse({**_trajectory_error(payload["thyme"]), "thyme": payload["thyme"]}, status_code=500)
             return JSONResponse(payload)
 
@@ -148,7 +152,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                 traj = fut.result()
                 field = trajectory_field(traj, limits)
                 if traj.stop_reason == "error":
-                    service.counts["errors"] += 1
+                    service.errors["trajectory_error"] = service.errors.get("trajectory_error", 0) + 1
                     yield _sse({**_trajectory_error(field), "thyme": field})
                 else:
                     delta = {"content": traj.answer or ""} if reply.content_mode == "answer" else {}

@@ -38,6 +38,11 @@ class ServeConfig:
         source="ours (VLMEvalKit --local-media sends paths)",
     )
     allow_url_fetch: bool = setting(False, help="fetch http(s) image URLs (through thyme.http, size- and time-limited)", source="ours")
+    allow_private_urls: bool = setting(
+        False,
+        help="with allow_url_fetch: also fetch URLs whose host is a loopback, private or link-local address (otherwise refused: the server must not be a proxy into its own network)",
+        source="ours",
+    )
     max_sessions: int = setting(4, help="trajectories running at once", source="ours", valid={"ge": 1})
     max_queue: int = setting(16, help="requests waiting for a session; beyond, 429 with Retry-After", source="ours", valid={"ge": 0})
     retry_after_s: int = setting(5, help="Retry-After (seconds) of a 429", source="ours", valid={"ge": 1})

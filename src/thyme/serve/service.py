@@ -204,7 +204,10 @@ class Service:
         self.admitted = 0  # running + queued (event-loop thread only)
         self.running = 0
         self._slots: asyncio.Semaphore | None = None
-        self.counts = {"requests": 0, "errors": 0, "refused": 0, "disconnected": 0}
+        self.counts = {"requests": 0, "disconnected": 0}  # event-loop thread only
+        self.errors: dict[str, int] = {}  # by error type (the body's error.type); event-loop thread only
+        self._totals_lock = threading.Lock()
+        self.totals = {"trajectories": 0, "rounds": 0, "sandbox_seconds": 0.0, "generate_seconds": 0.0}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -220,7 +223,6 @@ class Service:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_sessions)
         if self.admitted >= self.config.max_sessions + self.config.max_queue:
-            self.counts["refused"] += 1
             raise RequestError(
                 f"the server is busy: {self.config.max_sessions} trajectories running and {self.config.max_queue} waiting (max_sessions, max_queue)",
                 status=429,
@@ -277,4 +279,35 @@ class Service:
             except Cancelled:
                 traj = Trajectory(id="cancelled", question=parsed.question, images=parsed.images, stop_reason="error", error="cancelled")
         traj.timings.setdefault("total_s", round(time.perf_counter() - t0, 4))
+        with self._totals_lock:
+            self.totals["trajectories"] += 1
+            self.totals["rounds"] += len(traj.turns)
+            self.totals["sandbox_seconds"] += float(traj.timings.get("execute_s", 0.0))
+            self.totals["generate_seconds"] += float(traj.timings.get("generate_s", 0.0))
         return traj
+
+    def metrics_text(self) -> str:
+        """The server's counters in Prometheus' text format (``GET /metrics``)."""
+        with self._totals_lock:
+            totals = dict(self.totals)
+        lines = [
+            ("thyme_serve_requests_total", "counter", "chat completion requests received", [("", self.counts["requests"])]),
+            ("thyme_serve_in_flight", "gauge", "trajectories running", [("", self.running)]),
+            ("thyme_serve_queued", "gauge", "requests waiting for a session", [("", self.admitted - self.running)]),
+            ("thyme_serve_trajectories_total", "counter", "trajectories finished", [("", totals["trajectories"])]),
+            ("thyme_serve_rounds_total", "counter", "generation rounds over finished trajectories", [("", totals["rounds"])]),
+            ("thyme_serve_sandbox_seconds_total", "counter", "seconds of code execution in the sandbox", [("", totals["sandbox_seconds"])]),
+            ("thyme_serve_generate_seconds_total", "counter", "seconds waiting for the model", [("", totals["generate_seconds"])]),
+            ("thyme_serve_disconnects_total", "counter", "clients that went away before their answer", [("", self.counts["disconnected"])]),
+            (
+                "thyme_serve_errors_total",
+                "counter",
+                "requests answered with an error, by error type",
+                [(f'{{kind="{k}"}}', v) for k, v in sorted(self.errors.items())],
+            ),
+        ]
+        out = []
+        for name, kind, help_, samples in lines:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            out += [f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(out) + "\n"
