@@ -69,3 +69,24 @@ def test_a_request_s_rounds_clamp_to_the_server_s(asked, applied, scripted, sand
     with running_server(scripted, sandbox, agent=AgentConfig(max_rounds=5, max_new_tokens=400)) as srv:
         r = _client(srv.url).chat.completions.create(model="thyme-test", messages=user_message(), extra_body=extra)
     assert r.model_extra["thyme"]["limits"]["max_rounds"] == applied
+
+
+@pytest.mark.parametrize("asked, applied", [(None, 300), (120, 120), (100000, 300)])
+def test_a_request_s_max_tokens_clamp_to_the_server_s(asked, applied, scripted, sandbox):
+    from thyme.agent import AgentConfig
+
+    extra = {} if asked is None else {"max_tokens": asked}
+    with running_server(scripted, sandbox, agent=AgentConfig(max_new_tokens=200, max_total_tokens=300)) as srv:
+        r = _client(srv.url).chat.completions.create(model="thyme-test", messages=user_message(), **extra)
+    limits = r.model_extra["thyme"]["limits"]
+    assert limits["max_total_tokens"] == applied and limits["max_new_tokens"] == min(200, applied)
+    assert all(req.max_new_tokens <= applied for req in scripted.requests)
+
+
+@pytest.mark.parametrize("body", [{"max_tokens": 0}, {"max_tokens": "5"}, {"temperature": -1}, {"top_p": 2}, {"seed": 1.5}, {"n": 2}])
+def test_a_bad_sampling_value_is_a_400_naming_it(body, scripted, sandbox):
+    import httpx
+
+    with running_server(scripted, sandbox) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user_message(), **body}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(body))

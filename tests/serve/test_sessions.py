@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from thyme.backends.base import Backend
 
@@ -123,3 +124,49 @@ def test_a_plain_request_whose_client_goes_away_stops_too(scripted, sandbox):
         backend.gate.set()
         _until(lambda: srv.service.admitted == 0, "the session was not freed")
         assert len(scripted.requests) == 1
+
+
+class Overlap(Backend):
+    """The scripted backend, recording the most generate calls ever in flight at once; the first
+    call waits until ``ready()`` holds (every session is running), so the others can pile up."""
+
+    name = "overlap"
+
+    def __init__(self, inner, ready):
+        self.inner, self.ready, self.now, self.most, self.calls, self.lock = inner, ready, 0, 0, 0, threading.Lock()
+        self.capabilities = inner.capabilities
+
+    def generate(self, requests, stream=None):
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            first = self.calls == 1
+            self.most = max(self.most, self.now)
+        try:
+            if first:
+                _until(self.ready, "the sessions never all ran")
+            return self.inner.generate(requests, stream=stream)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_local_model_generates_for_one_session_at_a_time(local, scripted, sandbox):
+    """The hf backend (one model in this process) is called by one session at a time; an upstream
+    server's backend by every session at once."""
+    box = {}
+
+    def ready() -> bool:
+        if local:  # all four sessions are in their trajectories, and a moment passes for them to reach the model
+            return box["srv"].service.running == 4 and (time.sleep(0.3) or True)
+        return box["backend"].most >= 2  # a second call reached the model while the first was held
+
+    box["backend"] = backend = Overlap(scripted, ready)
+    with running_server(backend, sandbox, local=local, max_sessions=4) as srv, ThreadPoolExecutor(4) as ex:
+        box["srv"] = srv
+        replies = list(ex.map(lambda i: _post(srv.url, f"question {i}"), range(4)))
+    assert all(r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "B" for r in replies), [
+        (r.status_code, r.text[-400:]) for r in replies
+    ]
+    assert backend.most == 1 if local else backend.most >= 2

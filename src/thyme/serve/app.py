@@ -97,7 +97,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
 
             def now(_f: Any = None) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
-                loop.call_soon_threadsafe(service.release)
+                service.release()  # on the event loop: asyncio runs a future's callbacks there
 
             if fut.done():
                 now()
