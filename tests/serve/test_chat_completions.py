@@ -50,6 +50,7 @@ def test_a_streamed_request_sends_text_deltas_sandbox_events_and_the_answer(scri
     outputs = [e for e in events if e["event"] == "sandbox_output"]
     assert len(outputs) == 1 and outputs[0]["images"][0].startswith("data:image/png;base64,")
     assert events[-1]["event"] == "done" and events[-1]["stop_reason"] == "answer"
+    assert events[-1]["rounds"][0]["images"] == outputs[0]["images"]  # the last chunk's trajectory keeps the sandbox image
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .inputs import RequestError
-from .service import Service, feedback_event, finish_reason, trajectory_field, usage
+from .service import Service, feedback_event, finish_reason, usage
 
 
 def _max_body(service: Service) -> int:
@@ -105,15 +105,15 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                 fut.add_done_callback(now)
 
         if not body.get("stream"):
-            fut = loop.run_in_executor(service.pool, service.run, folder, parsed, cfg, None, cancel)
+            fut = loop.run_in_executor(service.pool, service.answer, folder, parsed, cfg, limits, None, cancel)
             try:
                 while not fut.done():  # a client that goes away stops its trajectory at its next event
                     await asyncio.wait({fut}, timeout=0.5)
                     if not fut.done() and not cancel.is_set() and await request.is_disconnected():
                         cancel.set()
                         service.counts["disconnected"] += 1
-                traj = fut.result()
-                payload = reply.completion(traj, limits)  # reads the sandbox images before the folder goes
+                traj, field = fut.result()
+                payload = reply.completion(traj, field)
             except asyncio.CancelledError:  # the client went away: stop the trajectory
                 cancel.set()
                 service.counts["disconnected"] += 1
@@ -133,7 +133,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             elif kind == "feedback":
                 loop.call_soon_threadsafe(queue.put_nowait, ("feedback", feedback_event(payload)))
 
-        fut = loop.run_in_executor(service.pool, service.run, folder, parsed, cfg, on_event, cancel)
+        fut = loop.run_in_executor(service.pool, service.answer, folder, parsed, cfg, limits, on_event, cancel)
         fut.add_done_callback(lambda _f: queue.put_nowait(("end", None)))
 
         async def stream() -> Any:
@@ -149,8 +149,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                         yield _sse(reply.chunk({"content": payload["text"]} if reply.content_mode == "full" else {}, thyme=payload))
                     else:
                         break
-                traj = fut.result()
-                field = trajectory_field(traj, limits)
+                traj, field = fut.result()
                 if traj.stop_reason == "error":
                     service.errors["trajectory_error"] = service.errors.get("trajectory_error", 0) + 1
                     yield _sse({**_trajectory_error(field), "thyme": field})
@@ -222,7 +221,7 @@ class _Reply:
             out["thyme"] = thyme
         return out
 
-    def completion(self, traj: Any, limits: Any) -> dict[str, Any]:
+    def completion(self, traj: Any, field: dict[str, Any]) -> dict[str, Any]:
         content = (traj.answer or "") if self.content_mode == "answer" else traj.response_text()
         return {
             "id": self.rid,
@@ -231,7 +230,7 @@ class _Reply:
             "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason(traj)}],
             "usage": usage(traj),
-            "thyme": trajectory_field(traj, limits),
+            "thyme": field,
         }
 
 

@@ -261,10 +261,25 @@ class Service:
             raise
         return folder, parsed, cfg, limits
 
+    def answer(
+        self,
+        folder: Path,
+        parsed: ParsedRequest,
+        cfg: AgentConfig,
+        limits: Limits,
+        on_event: Callable[[str, Any], None] | None,
+        cancel: threading.Event,
+    ) -> tuple[Trajectory, dict[str, Any]]:
+        """:meth:`run`, then the ``thyme`` field (:func:`trajectory_field`), built while the
+        request's folder (its sandbox images) still exists (blocking: in a worker thread)."""
+        traj = self.run(folder, parsed, cfg, on_event, cancel)
+        return traj, trajectory_field(traj, limits)
+
     def run(
         self, folder: Path, parsed: ParsedRequest, cfg: AgentConfig, on_event: Callable[[str, Any], None] | None, cancel: threading.Event
     ) -> Trajectory:
-        """Run one trajectory (blocking: in a worker thread). Failures are in the trajectory."""
+        """Run one trajectory (blocking: in a worker thread). Failures are in the trajectory,
+        never raised."""
 
         def events(_i: int, kind: str, payload: Any) -> None:
             if cancel.is_set():
@@ -278,6 +293,10 @@ class Service:
                 traj = agent.run(parsed.question, parsed.images, id=uuid.uuid4().hex[:12], on_event=events)
             except Cancelled:
                 traj = Trajectory(id="cancelled", question=parsed.question, images=parsed.images, stop_reason="error", error="cancelled")
+            except Exception as e:  # noqa: BLE001 - one request's failure answers that request alone
+                traj = Trajectory(
+                    id="failed", question=parsed.question, images=parsed.images, stop_reason="error", error=f"{type(e).__name__}: {e}"
+                )
         traj.timings.setdefault("total_s", round(time.perf_counter() - t0, 4))
         with self._totals_lock:
             self.totals["trajectories"] += 1
