@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..errors import ImageError, ThymeError
-from ..imageio import open_image_bytes
+from ..imageio import ImageBudgetError, open_image_bytes
 from .config import ServeConfig
 
 _EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
@@ -224,6 +224,8 @@ def _write_image(raw: bytes, name: str, folder: Path, index: int, cfg: ServeConf
         with open_image_bytes(raw, name=name, load=False) as im:
             w, h = im.size
             fmt = im.format or ""
+    except ImageBudgetError as e:  # a decompression bomb, refused from its header by thyme.imageio
+        raise RequestError(f"{name}: {e}", param="image_budget", kind="limit_exceeded") from None
     except ImageError as e:
         raise RequestError(f"{name}: {e}", param="messages") from None
     if w * h > cfg.max_image_pixels:
