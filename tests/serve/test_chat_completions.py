@@ -91,3 +91,12 @@ def test_a_bad_sampling_value_is_a_400_naming_it(body, scripted, sandbox):
     with running_server(scripted, sandbox) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user_message(), **body}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(body))
+
+
+def test_content_full_streams_the_whole_text_as_content(scripted, sandbox):
+    with running_server(scripted, sandbox, content="full") as srv:
+        chunks = list(_client(srv.url).chat.completions.create(model="thyme-test", messages=user_message(), stream=True))
+        plain = _client(srv.url).chat.completions.create(model="thyme-test", messages=user_message())
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "<sandbox_output>" in streamed and streamed.rstrip().endswith("<answer>B</answer>")
+    assert streamed == plain.choices[0].message.content.replace("<image>", "")  # the same text, images left to the thyme events
