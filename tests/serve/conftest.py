@@ -77,7 +77,7 @@ def running_server(backend, sandbox, *, api_key=None, local=False, agent=None, *
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", service=service)
+        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", service=service, server=server, thread=t)
     finally:
         server.should_exit = True
         t.join(30)

@@ -170,3 +170,29 @@ def test_a_local_model_generates_for_one_session_at_a_time(local, scripted, sand
         (r.status_code, r.text[-400:]) for r in replies
     ]
     assert backend.most == 1 if local else backend.most >= 2
+
+
+def test_stopping_the_server_answers_the_requests_in_flight_first(scripted, sandbox):
+    """What SIGTERM / Ctrl-C do (uvicorn's should_exit): no new connection is taken, the
+    trajectories in flight (plain and streamed) finish and are answered, then the server stops."""
+    backend = Gate(scripted)
+    with running_server(backend, sandbox, max_sessions=2) as srv, ThreadPoolExecutor(2) as ex:
+
+        def streamed():
+            with httpx.stream(
+                "POST", srv.url + "/v1/chat/completions", json={"messages": user_message("slow s"), "stream": True}, timeout=60
+            ) as r:
+                return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        plain = ex.submit(_post, srv.url, "slow p")
+        stream = ex.submit(streamed)
+        _until(lambda: backend.waiting == 2, "the requests never reached the model")
+        srv.server.should_exit = True
+        time.sleep(0.3)
+        assert srv.thread.is_alive()  # still draining
+        backend.gate.set()
+        assert plain.result().json()["choices"][0]["message"]["content"] == "B"
+        lines = stream.result()
+        assert lines[-1] == "data: [DONE]" and '"content": "B"' in lines[-2]
+        srv.thread.join(30)
+        assert not srv.thread.is_alive()
