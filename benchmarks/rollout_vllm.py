@@ -12,7 +12,7 @@ Printed (one JSON line), measured in this one run:
 - ``engine_calls_per_code_block``: engine calls spent on model-written code blocks per block
   (processor: 1.0, one call through ``</code>``; resubmit: 2.0, stop at ``<code>`` and
   resubmit at temperature 0 until ``</code>``), and ``engine_calls`` in all;
-- ``rollout_s`` of each mode and their ratio (on a CPU with a tiny model the engine step cost
+- ``rollout_s`` of each mode (best of ``--repeats``, after one untimed warm-up run) and their ratio (on a CPU with a tiny model the engine step cost
   dominates less than on a GPU with a 7B model; the count of calls is the portable figure);
 - ``same_tokens``: the two modes produced the same completion ids.
 
@@ -108,6 +108,8 @@ def main() -> int:
                 SamplingSettings(temperature=1.0, ats=True),
                 d / mode,
             )
+            if mode == "processor":
+                runner.run([prompt] * args.group, seed=7)  # warm-up (first requests, sandbox pool): untimed
             best = None
             for _ in range(args.repeats):
                 t = time.perf_counter()
