@@ -179,6 +179,21 @@ def _show_masks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- review (Label Studio)
 
 
+def _add_push_flags(q: Any, default_title: str) -> None:
+    """``--push URL --token-env VAR --project-title T`` of a Label Studio task export."""
+    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
+    q.add_argument("--project-title", default=None, help=f"title of the project --push creates (default: {default_title})")
+
+
+def _add_export_source(q: Any) -> None:
+    """``EXPORT`` or ``--from-server URL --project ID --token-env VAR`` of a Label Studio import."""
+    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
+    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
+
+
 def _add_review_parser(sub: Any) -> None:
     """``thyme data review {export,import}``: manual review of records in Label Studio."""
     from ..config import add_fields
@@ -191,17 +206,12 @@ def _add_review_parser(sub: Any) -> None:
     q.add_argument("--out", required=True, help="folder for tasks.json and labeling_config.xml")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
     add_fields(q, ReviewConfig, ("image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
-    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
-    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme review <records stem>)")
+    _add_push_flags(q, "thyme review <records stem>")
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
     q = rsub.add_parser("import", help="apply a Label Studio JSON export: accepted records out, rejected ones with the reviewers' reasons")
-    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    _add_export_source(q)
     q.add_argument("--records", required=True, help="the records file the tasks were exported from")
-    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
-    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
     q.add_argument("--out", default=None, help="accepted records (default: <records stem>.accepted.jsonl beside the records)")
     q.add_argument("--rejected", default=None, help="rejected records with their reason (default: <out stem>.rejected.jsonl)")
     add_fields(q, ReviewConfig, ("min_annotators", "max_export_mb"))
@@ -313,17 +323,12 @@ def _add_annotate_parser(sub: Any) -> None:
     q.add_argument("images", help="a folder of images (walked recursively), one image, or a text file listing image paths (one a line)")
     q.add_argument("--out", required=True, help="folder for tasks.json, labeling_config.xml and skipped.jsonl")
     add_fields(q, AnnotateConfig, ("min_long_side", "image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
-    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
-    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme annotate <folder name>)")
+    _add_push_flags(q, "thyme annotate <folder name>")
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
     q = asub.add_parser("import", help="check a Label Studio JSON export and write RL records (with bbox, category, annotators)")
-    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    _add_export_source(q)
     q.add_argument("--out", required=True, help="RL records to write (JSONL)")
-    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
-    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
     q.add_argument("--rejected", default=None, help="rejected annotations with their reason (default: <out stem>.rejected.jsonl)")
     q.add_argument(
         "--images-root", default=None, help="the folder given to export (task image paths are relative to it; default: the current folder)"
