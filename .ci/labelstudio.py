@@ -93,6 +93,11 @@ def main() -> int:
     files.mkdir()
     env = dict(
         os.environ,
+        # one signing key for the server and the preparing process: unset, each Label Studio
+        # process that finds none in DATA/.env generates and appends its own, and when the server's
+        # start-up races itself the second annotator's JWT is signed with a key the server does not
+        # use ("Token is invalid" on /api/token/refresh/, seen in one CI run of three)
+        SECRET_KEY=secrets.token_urlsafe(50),
         LABEL_STUDIO_BASE_DATA_DIR=str(data),
         LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true",
         SENTRY_DSN="",

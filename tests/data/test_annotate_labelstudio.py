@@ -19,36 +19,15 @@ category + note from two annotators:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-URL = os.environ.get("THYME_LABEL_STUDIO_URL")
-TOKEN = os.environ.get("THYME_LABEL_STUDIO_TOKEN")
-TOKEN_2 = os.environ.get("THYME_LABEL_STUDIO_TOKEN_2")
-FILES_ROOT = os.environ.get("THYME_LABEL_STUDIO_FILES_ROOT")
-STRICT = os.environ.get("THYME_REQUIRE_LABEL_STUDIO") == "1"
+from .conftest import FILES_ROOT, STRICT, URL
+
 W, H = 2400, 600
-
-
-@pytest.fixture
-def server():
-    from thyme.data.labelstudio import LabelStudio
-
-    if not (URL and TOKEN and TOKEN_2):
-        msg = (
-            "no Label Studio server: set THYME_LABEL_STUDIO_URL, THYME_LABEL_STUDIO_TOKEN and THYME_LABEL_STUDIO_TOKEN_2"
-            " (make test-labelstudio does)"
-        )
-        if STRICT:
-            pytest.fail(msg + " [THYME_REQUIRE_LABEL_STUDIO=1]")
-        pytest.skip(msg)
-    one, two = LabelStudio(URL, TOKEN), LabelStudio(URL, TOKEN_2)
-    assert one.health(), f"Label Studio at {URL} does not answer /health"
-    return one, two
 
 
 def _photos(folder: Path) -> Path:

@@ -17,7 +17,6 @@ Annotations (two annotators, records from the corpus):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,29 +24,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import CORPUS, HAVE_CORPUS
-
-URL = os.environ.get("THYME_LABEL_STUDIO_URL")
-TOKEN = os.environ.get("THYME_LABEL_STUDIO_TOKEN")
-TOKEN_2 = os.environ.get("THYME_LABEL_STUDIO_TOKEN_2")
-FILES_ROOT = os.environ.get("THYME_LABEL_STUDIO_FILES_ROOT")
-STRICT = os.environ.get("THYME_REQUIRE_LABEL_STUDIO") == "1"
-
-
-@pytest.fixture
-def server():
-    from thyme.data.labelstudio import LabelStudio
-
-    if not (URL and TOKEN and TOKEN_2):
-        msg = (
-            "no Label Studio server: set THYME_LABEL_STUDIO_URL, THYME_LABEL_STUDIO_TOKEN and THYME_LABEL_STUDIO_TOKEN_2"
-            " (make test-labelstudio does)"
-        )
-        if STRICT:
-            pytest.fail(msg + " [THYME_REQUIRE_LABEL_STUDIO=1]")
-        pytest.skip(msg)
-    one, two = LabelStudio(URL, TOKEN), LabelStudio(URL, TOKEN_2)
-    assert one.health(), f"Label Studio at {URL} does not answer /health"
-    return one, two
+from .conftest import FILES_ROOT, STRICT, URL
 
 
 def _records(tmp: Path) -> tuple[Path, Path]:

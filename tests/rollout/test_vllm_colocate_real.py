@@ -59,25 +59,9 @@ def ckpt(tmp_path_factory):
 def llm(ckpt):
     """TRL 1.16's colocate construction (single process, ``external_launcher``), float32 so greedy
     decoding can be compared with transformers, plus the test script processor."""
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM
+    from thyme.testing.vllm_script import colocate_llm
 
-    from thyme.testing.vllm_script import ScriptedLogitsProcessor
-
-    llm = LLM(
-        model=str(ckpt),
-        max_model_len=8192,
-        enforce_eager=True,
-        distributed_executor_backend="external_launcher",
-        seed=0,
-        max_num_batched_tokens=4096,
-        dtype="float32",
-        limit_mm_per_prompt={"image": 6},
-        logits_processors=[ScriptedLogitsProcessor],
-    )
+    llm = colocate_llm(str(ckpt), dtype="float32")
     yield llm
     del llm
 
@@ -87,12 +71,6 @@ def proc(ckpt):
     from thyme.backends.processors import load_processor
 
     return load_processor(str(ckpt), min_pixels=3136, max_pixels=MAX_PIXELS)
-
-
-def _free_port() -> int:
-    from thyme.testing.vllm_server import free_port
-
-    return free_port()
 
 
 def _image(w=640, h=480):

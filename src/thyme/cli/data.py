@@ -179,6 +179,21 @@ def _show_masks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- review (Label Studio)
 
 
+def _add_push_flags(q: Any, default_title: str) -> None:
+    """``--push URL --token-env VAR --project-title T`` of a Label Studio task export."""
+    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
+    q.add_argument("--project-title", default=None, help=f"title of the project --push creates (default: {default_title})")
+
+
+def _add_export_source(q: Any) -> None:
+    """``EXPORT`` or ``--from-server URL --project ID --token-env VAR`` of a Label Studio import."""
+    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
+    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
+    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
+
+
 def _add_review_parser(sub: Any) -> None:
     """``thyme data review {export,import}``: manual review of records in Label Studio."""
     from ..config import add_fields
@@ -191,85 +206,99 @@ def _add_review_parser(sub: Any) -> None:
     q.add_argument("--out", required=True, help="folder for tasks.json and labeling_config.xml")
     q.add_argument("--images-root", default=None, help="folder relative image paths start from (default: the records file's folder)")
     add_fields(q, ReviewConfig, ("image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
-    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
-    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme review <records stem>)")
+    _add_push_flags(q, "thyme review <records stem>")
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
     q = rsub.add_parser("import", help="apply a Label Studio JSON export: accepted records out, rejected ones with the reviewers' reasons")
-    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    _add_export_source(q)
     q.add_argument("--records", required=True, help="the records file the tasks were exported from")
-    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
-    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
     q.add_argument("--out", default=None, help="accepted records (default: <records stem>.accepted.jsonl beside the records)")
     q.add_argument("--rejected", default=None, help="rejected records with their reason (default: <out stem>.rejected.jsonl)")
     add_fields(q, ReviewConfig, ("min_annotators", "max_export_mb"))
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
 
-def _review(args: argparse.Namespace) -> int:
+def _label_studio(url: str, token_env: str, flag: str) -> Any:
+    """The Label Studio client for ``url`` with the token from ``$token_env``; a clear error
+    naming ``flag`` when the variable is empty."""
     import os
 
+    from ..data.labelstudio import LabelStudio
+
+    token = os.environ.get(token_env) or ""
+    if not token:
+        raise ThymeError(f"{flag} needs a Label Studio API token in ${token_env}", "copy it from the server's Account & Settings page")
+    return LabelStudio(url, token)
+
+
+def _export_tasks(args: argparse.Namespace, title: str, label_config: str, image_mode: str, export: Any, fmt: Any) -> int:
+    """Run ``export(on_task)`` (a review or annotate export); with ``--push``, create the
+    project first and import its tasks in batches as they are written (then a local-files
+    storage when images are served that way); print the summary."""
+    client, pid, pushed, batch = None, None, [0], []
+    if args.push:
+        client = _label_studio(args.push, args.token_env, "--push")
+        pid = client.create_project((args.project_title or title)[:50], label_config)["id"]
+
+    def flush() -> None:
+        if batch:
+            pushed[0] += client.import_tasks(pid, batch)
+            batch.clear()
+
+    def on_task(task: dict[str, Any]) -> None:
+        batch.append(task)
+        if len(batch) >= client.limits.import_batch:
+            flush()
+
+    summary = export(on_task if client else None)
+    out: dict[str, Any] = summary.to_dict()
+    if client is not None:
+        flush()
+        out["project_id"], out["pushed"] = pid, pushed[0]
+        if image_mode == "local-files" and summary.images_folder:  # Label Studio serves files of a project's storages only
+            out["storage_id"] = client.add_local_storage(pid, summary.images_folder)["id"]
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print(fmt(summary))
+        if client is not None:
+            print(f"pushed {pushed[0]} task(s) to project {pid} at {args.push.rstrip('/')}/projects/{pid}")
+    return 0
+
+
+def _import_source(args: argparse.Namespace, out_path: str | Path) -> Any:
+    """The export to import: the file given, or (``--from-server URL --project ID``) the
+    project's export fetched from the server and kept beside the output as ``<out>.export.json``."""
+    if (args.export is None) == (args.from_server is None):
+        raise ThymeError("give either an export file or --from-server URL --project ID", "Label Studio: Export > JSON gives the file")
+    if not args.from_server:
+        return args.export
+    if args.project is None:
+        raise ThymeError("--from-server needs --project ID", "the id is in the project's URL (/projects/ID)")
+    export = _label_studio(args.from_server, args.token_env, "--from-server").export_project(args.project)
+    kept = Path(f"{Path(out_path).with_suffix('')}.export.json")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(export)
+    return export
+
+
+def _review(args: argparse.Namespace) -> int:
     from ..config import build
     from ..data import review
 
     cfg = build(review.ReviewConfig, None, args)
     if args.review_command == "export":
-        client, pid, pushed, batch = None, None, [0], []
-        if args.push:  # the project first, then the tasks in batches as they are written
-            from ..data.labelstudio import LabelStudio
-
-            token = os.environ.get(args.token_env) or ""
-            if not token:
-                hint = "copy it from the server's Account & Settings page"
-                raise ThymeError(f"--push needs a Label Studio API token in ${args.token_env}", hint)
-            client = LabelStudio(args.push, token)
-            title = (args.project_title or f"thyme review {Path(args.records).stem}")[:50]
-            pid = client.create_project(title, review.LABEL_CONFIG)["id"]
-
-        def flush() -> None:
-            if batch:
-                pushed[0] += client.import_tasks(pid, batch)
-                batch.clear()
-
-        def on_task(task: dict[str, Any]) -> None:
-            batch.append(task)
-            if len(batch) >= client.limits.import_batch:
-                flush()
-
-        summary = review.export_review(args.records, args.out, cfg, images_root=args.images_root, on_task=on_task if client else None)
-        out: dict[str, Any] = summary.to_dict()
-        if client is not None:
-            flush()
-            out["project_id"], out["pushed"] = pid, pushed[0]
-            if cfg.image_mode == "local-files" and summary.images_folder:  # Label Studio serves files of a project's storages only
-                out["storage_id"] = client.add_local_storage(pid, summary.images_folder)["id"]
-        if args.json:
-            print(json.dumps(out, ensure_ascii=False))
-        else:
-            print(review.format_export_summary(summary))
-            if client is not None:
-                print(f"pushed {pushed[0]} task(s) to project {pid} at {args.push.rstrip('/')}/projects/{pid}")
-        return 0
+        return _export_tasks(
+            args,
+            f"thyme review {Path(args.records).stem}",
+            review.LABEL_CONFIG,
+            cfg.image_mode,
+            lambda on_task: review.export_review(args.records, args.out, cfg, images_root=args.images_root, on_task=on_task),
+            review.format_export_summary,
+        )
     if args.review_command == "import":
         out_path = args.out or f"{Path(args.records).with_suffix('')}.accepted.jsonl"
-        export = args.export
-        if (export is None) == (args.from_server is None):
-            raise ThymeError("give either an export file or --from-server URL --project ID", "Label Studio: Export > JSON gives the file")
-        if args.from_server:
-            from ..data.labelstudio import LabelStudio
-
-            if args.project is None:
-                raise ThymeError("--from-server needs --project ID", "the id is in the project's URL (/projects/ID)")
-            token = os.environ.get(args.token_env) or ""
-            if not token:
-                hint = "copy it from the server's Account & Settings page"
-                raise ThymeError(f"--from-server needs a Label Studio API token in ${args.token_env}", hint)
-            export = LabelStudio(args.from_server, token).export_project(args.project)
-            kept = Path(f"{Path(out_path).with_suffix('')}.export.json")  # the decisions applied, kept beside the output
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_bytes(export)
+        export = _import_source(args, out_path)
         s = review.apply_review(export, args.records, out_path, args.rejected, cfg)
         print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else review.format_import_summary(s))
         return 0
@@ -294,17 +323,12 @@ def _add_annotate_parser(sub: Any) -> None:
     q.add_argument("images", help="a folder of images (walked recursively), one image, or a text file listing image paths (one a line)")
     q.add_argument("--out", required=True, help="folder for tasks.json, labeling_config.xml and skipped.jsonl")
     add_fields(q, AnnotateConfig, ("min_long_side", "image_mode", "local_files_root", "max_image_mb", "allow_absolute_paths"))
-    q.add_argument("--push", default=None, metavar="URL", help="also create a project on this Label Studio server and import the tasks")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --push")
-    q.add_argument("--project-title", default=None, help="title of the project --push creates (default: thyme annotate <folder name>)")
+    _add_push_flags(q, "thyme annotate <folder name>")
     q.add_argument("--json", action="store_true", help="print the totals as one JSON line")
 
     q = asub.add_parser("import", help="check a Label Studio JSON export and write RL records (with bbox, category, annotators)")
-    q.add_argument("export", nargs="?", default=None, help="Label Studio export (Export > JSON) of the project (or --from-server)")
+    _add_export_source(q)
     q.add_argument("--out", required=True, help="RL records to write (JSONL)")
-    q.add_argument("--from-server", default=None, metavar="URL", help="fetch the export of --project from this Label Studio server instead")
-    q.add_argument("--project", type=int, default=None, help="with --from-server: the project id (export --push prints it)")
-    q.add_argument("--token-env", default="LABEL_STUDIO_API_KEY", help="environment variable holding the API token for --from-server")
     q.add_argument("--rejected", default=None, help="rejected annotations with their reason (default: <out stem>.rejected.jsonl)")
     q.add_argument(
         "--images-root", default=None, help="the folder given to export (task image paths are relative to it; default: the current folder)"
@@ -318,61 +342,17 @@ def _annotate(args: argparse.Namespace) -> int:
     from ..data import annotate
 
     cfg = build(annotate.AnnotateConfig, None, args)
-
-    def client(url: str, flag: str) -> Any:
-        import os
-
-        from ..data.labelstudio import LabelStudio
-
-        token = os.environ.get(args.token_env) or ""
-        if not token:
-            raise ThymeError(
-                f"{flag} needs a Label Studio API token in ${args.token_env}", "copy it from the server's Account & Settings page"
-            )
-        return LabelStudio(url, token)
-
     if args.annotate_command == "export":
-        ls, pid, pushed, batch = None, None, [0], []
-        if args.push:  # the project first, then the tasks in batches as they are written
-            ls = client(args.push, "--push")
-            title = (args.project_title or f"thyme annotate {Path(args.images).resolve().name}")[:50]
-            pid = ls.create_project(title, annotate.LABEL_CONFIG)["id"]
-
-        def flush() -> None:
-            if batch:
-                pushed[0] += ls.import_tasks(pid, batch)
-                batch.clear()
-
-        def on_task(task: dict[str, Any]) -> None:
-            batch.append(task)
-            if len(batch) >= ls.limits.import_batch:
-                flush()
-
-        s = annotate.export_annotation(args.images, args.out, cfg, on_skip=annotate.print_skip, on_task=on_task if ls else None)
-        out: dict[str, Any] = s.to_dict()
-        if ls is not None:
-            flush()
-            out["project_id"], out["pushed"] = pid, pushed[0]
-            if cfg.image_mode == "local-files" and s.images_folder:  # Label Studio serves files of a project's storages only
-                out["storage_id"] = ls.add_local_storage(pid, s.images_folder)["id"]
-        if args.json:
-            print(json.dumps(out, ensure_ascii=False))
-        else:
-            print(annotate.format_export_summary(s))
-            if ls is not None:
-                print(f"pushed {pushed[0]} task(s) to project {pid} at {args.push.rstrip('/')}/projects/{pid}")
-        return 0
+        return _export_tasks(
+            args,
+            f"thyme annotate {Path(args.images).resolve().name}",
+            annotate.LABEL_CONFIG,
+            cfg.image_mode,
+            lambda on_task: annotate.export_annotation(args.images, args.out, cfg, on_skip=annotate.print_skip, on_task=on_task),
+            annotate.format_export_summary,
+        )
     if args.annotate_command == "import":
-        export = args.export
-        if (export is None) == (args.from_server is None):
-            raise ThymeError("give either an export file or --from-server URL --project ID", "Label Studio: Export > JSON gives the file")
-        if args.from_server:
-            if args.project is None:
-                raise ThymeError("--from-server needs --project ID", "the id is in the project's URL (/projects/ID)")
-            export = client(args.from_server, "--from-server").export_project(args.project)
-            kept = Path(f"{Path(args.out).with_suffix('')}.export.json")  # the annotations imported, kept beside the output
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_bytes(export)
+        export = _import_source(args, args.out)
         s = annotate.import_annotations(export, args.out, args.rejected, cfg, images_root=args.images_root)
         print(json.dumps(s.to_dict(), ensure_ascii=False) if args.json else annotate.format_import_summary(s))
         return 0

@@ -65,6 +65,7 @@ from ..imageio import ImageBudgetError, image_size, load_image, open_image
 from ..jsonl import ensure_writable, iter_lines_bounded
 from ..records import PathRefused, resolve_data_path, within
 from ..scoring.answers import bare, normalise_answer
+from .labelstudio import xml_attr
 from .review import ReviewConfig, clean_text, image_url, read_export, value_text
 
 #: The six categories of the paper (App. A), spelled as the labeling config offers them.
@@ -117,10 +118,6 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".t
 _EPS = 1e-6  # percent: Label Studio's float box edges may pass 100 by rounding
 
 
-def _xml_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 #: The labeling config (Label Studio XML): the image (zoomable), one box labelled ``target``,
 #: the question, the answer, the category (one of :data:`CATEGORIES`), a free note.
 LABEL_CONFIG = (
@@ -137,7 +134,7 @@ LABEL_CONFIG = (
     f'  <TextArea name="{ANSWER}" toName="{IMAGE}" maxSubmissions="1" editable="true" required="true"/>\n'
     '  <Header value="Category"/>\n'
     f'  <Choices name="{CATEGORY}" toName="{IMAGE}" choice="single" required="true" showInline="true">\n'
-    + "".join(f'    <Choice value="{_xml_escape(c)}"/>\n' for c in CATEGORIES)
+    + "".join(f'    <Choice value="{xml_attr(c)}"/>\n' for c in CATEGORIES)
     + "  </Choices>\n"
     f'  <TextArea name="{NOTE}" toName="{IMAGE}" placeholder="note (optional)" maxSubmissions="1" editable="true"/>\n'
     "</View>\n"

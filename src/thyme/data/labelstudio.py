@@ -297,6 +297,11 @@ class LabelStudio:
 # --------------------------------------------------------------------------- result items
 
 
+def xml_attr(s: str) -> str:
+    """``s`` escaped for a double-quoted attribute of a labeling config (XML)."""
+    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def choices_result(from_name: str, to_name: str, *choices: str) -> dict[str, Any]:
     """A ``Choices`` result item (what an annotator's click on a choice records)."""
     return {"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": list(choices)}}

@@ -60,6 +60,7 @@ from ..errors import RecordError, ThymeError
 from ..imageio import open_image
 from ..jsonl import ensure_writable, loads_bounded
 from ..records import Record, iter_records, within
+from .labelstudio import xml_attr
 
 #: The reject reasons offered (``reason`` of a rejected record); a team may edit the config, so
 #: import takes any short text.
@@ -86,10 +87,6 @@ _MAX_ANNOTATIONS = 1000
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
-def _xml_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 #: The labeling config (Label Studio XML): the record's question, images, response and answer,
 #: and the three controls (decision required; reason shown once "reject" is chosen; note).
 LABEL_CONFIG = (
@@ -109,7 +106,7 @@ LABEL_CONFIG = (
     f'  <View visibleWhen="choice-selected" whenTagName="{DECISION}" whenChoiceValue="{REJECT}">\n'
     '    <Header value="Reject reason"/>\n'
     f'    <Choices name="{REASON}" toName="question" choice="single">\n'
-    + "".join(f'      <Choice value="{_xml_escape(r)}"/>\n' for r in REJECT_REASONS)
+    + "".join(f'      <Choice value="{xml_attr(r)}"/>\n' for r in REJECT_REASONS)
     + "    </Choices>\n"
     "  </View>\n"
     f'  <TextArea name="{NOTE}" toName="question" placeholder="note (optional)" maxSubmissions="1" editable="true"/>\n'

@@ -60,3 +60,34 @@ class ScriptedLogitsProcessor(AdapterLogitsProcessor):
             mc = self._model_config
             self._tokenizer = AutoTokenizer.from_pretrained(getattr(mc, "tokenizer", None) or getattr(mc, "model", None))
         return self._tokenizer
+
+
+def colocate_llm(model: str, *, dtype: str = "bfloat16", max_model_len: int = 8192, max_images: int = 6) -> Any:
+    """An in-process ``vllm.LLM`` built as TRL 1.16's colocate mode builds it (one process,
+    ``distributed_executor_backend="external_launcher"``, ``max_num_batched_tokens`` 4096,
+    eager), with :class:`ScriptedLogitsProcessor` loaded; the single-rank ``torch.distributed``
+    variables, ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and 2 GiB of CPU KV cache are set unless
+    already set. For tests and benchmarks on vLLM's CPU build (``dtype="float32"`` to compare
+    greedy decoding with transformers)."""
+    import os
+
+    from vllm import LLM
+
+    from .vllm_server import free_port
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return LLM(
+        model=str(model),
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        distributed_executor_backend="external_launcher",
+        seed=0,
+        max_num_batched_tokens=4096,
+        dtype=dtype,
+        limit_mm_per_prompt={"image": max_images},
+        logits_processors=[ScriptedLogitsProcessor],
+    )

@@ -147,6 +147,7 @@ class _ProcessorATS(Engine):
         self.tokenizer = tokenizer
         self.ats_mode = ats
         self._resubmit = StopResubmitATS(self._raw, tokenizer)
+        self._pieces: dict[int, str] = {}  # token id -> its text (forced positions are read per token)
 
     def generate(self, rows: list[EngineRow], settings: SamplingSettings) -> list[EngineOutput]:
         if not settings.ats or settings.temperature == 0:
@@ -154,12 +155,17 @@ class _ProcessorATS(Engine):
         if self.ats_mode == "resubmit":
             return self._resubmit.generate(rows, settings)
         outs = self._raw(rows, settings, tuple(settings.stop), ats=True)
-        decode = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
         for r, o in zip(rows, outs):
-            o.forced = forced_positions(decode, o.token_ids, r.code_open)
+            o.forced = forced_positions(self._piece, o.token_ids, r.code_open)
             for k in o.forced:
                 o.logprobs[k] = NAN
         return outs
+
+    def _piece(self, tok: int) -> str:
+        piece = self._pieces.get(tok)
+        if piece is None:
+            piece = self._pieces[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return piece
 
     def _raw(self, rows: list[EngineRow], s: SamplingSettings, stop: tuple[str, ...], ats: bool = False) -> list[EngineOutput]:
         raise NotImplementedError
