@@ -12,8 +12,9 @@ Routes:
   ``finish_reason``, ``usage`` and the whole ``thyme`` trajectory.
 - ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text: requests, in flight,
   queued, rounds, sandbox and generation seconds, disconnects, errors by kind).
+- ``GET /``: the web demo (:mod:`thyme.serve.demo`; its static files need no key, its API calls do).
 
-Access: with an API key set, every request needs ``Authorization: Bearer KEY`` (401 otherwise;
+Access: with an API key set, every request (but the demo's static files) needs ``Authorization: Bearer KEY`` (401 otherwise;
 compared in constant time). Errors are OpenAI-shaped bodies ``{"error": {message, type,
 param, code}}``: 400 (a limit, named in ``param``), 401, 429 (``Retry-After``), 500 (the
 trajectory failed: its error without traceback).
@@ -33,8 +34,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from .demo import PUBLIC_PATHS, add_demo_routes
 from .inputs import RequestError
-from .service import Service, feedback_event, finish_reason, usage
+from .service import Service, finish_reason, usage
 
 
 def _max_body(service: Service) -> int:
@@ -57,7 +59,8 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     if api_key is not None:  # a plain ASGI layer (BaseHTTPMiddleware would hide client disconnects)
-        app.add_middleware(_BearerAuth, key=api_key, refuse=error)
+        app.add_middleware(_BearerAuth, key=api_key, refuse=error, public=PUBLIC_PATHS)
+    add_demo_routes(app)
 
     @app.get("/health")
     async def health() -> Any:
@@ -131,7 +134,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             if kind == "text":
                 loop.call_soon_threadsafe(queue.put_nowait, ("text", payload))
             elif kind == "feedback":
-                loop.call_soon_threadsafe(queue.put_nowait, ("feedback", feedback_event(payload)))
+                loop.call_soon_threadsafe(queue.put_nowait, ("feedback", payload))  # feedback_event(): built by the service
 
         fut = loop.run_in_executor(service.pool, service.answer, folder, parsed, cfg, limits, on_event, cancel)
         fut.add_done_callback(lambda _f: queue.put_nowait(("end", None)))
@@ -174,13 +177,14 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
 
 class _BearerAuth:
     """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` (compared in
-    constant time); otherwise ``refuse`` answers 401."""
+    constant time); otherwise ``refuse`` answers 401. ``public``: paths a ``GET`` / ``HEAD``
+    reaches without the key (the demo's static files)."""
 
-    def __init__(self, app: Any, *, key: str, refuse: Any):
-        self.app, self.key, self.refuse = app, key.encode(), refuse
+    def __init__(self, app: Any, *, key: str, refuse: Any, public: frozenset[str] = frozenset()):
+        self.app, self.key, self.refuse, self.public = app, key.encode(), refuse, public
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (scope.get("method") in ("GET", "HEAD") and scope.get("path") in self.public):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):

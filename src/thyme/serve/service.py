@@ -29,7 +29,10 @@ from typing import Any, Callable
 
 from ..agent import Agent, AgentConfig, Trajectory
 from ..backends.base import Backend
-from ..imageio import open_image_bytes
+from ..errors import ThymeError
+from ..imageio import image_size, open_image_bytes
+from ..protocol import CODE_START, extract_code
+from ..scoring.crops import crop_regions
 from .config import ServeConfig
 from .inputs import ParsedRequest, RequestError, parse_request
 
@@ -120,18 +123,46 @@ def data_url(path: str) -> str | None:
     return f"data:image/{mime};base64,{base64.b64encode(raw).decode('ascii')}"
 
 
-def feedback_event(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """A sandbox-output event (``thyme`` field of a stream chunk): its text and images as data URLs."""
+def input_size(images: list[str]) -> tuple[int, int] | None:
+    """``(width, height)`` of the first input image (the one crop regions refer to); None when there is none."""
+    try:
+        return image_size(images[0]) if images else None
+    except ThymeError:
+        return None
+
+
+def crop_boxes(code: str | None, size: tuple[int, int] | None, fixes: Any = ()) -> list[dict[str, Any]]:
+    """The regions of the first input image (``size`` = (W, H)) that ``code`` cropped, as
+    ``{"box": [left, top, right, bottom], "requested": [...] | None}`` in input pixels: the box
+    really cropped, and the one the code asked for when a sandbox repair (``fixes``) changed it
+    (:func:`thyme.scoring.crops.crop_regions`, what the HTML report draws; best effort)."""
+    if not code or size is None:
+        return []
+    regions = crop_regions(code, size, fixes if isinstance(fixes, list) else [])
+    return [{"box": list(r.box), "requested": list(r.requested) if r.requested else None} for r in regions]
+
+
+def feedback_event(
+    parts: list[dict[str, Any]], *, code: str | None = None, crops: list[dict[str, Any]] | None = None, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """A sandbox-output event (``thyme`` field of a stream chunk): its text and images as data
+    URLs, the code that ran, and the crop regions it read from the input image
+    (:func:`crop_boxes`, from the code alone: the last chunk's trajectory also applies the sandbox's repairs)."""
     return {
         "event": "sandbox_output",
+        "code": code,
         "text": "".join(p.get("text", "") for p in parts if p.get("type") == "text"),
         "images": [u for u in (data_url(p["image"]) for p in parts if p.get("type") == "image") if u],
+        "crops": crops or [],
+        "input_size": list(size) if size else None,
     }
 
 
 def trajectory_field(traj: Trajectory, limits: Limits) -> dict[str, Any]:
     """The response's ``thyme`` field: every round (text, code, printed output, error, sandbox
-    images as data URLs, repairs), the answer, the stop reason, the limits that applied."""
+    images as data URLs, repairs, crop regions of the first input image: :func:`crop_boxes`),
+    the input image's size, the answer, the stop reason, the limits that applied."""
+    size = input_size(traj.images)
     rounds = []
     for t in traj.turns:
         ex = t.execution or {}
@@ -150,6 +181,7 @@ def trajectory_field(traj: Trajectory, limits: Limits) -> dict[str, Any]:
                 "timed_out": ex.get("timed_out", False),
                 "images": [u for u in (data_url(p) for p in ex.get("images", [])) if u],
                 "repairs": list(ex.get("fixes", [])),
+                "crops": crop_boxes(t.code, size, ex.get("fixes") or []) if t.execution is not None else [],
                 "discarded": len(t.discarded),
             }
         )
@@ -159,6 +191,7 @@ def trajectory_field(traj: Trajectory, limits: Limits) -> dict[str, Any]:
         "stop_reason": traj.stop_reason,
         "error": short_error(traj.error),
         "rounds": rounds,
+        "input_size": list(size) if size else None,
         "timings": dict(traj.timings),
         "limits": dataclasses.asdict(limits),
     }
@@ -281,11 +314,22 @@ class Service:
         """Run one trajectory (blocking: in a worker thread). Failures are in the trajectory,
         never raised."""
 
+        size = input_size(parsed.images) if on_event is not None else None
+        said: list[str] = []  # the text since the last sandbox output: its last code block ran
+
         def events(_i: int, kind: str, payload: Any) -> None:
             if cancel.is_set():
                 raise Cancelled("the client went away")
-            if on_event is not None:
-                on_event(kind, payload)
+            if on_event is None:
+                return
+            if kind == "text":
+                said.append(payload)
+            elif kind == "feedback":
+                text = "".join(said)
+                said.clear()
+                code = extract_code(text[text.rfind(CODE_START) :]) if CODE_START in text else None
+                payload = feedback_event(payload, code=code, crops=crop_boxes(code, size), size=size)
+            on_event(kind, payload)
 
         t0 = time.perf_counter()
         with Agent(self.backend, self.sandbox, cfg, artifacts_dir=folder / "outputs") as agent:
