@@ -35,6 +35,8 @@ CROP_STEP = (
     f"<think>Zoom in on the sign. {HOSTILE}\n<code>\n```python\nfrom PIL import Image\nimg = Image.open(image_path)\n"
     f"img.crop({BOX}).save('/mnt/data/temp_processed_images/crop.png')\n```\n</code>"
 )
+PRINTED = "<img src=y onerror=window.__pwned=3>"  # printed by the code: sandbox output is hostile too
+PRINT_STEP = f"<think>Look first.\n<code>\n```python\nprint({PRINTED!r})\n```\n</code>"
 ANSWER_STEP = "<think>The sign reads <script>window.__pwned=2</script> STOP.</think>\n<answer>B</answer>"
 
 
@@ -107,7 +109,7 @@ def test_the_page_streams_the_reasoning_the_sandbox_image_its_crop_and_the_answe
     from thyme.testing.scripted import ScriptedBackend
 
     image = _input_image(tmp_path)
-    backend = ScriptedBackend(tokenizer, [CROP_STEP, ANSWER_STEP])
+    backend = ScriptedBackend(tokenizer, [PRINT_STEP, CROP_STEP, ANSWER_STEP])
     with running_server(backend, sandbox) as srv:
         page, problems = _open(browser, srv.url)
         _ask(page, image)
@@ -115,9 +117,13 @@ def test_the_page_streams_the_reasoning_the_sandbox_image_its_crop_and_the_answe
         assert page.text_content("#answer") == "B"
         assert page.text_content("#status") == "Done."
         assert page.is_hidden("#error")
-        # the code block and its sandbox image: the crop itself, 200x120 pixels, from a data: URL
-        step = page.locator("#log .step")
-        assert step.count() == 1
+        # each code block with its printed output or its sandbox image
+        steps = page.locator("#log .step")
+        assert steps.count() == 2
+        assert steps.nth(0).locator("pre.code").text_content() == f"print({PRINTED!r})"
+        printed = steps.nth(0).locator("pre.output").text_content()
+        assert printed.replace("\u200b", "") == PRINTED  # as the model saw it (its tags neutralised with a zero-width space)
+        step = steps.nth(1)  # the crop itself, 200x120 pixels, from a data: URL
         assert f"img.crop({BOX})" in step.locator("pre.code").text_content()
         out = step.locator("img")
         assert out.count() == 1
@@ -128,7 +134,7 @@ def test_the_page_streams_the_reasoning_the_sandbox_image_its_crop_and_the_answe
         rect = page.locator("#crops rect.crop")
         assert rect.count() == 1
         assert [rect.get_attribute(a) for a in ("x", "y", "width", "height")] == ["100", "40", "200", "120"]
-        assert page.text_content("#crops text") == "1"
+        assert page.text_content("#crops text") == "2"  # numbered by code block
         # hostile model text is shown as text, never run or parsed as markup
         reasoning = page.text_content("#log")
         assert HOSTILE in reasoning and "<script>window.__pwned=2</script>" in reasoning
@@ -216,3 +222,46 @@ def test_crop_regions_are_in_the_trajectory_and_the_sandbox_events(tokenizer, sa
     assert "img.crop((40, 30, 100, 90))" in out["code"] and out["input_size"] == [64, 48]
     assert out["crops"] == [{"box": [40, 30, 64, 48], "requested": None}]  # from the code alone: clipped to the image
     assert events[-1]["event"] == "done" and events[-1]["rounds"][0]["crops"] == field["rounds"][0]["crops"]
+
+
+@pytest.fixture(scope="module")
+def tiny_serve(tiny_checkpoint, tmp_path_factory):
+    """``thyme serve --model TINY`` (the hf backend, a tiny random checkpoint) in its own process; yields its URL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = tmp_path_factory.mktemp("demo-serve")
+    port_file, log = d / "port", open(d / "log", "w+")
+    cmd = [sys.executable, "-m", "thyme.cli", "serve", "--model", str(tiny_checkpoint), "--port", "0", "--port-file", str(port_file)]
+    cmd += ["--served-model-name", "tiny", "--max-new-tokens", "12", "--max-rounds", "2", "--max-pixels", "12544"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "THYME_SERVE_API_KEY": ""})
+    try:
+        deadline = time.monotonic() + 240
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"thyme serve did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+
+
+@pytest.mark.slow
+def test_the_page_runs_a_tiny_checkpoint_through_the_serve_command(browser, tiny_serve, tmp_path):
+    page, problems = _open(browser, tiny_serve)
+    _ask(page, _input_image(tmp_path))
+    page.wait_for_selector("#answer-box:not([hidden])", timeout=180_000)
+    assert page.is_hidden("#error") and page.text_content("#status") == "Done."
+    reason = page.text_content("#stop-reason")
+    assert reason.startswith("stop reason: ") and reason != "stop reason: error"
+    assert page.text_content("#log").strip()  # the model's (random) text streamed in
+    assert not problems, problems
