@@ -5,7 +5,8 @@ The request is hostile (threat model: servers face any client). What is read, an
 - the **last** ``user`` message: its ``text`` parts joined are the question, its
   ``image_url`` parts the images, in order (earlier turns and ``system`` messages are not
   used: Thyme's released prompt is the system side);
-- an image is a ``data:image/...;base64,`` URL; a local path (``/abs/path`` or ``file://``)
+- an image is a ``data:image/...;base64,`` URL; a local path (``/abs/path`` or ``file://``,
+  percent-encoded or raw as VLMEvalKit's ``--local-media`` sends it: :func:`_file_url_path`)
   only when it resolves (symlinks followed) under one of the ``--allow-path`` roots; an
   ``http(s)://`` URL only with ``--allow-url-fetch``, fetched through :mod:`thyme.http`
   (deadline, size cap, no redirects), and only from a host whose addresses are all public
@@ -148,17 +149,48 @@ def _image_bytes(url: str, cfg: ServeConfig, i: int) -> tuple[bytes, str]:
             )
         return _fetch(url, cfg, name), name
     if parsed.scheme == "file" or (not parsed.scheme and url.startswith("/")):
-        path = unquote(parsed.path) if parsed.scheme == "file" else url
+        path = _file_url_path(url, parsed.path, cfg, name) if parsed.scheme == "file" else url
         return _read_local(path, cfg, name), name
     raise RequestError(f"{name}: unsupported image reference (use a data URL, an allowed local path, or an http(s) URL)", param="messages")
+
+
+def _under_root(path: str, cfg: ServeConfig) -> str | None:
+    """``path``'s real path (symlinks followed) when it lies under an ``allow_path`` root, else None."""
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(r) for r in cfg.allow_path]
+    return real if any(os.path.commonpath([real, r]) == r for r in roots) else None
+
+
+def _file_url_path(url: str, parsed_path: str, cfg: ServeConfig, name: str) -> str:
+    """The local path a ``file:`` URL names.
+
+    RFC 8089 percent-encodes the path (``parsed_path``, decoded: ``?`` and ``#`` end it); VLMEvalKit's
+    ``--local-media`` pastes the raw path after ``file://`` (``vlmeval/api/lmdeploy.py``,
+    ``f"file://{Path(p).resolve()}"``), so a space, ``#``, ``?`` or ``%`` may be part of the file
+    name. The raw text is used when it names a regular file under an ``allow_path`` root (no
+    existence is probed outside the roots), else the RFC reading.
+
+    Raises:
+        RequestError: the URL names another host than this machine.
+    """
+    rest = url[len("file:") :]
+    if rest.startswith("//"):
+        host, slash, tail = rest[2:].partition("/")
+        if host.lower() not in ("", "localhost"):
+            raise RequestError(f"{name}: a file URL must name this machine (file:///path), not the host {host!r}", param="messages")
+        rest = slash + tail
+    if cfg.allow_path and rest.startswith("/") and rest != unquote(parsed_path):
+        real = _under_root(rest, cfg)
+        if real is not None and os.path.isfile(real):
+            return rest
+    return unquote(parsed_path)
 
 
 def _read_local(path: str, cfg: ServeConfig, name: str) -> bytes:
     if not cfg.allow_path:
         raise RequestError(f"{name}: local image paths are not read by this server (no allow_path root)", param="allow_path")
-    real = os.path.realpath(path)
-    roots = [os.path.realpath(r) for r in cfg.allow_path]
-    if not any(os.path.commonpath([real, r]) == r for r in roots):
+    real = _under_root(path, cfg)
+    if real is None:
         raise RequestError(f"{name}: the path {path!r} is not under an allowed root (allow_path)", param="allow_path")
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
