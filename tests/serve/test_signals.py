@@ -73,7 +73,10 @@ def test_a_signal_drains_the_request_in_flight_then_stops(sig, status, tiny_chec
     log = tmp_path / "log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tiny_checkpoint), str(tmp_path), ANSWER], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ)
+            [sys.executable, "-c", CHILD, str(tiny_checkpoint), str(tmp_path), ANSWER],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
         )
     try:
         _until(lambda: (tmp_path / "port").exists(), "the server did not start", proc, log)

@@ -107,7 +107,9 @@ def test_a_path_outside_the_allowed_root_is_refused_with_400(scripted, sandbox, 
             post_with_openai_sdk(srv.url + "/v1", vlmevalkit_payload("thyme-test", [str(secret)], QUESTION))
         assert e.value.body["param"] == "allow_path"
     with running_server(scripted, sandbox) as srv:  # no --allow-path at all: no local file is read
-        r = post_like_vlmevalkit(srv.url + "/v1", vlmevalkit_payload("thyme-test", [str(lmudata / "images" / "MMStar" / "17.jpg")], QUESTION))
+        r = post_like_vlmevalkit(
+            srv.url + "/v1", vlmevalkit_payload("thyme-test", [str(lmudata / "images" / "MMStar" / "17.jpg")], QUESTION)
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "allow_path"
     assert not scripted.requests  # nothing reached the model
 

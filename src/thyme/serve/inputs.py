@@ -10,8 +10,9 @@ The request is hostile (threat model: servers face any client). What is read, an
   only when it resolves (symlinks followed) under one of the ``--allow-path`` roots; an
   ``http(s)://`` URL only with ``--allow-url-fetch``, fetched through :mod:`thyme.http`
   (deadline, size cap, no redirects), and only from a host whose addresses are all public
-  unless ``--allow-private-urls`` (the host is resolved here and again by the client: DNS
-  rebinding between the two is not prevented);
+  unless ``--allow-private-urls`` (the host is resolved once and the connection goes to a
+  checked address: :func:`thyme.http.fetch`'s ``allow_address``, so DNS rebinding cannot reach
+  a private one);
 - every image's encoded size (``max_image_bytes``) is checked before it is decoded, its
   header against ``max_image_pixels`` and :mod:`thyme.imageio`'s budgets (no pixel decoded
   here), and its format is one :mod:`thyme.imageio` accepts; it is then written to the
@@ -211,34 +212,21 @@ def _regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-def _check_public(url: str, cfg: ServeConfig, name: str) -> None:
-    """Refuse a URL whose host is (or resolves to) a non-global address, unless allow_private_urls."""
-    import ipaddress
-    import socket
-
-    if cfg.allow_private_urls:
-        return
-    host = urlparse(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as e:
-        raise RequestError(f"{name}: cannot resolve the host of {url} ({e})", param="messages") from None
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not addr.is_global:
-            raise RequestError(
-                f"{name}: {url} names a non-public address ({addr}); this server fetches only public hosts (allow_private_urls)",
-                param="allow_private_urls",
-            )
-
-
 def _fetch(url: str, cfg: ServeConfig, name: str) -> bytes:
-    from ..http import HTTPFailure, HTTPLimits, ResponseTooLarge, fetch_sync
+    """GET an image URL through :mod:`thyme.http`: unless ``allow_private_urls``, the host is
+    resolved once, every address must be public, and the connection goes to a checked address
+    (``allow_address``: DNS rebinding between the check and the connection cannot send it to a
+    private one)."""
+    from ..http import AddressRefused, HTTPFailure, HTTPLimits, ResponseTooLarge, fetch_sync, is_public_address
 
-    _check_public(url, cfg, name)
     limits = HTTPLimits(deadline_s=cfg.fetch_timeout_s, connect_s=min(10.0, cfg.fetch_timeout_s), max_response_bytes=cfg.max_image_bytes)
     try:
-        r = fetch_sync("GET", url, limits)
+        r = fetch_sync("GET", url, limits, allow_address=None if cfg.allow_private_urls else is_public_address)
+    except AddressRefused as e:
+        raise RequestError(
+            f"{name}: {url} names a non-public address ({e.address}); this server fetches only public hosts (allow_private_urls)",
+            param="allow_private_urls",
+        ) from None
     except ResponseTooLarge:
         raise _too_big(name, cfg) from None
     except HTTPFailure as e:
