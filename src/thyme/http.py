@@ -26,7 +26,9 @@ accepting, or answer garbage. Every request made here therefore has:
   **once**, every address it resolves to is checked (one refused address refuses the request:
   :class:`AddressRefused`), and the connection goes to a checked address (the URL's host replaced
   by the address; the ``Host`` header and TLS SNI / certificate check keep the name), so a second
-  DNS answer (DNS rebinding) is never used.
+  DNS answer (DNS rebinding) is never used. Through a proxy, the proxy is sent the checked
+  address too; an ``https`` URL through a CONNECT proxy then fails its certificate check
+  (httpcore's tunnel verifies the address, not the name): fetch such hosts directly (``NO_PROXY``).
 - **one proxy policy** (:func:`resolve_proxy`, the ``proxy`` setting of each caller's config):
   ``"env"`` (default) honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` and ``NO_PROXY``
   (upper or lower case) the same way for every call; loopback hosts (``localhost``,
