@@ -155,3 +155,30 @@ def test_is_public_address(addr, public):
     import ipaddress
 
     assert is_public_address(ipaddress.ip_address(addr)) is public
+
+
+def test_https_keeps_the_name_for_sni_and_an_ipv6_address_is_bracketed(monkeypatch):
+    """What reaches the transport: the checked address in the URL (IPv6 in brackets), the name
+    in ``Host`` and, for https, in ``sni_hostname`` (TLS SNI and the certificate check)."""
+    import asyncio
+
+    import httpx
+
+    from thyme.http import fetch
+
+    v6 = "2606:2800:220:1:248:1893:25c8:1946"
+    calls = rebinding_resolver(monkeypatch, "v6.test", [[v6], ["::1"]])
+    seen = []
+
+    def handler(request):
+        seen.append((str(request.url), request.headers["host"], request.extensions.get("sni_hostname")))
+        return httpx.Response(200, content=b"ok")
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await fetch(client, "GET", "https://v6.test:8443/a.png?x=1", HTTPLimits(deadline_s=5), allow_address=is_public_address)
+
+    r = asyncio.run(go())
+    assert r.body == b"ok" and r.url == "https://v6.test:8443/a.png?x=1"
+    assert seen == [(f"https://[{v6}]:8443/a.png?x=1", "v6.test:8443", "v6.test")]
+    assert len(calls) == 1
