@@ -5,12 +5,14 @@ The request is hostile (threat model: servers face any client). What is read, an
 - the **last** ``user`` message: its ``text`` parts joined are the question, its
   ``image_url`` parts the images, in order (earlier turns and ``system`` messages are not
   used: Thyme's released prompt is the system side);
-- an image is a ``data:image/...;base64,`` URL; a local path (``/abs/path`` or ``file://``)
+- an image is a ``data:image/...;base64,`` URL; a local path (``/abs/path`` or ``file://``,
+  percent-encoded or raw as VLMEvalKit's ``--local-media`` sends it: :func:`_file_url_path`)
   only when it resolves (symlinks followed) under one of the ``--allow-path`` roots; an
   ``http(s)://`` URL only with ``--allow-url-fetch``, fetched through :mod:`thyme.http`
   (deadline, size cap, no redirects), and only from a host whose addresses are all public
-  unless ``--allow-private-urls`` (the host is resolved here and again by the client: DNS
-  rebinding between the two is not prevented);
+  unless ``--allow-private-urls`` (the host is resolved once and the connection goes to a
+  checked address: :func:`thyme.http.fetch`'s ``allow_address``, so DNS rebinding cannot reach
+  a private one);
 - every image's encoded size (``max_image_bytes``) is checked before it is decoded, its
   header against ``max_image_pixels`` and :mod:`thyme.imageio`'s budgets (no pixel decoded
   here), and its format is one :mod:`thyme.imageio` accepts; it is then written to the
@@ -148,17 +150,48 @@ def _image_bytes(url: str, cfg: ServeConfig, i: int) -> tuple[bytes, str]:
             )
         return _fetch(url, cfg, name), name
     if parsed.scheme == "file" or (not parsed.scheme and url.startswith("/")):
-        path = unquote(parsed.path) if parsed.scheme == "file" else url
+        path = _file_url_path(url, parsed.path, cfg, name) if parsed.scheme == "file" else url
         return _read_local(path, cfg, name), name
     raise RequestError(f"{name}: unsupported image reference (use a data URL, an allowed local path, or an http(s) URL)", param="messages")
+
+
+def _under_root(path: str, cfg: ServeConfig) -> str | None:
+    """``path``'s real path (symlinks followed) when it lies under an ``allow_path`` root, else None."""
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(r) for r in cfg.allow_path]
+    return real if any(os.path.commonpath([real, r]) == r for r in roots) else None
+
+
+def _file_url_path(url: str, parsed_path: str, cfg: ServeConfig, name: str) -> str:
+    """The local path a ``file:`` URL names.
+
+    RFC 8089 percent-encodes the path (``parsed_path``, decoded: ``?`` and ``#`` end it); VLMEvalKit's
+    ``--local-media`` pastes the raw path after ``file://`` (``vlmeval/api/lmdeploy.py``,
+    ``f"file://{Path(p).resolve()}"``), so a space, ``#``, ``?`` or ``%`` may be part of the file
+    name. The raw text is used when it names a regular file under an ``allow_path`` root (no
+    existence is probed outside the roots), else the RFC reading.
+
+    Raises:
+        RequestError: the URL names another host than this machine.
+    """
+    rest = url[len("file:") :]
+    if rest.startswith("//"):
+        host, slash, tail = rest[2:].partition("/")
+        if host.lower() not in ("", "localhost"):
+            raise RequestError(f"{name}: a file URL must name this machine (file:///path), not the host {host!r}", param="messages")
+        rest = slash + tail
+    if cfg.allow_path and rest.startswith("/") and rest != unquote(parsed_path):
+        real = _under_root(rest, cfg)
+        if real is not None and os.path.isfile(real):
+            return rest
+    return unquote(parsed_path)
 
 
 def _read_local(path: str, cfg: ServeConfig, name: str) -> bytes:
     if not cfg.allow_path:
         raise RequestError(f"{name}: local image paths are not read by this server (no allow_path root)", param="allow_path")
-    real = os.path.realpath(path)
-    roots = [os.path.realpath(r) for r in cfg.allow_path]
-    if not any(os.path.commonpath([real, r]) == r for r in roots):
+    real = _under_root(path, cfg)
+    if real is None:
         raise RequestError(f"{name}: the path {path!r} is not under an allowed root (allow_path)", param="allow_path")
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -179,34 +212,21 @@ def _regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-def _check_public(url: str, cfg: ServeConfig, name: str) -> None:
-    """Refuse a URL whose host is (or resolves to) a non-global address, unless allow_private_urls."""
-    import ipaddress
-    import socket
-
-    if cfg.allow_private_urls:
-        return
-    host = urlparse(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as e:
-        raise RequestError(f"{name}: cannot resolve the host of {url} ({e})", param="messages") from None
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not addr.is_global:
-            raise RequestError(
-                f"{name}: {url} names a non-public address ({addr}); this server fetches only public hosts (allow_private_urls)",
-                param="allow_private_urls",
-            )
-
-
 def _fetch(url: str, cfg: ServeConfig, name: str) -> bytes:
-    from ..http import HTTPFailure, HTTPLimits, ResponseTooLarge, fetch_sync
+    """GET an image URL through :mod:`thyme.http`: unless ``allow_private_urls``, the host is
+    resolved once, every address must be public, and the connection goes to a checked address
+    (``allow_address``: DNS rebinding between the check and the connection cannot send it to a
+    private one)."""
+    from ..http import AddressRefused, HTTPFailure, HTTPLimits, ResponseTooLarge, fetch_sync, is_public_address
 
-    _check_public(url, cfg, name)
     limits = HTTPLimits(deadline_s=cfg.fetch_timeout_s, connect_s=min(10.0, cfg.fetch_timeout_s), max_response_bytes=cfg.max_image_bytes)
     try:
-        r = fetch_sync("GET", url, limits)
+        r = fetch_sync("GET", url, limits, allow_address=None if cfg.allow_private_urls else is_public_address)
+    except AddressRefused as e:
+        raise RequestError(
+            f"{name}: {url} names a non-public address ({e.address}); this server fetches only public hosts (allow_private_urls)",
+            param="allow_private_urls",
+        ) from None
     except ResponseTooLarge:
         raise _too_big(name, cfg) from None
     except HTTPFailure as e:
