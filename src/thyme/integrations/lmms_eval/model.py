@@ -66,7 +66,15 @@ class ThymeAgent(lmms):
             except Exception as e:  # noqa: BLE001 - the doc is answered "" and logged by the session
                 items.append(Item(key, error=f"doc {doc_id} of {task}/{split} not found ({type(e).__name__}: {e})", meta={"task": task}))
                 continue
-            items.append(self.session.item(key, task, doc, lambda d=doc, f=doc_to_messages: f(d), meta={"split": split, "doc_id": doc_id}))
+            items.append(
+                self.session.item(
+                    key,
+                    task,
+                    doc,
+                    lambda d=doc, f=doc_to_messages: f(d),
+                    meta={"split": str(split), "doc_id": doc_id if isinstance(doc_id, (int, str)) else str(doc_id)},
+                )
+            )
         return self.session.answer(items)
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
