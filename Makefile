@@ -130,14 +130,13 @@ test-vllm: venv venv-vllm
 
 # lmms-eval (the thyme_agent model plugin: thyme.integrations.lmms_eval) in its own environment:
 # it pins wandb==0.25.0 and av<16, and pulls PyPI's torchvision, a CUDA build whose import fails
-# beside the CPU torch (and lmms_eval.api.registry imports it): the tested pins hold, lmms-eval
-# is pinned, torchvision is removed after the install; its evaluator imports filelock._api, gone
-# in filelock 4, hence filelock<4 (docs/lmms-eval.md). ~2 min, ~2.5 GB. thyme goes in without
-# dependencies beyond the core's and the dev/eval/testing extras; its entry point
-# (lmms_eval.models: thyme_agent) registers the plugin with that lmms-eval.
+# beside the CPU torch (and lmms_eval.api.registry imports it). The tested pins hold; the extra
+# lmms-eval pins lmms-eval==0.7.3 and filelock<4 (4.x lacks the filelock._api its evaluator
+# imports); torchvision is removed after the install (docs/lmms-eval.md). ~1.5-2 min, ~2.5 GB.
+# thyme goes in without dependencies beyond the core's and the dev/eval/testing extras; its entry
+# point (lmms_eval.models: thyme_agent) registers the plugin with that lmms-eval.
 LMMS_VENV := .venv-lmms-eval
 LMMS_BIN := $(LMMS_VENV)/bin
-LMMS_VERSION ?= 0.7.3
 # the plugin's settings and session, the plugin in lmms-eval, and the local task run by lmms-eval
 # (with the plugin, and with lmms-eval's openai model against thyme serve) against thyme eval
 LMMS_TESTS := tests/integrations/test_lmms_eval_settings.py tests/integrations/test_lmms_eval_plugin.py tests/integrations/test_lmms_eval_run.py
@@ -146,8 +145,8 @@ $(LMMS_BIN)/thyme: pyproject.toml constraints.txt .ci/verl_requirements.py
 	test -x $(LMMS_BIN)/python || $(PY) -m venv $(LMMS_VENV)
 	$(LMMS_BIN)/pip install -q --upgrade pip
 	$(LMMS_BIN)/pip install -q -c constraints.txt torch
-	$(LMMS_BIN)/python .ci/verl_requirements.py dev eval testing > $(LMMS_VENV)/requirements.txt
-	$(LMMS_BIN)/pip install -q -c constraints.txt 'lmms-eval==$(LMMS_VERSION)' 'filelock<4' -r $(LMMS_VENV)/requirements.txt
+	$(LMMS_BIN)/python .ci/verl_requirements.py dev eval testing lmms-eval > $(LMMS_VENV)/requirements.txt
+	$(LMMS_BIN)/pip install -q -c constraints.txt -r $(LMMS_VENV)/requirements.txt
 	$(LMMS_BIN)/pip uninstall -q -y torchvision
 	$(LMMS_BIN)/pip install -q --no-deps -e .
 	touch $(LMMS_BIN)/thyme
