@@ -106,8 +106,12 @@ def test_the_plan_follows_the_config_then_model_args(tmp_path, monkeypatch):
     p = plan(LmmsEvalSettings(model="served", base_url="http://127.0.0.1:9/v1", concurrency=5))
     assert p.kind == "openai" and p.backend_options["api_key"] == "sk-secret"
     assert p.backend_options["concurrency"] == 5 and p.concurrency == 5
-    assert p.backend_config == {}  # the reference's budget: OpenAIConfig's defaults (Qwen2.5-VL processor)
-    assert "sk-secret" not in json.dumps(p.describe())
+    assert p.backend_config == {} and "sk-secret" not in json.dumps(p.describe())
+    from thyme.rollout.registry import build_backend
+
+    with build_backend(p.kind, p.backend_config, **p.backend_options) as backend:  # nothing is sent yet
+        # no budget given: the reference's (Qwen2.5-VL's processor), not lmms-eval's 200704 .. 1605632
+        assert (backend.config.min_pixels, backend.config.max_pixels) == (3136, 12845056)
 
 
 def test_bad_plans_are_refused(tmp_path):
