@@ -101,6 +101,7 @@ def test_the_plan_follows_the_config_then_model_args(tmp_path, monkeypatch):
     assert (p.agent.max_rounds, p.agent.shown_path, p.sandbox.timeout_s) == (2, "/mnt/data/x.png", 7)
     assert (p.concurrency, p.schedule) == (3, "independent")
     assert any("section 'judge'" in n for n in notes)
+    assert any("eval settings ['benchmark'] are not used" in n for n in notes)
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     p = plan(LmmsEvalSettings(model="served", base_url="http://127.0.0.1:9/v1", concurrency=5))

@@ -44,6 +44,8 @@ MODEL_NAME = "thyme_agent"
 SECTIONS = ("eval", "agent", "sandbox", "model", "images")
 #: Sections a thyme config may have that the plugin ignores (with a note).
 IGNORED_SECTIONS = ("judge", "serve")
+#: The ``eval`` section's settings the plugin uses (the others name thyme eval's data and output).
+EVAL_KEYS = ("concurrency", "schedule")
 #: model_args lmms-eval itself adds (``--batch_size``, ``--device``): accepted, not used.
 LMMS_EVAL_ARGS = ("batch_size", "max_batch_size", "device")
 
@@ -215,6 +217,9 @@ def plan(settings: LmmsEvalSettings, *, log: Callable[[str], None] | None = None
 
     sections = load_sections(settings.config, log=log)
     eval_cfg = build(EvalConfig, sections.get("eval"), section_name="eval")
+    unused = sorted(k for k, v in (sections.get("eval") or {}).items() if v is not None and k not in EVAL_KEYS)
+    if unused and log is not None:
+        log(f"thyme_agent: {settings.config}: eval settings {unused} are not used under lmms-eval (only {', '.join(EVAL_KEYS)})")
     if settings.backend:
         name = settings.backend
     elif settings.base_url:
