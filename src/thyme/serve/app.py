@@ -4,7 +4,9 @@ Routes:
 
 - ``POST /v1/chat/completions``: the whole Thyme loop per request (:mod:`thyme.serve.service`);
   ``choices[0].message.content`` is the answer (``content: full``: the whole response text),
-  the extra field ``thyme`` the trajectory, ``usage`` the generated tokens. ``stream: true``:
+  the extra field ``thyme`` the trajectory, ``usage`` the model tokens (prompt and completion,
+  summed over the rounds, as the backend reported them). The request's ``model`` must be the
+  served name (or be left out): another gets 404 ``model_not_found``. ``stream: true``:
   server-sent events, ``data: {chunk}`` lines then ``data: [DONE]``: the model's text as
   ``delta.reasoning_content`` deltas (``delta.content`` when ``content: full``), each sandbox
   output as a chunk whose ``thyme`` field is the event (plain clients ignore it), the answer
@@ -15,8 +17,10 @@ Routes:
 
 Access: with an API key set, every request needs ``Authorization: Bearer KEY`` (401 otherwise;
 compared in constant time). Errors are OpenAI-shaped bodies ``{"error": {message, type,
-param, code}}``: 400 (a limit, named in ``param``), 401, 429 (``Retry-After``), 500 (the
-trajectory failed: its error without traceback).
+param, code}}``: 400 (a limit, named in ``param``), 401, 404 (``model_not_found``), 429
+(``Retry-After``), 500 (the trajectory failed: its error without traceback). A client that
+goes away before its trajectory starts (queued, or before the first byte of its stream) runs
+none; one that goes away later stops its trajectory at the next model or sandbox event.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .inputs import RequestError
 from .service import Service, feedback_event, finish_reason, usage
@@ -78,6 +82,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             body = await _read_json(request, _max_body(service))
             if body.get("n") not in (None, 1):
                 raise RequestError("only n=1 is served (one trajectory per request)", param="n")
+            check_model(body.get("model"), service.model_name)
             await service.acquire()
         except RequestError as e:
             return error(e)
@@ -88,6 +93,11 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             if isinstance(e, RequestError):
                 return error(e)
             raise
+        if await request.is_disconnected():  # gone while queued or prepared: run nothing for nobody
+            shutil.rmtree(folder, ignore_errors=True)
+            service.release()
+            service.counts["disconnected"] += 1
+            return Response(status_code=499)
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         reply = _Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), service.model_name, service.config.content)
@@ -165,11 +175,63 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                     cancel.set()  # the client went away: the trajectory stops at its next event
                     service.counts["disconnected"] += 1
 
+        def never_streamed() -> None:
+            """The response ended before the stream's generator ran (the client went away
+            before the first byte: Starlette cancels an unstarted generator, whose ``finally``
+            then never runs): stop the trajectory here."""
+            if not cancel.is_set() and not fut.done():
+                cancel.set()
+                service.counts["disconnected"] += 1
+
         # the session is freed when the trajectory ends, whether or not the stream was read
         finish(fut)
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(
+            stream(), never_streamed, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app
+
+
+def check_model(model: Any, served: str) -> None:
+    """The request's ``model`` must be the served name; an omitted one (``None``) means it too
+    (curl users and the demo page need not know it; OpenAI SDKs always send one).
+
+    Raises:
+        RequestError: 404 ``model_not_found`` naming the served model (OpenAI's answer to an
+            unknown model), 400 when ``model`` is not a string.
+    """
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise RequestError(f"'model' must be a string, got {type(model).__name__}", param="model")
+    if model != served:
+        raise RequestError(
+            f"the model {model[:200]!r} does not exist: this server serves {served!r} (GET /v1/models)",
+            status=404,
+            param="model",
+            kind="model_not_found",
+        )
+
+
+class _EventStream(StreamingResponse):
+    """A streamed response that calls ``on_unfinished`` when it ends before its body was
+    wholly sent (client gone, cancelled), started or not."""
+
+    def __init__(self, content: Any, on_unfinished: Any, **kw: Any):
+        super().__init__(content, **kw)
+        self._on_unfinished = on_unfinished
+        self._sent_all = False
+
+    async def stream_response(self, send: Any) -> None:
+        await super().stream_response(send)
+        self._sent_all = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._sent_all:
+                self._on_unfinished()
 
 
 class _BearerAuth:
