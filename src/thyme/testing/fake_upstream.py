@@ -15,6 +15,8 @@ and with the stop string, ``stop_reason``, ``usage``), with no model behind it:
   is answered HTTP 500 (retries too, so the request fails); ``[hang@K]``: every call of round
   ``K`` waits :attr:`FakeUpstream.hang_s` seconds before answering (past the client's
   deadline: a timeout; the wait ends early when the client closes the connection);
+  ``[hold@K]``: round ``K`` waits until :meth:`FakeUpstream.release` (a benchmark holds many
+  trajectories active at once, their sandbox sessions open);
 - ``usage``: ``prompt_tokens`` = the request body's bytes // 4, ``completion_tokens`` = the
   answer's characters // 4 (deterministic, so a test can check what ``thyme serve`` sums).
 
@@ -45,7 +47,7 @@ CODE = (
 #: The last round of every question.
 ANSWER = "<think>The sign reads STOP.</think>\n<answer>B</answer>"
 OUTPUT_END = "</sandbox_output>"
-_FAULT = re.compile(r"\[(fail|hang)@(\d+)\]")
+_FAULT = re.compile(r"\[(fail|hang|hold)@(\d+)\]")
 
 
 def _texts(content: Any) -> str:
@@ -58,7 +60,7 @@ def _texts(content: Any) -> str:
 
 def plan(body: dict[str, Any]) -> tuple[int, str, str | None]:
     """``(round, segment, fault)`` of one chat request (module docstring); ``fault`` is
-    ``"fail"``, ``"hang"`` or None."""
+    ``"fail"``, ``"hang"``, ``"hold"`` or None."""
     msgs = body.get("messages") or []
     user = " ".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "user")
     assistant = "".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
@@ -81,7 +83,8 @@ class FakeUpstream:
     def __init__(self, model: str = "fake", *, hang_s: float = 30.0, host: str = "127.0.0.1"):
         self.model, self.hang_s, self.host = model, hang_s, host
         self.lock = threading.Lock()
-        self.stats: dict[str, Any] = {"answered": 0, "failed": 0, "hung": 0, "service_s": []}
+        self.stats: dict[str, Any] = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": []}
+        self.released = threading.Event()
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -92,7 +95,11 @@ class FakeUpstream:
 
     def reset(self) -> None:
         with self.lock:
-            self.stats = {"answered": 0, "failed": 0, "hung": 0, "service_s": []}
+            self.stats = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": []}
+
+    def release(self) -> None:
+        """Let every ``[hold@K]`` call (now and later) answer."""
+        self.released.set()
 
     def _app(self) -> Any:
         from starlette.applications import Starlette
@@ -125,6 +132,15 @@ class FakeUpstream:
                     if await request.is_disconnected():
                         return JSONResponse({"error": {"message": "the client went away"}}, status_code=499)
                     await asyncio.sleep(0.05)
+            if fault == "hold":
+                with self.lock:
+                    self.stats["held"] += 1
+                while not self.released.is_set():
+                    if await request.is_disconnected():
+                        return JSONResponse({"error": {"message": "the client went away"}}, status_code=499)
+                    await asyncio.sleep(0.02)
+                t0 = time.perf_counter()  # the hold is not service time
+                fault = None
             stop = next((s for s in ("</code>", "</answer>") if text.endswith(s)), None)
             out = {
                 "id": "chatcmpl-fake",
@@ -153,7 +169,7 @@ class FakeUpstream:
         """
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see thyme.serve.server.bind
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
         sock.listen(1024)

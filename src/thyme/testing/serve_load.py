@@ -52,6 +52,19 @@ def _status_field(pid: int, name: str) -> int:
     return 0
 
 
+def uss_bytes(pid: int) -> int:
+    """Unique set size of ``pid`` (private pages, ``/proc/PID/smaps_rollup``), bytes; 0 when gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of ``pid`` (``VmRSS``), bytes; 0 when gone."""
     return _status_field(pid, "VmRSS")
@@ -121,6 +134,7 @@ class ServeProcess:
         max_retries: the backend's retries of a failed call.
         max_sessions, max_queue: the server's admission settings.
         extra: more ``thyme serve`` flags.
+        model_settings: more YAML ``model`` settings of the openai backend (e.g. ``concurrency``).
     """
 
     def __init__(
@@ -133,13 +147,15 @@ class ServeProcess:
         max_sessions: int = 16,
         max_queue: int = 256,
         extra: tuple[str, ...] = (),
+        model_settings: dict[str, Any] | None = None,
     ):
         self.dir = tempfile.mkdtemp(prefix="thyme-serve-load-")
         self.tmpdir = os.path.join(self.dir, "tmp")
         os.mkdir(self.tmpdir)
         cfg = os.path.join(self.dir, "serve.yaml")
+        settings = {"backoff_s": 0.05, "max_backoff_s": 0.1, **(model_settings or {})}
         with open(cfg, "w") as f:
-            f.write("model:\n  backoff_s: 0.05\n  max_backoff_s: 0.1\n")
+            f.write("model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in settings.items()))
         port_file = os.path.join(self.dir, "port")
         self.log_path = os.path.join(self.dir, "log")
         self._log = open(self.log_path, "w+")
@@ -327,14 +343,15 @@ def run_load(
 
 class Peaks:
     """Polls :func:`snapshot` in a thread while a load runs (``with Peaks(proc) as peaks:``) and
-    keeps the most processes, session folders, request folders and RSS seen: proof that the
+    keeps the most processes, session folders, request folders, running trajectories
+    (``/health``) and RSS seen: proof that the
     run did open what the leftover checks then find closed."""
 
     def __init__(self, proc: ServeProcess, every_s: float = 0.2):
         import threading
 
         self.proc, self.every_s = proc, every_s
-        self.processes = self.session_folders = self.request_folders = self.rss = 0
+        self.processes = self.session_folders = self.request_folders = self.rss = self.running = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -345,6 +362,8 @@ class Peaks:
             self.session_folders = max(self.session_folders, len(s.session_folders))
             self.request_folders = max(self.request_folders, len(s.request_folders))
             self.rss = max(self.rss, s.rss)
+            running = s.health.get("running")
+            self.running = max(self.running, running if isinstance(running, int) else 0)
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> "Peaks":
@@ -378,6 +397,7 @@ __all__ = [
     "expected",
     "questions",
     "rss_bytes",
+    "uss_bytes",
     "run_load",
     "settle",
     "snapshot",
