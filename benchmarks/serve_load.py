@@ -9,11 +9,13 @@ deadline handle the faults. 200 requests at concurrency 64 (``--max-sessions 16 
 sandbox (bubblewrap), a quarter streamed; 10% of the requests meet a failing upstream call
 (HTTP 500 on every attempt, in round 0 or, for a code question, in round 1 while its sandbox
 session is open) and 5% a hanging one (the upstream waits 10 s, past the 1 s deadline, on
-every attempt). Before the measured run, a warm-up of 20 requests of the same mix; the
+every attempt); another 5% are streamed by a client that goes away after the first chunk,
+while its trajectory runs (its code ran, its round 1 upstream call is slow). Before the measured run, a warm-up of 20 requests of the same mix; the
 baseline is taken after it.
 
 Printed: requests ok / clean errors (an OpenAI-shaped error body with a status, or an error
-chunk then ``[DONE]`` in a stream) / other (anything else: what must be 0), each request's
+chunk then ``[DONE]`` in a stream) / abandoned by their client (and the disconnects the
+server counted) / other (anything else: what must be 0), each request's
 outcome against what its faults call for, p50/p99 latency of the ok and of the error
 requests, the upstream's call counts, and what is left after the run (settled: no request
 running): processes under the server (the sandbox's bubblewrap and zygote stay; session
@@ -21,7 +23,7 @@ processes must be gone), sandbox session folders, request folders, the server's 
 peak / after (tolerance: +64 MiB) and its sandbox processes' RSS; then one JSON line. Exit
 status 0 when every invariant holds, 1 otherwise.
 
-    PYTHONPATH=src python benchmarks/serve_load.py [--requests 200] [--concurrency 64] [--fail 0.10] [--hang 0.05] [--code 0.5]
+    PYTHONPATH=src python benchmarks/serve_load.py [--requests 200] [--concurrency 64] [--fail 0.10] [--hang 0.05] [--abandon 0.05] [--code 0.5]
 
 About 30 s on 2 cores.
 """
@@ -69,6 +71,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--fail", type=float, default=0.10, help="share of requests meeting a failing upstream call")
     p.add_argument("--hang", type=float, default=0.05, help="share of requests meeting a hanging upstream call")
+    p.add_argument("--abandon", type=float, default=0.05, help="share of requests whose client goes away after the first chunk")
     p.add_argument("--code", type=float, default=0.5, help="share of requests running code in the sandbox")
     p.add_argument("--stream", type=float, default=0.25, help="share of requests streamed")
     p.add_argument("--max-sessions", type=int, default=16)
@@ -78,7 +81,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
-    from thyme.testing.serve_load import FakeUpstream, Peaks, ServeProcess, expected, questions, run_load, settle, snapshot
+    from thyme.testing.serve_load import FakeUpstream, Peaks, ServeProcess, expected, metric, questions, run_load, settle, snapshot
 
     url = image_url()
     t_start = time.perf_counter()
@@ -87,15 +90,18 @@ def main() -> int:
             up.base_url, up.model, timeout_s=a.timeout_s, max_retries=1, max_sessions=a.max_sessions, max_queue=max(256, a.requests)
         )
         try:
-            run_load(sp.url, up.model, questions(20, fail=a.fail, hang=a.hang, code=a.code, seed=a.seed + 1000), concurrency=16, image_url=url)
+            warm = questions(20, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, seed=a.seed + 1000)
+            run_load(sp.url, up.model, warm, concurrency=16, image_url=url)
             before = settle(sp, snapshot(sp))
+            gone_before = metric(sp.url, "thyme_serve_disconnects_total") or 0
             up.reset()
-            qs = questions(a.requests, fail=a.fail, hang=a.hang, code=a.code, seed=a.seed)
+            qs = questions(a.requests, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, seed=a.seed)
             t0 = time.perf_counter()
             with Peaks(sp) as peaks:
                 outcomes = run_load(sp.url, up.model, qs, concurrency=a.concurrency, image_url=url, stream_share=a.stream, seed=a.seed)
             wall = time.perf_counter() - t0
             after = settle(sp, before)
+            disconnects = int((metric(sp.url, "thyme_serve_disconnects_total") or 0) - gone_before)
             stats = {k: v for k, v in up.stats.items() if k != "service_s"}
         finally:
             rc = sp.stop()
@@ -129,9 +135,13 @@ def main() -> int:
     }
     print(f"thyme serve load: {a.requests} requests at concurrency {a.concurrency} (max_sessions {a.max_sessions}), "
           f"{n_fail} with a failing upstream call, {n_hang} with a hanging one (deadline {a.timeout_s:g} s, 1 retry), "
+          f"{round(a.requests * a.abandon)} whose client goes away mid-stream, "
           f"{round(a.requests * a.code)} running code, ~{a.stream:.0%} streamed")
     print(f"  ran in {wall:.1f} s ({a.requests / wall:.1f} requests/s)")
-    print(f"  outcomes: ok {kinds.get('ok', 0)}, clean errors {kinds.get('clean_error', 0)} ({dict(statuses)}), other {kinds.get('other', 0)}")
+    print(
+        f"  outcomes: ok {kinds.get('ok', 0)}, clean errors {kinds.get('clean_error', 0)} ({dict(statuses)}), "
+        f"abandoned by the client {kinds.get('abandoned', 0)} (disconnects counted by the server: {disconnects}), other {kinds.get('other', 0)}"
+    )
     print(f"  outcomes not as the faults call for: {len(mismatched)}")
     for o in mismatched[:10]:
         print(f"    {o.question!r}: {o.kind} {o.status} {o.note}")
@@ -152,10 +162,13 @@ def main() -> int:
         "max_sessions": a.max_sessions,
         "fail_share": a.fail,
         "hang_share": a.hang,
+        "abandon_share": a.abandon,
         "code_share": a.code,
         "wall_s": round(wall, 2),
         "ok": kinds.get("ok", 0),
         "clean_errors": kinds.get("clean_error", 0),
+        "abandoned": kinds.get("abandoned", 0),
+        "disconnects_counted": disconnects,
         "other": kinds.get("other", 0),
         "mismatched": len(mismatched),
         "ok_p50_ms": round(pct(ok_s, 50) * 1e3, 1),

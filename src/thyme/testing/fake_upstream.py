@@ -16,7 +16,8 @@ and with the stop string, ``stop_reason``, ``usage``), with no model behind it:
   ``K`` waits :attr:`FakeUpstream.hang_s` seconds before answering (past the client's
   deadline: a timeout; the wait ends early when the client closes the connection);
   ``[hold@K]``: round ``K`` waits until :meth:`FakeUpstream.release` (a benchmark holds many
-  trajectories active at once, their sandbox sessions open);
+  trajectories active at once, their sandbox sessions open); ``[slow@K]``: round ``K`` answers
+  after :attr:`FakeUpstream.slow_s` seconds (within the deadline: a client can go away meanwhile);
 - ``usage``: ``prompt_tokens`` = the request body's bytes // 4, ``completion_tokens`` = the
   answer's characters // 4 (deterministic, so a test can check what ``thyme serve`` sums).
 
@@ -47,7 +48,7 @@ CODE = (
 #: The last round of every question.
 ANSWER = "<think>The sign reads STOP.</think>\n<answer>B</answer>"
 OUTPUT_END = "</sandbox_output>"
-_FAULT = re.compile(r"\[(fail|hang|hold)@(\d+)\]")
+_FAULT = re.compile(r"\[(fail|hang|hold|slow)@(\d+)\]")
 
 
 def _texts(content: Any) -> str:
@@ -60,7 +61,7 @@ def _texts(content: Any) -> str:
 
 def plan(body: dict[str, Any]) -> tuple[int, str, str | None]:
     """``(round, segment, fault)`` of one chat request (module docstring); ``fault`` is
-    ``"fail"``, ``"hang"``, ``"hold"`` or None."""
+    ``"fail"``, ``"hang"``, ``"hold"``, ``"slow"`` or None."""
     msgs = body.get("messages") or []
     user = " ".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "user")
     assistant = "".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
@@ -77,11 +78,12 @@ class FakeUpstream:
     Args:
         model: the served model name.
         hang_s: how long a ``[hang@K]`` call waits before answering (seconds).
+        slow_s: how long a ``[slow@K]`` call waits before answering (seconds).
         host: the loopback address to bind.
     """
 
-    def __init__(self, model: str = "fake", *, hang_s: float = 30.0, host: str = "127.0.0.1"):
-        self.model, self.hang_s, self.host = model, hang_s, host
+    def __init__(self, model: str = "fake", *, hang_s: float = 30.0, slow_s: float = 0.5, host: str = "127.0.0.1"):
+        self.model, self.hang_s, self.slow_s, self.host = model, hang_s, slow_s, host
         self.lock = threading.Lock()
         self.stats: dict[str, Any] = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": []}
         self.released = threading.Event()
@@ -132,6 +134,10 @@ class FakeUpstream:
                     if await request.is_disconnected():
                         return JSONResponse({"error": {"message": "the client went away"}}, status_code=499)
                     await asyncio.sleep(0.05)
+            if fault == "slow":
+                await asyncio.sleep(self.slow_s)
+                t0 = time.perf_counter()  # the wait is not service time
+                fault = None
             if fault == "hold":
                 with self.lock:
                     self.stats["held"] += 1

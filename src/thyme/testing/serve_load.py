@@ -14,8 +14,9 @@ classes and of the leftover checks.
 - :func:`run_load`: send them at a concurrency (a share streamed), classify each answer:
   ``ok`` (200, answer ``B``; a stream ending with it and ``[DONE]``), ``clean_error`` (an
   OpenAI-shaped error body ``{"error": {"message", "type", ...}}`` with a 4xx/5xx status; in a
-  stream, an error chunk then ``[DONE]``), ``other`` (anything else: a hung or dropped
-  request, a malformed body).
+  stream, an error chunk then ``[DONE]``), ``abandoned`` (an ``[abandon]`` question: its first
+  chunk came, then the client closed the connection), ``other`` (anything else: a hung or
+  dropped request, a malformed body).
 - :func:`snapshot`: the server's RSS, its descendant processes (the sandbox zygote, its
   sessions) and their RSS, the request folders and sandbox session folders under its
   ``TMPDIR``, ``/health``.
@@ -124,6 +125,16 @@ def snapshot(proc: "ServeProcess") -> Snapshot:
     )
 
 
+def metric(url: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` in the server's ``GET /metrics`` (None when absent)."""
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 class ServeProcess:
     """``thyme serve --base-url UPSTREAM --model NAME`` in its own process (module docstring).
 
@@ -220,28 +231,36 @@ class ServeProcess:
         self.stop()
 
 
-def questions(n: int, *, fail: float = 0.10, hang: float = 0.05, code: float = 0.5, seed: int = 0) -> list[str]:
+def questions(n: int, *, fail: float = 0.10, hang: float = 0.05, code: float = 0.5, abandon: float = 0.0, seed: int = 0) -> list[str]:
     """``n`` questions: ``round(n * fail)`` with ``[fail@K]``, ``round(n * hang)`` with
     ``[hang@K]`` (``K`` 0, or 1 for a question that runs code: its upstream call after the
-    sandbox ran), ``round(n * code)`` with ``[code]``; shuffled by ``seed``."""
+    sandbox ran), ``round(n * abandon)`` others whose client goes away after the stream's first
+    chunk (``[abandon]``; they run code and their round 1 is slow, ``[slow@1]``, so the
+    trajectory is live with its sandbox session open when the client goes),
+    ``round(n * code)`` with ``[code]``; shuffled by ``seed``."""
     rng = random.Random(seed)
     coded = set(rng.sample(range(n), round(n * code)))
     order = list(range(n))
     rng.shuffle(order)
-    n_fail, n_hang = round(n * fail), round(n * hang)
+    n_fail, n_hang, n_gone = round(n * fail), round(n * hang), round(n * abandon)
     faults = {i: "fail" for i in order[:n_fail]} | {i: "hang" for i in order[n_fail : n_fail + n_hang]}
+    gone = set(order[n_fail + n_hang : n_fail + n_hang + n_gone])
     out = []
     for i in range(n):
-        tags = "[code] " if i in coded else ""
+        tags = "[code] " if i in coded or i in gone else ""
         if i in faults:
             k = rng.choice((0, 1)) if i in coded else 0
             tags += f"[{faults[i]}@{k}] "
+        if i in gone:
+            tags += "[abandon] [slow@1] "
         out.append(f"{tags}What is written on the sign? (question {i})")
     return out
 
 
 def expected(question: str) -> str:
-    """``ok`` or ``clean_error``: what a question of :func:`questions` must get."""
+    """``ok``, ``clean_error`` or ``abandoned``: what a question of :func:`questions` must get."""
+    if "[abandon]" in question:
+        return "abandoned"
     return "clean_error" if ("[fail@" in question or "[hang@" in question) else "ok"
 
 
@@ -252,7 +271,7 @@ def _is_error_body(obj: Any) -> bool:
 
 @dataclass
 class Outcome:
-    """One request's answer: ``kind`` (``ok`` / ``clean_error`` / ``other``), the HTTP status,
+    """One request's answer: ``kind`` (``ok`` / ``clean_error`` / ``abandoned`` / ``other``), the HTTP status,
     the seconds it took, a note (the error type, or what was wrong)."""
 
     question: str
@@ -273,6 +292,13 @@ async def _one(client: Any, url: str, model: str, question: str, image_url: str,
     }
     t0 = time.perf_counter()
     try:
+        if "[abandon]" in question:  # streamed; the client goes away after the first chunk
+            body["stream"] = True
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return Outcome(question, "abandoned", r.status_code, time.perf_counter() - t0, True)
+            return Outcome(question, "other", r.status_code, time.perf_counter() - t0, True, "no chunk before the end")
         if not stream:
             r = await client.post(url + "/v1/chat/completions", json=body)
             dt = time.perf_counter() - t0
@@ -395,6 +421,7 @@ __all__ = [
     "Snapshot",
     "descendants",
     "expected",
+    "metric",
     "questions",
     "rss_bytes",
     "uss_bytes",
