@@ -254,7 +254,10 @@ def latency(n: int, url_image: str, sandbox: Any, up: Any) -> dict[str, dict[str
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": url_image}}, {"type": "text", "text": "[code] What is written on the sign?"}],
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url_image}},
+                    {"type": "text", "text": "[code] What is written on the sign?"},
+                ],
             }
         ],
     }
@@ -278,7 +281,9 @@ def latency(n: int, url_image: str, sandbox: Any, up: Any) -> dict[str, dict[str
                     gen, sb = m["gen"].take(), m["sb"].take()
                     upstream = gen if mode == "scripted" else sum(up.stats["service_s"])
                     if i >= 3:
-                        m["rows"].append({"client": t1 - t0, "upstream": upstream, "backend": gen, "sandbox": sb, "rounds": len(data["thyme"]["rounds"])})
+                        m["rows"].append(
+                            {"client": t1 - t0, "upstream": upstream, "backend": gen, "sandbox": sb, "rounds": len(data["thyme"]["rounds"])}
+                        )
                         m["health"].append(h1 - h0)
         # the openai backend's resize to its pixel grid and re-encoding of a new input image (once per request)
         raw = base64.b64decode(url_image.split(",", 1)[1])
@@ -352,7 +357,9 @@ def throughput_and_memory(levels: list[tuple[int, int]], hold: int, url_image: s
         up.released.clear()
         qs = [f"[code] [hold@1] held {i}" for i in range(hold)]
         box: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: box.setdefault("outs", run_load(sp.url, up.model, qs, concurrency=hold, image_url=url_image, stream_share=0)))
+        t = threading.Thread(
+            target=lambda: box.setdefault("outs", run_load(sp.url, up.model, qs, concurrency=hold, image_url=url_image, stream_share=0))
+        )
         up.reset()
         t.start()
         deadline = time.monotonic() + 300
@@ -407,7 +414,9 @@ def main() -> int:
             lat = latency(a.latency_requests, url, sb, up)
         thr, mem = throughput_and_memory(levels, a.hold, url, up)  # type: ignore[arg-type]
 
-    print(f"thyme serve benchmark: a {w}x{h} JPEG, 2 rounds per request (code run in the sandbox, then the answer), an instant scripted model")
+    print(
+        f"thyme serve benchmark: a {w}x{h} JPEG, 2 rounds per request (code run in the sandbox, then the answer), an instant scripted model"
+    )
     print("1. added latency per round = (client round trip - upstream - sandbox) / rounds, requests one at a time, server in this process")
     for mode, r in lat.items():
         extra = (
@@ -421,7 +430,10 @@ def main() -> int:
             f"request p50 {r['request_p50_ms']:.1f} ms = upstream {r['upstream_per_request_p50_ms']:.2f} ms + sandbox {r['sandbox_per_request_p50_ms']:.1f} ms + added; "
             f"GET /health round trip {r['health_round_trip_p50_ms']:.2f} ms"
         )
-    print("2. throughput, thyme serve --base-url in its own process over the fake upstream (max_sessions %d)" % max([c for c, _ in levels] + [a.hold]))
+    print(
+        "2. throughput, thyme serve --base-url in its own process over the fake upstream (max_sessions %d)"
+        % max([c for c, _ in levels] + [a.hold])
+    )
     for r in thr:
         print(
             f"   concurrency {r['concurrency']:3d}: {r['requests_per_s']:6.2f} requests/s, {r['rounds_per_s']:6.2f} rounds/s, "
@@ -447,7 +459,14 @@ def main() -> int:
         f"and image encoding: {lat['openai']['added_per_round_p50_ms']:.2f} ms p50, "
         f"{'within' if lat['openai']['added_per_round_p50_ms'] <= 5.0 else 'over'} 5 ms)"
     )
-    figures = {"image": f"{w}x{h}", "latency": lat, "throughput": thr, "memory": mem, "checks": checks, "total_s": round(time.perf_counter() - t_start, 1)}
+    figures = {
+        "image": f"{w}x{h}",
+        "latency": lat,
+        "throughput": thr,
+        "memory": mem,
+        "checks": checks,
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
     print(json.dumps(figures))
     return 0 if all(checks.values()) else 1
 

@@ -133,10 +133,12 @@ def main() -> int:
         "rss_back_within_tolerance": rss_ok,
         "stopped_cleanly": rc == 0,
     }
-    print(f"thyme serve load: {a.requests} requests at concurrency {a.concurrency} (max_sessions {a.max_sessions}), "
-          f"{n_fail} with a failing upstream call, {n_hang} with a hanging one (deadline {a.timeout_s:g} s, 1 retry), "
-          f"{round(a.requests * a.abandon)} whose client goes away mid-stream, "
-          f"{round(a.requests * a.code)} running code, ~{a.stream:.0%} streamed")
+    print(
+        f"thyme serve load: {a.requests} requests at concurrency {a.concurrency} (max_sessions {a.max_sessions}), "
+        f"{n_fail} with a failing upstream call, {n_hang} with a hanging one (deadline {a.timeout_s:g} s, 1 retry), "
+        f"{round(a.requests * a.abandon)} whose client goes away mid-stream, "
+        f"{round(a.requests * a.code)} running code, ~{a.stream:.0%} streamed"
+    )
     print(f"  ran in {wall:.1f} s ({a.requests / wall:.1f} requests/s)")
     print(
         f"  outcomes: ok {kinds.get('ok', 0)}, clean errors {kinds.get('clean_error', 0)} ({dict(statuses)}), "
@@ -145,15 +147,23 @@ def main() -> int:
     print(f"  outcomes not as the faults call for: {len(mismatched)}")
     for o in mismatched[:10]:
         print(f"    {o.question!r}: {o.kind} {o.status} {o.note}")
-    print(f"  latency ok: p50 {pct(ok_s, 50) * 1e3:.0f} ms, p99 {pct(ok_s, 99) * 1e3:.0f} ms; "
-          f"errors: p50 {pct(err_s, 50) * 1e3:.0f} ms, p99 {pct(err_s, 99) * 1e3:.0f} ms")
+    print(
+        f"  latency ok: p50 {pct(ok_s, 50) * 1e3:.0f} ms, p99 {pct(ok_s, 99) * 1e3:.0f} ms; "
+        f"errors: p50 {pct(err_s, 50) * 1e3:.0f} ms, p99 {pct(err_s, 99) * 1e3:.0f} ms"
+    )
     print(f"  upstream calls: {stats}")
-    print(f"  processes under the server: before {leftovers['processes_before']}, peak {peaks.processes}, after {leftovers['processes_after']} (same pids: {leftovers['same_processes']})")
-    print(f"  sandbox session folders: peak {peaks.session_folders}, after {leftovers['session_folders_after']}; "
-          f"request folders: peak {peaks.request_folders}, after {leftovers['request_folders_after']}")
-    print(f"  server RSS: before {before.rss / MiB:.1f} MiB, peak {peaks.rss / MiB:.1f} MiB, after {after.rss / MiB:.1f} MiB "
-          f"(delta {(after.rss - before.rss) / MiB:+.1f} MiB, tolerance +{a.rss_tolerance_mb:g} MiB); "
-          f"sandbox processes' RSS before {before.process_rss / MiB:.1f} MiB, after {after.process_rss / MiB:.1f} MiB")
+    print(
+        f"  processes under the server: before {leftovers['processes_before']}, peak {peaks.processes}, after {leftovers['processes_after']} (same pids: {leftovers['same_processes']})"
+    )
+    print(
+        f"  sandbox session folders: peak {peaks.session_folders}, after {leftovers['session_folders_after']}; "
+        f"request folders: peak {peaks.request_folders}, after {leftovers['request_folders_after']}"
+    )
+    print(
+        f"  server RSS: before {before.rss / MiB:.1f} MiB, peak {peaks.rss / MiB:.1f} MiB, after {after.rss / MiB:.1f} MiB "
+        f"(delta {(after.rss - before.rss) / MiB:+.1f} MiB, tolerance +{a.rss_tolerance_mb:g} MiB); "
+        f"sandbox processes' RSS before {before.process_rss / MiB:.1f} MiB, after {after.process_rss / MiB:.1f} MiB"
+    )
     print(f"  health after: {after.health}; exit status after SIGTERM: {rc}")
     print("  " + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in checks.items()))
     figures = {

@@ -42,9 +42,7 @@ def _connections(srv) -> int:
 def test_a_streamed_client_gone_while_queued_runs_no_trajectory(scripted, sandbox):
     backend = Gate(scripted)
     with running_server(backend, sandbox, max_sessions=1, max_queue=1) as srv, ThreadPoolExecutor(1) as ex:
-        first = ex.submit(
-            httpx.post, srv.url + "/v1/chat/completions", json={"messages": user_message("slow first")}, timeout=60
-        )
+        first = ex.submit(httpx.post, srv.url + "/v1/chat/completions", json={"messages": user_message("slow first")}, timeout=60)
         _until(lambda: backend.waiting == 1, "the first request never reached the model")
         busy = _connections(srv)
         _send_and_close(srv.url, {"messages": user_message("queued then gone"), "stream": True})

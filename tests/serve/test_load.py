@@ -40,7 +40,17 @@ def loaded():
             stats = dict(up.stats)
         finally:
             rc = sp.stop()
-        yield {"qs": qs, "outcomes": outcomes, "before": before, "after": after, "peaks": peaks, "stats": stats, "rc": rc, "log": sp.log_tail(), "disconnects": disconnects}
+        yield {
+            "qs": qs,
+            "outcomes": outcomes,
+            "before": before,
+            "after": after,
+            "peaks": peaks,
+            "stats": stats,
+            "rc": rc,
+            "log": sp.log_tail(),
+            "disconnects": disconnects,
+        }
 
 
 def test_every_request_gets_its_answer_or_a_clean_error(loaded):

@@ -125,7 +125,9 @@ class FakeUpstream:
             if fault == "fail":
                 with self.lock:
                     self.stats["failed"] += 1
-                return JSONResponse({"error": {"message": f"injected failure (round {rnd})", "type": "InternalServerError"}}, status_code=500)
+                return JSONResponse(
+                    {"error": {"message": f"injected failure (round {rnd})", "type": "InternalServerError"}}, status_code=500
+                )
             if fault == "hang":
                 with self.lock:
                     self.stats["hung"] += 1
@@ -153,10 +155,12 @@ class FakeUpstream:
                 "object": "chat.completion",
                 "created": 0,
                 "model": self.model,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "stop_reason": stop}
-                ],
-                "usage": {"prompt_tokens": len(raw) // 4, "completion_tokens": len(text) // 4, "total_tokens": len(raw) // 4 + len(text) // 4},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "stop_reason": stop}],
+                "usage": {
+                    "prompt_tokens": len(raw) // 4,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": len(raw) // 4 + len(text) // 4,
+                },
             }
             response = JSONResponse(out)
             if fault is None:

@@ -320,7 +320,14 @@ async def _one(client: Any, url: str, model: str, question: str, image_url: str,
                 except ValueError:
                     data = None
                 kind = "clean_error" if r.status_code >= 400 and _is_error_body(data) else "other"
-                return Outcome(question, kind, r.status_code, dt, True, data["error"]["type"] if kind == "clean_error" else raw[:300].decode("utf-8", "replace"))
+                return Outcome(
+                    question,
+                    kind,
+                    r.status_code,
+                    dt,
+                    True,
+                    data["error"]["type"] if kind == "clean_error" else raw[:300].decode("utf-8", "replace"),
+                )
             lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
         dt = time.perf_counter() - t0
         if not lines or lines[-1] != "data: [DONE]" or len(lines) < 2:
@@ -408,7 +415,9 @@ def settle(proc: ServeProcess, baseline: Snapshot, timeout_s: float = 30.0) -> S
     while True:
         s = snapshot(proc)
         idle = s.health.get("running") == 0 and s.health.get("queued") == 0
-        if (idle and len(s.processes) <= len(baseline.processes) and not s.request_folders and not s.session_folders) or time.monotonic() > deadline:
+        if (
+            idle and len(s.processes) <= len(baseline.processes) and not s.request_folders and not s.session_folders
+        ) or time.monotonic() > deadline:
             return s
         time.sleep(0.2)
 
