@@ -102,7 +102,7 @@ def main() -> int:
             wall = time.perf_counter() - t0
             after = settle(sp, before)
             disconnects = int((metric(sp.url, "thyme_serve_disconnects_total") or 0) - gone_before)
-            stats = {k: v for k, v in up.stats.items() if k != "service_s"}
+            stats = {k: v for k, v in up.stats.items() if k not in ("service_s", "usage")}
         finally:
             rc = sp.stop()
     kinds = Counter(o.kind for o in outcomes)

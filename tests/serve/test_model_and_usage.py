@@ -79,3 +79,21 @@ def test_the_served_name_or_no_model_is_accepted(scripted, sandbox):
     assert named.status_code == 200 and named.json()["choices"][0]["message"]["content"] == "B"
     assert named.json()["model"] == "thyme-test"
     assert unnamed.status_code == 200 and unnamed.json()["choices"][0]["message"]["content"] == "B"
+
+
+def test_usage_through_the_openai_backend_sums_what_the_upstream_reported(sandbox):
+    """The openai backend against a real HTTP upstream (``FakeUpstream``): ``usage`` is the sum,
+    over the trajectory's calls, of the ``usage`` each answer carried."""
+    from thyme.backends.openai import OpenAIBackend
+    from thyme.testing.fake_upstream import FakeUpstream
+
+    with FakeUpstream() as up, OpenAIBackend(up.base_url, up.model, max_retries=0) as backend:
+        with running_server(backend, sandbox) as srv:
+            r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user_message("[code] what is it?")}, timeout=60)
+        reported = up.stats["usage"]
+    assert r.status_code == 200, r.text
+    assert len(r.json()["thyme"]["rounds"]) == 2 and len(reported) == 2
+    prompt = sum(u["prompt_tokens"] for u in reported)
+    completion = sum(u["completion_tokens"] for u in reported)
+    assert prompt > completion > 0
+    assert r.json()["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

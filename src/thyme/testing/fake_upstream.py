@@ -22,9 +22,10 @@ and with the stop string, ``stop_reason``, ``usage``), with no model behind it:
   answer's characters // 4 (deterministic, so a test can check what ``thyme serve`` sums).
 
 ``GET /v1/models`` lists :attr:`FakeUpstream.model`. :attr:`FakeUpstream.stats` counts calls by
-outcome (``answered``, ``failed``, ``hung``) and keeps each answered call's service time (from
-the request's first byte read to the answer built; seconds) in ``service_s``, so a benchmark
-can subtract the upstream's own time from what a client saw.
+outcome (``answered``, ``failed``, ``hung``, ``held``) and keeps each answered call's service
+time (from the request's first byte read to the answer built; seconds) in ``service_s``, so a
+benchmark can subtract the upstream's own time from what a client saw, and the ``usage`` it
+reported in ``usage``.
 
 Never imported by the runtime (floor 7: testing).
 """
@@ -85,7 +86,7 @@ class FakeUpstream:
     def __init__(self, model: str = "fake", *, hang_s: float = 30.0, slow_s: float = 0.5, host: str = "127.0.0.1"):
         self.model, self.hang_s, self.slow_s, self.host = model, hang_s, slow_s, host
         self.lock = threading.Lock()
-        self.stats: dict[str, Any] = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": []}
+        self.stats: dict[str, Any] = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": [], "usage": []}
         self.released = threading.Event()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -97,7 +98,7 @@ class FakeUpstream:
 
     def reset(self) -> None:
         with self.lock:
-            self.stats = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": []}
+            self.stats = {"answered": 0, "failed": 0, "hung": 0, "held": 0, "service_s": [], "usage": []}
 
     def release(self) -> None:
         """Let every ``[hold@K]`` call (now and later) answer."""
@@ -163,6 +164,8 @@ class FakeUpstream:
                 },
             }
             response = JSONResponse(out)
+            with self.lock:
+                self.stats["usage"].append(dict(out["usage"]))
             if fault is None:
                 with self.lock:
                     self.stats["answered"] += 1
