@@ -66,10 +66,20 @@ def test_another_model_name_gets_404_model_not_found(stream, scripted, sandbox):
         assert srv.service.admitted == 0
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["type"] == "model_not_found" and err["param"] == "model"
+    assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error" and err["param"] == "model"  # as OpenAI answers
     assert "'gpt-4o'" in err["message"] and "'thyme-test'" in err["message"]
     assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "model"
     assert scripted.requests == []  # nothing reached the model
+
+
+def test_the_openai_sdk_reads_another_model_name_as_not_found(scripted, sandbox):
+    from openai import NotFoundError, OpenAI
+
+    with running_server(scripted, sandbox) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(NotFoundError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=user_message())
+    assert e.value.code == "model_not_found" and "thyme-test" in e.value.message
 
 
 def test_the_served_name_or_no_model_is_accepted(scripted, sandbox):

@@ -207,8 +207,8 @@ def check_model(model: Any, served: str) -> None:
     (curl users and the demo page need not know it; OpenAI SDKs always send one).
 
     Raises:
-        RequestError: 404 ``model_not_found`` naming the served model (OpenAI's answer to an
-            unknown model), 400 when ``model`` is not a string.
+        RequestError: 404 with code ``model_not_found`` naming the served model (OpenAI's
+            answer to an unknown model), 400 when ``model`` is not a string.
     """
     if model is None:
         return
@@ -219,7 +219,7 @@ def check_model(model: Any, served: str) -> None:
             f"the model {model[:200]!r} does not exist: this server serves {served!r} (GET /v1/models)",
             status=404,
             param="model",
-            kind="model_not_found",
+            code="model_not_found",  # OpenAI's answer: type invalid_request_error, code model_not_found
         )
 
 
