@@ -11,7 +11,8 @@ and with the stop string, ``stop_reason``, ``usage``), with no model behind it:
   backend continues that message each round);
 - the question (the user message's text) chooses the script and the fault, by tags:
   ``[code]`` writes :data:`CODE` (crop the input, save and print it) in round 0, then
-  :data:`ANSWER`; without it :data:`ANSWER` at once. ``[fail@K]``: every call of round ``K``
+  :data:`ANSWER`; ``[code:loop]``, ``[code:exit]``, ``[code:error]`` write the
+  :data:`FAULTY_CODE` of that name instead; without any, :data:`ANSWER` at once. ``[fail@K]``: every call of round ``K``
   is answered HTTP 500 (retries too, so the request fails); ``[hang@K]``: every call of round
   ``K`` waits :attr:`FakeUpstream.hang_s` seconds before answering (past the client's
   deadline: a timeout; the wait ends early when the client closes the connection);
@@ -46,6 +47,13 @@ CODE = (
     "img.crop((0, 0, 32, 24)).save('/mnt/data/temp_processed_images/crop.png')\n"
     "print('/mnt/data/temp_processed_images/crop.png')\n```\n</code>"
 )
+#: Round 0 of ``[code:KIND]`` questions: code the sandbox must contain (a loop past its time
+#: limit, a process that exits under it, an exception); round 1 answers all the same.
+FAULTY_CODE = {
+    "loop": "<think>Spin.\n<code>\n```python\nwhile True:\n    pass\n```\n</code>",
+    "exit": "<think>Leave.\n<code>\n```python\nimport os\nos._exit(3)\n```\n</code>",
+    "error": "<think>Divide.\n<code>\n```python\nprint(1 / 0)\n```\n</code>",
+}
 #: The last round of every question.
 ANSWER = "<think>The sign reads STOP.</think>\n<answer>B</answer>"
 OUTPUT_END = "</sandbox_output>"
@@ -67,7 +75,11 @@ def plan(body: dict[str, Any]) -> tuple[int, str, str | None]:
     user = " ".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "user")
     assistant = "".join(_texts(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "assistant")
     rnd = assistant.count(OUTPUT_END)
-    segments = [CODE, ANSWER] if "[code]" in user else [ANSWER]
+    faulty = re.search(r"\[code:(\w+)\]", user)
+    if faulty and faulty.group(1) in FAULTY_CODE:
+        segments = [FAULTY_CODE[faulty.group(1)], ANSWER]
+    else:
+        segments = [CODE, ANSWER] if "[code]" in user else [ANSWER]
     fault = next((kind for kind, k in _FAULT.findall(user) if int(k) == rnd), None)
     return rnd, segments[min(rnd, len(segments) - 1)], fault
 

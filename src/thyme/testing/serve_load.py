@@ -231,13 +231,18 @@ class ServeProcess:
         self.stop()
 
 
-def questions(n: int, *, fail: float = 0.10, hang: float = 0.05, code: float = 0.5, abandon: float = 0.0, seed: int = 0) -> list[str]:
+def questions(
+    n: int, *, fail: float = 0.10, hang: float = 0.05, code: float = 0.5, abandon: float = 0.0, sandbox_faults: float = 0.0, seed: int = 0
+) -> list[str]:
     """``n`` questions: ``round(n * fail)`` with ``[fail@K]``, ``round(n * hang)`` with
     ``[hang@K]`` (``K`` 0, or 1 for a question that runs code: its upstream call after the
     sandbox ran), ``round(n * abandon)`` others whose client goes away after the stream's first
     chunk (``[abandon]``; they run code and their round 1 is slow, ``[slow@1]``, so the
     trajectory is live with its sandbox session open when the client goes),
-    ``round(n * code)`` with ``[code]``; shuffled by ``seed``."""
+    ``round(n * sandbox_faults)`` others whose code loops past the sandbox's time limit, exits
+    its process or raises (``[code:loop]``, ``[code:exit]``, ``[code:error]`` in turn: the
+    model answers after the error, so they must get the answer), ``round(n * code)`` with
+    ``[code]``; shuffled by ``seed``."""
     rng = random.Random(seed)
     coded = set(rng.sample(range(n), round(n * code)))
     order = list(range(n))
@@ -245,9 +250,13 @@ def questions(n: int, *, fail: float = 0.10, hang: float = 0.05, code: float = 0
     n_fail, n_hang, n_gone = round(n * fail), round(n * hang), round(n * abandon)
     faults = {i: "fail" for i in order[:n_fail]} | {i: "hang" for i in order[n_fail : n_fail + n_hang]}
     gone = set(order[n_fail + n_hang : n_fail + n_hang + n_gone])
+    first = n_fail + n_hang + n_gone
+    broken = {i: ("loop", "exit", "error")[j % 3] for j, i in enumerate(order[first : first + round(n * sandbox_faults)])}
     out = []
     for i in range(n):
         tags = "[code] " if i in coded or i in gone else ""
+        if i in broken:
+            tags = f"[code:{broken[i]}] "
         if i in faults:
             k = rng.choice((0, 1)) if i in coded else 0
             tags += f"[{faults[i]}@{k}] "
