@@ -10,7 +10,9 @@ sandbox (bubblewrap), a quarter streamed; 10% of the requests meet a failing ups
 (HTTP 500 on every attempt, in round 0 or, for a code question, in round 1 while its sandbox
 session is open) and 5% a hanging one (the upstream waits 10 s, past the 1 s deadline, on
 every attempt); another 5% are streamed by a client that goes away after the first chunk,
-while its trajectory runs (its code ran, its round 1 upstream call is slow). Before the measured run, a warm-up of 20 requests of the same mix; the
+while its trajectory runs (its code ran, its round 1 upstream call is slow); another 6% run code
+that loops past the sandbox's time limit (``--timeout 2``), exits its process or raises (the
+model answers after the error: they must be answered). Before the measured run, a warm-up of 20 requests of the same mix; the
 baseline is taken after it.
 
 Printed: requests ok / clean errors (an OpenAI-shaped error body with a status, or an error
@@ -72,6 +74,7 @@ def main() -> int:
     p.add_argument("--fail", type=float, default=0.10, help="share of requests meeting a failing upstream call")
     p.add_argument("--hang", type=float, default=0.05, help="share of requests meeting a hanging upstream call")
     p.add_argument("--abandon", type=float, default=0.05, help="share of requests whose client goes away after the first chunk")
+    p.add_argument("--sandbox-faults", type=float, default=0.06, help="share of requests whose code loops, exits or raises")
     p.add_argument("--code", type=float, default=0.5, help="share of requests running code in the sandbox")
     p.add_argument("--stream", type=float, default=0.25, help="share of requests streamed")
     p.add_argument("--max-sessions", type=int, default=16)
@@ -87,15 +90,25 @@ def main() -> int:
     t_start = time.perf_counter()
     with FakeUpstream(hang_s=a.hang_s) as up:
         sp = ServeProcess(
-            up.base_url, up.model, timeout_s=a.timeout_s, max_retries=1, max_sessions=a.max_sessions, max_queue=max(256, a.requests)
+            up.base_url,
+            up.model,
+            timeout_s=a.timeout_s,
+            max_retries=1,
+            max_sessions=a.max_sessions,
+            max_queue=max(256, a.requests),
+            extra=("--timeout", "2"),
         )
         try:
-            warm = questions(20, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, seed=a.seed + 1000)
+            warm = questions(
+                20, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, sandbox_faults=a.sandbox_faults, seed=a.seed + 1000
+            )
             run_load(sp.url, up.model, warm, concurrency=16, image_url=url)
             before = settle(sp, snapshot(sp))
             gone_before = metric(sp.url, "thyme_serve_disconnects_total") or 0
             up.reset()
-            qs = questions(a.requests, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, seed=a.seed)
+            qs = questions(
+                a.requests, fail=a.fail, hang=a.hang, code=a.code, abandon=a.abandon, sandbox_faults=a.sandbox_faults, seed=a.seed
+            )
             t0 = time.perf_counter()
             with Peaks(sp) as peaks:
                 outcomes = run_load(sp.url, up.model, qs, concurrency=a.concurrency, image_url=url, stream_share=a.stream, seed=a.seed)
@@ -137,6 +150,7 @@ def main() -> int:
         f"thyme serve load: {a.requests} requests at concurrency {a.concurrency} (max_sessions {a.max_sessions}), "
         f"{n_fail} with a failing upstream call, {n_hang} with a hanging one (deadline {a.timeout_s:g} s, 1 retry), "
         f"{round(a.requests * a.abandon)} whose client goes away mid-stream, "
+        f"{round(a.requests * a.sandbox_faults)} whose code loops, exits or raises, "
         f"{round(a.requests * a.code)} running code, ~{a.stream:.0%} streamed"
     )
     print(f"  ran in {wall:.1f} s ({a.requests / wall:.1f} requests/s)")
@@ -173,6 +187,7 @@ def main() -> int:
         "fail_share": a.fail,
         "hang_share": a.hang,
         "abandon_share": a.abandon,
+        "sandbox_fault_share": a.sandbox_faults,
         "code_share": a.code,
         "wall_s": round(wall, 2),
         "ok": kinds.get("ok", 0),
