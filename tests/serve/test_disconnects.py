@@ -78,3 +78,41 @@ def test_a_streamed_client_gone_before_the_first_byte_runs_no_trajectory(scripte
         ok = httpx.post(srv.url + "/v1/chat/completions", json={"messages": user_message()}, timeout=60)
         assert ok.json()["choices"][0]["message"]["content"] == "B"
     assert len(scripted.requests) == 2  # the later request's two rounds; none for the one that went away
+
+
+def test_a_stream_cut_before_its_generator_ran_still_stops_the_trajectory():
+    """A server on ASGI spec 2.4 fails the response's start when the client is gone (Starlette
+    then raises before the body's generator ever ran, so its ``finally`` never runs): the
+    response itself reports the unfinished stream. A stream sent whole reports nothing."""
+    import asyncio
+    import contextlib
+
+    from thyme.serve.app import _EventStream
+
+    started, unfinished, sent = [], [], []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def receive():
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def gone(message):
+        raise OSError("the client went away")
+
+    async def send(message):
+        sent.append(message["type"])
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/", "headers": []}
+    response = _EventStream(body(), lambda: unfinished.append(True), media_type="text/event-stream")
+    from starlette.requests import ClientDisconnect
+
+    with contextlib.suppress(ClientDisconnect):
+        asyncio.run(response(scope, receive, gone))
+    assert unfinished == [True] and started == []
+
+    whole = _EventStream(body(), lambda: unfinished.append("whole"), media_type="text/event-stream")
+    asyncio.run(whole(scope, receive, send))
+    assert started == [True] and "http.response.body" in sent and unfinished == [True]

@@ -186,9 +186,10 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                     service.counts["disconnected"] += 1
 
         def never_streamed() -> None:
-            """The response ended before the stream's generator ran (the client went away
-            before the first byte: Starlette cancels an unstarted generator, whose ``finally``
-            then never runs): stop the trajectory here."""
+            """The response ended before the stream's body was sent whole, possibly before
+            its generator ran (on an ASGI 2.4 server the start fails when the client is gone
+            and Starlette raises before the generator starts, so its ``finally`` never
+            runs): stop the trajectory here."""
             if not cancel.is_set() and not fut.done():
                 cancel.set()
                 service.counts["disconnected"] += 1
