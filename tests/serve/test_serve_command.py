@@ -80,6 +80,8 @@ def test_a_tiny_checkpoint_answers_a_plain_request(tiny_server):
     assert thyme["rounds"] and thyme["limits"]["max_new_tokens"] == 12
     assert r.model == "tiny"
     assert r.usage.completion_tokens == sum(x["num_tokens"] for x in thyme["rounds"]) > 0
+    assert r.usage.prompt_tokens > r.usage.completion_tokens  # the hf backend counts each round's encoded prompt (image included)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].message.content == (thyme["answer"] or "")
 
 

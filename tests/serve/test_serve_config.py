@@ -36,3 +36,20 @@ def test_run_ignores_the_serve_section_of_a_shared_file(tmp_path, capsys):
     args = build_parser().parse_args(["run", "--model", "m", "--image", "x.png", "--question", "q", "--config", str(f)])
     assert set(load_sections(args, {"agent", "sandbox", "model"})) == {"agent"}
     assert "section 'serve' is not used" in capsys.readouterr().err
+
+
+def test_warm_up_loads_the_openai_backends_resizer_before_the_first_request():
+    """``thyme serve`` encodes one tiny image before serving, so the first request does not pay
+    for loading the resizer (seconds of imports); backends without ``encode`` are left alone."""
+    import thyme.backends.openai as oa
+    from thyme.backends.openai import OpenAIBackend
+    from thyme.cli.serve import warm_up
+
+    oa._SMART_RESIZE.clear()
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "m")
+    try:
+        warm_up(backend)
+        assert oa._SMART_RESIZE and backend.stats["images"] == 1
+    finally:
+        backend.close()
+    warm_up(object())  # nothing to warm: no error

@@ -37,7 +37,7 @@ class Gate(Backend):
 
 
 def _post(url, question, **kw):
-    return httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": user_message(question), **kw}, timeout=90)
+    return httpx.post(url + "/v1/chat/completions", json={"model": "thyme-test", "messages": user_message(question), **kw}, timeout=90)
 
 
 def _until(cond, what):

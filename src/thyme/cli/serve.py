@@ -73,6 +73,22 @@ def serve_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
     return build(ServeConfig, yaml_cfg.get("serve"), args, names=SERVE_FLAGS, section_name="serve")
 
 
+def warm_up(backend: Any) -> None:
+    """Do before serving what the first request would otherwise wait for: a backend that encodes
+    images for upload (``openai``) loads its resizer with the first image (transformers'
+    ``smart_resize``: 3-5 s of imports on a 2-core machine, measured by benchmarks/serve.py), so
+    encode one tiny image now. Best effort: a failure here is the first request's to report."""
+    encode = getattr(backend, "encode", None)
+    if not callable(encode):
+        return
+    from PIL import Image
+
+    try:
+        encode(Image.new("RGB", (28, 28)))
+    except Exception:  # noqa: BLE001 - the first real request says what is wrong
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ``thyme serve`` until Ctrl-C / SIGTERM."""
     from ..sandbox import Sandbox
@@ -92,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             check_server = getattr(backend, "check_server", None)
             if callable(check_server):  # down, mistyped URL, wrong model name: one clear error before serving
                 check_server()
+            warm_up(backend)
             service = Service(backend, sandbox, agent_cfg, cfg, model_name=cfg.served_model_name or args.model, local=choice.local)
             try:
                 serve(service, cfg, key=key, port_file=args.port_file)

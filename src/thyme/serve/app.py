@@ -4,7 +4,9 @@ Routes:
 
 - ``POST /v1/chat/completions``: the whole Thyme loop per request (:mod:`thyme.serve.service`);
   ``choices[0].message.content`` is the answer (``content: full``: the whole response text),
-  the extra field ``thyme`` the trajectory, ``usage`` the generated tokens. ``stream: true``:
+  the extra field ``thyme`` the trajectory, ``usage`` the model tokens (prompt and completion,
+  summed over the rounds, as the backend reported them). The request's ``model`` must be the
+  served name (or be left out): another gets 404 ``model_not_found``. ``stream: true``:
   server-sent events, ``data: {chunk}`` lines then ``data: [DONE]``: the model's text as
   ``delta.reasoning_content`` deltas (``delta.content`` when ``content: full``), each sandbox
   output as a chunk whose ``thyme`` field is the event (plain clients ignore it), the answer
@@ -16,8 +18,10 @@ Routes:
 
 Access: with an API key set, every request (but the demo's static files) needs ``Authorization: Bearer KEY`` (401 otherwise;
 compared in constant time). Errors are OpenAI-shaped bodies ``{"error": {message, type,
-param, code}}``: 400 (a limit, named in ``param``), 401, 429 (``Retry-After``), 500 (the
-trajectory failed: its error without traceback).
+param, code}}``: 400 (a limit, named in ``param``), 401, 404 (``model_not_found``), 429
+(``Retry-After``), 500 (the trajectory failed: its error without traceback). A client that
+goes away before its trajectory starts (queued, or before the first byte of its stream) runs
+none; one that goes away later stops its trajectory at the next model or sandbox event.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .demo import PUBLIC_PATHS, add_demo_routes
 from .inputs import RequestError
@@ -81,6 +85,7 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             body = await _read_json(request, _max_body(service))
             if body.get("n") not in (None, 1):
                 raise RequestError("only n=1 is served (one trajectory per request)", param="n")
+            check_model(body.get("model"), service.model_name)
             await service.acquire()
         except RequestError as e:
             return error(e)
@@ -91,16 +96,31 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
             if isinstance(e, RequestError):
                 return error(e)
             raise
-        cancel = threading.Event()
         loop = asyncio.get_running_loop()
+
+        def free() -> None:
+            """Free the request's session (on the loop), then remove its folder in a thread:
+            removing is disk I/O (about 8 ms on an ext4 VM disk) that would hold the response
+            and stall the event loop every other request uses. uvicorn's loop waits for the
+            removals before it closes."""
+            service.release()
+            try:
+                loop.run_in_executor(None, shutil.rmtree, folder, True)
+            except RuntimeError:  # the executor is shutting down
+                shutil.rmtree(folder, ignore_errors=True)
+
+        if await request.is_disconnected():  # gone while queued or prepared: run nothing for nobody
+            free()
+            service.counts["disconnected"] += 1
+            return Response(status_code=499)
+        cancel = threading.Event()
         reply = _Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), service.model_name, service.config.content)
 
         def finish(fut: Any) -> None:
             """Free the session and the request's folder once the trajectory has ended."""
 
             def now(_f: Any = None) -> None:
-                shutil.rmtree(folder, ignore_errors=True)
-                service.release()  # on the event loop: asyncio runs a future's callbacks there
+                free()  # on the event loop: asyncio runs a future's callbacks there
 
             if fut.done():
                 now()
@@ -168,11 +188,64 @@ def build_app(service: Service, *, api_key: str | None = None) -> Any:
                     cancel.set()  # the client went away: the trajectory stops at its next event
                     service.counts["disconnected"] += 1
 
+        def never_streamed() -> None:
+            """The response ended before the stream's body was sent whole, possibly before
+            its generator ran (on an ASGI 2.4 server the start fails when the client is gone
+            and Starlette raises before the generator starts, so its ``finally`` never
+            runs): stop the trajectory here."""
+            if not cancel.is_set() and not fut.done():
+                cancel.set()
+                service.counts["disconnected"] += 1
+
         # the session is freed when the trajectory ends, whether or not the stream was read
         finish(fut)
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(
+            stream(), never_streamed, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app
+
+
+def check_model(model: Any, served: str) -> None:
+    """The request's ``model`` must be the served name; an omitted one (``None``) means it too
+    (curl users and the demo page need not know it; OpenAI SDKs always send one).
+
+    Raises:
+        RequestError: 404 with code ``model_not_found`` naming the served model (OpenAI's
+            answer to an unknown model), 400 when ``model`` is not a string.
+    """
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise RequestError(f"'model' must be a string, got {type(model).__name__}", param="model")
+    if model != served:
+        raise RequestError(
+            f"the model {model[:200]!r} does not exist: this server serves {served!r} (GET /v1/models)",
+            status=404,
+            param="model",
+            code="model_not_found",  # OpenAI's answer: type invalid_request_error, code model_not_found
+        )
+
+
+class _EventStream(StreamingResponse):
+    """A streamed response that calls ``on_unfinished`` when it ends before its body was
+    wholly sent (client gone, cancelled), started or not."""
+
+    def __init__(self, content: Any, on_unfinished: Any, **kw: Any):
+        super().__init__(content, **kw)
+        self._on_unfinished = on_unfinished
+        self._sent_all = False
+
+    async def stream_response(self, send: Any) -> None:
+        await super().stream_response(send)
+        self._sent_all = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._sent_all:
+                self._on_unfinished()
 
 
 class _BearerAuth:

@@ -40,14 +40,18 @@ _EXT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".
 
 class RequestError(ThymeError):
     """A request refused: ``status`` (400, 401, 429...), the message, and ``param`` (the limit or
-    field at fault, e.g. ``"max_images"``), as an OpenAI-style error body."""
+    field at fault, e.g. ``"max_images"``), as an OpenAI-style error body (``code``: ``param``
+    unless given, e.g. OpenAI's ``"model_not_found"``)."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, message: str, *, status: int = 400, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.param, self.kind, self.message = status, param, kind, message
+        self.code = code if code is not None else param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.param}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass

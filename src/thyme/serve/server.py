@@ -81,7 +81,11 @@ def bind(host: str, port: int, port_file: str | None = None) -> socket.socket:
         ThymeError: the address cannot be bound (in use, not this machine's).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: accepted connections inherit it, and asyncio turns Nagle off
+    # (TCP_NODELAY) only on sockets whose proto says TCP; with Nagle on, every response written
+    # in two parts (headers, then body; each stream chunk) waited for the client's delayed ACK,
+    # about 40 ms on Linux
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

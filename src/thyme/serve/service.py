@@ -209,10 +209,44 @@ def finish_reason(traj: Trajectory) -> str:
 
 
 def usage(traj: Trajectory) -> dict[str, int]:
-    """Model tokens: ``completion_tokens`` generated over every round (the prompt is re-encoded by
-    the backend each round and is not counted: ``prompt_tokens`` is 0)."""
-    n = sum(t.num_tokens for t in traj.turns) + sum(int(d.get("num_tokens", 0) or 0) for t in traj.turns for d in t.discarded)
+    """Model tokens over every model call of the trajectory, as the backend reported them
+    (:class:`Metered`, kept in ``traj.meta["usage"]``): ``prompt_tokens`` sums each round's
+    prompt (each round re-reads the whole context, images included, as an upstream server bills
+    it), ``completion_tokens`` each round's generated tokens (discarded attempts included).
+    A backend that does not report prompt tokens (``Generation.prompt_tokens`` 0) counts 0.
+    Without a meter: the generated tokens of the recorded rounds, prompt 0."""
+    metered = traj.meta.get("usage") if isinstance(traj.meta, dict) else None
+    if isinstance(metered, dict):
+        p, c = int(metered.get("prompt_tokens", 0)), int(metered.get("completion_tokens", 0))
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    n = sum(t.num_tokens for t in traj.turns)
     return {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+
+
+class Metered(Backend):
+    """One trajectory's view of the shared backend: counts the tokens of every generation it
+    returns (``prompt_tokens``, ``completion_tokens``, ``calls``); every other attribute is the
+    wrapped backend's. One per request (one thread), so no lock."""
+
+    def __init__(self, inner: Backend):
+        self._inner = inner
+        self.name = inner.name
+        self.capabilities = inner.capabilities  # type: ignore[misc]
+        self.counts = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0}
+
+    def generate(self, requests, stream=None):  # type: ignore[override]
+        gens = self._inner.generate(requests, stream=stream)
+        for g in gens:
+            self.counts["calls"] += 1
+            self.counts["prompt_tokens"] += int(getattr(g, "prompt_tokens", 0) or 0)
+            self.counts["completion_tokens"] += int(getattr(g, "num_tokens", 0) or 0)
+        return gens
+
+    def describe(self) -> dict[str, Any]:
+        return self._inner.describe()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class Service:
@@ -332,7 +366,8 @@ class Service:
             on_event(kind, payload)
 
         t0 = time.perf_counter()
-        with Agent(self.backend, self.sandbox, cfg, artifacts_dir=folder / "outputs") as agent:
+        meter = Metered(self.backend)
+        with Agent(meter, self.sandbox, cfg, artifacts_dir=folder / "outputs") as agent:
             try:
                 traj = agent.run(parsed.question, parsed.images, id=uuid.uuid4().hex[:12], on_event=events)
             except Cancelled:
@@ -342,6 +377,7 @@ class Service:
                     id="failed", question=parsed.question, images=parsed.images, stop_reason="error", error=f"{type(e).__name__}: {e}"
                 )
         traj.timings.setdefault("total_s", round(time.perf_counter() - t0, 4))
+        traj.meta["usage"] = dict(meter.counts)
         with self._totals_lock:
             self.totals["trajectories"] += 1
             self.totals["rounds"] += len(traj.turns)
