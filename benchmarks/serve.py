@@ -325,7 +325,7 @@ def throughput_and_memory(levels: list[tuple[int, int]], hold: int, url_image: s
     from thyme.testing.serve_load import Peaks, ServeProcess, run_load, settle, snapshot, uss_bytes
 
     top = max([c for c, _ in levels] + [hold])
-    sp = ServeProcess(
+    sp = ServeProcess.over_upstream(
         up.base_url, up.model, timeout_s=60, max_retries=0, max_sessions=top, max_queue=1024, model_settings={"concurrency": top}
     )
     try:

@@ -89,7 +89,7 @@ def main() -> int:
     url = image_url()
     t_start = time.perf_counter()
     with FakeUpstream(hang_s=a.hang_s) as up:
-        sp = ServeProcess(
+        sp = ServeProcess.over_upstream(
             up.base_url,
             up.model,
             timeout_s=a.timeout_s,

@@ -15,10 +15,8 @@ Its own environment (``make test-lmms-eval``); skipped without lmms-eval, failed
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,34 +90,11 @@ def test_thyme_agent_gives_thyme_evals_answers(bench):
 @pytest.fixture(scope="module")
 def thyme_serve(bench):
     """A real ``thyme serve`` on the tiny checkpoint with the same config, whole responses as content."""
-    d = bench.root / "serve"
-    d.mkdir()
-    port_file = d / "port"
-    log = open(d / "log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "thyme.cli", "serve", "--model", str(bench.ckpt), "--port", "0", "--port-file", str(port_file)]
-        + ["--served-model-name", "tiny", "--config", str(bench.cfg), "--content", "full"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=bench.env,
-        cwd=d,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"thyme serve did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port_file.read_text().strip()}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+    from thyme.testing.serve_load import ServeProcess
+
+    args = ["--model", str(bench.ckpt), "--served-model-name", "tiny", "--config", str(bench.cfg), "--content", "full"]
+    with ServeProcess(args, env=bench.env, cwd=str(bench.root)) as sp:
+        yield sp.url
 
 
 def test_lmms_evals_openai_model_against_thyme_serve(bench, thyme_serve):

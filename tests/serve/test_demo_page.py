@@ -227,32 +227,11 @@ def test_crop_regions_are_in_the_trajectory_and_the_sandbox_events(tokenizer, sa
 @pytest.fixture(scope="module")
 def tiny_serve(tiny_checkpoint, tmp_path_factory):
     """``thyme serve --model TINY`` (the hf backend, a tiny random checkpoint) in its own process; yields its URL."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from thyme.testing.serve_load import ServeProcess
 
-    d = tmp_path_factory.mktemp("demo-serve")
-    port_file, log = d / "port", open(d / "log", "w+")
-    cmd = [sys.executable, "-m", "thyme.cli", "serve", "--model", str(tiny_checkpoint), "--port", "0", "--port-file", str(port_file)]
-    cmd += ["--served-model-name", "tiny", "--max-new-tokens", "12", "--max-rounds", "2", "--max-pixels", "12544"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "THYME_SERVE_API_KEY": ""})
-    try:
-        deadline = time.monotonic() + 240
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"thyme serve did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port_file.read_text().strip()}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+    args = ["--model", str(tiny_checkpoint), "--served-model-name", "tiny", "--max-new-tokens", "12", "--max-rounds", "2"]
+    with ServeProcess([*args, "--max-pixels", "12544"]) as sp:
+        yield sp.url
 
 
 @pytest.mark.slow

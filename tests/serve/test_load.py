@@ -27,7 +27,9 @@ def loaded():
     from thyme.testing.serve_load import FakeUpstream, Peaks, ServeProcess, metric, questions, run_load, settle, snapshot
 
     with FakeUpstream(hang_s=10) as up:
-        sp = ServeProcess(up.base_url, up.model, timeout_s=1.0, max_retries=1, max_sessions=8, max_queue=64, extra=("--timeout", "2"))
+        sp = ServeProcess.over_upstream(
+            up.base_url, up.model, timeout_s=1.0, max_retries=1, max_sessions=8, max_queue=64, extra=("--timeout", "2")
+        )
         try:
             run_load(sp.url, up.model, questions(8, abandon=0.1, seed=99), concurrency=8, image_url=data_url())  # warm-up: same mix
             before = settle(sp, snapshot(sp))

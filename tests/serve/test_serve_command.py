@@ -4,11 +4,7 @@ SIGTERM and leaves no request folder behind."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+from pathlib import Path
 
 import pytest
 
@@ -17,53 +13,16 @@ from .conftest import user_message
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint, tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    port_file = d / "port"
-    tmp = d / "tmp"  # the server's own temporary folder: nothing of a request may stay in it
-    tmp.mkdir()
-    log = open(d / "log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "thyme.cli",
-            "serve",
-            "--model",
-            str(tiny_checkpoint),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--served-model-name",
-            "tiny",
-            "--max-new-tokens",
-            "12",
-            "--max-rounds",
-            "2",
-            "--max-pixels",
-            "12544",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "THYME_SERVE_API_KEY": "", "TMPDIR": str(tmp)},
-    )
+    from thyme.testing.serve_load import ServeProcess
+
+    args = ["--model", str(tiny_checkpoint), "--served-model-name", "tiny", "--max-new-tokens", "12", "--max-rounds", "2"]
+    sp = ServeProcess([*args, "--max-pixels", "12544"])
     try:
-        deadline = time.monotonic() + 240
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"thyme serve did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port_file.read_text().strip()}/v1"
+        yield f"{sp.url}/v1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(60) == 0, "thyme serve did not stop cleanly on SIGTERM"
-            assert not list(tmp.glob("thyme-serve-*")), "a request's folder was left behind"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        # its own temporary folder: nothing of a request may stay in it
+        assert sp.stop() == 0, "thyme serve did not stop cleanly on SIGTERM"
+        assert not list(Path(sp.tmpdir).glob("thyme-serve-*")), "a request's folder was left behind"
 
 
 def _client(url):

@@ -6,9 +6,9 @@ Shared by ``benchmarks/serve_load.py`` (200 requests at concurrency 64) and
 classes and of the leftover checks.
 
 - :class:`ServeProcess`: ``python -m thyme.cli serve`` in its own process, on a free loopback
-  port, with its own ``TMPDIR`` (so its request folders and its sandbox root can be counted),
-  the backend's deadline ``timeout_s`` and retries set short (``--timeout-s``,
-  ``--max-retries``, YAML ``model.backoff_s``).
+  port, with its own ``TMPDIR`` (so its request folders and its sandbox root can be counted);
+  :meth:`ServeProcess.over_upstream`: with ``--base-url``, the backend's deadline ``timeout_s``
+  and retries set short (``--timeout-s``, ``--max-retries``, YAML ``model.backoff_s``).
 - :func:`questions`: ``n`` questions with an exact fault mix (``[fail@K]``, ``[hang@K]``) and
   a share running code (``[code]``), shuffled by a seed.
 - :func:`run_load`: send them at a concurrency (a share streamed), classify each answer:
@@ -136,20 +136,48 @@ def metric(url: str, name: str) -> float | None:
 
 
 class ServeProcess:
-    """``thyme serve --base-url UPSTREAM --model NAME`` in its own process (module docstring).
+    """``python -m thyme.cli serve ARGS --port 0 --port-file F`` in its own process, waited for
+    until it listens (the one way tests and benchmarks start a real ``thyme serve``).
+
+    Its ``TMPDIR`` is a fresh folder (:attr:`tmpdir`), so its request folders and its sandbox
+    root can be counted; its output goes to :attr:`log_path`. Used as a context manager, it is
+    stopped (SIGTERM, drained) on exit.
 
     Args:
-        base_url: the upstream's ``/v1`` URL.
-        model: its served model name.
-        timeout_s: the backend's deadline of one upstream call (seconds).
-        max_retries: the backend's retries of a failed call.
-        max_sessions, max_queue: the server's admission settings.
-        extra: more ``thyme serve`` flags.
-        model_settings: more YAML ``model`` settings of the openai backend (e.g. ``concurrency``).
+        args: the ``thyme serve`` flags (the model, settings), without ``--port`` / ``--port-file``.
+        env: more environment variables (the API key is unset unless given here).
+        cwd: its working folder.
+        start_timeout_s: seconds to wait for it to listen.
+
+    Attributes:
+        url: ``http://127.0.0.1:PORT`` (no ``/v1``).
+
+    Raises:
+        RuntimeError: it exited or did not listen in time (the log's tail in the message).
     """
 
-    def __init__(
-        self,
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, start_timeout_s: float = 240):
+        self.dir = tempfile.mkdtemp(prefix="thyme-serve-proc-")
+        self.tmpdir = os.path.join(self.dir, "tmp")
+        os.mkdir(self.tmpdir)
+        port_file = os.path.join(self.dir, "port")
+        self.log_path = os.path.join(self.dir, "log")
+        self._log = open(self.log_path, "w+")
+        cmd = [sys.executable, "-m", "thyme.cli", "serve", *args, "--port", "0", "--port-file", port_file]
+        full_env = {**os.environ, "THYME_SERVE_API_KEY": "", "TMPDIR": self.tmpdir, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + start_timeout_s
+        while not os.path.exists(port_file):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"thyme serve did not start:\n{self.log_tail()}")
+            time.sleep(0.1)
+        self.url = f"http://127.0.0.1:{open(port_file).read().strip()}"
+
+    @classmethod
+    def over_upstream(
+        cls,
         base_url: str,
         model: str,
         *,
@@ -159,52 +187,26 @@ class ServeProcess:
         max_queue: int = 256,
         extra: tuple[str, ...] = (),
         model_settings: dict[str, Any] | None = None,
-    ):
-        self.dir = tempfile.mkdtemp(prefix="thyme-serve-load-")
-        self.tmpdir = os.path.join(self.dir, "tmp")
-        os.mkdir(self.tmpdir)
-        cfg = os.path.join(self.dir, "serve.yaml")
+    ) -> "ServeProcess":
+        """``thyme serve --base-url UPSTREAM --model NAME`` with the backend's deadline and
+        retries set short (module docstring).
+
+        Args:
+            base_url: the upstream's ``/v1`` URL.
+            model: its served model name.
+            timeout_s: the backend's deadline of one upstream call (seconds).
+            max_retries: the backend's retries of a failed call.
+            max_sessions, max_queue: the server's admission settings.
+            extra: more ``thyme serve`` flags.
+            model_settings: more YAML ``model`` settings of the openai backend (e.g. ``concurrency``).
+        """
+        cfg = os.path.join(tempfile.mkdtemp(prefix="thyme-serve-cfg-"), "serve.yaml")
         settings = {"backoff_s": 0.05, "max_backoff_s": 0.1, **(model_settings or {})}
         with open(cfg, "w") as f:
             f.write("model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in settings.items()))
-        port_file = os.path.join(self.dir, "port")
-        self.log_path = os.path.join(self.dir, "log")
-        self._log = open(self.log_path, "w+")
-        cmd = [
-            sys.executable,
-            "-m",
-            "thyme.cli",
-            "serve",
-            "--base-url",
-            base_url,
-            "--model",
-            model,
-            "--port",
-            "0",
-            "--port-file",
-            port_file,
-            "--max-sessions",
-            str(max_sessions),
-            "--max-queue",
-            str(max_queue),
-            "--timeout-s",
-            str(timeout_s),
-            "--max-retries",
-            str(max_retries),
-            "--config",
-            cfg,
-            *extra,
-        ]
-        env = {**os.environ, "THYME_SERVE_API_KEY": "", "TMPDIR": self.tmpdir}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 240
-        while not os.path.exists(port_file):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"thyme serve did not start:\n{self.log_tail()}")
-            time.sleep(0.1)
-        self.url = f"http://127.0.0.1:{open(port_file).read().strip()}"
+        args = ["--base-url", base_url, "--model", model, "--max-sessions", str(max_sessions), "--max-queue", str(max_queue)]
+        args += ["--timeout-s", str(timeout_s), "--max-retries", str(max_retries), "--config", cfg, *extra]
+        return cls(args)
 
     def log_tail(self, n: int = 3000) -> str:
         try:
@@ -221,7 +223,8 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> "ServeProcess":
