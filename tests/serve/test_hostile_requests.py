@@ -5,40 +5,10 @@ on answering."""
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import httpx
-import pytest
-from PIL import ImageFile
 
+from ..conftest import png_1bit
 from .conftest import data_url, running_server, user_message
-
-
-def png_1bit(w: int, h: int) -> bytes:
-    """A 1-bit PNG of ``w x h`` zero pixels: a few KB that decode to ``w * h`` pixels."""
-
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\x00" * ((w + 7) // 8)
-    comp = zlib.compressobj(9)
-    body = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-
-
-@pytest.fixture
-def no_decode(monkeypatch):
-    """Every image PIL decodes, by size (a bomb must not be there)."""
-    decoded: list[tuple[int, int]] = []
-    real = ImageFile.ImageFile.load
-
-    def load(self, *a, **k):
-        decoded.append(tuple(self.size))
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    return decoded
 
 
 def _chat(url, **kw):
