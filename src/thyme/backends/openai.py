@@ -112,13 +112,17 @@ resized image is re-encoded as JPEG (quality ``jpeg_quality``, 95) when the sour
 (already lossy, typically a photo: about 10x smaller than PNG) and as PNG otherwise (sandbox
 outputs, charts, screenshots: lossless, sharp text). ``"png"`` / ``"jpeg"`` force one format.
 Encoded images are cached (by path, modification time and settings), so an input image is
-decoded once per trajectory batch, not once per round.
+decoded once per trajectory batch, not once per round; an image another thread is encoding is
+waited for, not encoded twice. The agent hands a trajectory's input images over before it
+starts the trajectory's sandbox session (:meth:`OpenAIBackend.prefetch_images`), so their
+encoding overlaps the session's start instead of delaying the first round.
 
 Concurrency, retries, errors
 ----------------------------
 Requests run on one background asyncio event loop (one ``httpx.AsyncClient``, connections
 reused) under a semaphore of ``concurrency`` requests in flight. :meth:`OpenAIBackend.generate`
-is synchronous for the agent loop but runs the whole batch concurrently;
+is synchronous for the agent loop but runs the whole batch concurrently (a batch of one builds
+its request body in the calling thread, a larger one in the loop's executor);
 :meth:`OpenAIBackend.agenerate` is the same for asyncio callers. ``generate`` may be called from
 several threads at once (one trajectory per thread): all calls share the one limit. HTTP 408, 409, 425, 429, 5xx, timeouts and
 connection errors are retried ``max_retries`` times with exponential backoff (``backoff_s`` x 2^k,
