@@ -75,9 +75,9 @@ def serve_config(args: argparse.Namespace, yaml_cfg: dict[str, Any]) -> Any:
 
 def warm_up(backend: Any) -> None:
     """Do before serving what the first request would otherwise wait for: a backend that encodes
-    images for upload (``openai``) loads its resizer with the first image (transformers'
-    ``smart_resize``: 3-5 s of imports on a 2-core machine, measured by benchmarks/serve.py), so
-    encode one tiny image now. Best effort: a failure here is the first request's to report."""
+    images for upload (``openai``) loads its image codecs with the first image, so encode one
+    tiny image now. (Its resizer no longer imports transformers, which took 3-5 s and ~340 MiB
+    on a 2-core machine.) Best effort: a failure here is the first request's to report."""
     encode = getattr(backend, "encode", None)
     if not callable(encode):
         return
