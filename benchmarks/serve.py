@@ -71,19 +71,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _stats import pct  # noqa: E402
+
 MiB = 1024 * 1024
 MODEL = "thyme-bench"
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of ``values``, linear interpolation (nan when empty)."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def image_url(size: tuple[int, int]) -> str:

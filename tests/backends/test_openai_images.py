@@ -146,7 +146,13 @@ def test_the_request_bytes_are_the_json_of_the_body(tmp_path):
             assert path == path2 == "/chat/completions"
             assert payload == json.dumps(body, ensure_ascii=False).encode("utf-8")
             sent = json.loads(payload)
-            urls = [p["image_url"]["url"] for m in sent["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url"]
+            urls = [
+                p["image_url"]["url"]
+                for m in sent["messages"]
+                if isinstance(m["content"], list)
+                for p in m["content"]
+                if p["type"] == "image_url"
+            ]
             assert be.encode(src).url in urls and len(urls) == (1 if r is reqs[0] else 2)
         assert weird in json.loads(be._payload(own)[1])["messages"][1]["content"][0]["image_url"]["url"]
     finally:
