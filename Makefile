@@ -9,7 +9,7 @@ VERL_BIN := $(VERL_VENV)/bin
 # veRL tests (thyme.integrations.verl) and the core's RL/agent/protocol tests in veRL's own environment
 VERL_TESTS := tests/integrations/test_verl_agent_loop.py tests/test_protocol.py tests/agent/test_loop.py tests/agent/test_step.py tests/rollout/test_ats.py tests/train/test_grpo.py
 
-.PHONY: venv demo test lint format clean venv-verl test-verl venv-labelstudio test-labelstudio venv-vllm test-vllm
+.PHONY: venv demo test lint format clean venv-verl test-verl venv-labelstudio test-labelstudio venv-vllm test-vllm venv-lmms-eval test-lmms-eval
 
 # constraints.txt: the exact versions tested together (pyproject.toml holds the ranges).
 # The extras the test suite needs: eval, train, testing (dev servers), dev (pytest), ray
@@ -128,5 +128,35 @@ test-vllm: venv venv-vllm
 	THYME_REQUIRE_VLLM=1 THYME_VLLM_PYTHON=$(CURDIR)/$(VLLM_BIN)/python $(BIN)/python -m pytest -q $(VLLM_SERVER_TESTS)
 	$(VLLM_BIN)/python benchmarks/rollout_vllm.py --group 4 --repeats 1
 
+# lmms-eval (the thyme_agent model plugin: thyme.integrations.lmms_eval) in its own environment:
+# it pins wandb==0.25.0 and av<16, and pulls PyPI's torchvision, a CUDA build whose import fails
+# beside the CPU torch (and lmms_eval.api.registry imports it). The tested pins hold; the extra
+# lmms-eval pins lmms-eval==0.7.3 and filelock<4 (4.x lacks the filelock._api its evaluator
+# imports); torchvision is removed after the install (docs/lmms-eval.md). ~1.5-2 min, ~2.5 GB.
+# thyme goes in without dependencies beyond the core's and the dev/eval/testing extras; its entry
+# point (lmms_eval.models: thyme_agent) registers the plugin with that lmms-eval.
+LMMS_VENV := .venv-lmms-eval
+LMMS_BIN := $(LMMS_VENV)/bin
+# the plugin's settings and session, the plugin in lmms-eval, and the local task run by lmms-eval
+# (with the plugin, and with lmms-eval's openai model against thyme serve) against thyme eval
+LMMS_TESTS := tests/integrations/test_lmms_eval_settings.py tests/integrations/test_lmms_eval_plugin.py tests/integrations/test_lmms_eval_run.py
+
+$(LMMS_BIN)/thyme: pyproject.toml constraints.txt .ci/verl_requirements.py
+	test -x $(LMMS_BIN)/python || $(PY) -m venv $(LMMS_VENV)
+	$(LMMS_BIN)/pip install -q --upgrade pip
+	$(LMMS_BIN)/pip install -q -c constraints.txt torch
+	$(LMMS_BIN)/python .ci/verl_requirements.py dev eval testing lmms-eval > $(LMMS_VENV)/requirements.txt
+	$(LMMS_BIN)/pip install -q -c constraints.txt -r $(LMMS_VENV)/requirements.txt
+	$(LMMS_BIN)/pip uninstall -q -y torchvision
+	$(LMMS_BIN)/pip install -q --no-deps -e .
+	touch $(LMMS_BIN)/thyme
+
+venv-lmms-eval: $(LMMS_BIN)/thyme
+
+# strict (THYME_REQUIRE_LMMS_EVAL): an lmms-eval that cannot be imported fails here, where the
+# main suite skips (~1.5 min on 2 cores: two lmms-eval runs, thyme eval, thyme serve on a tiny checkpoint)
+test-lmms-eval: venv-lmms-eval
+	THYME_REQUIRE_LMMS_EVAL=1 $(LMMS_BIN)/python -m pytest -q -p no:cacheprovider $(LMMS_TESTS)
+
 clean:
-	rm -rf $(VENV) $(VERL_VENV) $(LS_VENV) $(VLLM_VENV) demo-out
+	rm -rf $(VENV) $(VERL_VENV) $(LS_VENV) $(VLLM_VENV) $(LMMS_VENV) demo-out

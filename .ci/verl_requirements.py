@@ -12,6 +12,7 @@ core dependencies both work. Used by ``make venv-verl``:
 ``--keep-torch`` leaves torch unpinned too (GPU machines: keep the torch that the installed
 vLLM was built for, e.g. after ``pip install 'verl[vllm]==0.9.1'``; ``make venv-vllm``: keep
 vLLM's, with ``--keep-torch dev eval``).
+``make venv-lmms-eval`` prints ``dev eval testing lmms-eval`` (installed with ``-c constraints.txt``).
 """
 import re
 import sys

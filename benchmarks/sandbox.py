@@ -48,16 +48,7 @@ CODE_BLOCK = re.compile(r"<code>\s*```python\n(.*?)```\s*</code>", re.S)
 ALIAS = "/mnt/data/temp_processed_images"
 sys.path.insert(0, str(REPO / "src"))
 
-
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of ``values``, linear interpolation."""
-    v = sorted(values)
-    if len(v) == 1:
-        return v[0]
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+from _stats import pct  # noqa: E402
 
 
 def ms(x: float) -> str:

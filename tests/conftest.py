@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
 
 # The suite starts hundreds of sandboxes: none preloads the optional libraries (~2 s each) unless a
 # test asks for them (tests/sandbox/test_optional_libraries.py names OPTIONAL_MODULES itself).
@@ -110,3 +113,32 @@ def vllm_server(tmp_path_factory):
     ckpt = write_tiny_checkpoint(root / "qwen2_5_vl_hd32", arch="qwen2_5_vl", seed=0, head_dim=32)
     with serve_vllm(ckpt, python=python, served_model_name="tiny", max_model_len=8192, log_path=root / "server.log") as url:
         yield url, "tiny", ckpt
+
+
+# --------------------------------------------------------------------------- image bombs
+
+
+def png_1bit(w: int, h: int) -> bytes:
+    """A complete, valid 1-bit PNG of ``w`` x ``h`` black pixels (every row really encoded)."""
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (w + 7) // 8)
+    c = zlib.compressobj(9)
+    data = b"".join(c.compress(row) for _ in range(h)) + c.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def no_decode(monkeypatch):
+    """Records every image PIL decodes (``ImageFile.load``) by its size; the bombs must not be there."""
+    decoded: list[tuple[int, int]] = []
+    real = ImageFile.ImageFile.load
+
+    def load(self, *a, **k):
+        decoded.append(tuple(self.size))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return decoded

@@ -9,7 +9,8 @@ Floors, from the ground up (README, "Architecture"):
 3. ``agent``     the one step decision (``agent.step``), ``Trajectory``, the message driver, replay
 4. ``rollout``   the token driver, its engines (HF, vLLM), the vision cache (no ``train`` import)
 5. ``data``, ``evaluate``, ``train``
-6. ``report``, ``integrations`` (veRL: builds on ``rollout`` and ``train.rl``; nothing below imports it)
+6. ``report``, ``integrations`` (veRL: builds on ``rollout`` and ``train.rl``; nothing below imports it),
+   ``serve`` (the OpenAI-compatible server over the agent; the cli builds its backend)
 7. ``testing``   development servers, tiny checkpoints, scripted models (only the cli and the tests use it)
 8. ``cli``       the ``thyme`` command, the only package that builds argparse parsers
 
@@ -48,6 +49,7 @@ FLOORS = {
     "train": 5,
     "report": 6,
     "integrations": 6,
+    "serve": 6,
     "testing": 7,
     "cli": 8,
 }

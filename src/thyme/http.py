@@ -21,6 +21,14 @@ accepting, or answer garbage. Every request made here therefore has:
 - **nothing blocking inside an event loop**: async callers use :func:`fetch`; the blocking
   :func:`fetch_sync` is for synchronous callers (it runs the same code on a private loop, in a
   helper thread when the calling thread already runs a loop).
+- **an address policy when asked** (``allow_address`` of :func:`fetch` / :func:`fetch_sync`, e.g.
+  :func:`is_public_address` for a URL a client of ``thyme serve`` names): the host is resolved
+  **once**, every address it resolves to is checked (one refused address refuses the request:
+  :class:`AddressRefused`), and the connection goes to a checked address (the URL's host replaced
+  by the address; the ``Host`` header and TLS SNI / certificate check keep the name), so a second
+  DNS answer (DNS rebinding) is never used. Through a proxy, the proxy is sent the checked
+  address too; an ``https`` URL through a CONNECT proxy then fails its certificate check
+  (httpcore's tunnel verifies the address, not the name): fetch such hosts directly (``NO_PROXY``).
 - **one proxy policy** (:func:`resolve_proxy`, the ``proxy`` setting of each caller's config):
   ``"env"`` (default) honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` and ``NO_PROXY``
   (upper or lower case) the same way for every call; loopback hosts (``localhost``,
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -104,6 +113,18 @@ class ResponseTooLarge(HTTPFailure):
 
 class BadResponse(HTTPFailure):
     """The response cannot be read: not JSON, nested too deep, compressed, wrong types."""
+
+
+class AddressRefused(HTTPFailure):
+    """The URL's host is (or resolves to) an address the caller's ``allow_address`` refuses.
+
+    Attributes:
+        address: the refused address (text).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, url: str = "", address: str = ""):
+        super().__init__(message, hint, url=url)
+        self.address = address
 
 
 class Retryable(Exception):
@@ -222,6 +243,60 @@ def resolve_proxy(url: str, proxy: str = "env", environ: Mapping[str, str] | Non
     return found or None
 
 
+# --------------------------------------------------------------------------- addresses
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_public_address(addr: IPAddress) -> bool:
+    """Whether ``addr`` is a globally routable address (not loopback, private, link-local,
+    shared, reserved, multicast...; an IPv4-mapped IPv6 address is judged by its IPv4 address)."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return bool(addr.is_global) and not addr.is_multicast
+
+
+async def resolve_checked(url: str, allow_address: Callable[[IPAddress], bool]) -> list[IPAddress]:
+    """The addresses of ``url``'s host, resolved once (``getaddrinfo``, off the event loop), all
+    checked by ``allow_address``.
+
+    Raises:
+        ConnectFailed: the host does not resolve (or the URL has none).
+        AddressRefused: one of its addresses is refused (naming it).
+    """
+    import socket
+
+    import httpx
+
+    try:
+        u = httpx.URL(url)
+        host = u.raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError) as e:
+        raise ConnectFailed(f"cannot read the host of {url} ({e})", url=url) from None
+    if not host:
+        raise ConnectFailed(f"{url} names no host", url=url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError
+        raise ConnectFailed(f"cannot resolve the host of {url} ({e})", url=url) from None
+    addrs: list[IPAddress] = []
+    for info in infos:
+        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if not allow_address(addr):
+            raise AddressRefused(
+                f"{url} resolves to {addr}, an address this caller does not connect to",
+                "only public hosts are fetched unless the private-address switch is on",
+                url=url,
+                address=str(addr),
+            )
+        if addr not in addrs:
+            addrs.append(addr)
+    if not addrs:
+        raise ConnectFailed(f"the host of {url} resolves to no address", url=url)
+    return addrs
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -300,12 +375,17 @@ async def fetch(
     content: bytes | None = None,
     json_body: Any = None,
     headers: Mapping[str, str] | None = None,
+    allow_address: Callable[[IPAddress], bool] | None = None,
 ) -> Response:
     """Send one request and read the whole response within ``limits`` (module docstring).
 
     Args:
         client: from :func:`async_client` (any ``httpx.AsyncClient`` works).
         content / json_body: the request body (bytes, or a value sent as JSON).
+        allow_address: when given, the host is resolved once (:func:`resolve_checked`, within
+            the deadline), every address must pass it, and the request connects to the checked
+            addresses in turn (the ``Host`` header and TLS SNI keep the name): a second DNS
+            answer is never used.
 
     Returns:
         The :class:`Response`, whatever its status.
@@ -315,13 +395,72 @@ async def fetch(
         ConnectFailed: connection refused / reset / closed early (retryable).
         ResponseTooLarge: the body is over ``limits.max_response_bytes``.
         BadResponse: a compressed body or an undecodable HTTP stream.
+        AddressRefused: with ``allow_address``, an address of the host is refused.
     """
+    if allow_address is None:
+        return await _fetch_once(client, method, url, limits, content, json_body, headers, None)
+    return await _fetch_pinned(client, method, url, limits, content, json_body, headers, allow_address)
+
+
+async def _fetch_pinned(
+    client: Any,
+    method: str,
+    url: str,
+    limits: HTTPLimits,
+    content: bytes | None,
+    json_body: Any,
+    headers: Mapping[str, str] | None,
+    allow_address: Callable[[IPAddress], bool],
+) -> Response:
+    """:func:`fetch` connecting only to addresses resolved once and checked (its docstring)."""
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limits.deadline_s
+    try:
+        async with asyncio.timeout(limits.deadline_s):
+            addrs = await resolve_checked(url, allow_address)
+    except TimeoutError:
+        raise RequestTimeout(f"resolving the host of {url} did not finish within {limits.deadline_s:g} s", url=url) from None
+    u = httpx.URL(url)
+    h = dict(headers or {})
+    h["Host"] = u.netloc.decode("ascii")
+    ext = {"sni_hostname": u.raw_host.decode("ascii")} if u.scheme == "https" else None
+    last: ConnectFailed | None = None
+    for addr in addrs:
+        left = end - loop.time()
+        if left <= 0:
+            break
+        pinned = str(u.copy_with(host=str(addr)))
+        try:
+            r = await _fetch_once(client, method, pinned, dataclasses.replace(limits, deadline_s=left), content, json_body, h, ext)
+        except ConnectFailed as e:  # this address is down: the next checked one
+            last = e
+            continue
+        r.url = url
+        return r
+    if last is not None:
+        raise ConnectFailed(f"cannot reach {url} at {', '.join(map(str, addrs))}: {last}", url=url)
+    raise RequestTimeout(f"request to {url} did not finish within its deadline of {limits.deadline_s:g} s", url=url)
+
+
+async def _fetch_once(
+    client: Any,
+    method: str,
+    url: str,
+    limits: HTTPLimits,
+    content: bytes | None,
+    json_body: Any,
+    headers: Mapping[str, str] | None,
+    extensions: dict[str, Any] | None,
+) -> Response:
+    """One request to ``url`` within ``limits`` (:func:`fetch`'s docstring)."""
     import httpx
 
     cap = int(limits.max_response_bytes)
     try:
         async with asyncio.timeout(limits.deadline_s):
-            async with client.stream(method, url, content=content, json=json_body, headers=headers) as r:
+            async with client.stream(method, url, content=content, json=json_body, headers=headers, extensions=extensions) as r:
                 declared = r.headers.get("content-length", "")
                 if declared.strip().isdigit() and int(declared) > cap:
                     raise _too_large(url, cap, f"it declares {int(declared)} bytes")
@@ -392,14 +531,15 @@ def fetch_sync(
     content: bytes | None = None,
     json_body: Any = None,
     headers: Mapping[str, str] | None = None,
+    allow_address: Callable[[IPAddress], bool] | None = None,
 ) -> Response:
     """Blocking :func:`fetch` with a one-request client (for synchronous callers only; async
-    code uses :func:`fetch`). Same limits, proxy policy and errors."""
+    code uses :func:`fetch`). Same limits, proxy policy, ``allow_address`` and errors."""
 
     async def go() -> Response:
         client = async_client(url, limits, headers=headers, max_connections=1)
         try:
-            return await fetch(client, method, url, limits, content=content, json_body=json_body)
+            return await fetch(client, method, url, limits, content=content, json_body=json_body, allow_address=allow_address)
         finally:
             await client.aclose()
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from thyme.errors import ImageError, ThymeError
 from thyme.imageio import ImageBudgetError, configure_images, decode_budget_peak, image_size, open_image, open_image_bytes
 from thyme.jsonl import JsonInputError, iter_jsonl, loads_bounded
 
-from ..conftest import REPO
+from ..conftest import REPO, png_1bit
 from ..evaluate.test_benchmark_data import write_tsv
 
 #: Peak RSS a refused command may reach (measured: 40-70 MiB); a decode of either bomb (at least
@@ -71,18 +69,6 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> tuple[s
 # --------------------------------------------------------------------------- bombs
 
 
-def png_1bit(w: int, h: int) -> bytes:
-    """A complete, valid 1-bit PNG of ``w`` x ``h`` black pixels (every row really encoded)."""
-
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
-
-    row = b"\x00" * (1 + (w + 7) // 8)
-    c = zlib.compressobj(9)
-    data = b"".join(c.compress(row) for _ in range(h)) + c.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bombs")
@@ -90,20 +76,6 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
     out["huge"].write_bytes(png_1bit(30000, 30000))  # 900 Mpx from ~110 KB
     out["ratio"].write_bytes(png_1bit(12000, 12000))  # 144 Mpx (under 150) from ~18 KB: the ratio refuses it
     return out
-
-
-@pytest.fixture
-def no_decode(monkeypatch):
-    """Records every image PIL decodes (``ImageFile.load``) by its size; the bombs must not be there."""
-    decoded: list[tuple[int, int]] = []
-    real = ImageFile.ImageFile.load
-
-    def load(self, *a, **k):
-        decoded.append(tuple(self.size))
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    return decoded
 
 
 def _local(folder: Path, bomb: Path) -> Path:

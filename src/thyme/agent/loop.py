@@ -260,6 +260,9 @@ class Agent:
         try:
             sizes = [image_size(p) for p in images]
             state.messages = protocol.build_messages(task.question, images, shown_paths=shown, image_sizes=sizes)
+            prefetch = getattr(self.backend, "prefetch_images", None)  # openai: encode the inputs while the session starts
+            if callable(prefetch):
+                prefetch(images)
             session = self.sandbox.session(images=images, shown_paths=shown)
             state.session = session.__enter__()
         except Exception as e:  # bad input: recorded, the batch goes on

@@ -112,13 +112,17 @@ resized image is re-encoded as JPEG (quality ``jpeg_quality``, 95) when the sour
 (already lossy, typically a photo: about 10x smaller than PNG) and as PNG otherwise (sandbox
 outputs, charts, screenshots: lossless, sharp text). ``"png"`` / ``"jpeg"`` force one format.
 Encoded images are cached (by path, modification time and settings), so an input image is
-decoded once per trajectory batch, not once per round.
+decoded once per trajectory batch, not once per round; an image another thread is encoding is
+waited for, not encoded twice. The agent hands a trajectory's input images over before it
+starts the trajectory's sandbox session (:meth:`OpenAIBackend.prefetch_images`), so their
+encoding overlaps the session's start instead of delaying the first round.
 
 Concurrency, retries, errors
 ----------------------------
 Requests run on one background asyncio event loop (one ``httpx.AsyncClient``, connections
 reused) under a semaphore of ``concurrency`` requests in flight. :meth:`OpenAIBackend.generate`
-is synchronous for the agent loop but runs the whole batch concurrently;
+is synchronous for the agent loop but runs the whole batch concurrently (a batch of one builds
+its request body in the calling thread, a larger one in the loop's executor);
 :meth:`OpenAIBackend.agenerate` is the same for asyncio callers. ``generate`` may be called from
 several threads at once (one trajectory per thread): all calls share the one limit. HTTP 408, 409, 425, 429, 5xx, timeouts and
 connection errors are retried ``max_retries`` times with exponential backoff (``backoff_s`` x 2^k,
@@ -146,9 +150,12 @@ import collections
 import concurrent.futures
 import dataclasses
 import io
+import json
 import math
 import os
+import secrets
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -336,16 +343,17 @@ def smart_resize(
 ) -> tuple[int, int]:
     """Qwen's target size ``(height, width)``: multiples of ``factor``, pixels in the budget.
 
-    transformers' own function (``transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.
-    smart_resize``, the one the Qwen image processors call); the same arithmetic is kept here
-    only for transformers versions without it.
+    The arithmetic of transformers' ``smart_resize``
+    (``transformers.models.qwen2_vl.image_processing_pil_qwen2_vl``, the function the Qwen
+    image processors call), step for step, so the server's own resize is a no-op. Kept here
+    rather than imported: importing it pulls in transformers and torch (4-5 s and ~340 MiB of
+    RSS in ``thyme serve --base-url`` on a 2-core machine, for a few lines of arithmetic).
+    ``tests/backends/test_openai_images.py`` checks that both agree over many sizes, factors
+    and budgets whenever transformers is installed.
 
     Raises:
         ValueError: the aspect ratio exceeds 200 (Qwen's processors refuse such images).
     """
-    fn = _transformers_smart_resize()
-    if fn is not None:
-        return tuple(fn(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels))  # type: ignore[return-value]
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
     h_bar = round(height / factor) * factor
@@ -359,22 +367,6 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-_SMART_RESIZE: list[Any] = []
-
-
-def _transformers_smart_resize() -> Any:
-    if not _SMART_RESIZE:
-        fn = None
-        for mod in ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl", "transformers.models.qwen2_vl.image_processing_qwen2_vl"):
-            try:
-                fn = __import__(mod, fromlist=["smart_resize"]).smart_resize
-                break
-            except Exception:
-                continue
-        _SMART_RESIZE.append(fn)
-    return _SMART_RESIZE[0]
 
 
 @dataclass
@@ -466,39 +458,66 @@ def _data_url(mime: str, data: bytes) -> str:
 
 
 class _ImageCache:
-    """LRU cache of :class:`EncodedImage` keyed by (path, mtime, size on disk, settings); thread-safe."""
+    """LRU cache of :class:`EncodedImage` keyed by (path, mtime, size on disk, settings); thread-safe.
+
+    An image being encoded by one thread is not encoded again by another: a second caller of
+    :meth:`get` for the same key waits for the first one's result (if that one fails, the
+    waiter encodes it itself, so each caller gets its own error)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[tuple, EncodedImage] = collections.OrderedDict()
+        self._pending: dict[tuple, concurrent.futures.Future] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
+    @staticmethod
+    def key(src: Any, settings: tuple) -> tuple | None:
+        """The cache key of ``src`` (a path; ``None``: not cacheable, or not there)."""
+        if not isinstance(src, (str, os.PathLike)):
+            return None
+        p = os.fspath(src)
+        p = p[len("file://") :] if p.startswith("file://") else p
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None  # encode() raises the clear error
+        return (os.path.abspath(p), st.st_mtime_ns, st.st_size, settings)
+
     def get(self, src: Any, settings: tuple, encode) -> EncodedImage:
-        key = None
-        if isinstance(src, (str, os.PathLike)):
-            p = os.fspath(src)
-            p = p[len("file://") :] if p.startswith("file://") else p
+        key = self.key(src, settings)
+        if key is None:
+            return encode()
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+            pending = self._pending.get(key)
+            if pending is None:
+                mine: concurrent.futures.Future = concurrent.futures.Future()
+                self._pending[key] = mine
+        if pending is not None:  # another thread is encoding this image: its result
             try:
-                st = os.stat(p)
-                key = (os.path.abspath(p), st.st_mtime_ns, st.st_size, settings)
-            except OSError:
-                key = None  # encode() raises the clear error
-        if key is not None:
+                return pending.result()
+            except Exception:  # noqa: BLE001 - encode it here, for this caller's own error
+                return encode()
+        try:
+            enc = encode()
+        except BaseException as e:
             with self._lock:
-                hit = self._items.get(key)
-                if hit is not None:
-                    self._items.move_to_end(key)
-                    return hit
-        enc = encode()
-        if key is not None and len(enc.url) <= self.max_bytes:
-            with self._lock:
-                if key not in self._items:
-                    self._items[key] = enc
-                    self._bytes += len(enc.url)
-                    while self._bytes > self.max_bytes and self._items:
-                        _, old = self._items.popitem(last=False)
-                        self._bytes -= len(old.url)
+                del self._pending[key]
+            mine.set_exception(e)
+            raise
+        with self._lock:
+            del self._pending[key]
+            if len(enc.url) <= self.max_bytes and key not in self._items:
+                self._items[key] = enc
+                self._bytes += len(enc.url)
+                while self._bytes > self.max_bytes and self._items:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= len(old.url)
+        mine.set_result(enc)
         return enc
 
 
@@ -577,8 +596,13 @@ class OpenAIBackend(Backend):
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "failed": 0, "images": 0, "upload_bytes": 0}
         self._stats_lock = threading.Lock()
         self._cache = _ImageCache(int(cfg.image_cache_mb) * 1024 * 1024)
+        # data URLs this backend made (by id; an entry lives as long as its EncodedImage), and a
+        # random token: see _payload
+        self._encoded: weakref.WeakValueDictionary[int, EncodedImage] = weakref.WeakValueDictionary()
+        self._nonce = secrets.token_hex(16)
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
+        self._prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self._renderer: Any = None
@@ -758,6 +782,9 @@ class OpenAIBackend(Backend):
         self._closed = True
         with self._loop_lock:
             loop, self._loop = self._loop, None
+            pool, self._prefetcher = self._prefetcher, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         if loop is not None:
 
             async def cleanup():
@@ -769,7 +796,7 @@ class OpenAIBackend(Backend):
 
     def __del__(self):  # pragma: no cover - best effort
         try:
-            if self._loop is not None:
+            if self._loop is not None or self._prefetcher is not None:
                 self.close()
         except Exception:
             pass
@@ -805,7 +832,11 @@ class OpenAIBackend(Backend):
         if not requests:
             return []
         loop = self._ensure_loop()
-        futures = {loop.submit(self._one(r)): i for i, r in enumerate(requests)}
+        # One request (thyme serve: one trajectory per thread): its body is built here, in the
+        # calling thread, rather than in the loop's executor (one thread hop less per round).
+        # A batch builds its bodies in the executor, concurrently, each under the limit.
+        prepared = self._payload(requests[0]) if len(requests) == 1 else None
+        futures = {loop.submit(self._one(r, prepared)): i for i, r in enumerate(requests)}
         results: list[Generation | None] = [None] * len(requests)
         errors: list[BaseException | None] = [None] * len(requests)
         try:
@@ -947,10 +978,14 @@ class OpenAIBackend(Backend):
             return {"type": "image_url", "image_url": dict(p["image_url"])}
         raise ValueError(f"unsupported content part type {kind!r} (expected 'text' or 'image')")
 
+    def _image_settings(self) -> tuple:
+        cfg = self.config
+        return (cfg.min_pixels, cfg.max_pixels, cfg.resize_factor, cfg.image_format, cfg.jpeg_quality)
+
     def encode(self, src: Any) -> EncodedImage:
         """Encode one image with this backend's budget and format (cached); see :func:`encode_image`."""
         cfg = self.config
-        settings = (cfg.min_pixels, cfg.max_pixels, cfg.resize_factor, cfg.image_format, cfg.jpeg_quality)
+        settings = self._image_settings()
 
         def enc() -> EncodedImage:
             with self._stats_lock:
@@ -964,7 +999,46 @@ class OpenAIBackend(Backend):
                 jpeg_quality=cfg.jpeg_quality,
             )
 
-        return self._cache.get(src, settings, enc)
+        out = self._cache.get(src, settings, enc)
+        self._encoded[id(out.url)] = out
+        return out
+
+    def prefetch_images(self, images: list[Any]) -> None:
+        """Start encoding the image files ``images`` (paths) in the background, so that the
+        first round of the request that carries them finds them encoded (the agent calls this
+        before it starts the trajectory's sandbox session, which takes longer: the encoding
+        of a 640x480 JPEG, ~7 ms, is then off the request's critical path).
+
+        Best effort and optional (the agent looks for it with ``getattr``): returns at once and
+        never raises; an image that cannot be read is skipped here and fails its request when
+        the body is built (:meth:`build_body`), with the usual :class:`~thyme.errors.ImageError`.
+        What is sent does not change: the same :meth:`encode`, through the same cache (an
+        encode that has not started when the request needs the image is done by the request
+        itself; one under way is waited for, never done twice). Data and http(s) URLs and PIL
+        images are not prefetched, nor anything with ``continuation="completions"`` (text only).
+        """
+        paths = [p for p in images or [] if isinstance(p, (str, os.PathLike)) and not str(p).startswith(("data:", "http://", "https://"))]
+        if not paths or self._closed or self.config.continuation == "completions":  # that one sends no images
+            return
+        with self._loop_lock:
+            if self._prefetcher is None:
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(1, min(4, int(self.config.concurrency))), thread_name_prefix=f"thyme-openai-images-{id(self):x}"
+                )
+            pool = self._prefetcher
+        for p in paths:
+            try:
+                pool.submit(self._prefetch_one, p)
+            except RuntimeError:  # closed meanwhile
+                return
+
+    def _prefetch_one(self, path: Any) -> None:
+        if self._closed or self._cache.key(path, self._image_settings()) is None:  # closed, or not a file (not cacheable)
+            return
+        try:
+            self.encode(path)
+        except Exception:  # noqa: BLE001 - the request that needs it reports the error
+            pass
 
     def _render_raw(self, request: GenerationRequest) -> str:
         """The raw prompt for ``continuation="completions"`` (text-only conversations)."""
@@ -1014,16 +1088,52 @@ class OpenAIBackend(Backend):
             self._sem = asyncio.Semaphore(cfg.concurrency)
         return self._client
 
-    async def _one(self, request: GenerationRequest) -> Generation:
+    def _payload(self, request: GenerationRequest) -> tuple[str, bytes]:
+        """``(endpoint path, request body as UTF-8 JSON)`` of one request (:meth:`build_body`;
+        blocking: images are encoded here when not cached).
+
+        The bytes are exactly ``json.dumps(body, ensure_ascii=False).encode("utf-8")``; the data
+        URLs this backend encoded (base64: nothing to escape) are put in as they are rather
+        than scanned by the JSON encoder, which saves ~0.3 ms per round for a 640x480 input."""
+        path, body = self.build_body(request)
+        spliced: list[tuple[bytes, str]] = []
+        for m in body.get("messages") or ():
+            content = m.get("content") if isinstance(m, dict) else None
+            for part in content if isinstance(content, list) else ():
+                iu = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+                url = iu.get("url") if isinstance(iu, dict) else None
+                if not isinstance(url, str) or len(url) < 4096:
+                    continue
+                enc = self._encoded.get(id(url))
+                if enc is None or enc.url is not url or not url.isascii() or '"' in url or "\\" in url:
+                    continue  # not one of ours: the JSON encoder's job
+                token = f"thyme-image-{self._nonce}-{len(spliced)}"
+                iu["url"] = token
+                spliced.append((f'"{token}"'.encode("ascii"), url))
+        raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if not spliced:
+            return path, raw
+        pieces = []
+        for quoted, url in spliced:
+            head, sep, raw = raw.partition(quoted)
+            if not sep or quoted in raw:  # never (a random token): the plain way
+                for quoted2, url2 in spliced:
+                    _restore(body, quoted2[1:-1].decode("ascii"), url2)
+                return path, json.dumps(body, ensure_ascii=False).encode("utf-8")
+            pieces += [head, b'"', url.encode("ascii"), b'"']
+        pieces.append(raw)
+        return path, b"".join(pieces)
+
+    async def _one(self, request: GenerationRequest, prepared: tuple[str, bytes] | None = None) -> Generation:
+        """One request on the backend's loop; ``prepared``: its :meth:`_payload`, when the
+        caller built it already (else built here, in the loop's executor)."""
         client = await self._get_client()
         assert self._sem is not None
         async with self._sem:
-            loop = asyncio.get_running_loop()
-            path, body = await loop.run_in_executor(None, self.build_body, request)
-            import json as _json
-
-            payload = _json.dumps(body, ensure_ascii=False).encode("utf-8")
-            del body
+            if prepared is None:
+                prepared = await asyncio.get_running_loop().run_in_executor(None, self._payload, request)
+            path, payload = prepared
+            del prepared
             data = await self._post(client, path, payload)
         try:
             return self.parse_response(data, request)
@@ -1235,6 +1345,15 @@ def _collect(results: list[Generation | None], errors: list[BaseException | None
     if len(errors) == 1:
         raise failed[0]
     raise OpenAIBatchError(results, errors)
+
+
+def _restore(body: dict[str, Any], token: str, url: str) -> None:
+    """Put ``url`` back where :meth:`OpenAIBackend._payload` left ``token``."""
+    for m in body.get("messages") or ():
+        for part in m.get("content") if isinstance(m.get("content"), list) else ():
+            iu = part.get("image_url") if isinstance(part, dict) else None
+            if isinstance(iu, dict) and iu.get("url") == token:
+                iu["url"] = url
 
 
 def _excerpt(text: str, n: int = 1000) -> str:

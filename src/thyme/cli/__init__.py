@@ -11,6 +11,7 @@ One module per command group, each with ``add_parser(subparsers)`` and ``run(arg
 ``train``   :mod:`thyme.cli.train`    ``sft``
 ``report``  :mod:`thyme.cli.report`   the HTML trajectory report
 ``dev``     :mod:`thyme.cli.dev`      tiny checkpoints, test servers
+``serve``   :mod:`thyme.cli.serve`    the whole loop behind an OpenAI-compatible API
 =========  ============================================================================
 
 Shared helpers live in the leaf :mod:`thyme.cli.entry`; no command module imports another.
@@ -30,7 +31,7 @@ from typing import Any
 from .entry import guarded, leave_now
 
 #: ``thyme`` sub-commands, in ``--help`` order: each a module of this package.
-COMMANDS = ("run", "replay", "sandbox", "eval", "data", "train", "report", "dev")
+COMMANDS = ("run", "serve", "replay", "sandbox", "eval", "data", "train", "report", "dev")
 
 
 def _module(name: str) -> Any:

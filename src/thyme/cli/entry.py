@@ -21,7 +21,7 @@ from ..errors import ThymeError
 #: Sections of the one YAML file ``run``, ``replay`` and ``eval`` accept (``thyme CMD --config``).
 RUNTIME_SECTIONS = ("agent", "sandbox", "model")
 #: Every section any command knows: a command ignores (with a note) the ones it does not use.
-ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge")
+ALL_SECTIONS = (*RUNTIME_SECTIONS, "eval", "judge", "serve")
 
 #: Environment variables of the model server's and the judge's keys (``--api-key`` /
 #: ``--judge-api-key`` / YAML win), named once in :mod:`thyme.config` for every command.

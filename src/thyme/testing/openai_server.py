@@ -583,7 +583,7 @@ def serve(
     backend = _vllm_style_backend(model, seed=seed)
     app = build_app(backend, served_model_name or model, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY on its connections (thyme.serve.server.bind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)
