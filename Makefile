@@ -104,9 +104,9 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_VERSION ?= 0.32.0
 VLLM_TORCH ?= torch==2.13.0 torchvision==0.28.0
 # in-process (vllm.LLM: the colocate engine) in the vLLM environment; the client (thyme eval /
-# run --base-url) in the main one against a real server started from the vLLM environment
+# run --base-url, thyme serve --base-url) in the main one against a real server started from the vLLM environment
 VLLM_INPROC_TESTS := tests/rollout/test_vllm_colocate_real.py
-VLLM_SERVER_TESTS := tests/backends/test_openai_against_vllm.py
+VLLM_SERVER_TESTS := tests/backends/test_openai_against_vllm.py tests/serve/test_serve_against_vllm.py
 
 $(VLLM_BIN)/thyme: pyproject.toml .ci/verl_requirements.py
 	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)

@@ -100,3 +100,21 @@ def test_content_full_streams_the_whole_text_as_content(scripted, sandbox):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "<sandbox_output>" in streamed and streamed.rstrip().endswith("<answer>B</answer>")
     assert streamed == plain.choices[0].message.content.replace("<image>", "")  # the same text, images left to the thyme events
+
+
+def test_a_prefilled_code_segments_sandbox_output_event_names_its_code(tokenizer, sandbox):
+    """``--prefill`` with a whole code segment: it runs before the first round and is never
+    streamed as text, yet its sandbox-output event carries its code and crop regions."""
+    from thyme.agent import AgentConfig
+    from thyme.testing.scripted import ScriptedBackend
+
+    from .conftest import ANSWER, CROP
+
+    backend = ScriptedBackend(tokenizer, [CROP, ANSWER])  # segment 0 is the prefill
+    with running_server(backend, sandbox, agent=AgentConfig(max_new_tokens=400, prefill=CROP)) as srv:
+        chunks = list(_client(srv.url).chat.completions.create(model="thyme-test", messages=user_message(), stream=True))
+    events = [c.model_extra["thyme"] for c in chunks if (c.model_extra or {}).get("thyme")]
+    outputs = [e for e in events if e["event"] == "sandbox_output"]
+    assert len(outputs) == 1 and "img.crop((0, 0, 32, 24))" in outputs[0]["code"]
+    assert outputs[0]["crops"] and outputs[0]["crops"][0]["box"][:2] == [0, 0] and outputs[0]["images"]
+    assert events[-1]["event"] == "done" and events[-1]["stop_reason"] == "answer"

@@ -349,7 +349,9 @@ class Service:
         never raised."""
 
         size = input_size(parsed.images) if on_event is not None else None
-        said: list[str] = []  # the text since the last sandbox output: its last code block ran
+        # the text since the last sandbox output: its last code block ran (a prefill is the
+        # assistant's first text, never streamed: a prefilled code segment's output names its code)
+        said: list[str] = [cfg.prefill] if cfg.prefill else []
 
         def events(_i: int, kind: str, payload: Any) -> None:
             if cancel.is_set():
