@@ -77,7 +77,10 @@ class ScriptedServer:
                     self.stopped.wait(30)
                     return
                 else:
-                    conn.sendall(step)
+                    try:
+                        conn.sendall(step)
+                    except OSError:  # the client hung up (a capped flood): expected
+                        return
 
     def close(self):
         self.stopped.set()
@@ -127,7 +130,15 @@ def test_deltas_arrive_before_the_request_completes(scripted):
     """The server holds the rest of its answer until the caller has seen the first delta: a
     backend that passed text on only at the end would wait for ever (and fail at the deadline)."""
     seen = threading.Event()
-    srv = scripted([_chunk("<think>Zoom"), seen, _chunk(" in.</think>\n<answer>B</answer>", "stop", None), _chunk(usage={"prompt_tokens": 7, "completion_tokens": 3}), b"data: [DONE]\n\n"])
+    srv = scripted(
+        [
+            _chunk("<think>Zoom"),
+            seen,
+            _chunk(" in.</think>\n<answer>B</answer>", "stop", None),
+            _chunk(usage={"prompt_tokens": 7, "completion_tokens": 3}),
+            b"data: [DONE]\n\n",
+        ]
+    )
     with OpenAIBackend(srv.base_url, "m", max_retries=0, timeout_s=20) as b:
         deltas = []
 
@@ -231,7 +242,7 @@ def _events(srv, limits: HTTPLimits) -> list:
 
 
 def test_fetch_events_parses_data_events_and_skips_the_rest(scripted):
-    srv = scripted([b": comment\r\nevent: x\r\ndata: {\"a\": 1}\r\n\r\n", b"data: [1, 2]\n\ndata: [DONE]\n\n", b"data: {\"late\": 1}\n\n"])
+    srv = scripted([b': comment\r\nevent: x\r\ndata: {"a": 1}\r\n\r\n', b"data: [1, 2]\n\ndata: [DONE]\n\n", b'data: {"late": 1}\n\n'])
     assert _events(srv, HTTPLimits(deadline_s=10)) == [{"a": 1}, [1, 2]]
 
 
@@ -257,3 +268,40 @@ def test_fetch_events_refuses_malformed_events_and_a_stream_without_done(scripte
         _events(scripted([b"data: " + b"[" * 100 + b"]" * 100 + b"\n\n"]), HTTPLimits(deadline_s=10))
     with pytest.raises(ConnectFailed, match=r"before its \[DONE\]"):
         _events(scripted([_chunk("a"), "close"]), HTTPLimits(deadline_s=10))
+
+
+# --------------------------------------------------------------------------- the dev server (tiny model)
+
+
+@pytest.mark.slow
+def test_streamed_equals_non_streamed_against_the_dev_server_chat_and_completions(tiny_checkpoint, tmp_path):
+    """A real model behind the dev server (vLLM's semantics): an image request with a stop
+    string kept in the text (chat), and a text request whose stop the server strips
+    (completions), give the same Generation streamed or not, and the deltas make its text."""
+    import numpy as np
+    from PIL import Image
+
+    from thyme.backends.hf import HFBackend
+    from thyme.testing.openai_server import start_server
+
+    img = tmp_path / "in.png"
+    Image.fromarray((np.random.RandomState(1).rand(168, 224, 3) * 255).astype("uint8")).save(img)
+    hf = HFBackend(str(tiny_checkpoint), dtype="float32")
+    system = {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]}
+    chat = GenerationRequest(
+        [system, {"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "What?"}]}], max_new_tokens=16
+    )
+    text = GenerationRequest([system, {"role": "user", "content": [{"type": "text", "text": "Say something."}]}], max_new_tokens=16)
+    (ref,) = hf.generate([chat])
+    (tref,) = hf.generate([text])
+    chat.stop, text.stop = [ref.text[4:9]], [tref.text[3:7]]
+    with start_server(
+        tiny_checkpoint, served_model_name="tiny", log_dir=tmp_path / "srv", startup_timeout_s=120, extra_args=["--threads", "1"]
+    ) as s:
+        for kw, req in (({}, chat), ({"continuation": "completions", "tokenizer": str(hf.model_id)}, text)):
+            with OpenAIBackend(s.base_url, "tiny", timeout_s=60, **kw) as b:
+                (whole,) = b.generate([req])
+                deltas: list[str] = []
+                (streamed,) = b.generate([req], stream=lambda i, d, out=deltas: out.append(d))
+            assert streamed == whole and whole.stop == req.stop[0] and whole.num_tokens > 0 and whole.prompt_tokens > 0
+            assert "".join(deltas) == whole.text and len(deltas) > 1

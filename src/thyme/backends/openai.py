@@ -1191,9 +1191,7 @@ class OpenAIBackend(Backend):
         pieces.append(raw)
         return path, b"".join(pieces)
 
-    async def _one(
-        self, request: GenerationRequest, prepared: tuple[str, bytes] | None = None, on_delta: Any = None
-    ) -> Generation:
+    async def _one(self, request: GenerationRequest, prepared: tuple[str, bytes] | None = None, on_delta: Any = None) -> Generation:
         """One request on the backend's loop; ``prepared``: its :meth:`_payload`, when the
         caller built it already (else built here, in the loop's executor). ``on_delta``: when
         given, the request is streamed and ``on_delta(text)`` is called (on this loop) with each

@@ -197,7 +197,12 @@ def sse_chunks(out: dict[str, Any], *, piece_chars: int = 4, include_usage: bool
     ch = out["choices"][0]
     text = (ch.get("message") or {}).get("content") if chat else ch.get("text")
     text = text or ""
-    base = {"id": out.get("id"), "object": "chat.completion.chunk" if chat else "text_completion", "created": out.get("created"), "model": out.get("model")}
+    base = {
+        "id": out.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": out.get("created"),
+        "model": out.get("model"),
+    }
 
     def choice(piece: str, finish: Any = None, stop: Any = None) -> dict[str, Any]:
         c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish, "stop_reason": stop}
@@ -209,7 +214,9 @@ def sse_chunks(out: dict[str, Any], *, piece_chars: int = 4, include_usage: bool
 
     events: list[dict[str, Any]] = []
     if chat:
-        events.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        events.append(
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        )
     n = max(1, int(piece_chars))
     events += [{**base, "choices": [choice(text[i : i + n])]} for i in range(0, len(text), n)]
     events.append({**base, "choices": [choice("", ch.get("finish_reason"), ch.get("stop_reason"))]})
