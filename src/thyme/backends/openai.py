@@ -1414,6 +1414,10 @@ class OpenAIBackend(Backend):
         return Generation(text, "eos", num_tokens=num_tokens, prompt_tokens=prompt_tokens)
 
 
+#: A stream chunk's own fields; any other top-level field is kept for the rebuilt answer.
+_CHUNK_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "error", "system_fingerprint"})
+
+
 class _StreamState:
     """The pieces of one streamed completion (OpenAI ``chat.completion.chunk`` /
     ``text_completion`` events), assembled into the non-streamed answer's shape
@@ -1438,6 +1442,7 @@ class _StreamState:
         self.finish: Any = None
         self.matched: Any = None
         self.usage: Any = None
+        self.extra: dict[str, Any] = {}  # other top-level fields (vLLM's prompt_token_ids), first seen
 
     def _bad(self, what: str, ev: Any) -> "OpenAIServerError":
         return OpenAIServerError(
@@ -1462,6 +1467,9 @@ class _StreamState:
             if not isinstance(usage, dict):
                 raise self._bad("whose usage is not an object", ev)
             self.usage = usage
+        for k, v in ev.items():
+            if k not in _CHUNK_KEYS and k not in self.extra:
+                self.extra[k] = v
         choices = ev.get("choices")
         if choices is None or choices == []:
             return
@@ -1497,6 +1505,7 @@ class _StreamState:
     def data(self) -> dict[str, Any]:
         """The answer in the non-streamed shape (chat ``message`` form)."""
         return {
+            **self.extra,
             "choices": [{"message": {"content": self.acc}, "finish_reason": self.finish, "stop_reason": self.matched}],
             "usage": self.usage or {},
         }
