@@ -171,6 +171,8 @@ class HTTPLimits:
         max_response_bytes: largest response body read (bytes); more is :class:`ResponseTooLarge`.
         max_json_depth: deepest JSON nesting accepted by :meth:`Response.json`.
         proxy: ``"env"``, ``"none"`` or a proxy URL (:func:`resolve_proxy`).
+        max_event_bytes: longest line of a server-sent-event stream (:func:`fetch_events`);
+            more is :class:`ResponseTooLarge`.
     """
 
     deadline_s: float = 60.0
@@ -178,6 +180,7 @@ class HTTPLimits:
     max_response_bytes: int = 32 * 1024 * 1024
     max_json_depth: int = MAX_JSON_DEPTH
     proxy: str = "env"
+    max_event_bytes: int = 1024 * 1024
 
 
 def check_proxy_setting(proxy: Any, name: str = "proxy") -> None:
@@ -502,6 +505,139 @@ async def _fetch_once(
         ) from None
     except httpx.HTTPError as e:
         raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
+
+
+async def fetch_events(
+    client: Any,
+    method: str,
+    url: str,
+    limits: HTTPLimits,
+    on_event: Callable[[Any], None],
+    *,
+    content: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """Send one request whose answer may be a server-sent-event stream (``text/event-stream``,
+    e.g. an OpenAI ``"stream": true`` completion) and call ``on_event(value)`` with each
+    ``data:`` event's JSON value as it arrives, within the same guarantees as :func:`fetch`:
+    one deadline for the whole request (connect, send, every event), ``max_response_bytes`` on
+    the whole body, ``max_event_bytes`` on one line, no compressed body, each event parsed with
+    :func:`loads_bounded`. The ``data: [DONE]`` event ends the stream (not passed on); comment
+    lines, ``event:`` / ``id:`` / ``retry:`` fields and blank lines are skipped. An answer that is
+    not a 200 event stream (an error status, a plain JSON body) is read whole as by :func:`fetch`.
+
+    Returns:
+        The :class:`Response`: for an event stream its ``body`` is empty (the events went to
+        ``on_event``); otherwise the whole body.
+
+    Raises:
+        RequestTimeout / ConnectFailed / ResponseTooLarge / BadResponse: as :func:`fetch`; a line
+            over ``max_event_bytes``: :class:`ResponseTooLarge`; an event that is not JSON (or
+            nested too deep): :class:`BadResponse`; a stream that ends without ``[DONE]``:
+            :class:`ConnectFailed`. Whatever ``on_event`` raises propagates unchanged.
+    """
+    import httpx
+
+    cap = int(limits.max_response_bytes)
+    line_cap = int(limits.max_event_bytes)
+    try:
+        async with asyncio.timeout(limits.deadline_s):
+            async with client.stream(method, url, content=content, headers=headers) as r:
+                declared = r.headers.get("content-length", "")
+                if declared.strip().isdigit() and int(declared) > cap:
+                    raise _too_large(url, cap, f"it declares {int(declared)} bytes")
+                encoding = r.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise BadResponse(
+                        f"{url} answered with a {encoding!r}-compressed body although we asked for none (Accept-Encoding: identity)",
+                        "put no compressing proxy between us and the server",
+                        url=url,
+                    )
+                ctype = r.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                sse = int(r.status_code) == 200 and ctype == "text/event-stream"
+                buf = bytearray()
+                total = 0
+                done = False
+                async for chunk in r.aiter_raw():
+                    total += len(chunk)
+                    if total > cap:
+                        raise _too_large(url, cap, "reading stopped there")
+                    buf += chunk
+                    if not sse:
+                        continue
+                    while not done:
+                        nl = buf.find(b"\n")
+                        if nl < 0:
+                            break
+                        line = bytes(buf[:nl]).rstrip(b"\r")
+                        del buf[: nl + 1]
+                        if len(line) > line_cap:
+                            raise _long_event(url, line_cap)
+                        done = _sse_line(url, line, limits, on_event)
+                    if done:
+                        break
+                    if len(buf) > line_cap:
+                        raise _long_event(url, line_cap)
+                if not sse:
+                    return Response(url, int(r.status_code), r.headers, bytes(buf), int(limits.max_json_depth))
+                if not done:
+                    tail = bytes(buf).rstrip(b"\r")
+                    if tail and _sse_line(url, tail, limits, on_event):
+                        done = True
+                if not done:
+                    raise ConnectFailed(
+                        f"the event stream of {url} ended before its [DONE] event (the server closed the connection mid-answer)",
+                        "see the server's log",
+                        url=url,
+                    )
+                return Response(url, int(r.status_code), r.headers, b"", int(limits.max_json_depth))
+    except TimeoutError:
+        raise RequestTimeout(
+            f"request to {url} did not finish within its deadline of {limits.deadline_s:g} s (connect, send and the whole event stream)",
+            "raise the timeout (timeout_s), lower the concurrency, or check the server's load",
+            url=url,
+        ) from None
+    except httpx.TimeoutException as e:
+        raise RequestTimeout(
+            f"request to {url} timed out ({type(e).__name__}) within its deadline of {limits.deadline_s:g} s",
+            "raise the timeout (timeout_s) or check the server's load",
+            url=url,
+        ) from None
+    except httpx.TransportError as e:
+        if isinstance(e, (httpx.DecodingError, httpx.UnsupportedProtocol)):
+            raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
+        raise ConnectFailed(
+            f"cannot reach {url}: {type(e).__name__}: {e}", "is the server running and is the URL right (scheme, host, port, /v1)?", url=url
+        ) from None
+    except httpx.HTTPError as e:
+        raise BadResponse(f"cannot read the answer of {url}: {type(e).__name__}: {e}", url=url) from None
+
+
+def _sse_line(url: str, line: bytes, limits: HTTPLimits, on_event: Callable[[Any], None]) -> bool:
+    """Handle one line of an event stream; True at ``data: [DONE]``."""
+    if not line.startswith(b"data:"):
+        return False  # blank line, comment (":..."), event:, id:, retry:
+    data = line[5:].strip()
+    if not data:
+        return False
+    if data == b"[DONE]":
+        return True
+    try:
+        value = loads_bounded(data, int(limits.max_json_depth))
+    except ValueError as e:
+        raise BadResponse(
+            f"{url} sent an event that is not usable JSON ({e}): {excerpt(data.decode('utf-8', 'replace'), 300)!r}", url=url
+        ) from None
+    on_event(value)
+    return False
+
+
+def _long_event(url: str, cap: int) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"{url} sent an event-stream line over the cap of {cap} bytes (reading stopped there)",
+        "one streamed chunk is a few hundred bytes: check the URL",
+        url=url,
+    )
 
 
 def _too_large(url: str, cap: int, why: str) -> ResponseTooLarge:

@@ -53,10 +53,10 @@ def sent(monkeypatch):
     bodies: list[dict] = []
     real = OpenAIBackend._post
 
-    async def spy(self, client, path, payload):
+    async def spy(self, client, path, payload, *rest):
         body = {"path": path, **json.loads(payload)}
         bodies.append(body)
-        body["_response"] = data = await real(self, client, path, payload)
+        body["_response"] = data = await real(self, client, path, payload, *rest)
         return data
 
     monkeypatch.setattr(OpenAIBackend, "_post", spy)

@@ -30,7 +30,7 @@ response field). ``POST {base_url}/chat/completions`` with header ``Authorizatio
       "repetition_penalty": 1.0,
       "stop": ["</code>", "</answer>"],
       "n": 1,
-      "stream": false,
+      "stream": false,                                          # true with a stream callback (below)
       "include_stop_str_in_output": true,
       "continue_final_message": true,                           # only with an assistant message
       "add_generation_prompt": false                            # only with an assistant message
@@ -117,6 +117,18 @@ waited for, not encoded twice. The agent hands a trajectory's input images over 
 starts the trajectory's sandbox session (:meth:`OpenAIBackend.prefetch_images`), so their
 encoding overlaps the session's start instead of delaying the first round.
 
+Streaming
+---------
+With a ``stream`` callback (``thyme serve``, ``thyme run``) the body has ``"stream": true`` and
+``"stream_options": {"include_usage": true}`` (the last chunk then carries ``usage``; vLLM,
+SGLang and OpenAI support it) and the answer is read as server-sent events through
+:func:`thyme.http.fetch_events` (same deadline and size cap, plus a cap on one line). Each
+``delta.content`` (``text`` on ``/completions``) is passed on as it comes, except text after
+the first stop string and a tail that may still become one; the pieces are assembled into the
+non-streamed answer's shape, so the :class:`Generation` (stop handling included) is the same.
+A failure before the first delta is retried as usual; after it, the request fails (the caller
+would otherwise see text twice). Without a callback nothing changes (``"stream": false``).
+
 Concurrency, retries, errors
 ----------------------------
 Requests run on one background asyncio event loop (one ``httpx.AsyncClient``, connections
@@ -153,6 +165,7 @@ import io
 import json
 import math
 import os
+import queue
 import secrets
 import threading
 import weakref
@@ -170,6 +183,7 @@ from ..http import (
     check_proxy_setting,
     excerpt,
     fetch,
+    fetch_events,
     fetch_sync,
     is_retryable_status,
     normalise_base_url,
@@ -574,7 +588,7 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
-    capabilities = Capabilities(independent_requests=True, streaming=False)
+    capabilities = Capabilities(independent_requests=True, streaming=True)
     #: continuations whose server is vLLM: ATS through its logits processor (``vllm_xargs``)
     ATS_CONTINUATIONS = ("vllm", "completions")
 
@@ -817,8 +831,16 @@ class OpenAIBackend(Backend):
 
         Args:
             requests: the batch.
-            stream: ``stream(i, text)`` is called in the calling thread with request ``i``'s
-                whole text as soon as it completes (requests are not streamed token by token).
+            stream: ``stream(i, text_delta)`` is called in the calling thread as text of
+                request ``i`` arrives: with a callback the server is asked for a streamed answer
+                (``"stream": true``, server-sent events) and each content delta is passed on as
+                it comes; the deltas of a request concatenate to its final
+                :attr:`Generation.text` (text after the first stop string is never passed on, a
+                stop string the server stripped comes as a last delta). A stream that breaks
+                after a delta was passed on fails that request (no retry: the caller would see
+                the text twice); before the first delta it is retried as any request.
+                Whatever ``stream`` raises ends the call (the batch's requests are cancelled).
+                Without a callback the answer is requested whole (``"stream": false``).
 
         Returns:
             One :class:`Generation` per request, in order (``num_tokens`` / ``prompt_tokens``
@@ -831,6 +853,8 @@ class OpenAIBackend(Backend):
         """
         if not requests:
             return []
+        if stream is not None:
+            return self._generate_streamed(requests, stream)
         loop = self._ensure_loop()
         # One request (thyme serve: one trajectory per thread): its body is built here, in the
         # calling thread, rather than in the loop's executor (one thread hop less per round).
@@ -849,6 +873,43 @@ class OpenAIBackend(Backend):
                     continue
                 if stream is not None and results[i].text:
                     stream(i, results[i].text)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        return _collect(results, errors)
+
+    def _generate_streamed(self, requests: list[GenerationRequest], stream: StreamCallback) -> list[Generation]:
+        """:meth:`generate` with a ``stream`` callback: streamed requests, deltas handed from the
+        backend's loop to the calling thread through a queue (in the order they arrived)."""
+        loop = self._ensure_loop()
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        prepared = self._payload(requests[0], stream=True) if len(requests) == 1 else None
+        futures: dict[concurrent.futures.Future, int] = {}
+        for i, r in enumerate(requests):
+            fut = loop.submit(self._one(r, prepared, on_delta=lambda d, i=i: q.put(("delta", i, d))))
+            futures[fut] = i
+            fut.add_done_callback(lambda f, i=i: q.put(("done", i, f)))
+        results: list[Generation | None] = [None] * len(requests)
+        errors: list[BaseException | None] = [None] * len(requests)
+        sent: list[list[str]] = [[] for _ in requests]
+        left = len(requests)
+        try:
+            while left:
+                kind, i, x = q.get()
+                if kind == "delta":
+                    sent[i].append(x)
+                    stream(i, x)
+                    continue
+                left -= 1
+                try:
+                    results[i] = x.result()
+                except Exception as e:
+                    errors[i] = e
+                    continue
+                text, said = results[i].text, "".join(sent[i])
+                if len(text) > len(said) and text.startswith(said):  # a stripped stop put back, or a non-streamed answer
+                    stream(i, text[len(said) :])
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -881,8 +942,12 @@ class OpenAIBackend(Backend):
 
     # ------------------------------------------------------------------ request bodies
 
-    def build_body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    def build_body(self, request: GenerationRequest, stream: bool = False) -> tuple[str, dict[str, Any]]:
         """``(endpoint path, JSON body)`` of one request (images encoded; see the module docstring).
+
+        ``stream``: ask for a server-sent-event answer (``"stream": true`` and
+        ``"stream_options": {"include_usage": true}``, so the last chunk carries ``usage``:
+        vLLM, SGLang and OpenAI support it); the body is otherwise the same.
 
         Raises:
             ThymeError: the request needs a continuation that ``continuation`` cannot give, or
@@ -935,7 +1000,9 @@ class OpenAIBackend(Backend):
         if stops and cfg.send_stop:
             body["stop"] = stops
         body["n"] = 1
-        body["stream"] = False
+        body["stream"] = bool(stream)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         if cfg.send_stop and stops:
             if cont == "vllm":
                 body["include_stop_str_in_output"] = True
@@ -1088,14 +1155,14 @@ class OpenAIBackend(Backend):
             self._sem = asyncio.Semaphore(cfg.concurrency)
         return self._client
 
-    def _payload(self, request: GenerationRequest) -> tuple[str, bytes]:
+    def _payload(self, request: GenerationRequest, stream: bool = False) -> tuple[str, bytes]:
         """``(endpoint path, request body as UTF-8 JSON)`` of one request (:meth:`build_body`;
         blocking: images are encoded here when not cached).
 
         The bytes are exactly ``json.dumps(body, ensure_ascii=False).encode("utf-8")``; the data
         URLs this backend encoded (base64: nothing to escape) are put in as they are rather
         than scanned by the JSON encoder, which saves ~0.3 ms per round for a 640x480 input."""
-        path, body = self.build_body(request)
+        path, body = self.build_body(request, stream=stream)
         spliced: list[tuple[bytes, str]] = []
         for m in body.get("messages") or ():
             content = m.get("content") if isinstance(m, dict) else None
@@ -1124,17 +1191,20 @@ class OpenAIBackend(Backend):
         pieces.append(raw)
         return path, b"".join(pieces)
 
-    async def _one(self, request: GenerationRequest, prepared: tuple[str, bytes] | None = None) -> Generation:
+    async def _one(self, request: GenerationRequest, prepared: tuple[str, bytes] | None = None, on_delta: Any = None) -> Generation:
         """One request on the backend's loop; ``prepared``: its :meth:`_payload`, when the
-        caller built it already (else built here, in the loop's executor)."""
+        caller built it already (else built here, in the loop's executor). ``on_delta``: when
+        given, the request is streamed and ``on_delta(text)`` is called (on this loop) with each
+        text delta that is safe to show (:class:`_StreamState`)."""
         client = await self._get_client()
         assert self._sem is not None
         async with self._sem:
             if prepared is None:
-                prepared = await asyncio.get_running_loop().run_in_executor(None, self._payload, request)
+                prepared = await asyncio.get_running_loop().run_in_executor(None, self._payload, request, on_delta is not None)
             path, payload = prepared
             del prepared
-            data = await self._post(client, path, payload)
+            state = None if on_delta is None else _StreamState(self.config.base_url + path, list(request.stop or []), on_delta)
+            data = await self._post(client, path, payload, state)
         try:
             return self.parse_response(data, request)
         except OpenAIServerError:
@@ -1149,7 +1219,7 @@ class OpenAIBackend(Backend):
                 status=200,
             ) from None
 
-    async def _post(self, client: Any, path: str, payload: bytes) -> dict[str, Any]:
+    async def _post(self, client: Any, path: str, payload: bytes, state: "_StreamState | None" = None) -> dict[str, Any]:
         cfg = self.config
         url = cfg.base_url + path
         limits = self._limits()
@@ -1159,8 +1229,25 @@ class OpenAIBackend(Backend):
                 self.stats["requests"] += 1
                 self.stats["upload_bytes"] += len(payload)
             try:
-                r = await fetch(client, "POST", url, limits, content=payload)
+                if state is None:
+                    r = await fetch(client, "POST", url, limits, content=payload)
+                else:
+                    state.reset()
+                    r = await fetch_events(client, "POST", url, limits, state.on_event, content=payload)
+            except OpenAIServerError as e:  # an error event or a malformed chunk of the stream
+                self._count_failed()
+                e.attempts = n
+                raise
             except HTTPFailure as e:
+                if state is not None and state.emitted:
+                    self._count_failed()
+                    raise OpenAIServerError(
+                        f"the streamed answer of {url} broke after {state.emitted} characters were passed on: {e.message}",
+                        "not retried (the client already saw that text); see the server's log, or raise timeout_s",
+                        url=url,
+                        status=None,
+                        attempts=n,
+                    ) from None
                 if e.retryable:  # deadline, connection
                     hint = (
                         "raise timeout_s (--timeout-s), lower the concurrency, or check the server's load"
@@ -1171,6 +1258,8 @@ class OpenAIBackend(Backend):
                 self._count_failed()  # a flood or an unreadable stream: not worth another try
                 raise OpenAIServerError(e.message, e.hint, url=url, status=None, attempts=n) from None
             if r.status_code == 200:
+                if state is not None and not r.body:
+                    return state.data()
                 try:
                     data = r.json()
                 except HTTPFailure as e:
@@ -1323,6 +1412,103 @@ class OpenAIBackend(Backend):
             if restored is not None:
                 return Generation(text + restored, "stop", stop=restored, num_tokens=num_tokens, prompt_tokens=prompt_tokens)
         return Generation(text, "eos", num_tokens=num_tokens, prompt_tokens=prompt_tokens)
+
+
+#: A stream chunk's own fields; any other top-level field is kept for the rebuilt answer.
+_CHUNK_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "error", "system_fingerprint"})
+
+
+class _StreamState:
+    """The pieces of one streamed completion (OpenAI ``chat.completion.chunk`` /
+    ``text_completion`` events), assembled into the non-streamed answer's shape
+    (:meth:`data`), so :meth:`OpenAIBackend.parse_response` builds the same
+    :class:`Generation` either way.
+
+    Text is passed to ``on_delta`` only when it is final: up to and with the first stop string
+    (nothing after it), and never a tail that may still become a stop string (``</co`` is held
+    until the next piece shows whether ``</code>`` follows).
+    """
+
+    def __init__(self, url: str, stops: list[str], on_delta: Any):
+        self.url, self.stops, self.on_delta = url, stops, on_delta
+        self.emitted = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget a failed attempt's pieces (only before anything was passed on)."""
+        assert self.emitted == 0
+        self.acc = ""
+        self.closed = False
+        self.finish: Any = None
+        self.matched: Any = None
+        self.usage: Any = None
+        self.extra: dict[str, Any] = {}  # other top-level fields (vLLM's prompt_token_ids), first seen
+
+    def _bad(self, what: str, ev: Any) -> "OpenAIServerError":
+        return OpenAIServerError(
+            f"{self.url} sent a streamed chunk {what}: {_excerpt(str(ev), 300)!r}",
+            "is this an OpenAI-compatible server?",
+            url=self.url,
+            status=200,
+        )
+
+    def on_event(self, ev: Any) -> None:
+        if not isinstance(ev, dict):
+            raise self._bad("that is not a JSON object", ev)
+        if ev.get("error") is not None:  # vLLM reports a failure mid-stream as an error event
+            raise OpenAIServerError(
+                f"{self.url} reported an error in its streamed answer: {_excerpt(str(ev['error']), 500)}",
+                "see the server's log",
+                url=self.url,
+                status=200,
+            )
+        usage = ev.get("usage")
+        if usage is not None:
+            if not isinstance(usage, dict):
+                raise self._bad("whose usage is not an object", ev)
+            self.usage = usage
+        for k, v in ev.items():
+            if k not in _CHUNK_KEYS and k not in self.extra:
+                self.extra[k] = v
+        choices = ev.get("choices")
+        if choices is None or choices == []:
+            return
+        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise self._bad("whose choices are malformed", ev)
+        ch = choices[0]
+        delta = ch.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else ch.get("text")
+        if piece is not None and not isinstance(piece, str):
+            raise self._bad("whose text is not a string", ev)
+        if ch.get("finish_reason") is not None:
+            self.finish = ch.get("finish_reason")
+        matched = ch.get("stop_reason", ch.get("matched_stop"))
+        if matched is not None:
+            self.matched = matched
+        if piece:
+            self.acc += piece
+            self._emit()
+
+    def _emit(self) -> None:
+        if self.closed:
+            return
+        cut, stop = truncate_at_stop(self.acc, self.stops)
+        if stop is not None:
+            safe, self.closed = cut, True
+        else:
+            hold = max((k for s in self.stops for k in range(1, len(s)) if self.acc.endswith(s[:k])), default=0)
+            safe = self.acc[: len(self.acc) - hold]
+        if len(safe) > self.emitted:
+            piece, self.emitted = safe[self.emitted :], len(safe)
+            self.on_delta(piece)
+
+    def data(self) -> dict[str, Any]:
+        """The answer in the non-streamed shape (chat ``message`` form)."""
+        return {
+            **self.extra,
+            "choices": [{"message": {"content": self.acc}, "finish_reason": self.finish, "stop_reason": self.matched}],
+            "usage": self.usage or {},
+        }
 
 
 def _open_tag_stop(text: str, stops: list[str]) -> str | None:

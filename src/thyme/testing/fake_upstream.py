@@ -5,7 +5,8 @@ retries and its deadline on the failure paths).
 :class:`FakeUpstream` runs a real HTTP server (Starlette on uvicorn, loopback only, a free
 port) in a thread of its own with its own event loop. ``POST /v1/chat/completions`` answers
 what a vLLM server would for Thyme's requests (``include_stop_str_in_output``: the text up to
-and with the stop string, ``stop_reason``, ``usage``), with no model behind it:
+and with the stop string, ``stop_reason``, ``usage``; with ``"stream": true`` the same answer
+as server-sent events in 4-character pieces), with no model behind it:
 
 - the round is the number of ``</sandbox_output>`` in the request's assistant message (the
   backend continues that message each round);
@@ -175,7 +176,21 @@ class FakeUpstream:
                     "total_tokens": len(raw) // 4 + len(text) // 4,
                 },
             }
-            response = JSONResponse(out)
+            if body.get("stream"):  # vLLM's server-sent events, the text in small pieces
+                from starlette.responses import StreamingResponse
+
+                from .openai_server import sse_chunks
+
+                chunks = sse_chunks(out, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+
+                async def events() -> Any:
+                    for c in chunks:
+                        yield c
+                        await asyncio.sleep(0)
+
+                response = StreamingResponse(events(), media_type="text/event-stream")
+            else:
+                response = JSONResponse(out)
             with self.lock:
                 self.stats["usage"].append(dict(out["usage"]))
             if fault is None:

@@ -15,7 +15,9 @@ Two servers, both bound to the loopback interface only:
       ``stop_reason``), ``skip_special_tokens`` (true only), ``continue_final_message`` /
       ``add_generation_prompt`` (the prompt is rendered as vLLM renders it: the processor's
       ``apply_chat_template(messages, add_generation_prompt=..., continue_final_message=...)``;
-      both true is refused with vLLM's message), ``n`` (1 only), ``stream`` (false only).
+      both true is refused with vLLM's message), ``n`` (1 only), ``stream`` (true: the same
+      answer as server-sent events, :func:`sse_chunks`; ``stream_options.include_usage`` adds
+      the ``usage`` chunk).
       Any other field is refused with HTTP 400 naming it, so a test proves what the client sends.
       Response: ``choices[0].message.content``, ``finish_reason`` (``stop`` for a stop string and
       for end of turn, ``length``), ``stop_reason`` (the stop string, else null), ``usage``.
@@ -46,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import queue
 import socket
@@ -84,6 +87,7 @@ CHAT_FIELDS = {
     "add_generation_prompt",
     "n",
     "stream",
+    "stream_options",
 }
 COMPLETION_FIELDS = {
     "model",
@@ -99,6 +103,7 @@ COMPLETION_FIELDS = {
     "skip_special_tokens",
     "n",
     "stream",
+    "stream_options",
 }
 DEFAULT_MAX_TOKENS = 512
 
@@ -183,6 +188,43 @@ class ParsedRequest:
     logged: dict[str, Any] = field(default_factory=dict)
 
 
+def sse_chunks(out: dict[str, Any], *, piece_chars: int = 4, include_usage: bool = True) -> list[bytes]:
+    """A non-streamed completion ``out`` (chat or text) as the server-sent events vLLM sends for
+    ``"stream": true``: a role chunk (chat), the text in pieces of ``piece_chars`` characters,
+    a last chunk with ``finish_reason`` / ``stop_reason``, a ``usage`` chunk with no choices
+    (``include_usage``), ``[DONE]``. Each item is one ``data: ...\n\n`` event."""
+    chat = out.get("object") == "chat.completion"
+    ch = out["choices"][0]
+    text = (ch.get("message") or {}).get("content") if chat else ch.get("text")
+    text = text or ""
+    base = {
+        "id": out.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": out.get("created"),
+        "model": out.get("model"),
+    }
+
+    def choice(piece: str, finish: Any = None, stop: Any = None) -> dict[str, Any]:
+        c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish, "stop_reason": stop}
+        if chat:
+            c["delta"] = {"content": piece}
+        else:
+            c["text"] = piece
+        return c
+
+    events: list[dict[str, Any]] = []
+    if chat:
+        events.append(
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        )
+    n = max(1, int(piece_chars))
+    events += [{**base, "choices": [choice(text[i : i + n])]} for i in range(0, len(text), n)]
+    events.append({**base, "choices": [choice("", ch.get("finish_reason"), ch.get("stop_reason"))]})
+    if include_usage and out.get("usage") is not None:
+        events.append({**base, "choices": [], "usage": out["usage"]})
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
 def _common(body: dict[str, Any], allowed: set[str], served: str) -> dict[str, Any]:
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -191,8 +233,9 @@ def _common(body: dict[str, Any], allowed: set[str], served: str) -> dict[str, A
         raise BadRequest(f"The model `{body.get('model')}` does not exist.", status=404)
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
-    if body.get("stream", False):
-        raise BadRequest("streaming is not supported by this test server")
+    opts = body.get("stream_options")
+    if opts is not None and (not body.get("stream") or not isinstance(opts, dict) or set(opts) - {"include_usage"}):
+        raise BadRequest("stream_options is only allowed with stream=true, and only include_usage")
     if body.get("skip_special_tokens", True) is not True:
         raise BadRequest("skip_special_tokens=false is not supported by this test server")
     stop = body.get("stop") or []
@@ -507,6 +550,18 @@ def build_app(backend: Any, served_model_name: str, *, max_batch: int = 8, batch
                     "usage": usage,
                 }
             entry["status"] = 200
+            if isinstance(body, dict) and body.get("stream"):
+                from fastapi.responses import StreamingResponse
+
+                opts = body.get("stream_options") or {}
+                chunks = sse_chunks(out, include_usage=bool(opts.get("include_usage")))
+
+                async def events():
+                    for c in chunks:
+                        yield c
+                        await asyncio.sleep(0)
+
+                return StreamingResponse(events(), media_type="text/event-stream")
             return JSONResponse(out)
         finally:
             state["in_flight"] -= 1
